@@ -1,0 +1,33 @@
+"""Architecture knowledge kept as data: key layouts and keys with special rules."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+
+UNET_PREFIX = "model.diffusion_model."
+UNET_INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+
+# Keys that are copied from the base model and never merged. CLIP's position ids
+# are an index table; averaging them corrupts the text encoder.
+NEVER_MERGED_SUFFIXES = ("text_model.embeddings.position_ids",)
+
+# UNet input channels that identify the variants the channel rule is about.
+VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"}
+
+LAYOUT_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+
+
+def is_never_merged(key: str) -> bool:
+    """True for keys that always keep the base model's value."""
+    return key.endswith(NEVER_MERGED_SUFFIXES)
+
+
+@cache
+def layout(family: str) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """The real key→shape layout of a full-size `family` checkpoint and its integer keys."""
+    text = resources.files(__package__).joinpath("layouts", f"{family}.json").read_text()
+    data = json.loads(text)
+    shapes = {key: tuple(shape) for key, shape in data["shapes"].items()}
+    return shapes, frozenset(data["integer_keys"])

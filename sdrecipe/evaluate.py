@@ -1,0 +1,61 @@
+"""Evaluation of a merge expression on tensors of one key.
+
+Operands may be stored in any floating dtype; arithmetic runs in the compute
+dtype and the result is a new tensor of that dtype. Operands are never modified.
+Temporaries that the evaluation itself created are reused in place, so
+``A + (B - C)`` allocates a single result tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from sdrecipe.methods import get_method
+from sdrecipe.recipe.expr import BinOp, Call, Expr, Neg, Num, Ref
+
+
+def evaluate(expr: Expr, operands: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The value of model expression `expr`, computed in `dtype`."""
+    value, owned = _Evaluator(operands, dtype).visit(expr)
+    return value if owned else value.to(dtype, copy=True)
+
+
+class _Evaluator:
+    def __init__(self, operands: Mapping[str, torch.Tensor], dtype: torch.dtype):
+        self.operands = operands
+        self.dtype = dtype
+
+    def fresh(self, value: torch.Tensor, owned: bool) -> torch.Tensor:
+        """`value` as a tensor this evaluation may modify."""
+        return value if owned else value.to(self.dtype, copy=True)
+
+    def visit(self, expr: Expr) -> tuple[torch.Tensor, bool]:
+        """(value, owned): owned values were created here and may be modified."""
+        if isinstance(expr, Ref):
+            return self.operands[expr.name], False
+        if isinstance(expr, Neg):
+            return self.fresh(*self.visit(expr.operand)).neg_(), True
+        if isinstance(expr, Call):
+            method = get_method(expr.method)
+            args = [self.visit(arg)[0].to(self.dtype) for arg in expr.args]
+            return method.function(*args, **dict(expr.params)), True
+        assert isinstance(expr, BinOp)
+        if expr.op in "*/":
+            model, scalar = (
+                (expr.right, expr.left) if isinstance(expr.left, Num) else (expr.left, expr.right)
+            )
+            assert isinstance(scalar, Num)
+            value = self.fresh(*self.visit(model))
+            return (value.mul_ if expr.op == "*" else value.div_)(scalar.value), True
+        left, left_owned = self.visit(expr.left)
+        right, right_owned = self.visit(expr.right)
+        if expr.op == "+":
+            if right_owned and not left_owned:
+                return right.add_(left), True
+            return self.fresh(left, left_owned).add_(right), True
+        if right_owned and not left_owned:
+            # l - r == -r + l exactly in IEEE arithmetic.
+            return right.neg_().add_(left), True
+        return self.fresh(left, left_owned).sub_(right), True

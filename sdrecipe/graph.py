@@ -1,0 +1,87 @@
+"""The merge DAG over inputs and nodes: validation, order, and lineage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import networkx as nx
+
+from sdrecipe.errors import RecipeError
+from sdrecipe.recipe import Recipe
+from sdrecipe.recipe.expr import references
+
+
+@dataclass(frozen=True)
+class MergeGraph:
+    """The nodes that the selected outputs need, in evaluation order."""
+
+    recipe: Recipe
+    dag: nx.DiGraph
+    order: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def operands(self, node: str) -> list[str]:
+        """Inputs and nodes that `node` uses directly, leftmost (the base) first."""
+        return references(self.recipe.nodes[node].expr)
+
+    def base(self, node: str) -> str:
+        """The leftmost operand of `node`, whose keys and dtypes the node keeps."""
+        return self.operands(node)[0]
+
+    def base_input(self, name: str) -> str:
+        """The input at the end of `name`'s chain of bases."""
+        while name in self.recipe.nodes:
+            name = self.base(name)
+        return name
+
+    def inputs_of(self, name: str) -> list[str]:
+        """Every input that `name` depends on, in left-to-right order of first use."""
+        if name in self.recipe.inputs:
+            return [name]
+        found: dict[str, None] = {}
+        for operand in self.operands(name):
+            for leaf in self.inputs_of(operand):
+                found.setdefault(leaf)
+        return list(found)
+
+    def descendants(self, name: str) -> set[str]:
+        """Nodes that depend on `name`, directly or not."""
+        return nx.descendants(self.dag, name)
+
+
+def build_graph(recipe: Recipe, selected: Iterable[str] | None = None) -> MergeGraph:
+    """Build and check the DAG; keep only what the `selected` outputs (default all) need."""
+    dag = nx.DiGraph()
+    declared = [*recipe.inputs, *recipe.nodes]
+    dag.add_nodes_from(declared)
+    for node in recipe.nodes.values():
+        for operand in references(node.expr):
+            dag.add_edge(operand, node.name)
+    try:
+        cycle = nx.find_cycle(dag)
+    except nx.NetworkXNoCycle:
+        cycle = None
+    if cycle:
+        names = [edge[0] for edge in cycle] + [cycle[0][0]]
+        first = min(names, key=declared.index)
+        raise RecipeError(
+            f"the nodes form a cycle: {' -> '.join(names)}", recipe.path, recipe.nodes[first].line
+        )
+    outputs = tuple(recipe.outputs) if selected is None else tuple(selected)
+    for name in outputs:
+        if name not in recipe.outputs:
+            raise RecipeError(
+                f"{name!r} is not an output of this recipe (outputs: {', '.join(recipe.outputs)})",
+                recipe.path,
+            )
+    needed: set[str] = set(outputs)
+    for name in outputs:
+        needed |= nx.ancestors(dag, name)
+    position = {name: index for index, name in enumerate(declared)}
+    order = tuple(
+        name
+        for name in nx.lexicographical_topological_sort(dag, key=position.__getitem__)
+        if name in needed and name in recipe.nodes
+    )
+    return MergeGraph(recipe=recipe, dag=dag, order=order, outputs=outputs)

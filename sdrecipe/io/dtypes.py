@@ -1,0 +1,31 @@
+"""The safetensors dtype codes and their torch equivalents."""
+
+from __future__ import annotations
+
+import torch
+
+CODE_TO_DTYPE: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+}
+DTYPE_TO_CODE = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
+
+NAME_TO_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of `dtype`."""
+    return dtype.itemsize

@@ -1,0 +1,119 @@
+"""Zero-copy, memory-mapped reading of safetensors files."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+
+from sdrecipe.errors import RecipeError
+from sdrecipe.io.dtypes import CODE_TO_DTYPE
+from sdrecipe.io.tensor_info import TensorInfo
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsReader:
+    """A safetensors file whose header is parsed and checked up front.
+
+    Tensor data is never copied on read: `tensor()` returns a view of the
+    memory-mapped file, so only the pages a build touches are ever loaded.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as handle:
+                size = handle.seek(0, 2)
+                handle.seek(0)
+                prefix = handle.read(8)
+                if len(prefix) < 8:
+                    raise self._error("the file is too short to be safetensors")
+                (header_size,) = struct.unpack("<Q", prefix)
+                if header_size > min(_MAX_HEADER, size - 8):
+                    raise self._error("not a safetensors file (bad header size)")
+                header_bytes = handle.read(header_size)
+        except OSError as exc:
+            raise RecipeError(f"cannot read the model: {exc.strerror or exc}", path) from None
+        try:
+            header = json.loads(header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._error("not a safetensors file (the header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise self._error("not a safetensors file (the header is not a mapping)")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise self._error("the __metadata__ entry is not a mapping")
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in metadata.items()}
+        self.data_start = 8 + header_size
+        self.file_size = size
+        self._infos: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, int] = {}
+        for key, entry in sorted(header.items(), key=lambda item: _start(item[1])):
+            self._infos[key], self._offsets[key] = self._check_entry(key, entry)
+        self._mmap: mmap.mmap | None = None
+
+    def _error(self, message: str) -> RecipeError:
+        return RecipeError(message, self.path)
+
+    def _check_entry(self, key: str, entry: object) -> tuple[TensorInfo, int]:
+        try:
+            dtype = CODE_TO_DTYPE[entry["dtype"]]  # type: ignore[index]
+            shape = tuple(int(dim) for dim in entry["shape"])  # type: ignore[index]
+            begin, end = (int(offset) for offset in entry["data_offsets"])  # type: ignore[index]
+        except (KeyError, TypeError, ValueError):
+            raise self._error(f"tensor {key!r} has a malformed header entry: {entry!r}") from None
+        info = TensorInfo(dtype, shape)
+        if min(shape, default=0) < 0 or end - begin != info.nbytes or begin < 0:
+            raise self._error(f"tensor {key!r}: data offsets do not match its dtype and shape")
+        if self.data_start + end > self.file_size:
+            raise self._error(
+                f"tensor {key!r} lies past the end of the file (truncated download?)"
+            )
+        return info, self.data_start + begin
+
+    def keys(self) -> list[str]:
+        """Tensor names in the order their data is stored."""
+        return list(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of `key`."""
+        return self._infos[key]
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Dtype and shape of every tensor, in storage order."""
+        return dict(self._infos)
+
+    def _mapped(self) -> mmap.mmap:
+        if self._mmap is None:
+            with open(self.path, "rb") as handle:
+                # ACCESS_COPY: private and writable, so torch accepts the buffer;
+                # nothing is ever written, so no page is copied.
+                self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._mmap.madvise(mmap.MADV_SEQUENTIAL)
+        return self._mmap
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A zero-copy view of `key`'s data; callers must not modify it."""
+        info = self._infos[key]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        flat = torch.frombuffer(
+            self._mapped(), dtype=info.dtype, count=info.numel, offset=self._offsets[key]
+        )
+        return flat.view(info.shape)
+
+    def raw(self, key: str) -> memoryview:
+        """The stored bytes of `key`, without a copy."""
+        start = self._offsets[key]
+        return memoryview(self._mapped())[start : start + self._infos[key].nbytes]
+
+
+def _start(entry: object) -> int:
+    try:
+        return int(entry["data_offsets"][0])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return -1

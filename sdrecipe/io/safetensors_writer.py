@@ -1,0 +1,134 @@
+"""Streaming, atomic writing of safetensors files.
+
+The header is written first, with every tensor's offset fixed in advance, so
+tensor data can then be written piece by piece, from any thread, straight to
+its place. Everything goes to a hidden temporary file beside the target, which
+is renamed over the target only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdrecipe.errors import BuildError
+from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.io.tensor_info import TensorInfo
+
+_ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a tensor's data lives in the file being written."""
+
+    info: TensorInfo
+    offset: int
+
+
+def temporary_path(path: Path) -> Path:
+    """The hidden temporary file that `path` is written through."""
+    return path.with_name(f".{path.name}.sdrecipe-{os.getpid()}.tmp")
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries left by killed builds whose process is gone."""
+    for stale in path.parent.glob(f".{path.name}.sdrecipe-*.tmp"):
+        pid = stale.name.rsplit("-", 1)[-1].removesuffix(".tmp")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            stale.unlink(missing_ok=True)
+
+
+def encode_header(tensors: dict[str, TensorInfo], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The header bytes (length prefix included) and each tensor's data offset.
+
+    Wider dtypes come first so that every tensor stays aligned to its item size;
+    otherwise the given order is kept.
+    """
+    order = sorted(tensors, key=lambda key: -tensors[key].dtype.itemsize)
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    relative: dict[str, int] = {}
+    position = 0
+    for key in order:
+        info = tensors[key]
+        entries[key] = {
+            "dtype": DTYPE_TO_CODE[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [position, position + info.nbytes],
+        }
+        relative[key] = position
+        position += info.nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(len(text) + 8) % _ALIGNMENT)
+    header = struct.pack("<Q", len(text)) + text
+    return header, {key: len(header) + offset for key, offset in relative.items()}
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file through a temporary file; `commit()` publishes it."""
+
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
+        self.path = path
+        self.temporary = temporary_path(path)
+        header, offsets = encode_header(tensors, metadata)
+        self.slots = {key: Slot(tensors[key], offsets[key]) for key in tensors}
+        self.size = len(header) + sum(info.nbytes for info in tensors.values())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                raise BuildError("the output path is a folder", path)
+            _remove_stale_temporaries(path)
+            self._fd: int | None = os.open(
+                self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            raise BuildError(f"cannot create the output: {exc.strerror or exc}", path) from None
+        try:
+            os.ftruncate(self._fd, self.size)
+            self._write_at(header, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write_at(self, data: memoryview | bytes, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                written = os.pwrite(self._fd, view, offset)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise BuildError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
+            view = view[written:]
+            offset += written
+
+    def write(self, key: str, data: memoryview | bytes, start: int = 0) -> None:
+        """Write bytes of tensor `key`, beginning `start` bytes into its data."""
+        self._write_at(data, self.slots[key].offset + start)
+
+    def write_tensor(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write a contiguous tensor's bytes into `key`'s data at byte `start`."""
+        self.write(key, tensor.reshape(-1).view(torch.uint8).numpy().data, start)
+
+    def commit(self) -> None:
+        """Close the temporary file and rename it over the target."""
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
+        try:
+            os.replace(self.temporary, self.path)
+        except OSError as exc:
+            self.temporary.unlink(missing_ok=True)
+            raise BuildError(f"cannot publish the output: {exc.strerror or exc}", self.path) from None
+
+    def abort(self) -> None:
+        """Discard the temporary file; the target is left as it was."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        self.temporary.unlink(missing_ok=True)

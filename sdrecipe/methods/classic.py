@@ -1,0 +1,58 @@
+"""The classic checkpoint-merger methods (AUTOMATIC1111, InvokeAI, diffusers).
+
+Each formula matches the established tools; see README "Semantics".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import torch
+from pydantic import Field
+
+from sdrecipe.methods.registry import merge_method
+
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+@merge_method()
+def weighted_sum(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5) -> torch.Tensor:
+    """(1 - alpha)·A + alpha·B; alpha is the weight of the second model."""
+    result = a.mul(1.0 - alpha)
+    return result.add_(b.mul(alpha))
+
+
+@merge_method()
+def add_difference(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0
+) -> torch.Tensor:
+    """A + alpha·(B - C): transplant what B learned on top of C into A."""
+    difference = b.sub(c).mul_(alpha)
+    return difference.add_(a)
+
+
+def _interpolate(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    return b.sub(a).mul_(weight).add_(a)
+
+
+def sigmoid_weight(alpha: float) -> float:
+    """Smoothstep remapping of alpha: alpha²(3 - 2·alpha)."""
+    return alpha * alpha * (3.0 - 2.0 * alpha)
+
+
+def inverse_sigmoid_weight(alpha: float) -> float:
+    """Inverse smoothstep remapping of alpha: 0.5 - sin(asin(1 - 2·alpha) / 3)."""
+    return 0.5 - math.sin(math.asin(1.0 - 2.0 * alpha) / 3.0)
+
+
+@merge_method()
+def sigmoid(a: torch.Tensor, b: torch.Tensor, *, alpha: Ratio = 0.5) -> torch.Tensor:
+    """A + alpha'·(B - A) with the smoothstep alpha' = alpha²(3 - 2·alpha)."""
+    return _interpolate(a, b, sigmoid_weight(alpha))
+
+
+@merge_method()
+def inv_sigmoid(a: torch.Tensor, b: torch.Tensor, *, alpha: Ratio = 0.5) -> torch.Tensor:
+    """A + alpha'·(B - A) with alpha' = 0.5 - sin(asin(1 - 2·alpha) / 3)."""
+    return _interpolate(a, b, inverse_sigmoid_weight(alpha))

@@ -1,0 +1,274 @@
+"""Per-tensor build plan, made from file headers before any tensor data is read.
+
+For every key the plan says, node by node, whether the node computes the key or
+passes its base's value through (and why), applies the inpainting /
+instruct-pix2pix channel rule, and rejects every shape mismatch up front.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from sdrecipe.arch import is_never_merged
+from sdrecipe.errors import RecipeError
+from sdrecipe.graph import MergeGraph
+from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
+from sdrecipe.io.tensor_info import TensorInfo
+from sdrecipe.recipe import Output
+
+MERGED = "merged"
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """The node's value at this key is its base's value, unchanged."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Compute:
+    """The node evaluates its expression at this key.
+
+    `channels` is set when the base has more dim-1 channels than another operand
+    (inpainting / instruct-pix2pix): the expression is evaluated on the leading
+    `channels` channels and the base keeps its extra channels.
+    """
+
+    channels: int | None = None
+
+
+Step = Passthrough | Compute
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    """How one tensor key is produced for every output that has it."""
+
+    key: str
+    steps: tuple[tuple[str, Step], ...]
+    copies: dict[str, str]
+    computed_outputs: tuple[str, ...]
+    compute_dtype: torch.dtype
+    rows: int | None
+    row_width: int
+
+    @property
+    def reads(self) -> bool:
+        """True when some output needs computed values, not only copies."""
+        return bool(self.computed_outputs)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """The tensors one output file will hold, and how each key came to be."""
+
+    name: str
+    output: Output
+    tensors: dict[str, TensorInfo]
+    status: dict[str, str]
+    dropped: int
+
+    def counts(self) -> Counter[str]:
+        """How many keys were merged, and passed through for each reason."""
+        return Counter(self.status.values())
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything the executor needs; computed from headers only."""
+
+    graph: MergeGraph
+    keys: tuple[KeyPlan, ...]
+    outputs: dict[str, OutputPlan]
+    input_infos: dict[str, dict[str, TensorInfo]] = field(repr=False)
+
+
+def make_plan(graph: MergeGraph, input_infos: dict[str, dict[str, TensorInfo]]) -> BuildPlan:
+    """Decide every key of every selected output; raise RecipeError on shape conflicts."""
+    recipe = graph.recipe
+    planner = _Planner(graph, input_infos)
+    order: dict[str, None] = {}
+    for name in graph.outputs:
+        order.update(dict.fromkeys(input_infos[graph.base_input(recipe.outputs[name].node)]))
+    keys = tuple(planner.plan_key(key) for key in order)
+    planner.raise_conflicts()
+    outputs = {name: planner.output_plan(name) for name in graph.outputs}
+    return BuildPlan(graph=graph, keys=keys, outputs=outputs, input_infos=input_infos)
+
+
+class _Planner:
+    def __init__(self, graph: MergeGraph, input_infos: dict[str, dict[str, TensorInfo]]):
+        self.graph = graph
+        self.input_infos = input_infos
+        self.status: dict[str, dict[str, str]] = {node: {} for node in graph.order}
+        self.conflicts: list[tuple[str, str]] = []
+
+    def info(self, name: str, key: str) -> TensorInfo | None:
+        """The value `name` has at `key`: its base input's dtype and shape, or None."""
+        return self.input_infos[self.graph.base_input(name)].get(key)
+
+    def decide(self, node: str, key: str) -> Step:
+        operands = self.graph.operands(node)
+        base = self.info(operands[0], key)
+        assert base is not None
+        if is_never_merged(key):
+            return Passthrough("never merged (CLIP position ids)")
+        if not base.is_floating:
+            return Passthrough(f"not floating point ({DTYPE_TO_CODE[base.dtype]})")
+        infos = [base]
+        for operand in operands[1:]:
+            info = self.info(operand, key)
+            if info is None:
+                return Passthrough(f"missing from {operand}")
+            if not info.is_floating:
+                return Passthrough(f"not floating point in {operand}")
+            infos.append(info)
+        shapes = [info.shape for info in infos]
+        if all(shape == base.shape for shape in shapes):
+            return Compute()
+        if _differ_only_in_channels(shapes):
+            widest = max(shape[1] for shape in shapes)
+            if base.shape[1] == widest:
+                return Compute(channels=min(shape[1] for shape in shapes))
+            other = operands[next(i for i, s in enumerate(shapes) if s[1] == widest)]
+            self.conflicts.append(
+                (
+                    node,
+                    f"{key}: {other} has {widest} input channels and the base "
+                    f"{operands[0]} only {base.shape[1]}; the inpainting / instruct-pix2pix "
+                    "model must be the first (base) model",
+                )
+            )
+        else:
+            described = ", ".join(
+                f"{name} {list(shape)}" for name, shape in zip(operands, shapes, strict=True)
+            )
+            self.conflicts.append((node, f"{key}: shapes differ: {described}"))
+        return Passthrough("shape conflict")
+
+    def plan_key(self, key: str) -> KeyPlan:
+        graph = self.graph
+        recipe = graph.recipe
+        steps: dict[str, Step] = {}
+        for node in graph.order:
+            if self.info(node, key) is None:
+                continue
+            step = steps[node] = self.decide(node, key)
+            base = graph.base(node)
+            if isinstance(step, Compute) or self.status.get(base, {}).get(key) == MERGED:
+                self.status[node][key] = MERGED
+            else:
+                self.status[node][key] = step.reason  # type: ignore[union-attr]
+        copies: dict[str, str] = {}
+        computed: list[str] = []
+        needed: set[str] = set()
+        for name in graph.outputs:
+            output = recipe.outputs[name]
+            if self.info(output.node, key) is None:
+                continue
+            source = self._copy_source(output, key, steps)
+            if source is not None:
+                copies[name] = source
+            else:
+                computed.append(name)
+                self._mark_needed(output.node, steps, needed)
+        ordered = tuple((node, steps[node]) for node in graph.order if node in needed)
+        return KeyPlan(
+            key=key,
+            steps=ordered,
+            copies=copies,
+            computed_outputs=tuple(computed),
+            compute_dtype=self._compute_dtype(key, needed),
+            **self._shared_rows(key, needed, [recipe.outputs[n].node for n in copies]),
+        )
+
+    def _copy_source(self, output: Output, key: str, steps: dict[str, Step]) -> str | None:
+        """The input whose bytes the output can take as they are, if any."""
+        name = output.node
+        while name in steps:
+            if isinstance(steps[name], Compute):
+                return None
+            name = self.graph.base(name)
+        info = self.info(name, key)
+        assert info is not None
+        if output.dtype is None or not info.is_floating or NAME_TO_DTYPE[output.dtype] == info.dtype:
+            return name
+        return None
+
+    def _mark_needed(self, name: str, steps: dict[str, Step], needed: set[str]) -> None:
+        if name not in steps or name in needed:
+            return
+        needed.add(name)
+        step = steps[name]
+        operands = self.graph.operands(name)
+        for operand in operands if isinstance(step, Compute) else operands[:1]:
+            self._mark_needed(operand, steps, needed)
+
+    def _leaves(self, key: str, needed: set[str]) -> set[str]:
+        leaves: set[str] = set()
+        for node in needed:
+            leaves.update(
+                operand for operand in self.graph.operands(node) if operand in self.input_infos
+            )
+        return {leaf for leaf in leaves if key in self.input_infos[leaf]}
+
+    def _compute_dtype(self, key: str, needed: set[str]) -> torch.dtype:
+        dtypes = {self.input_infos[leaf][key].dtype for leaf in self._leaves(key, needed)}
+        return torch.float64 if torch.float64 in dtypes else torch.float32
+
+    def _shared_rows(self, key: str, needed: set[str], copied: list[str]) -> dict[str, int | None]:
+        """Dim 0 when every tensor involved has it (work can then split into row ranges),
+        and the most elements in one row of any of them."""
+        names = self._leaves(key, needed) | {self.graph.base_input(n) for n in copied}
+        names |= {self.graph.base_input(node) for node in needed}
+        infos = [self.input_infos[name][key] for name in names]
+        rows = {info.shape[0] if info.shape else None for info in infos}
+        shared = rows.pop() if len(rows) == 1 else None
+        width = max(info.numel // shared if shared else info.numel for info in infos)
+        return {"rows": shared, "row_width": width}
+
+    def raise_conflicts(self) -> None:
+        if not self.conflicts:
+            return
+        recipe = self.graph.recipe
+        node = self.conflicts[0][0]
+        shown = "; ".join(message for _, message in self.conflicts[:3])
+        more = len(self.conflicts) - 3
+        suffix = f"; and {more} more" if more > 0 else ""
+        raise RecipeError(
+            f"node {node!r}: {len(self.conflicts)} tensor(s) cannot be merged: {shown}{suffix}",
+            recipe.path,
+            recipe.nodes[node].line,
+        )
+
+    def output_plan(self, name: str) -> OutputPlan:
+        graph = self.graph
+        output = graph.recipe.outputs[name]
+        base = graph.base_input(output.node)
+        target = NAME_TO_DTYPE[output.dtype] if output.dtype else None
+        tensors = {}
+        for key, info in self.input_infos[base].items():
+            dtype = target if target is not None and info.is_floating else info.dtype
+            tensors[key] = TensorInfo(dtype, info.shape)
+        others = set()
+        for leaf in graph.inputs_of(output.node):
+            others.update(self.input_infos[leaf])
+        return OutputPlan(
+            name=name,
+            output=output,
+            tensors=tensors,
+            status=dict(self.status[output.node]),
+            dropped=len(others - set(tensors)),
+        )
+
+
+def _differ_only_in_channels(shapes: list[tuple[int, ...]]) -> bool:
+    first = shapes[0]
+    return len(first) >= 2 and all(
+        len(shape) == len(first) and shape[:1] == first[:1] and shape[2:] == first[2:]
+        for shape in shapes
+    )

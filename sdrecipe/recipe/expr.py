@@ -1,0 +1,295 @@
+"""Safe parser for merge expressions such as ``A + 0.5 * (B - C)``.
+
+The parser is a small recursive-descent parser over a fixed token set; it never
+evaluates code. Every sub-expression is either a *model* or a *scalar*. Scalar
+sub-expressions are folded to numbers at parse time, and the algebra is checked:
+models add and subtract, and scale by scalars; a product of two models, a
+number added to a model or a division by a model is rejected.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+class ExpressionError(ValueError):
+    """A malformed expression; `column` is 1-based."""
+
+    def __init__(self, message: str, column: int):
+        super().__init__(message)
+        self.message = message
+        self.column = column
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to an input or node by name."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Num:
+    """A scalar constant."""
+
+    value: float
+
+
+@dataclass(frozen=True)
+class BinOp:
+    """``left op right`` with op in ``+ - * /``; at least one side is a model."""
+
+    op: str
+    left: Expr
+    right: Expr
+
+
+@dataclass(frozen=True)
+class Neg:
+    """Unary minus of a model."""
+
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class Call:
+    """A merge-method call: model arguments and scalar keyword parameters."""
+
+    method: str
+    args: tuple[Expr, ...]
+    params: tuple[tuple[str, float], ...]
+
+
+Expr = Ref | Num | BinOp | Neg | Call
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>[-+*/(),=]))"
+)
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # "num" | "name" | "op" | "end"
+    text: str
+    column: int
+
+
+def _tokenize(source: str) -> Iterator[_Token]:
+    position = 0
+    while True:
+        while position < len(source) and source[position].isspace():
+            position += 1
+        if position == len(source):
+            yield _Token("end", "", position + 1)
+            return
+        match = _TOKEN.match(source, position)
+        if match is None or match.lastgroup is None:
+            raise ExpressionError(f"unexpected character {source[position]!r}", position + 1)
+        yield _Token(match.lastgroup, match.group(match.lastgroup), match.start(match.lastgroup) + 1)
+        position = match.end()
+
+
+def is_model(expr: Expr) -> bool:
+    """True when `expr` denotes a model (anything but a folded scalar)."""
+    return not isinstance(expr, Num)
+
+
+def _fold(op: str, left: float, right: float, column: int) -> Num:
+    if op == "+":
+        value = left + right
+    elif op == "-":
+        value = left - right
+    elif op == "*":
+        value = left * right
+    elif right == 0:
+        raise ExpressionError("division by zero", column)
+    else:
+        value = left / right
+    if not math.isfinite(value):
+        raise ExpressionError("the number is out of range", column)
+    return Num(value)
+
+
+def _combine(op: str, left: Expr, right: Expr, column: int) -> Expr:
+    if isinstance(left, Num) and isinstance(right, Num):
+        return _fold(op, left.value, right.value, column)
+    if op in "+-":
+        if isinstance(left, Num) or isinstance(right, Num):
+            raise ExpressionError(
+                f"cannot {'add' if op == '+' else 'subtract'} a number and a model; "
+                "scale a model with '*' instead",
+                column,
+            )
+    elif op == "*":
+        if is_model(left) and is_model(right):
+            raise ExpressionError("a product of two models is not allowed", column)
+    elif is_model(right):
+        raise ExpressionError("division by a model is not allowed", column)
+    elif right.value == 0:  # type: ignore[union-attr]
+        raise ExpressionError("division by zero", column)
+    return BinOp(op, left, right)
+
+
+class _Parser:
+    def __init__(self, source: str):
+        self.tokens = list(_tokenize(source))
+        self.index = 0
+
+    @property
+    def current(self) -> _Token:
+        return self.tokens[self.index]
+
+    def advance(self) -> _Token:
+        token = self.tokens[self.index]
+        self.index += 1
+        return token
+
+    def expect(self, text: str) -> _Token:
+        if self.current.text != text or self.current.kind != "op":
+            raise ExpressionError(f"expected {text!r}, found {self._describe()}", self.current.column)
+        return self.advance()
+
+    def _describe(self) -> str:
+        return "the end" if self.current.kind == "end" else repr(self.current.text)
+
+    def parse(self) -> Expr:
+        expr = self.sum()
+        if self.current.kind != "end":
+            raise ExpressionError(f"unexpected {self._describe()}", self.current.column)
+        return expr
+
+    def sum(self) -> Expr:
+        expr = self.product()
+        while self.current.kind == "op" and self.current.text in "+-":
+            token = self.advance()
+            expr = _combine(token.text, expr, self.product(), token.column)
+        return expr
+
+    def product(self) -> Expr:
+        expr = self.unary()
+        while self.current.kind == "op" and self.current.text in "*/":
+            token = self.advance()
+            expr = _combine(token.text, expr, self.unary(), token.column)
+        return expr
+
+    def unary(self) -> Expr:
+        if self.current.kind == "op" and self.current.text == "-":
+            self.advance()
+            operand = self.unary()
+            if isinstance(operand, Num):
+                return Num(-operand.value)
+            return operand.operand if isinstance(operand, Neg) else Neg(operand)
+        return self.atom()
+
+    def atom(self) -> Expr:
+        token = self.current
+        if token.kind == "num":
+            self.advance()
+            value = float(token.text)
+            if not math.isfinite(value):
+                raise ExpressionError("the number is out of range", token.column)
+            return Num(value)
+        if token.kind == "name":
+            self.advance()
+            if self.current.kind == "op" and self.current.text == "(":
+                return self.call(token)
+            return Ref(token.text)
+        if token.kind == "op" and token.text == "(":
+            self.advance()
+            expr = self.sum()
+            self.expect(")")
+            return expr
+        raise ExpressionError(f"expected a name, a number or '(', found {self._describe()}", token.column)
+
+    def call(self, name: _Token) -> Call:
+        self.expect("(")
+        args: list[Expr] = []
+        params: dict[str, float] = {}
+        while not (self.current.kind == "op" and self.current.text == ")"):
+            if self.current.kind == "name" and self.tokens[self.index + 1].text == "=":
+                key = self.advance()
+                self.advance()
+                if key.text in params:
+                    raise ExpressionError(f"parameter {key.text!r} is given twice", key.column)
+                value = self.sum()
+                if is_model(value):
+                    raise ExpressionError(f"parameter {key.text!r} must be a number", key.column)
+                params[key.text] = value.value  # type: ignore[union-attr]
+            else:
+                column = self.current.column
+                if params:
+                    raise ExpressionError("a model argument follows a keyword parameter", column)
+                arg = self.sum()
+                if not is_model(arg):
+                    raise ExpressionError(
+                        f"{name.text}() takes models as positional arguments; "
+                        "pass numbers as keyword parameters, e.g. alpha=0.5",
+                        column,
+                    )
+                args.append(arg)
+            if self.current.kind == "op" and self.current.text == ",":
+                self.advance()
+            elif not (self.current.kind == "op" and self.current.text == ")"):
+                raise ExpressionError(f"expected ',' or ')', found {self._describe()}", self.current.column)
+        self.expect(")")
+        return Call(name.text, tuple(args), tuple(params.items()))
+
+
+def parse_expression(source: str) -> Expr:
+    """Parse and fold `source`; raise ExpressionError unless it denotes a model."""
+    expr = _Parser(source).parse()
+    if not is_model(expr):
+        raise ExpressionError("the expression must use at least one model", 1)
+    return expr
+
+
+def references(expr: Expr) -> list[str]:
+    """Names referenced by `expr`, each once, in left-to-right order."""
+    seen: dict[str, None] = {}
+
+    def visit(node: Expr) -> None:
+        if isinstance(node, Ref):
+            seen.setdefault(node.name)
+        elif isinstance(node, BinOp):
+            visit(node.left)
+            visit(node.right)
+        elif isinstance(node, Neg):
+            visit(node.operand)
+        elif isinstance(node, Call):
+            for arg in node.args:
+                visit(arg)
+
+    visit(expr)
+    return list(seen)
+
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def format_expression(expr: Expr) -> str:
+    """Canonical text of `expr`; parsing it gives back an equal expression."""
+    return _format(expr, 0)
+
+
+def _format(expr: Expr, context: int) -> str:
+    if isinstance(expr, Ref):
+        return expr.name
+    if isinstance(expr, Num):
+        text = repr(expr.value)
+        return f"({text})" if text.startswith("-") and context else text
+    if isinstance(expr, Neg):
+        text = "-" + _format(expr.operand, 3)
+        return f"({text})" if context > 1 else text
+    if isinstance(expr, Call):
+        parts = [_format(arg, 0) for arg in expr.args]
+        parts += [f"{key}={_format(Num(value), 0)}" for key, value in expr.params]
+        return f"{expr.method}({', '.join(parts)})"
+    precedence = _PRECEDENCE[expr.op]
+    left = _format(expr.left, precedence)
+    right = _format(expr.right, precedence + 1)
+    text = f"{left} {expr.op} {right}"
+    return f"({text})" if precedence < context else text

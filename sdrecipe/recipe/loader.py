@@ -1,0 +1,224 @@
+"""Turn a recipe file into a validated Recipe, with file:line on every error."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pydantic
+
+from sdrecipe.errors import RecipeError
+from sdrecipe.methods import get_method
+from sdrecipe.recipe.expr import (
+    BinOp,
+    Call,
+    Expr,
+    ExpressionError,
+    Neg,
+    format_expression,
+    parse_expression,
+    references,
+)
+from sdrecipe.recipe.model import Input, Node, Output, Recipe
+from sdrecipe.recipe.schema import InputEntry, MethodNodeEntry, OutputEntry, RecipeDocument
+from sdrecipe.recipe.yaml_source import YamlDocument, load_yaml
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_UNSET_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read, parse and validate the recipe at `path` (names, expressions, methods)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError("recipe file not found", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read the recipe: {exc}", path) from None
+    return parse_recipe(text, path)
+
+
+def parse_recipe(text: str, path: Path) -> Recipe:
+    """Validate recipe `text`; relative input and output paths resolve against `path`'s folder."""
+    document = load_yaml(text, path)
+    if not isinstance(document.data, dict):
+        raise RecipeError("the recipe must be a mapping with inputs, nodes and outputs", path, 1)
+    try:
+        schema = RecipeDocument.model_validate(document.data)
+    except pydantic.ValidationError as exc:
+        raise _schema_error(exc, document, path) from None
+    folder = path.parent
+    inputs = {
+        name: _make_input(name, entry, folder, document, path)
+        for name, entry in schema.inputs.items()
+    }
+    nodes = {
+        name: _make_node(name, entry, document, path) for name, entry in schema.nodes.items()
+    }
+    for name in [*inputs, *nodes]:
+        if not _IDENTIFIER.match(name):
+            section = "inputs" if name in inputs else "nodes"
+            raise RecipeError(
+                f"{name!r} is not a valid name: use letters, digits and '_', not starting "
+                "with a digit",
+                path,
+                document.line_of((section, name)),
+            )
+    for name in set(inputs) & set(nodes):
+        raise RecipeError(
+            f"the name {name!r} is both an input and a node; names must be unique",
+            path,
+            document.line_of(("nodes", name)),
+        )
+    for node in nodes.values():
+        for ref in references(node.expr):
+            if ref not in inputs and ref not in nodes:
+                raise RecipeError(
+                    f"node {node.name!r} uses unknown name {ref!r} "
+                    f"(inputs: {', '.join(inputs)}; nodes: {', '.join(nodes)})",
+                    path,
+                    node.line,
+                )
+    outputs = {
+        name: _make_output(name, entry, nodes, folder, document, path)
+        for name, entry in schema.outputs.items()
+    }
+    return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
+
+
+def _schema_error(exc: pydantic.ValidationError, document: YamlDocument, path: Path) -> RecipeError:
+    error = _relevant_error(exc.errors(), document)
+    location = tuple(part for part in error["loc"] if part not in _UNION_BRANCHES)
+    where = ".".join(str(part) for part in location) or "recipe"
+    if error["type"] == "extra_forbidden":
+        message = f"unknown field {where!r}"
+    elif error["type"] == "missing":
+        message = f"missing field {where!r}"
+    elif error["loc"][-1] == "str":
+        message = f"{where} must be a string or a mapping (got {error['input']!r})"
+    else:
+        message = f"{where}: {error['msg']}"
+        if not isinstance(error["input"], dict | list):
+            message += f" (got {error['input']!r})"
+    return RecipeError(message, path, document.line_of(location))
+
+
+# pydantic names the branch of a `str | Entry` union it tried in an error's location.
+_UNION_BRANCHES = {"str", "InputEntry", "MethodNodeEntry", "OutputEntry"}
+
+
+def _relevant_error(errors: list, document: YamlDocument) -> dict:
+    """Of the errors of a `str | Entry` union, keep the branch that matches the YAML value."""
+    for error in errors:
+        location = error["loc"]
+        branch = next((i for i, part in enumerate(location) if part in _UNION_BRANCHES), None)
+        if branch is None:
+            return error
+        value = document.data
+        for part in location[:branch]:
+            value = value[part]
+        if (location[branch] == "str") != isinstance(value, dict):
+            return error
+    return errors[0]
+
+
+def resolve_path(raw: str, folder: Path) -> Path:
+    """Expand `~` and environment variables; make relative paths relative to `folder`."""
+    expanded = os.path.expanduser(os.path.expandvars(raw))
+    unset = _UNSET_VARIABLE.search(expanded)
+    if unset:
+        raise ValueError(f"environment variable {unset.group(1)} is not set (in {raw!r})")
+    resolved = Path(expanded)
+    return resolved if resolved.is_absolute() else folder / resolved
+
+
+def _make_input(
+    name: str, entry: str | InputEntry, folder: Path, document: YamlDocument, path: Path
+) -> Input:
+    line = document.line_of(("inputs", name))
+    spec = InputEntry(path=entry) if isinstance(entry, str) else entry
+    try:
+        resolved = resolve_path(spec.path, folder)
+    except ValueError as exc:
+        raise RecipeError(f"input {name!r}: {exc}", path, line) from None
+    sha256 = spec.sha256.lower() if spec.sha256 else None
+    return Input(name=name, path=resolved, sha256=sha256, line=line)
+
+
+def _make_node(
+    name: str, entry: str | MethodNodeEntry, document: YamlDocument, path: Path
+) -> Node:
+    line = document.line_of(("nodes", name))
+    if isinstance(entry, str):
+        source = entry
+        try:
+            expr = parse_expression(entry)
+        except ExpressionError as exc:
+            raise RecipeError(
+                f"node {name!r}: {exc.message} at column {exc.column} of {entry!r}", path, line
+            ) from None
+    else:
+        try:
+            args = tuple(parse_expression(model) for model in entry.models)
+        except ExpressionError as exc:
+            raise RecipeError(f"node {name!r}: models: {exc.message}", path, line) from None
+        params = entry.parameters
+        for key, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise RecipeError(
+                    f"node {name!r}: parameter {key!r} must be a number, got {value!r}",
+                    path,
+                    document.line_of(("nodes", name, key)),
+                )
+        expr = Call(entry.method, args, tuple((k, float(v)) for k, v in params.items()))
+        source = format_expression(expr)
+    try:
+        expr = _check_calls(expr)
+    except ValueError as exc:
+        raise RecipeError(f"node {name!r}: {exc}", path, line) from None
+    return Node(name=name, expr=expr, source=source, line=line)
+
+
+def _check_calls(expr: Expr) -> Expr:
+    """Validate every method call; return the expression with defaults filled in."""
+    if isinstance(expr, BinOp):
+        return BinOp(expr.op, _check_calls(expr.left), _check_calls(expr.right))
+    if isinstance(expr, Neg):
+        return Neg(_check_calls(expr.operand))
+    if isinstance(expr, Call):
+        try:
+            method = get_method(expr.method)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        if len(expr.args) != len(method.model_names):
+            raise ValueError(
+                f"{method.name}() takes {len(method.model_names)} models "
+                f"({', '.join(method.model_names)}), got {len(expr.args)}"
+            )
+        params = method.validate(dict(expr.params))
+        args = tuple(_check_calls(arg) for arg in expr.args)
+        return Call(method.name, args, tuple((k, float(v)) for k, v in params.items()))
+    return expr
+
+
+def _make_output(
+    name: str,
+    entry: str | OutputEntry,
+    nodes: dict[str, Node],
+    folder: Path,
+    document: YamlDocument,
+    path: Path,
+) -> Output:
+    line = document.line_of(("outputs", name))
+    if name not in nodes:
+        raise RecipeError(
+            f"output {name!r} names no node (nodes: {', '.join(nodes)})", path, line
+        )
+    spec = OutputEntry(path=entry) if isinstance(entry, str) else entry
+    try:
+        resolved = resolve_path(spec.path, folder)
+    except ValueError as exc:
+        raise RecipeError(f"output {name!r}: {exc}", path, line) from None
+    return Output(node=name, path=resolved, dtype=spec.dtype, line=line)
