@@ -77,9 +77,7 @@ def open_inputs(graph: MergeGraph) -> dict[str, SafetensorsReader]:
         try:
             readers[name] = SafetensorsReader(spec.path)
         except RecipeError as exc:
-            raise RecipeError(
-                f"input {name!r}: {exc}", recipe.path, spec.line
-            ) from None
+            raise RecipeError(f"input {name!r}: {exc}", recipe.path, spec.line) from None
     return readers
 
 

@@ -66,7 +66,9 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=RECIPE)
 @click.argument("outputs", nargs=-1)
-@click.option("--threads", "-j", type=click.IntRange(min=1), help="Worker threads [default: cores].")
+@click.option(
+    "--threads", "-j", type=click.IntRange(min=1), help="Worker threads [default: cores]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary only.")
 @_reports_errors
 def build(recipe: Path, outputs: tuple[str, ...], threads: int | None, as_json: bool) -> None:
@@ -141,4 +143,6 @@ def validate(recipe: Path, as_json: bool) -> None:
     click.echo(f"{recipe}: valid")
     click.echo(f"  nodes in order: {', '.join(prepared.graph.order)}")
     for name, info in report["outputs"].items():
-        click.echo(f"  {name} -> {info['path']}: {info['keys']} keys, {info['bytes'] / 1e6:,.1f} MB")
+        click.echo(
+            f"  {name} -> {info['path']}: {info['keys']} keys, {info['bytes'] / 1e6:,.1f} MB"
+        )

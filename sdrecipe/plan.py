@@ -195,7 +195,11 @@ class _Planner:
             name = self.graph.base(name)
         info = self.info(name, key)
         assert info is not None
-        if output.dtype is None or not info.is_floating or NAME_TO_DTYPE[output.dtype] == info.dtype:
+        if (
+            output.dtype is None
+            or not info.is_floating
+            or NAME_TO_DTYPE[output.dtype] == info.dtype
+        ):
             return name
         return None
 

@@ -69,7 +69,9 @@ def _a1111_recipe(
         "primary_model_hash": shas[0] if shas else None,
         "secondary_model_hash": shas[1] if len(shas) > 1 else None,
         "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
-        "interp_method": _A1111_METHOD_NAMES.get(expr.method, node.source) if is_call else node.source,
+        "interp_method": _A1111_METHOD_NAMES.get(expr.method, node.source)
+        if is_call
+        else node.source,
         "multiplier": dict(expr.params).get("alpha") if is_call else None,
         "save_as_half": spec.dtype == "float16",
         "custom_name": spec.path.stem,

@@ -33,8 +33,13 @@ class SafetensorsReader:
                 if len(prefix) < 8:
                     raise self._error("the file is too short to be safetensors")
                 (header_size,) = struct.unpack("<Q", prefix)
-                if header_size > min(_MAX_HEADER, size - 8):
+                if header_size > _MAX_HEADER:
                     raise self._error("not a safetensors file (bad header size)")
+                if header_size > size - 8:
+                    raise self._error(
+                        f"the file is truncated: its header alone needs {header_size + 8} bytes "
+                        f"and the file has {size} (incomplete download?)"
+                    )
                 header_bytes = handle.read(header_size)
         except OSError as exc:
             raise RecipeError(f"cannot read the model: {exc.strerror or exc}", path) from None
@@ -71,7 +76,8 @@ class SafetensorsReader:
             raise self._error(f"tensor {key!r}: data offsets do not match its dtype and shape")
         if self.data_start + end > self.file_size:
             raise self._error(
-                f"tensor {key!r} lies past the end of the file (truncated download?)"
+                f"tensor {key!r} lies past the end of the file: the file is truncated "
+                "(incomplete download?)"
             )
         return info, self.data_start + begin
 

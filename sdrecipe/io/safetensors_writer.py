@@ -45,7 +45,9 @@ def _remove_stale_temporaries(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def encode_header(tensors: dict[str, TensorInfo], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+def encode_header(
+    tensors: dict[str, TensorInfo], metadata: dict[str, str]
+) -> tuple[bytes, dict[str, int]]:
     """The header bytes (length prefix included) and each tensor's data offset.
 
     Wider dtypes come first so that every tensor stays aligned to its item size;
@@ -102,7 +104,9 @@ class SafetensorsWriter:
             try:
                 written = os.pwrite(self._fd, view, offset)  # type: ignore[arg-type]
             except OSError as exc:
-                raise BuildError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
+                raise BuildError(
+                    f"cannot write the output: {exc.strerror or exc}", self.path
+                ) from None
             view = view[written:]
             offset += written
 
@@ -123,7 +127,9 @@ class SafetensorsWriter:
             os.replace(self.temporary, self.path)
         except OSError as exc:
             self.temporary.unlink(missing_ok=True)
-            raise BuildError(f"cannot publish the output: {exc.strerror or exc}", self.path) from None
+            raise BuildError(
+                f"cannot publish the output: {exc.strerror or exc}", self.path
+            ) from None
 
     def abort(self) -> None:
         """Discard the temporary file; the target is left as it was."""

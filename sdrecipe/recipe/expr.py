@@ -89,7 +89,9 @@ def _tokenize(source: str) -> Iterator[_Token]:
         match = _TOKEN.match(source, position)
         if match is None or match.lastgroup is None:
             raise ExpressionError(f"unexpected character {source[position]!r}", position + 1)
-        yield _Token(match.lastgroup, match.group(match.lastgroup), match.start(match.lastgroup) + 1)
+        yield _Token(
+            match.lastgroup, match.group(match.lastgroup), match.start(match.lastgroup) + 1
+        )
         position = match.end()
 
 
@@ -150,7 +152,9 @@ class _Parser:
 
     def expect(self, text: str) -> _Token:
         if self.current.text != text or self.current.kind != "op":
-            raise ExpressionError(f"expected {text!r}, found {self._describe()}", self.current.column)
+            raise ExpressionError(
+                f"expected {text!r}, found {self._describe()}", self.current.column
+            )
         return self.advance()
 
     def _describe(self) -> str:
@@ -203,7 +207,9 @@ class _Parser:
             expr = self.sum()
             self.expect(")")
             return expr
-        raise ExpressionError(f"expected a name, a number or '(', found {self._describe()}", token.column)
+        raise ExpressionError(
+            f"expected a name, a number or '(', found {self._describe()}", token.column
+        )
 
     def call(self, name: _Token) -> Call:
         self.expect("(")
@@ -234,7 +240,9 @@ class _Parser:
             if self.current.kind == "op" and self.current.text == ",":
                 self.advance()
             elif not (self.current.kind == "op" and self.current.text == ")"):
-                raise ExpressionError(f"expected ',' or ')', found {self._describe()}", self.current.column)
+                raise ExpressionError(
+                    f"expected ',' or ')', found {self._describe()}", self.current.column
+                )
         self.expect(")")
         return Call(name.text, tuple(args), tuple(params.items()))
 

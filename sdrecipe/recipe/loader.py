@@ -42,7 +42,7 @@ def load_recipe(path: Path | str) -> Recipe:
 
 def parse_recipe(text: str, path: Path) -> Recipe:
     """Validate recipe `text`; relative input and output paths resolve against `path`'s folder."""
-    document = load_yaml(text, path)
+    document = load_yaml(text, path, keep_text=lambda at: at[:1] in (("inputs",), ("outputs",)))
     if not isinstance(document.data, dict):
         raise RecipeError("the recipe must be a mapping with inputs, nodes and outputs", path, 1)
     try:
@@ -54,9 +54,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         name: _make_input(name, entry, folder, document, path)
         for name, entry in schema.inputs.items()
     }
-    nodes = {
-        name: _make_node(name, entry, document, path) for name, entry in schema.nodes.items()
-    }
+    nodes = {name: _make_node(name, entry, document, path) for name, entry in schema.nodes.items()}
     for name in [*inputs, *nodes]:
         if not _IDENTIFIER.match(name):
             section = "inputs" if name in inputs else "nodes"
@@ -147,9 +145,7 @@ def _make_input(
     return Input(name=name, path=resolved, sha256=sha256, line=line)
 
 
-def _make_node(
-    name: str, entry: str | MethodNodeEntry, document: YamlDocument, path: Path
-) -> Node:
+def _make_node(name: str, entry: str | MethodNodeEntry, document: YamlDocument, path: Path) -> Node:
     line = document.line_of(("nodes", name))
     if isinstance(entry, str):
         source = entry
@@ -213,9 +209,7 @@ def _make_output(
 ) -> Output:
     line = document.line_of(("outputs", name))
     if name not in nodes:
-        raise RecipeError(
-            f"output {name!r} names no node (nodes: {', '.join(nodes)})", path, line
-        )
+        raise RecipeError(f"output {name!r} names no node (nodes: {', '.join(nodes)})", path, line)
     spec = OutputEntry(path=entry) if isinstance(entry, str) else entry
     try:
         resolved = resolve_path(spec.path, folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,21 @@ class YamlDocument:
         return None
 
 
-def load_yaml(text: str, file: Path) -> YamlDocument:
-    """Parse one YAML document safely; duplicate keys and syntax errors name file and line."""
+def load_yaml(
+    text: str, file: Path, keep_text: Callable[[YamlPath], bool] = lambda path: False
+) -> YamlDocument:
+    """Parse one YAML document safely; duplicate keys and syntax errors name file and line.
+
+    Unquoted scalars at paths where `keep_text` is true stay the text as written,
+    so a hash such as 0123... or a file named `1.safetensors` is not read as a number.
+    """
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
         if root is None:
             raise RecipeError("the recipe is empty", file, 1)
         lines: dict[YamlPath, int] = {}
-        data = _construct(loader, root, (), lines, file)
+        data = _construct(loader, root, (), lines, file, keep_text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -55,6 +62,7 @@ def _construct(
     path: YamlPath,
     lines: dict[YamlPath, int],
     file: Path,
+    keep_text: Callable[[YamlPath], bool],
 ) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -68,11 +76,13 @@ def _construct(
             if key in result:
                 raise RecipeError(f"duplicate key {key!r}", file, key_line)
             lines[(*path, key)] = key_line
-            result[key] = _construct(loader, value_node, (*path, key), lines, file)
+            result[key] = _construct(loader, value_node, (*path, key), lines, file, keep_text)
         return result
     if isinstance(node, yaml.SequenceNode):
         return [
-            _construct(loader, item, (*path, index), lines, file)
+            _construct(loader, item, (*path, index), lines, file, keep_text)
             for index, item in enumerate(node.value)
         ]
+    if isinstance(node, yaml.ScalarNode) and node.style is None and keep_text(path):
+        return node.value
     return loader.construct_object(node, deep=True)

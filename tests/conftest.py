@@ -1,0 +1,68 @@
+"""Shared fixtures: small synthetic SD checkpoints and recipe helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from sdrecipe.synthetic import ModelSpec, write_model
+
+SHRINK = 32
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+MODELS = {
+    "base": ModelSpec(shrink=SHRINK, seed=1),
+    "finetune": ModelSpec(shrink=SHRINK, seed=1, delta_seed=2),
+    "other": ModelSpec(shrink=SHRINK, seed=4),
+    "inpainting": ModelSpec(shrink=SHRINK, variant="inpainting", seed=3),
+    "pix2pix": ModelSpec(shrink=SHRINK, variant="instruct-pix2pix", seed=5),
+}
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paths of small SD1.5-layout models (real key names, widths / 32)."""
+    folder = tmp_path_factory.mktemp("models")
+    return {
+        name: write_model(folder / f"{name}.safetensors", spec) for name, spec in MODELS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def arrays(models: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
+    """The fixture models loaded with the reference safetensors library."""
+    return {name: load_file(path) for name, path in models.items()}
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    """Write a recipe (dedented) into `folder` and return its path."""
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the sdrecipe command line as a subprocess."""
+    env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"}
+    env.pop("SDRECIPE_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "sdrecipe", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+def as32(array: np.ndarray) -> np.ndarray:
+    """float32 copy of an array."""
+    return array.astype(np.float32)

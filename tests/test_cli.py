@@ -1,0 +1,142 @@
+"""The command line, run as a subprocess the way users run it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from conftest import run_cli, write_recipe
+from sdrecipe import __version__
+
+
+@pytest.fixture
+def recipe(tmp_path, models):
+    return write_recipe(
+        tmp_path,
+        f"""
+        # an inpainting transplant
+        inputs:
+          A: {models["inpainting"]}
+          B: {models["finetune"]}
+          C: {models["base"]}
+        nodes:
+          inpaint: A + (B - C)
+        outputs:
+          inpaint: {{path: out/inpaint.safetensors, dtype: fp16}}
+        """,
+    )
+
+
+def test_build_prints_a_summary_and_records_provenance(recipe, models, tmp_path):
+    result = run_cli("build", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "built inpaint" in result.stdout
+    assert "1131 keys: 1130 merged, 1 passed through (1 never merged (CLIP position ids))" in (
+        result.stdout
+    )
+    assert result.stderr == "", "no progress bar without a terminal"
+    output = tmp_path / "out" / "inpaint.safetensors"
+    with safe_open(output, "np") as handle:
+        metadata = handle.metadata()
+    own = json.loads(metadata["sdrecipe"])
+    assert own["recipe"] == recipe.read_text()
+    assert own["node"] == "inpaint"
+    assert own["version"] == __version__
+    assert set(own["inputs"]) == {"A", "B", "C"}
+    assert own["inputs"]["B"]["file"] == "finetune.safetensors"
+    merge = json.loads(metadata["sd_merge_recipe"])
+    models_field = json.loads(metadata["sd_merge_models"])
+    assert merge["is_inpainting"] is True
+    assert merge["primary_model_hash"] == own["inputs"]["A"]["sha256"]
+    assert merge["secondary_model_hash"] == own["inputs"]["B"]["sha256"]
+    assert set(models_field) == {entry["sha256"] for entry in own["inputs"].values()}
+    assert all(len(entry["legacy_hash"]) == 8 for entry in models_field.values())
+
+
+def test_build_json_summary(recipe):
+    result = run_cli("build", "--json", str(recipe))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    (output,) = summary["outputs"]
+    assert output["merged"] == 1130
+    assert output["passed_through"] == {"never merged (CLIP position ids)": 1}
+    assert output["size"] > 0 and summary["seconds"] >= 0
+
+
+def test_lineage_accumulates_across_merges(recipe, models, tmp_path):
+    assert run_cli("build", str(recipe)).returncode == 0
+    first = tmp_path / "out" / "inpaint.safetensors"
+    second = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{X: {first}, Y: {models["inpainting"]}}}
+        nodes: {{blend: "weighted_sum(X, Y, alpha=0.5)"}}
+        outputs: {{blend: second.safetensors}}
+        """,
+        name="second.yaml",
+    )
+    assert run_cli("build", str(second)).returncode == 0
+    with safe_open(tmp_path / "second.safetensors", "np") as handle:
+        lineage = json.loads(handle.metadata()["sd_merge_models"])
+    names = {entry["name"] for entry in lineage.values()}
+    assert {"inpaint", "inpainting", "finetune", "base"} <= names
+
+
+def test_validate_checks_without_writing(recipe, tmp_path):
+    result = run_cli("validate", "--json", str(recipe))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["valid"] is True
+    assert report["outputs"]["inpaint"]["keys"] == 1131
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_only_the_named_output(tmp_path, models):
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["finetune"]}, B: {models["base"]}}}
+        nodes: {{one: A - B, two: B - A}}
+        outputs: {{one: one.safetensors, two: two.safetensors}}
+        """,
+    )
+    assert run_cli("build", str(recipe), "two").returncode == 0
+    assert (tmp_path / "two.safetensors").exists()
+    assert not (tmp_path / "one.safetensors").exists()
+    two = load_file(tmp_path / "two.safetensors")
+    assert np.any(two["model.diffusion_model.out.2.weight"] != 0)
+
+
+def test_version_and_help_everywhere():
+    version = run_cli("--version")
+    assert version.returncode == 0 and __version__ in version.stdout
+    for command in ([], ["build"], ["validate"]):
+        result = run_cli(*command, "--help")
+        assert result.returncode == 0
+        assert "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["build"], "Missing argument 'RECIPE'"),
+        (["build", "--threads", "0", "x.yaml"], "--threads"),
+        (["frobnicate"], "No such command"),
+        (["build", "no/such/recipe.yaml"], "recipe file not found"),
+    ],
+)
+def test_usage_errors_exit_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_output_name_is_a_usage_error(recipe):
+    result = run_cli("build", str(recipe), "nope")
+    assert result.returncode == 2
+    assert "'nope' is not an output" in result.stderr
