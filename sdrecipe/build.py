@@ -1,30 +1,59 @@
 """The build pipeline: recipe → graph → plan → execute → write.
 
 `prepare` does every check that needs no tensor data (it is all `validate`
-runs); `build` then streams the tensors into the outputs.
+runs). `assess` fingerprints the inputs and works out, against the lock file
+and the cache, what each node needs. `build` then restores what it can from
+the cache and streams the rest into the outputs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdrecipe.cache import PACK, Cache, Location
 from sdrecipe.errors import RecipeError
-from sdrecipe.executor import Executor
+from sdrecipe.executor import CacheUse, Executor, KeyResult
+from sdrecipe.fingerprint import FileStat, Fingerprint, fingerprint_file
 from sdrecipe.graph import MergeGraph, build_graph
-from sdrecipe.hashing import FileHashes, hash_files
+from sdrecipe.identity import Identities, tensor_identities
+from sdrecipe.io.atomic import temporary_path
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
+from sdrecipe.lock import (
+    Lock,
+    LockedInput,
+    LockedNode,
+    LockedOutput,
+    built_from,
+    read_lock,
+    recipe_sha256,
+    relative_to_recipe,
+    tool_versions,
+    write_lock,
+)
 from sdrecipe.plan import MERGED, BuildPlan, make_plan
 from sdrecipe.provenance import output_metadata
 from sdrecipe.recipe import Recipe, load_recipe
+from sdrecipe.recipe.expr import format_expression
+from sdrecipe.staleness import NodeStatus, OutputFacts, node_statuses
 
-ProgressFactory = Callable[[int], Callable[[int], None]]
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+def no_progress(label: str, total: int) -> Callable[[int], None]:
+    """A progress reporter that shows nothing."""
+    return lambda done: None
 
 
 @dataclass(frozen=True)
@@ -38,15 +67,41 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class Assessment:
+    """What a build would do: identities, lock comparison and node states."""
+
+    fingerprints: dict[str, Fingerprint]
+    identities: Identities
+    metadata: dict[str, dict[str, str]]
+    output_keys: dict[str, str]
+    lock: Lock | None
+    found: dict[str, Location]
+    facts: dict[str, OutputFacts]
+    statuses: list[NodeStatus]
+
+
+@dataclass(frozen=True)
 class OutputSummary:
-    """What one output file holds and how its keys came to be."""
+    """What one output file holds, how its keys came to be, and what the build did."""
 
     name: str
     path: Path
+    state: str
     size: int
     merged: int
     passed_through: dict[str, int]
     dropped: int
+
+
+@dataclass
+class CacheStats:
+    """How the cache served a build."""
+
+    tensors_from_cache: int = 0
+    tensors_computed: int = 0
+    outputs_restored: int = 0
+    outputs_up_to_date: int = 0
+    corrupt_entries: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,11 +110,16 @@ class BuildSummary:
 
     outputs: tuple[OutputSummary, ...]
     seconds: float
+    cache: CacheStats
+    warnings: tuple[str, ...] = field(default=())
 
 
 def default_threads() -> int:
     """Worker threads: one per available core."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# --- prepare: everything that needs only headers -------------------------------------
 
 
 def open_inputs(graph: MergeGraph) -> dict[str, SafetensorsReader]:
@@ -90,64 +150,382 @@ def prepare(recipe_path: Path, selected: Iterable[str] | None = None) -> Prepare
     return Prepared(recipe=recipe, graph=graph, readers=readers, plan=plan)
 
 
-def input_hashes(prepared: Prepared, threads: int) -> dict[str, FileHashes]:
-    """Hash every input and check the pinned sha256s."""
-    names = list(prepared.readers)
+# --- assess: fingerprints, identities, and what is stale -----------------------------
+
+
+def fingerprint_inputs(
+    prepared: Prepared, cache: Cache | None, threads: int, progress: Progress = no_progress
+) -> dict[str, Fingerprint]:
+    """Each input's fingerprint: remembered by stat, or read once and remembered."""
     recipe = prepared.recipe
-    hashes = dict(
-        zip(names, hash_files([recipe.inputs[n].path for n in names], threads), strict=True)
-    )
-    for name, found in hashes.items():
+    known: dict[str, Fingerprint] = {}
+    missing: list[str] = []
+    stats = {name: FileStat.of(recipe.inputs[name].path) for name in prepared.readers}
+    for name in prepared.readers:
+        found = cache.known_fingerprint(recipe.inputs[name].path, stats[name]) if cache else None
+        if found is None:
+            missing.append(name)
+        else:
+            known[name] = found
+    if missing:
+        advance = progress("hashing", sum(stats[name].size for name in missing))
+
+        def take(name: str) -> Fingerprint:
+            result = fingerprint_file(recipe.inputs[name].path, prepared.readers[name].spans())
+            advance(stats[name].size)
+            return result
+
+        with ThreadPoolExecutor(max(1, min(threads, len(missing)))) as pool:
+            for name, result in zip(missing, pool.map(take, missing), strict=True):
+                known[name] = result
+                if cache is not None:
+                    cache.remember_file(
+                        recipe.inputs[name].path, stats[name], result.sha256, result
+                    )
+    for name, result in known.items():
         pinned = recipe.inputs[name].sha256
-        if pinned and pinned != found.sha256:
+        if pinned and pinned != result.sha256:
             raise RecipeError(
-                f"input {name!r}: {recipe.inputs[name].path} has sha256 {found.sha256}, "
+                f"input {name!r}: {recipe.inputs[name].path} has sha256 {result.sha256}, "
                 f"but the recipe pins {pinned}",
                 recipe.path,
                 recipe.inputs[name].line,
             )
-    return hashes
+    return {name: known[name] for name in prepared.readers}
+
+
+def file_sha256(path: Path, cache: Cache | None) -> str:
+    """The sha256 of a file, remembered by stat in the cache."""
+    stat = FileStat.of(path)
+    known = cache.known_sha256(path, stat) if cache else None
+    if known is None:
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as handle:
+            while block := handle.read(8 << 20):
+                digest.update(block)
+        known = digest.hexdigest()
+        if cache is not None:
+            cache.remember_file(path, stat, known)
+    return known
+
+
+def assess(
+    prepared: Prepared,
+    cache: Cache | None,
+    threads: int,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> Assessment:
+    """Fingerprint the inputs and decide, against lock and cache, what each node needs."""
+    plan = prepared.plan
+    fingerprints = fingerprint_inputs(prepared, cache, threads, progress)
+    identities = tensor_identities(plan, {n: f.tensors for n, f in fingerprints.items()})
+    metadata = {
+        name: output_metadata(
+            prepared.graph,
+            name,
+            output_plan.tensors,
+            fingerprints,
+            {n: r.metadata for n, r in prepared.readers.items()},
+        )
+        for name, output_plan in plan.outputs.items()
+    }
+    output_keys = {name: identities.output_key(name, metadata[name]) for name in plan.outputs}
+    lock = read_lock(prepared.recipe.path)
+    wanted = set()
+    for values in identities.values.values():
+        wanted.update(values.values())
+    for values in identities.outputs.values():
+        wanted.update(values.values())
+    found = cache.lookup(wanted) if cache else {}
+    facts = {
+        name: _output_facts(prepared, name, output_keys[name], lock, cache, force)
+        for name in plan.outputs
+    }
+    statuses = node_statuses(
+        plan,
+        identities,
+        lock,
+        {n: f.sha256 for n, f in fingerprints.items()},
+        set(found),
+        facts,
+        force,
+    )
+    return Assessment(fingerprints, identities, metadata, output_keys, lock, found, facts, statuses)
+
+
+def _output_facts(
+    prepared: Prepared,
+    name: str,
+    output_key: str,
+    lock: Lock | None,
+    cache: Cache | None,
+    force: bool,
+) -> OutputFacts:
+    path = prepared.recipe.outputs[name].path
+    exists = path.is_file()
+    locked = lock.outputs.get(name) if lock else None
+    current = (
+        not force
+        and exists
+        and locked is not None
+        and locked.key == output_key
+        and file_sha256(path, cache) == locked.sha256
+    )
+    pack = (not force) and cache is not None and cache.find_pack(output_key) is not None
+    return OutputFacts(exists=exists, current=current, pack_available=pack)
+
+
+# --- build ----------------------------------------------------------------------------
 
 
 def build(
-    prepared: Prepared, threads: int, progress: ProgressFactory | None = None
+    prepared: Prepared,
+    threads: int,
+    cache: Cache | None = None,
+    force: bool = False,
+    progress: Progress = no_progress,
+    update_lock: bool = True,
 ) -> BuildSummary:
-    """Stream every selected output into place; on any failure no output is touched."""
+    """Bring every selected output up to date; on failure no output is touched."""
     started = time.perf_counter()
-    plan = prepared.plan
-    hashes = input_hashes(prepared, threads)
-    metadata = {name: reader.metadata for name, reader in prepared.readers.items()}
-    with ExitStack() as cleanup:
-        writers = {}
-        for name, output_plan in plan.outputs.items():
-            writer = SafetensorsWriter(
-                output_plan.output.path,
-                output_plan.tensors,
-                output_metadata(prepared.graph, name, output_plan.tensors, hashes, metadata),
+    with cache.locked() if cache else nullcontext():
+        assessment = assess(prepared, cache, threads, force, progress)
+        builder = _Builder(prepared, assessment, cache, threads, progress)
+        return builder.run(started, update_lock)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """One output rebuilt from scratch, against the lock."""
+
+    name: str
+    expected: str
+    actual: str
+
+    @property
+    def reproducible(self) -> bool:
+        """True when the rebuilt bytes are the locked bytes."""
+        return self.expected == self.actual
+
+
+def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) -> list[VerifyResult]:
+    """Rebuild every locked output without the cache, elsewhere, and compare with the lock."""
+    lock = read_lock(recipe_path)
+    if lock is None or not lock.outputs:
+        raise RecipeError("there is no lock file to verify against; build first", recipe_path)
+    recipe = load_recipe(recipe_path)
+    names = [name for name in recipe.outputs if name in lock.outputs]
+    first = recipe.outputs[names[0]].path
+    first.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".sdrecipe-verify-", dir=first.parent) as folder:
+        moved = {
+            name: dataclasses.replace(spec, path=Path(folder) / str(index) / spec.path.name)
+            for index, (name, spec) in enumerate(recipe.outputs.items())
+        }
+        elsewhere = dataclasses.replace(recipe, outputs=moved)
+        graph = build_graph(elsewhere, names)
+        readers = open_inputs(graph)
+        plan = make_plan(graph, {name: reader.infos() for name, reader in readers.items()})
+        prepared = Prepared(elsewhere, graph, readers, plan)
+        build(prepared, threads, cache=None, force=True, progress=progress, update_lock=False)
+        return [
+            VerifyResult(name, lock.outputs[name].sha256, file_sha256(moved[name].path, None))
+            for name in names
+        ]
+
+
+class _Builder:
+    def __init__(
+        self,
+        prepared: Prepared,
+        assessment: Assessment,
+        cache: Cache | None,
+        threads: int,
+        progress: Progress,
+    ):
+        self.prepared = prepared
+        self.assessment = assessment
+        self.cache = cache
+        self.threads = threads
+        self.progress = progress
+        self.stats = CacheStats()
+        self.warnings: list[str] = []
+        self.states: dict[str, str] = {}
+        self.sha256: dict[str, str] = {}
+
+    def run(self, started: float, update_lock: bool) -> BuildSummary:
+        plan = self.prepared.plan
+        to_build = []
+        for name in plan.outputs:
+            if self.assessment.facts[name].current:
+                self.states[name] = "up to date"
+                self.sha256[name] = self.assessment.lock.outputs[name].sha256  # type: ignore[union-attr]
+                self.stats.outputs_up_to_date += 1
+            elif self.assessment.facts[name].pack_available and self._restore(name):
+                self.states[name] = "restored from cache"
+                self.stats.outputs_restored += 1
+            else:
+                to_build.append(name)
+        if to_build:
+            self._build(to_build)
+        if update_lock:
+            self._write_lock()
+        if self.cache is not None:
+            self.cache.record_stats(vars(self.stats))
+        return BuildSummary(
+            outputs=tuple(self._summarise(name) for name in plan.outputs),
+            seconds=time.perf_counter() - started,
+            cache=self.stats,
+            warnings=tuple(self.warnings),
+        )
+
+    def _restore(self, name: str) -> bool:
+        """Link a verified cached copy of the output into place."""
+        assert self.cache is not None
+        pack = self.cache.find_pack(self.assessment.output_keys[name])
+        if pack is None:
+            return False
+        sha256 = pack.name.removesuffix(".safetensors")
+        if file_sha256(pack, None) != sha256:
+            self.warnings.append(f"cache entry {pack} is corrupt; discarded and rebuilt")
+            self.stats.corrupt_entries += 1
+            self.cache.discard(Location(PACK, sha256, "", ""))
+            return False
+        output = self.prepared.recipe.outputs[name].path
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_path(output)
+        temporary.unlink(missing_ok=True)
+        try:
+            os.link(pack, temporary)
+        except OSError:
+            shutil.copyfile(pack, temporary)
+        os.replace(temporary, output)
+        self.cache.remember_file(output, FileStat.of(output), sha256)
+        self.sha256[name] = sha256
+        return True
+
+    def _build(self, names: list[str]) -> None:
+        plan = self.prepared.plan
+        assessment = self.assessment
+        cache_use = None
+        if self.cache is not None:
+            # Intermediates are stored as objects; outputs are cached whole, as packs.
+            stored = frozenset(
+                node for node in plan.graph.order if plan.graph.dag.out_degree(node) > 0
             )
-            cleanup.callback(writer.abort)
-            writers[name] = writer
-        total = sum(sum(info.nbytes for info in p.tensors.values()) for p in plan.outputs.values())
-        advance = progress(total) if progress else (lambda _: None)
-        Executor(plan, prepared.readers, writers, threads).run(advance)
-        for writer in writers.values():
-            writer.commit()
-        cleanup.pop_all()
-    return BuildSummary(
-        outputs=tuple(_summarise(plan, name, writers[name].size) for name in plan.outputs),
-        seconds=time.perf_counter() - started,
-    )
+            cache_use = CacheUse(self.cache, assessment.identities, assessment.found, stored)
+        with ExitStack() as cleanup:
+            writers = {}
+            for name in names:
+                output_plan = plan.outputs[name]
+                writer = SafetensorsWriter(
+                    output_plan.output.path, output_plan.tensors, assessment.metadata[name]
+                )
+                cleanup.callback(writer.abort)
+                writers[name] = writer
+            total = sum(sum(i.nbytes for i in plan.outputs[n].tensors.values()) for n in names)
+            advance = self.progress("merging", total)
+            digests: dict[str, dict[str, str]] = {name: {} for name in names}
+
+            def record(result: KeyResult) -> None:
+                advance(result.written)
+                self.stats.tensors_from_cache += result.hits
+                self.stats.tensors_computed += result.computed
+                for output, digest in result.output_digests.items():
+                    digests[output][result.key] = digest
+                if self.cache is None:
+                    return
+                if result.new_objects:
+                    self.cache.add_objects(result.new_objects)
+                if result.used:
+                    self.cache.touch(result.used)
+                for corrupt in result.corrupt:
+                    self.warnings.append(f"{corrupt}; recomputed")
+                    self.stats.corrupt_entries += 1
+                    self.cache.discard(corrupt.location)
+
+            Executor(plan, self.prepared.readers, writers, self.threads, cache_use).run(record)
+            for writer in writers.values():
+                writer.commit()
+            cleanup.pop_all()
+        for name in names:
+            self.states[name] = "built"
+            self._cache_output(name, digests[name])
+
+    def _cache_output(self, name: str, digests: dict[str, str]) -> None:
+        """Hash the new output; link it into the cache as a pack."""
+        output = self.prepared.recipe.outputs[name].path
+        sha256 = self.sha256[name] = file_sha256(output, self.cache)
+        if self.cache is None:
+            return
+        self.cache.add_pack(output, sha256, self.assessment.output_keys[name])
+        identities = self.assessment.identities.outputs[name]
+        self.cache.add_refs(
+            (identities[key], Location(PACK, sha256, key, digest))
+            for key, digest in digests.items()
+        )
+
+    def _write_lock(self) -> None:
+        prepared = self.prepared
+        recipe = prepared.recipe
+        assessment = self.assessment
+        graph = prepared.graph
+        previous = assessment.lock
+        inputs = {
+            k: v for k, v in (previous.inputs if previous else {}).items() if k in recipe.inputs
+        }
+        nodes = {k: v for k, v in (previous.nodes if previous else {}).items() if k in recipe.nodes}
+        outputs = {
+            k: v for k, v in (previous.outputs if previous else {}).items() if k in recipe.outputs
+        }
+        for name, fingerprint in assessment.fingerprints.items():
+            path = recipe.inputs[name].path
+            inputs[name] = LockedInput(
+                relative_to_recipe(path, recipe.path), path.stat().st_size, fingerprint.sha256
+            )
+        for node in graph.order:
+            nodes[node] = LockedNode(
+                format_expression(recipe.nodes[node].expr), assessment.identities.node_key(node)
+            )
+        for name in prepared.plan.outputs:
+            path = recipe.outputs[name].path
+            leaves = graph.inputs_of(recipe.outputs[name].node)
+            outputs[name] = LockedOutput(
+                path=relative_to_recipe(path, recipe.path),
+                size=path.stat().st_size,
+                sha256=self.sha256[name],
+                key=assessment.output_keys[name],
+                built_from=built_from(
+                    recipe.text, {leaf: assessment.fingerprints[leaf].sha256 for leaf in leaves}
+                ),
+            )
+        write_lock(
+            recipe.path,
+            Lock(
+                recipe_sha256=recipe_sha256(recipe.text),
+                versions=tool_versions(),
+                inputs=_in_recipe_order(inputs, recipe.inputs),
+                nodes=_in_recipe_order(nodes, recipe.nodes),
+                outputs=_in_recipe_order(outputs, recipe.outputs),
+            ),
+        )
+
+    def _summarise(self, name: str) -> OutputSummary:
+        output_plan = self.prepared.plan.outputs[name]
+        counts: Counter[str] = output_plan.counts()
+        merged = counts.pop(MERGED, 0)
+        return OutputSummary(
+            name=name,
+            path=output_plan.output.path,
+            state=self.states[name],
+            size=output_plan.output.path.stat().st_size,
+            merged=merged,
+            passed_through=dict(sorted(counts.items())),
+            dropped=output_plan.dropped,
+        )
 
 
-def _summarise(plan: BuildPlan, name: str, size: int) -> OutputSummary:
-    output_plan = plan.outputs[name]
-    counts: Counter[str] = output_plan.counts()
-    merged = counts.pop(MERGED, 0)
-    return OutputSummary(
-        name=name,
-        path=output_plan.output.path,
-        size=size,
-        merged=merged,
-        passed_through=dict(sorted(counts.items())),
-        dropped=output_plan.dropped,
-    )
+def _in_recipe_order(table: dict, names: Iterable[str]) -> dict:
+    """`table`'s entries in the recipe's order, dropping names the recipe no longer has."""
+    return {name: table[name] for name in names if name in table}

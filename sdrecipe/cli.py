@@ -1,23 +1,30 @@
 """The `sdrecipe` command line: parse arguments, call the library, print results.
 
-Heavy modules (torch) are imported inside commands so that `--help` is instant.
+torch is imported only by commands that touch tensors, so `--help` and an
+up-to-date `build` return at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sdrecipe import __version__
 from sdrecipe.errors import SdrecipeError
+
+if TYPE_CHECKING:
+    from sdrecipe.build import BuildSummary
+    from sdrecipe.cache import Cache
 
 RECIPE = click.Path(dir_okay=False, path_type=Path)
 
@@ -57,6 +64,54 @@ def _emit_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _cache_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="SDRECIPE_CACHE_DIR",
+        default=Path("cache"),
+        show_default=True,
+        help="The tensor cache (env: SDRECIPE_CACHE_DIR).",
+    )(command)
+
+
+def _threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--threads", "-j", type=click.IntRange(min=1), help="Worker threads [default: cores]."
+    )(command)
+
+
+def _json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print machine-readable JSON only."
+    )(command)
+
+
+def _open_cache(cache_dir: Path) -> Cache:
+    from sdrecipe.cache import Cache
+
+    return Cache(cache_dir)
+
+
+def _progress(enabled: bool) -> Callable[[str, int], Callable[[int], None]]:
+    """A click progress bar on stderr per phase when `enabled`, else nothing."""
+
+    def start(label: str, total: int) -> Callable[[int], None]:
+        if not enabled or total <= 0:
+            return lambda done: None
+        bar = click.progressbar(length=total, label=f"{label:8}", file=sys.stderr, width=30)
+        bar.__enter__()
+
+        def advance(done: int) -> None:
+            bar.update(done)
+            if bar.pos >= bar.length:
+                bar.__exit__(None, None, None)
+
+        return advance
+
+    return start
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sdrecipe")
 def main() -> None:
@@ -66,42 +121,78 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=RECIPE)
 @click.argument("outputs", nargs=-1)
-@click.option(
-    "--threads", "-j", type=click.IntRange(min=1), help="Worker threads [default: cores]."
-)
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary only.")
+@_threads_option
+@_cache_dir_option
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
+@click.option("--force", is_flag=True, help="Rebuild everything, even what is up to date.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be done (as `plan`).")
+@_json_option
 @_reports_errors
-def build(recipe: Path, outputs: tuple[str, ...], threads: int | None, as_json: bool) -> None:
-    """Build the outputs of RECIPE (or only the named OUTPUTS)."""
+def build(
+    recipe: Path,
+    outputs: tuple[str, ...],
+    threads: int | None,
+    cache_dir: Path,
+    no_cache: bool,
+    force: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Build the outputs of RECIPE (or only the named OUTPUTS and what they need)."""
+    if dry_run:
+        _show_plan(recipe, outputs, threads, cache_dir, no_cache, force, as_json)
+        return
+    cache = None if no_cache else _open_cache(cache_dir)
+    if cache is not None and not force:
+        from sdrecipe.uptodate import current_outputs
+
+        current = current_outputs(recipe, outputs or None, cache)
+        if current is not None:
+            _print_up_to_date(current, as_json)
+            return
     from sdrecipe.build import build as run_build
     from sdrecipe.build import default_threads, prepare
 
     prepared = prepare(recipe, outputs or None)
-    show_progress = not as_json and sys.stderr.isatty()
     summary = run_build(
         prepared,
         threads or default_threads(),
-        _progress_bar if show_progress else None,
+        cache,
+        force,
+        _progress(not as_json and sys.stderr.isatty()),
     )
+    _print_summary(summary, as_json)
+
+
+def _print_up_to_date(current: dict[str, Path], as_json: bool) -> None:
     if as_json:
-        _emit_json({"outputs": [vars(o) for o in summary.outputs], "seconds": summary.seconds})
+        outputs = [{"name": n, "path": p, "state": "up to date"} for n, p in current.items()]
+        _emit_json({"outputs": outputs, "seconds": 0.0})
+        return
+    for name, path in current.items():
+        click.echo(f"up to date {name} -> {path}")
+
+
+def _print_summary(summary: BuildSummary, as_json: bool) -> None:
+    for warning in summary.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if as_json:
+        _emit_json(
+            {
+                "outputs": [vars(output) for output in summary.outputs],
+                "cache": vars(summary.cache),
+                "seconds": summary.seconds,
+            }
+        )
         return
     for output in summary.outputs:
-        click.echo(f"built {output.name} -> {output.path} ({output.size / 1e6:,.1f} MB)")
+        click.echo(f"{output.state} {output.name} -> {output.path} ({output.size / 1e6:,.1f} MB)")
         click.echo(f"  {_describe_counts(output.merged, output.passed_through, output.dropped)}")
-    click.echo(f"done in {summary.seconds:.1f} s")
-
-
-def _progress_bar(total: int) -> Callable[[int], None]:
-    bar = click.progressbar(length=total, label="merging", file=sys.stderr, width=30)
-    bar.__enter__()
-
-    def advance(done: int) -> None:
-        bar.update(done)
-        if bar.pos >= bar.length:
-            bar.__exit__(None, None, None)
-
-    return advance
+    stats = summary.cache
+    click.echo(
+        f"done in {summary.seconds:.1f} s: {stats.tensors_computed} tensors computed, "
+        f"{stats.tensors_from_cache} from cache"
+    )
 
 
 def _describe_counts(merged: int, passed: dict[str, int], dropped: int) -> str:
@@ -116,7 +207,89 @@ def _describe_counts(merged: int, passed: dict[str, int], dropped: int) -> str:
 
 @main.command()
 @click.argument("recipe", type=RECIPE)
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report only.")
+@click.argument("outputs", nargs=-1)
+@_threads_option
+@_cache_dir_option
+@click.option("--no-cache", is_flag=True, help="Plan as if the cache were empty.")
+@click.option("--force", is_flag=True, help="Plan a full rebuild.")
+@_json_option
+@_reports_errors
+def plan(
+    recipe: Path,
+    outputs: tuple[str, ...],
+    threads: int | None,
+    cache_dir: Path,
+    no_cache: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Show, for each node of RECIPE, whether it is up to date, comes from the cache,
+    or is rebuilt, and why."""
+    _show_plan(recipe, outputs, threads, cache_dir, no_cache, force, as_json)
+
+
+def _show_plan(
+    recipe: Path,
+    outputs: tuple[str, ...],
+    threads: int | None,
+    cache_dir: Path,
+    no_cache: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    from sdrecipe.build import assess, default_threads, prepare
+
+    prepared = prepare(recipe, outputs or None)
+    cache = None if no_cache else _open_cache(cache_dir)
+    with cache.locked() if cache else contextlib.nullcontext():
+        assessment = assess(prepared, cache, threads or default_threads(), force)
+    if as_json:
+        _emit_json({"nodes": [vars(status) for status in assessment.statuses]})
+        return
+    width = max(len(status.node) for status in assessment.statuses)
+    for status in assessment.statuses:
+        target = f" -> {prepared.recipe.outputs[status.output].path}" if status.output else ""
+        reason = f"  ({status.reason})" if status.reason else ""
+        click.echo(f"{status.node:<{width}}  {status.state:<10}{reason}{target}")
+
+
+@main.command()
+@click.argument("recipe", type=RECIPE)
+@_threads_option
+@_json_option
+@_reports_errors
+def verify(recipe: Path, threads: int | None, as_json: bool) -> None:
+    """Rebuild RECIPE's outputs from their inputs, without the cache, and compare
+    them with the lock file. Exits 1 if any output differs."""
+    from sdrecipe.build import default_threads
+    from sdrecipe.build import verify as run_verify
+
+    results = run_verify(recipe, threads or default_threads(), _progress(sys.stderr.isatty()))
+    reproducible = all(result.reproducible for result in results)
+    if as_json:
+        _emit_json(
+            {
+                "reproducible": reproducible,
+                "outputs": [{**vars(r), "reproducible": r.reproducible} for r in results],
+            }
+        )
+    else:
+        for result in results:
+            if result.reproducible:
+                click.echo(f"{result.name}: reproducible (sha256 {result.actual[:16]}…)")
+            else:
+                click.echo(
+                    f"{result.name}: DIFFERS: the lock has {result.expected}, "
+                    f"the rebuild gave {result.actual}"
+                )
+        click.echo("reproducible" if reproducible else "not reproducible")
+    if not reproducible:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("recipe", type=RECIPE)
+@_json_option
 @_reports_errors
 def validate(recipe: Path, as_json: bool) -> None:
     """Check RECIPE and its inputs' headers without building anything."""
@@ -146,3 +319,76 @@ def validate(recipe: Path, as_json: bool) -> None:
         click.echo(
             f"  {name} -> {info['path']}: {info['keys']} keys, {info['bytes'] / 1e6:,.1f} MB"
         )
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and trim the tensor cache."""
+
+
+@cache.command("info")
+@_cache_dir_option
+@_json_option
+@_reports_errors
+def cache_info(cache_dir: Path, as_json: bool) -> None:
+    """Size, entries and the last build's hit statistics."""
+    info = _open_cache(cache_dir).info()
+    if as_json:
+        _emit_json(info)
+        return
+    click.echo(f"cache {info['path']}: {info['size'] / 1e6:,.1f} MB")
+    click.echo(
+        f"  {info['objects']} intermediate tensors, {info['packs']} outputs, "
+        f"{info['tensors']} tensor identities"
+    )
+    last = info["last_build"]
+    if last:
+        click.echo(
+            "  last build: "
+            + ", ".join(f"{value} {name.replace('_', ' ')}" for name, value in last.items())
+        )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def _parse_size(value: str) -> int:
+    match = _SIZE.match(value)
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a size such as 20GB, 500MB or 1024")
+    number, unit, suffix = match.groups()
+    base = 1024 if suffix and suffix.lower() == "ib" else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+@cache.command("gc")
+@_cache_dir_option
+@click.option(
+    "--max-size", default="20GB", show_default=True, help="Keep at most this much (e.g. 500MB)."
+)
+@_json_option
+@_reports_errors
+def cache_gc(cache_dir: Path, max_size: str, as_json: bool) -> None:
+    """Delete least recently used entries until the cache fits in --max-size."""
+    limit = _parse_size(max_size)
+    store = _open_cache(cache_dir)
+    with store.locked():
+        result = store.gc(limit)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(
+        f"removed {result['removed']} entries ({result['freed'] / 1e6:,.1f} MB); "
+        f"the cache now holds {result['size'] / 1e6:,.1f} MB"
+    )
+
+
+@cache.command("clear")
+@_cache_dir_option
+@_reports_errors
+def cache_clear(cache_dir: Path) -> None:
+    """Delete every cache entry and every remembered hash."""
+    store = _open_cache(cache_dir)
+    with store.locked():
+        store.clear()
+    click.echo(f"cleared {cache_dir}")

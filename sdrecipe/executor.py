@@ -1,9 +1,12 @@
 """Streaming, threaded evaluation of a build plan, straight into the output files.
 
-Work is split into units of one key, or of a range of rows of one key, so that
-memory stays a small multiple of the unit size however large the model. Units
-run on a thread pool (torch releases the GIL) with a bounded number in flight;
-each unit writes its bytes to their final place in every output file.
+Each key is one task. A task resolves where every value it needs comes from
+(an input, a verified cache entry, or computation), then walks the tensor in
+row ranges of at most `UNIT_ELEMENTS` elements, so memory stays a small
+multiple of that whatever the model size. Tasks run on a thread pool (torch
+and the hashes release the GIL) with a bounded number in flight; each writes
+its bytes straight to their final place in every output, and streams new
+intermediate values into cache objects, hashing everything in order.
 """
 
 from __future__ import annotations
@@ -11,39 +14,57 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import blake3
 import torch
 
+from sdrecipe.cache import Cache, CorruptEntry, Location, ObjectWriter
 from sdrecipe.evaluate import evaluate
+from sdrecipe.fingerprint import tensor_hasher
+from sdrecipe.identity import Identities
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
+from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.plan import BuildPlan, Compute, KeyPlan
 
-# Elements per unit: 4 Mi elements is 16 MiB in float32.
+# Elements per row range: 4 Mi elements is 16 MiB in float32.
 UNIT_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
-class WorkUnit:
-    """Rows [start, stop) of one key; `sliced` False means the whole tensor."""
+class CacheUse:
+    """What the executor may read from and store in the cache."""
 
-    plan: KeyPlan
-    start: int
-    stop: int
-    sliced: bool
+    cache: Cache
+    identities: Identities
+    found: Mapping[str, Location]
+    store: frozenset[str]
 
 
-def work_units(plan: BuildPlan, unit_elements: int = UNIT_ELEMENTS) -> Iterator[WorkUnit]:
-    """Units in key order; the split depends only on shapes, never on thread count."""
-    for key_plan in plan.keys:
-        rows = key_plan.rows
-        if not key_plan.reads or rows is None or rows == 0:
-            yield WorkUnit(key_plan, 0, rows or 0, sliced=False)
-            continue
-        step = max(1, unit_elements // max(1, key_plan.row_width))
-        for start in range(0, rows, step):
-            yield WorkUnit(key_plan, start, min(rows, start + step), sliced=step < rows)
+@dataclass
+class KeyResult:
+    """What one key's task did, for the caller to record."""
+
+    key: str
+    written: int = 0
+    output_digests: dict[str, str] = field(default_factory=dict)
+    new_objects: list[tuple[str, Location, int]] = field(default_factory=list)
+    used: list[Location] = field(default_factory=list)
+    hits: int = 0
+    computed: int = 0
+    corrupt: list[CorruptEntry] = field(default_factory=list)
+
+
+def row_ranges(key_plan: KeyPlan, unit_elements: int = UNIT_ELEMENTS) -> Iterator[slice | None]:
+    """Row ranges of one key (None: the whole tensor); they depend on shapes only."""
+    rows = key_plan.rows
+    step = max(1, unit_elements // max(1, key_plan.row_width))
+    if rows is None or rows <= step:
+        yield None
+        return
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 class Executor:
@@ -55,22 +76,28 @@ class Executor:
         readers: Mapping[str, SafetensorsReader],
         writers: Mapping[str, SafetensorsWriter],
         threads: int,
+        cache_use: CacheUse | None = None,
     ):
         self.plan = plan
         self.readers = readers
         self.writers = writers
         self.threads = max(1, threads)
+        self.cache_use = cache_use
         recipe = plan.graph.recipe
-        self.output_nodes = {name: recipe.outputs[name].node for name in plan.graph.outputs}
+        self.output_nodes = {name: recipe.outputs[name].node for name in writers}
 
-    def run(self, progress: Callable[[int], None]) -> None:
-        """Process every unit; `progress` gets the bytes each finished unit wrote."""
+    def run(self, progress: Callable[[KeyResult], None]) -> None:
+        """Process every key; `progress` gets each finished key's result, in key order."""
         torch.set_num_threads(1)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="sdrecipe") as pool:
-            window: deque[Future[int]] = deque()
+            window: deque[Future[KeyResult]] = deque()
             try:
-                for unit in work_units(self.plan):
-                    window.append(pool.submit(self.run_unit, unit))
+                for key_plan in self.plan.keys:
+                    if not any(
+                        o in self.writers for o in (*key_plan.copies, *key_plan.computed_outputs)
+                    ):
+                        continue
+                    window.append(pool.submit(self.run_key, key_plan))
                     if len(window) >= 2 * self.threads:
                         progress(window.popleft().result())
                 while window:
@@ -79,59 +106,161 @@ class Executor:
                 for future in window:
                     future.cancel()
 
-    def run_unit(self, unit: WorkUnit) -> int:
-        """Compute and write one unit; return the bytes written."""
-        key_plan = unit.plan
-        key = key_plan.key
-        written = 0
-        for output, source in key_plan.copies.items():
-            data = self.readers[source].raw(key)
-            start, stop = self._byte_range(unit, len(data))
-            self.writers[output].write(key, data[start:stop], start)
-            written += stop - start
-        if not key_plan.reads:
-            return written
-        values = self._node_values(unit)
-        for output in key_plan.computed_outputs:
-            writer = self.writers[output]
-            info = writer.slots[key].info
-            tensor = values[self.output_nodes[output]].to(info.dtype).contiguous()
-            start, _ = self._byte_range(unit, info.nbytes)
-            writer.write_tensor(key, tensor, start)
-            written += tensor.numel() * tensor.element_size()
-        return written
+    def run_key(self, key_plan: KeyPlan) -> KeyResult:
+        """Produce one key in every output; return what was done."""
+        return _KeyTask(self, key_plan).run()
 
-    @staticmethod
-    def _byte_range(unit: WorkUnit, nbytes: int) -> tuple[int, int]:
-        if not unit.sliced:
-            return 0, nbytes
-        row_bytes = nbytes // unit.plan.rows  # type: ignore[operator]
-        return unit.start * row_bytes, unit.stop * row_bytes
 
-    def _node_values(self, unit: WorkUnit) -> dict[str, torch.Tensor]:
-        key_plan = unit.plan
-        graph = self.plan.graph
-        values: dict[str, torch.Tensor] = {}
+class _KeyTask:
+    """The work of one key: resolve sources, then stream row ranges."""
 
-        def value(name: str) -> torch.Tensor:
-            if name not in values:
-                tensor = self.readers[name].tensor(key_plan.key)
-                values[name] = tensor[unit.start : unit.stop] if unit.sliced else tensor
+    def __init__(self, executor: Executor, key_plan: KeyPlan):
+        self.executor = executor
+        self.plan = key_plan
+        self.key = key_plan.key
+        self.graph = executor.plan.graph
+        self.result = KeyResult(self.key)
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.objects: dict[str, tuple[ObjectWriter, blake3.blake3, str]] = {}
+
+    def run(self) -> KeyResult:
+        executor = self.executor
+        computed: list[str] = []
+        for output in self.plan.computed_outputs:
+            if output in executor.writers and not self._copy_cached_output(output):
+                computed.append(output)
+        for output, source in self.plan.copies.items():
+            if output in executor.writers:
+                self._write_all(output, executor.readers[source].raw(self.key))
+        if not computed:
+            return self.result
+        for output in computed:
+            self._resolve(self.executor.output_nodes[output])
+        try:
+            self._stream(computed)
+        except BaseException:
+            for writer, _, _ in self.objects.values():
+                writer.abort()
+            raise
+        for writer, hasher, identity in self.objects.values():
+            location, size = writer.finish(hasher.hexdigest())
+            self.result.new_objects.append((identity, location, size))
+        return self.result
+
+    # --- where values come from -----------------------------------------------------
+
+    def _cached(self, identity: str) -> tuple[SafetensorsReader, str, Location] | None:
+        """A verified cache entry for `identity`, or None (a corrupt one is discarded)."""
+        use = self.executor.cache_use
+        location = use.found.get(identity) if use else None
+        if location is None:
+            return None
+        try:
+            reader, key = use.cache.open_entry(location)  # type: ignore[union-attr]
+        except CorruptEntry as exc:
+            self.result.corrupt.append(exc)
+            return None
+        self.result.used.append(location)
+        self.result.hits += 1
+        return reader, key, location
+
+    def _copy_cached_output(self, output: str) -> bool:
+        use = self.executor.cache_use
+        if use is None:
+            return False
+        cached = self._cached(use.identities.outputs[output][self.key])
+        if cached is None:
+            return False
+        reader, key, location = cached
+        self._write_all(output, reader.raw(key))
+        self.result.output_digests[output] = location.digest
+        return True
+
+    def _write_all(self, output: str, data: memoryview) -> None:
+        self.executor.writers[output].write(self.key, data)
+        self.result.written += len(data)
+
+    def _resolve(self, name: str) -> None:
+        """Decide how `name`'s value is obtained: loaded from cache, or computed."""
+        step = self.plan.steps.get(name)
+        if step is None or name in self.loaded or name in self.objects:
+            return
+        operands = self.graph.operands(name)
+        if not isinstance(step, Compute):
+            self._resolve(operands[0])
+            return
+        use = self.executor.cache_use
+        identity = use.identities.values[name][self.key] if use else ""
+        cached = self._cached(identity) if use else None
+        if cached is not None:
+            reader, key, _ = cached
+            self.loaded[name] = reader.tensor(key)
+            return
+        self.result.computed += 1
+        if use is not None and name in use.store:
+            info = self._value_info(name, step)
+            self.objects[name] = (use.cache.object_writer(info), tensor_hasher(info), identity)
+        for operand in operands:
+            self._resolve(operand)
+
+    def _value_info(self, node: str, step: Compute) -> TensorInfo:
+        base = self.executor.readers[self.graph.base_input(node)].info(self.key)
+        return TensorInfo(step.dtype, base.shape)
+
+    # --- streaming ----------------------------------------------------------------
+
+    def _stream(self, outputs: list[str]) -> None:
+        writers = self.executor.writers
+        hashers = {
+            output: tensor_hasher(writers[output].slots[self.key].info) for output in outputs
+        }
+        for rows in row_ranges(self.plan):
+            values: dict[str, torch.Tensor] = {}
+            for output in outputs:
+                info = writers[output].slots[self.key].info
+                tensor = self._value(self.executor.output_nodes[output], rows, values)
+                data = tensor.to(info.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+                writers[output].write(self.key, data.data, self._offset(rows, info))
+                hashers[output].update(data.data)
+                self.result.written += data.nbytes
+            for node, (writer, hasher, _) in self.objects.items():
+                tensor = self._value(node, rows, values).contiguous()
+                data = tensor.reshape(-1).view(torch.uint8).numpy()
+                writer.write(data.data, self._offset(rows, writer.info))
+                hasher.update(data.data)
+        for output, hasher in hashers.items():
+            self.result.output_digests[output] = hasher.hexdigest()
+
+    def _offset(self, rows: slice | None, info: TensorInfo) -> int:
+        if rows is None:
+            return 0
+        return rows.start * (info.nbytes // self.plan.rows)  # type: ignore[operator]
+
+    def _value(
+        self, name: str, rows: slice | None, values: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """`name`'s value on `rows`, computed once per row range."""
+        if name in values:
             return values[name]
-
-        for node, step in key_plan.steps:
-            operands = graph.operands(node)
-            if not isinstance(step, Compute):
-                values[node] = value(operands[0])
-                continue
-            env = {name: value(name) for name in operands}
-            if step.channels is None:
-                values[node] = evaluate(graph.recipe.nodes[node].expr, env, key_plan.compute_dtype)
-                continue
-            shared = {name: tensor[:, : step.channels] for name, tensor in env.items()}
-            result = env[operands[0]].to(key_plan.compute_dtype, copy=True)
-            result[:, : step.channels] = evaluate(
-                graph.recipe.nodes[node].expr, shared, key_plan.compute_dtype
+        step = self.plan.steps.get(name)
+        operands = self.graph.operands(name) if step is not None else []
+        if step is None or name in self.loaded:
+            whole = (
+                self.loaded[name]
+                if step is not None
+                else self.executor.readers[name].tensor(self.key)
             )
-            values[node] = result
-        return values
+            value = whole if rows is None else whole[rows]
+        elif not isinstance(step, Compute):
+            value = self._value(operands[0], rows, values)
+        else:
+            env = {operand: self._value(operand, rows, values) for operand in operands}
+            expr = self.graph.recipe.nodes[name].expr
+            if step.channels is None:
+                value = evaluate(expr, env, step.dtype)
+            else:
+                shared = {operand: t[:, : step.channels] for operand, t in env.items()}
+                value = env[operands[0]].to(step.dtype, copy=True)
+                value[:, : step.channels] = evaluate(expr, shared, step.dtype)
+        values[name] = value
+        return value

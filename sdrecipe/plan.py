@@ -35,10 +35,12 @@ class Compute:
 
     `channels` is set when the base has more dim-1 channels than another operand
     (inpainting / instruct-pix2pix): the expression is evaluated on the leading
-    `channels` channels and the base keeps its extra channels.
+    `channels` channels and the base keeps its extra channels. `dtype` is the
+    compute dtype: float64 if any operand is float64, else float32.
     """
 
     channels: int | None = None
+    dtype: torch.dtype = torch.float32
 
 
 Step = Passthrough | Compute
@@ -46,20 +48,22 @@ Step = Passthrough | Compute
 
 @dataclass(frozen=True)
 class KeyPlan:
-    """How one tensor key is produced for every output that has it."""
+    """How one tensor key is produced.
+
+    `steps` holds the decision of every node that has the key, in evaluation
+    order. `copies` maps outputs that take an input's bytes unchanged to that
+    input; `computed_outputs` need node values. `rows` is dim 0 when every
+    tensor that could be involved shares it (work may then go in row ranges),
+    and `row_width` the most elements in one row of any of them; both depend on
+    shapes only, so results never depend on what was cached.
+    """
 
     key: str
-    steps: tuple[tuple[str, Step], ...]
+    steps: dict[str, Step]
     copies: dict[str, str]
     computed_outputs: tuple[str, ...]
-    compute_dtype: torch.dtype
     rows: int | None
     row_width: int
-
-    @property
-    def reads(self) -> bool:
-        """True when some output needs computed values, not only copies."""
-        return bool(self.computed_outputs)
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,14 @@ class _Planner:
         self.graph = graph
         self.input_infos = input_infos
         self.status: dict[str, dict[str, str]] = {node: {} for node in graph.order}
+        self.value_dtypes: dict[str, torch.dtype] = {}
         self.conflicts: list[tuple[str, str]] = []
+
+    def value_dtype(self, name: str, key: str) -> torch.dtype:
+        """The dtype of `name`'s value at the key being planned (computed nodes: compute dtype)."""
+        if name in self.input_infos:
+            return self.input_infos[name][key].dtype
+        return self.value_dtypes[name]
 
     def info(self, name: str, key: str) -> TensorInfo | None:
         """The value `name` has at `key`: its base input's dtype and shape, or None."""
@@ -127,13 +138,15 @@ class _Planner:
             if not info.is_floating:
                 return Passthrough(f"not floating point in {operand}")
             infos.append(info)
+        dtypes = {self.value_dtype(operand, key) for operand in operands}
+        dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         shapes = [info.shape for info in infos]
         if all(shape == base.shape for shape in shapes):
-            return Compute()
+            return Compute(dtype=dtype)
         if _differ_only_in_channels(shapes):
             widest = max(shape[1] for shape in shapes)
             if base.shape[1] == widest:
-                return Compute(channels=min(shape[1] for shape in shapes))
+                return Compute(channels=min(shape[1] for shape in shapes), dtype=dtype)
             other = operands[next(i for i, s in enumerate(shapes) if s[1] == widest)]
             self.conflicts.append(
                 (
@@ -159,31 +172,30 @@ class _Planner:
                 continue
             step = steps[node] = self.decide(node, key)
             base = graph.base(node)
+            self.value_dtypes[node] = (
+                step.dtype if isinstance(step, Compute) else self.value_dtype(base, key)
+            )
             if isinstance(step, Compute) or self.status.get(base, {}).get(key) == MERGED:
                 self.status[node][key] = MERGED
             else:
                 self.status[node][key] = step.reason  # type: ignore[union-attr]
         copies: dict[str, str] = {}
         computed: list[str] = []
-        needed: set[str] = set()
         for name in graph.outputs:
             output = recipe.outputs[name]
             if self.info(output.node, key) is None:
                 continue
             source = self._copy_source(output, key, steps)
-            if source is not None:
-                copies[name] = source
-            else:
+            if source is None:
                 computed.append(name)
-                self._mark_needed(output.node, steps, needed)
-        ordered = tuple((node, steps[node]) for node in graph.order if node in needed)
+            else:
+                copies[name] = source
         return KeyPlan(
             key=key,
-            steps=ordered,
+            steps=steps,
             copies=copies,
             computed_outputs=tuple(computed),
-            compute_dtype=self._compute_dtype(key, needed),
-            **self._shared_rows(key, needed, [recipe.outputs[n].node for n in copies]),
+            **self._shared_rows(key, set(steps)),
         )
 
     def _copy_source(self, output: Output, key: str, steps: dict[str, Step]) -> str | None:
@@ -203,32 +215,14 @@ class _Planner:
             return name
         return None
 
-    def _mark_needed(self, name: str, steps: dict[str, Step], needed: set[str]) -> None:
-        if name not in steps or name in needed:
-            return
-        needed.add(name)
-        step = steps[name]
-        operands = self.graph.operands(name)
-        for operand in operands if isinstance(step, Compute) else operands[:1]:
-            self._mark_needed(operand, steps, needed)
-
-    def _leaves(self, key: str, needed: set[str]) -> set[str]:
-        leaves: set[str] = set()
-        for node in needed:
-            leaves.update(
-                operand for operand in self.graph.operands(node) if operand in self.input_infos
+    def _shared_rows(self, key: str, nodes: set[str]) -> dict[str, int | None]:
+        names = {self.graph.base_input(node) for node in nodes}
+        for node in nodes:
+            names.update(
+                operand
+                for operand in self.graph.operands(node)
+                if operand in self.input_infos and key in self.input_infos[operand]
             )
-        return {leaf for leaf in leaves if key in self.input_infos[leaf]}
-
-    def _compute_dtype(self, key: str, needed: set[str]) -> torch.dtype:
-        dtypes = {self.input_infos[leaf][key].dtype for leaf in self._leaves(key, needed)}
-        return torch.float64 if torch.float64 in dtypes else torch.float32
-
-    def _shared_rows(self, key: str, needed: set[str], copied: list[str]) -> dict[str, int | None]:
-        """Dim 0 when every tensor involved has it (work can then split into row ranges),
-        and the most elements in one row of any of them."""
-        names = self._leaves(key, needed) | {self.graph.base_input(n) for n in copied}
-        names |= {self.graph.base_input(node) for node in needed}
         infos = [self.input_infos[name][key] for name in names]
         rows = {info.shape[0] if info.shape else None for info in infos}
         shared = rows.pop() if len(rows) == 1 else None

@@ -1,9 +1,11 @@
 """Metadata that records how an output was made.
 
 Two views of the same lineage go into the safetensors header: sdrecipe's own
-entry (the full recipe) and AUTOMATIC1111's `sd_merge_recipe` / `sd_merge_models`
-fields, so the WebUI shows where a merge came from. Nothing machine-specific
-(absolute paths, times) is recorded, so identical builds give identical bytes.
+entry, a self-contained recipe for the output, and AUTOMATIC1111's
+`sd_merge_recipe` / `sd_merge_models` fields, so the WebUI shows where a merge
+came from. Only canonical forms are recorded (no absolute paths, no times, no
+recipe file name or formatting), so building the embedded recipe reproduces
+the output's bytes exactly.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+import networkx as nx
+import yaml
+
 from sdrecipe import __version__
 from sdrecipe.arch import UNET_INPUT_CONV
+from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.graph import MergeGraph
-from sdrecipe.hashing import FileHashes
 from sdrecipe.io.tensor_info import TensorInfo
-from sdrecipe.recipe.expr import Call
+from sdrecipe.recipe.expr import Call, format_expression
 
 _A1111_METHOD_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
 
@@ -25,7 +30,7 @@ def output_metadata(
     graph: MergeGraph,
     output: str,
     tensors: Mapping[str, TensorInfo],
-    hashes: Mapping[str, FileHashes],
+    hashes: Mapping[str, Fingerprint],
     input_metadata: Mapping[str, Mapping[str, str]],
 ) -> dict[str, str]:
     """The `__metadata__` entries for `output`, given its inputs' hashes and metadata."""
@@ -34,10 +39,9 @@ def output_metadata(
     leaves = graph.inputs_of(node.name)
     own = {
         "version": __version__,
-        "recipe_file": recipe.path.name,
-        "recipe": recipe.text,
+        "recipe": output_recipe(graph, output, hashes),
         "node": node.name,
-        "expression": node.source,
+        "expression": format_expression(node.expr),
         "inputs": {
             name: {"file": recipe.inputs[name].path.name, "sha256": hashes[name].sha256}
             for name in leaves
@@ -54,13 +58,37 @@ def output_metadata(
     }
 
 
+def output_recipe(graph: MergeGraph, output: str, hashes: Mapping[str, Fingerprint]) -> str:
+    """A self-contained recipe for just this output: the inputs (by file name, pinned
+    by sha256), nodes and output it depends on. Edits elsewhere in the recipe file
+    leave it, and so the output's bytes, unchanged."""
+    recipe = graph.recipe
+    spec = recipe.outputs[output]
+    needed = nx.ancestors(graph.dag, spec.node) | {spec.node}
+    document = {
+        "inputs": {
+            name: {"path": recipe.inputs[name].path.name, "sha256": hashes[name].sha256}
+            for name in graph.inputs_of(spec.node)
+        },
+        "nodes": {
+            name: format_expression(recipe.nodes[name].expr)
+            for name in graph.order
+            if name in needed
+        },
+        "outputs": {
+            output: {"path": spec.path.name, **({"dtype": spec.dtype} if spec.dtype else {})}
+        },
+    }
+    return yaml.safe_dump(document, sort_keys=False, width=1000)
+
+
 def _a1111_recipe(
     graph: MergeGraph, output: str, tensors: Mapping[str, TensorInfo], shas: list[str]
 ) -> dict[str, object]:
     recipe = graph.recipe
     spec = recipe.outputs[output]
-    node = recipe.nodes[spec.node]
-    expr = node.expr
+    expr = recipe.nodes[spec.node].expr
+    source = format_expression(expr)
     is_call = isinstance(expr, Call)
     conv_in = tensors.get(UNET_INPUT_CONV)
     channels = conv_in.shape[1] if conv_in is not None and len(conv_in.shape) == 4 else None
@@ -69,9 +97,7 @@ def _a1111_recipe(
         "primary_model_hash": shas[0] if shas else None,
         "secondary_model_hash": shas[1] if len(shas) > 1 else None,
         "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
-        "interp_method": _A1111_METHOD_NAMES.get(expr.method, node.source)
-        if is_call
-        else node.source,
+        "interp_method": _A1111_METHOD_NAMES.get(expr.method, source) if is_call else source,
         "multiplier": dict(expr.params).get("alpha") if is_call else None,
         "save_as_half": spec.dtype == "float16",
         "custom_name": spec.path.stem,
@@ -86,7 +112,7 @@ def _a1111_recipe(
 def _a1111_models(
     graph: MergeGraph,
     leaves: list[str],
-    hashes: Mapping[str, FileHashes],
+    hashes: Mapping[str, Fingerprint],
     input_metadata: Mapping[str, Mapping[str, str]],
 ) -> dict[str, object]:
     """Each input as A1111 records it, plus the lineage each input already carries."""

@@ -27,6 +27,14 @@ MODELS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own cache directory (the CLI's default is ./cache)."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SDRECIPE_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Paths of small SD1.5-layout models (real key names, widths / 32)."""

@@ -57,8 +57,13 @@ class SafetensorsReader:
         self.file_size = size
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}
+        end_of_previous = self.data_start
         for key, entry in sorted(header.items(), key=lambda item: _start(item[1])):
-            self._infos[key], self._offsets[key] = self._check_entry(key, entry)
+            info, offset = self._check_entry(key, entry)
+            if offset < end_of_previous:
+                raise self._error(f"tensor {key!r} overlaps the tensor stored before it")
+            self._infos[key], self._offsets[key] = info, offset
+            end_of_previous = offset + info.nbytes
         self._mmap: mmap.mmap | None = None
 
     def _error(self, message: str) -> RecipeError:
@@ -101,6 +106,13 @@ class SafetensorsReader:
                 self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
             self._mmap.madvise(mmap.MADV_SEQUENTIAL)
         return self._mmap
+
+    def spans(self) -> dict[str, tuple[int, int, TensorInfo]]:
+        """Each tensor's absolute (start, end) byte offsets in the file, and its info."""
+        return {
+            key: (offset, offset + self._infos[key].nbytes, self._infos[key])
+            for key, offset in self._offsets.items()
+        }
 
     def tensor(self, key: str) -> torch.Tensor:
         """A zero-copy view of `key`'s data; callers must not modify it."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sdrecipe.errors import BuildError
+from sdrecipe.io.atomic import remove_stale_temporaries, temporary_path
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -30,19 +31,6 @@ class Slot:
 
     info: TensorInfo
     offset: int
-
-
-def temporary_path(path: Path) -> Path:
-    """The hidden temporary file that `path` is written through."""
-    return path.with_name(f".{path.name}.sdrecipe-{os.getpid()}.tmp")
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries left by killed builds whose process is gone."""
-    for stale in path.parent.glob(f".{path.name}.sdrecipe-*.tmp"):
-        pid = stale.name.rsplit("-", 1)[-1].removesuffix(".tmp")
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            stale.unlink(missing_ok=True)
 
 
 def encode_header(
@@ -75,9 +63,15 @@ def encode_header(
 class SafetensorsWriter:
     """Writes one safetensors file through a temporary file; `commit()` publishes it."""
 
-    def __init__(self, path: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
+    def __init__(
+        self,
+        path: Path,
+        tensors: dict[str, TensorInfo],
+        metadata: dict[str, str],
+        unique_temporary: bool = False,
+    ):
         self.path = path
-        self.temporary = temporary_path(path)
+        self.temporary = temporary_path(path, unique_temporary)
         header, offsets = encode_header(tensors, metadata)
         self.slots = {key: Slot(tensors[key], offsets[key]) for key in tensors}
         self.size = len(header) + sum(info.nbytes for info in tensors.values())
@@ -85,7 +79,7 @@ class SafetensorsWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():
                 raise BuildError("the output path is a folder", path)
-            _remove_stale_temporaries(path)
+            remove_stale_temporaries(path)
             self._fd: int | None = os.open(
                 self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
             )
@@ -118,11 +112,13 @@ class SafetensorsWriter:
         """Write a contiguous tensor's bytes into `key`'s data at byte `start`."""
         self.write(key, tensor.reshape(-1).view(torch.uint8).numpy().data, start)
 
-    def commit(self) -> None:
-        """Close the temporary file and rename it over the target."""
+    def commit(self, destination: Path | None = None) -> None:
+        """Close the temporary file and rename it over the target (or `destination`)."""
         assert self._fd is not None
         os.close(self._fd)
         self._fd = None
+        if destination is not None:
+            self.path = destination
         try:
             os.replace(self.temporary, self.path)
         except OSError as exc:

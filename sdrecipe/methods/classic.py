@@ -6,12 +6,14 @@ Each formula matches the established tools; see README "Semantics".
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from pydantic import Field
 
 from sdrecipe.methods.registry import merge_method
+
+if TYPE_CHECKING:
+    import torch
 
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
-import torch
 
-MethodFunction = Callable[..., torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+MethodFunction = Callable[..., "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,16 @@ def merge_method(*, elementwise: bool = True) -> Callable[[MethodFunction], Meth
     """
 
     def register(function: MethodFunction) -> MethodFunction:
-        signature = inspect.signature(function, eval_str=True)
+        # Only the parameters' annotations are evaluated, so registering a method
+        # does not import torch (a no-op build decides without it).
+        signature = inspect.signature(function)
         models = tuple(
             name
             for name, p in signature.parameters.items()
             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
         )
         fields: dict[str, Any] = {
-            name: (p.annotation, p.default)
+            name: (_resolve(p.annotation, function), p.default)
             for name, p in signature.parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY
         }
@@ -79,6 +83,13 @@ def merge_method(*, elementwise: bool = True) -> Callable[[MethodFunction], Meth
         return function
 
     return register
+
+
+def _resolve(annotation: Any, function: MethodFunction) -> Any:
+    """Evaluate a string annotation in the namespace of the method's module."""
+    if isinstance(annotation, str):
+        return eval(annotation, function.__globals__)  # our own source, never user input
+    return annotation
 
 
 def get_method(name: str) -> MergeMethod:

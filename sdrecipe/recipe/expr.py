@@ -275,6 +275,21 @@ def references(expr: Expr) -> list[str]:
     return list(seen)
 
 
+def rename_references(expr: Expr, names: dict[str, str]) -> Expr:
+    """`expr` with each reference renamed through `names`."""
+    if isinstance(expr, Ref):
+        return Ref(names.get(expr.name, expr.name))
+    if isinstance(expr, BinOp):
+        return BinOp(
+            expr.op, rename_references(expr.left, names), rename_references(expr.right, names)
+        )
+    if isinstance(expr, Neg):
+        return Neg(rename_references(expr.operand, names))
+    if isinstance(expr, Call):
+        return Call(expr.method, tuple(rename_references(a, names) for a in expr.args), expr.params)
+    return expr
+
+
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 

@@ -16,7 +16,6 @@ from sdrecipe.recipe.expr import (
     Expr,
     ExpressionError,
     Neg,
-    format_expression,
     parse_expression,
     references,
 )
@@ -148,7 +147,6 @@ def _make_input(
 def _make_node(name: str, entry: str | MethodNodeEntry, document: YamlDocument, path: Path) -> Node:
     line = document.line_of(("nodes", name))
     if isinstance(entry, str):
-        source = entry
         try:
             expr = parse_expression(entry)
         except ExpressionError as exc:
@@ -169,12 +167,11 @@ def _make_node(name: str, entry: str | MethodNodeEntry, document: YamlDocument, 
                     document.line_of(("nodes", name, key)),
                 )
         expr = Call(entry.method, args, tuple((k, float(v)) for k, v in params.items()))
-        source = format_expression(expr)
     try:
         expr = _check_calls(expr)
     except ValueError as exc:
         raise RecipeError(f"node {name!r}: {exc}", path, line) from None
-    return Node(name=name, expr=expr, source=source, line=line)
+    return Node(name=name, expr=expr, line=line)
 
 
 def _check_calls(expr: Expr) -> Expr:

@@ -24,7 +24,6 @@ class Node:
 
     name: str
     expr: Expr
-    source: str
     line: int | None
 
 

@@ -1,0 +1,82 @@
+"""The identity of every tensor a build reads or produces.
+
+- An input tensor's identity is its content digest.
+- A node that passes a key through has its base's identity there.
+- A node that computes a key has H(expression with operands by position,
+  channel rule, compute dtype, operand identities), so renaming an input
+  changes nothing and any change of method, parameter or input content does.
+- A written output tensor adds the output dtype.
+
+A node's key hashes all its tensor identities. An output's key also covers the
+output file's metadata, so it names the exact bytes that will be written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import blake3
+
+from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.plan import BuildPlan, Compute
+from sdrecipe.recipe.expr import format_expression, rename_references
+
+# Bump when the meaning of an identity changes (e.g. a method's arithmetic).
+IDENTITY_VERSION = "sdrecipe-identity-1"
+
+
+def _hash(*parts: object) -> str:
+    return blake3.blake3(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Per-key identities of every input, node and output in a plan."""
+
+    values: dict[str, dict[str, str]]
+    outputs: dict[str, dict[str, str]]
+
+    def node_key(self, node: str) -> str:
+        """One hash of all of `node`'s tensor identities."""
+        return _hash(IDENTITY_VERSION, sorted(self.values[node].items()))
+
+    def output_key(self, output: str, metadata: Mapping[str, str]) -> str:
+        """One hash of an output file's exact content: metadata and tensors."""
+        return _hash(IDENTITY_VERSION, dict(metadata), sorted(self.outputs[output].items()))
+
+
+def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]]) -> Identities:
+    """Identities from the plan and each input's per-tensor digests."""
+    graph = plan.graph
+    recipe = graph.recipe
+    values: dict[str, dict[str, str]] = {name: dict(digests[name]) for name in digests}
+    templates = {}
+    for node in graph.order:
+        values[node] = {}
+        operands = graph.operands(node)
+        positions = {name: f"${index}" for index, name in enumerate(operands)}
+        templates[node] = format_expression(rename_references(recipe.nodes[node].expr, positions))
+    for key_plan in plan.keys:
+        key = key_plan.key
+        for node, step in key_plan.steps.items():
+            operands = graph.operands(node)
+            if isinstance(step, Compute):
+                values[node][key] = _hash(
+                    IDENTITY_VERSION,
+                    templates[node],
+                    step.channels,
+                    DTYPE_TO_CODE[step.dtype],
+                    [values[operand][key] for operand in operands],
+                )
+            else:
+                values[node][key] = values[operands[0]][key]
+    outputs = {}
+    for name, output_plan in plan.outputs.items():
+        node = output_plan.output.node
+        outputs[name] = {
+            key: _hash(values[node][key], DTYPE_TO_CODE[info.dtype])
+            for key, info in output_plan.tensors.items()
+        }
+    return Identities(values=values, outputs=outputs)

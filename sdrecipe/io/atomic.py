@@ -1,0 +1,43 @@
+"""Names of the temporary files that every write goes through before its rename."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+
+def temporary_path(path: Path, unique: bool = False) -> Path:
+    """The hidden temporary file that `path` is written through.
+
+    Its name ends in the writing process's id, so that temporaries left by a
+    killed process can be told apart from those of a running one.
+    """
+    tag = f"-{uuid.uuid4().hex}" if unique else ""
+    return path.with_name(f".{path.name}{tag}.sdrecipe-{os.getpid()}.tmp")
+
+
+def is_stale_temporary(path: Path) -> bool:
+    """True for a temporary file whose writing process no longer runs."""
+    name = path.name
+    if not name.endswith(".tmp") or ".sdrecipe-" not in name:
+        return False
+    pid = name.rsplit("-", 1)[-1].removesuffix(".tmp")
+    return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of `path` left by killed processes."""
+    for candidate in path.parent.glob(f".{path.name}*.sdrecipe-*.tmp"):
+        if is_stale_temporary(candidate):
+            candidate.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename."""
+    temporary = temporary_path(path, unique=True)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,0 +1,133 @@
+"""The lock file `<recipe>.lock`: what the last successful build used and made.
+
+It is YAML in a stable order, meant to be committed beside the recipe: each
+input's size and sha256, each node's expression and key, each output's size,
+sha256 and key, and the versions that built them. `sdrecipe verify` rebuilds
+the outputs and compares them with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from sdrecipe import __version__
+from sdrecipe.errors import RecipeError
+from sdrecipe.io.atomic import write_text_atomically
+
+LOCK_FORMAT = 1
+_HEADER = (
+    "# sdrecipe lock file: what the last successful build used and produced.\n"
+    "# Commit it with the recipe; `sdrecipe verify` checks that the outputs reproduce.\n"
+)
+
+
+@dataclass(frozen=True)
+class LockedInput:
+    """An input as it was when the outputs were built."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LockedNode:
+    """A node's expression and the key of all its tensors."""
+
+    expression: str
+    key: str
+
+
+@dataclass(frozen=True)
+class LockedOutput:
+    """An output file as built: `built_from` hashes what it depends on (see `built_from`)."""
+
+    path: str
+    size: int
+    sha256: str
+    key: str
+    built_from: str
+
+
+@dataclass(frozen=True)
+class Lock:
+    """The whole lock file."""
+
+    recipe_sha256: str
+    versions: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, LockedInput] = field(default_factory=dict)
+    nodes: dict[str, LockedNode] = field(default_factory=dict)
+    outputs: dict[str, LockedOutput] = field(default_factory=dict)
+
+
+def lock_path(recipe: Path) -> Path:
+    """`recipes/x.yaml` → `recipes/x.lock`."""
+    return recipe.with_suffix(".lock")
+
+
+def recipe_sha256(text: str) -> str:
+    """The hash of a recipe's text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def built_from(recipe_text: str, input_sha256: dict[str, str]) -> str:
+    """What an output's bytes depend on: recipe text, inputs' contents, sdrecipe version."""
+    parts = [recipe_sha256(recipe_text), __version__, sorted(input_sha256.items())]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    """The versions that determine output bytes (read without importing torch)."""
+    versions = {"sdrecipe": __version__}
+    for package in ("torch", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def relative_to_recipe(path: Path, recipe: Path) -> str:
+    """`path` as written relative to the recipe's folder."""
+    return os.path.relpath(path, recipe.parent)
+
+
+def read_lock(recipe: Path) -> Lock | None:
+    """The recipe's lock, or None if there is none; a malformed lock is an error."""
+    path = lock_path(recipe)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RecipeError(f"cannot read the lock file: {exc}", path) from None
+    try:
+        if data.get("format") != LOCK_FORMAT:
+            raise ValueError(f"unknown lock format {data.get('format')!r}")
+        return Lock(
+            recipe_sha256=data["recipe_sha256"],
+            versions=dict(data.get("versions") or {}),
+            inputs={k: LockedInput(**v) for k, v in (data.get("inputs") or {}).items()},
+            nodes={k: LockedNode(**v) for k, v in (data.get("nodes") or {}).items()},
+            outputs={k: LockedOutput(**v) for k, v in (data.get("outputs") or {}).items()},
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise RecipeError(
+            f"the lock file is malformed ({exc}); delete it and build again", path
+        ) from None
+
+
+def write_lock(recipe: Path, lock: Lock) -> Path:
+    """Write the lock atomically beside the recipe."""
+    path = lock_path(recipe)
+    data = {"format": LOCK_FORMAT, **asdict(lock)}
+    text = _HEADER + yaml.safe_dump(data, sort_keys=False, width=1000)
+    write_text_atomically(path, text)
+    return path

@@ -1,0 +1,208 @@
+"""What a build must do for each node and output, and why.
+
+Each node is *up to date* (its output file, or for an intermediate its cache
+entries, are current), *from cache* (its tensors need no computation), or
+*rebuild*, with a reason found by comparing with the lock file, such as
+`alpha changed 0.3 -> 0.4` or `input B content changed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sdrecipe.graph import MergeGraph
+from sdrecipe.identity import Identities
+from sdrecipe.lock import Lock
+from sdrecipe.plan import BuildPlan, Compute
+from sdrecipe.recipe.expr import (
+    BinOp,
+    Call,
+    Expr,
+    ExpressionError,
+    Neg,
+    Num,
+    Ref,
+    format_expression,
+    parse_expression,
+)
+
+UP_TO_DATE = "up to date"
+FROM_CACHE = "from cache"
+REBUILD = "rebuild"
+NOT_NEEDED = "not needed"
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node's state; `output` names the output it is written as, if any."""
+
+    node: str
+    state: str
+    reason: str
+    output: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    """What is known about an output file before building."""
+
+    exists: bool
+    current: bool
+    pack_available: bool
+
+
+def node_statuses(
+    plan: BuildPlan,
+    identities: Identities,
+    lock: Lock | None,
+    input_sha256: Mapping[str, str],
+    cached: set[str],
+    outputs: Mapping[str, OutputFacts],
+    force: bool,
+) -> list[NodeStatus]:
+    """The state and reason of every node the selected outputs need, in order."""
+    graph = plan.graph
+    computed = _computed_identities(plan, identities)
+    output_of = {graph.recipe.outputs[name].node: name for name in graph.outputs}
+    statuses: dict[str, NodeStatus] = {}
+    for node in reversed(graph.order):
+        output = output_of.get(node)
+        consumers = [statuses[c] for c in graph.dag.successors(node) if c in statuses]
+        needed = output is not None or any(s.state == REBUILD for s in consumers)
+        own = computed[node] if output is None else computed[f"output:{output}"]
+        all_cached = own <= cached
+        if force and needed:
+            state, reason = REBUILD, "forced (--force)"
+        elif output is not None and outputs[output].current:
+            state, reason = UP_TO_DATE, "output matches the lock"
+        elif output is not None and (outputs[output].pack_available or all_cached):
+            state = FROM_CACHE
+            reason = _output_reason(graph, node, lock, input_sha256, identities, outputs[output])
+        elif not needed:
+            state, reason = (UP_TO_DATE, "cached") if all_cached else (NOT_NEEDED, "")
+        elif all_cached:
+            state, reason = FROM_CACHE, "cached"
+        else:
+            state = REBUILD
+            reason = _change_reason(graph, node, lock, input_sha256, identities)
+            if own & cached:
+                reason += f" ({len(own & cached)} of {len(own)} tensors cached)"
+        statuses[node] = NodeStatus(node, state, reason, output)
+    return [statuses[node] for node in graph.order]
+
+
+def _computed_identities(plan: BuildPlan, identities: Identities) -> dict[str, set[str]]:
+    """For each node the identities of the tensors it computes, and for each
+    output (`output:NAME`) those of its tensors that are not input copies."""
+    graph = plan.graph
+    result: dict[str, set[str]] = {node: set() for node in graph.order}
+    result.update({f"output:{name}": set() for name in graph.outputs})
+    for key_plan in plan.keys:
+        for node, step in key_plan.steps.items():
+            if isinstance(step, Compute):
+                result[node].add(identities.values[node][key_plan.key])
+        for name in key_plan.computed_outputs:
+            result[f"output:{name}"].add(identities.outputs[name][key_plan.key])
+    return result
+
+
+def _output_reason(
+    graph: MergeGraph,
+    node: str,
+    lock: Lock | None,
+    input_sha256: Mapping[str, str],
+    identities: Identities,
+    facts: OutputFacts,
+) -> str:
+    if not facts.exists:
+        return "output missing"
+    if (
+        lock is not None
+        and node in lock.nodes
+        and lock.nodes[node].key == identities.node_key(node)
+    ):
+        return "output differs from the lock (changed on disk, or recipe text changed)"
+    return _change_reason(graph, node, lock, input_sha256, identities)
+
+
+def _change_reason(
+    graph: MergeGraph,
+    node: str,
+    lock: Lock | None,
+    input_sha256: Mapping[str, str],
+    identities: Identities,
+) -> str:
+    """Why `node`'s tensors differ from the last build recorded in the lock."""
+    if lock is None:
+        return "first build (no lock file)"
+    locked = lock.nodes.get(node)
+    if locked is None:
+        return "new node"
+    reasons = []
+    expression = format_expression(graph.recipe.nodes[node].expr)
+    if locked.expression != expression:
+        reasons.append(describe_expression_change(locked.expression, expression))
+    for operand in graph.operands(node):
+        if operand in graph.recipe.inputs:
+            before = lock.inputs.get(operand)
+            if before is None or before.sha256 != input_sha256[operand]:
+                reasons.append(f"input {operand} content changed")
+        else:
+            before_node = lock.nodes.get(operand)
+            if before_node is None or before_node.key != identities.node_key(operand):
+                reasons.append(f"node {operand} changed")
+    if reasons:
+        return ", ".join(reasons)
+    if locked.key == identities.node_key(node):
+        return "not in cache"
+    return "sdrecipe's arithmetic changed"
+
+
+def describe_expression_change(before: str, after: str) -> str:
+    """`alpha changed 0.3 -> 0.4` where only numbers differ, else the two expressions."""
+    try:
+        changes = _number_changes(parse_expression(before), parse_expression(after))
+    except ExpressionError:
+        changes = None
+    if not changes:
+        return f"expression changed {before!r} -> {after!r}"
+    return ", ".join(changes)
+
+
+def _number_changes(before: Expr, after: Expr) -> list[str] | None:
+    """Parameter and factor changes between two same-shaped expressions, else None."""
+    if type(before) is not type(after):
+        return None
+    if isinstance(before, Ref):
+        return [] if before == after else None
+    if isinstance(before, Num):
+        return [] if before == after else [f"factor changed {before.value:g} -> {after.value:g}"]  # type: ignore[union-attr]
+    if isinstance(before, Neg):
+        return _number_changes(before.operand, after.operand)  # type: ignore[union-attr]
+    if isinstance(before, BinOp):
+        assert isinstance(after, BinOp)
+        if before.op != after.op:
+            return None
+        left = _number_changes(before.left, after.left)
+        right = _number_changes(before.right, after.right)
+        return None if left is None or right is None else left + right
+    assert isinstance(before, Call) and isinstance(after, Call)
+    if before.method != after.method or len(before.args) != len(after.args):
+        return None
+    changes: list[str] = []
+    for old, new in zip(before.args, after.args, strict=True):
+        sub = _number_changes(old, new)
+        if sub is None:
+            return None
+        changes += sub
+    old_params, new_params = dict(before.params), dict(after.params)
+    for name in sorted(old_params.keys() | new_params.keys()):
+        old_value, new_value = old_params.get(name), new_params.get(name)
+        if old_value != new_value:
+            changes.append(f"{name} changed {_show(old_value)} -> {_show(new_value)}")
+    return changes
+
+
+def _show(value: float | None) -> str:
+    return "default" if value is None else f"{value:g}"

@@ -1,0 +1,54 @@
+"""The no-op check: are the outputs current, decided from the lock and file stats alone.
+
+This path imports no torch and reads no model data, so an up-to-date build
+returns at once. Anything it cannot prove current goes to the full build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from sdrecipe.cache import Cache
+from sdrecipe.fingerprint import FileStat
+from sdrecipe.graph import build_graph
+from sdrecipe.lock import built_from, read_lock
+from sdrecipe.recipe import load_recipe
+
+
+def current_outputs(
+    recipe_path: Path, selected: Iterable[str] | None, cache: Cache
+) -> dict[str, Path] | None:
+    """The selected outputs and their paths if every one is provably current, else None."""
+    recipe = load_recipe(recipe_path)
+    graph = build_graph(recipe, selected)
+    lock = read_lock(recipe_path)
+    if lock is None:
+        return None
+    current = {}
+    for name in graph.outputs:
+        entry = lock.outputs.get(name)
+        if entry is None:
+            return None
+        shas = {}
+        for leaf in graph.inputs_of(recipe.outputs[name].node):
+            spec = recipe.inputs[leaf]
+            sha = _known_sha256(spec.path, cache)
+            if sha is None or (spec.sha256 and spec.sha256 != sha):
+                return None
+            shas[leaf] = sha
+        path = recipe.outputs[name].path
+        if built_from(recipe.text, shas) != entry.built_from:
+            return None
+        if _known_sha256(path, cache) != entry.sha256:
+            return None
+        current[name] = path
+    return current
+
+
+def _known_sha256(path: Path, cache: Cache) -> str | None:
+    try:
+        stat = FileStat.of(path)
+    except OSError:
+        return None
+    return cache.known_sha256(path, stat)
