@@ -237,7 +237,8 @@ def assess(
         wanted.update(values.values())
     for values in identities.outputs.values():
         wanted.update(values.values())
-    found = cache.lookup(wanted) if cache else {}
+    # --force recomputes everything: cached tensors are written, never read.
+    found = cache.lookup(wanted) if cache and not force else {}
     facts = {
         name: _output_facts(prepared, name, output_keys[name], lock, cache, force)
         for name in plan.outputs

@@ -352,7 +352,7 @@ def cache_info(cache_dir: Path, as_json: bool) -> None:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
-def _parse_size(value: str) -> int:
+def _parse_size(context: click.Context, parameter: click.Parameter, value: str) -> int:
     match = _SIZE.match(value)
     if not match:
         raise click.BadParameter(f"{value!r} is not a size such as 20GB, 500MB or 1024")
@@ -364,16 +364,19 @@ def _parse_size(value: str) -> int:
 @cache.command("gc")
 @_cache_dir_option
 @click.option(
-    "--max-size", default="20GB", show_default=True, help="Keep at most this much (e.g. 500MB)."
+    "--max-size",
+    default="20GB",
+    show_default=True,
+    callback=_parse_size,
+    help="Keep at most this much (e.g. 500MB, 2GiB).",
 )
 @_json_option
 @_reports_errors
-def cache_gc(cache_dir: Path, max_size: str, as_json: bool) -> None:
+def cache_gc(cache_dir: Path, max_size: int, as_json: bool) -> None:
     """Delete least recently used entries until the cache fits in --max-size."""
-    limit = _parse_size(max_size)
     store = _open_cache(cache_dir)
     with store.locked():
-        result = store.gc(limit)
+        result = store.gc(max_size)
     if as_json:
         _emit_json(result)
         return

@@ -54,7 +54,8 @@ def model_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
 
 
 def _random(key: str, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(zlib.crc32(key.encode()) ^ (seed << 32))
+    # torch's CPU generator uses only the low 32 bits of a seed: hash both into 32.
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
     return torch.randn(shape, generator=generator)
 
 

@@ -175,3 +175,11 @@ def test_pix2pix_channel_rule(tmp_path, models, arrays):
     assert out.shape == a.shape and a.shape[1] == 8
     np.testing.assert_array_equal(out[:, 4:], a[:, 4:])
     np.testing.assert_allclose(out[:, :4], 0.75 * a[:, :4] + 0.25 * b, rtol=1e-6)
+
+
+def test_fixture_models_really_differ(arrays):
+    key = "model.diffusion_model.middle_block.1.proj_in.weight"
+    values = {name: arrays[name][key] for name in ("base", "finetune", "other")}
+    assert not np.array_equal(values["base"], values["other"])
+    delta = as32(values["finetune"]) - as32(values["base"])
+    assert 0 < np.abs(delta).max() < 0.1, "a fine-tune is its base plus a small delta"

@@ -1,0 +1,236 @@
+"""Make-style rebuilds: every rule of the rebuild table, plan's reasons, verify, cache commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import run_cli, write_recipe
+from sdrecipe.synthetic import ModelSpec, write_model
+
+
+@pytest.fixture
+def project(tmp_path, models):
+    """A recipe with an intermediate (diff), two outputs, and an input only one output uses."""
+    (tmp_path / "D.safetensors").write_bytes(models["other"].read_bytes())
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs:
+          A: {models["inpainting"]}
+          B: {models["finetune"]}
+          C: {models["base"]}
+          D: D.safetensors
+        nodes:
+          diff: B - C
+          inpaint: A + 1.0 * diff
+          soft: "weighted_sum(D, B, alpha=0.3)"
+        outputs:
+          inpaint: out/inpaint.safetensors
+          soft: {{path: out/soft.safetensors, dtype: fp32}}
+        """,
+    )
+    return recipe
+
+
+def build(recipe, *args):
+    result = run_cli("build", "--json", *args, str(recipe))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def states(summary):
+    return {output["name"]: output["state"] for output in summary["outputs"]}
+
+
+def plan(recipe, *args):
+    result = run_cli("plan", "--json", *args, str(recipe))
+    assert result.returncode == 0, result.stderr
+    return {
+        node["node"]: (node["state"], node["reason"]) for node in json.loads(result.stdout)["nodes"]
+    }
+
+
+def edit(recipe, old, new):
+    recipe.write_text(recipe.read_text().replace(old, new))
+
+
+def test_first_build_writes_lock_and_second_is_a_no_op(project):
+    first = build(project)
+    assert first["cache"]["tensors_computed"] == 3 * 1130
+    lock = project.with_suffix(".lock")
+    assert lock.exists()
+    text = lock.read_text()
+    for word in ("sha256:", "inputs:", "nodes:", "outputs:", "torch:", "safetensors:", "sdrecipe:"):
+        assert word in text
+    before = {p: p.stat().st_mtime_ns for p in (project.parent / "out").iterdir()}
+    second = run_cli("build", str(project))
+    assert second.returncode == 0
+    assert second.stdout.count("up to date") == 2
+    assert before == {p: p.stat().st_mtime_ns for p in (project.parent / "out").iterdir()}
+
+
+def test_up_to_date_build_does_not_import_torch(project):
+    build(project)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from sdrecipe.cli import main\n"
+        f"main(['build', {str(project)!r}])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "up to date inpaint" in result.stdout
+
+
+def test_parameter_change_rebuilds_only_that_node_from_cached_intermediates(project):
+    build(project)
+    soft = project.parent / "out" / "soft.safetensors"
+    soft_before = soft.stat().st_mtime_ns
+    edit(project, "1.0 * diff", "0.5 * diff")
+    assert plan(project) == {
+        "diff": ("from cache", "cached"),
+        "inpaint": ("rebuild", "factor changed 1 -> 0.5"),
+        "soft": ("up to date", "output matches the lock"),
+    }
+    summary = build(project)
+    assert states(summary) == {"inpaint": "built", "soft": "up to date"}
+    assert summary["cache"]["tensors_computed"] == 1130, "only inpaint's tensors"
+    assert summary["cache"]["tensors_from_cache"] == 1130, "diff came from the cache"
+    assert soft.stat().st_mtime_ns == soft_before
+    out = load_file(project.parent / "out" / "inpaint.safetensors")
+    fresh = run_cli("build", "--no-cache", "--force", str(project))
+    assert fresh.returncode == 0
+    again = load_file(project.parent / "out" / "inpaint.safetensors")
+    for key in out:
+        np.testing.assert_array_equal(out[key], again[key])
+
+
+def test_method_parameter_change_is_named(project):
+    build(project)
+    edit(project, "alpha=0.3", "alpha=0.4")
+    assert plan(project)["soft"] == ("rebuild", "alpha changed 0.3 -> 0.4")
+
+
+def test_input_content_change_rebuilds_only_its_dependents(project):
+    build(project)
+    write_model(project.parent / "D.safetensors", ModelSpec(shrink=32, seed=99))
+    assert plan(project) == {
+        "diff": ("up to date", "cached"),
+        "inpaint": ("up to date", "output matches the lock"),
+        "soft": ("rebuild", "input D content changed"),
+    }
+    summary = build(project)
+    assert states(summary) == {"inpaint": "up to date", "soft": "built"}
+    assert summary["cache"]["tensors_computed"] == 1130
+
+
+def test_touched_input_is_rehashed_and_nothing_rebuilds(project, models):
+    build(project)
+    data = project.parent / "D.safetensors"
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
+    summary = build(project)
+    assert states(summary) == {"inpaint": "up to date", "soft": "up to date"}
+    assert summary["cache"]["tensors_computed"] == 0
+    assert run_cli("build", str(project)).stdout.count("up to date") == 2, "stat remembered again"
+
+
+def test_deleted_output_is_restored_from_cache_without_computation(project):
+    build(project)
+    output = project.parent / "out" / "soft.safetensors"
+    original = output.read_bytes()
+    output.unlink()
+    assert plan(project)["soft"] == ("from cache", "output missing")
+    summary = build(project)
+    assert states(summary)["soft"] == "restored from cache"
+    assert summary["cache"]["tensors_computed"] == 0
+    assert output.read_bytes() == original
+
+
+def test_force_rebuilds_everything_and_no_cache_leaves_the_cache_alone(project, isolated_cache):
+    build(project)
+    forced = build(project, "--force")
+    assert forced["cache"]["tensors_computed"] == 3 * 1130
+    assert set(states(forced).values()) == {"built"}
+    other_cache = project.parent / "unused-cache"
+    result = run_cli("build", "--no-cache", "--cache-dir", str(other_cache), str(project))
+    assert result.returncode == 0
+    assert not other_cache.exists()
+
+
+def test_cache_dir_option_and_environment(project, tmp_path):
+    chosen = tmp_path / "chosen"
+    build(project, "--cache-dir", str(chosen))
+    assert (chosen / "index.sqlite").exists()
+    info = run_cli("cache", "info", "--json", "--cache-dir", str(chosen))
+    data = json.loads(info.stdout)
+    assert data["objects"] == 1130 and data["packs"] == 2
+    assert data["last_build"]["tensors_computed"] == 3 * 1130
+
+
+def test_dry_run_changes_nothing(project):
+    result = run_cli("build", "--dry-run", str(project))
+    assert result.returncode == 0
+    assert "first build (no lock file)" in result.stdout
+    assert not (project.parent / "out").exists()
+    assert not project.with_suffix(".lock").exists()
+
+
+def test_verify_reports_reproducible_and_catches_a_wrong_lock(project):
+    build(project)
+    ok = run_cli("verify", str(project))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip().endswith("reproducible")
+    lock = project.with_suffix(".lock")
+    text = lock.read_text()
+    locked = text.split("soft:")[-1].split("sha256: ")[1][:64]
+    lock.write_text(text.replace(locked, "0" * 64))
+    bad = run_cli("verify", "--json", str(project))
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["reproducible"] is False
+    assert [o["name"] for o in report["outputs"] if not o["reproducible"]] == ["soft"]
+
+
+def test_verify_without_lock_is_an_error(project):
+    result = run_cli("verify", str(project))
+    assert result.returncode == 2
+    assert "no lock file" in result.stderr
+
+
+def test_output_bytes_do_not_depend_on_thread_count(project, tmp_path):
+    outputs = {}
+    for threads in ("1", "2", "3"):
+        assert (
+            run_cli("build", "--no-cache", "--force", "-j", threads, str(project)).returncode == 0
+        )
+        outputs[threads] = (project.parent / "out" / "inpaint.safetensors").read_bytes()
+    assert outputs["1"] == outputs["2"] == outputs["3"]
+
+
+def test_cache_gc_and_clear(project, isolated_cache):
+    build(project)
+    gc = run_cli("cache", "gc", "--max-size", "1MB", "--json")
+    assert gc.returncode == 0, gc.stderr
+    result = json.loads(gc.stdout)
+    assert result["removed"] > 0 and result["size"] <= 1_000_000
+    sizes = sum(p.stat().st_size for p in isolated_cache.rglob("*.safetensors"))
+    assert sizes <= 1_000_000
+    assert run_cli("cache", "clear").returncode == 0
+    info = json.loads(run_cli("cache", "info", "--json").stdout)
+    assert (info["objects"], info["packs"], info["tensors"]) == (0, 0, 0)
+    # With nothing cached, an alpha change must recompute diff as well.
+    edit(project, "1.0 * diff", "0.5 * diff")
+    summary = build(project)
+    assert summary["cache"]["tensors_computed"] == 2 * 1130
+
+
+def test_gc_rejects_a_bad_size():
+    result = run_cli("cache", "gc", "--max-size", "lots")
+    assert result.returncode == 2
+    assert "not a size" in result.stderr
