@@ -87,23 +87,20 @@ class Cache:
         try:
             for folder in (self.objects, self.packs):
                 folder.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(root / "index.sqlite", timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
+            # Switching to WAL can fail at once when two processes open a new
+            # index together, so opening is serialised by its own short lock.
+            with _file_lock(root / ".open.lock"):
+                self.db = sqlite3.connect(root / "index.sqlite", timeout=60, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise BuildError(f"cannot open the cache: {exc}", root) from None
         self._readers: dict[Path, SafetensorsReader] = {}
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the cache's exclusive lock (waits for another build to finish)."""
-        with open(self.root / ".lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return _file_lock(self.root / ".lock")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -333,6 +330,17 @@ class Cache:
         shutil.rmtree(self.packs, ignore_errors=True)
         self.objects.mkdir()
         self.packs.mkdir()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path`, held for the `with` block."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class ObjectWriter:

@@ -88,6 +88,12 @@ DEMO_MODELS = {
     "sd15-finetune.safetensors": ModelSpec(seed=1, delta_seed=2),
     "sd15-inpainting.safetensors": ModelSpec(variant="inpainting", seed=3),
 }
+# Models that only the other demo recipes use.
+EXTRA_DEMO_MODELS = {
+    "sd15-other-finetune.safetensors": ModelSpec(seed=1, delta_seed=4),
+    "sd15-noise-offset.safetensors": ModelSpec(seed=1, delta_seed=5),
+    "sd15-instruct-pix2pix.safetensors": ModelSpec(variant="instruct-pix2pix", seed=6),
+}
 
 
 def write_model_set(folder: Path, models: dict[str, ModelSpec], shrink: int) -> list[Path]:
@@ -102,13 +108,13 @@ def write_model_set(folder: Path, models: dict[str, ModelSpec], shrink: int) -> 
 
 
 def main() -> None:
-    """`python -m sdrecipe.synthetic demo FOLDER`: the demo's three small SD1.5 models."""
+    """`python -m sdrecipe.synthetic demo FOLDER`: the demo recipes' small SD1.5 models."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("set", choices=["demo"])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--shrink", type=int, default=8, help="divide widths by this")
     args = parser.parse_args()
-    for path in write_model_set(args.folder, DEMO_MODELS, args.shrink):
+    for path in write_model_set(args.folder, {**DEMO_MODELS, **EXTRA_DEMO_MODELS}, args.shrink):
         print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
 
 
