@@ -9,7 +9,6 @@ the cache and streams the rest into the outputs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from sdrecipe.cache import PACK, Cache, Location
 from sdrecipe.errors import RecipeError
 from sdrecipe.executor import CacheUse, Executor, KeyResult
-from sdrecipe.fingerprint import FileStat, Fingerprint, fingerprint_file
+from sdrecipe.fingerprint import FileStat, Fingerprint, fingerprint_file, sha256_of
 from sdrecipe.graph import MergeGraph, build_graph
 from sdrecipe.identity import Identities, tensor_identities
 from sdrecipe.io.atomic import temporary_path
@@ -199,11 +198,7 @@ def file_sha256(path: Path, cache: Cache | None) -> str:
     stat = FileStat.of(path)
     known = cache.known_sha256(path, stat) if cache else None
     if known is None:
-        digest = hashlib.sha256()
-        with open(path, "rb", buffering=0) as handle:
-            while block := handle.read(8 << 20):
-                digest.update(block)
-        known = digest.hexdigest()
+        known = sha256_of(path)
         if cache is not None:
             cache.remember_file(path, stat, known)
     return known
@@ -455,7 +450,7 @@ class _Builder:
             self._cache_output(name, digests[name])
 
     def _cache_output(self, name: str, digests: dict[str, str]) -> None:
-        """Hash the new output; link it into the cache as a pack."""
+        """Link the new output into the cache as a pack, with refs to its tensors."""
         output = self.prepared.recipe.outputs[name].path
         sha256 = self.sha256[name] = file_sha256(output, self.cache)
         if self.cache is None:

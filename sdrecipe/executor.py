@@ -4,16 +4,15 @@ Each key is one task. A task resolves where every value it needs comes from
 (an input, a verified cache entry, or computation), then walks the tensor in
 row ranges of at most `UNIT_ELEMENTS` elements, so memory stays a small
 multiple of that whatever the model size. Tasks run on a thread pool (torch
-and the hashes release the GIL) with a bounded number in flight; each writes
+and the hashes release the GIL); each writes
 its bytes straight to their final place in every output, and streams new
 intermediate values into cache objects, hashing everything in order.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
@@ -87,23 +86,24 @@ class Executor:
         self.output_nodes = {name: recipe.outputs[name].node for name in writers}
 
     def run(self, progress: Callable[[KeyResult], None]) -> None:
-        """Process every key; `progress` gets each finished key's result, in key order."""
+        """Process every key; `progress` gets each finished key's result, in key order.
+
+        Every key is queued at once: only running tasks hold tensors, and a
+        worker never waits for the caller to collect an earlier result.
+        """
         torch.set_num_threads(1)
+        key_plans = [
+            key_plan
+            for key_plan in self.plan.keys
+            if any(o in self.writers for o in (*key_plan.copies, *key_plan.computed_outputs))
+        ]
         with ThreadPoolExecutor(self.threads, thread_name_prefix="sdrecipe") as pool:
-            window: deque[Future[KeyResult]] = deque()
+            futures = [pool.submit(self.run_key, key_plan) for key_plan in key_plans]
             try:
-                for key_plan in self.plan.keys:
-                    if not any(
-                        o in self.writers for o in (*key_plan.copies, *key_plan.computed_outputs)
-                    ):
-                        continue
-                    window.append(pool.submit(self.run_key, key_plan))
-                    if len(window) >= 2 * self.threads:
-                        progress(window.popleft().result())
-                while window:
-                    progress(window.popleft().result())
+                for future in futures:
+                    progress(future.result())
             finally:
-                for future in window:
+                for future in futures:
                     future.cancel()
 
     def run_key(self, key_plan: KeyPlan) -> KeyResult:

@@ -8,6 +8,7 @@ keys on). Digests cover dtype and shape as well as the bytes.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,6 +52,21 @@ class Fingerprint:
         return self.sha256[:10]
 
 
+def sha256_of(path: Path) -> str:
+    """The sha256 of a whole file, read through a memory map (no copies)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return digest.hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mapped)
+            for start in range(0, len(view), _BLOCK):
+                digest.update(view[start : start + _BLOCK])
+            view.release()
+    return digest.hexdigest()
+
+
 def tensor_hasher(info: TensorInfo) -> blake3.blake3:
     """A blake3 hasher primed with the tensor's dtype and shape; feed it the data."""
     dtype = str(info.dtype).removeprefix("torch.")
@@ -70,38 +86,27 @@ def fingerprint_file(path: Path, spans: dict[str, tuple[int, int, TensorInfo]]) 
     """Read `path` once: sha256 of everything, and blake3 of each tensor's byte span.
 
     `spans` maps each key to its (start, end) absolute byte offsets and info; the
-    spans must not overlap.
+    spans must not overlap. The file is read through a memory map, block by
+    block, feeding both hashes from the same bytes.
     """
     sha256 = hashlib.sha256()
-    ordered = sorted(spans.items(), key=lambda item: item[1][0])
     digests: dict[str, str] = {}
-    index = 0
-    hasher = None
-    buffer = bytearray(_BLOCK)
-    view = memoryview(buffer)
-    position = 0
-    with open(path, "rb", buffering=0) as handle:
-        while count := handle.readinto(buffer):
-            block = view[:count]
-            sha256.update(block)
-            end = position + count
-            while index < len(ordered):
-                key, (start, stop, info) = ordered[index]
-                if start >= end and start != stop:
-                    break
-                if hasher is None:
-                    hasher = tensor_hasher(info)
-                low, high = max(start, position), min(stop, end)
-                if high > low:
-                    hasher.update(block[low - position : high - position])
-                if stop > end:
-                    break
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            mapped.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mapped)
+            position = 0
+            for key, (start, end, info) in sorted(spans.items(), key=lambda item: item[1][0]):
+                sha256.update(view[position:start])
+                hasher = tensor_hasher(info)
+                for block in range(start, end, _BLOCK):
+                    with view[block : min(end, block + _BLOCK)] as piece:
+                        sha256.update(piece)
+                        hasher.update(piece)
                 digests[key] = hasher.hexdigest()
-                hasher = None
-                index += 1
-            position = end
-        handle.seek(_LEGACY_OFFSET)
-        legacy = hashlib.sha256(handle.read(_LEGACY_LENGTH)).hexdigest()[:8]
-    for key, (_, _, info) in ordered[index:]:
-        digests[key] = tensor_digest(info, [])  # only zero-size tensors can be left
-    return Fingerprint(sha256=sha256.hexdigest(), legacy=legacy, tensors=digests)
+                position = end
+            sha256.update(view[position:size])
+            legacy = hashlib.sha256(view[_LEGACY_OFFSET : _LEGACY_OFFSET + _LEGACY_LENGTH])
+            view.release()
+    return Fingerprint(sha256=sha256.hexdigest(), legacy=legacy.hexdigest()[:8], tensors=digests)

@@ -16,6 +16,7 @@ from sdrecipe.arch import is_never_merged
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
+from sdrecipe.io.safetensors_writer import layout_order
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.recipe import Output
 
@@ -93,14 +94,16 @@ class BuildPlan:
 
 def make_plan(graph: MergeGraph, input_infos: dict[str, dict[str, TensorInfo]]) -> BuildPlan:
     """Decide every key of every selected output; raise RecipeError on shape conflicts."""
-    recipe = graph.recipe
     planner = _Planner(graph, input_infos)
+    tensors = {name: planner.output_tensors(name) for name in graph.outputs}
+    # Keys go in the first output's file layout, so each finished key extends
+    # the written prefix (and its running sha256); other outputs' keys follow.
     order: dict[str, None] = {}
-    for name in graph.outputs:
-        order.update(dict.fromkeys(input_infos[graph.base_input(recipe.outputs[name].node)]))
+    for output_tensors in tensors.values():
+        order.update(dict.fromkeys(layout_order(output_tensors)))
     keys = tuple(planner.plan_key(key) for key in order)
     planner.raise_conflicts()
-    outputs = {name: planner.output_plan(name) for name in graph.outputs}
+    outputs = {name: planner.output_plan(name, tensors[name]) for name in graph.outputs}
     return BuildPlan(graph=graph, keys=keys, outputs=outputs, input_infos=input_infos)
 
 
@@ -243,15 +246,19 @@ class _Planner:
             recipe.nodes[node].line,
         )
 
-    def output_plan(self, name: str) -> OutputPlan:
-        graph = self.graph
-        output = graph.recipe.outputs[name]
-        base = graph.base_input(output.node)
+    def output_tensors(self, name: str) -> dict[str, TensorInfo]:
+        """The tensors output `name` will hold: its base input's, in the output dtype."""
+        output = self.graph.recipe.outputs[name]
         target = NAME_TO_DTYPE[output.dtype] if output.dtype else None
         tensors = {}
-        for key, info in self.input_infos[base].items():
+        for key, info in self.input_infos[self.graph.base_input(output.node)].items():
             dtype = target if target is not None and info.is_floating else info.dtype
             tensors[key] = TensorInfo(dtype, info.shape)
+        return tensors
+
+    def output_plan(self, name: str, tensors: dict[str, TensorInfo]) -> OutputPlan:
+        graph = self.graph
+        output = graph.recipe.outputs[name]
         others = set()
         for leaf in graph.inputs_of(output.node):
             others.update(self.input_infos[leaf])

@@ -33,15 +33,17 @@ class Slot:
     offset: int
 
 
+def layout_order(tensors: dict[str, TensorInfo]) -> list[str]:
+    """The order tensors are stored in: wider dtypes first, so that every tensor
+    stays aligned to its item size; otherwise the given order."""
+    return sorted(tensors, key=lambda key: -tensors[key].dtype.itemsize)
+
+
 def encode_header(
     tensors: dict[str, TensorInfo], metadata: dict[str, str]
 ) -> tuple[bytes, dict[str, int]]:
-    """The header bytes (length prefix included) and each tensor's data offset.
-
-    Wider dtypes come first so that every tensor stays aligned to its item size;
-    otherwise the given order is kept.
-    """
-    order = sorted(tensors, key=lambda key: -tensors[key].dtype.itemsize)
+    """The header bytes (length prefix included) and each tensor's data offset."""
+    order = layout_order(tensors)
     entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     relative: dict[str, int] = {}
     position = 0
@@ -61,7 +63,10 @@ def encode_header(
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file through a temporary file; `commit()` publishes it."""
+    """Writes one safetensors file through a temporary file; `commit()` publishes it.
+
+    Tensors may be written in any order, from any thread.
+    """
 
     def __init__(
         self,
@@ -86,7 +91,6 @@ class SafetensorsWriter:
         except OSError as exc:
             raise BuildError(f"cannot create the output: {exc.strerror or exc}", path) from None
         try:
-            os.ftruncate(self._fd, self.size)
             self._write_at(header, 0)
         except BaseException:
             self.abort()

@@ -1,0 +1,66 @@
+"""The floor: a minimal hand-written streaming merge, A + (B - C), for comparison.
+
+No recipe, cache, hashing, checks or metadata: memory-mapped inputs, float32
+arithmetic per tensor, two threads, and positional writes into one output.
+Usage: python bench/floor.py A B C OUT
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64}
+
+
+def open_model(path: str) -> tuple[dict, mmap.mmap, int]:
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    header.pop("__metadata__", None)
+    return header, mapped, 8 + size
+
+
+def view(model: tuple[dict, mmap.mmap, int], key: str) -> torch.Tensor:
+    header, mapped, start = model
+    entry = header[key]
+    dtype = DTYPES[entry["dtype"]]
+    count = (entry["data_offsets"][1] - entry["data_offsets"][0]) // dtype.itemsize
+    flat = torch.frombuffer(
+        mapped, dtype=dtype, count=count, offset=start + entry["data_offsets"][0]
+    )
+    return flat.view(entry["shape"])
+
+
+def main(a: str, b: str, c: str, out: str) -> None:
+    torch.set_num_threads(1)
+    models = [open_model(path) for path in (a, b, c)]
+    header = models[0][0]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, struct.pack("<Q", len(text)) + text)
+    base = 8 + len(text)
+
+    def work(key: str) -> None:
+        left = view(models[0], key)
+        if left.dtype.is_floating_point and "position_ids" not in key:
+            result = view(models[1], key).float().sub_(view(models[2], key)).add_(left)
+            left = result.to(left.dtype)
+        data = left.contiguous().reshape(-1).view(torch.uint8).numpy()
+        os.pwrite(fd, data, base + header[key]["data_offsets"][0])
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(work, header))
+    os.close(fd)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
