@@ -1,8 +1,9 @@
-"""The floor: a minimal hand-written streaming merge, A + (B - C), for comparison.
+"""The floor: a minimal hand-written streaming merge, for comparison.
 
 No recipe, cache, hashing, checks or metadata: memory-mapped inputs, float32
 arithmetic per tensor, two threads, and positional writes into one output.
-Usage: python bench/floor.py A B C OUT
+Usage: python bench/floor.py add_difference A B C OUT
+       python bench/floor.py weighted_sum A B OUT ALPHA
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ def view(model: tuple[dict, mmap.mmap, int], key: str) -> torch.Tensor:
     return flat.view(entry["shape"])
 
 
-def main(a: str, b: str, c: str, out: str) -> None:
+def main(method: str, *args: str) -> None:
     torch.set_num_threads(1)
-    models = [open_model(path) for path in (a, b, c)]
+    if method == "add_difference":
+        paths, out, alpha = args[:3], args[3], 1.0
+    else:
+        paths, out, alpha = args[:2], args[2], float(args[3])
+    models = [open_model(path) for path in paths]
     header = models[0][0]
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
@@ -52,7 +57,10 @@ def main(a: str, b: str, c: str, out: str) -> None:
     def work(key: str) -> None:
         left = view(models[0], key)
         if left.dtype.is_floating_point and "position_ids" not in key:
-            result = view(models[1], key).float().sub_(view(models[2], key)).add_(left)
+            if len(models) == 3:
+                result = view(models[1], key).float().sub_(view(models[2], key)).add_(left)
+            else:
+                result = left.float().mul_(1 - alpha).add_(view(models[1], key).float().mul_(alpha))
             left = result.to(left.dtype)
         data = left.contiguous().reshape(-1).view(torch.uint8).numpy()
         os.pwrite(fd, data, base + header[key]["data_offsets"][0])
@@ -63,4 +71,4 @@ def main(a: str, b: str, c: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:])

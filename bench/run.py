@@ -1,0 +1,420 @@
+"""`make bench`: sdrecipe against its peers and the hardware floor, side by side.
+
+Everything runs in one session on the same files, round-robin over the tools
+(so slow phases of a noisy machine hit every tool alike), and BENCHMARKS.md is
+regenerated from the medians. Full-size synthetic checkpoints are made once in
+build/bench/ and reused. Each peer lives in its own virtualenv there, with
+torch==2.13.0 installed first and pinned; a peer that fails to install or run is
+reported with its error.
+
+Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=1 adds the SDXL scenario)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.report import write_report
+from sdrecipe.synthetic import ModelSpec, write_model_set
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "bench"
+BENCH = ROOT / "bench"
+PYTHON = sys.executable
+SDRECIPE = [PYTHON, "-m", "sdrecipe"]
+MODEL_SPEC_VERSION = 2  # bump when sdrecipe.synthetic's values change
+
+SD15_MODELS = {
+    "sd15-A.safetensors": ModelSpec(seed=11, delta_seed=21),
+    "sd15-B.safetensors": ModelSpec(seed=11, delta_seed=22),
+    "sd15-C.safetensors": ModelSpec(seed=11),
+    "sd15-D.safetensors": ModelSpec(seed=11, delta_seed=24),
+    "sd15-E.safetensors": ModelSpec(seed=11, delta_seed=25),
+}
+SDXL_MODELS = {
+    "sdxl-A.safetensors": ModelSpec(family="sdxl", seed=31, delta_seed=41),
+    "sdxl-B.safetensors": ModelSpec(family="sdxl", seed=31, delta_seed=42),
+    "sdxl-C.safetensors": ModelSpec(family="sdxl", seed=31),
+}
+PEERS = {
+    # name: (requirement, imports it needs but does not declare)
+    "sd-meh": ("sd-meh==0.9.5", ["safetensors", "tqdm", "scipy", "tensordict"]),
+    "sd-mecha": ("sd-mecha==1.1.8", []),
+    "mergekit": ("mergekit==0.1.5", []),
+}
+
+
+@dataclass
+class Run:
+    """One timed process: wall seconds and peak memory (kB) of its process tree."""
+
+    wall: float
+    peak_anon: int
+    peak_rss: int
+    error: str = ""
+
+
+@dataclass
+class Result:
+    """All rounds of one tool in one scenario."""
+
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def error(self) -> str:
+        return next((run.error for run in self.runs if run.error), "")
+
+    def median(self, attribute: str) -> float:
+        values = [getattr(run, attribute) for run in self.runs if not run.error]
+        return statistics.median(values) if values else float("nan")
+
+
+def _tree(pid: int) -> list[int]:
+    pids, index = [pid], 0
+    while index < len(pids):
+        try:
+            tasks = os.listdir(f"/proc/{pids[index]}/task")
+            for task in tasks:
+                with open(f"/proc/{pids[index]}/task/{task}/children") as handle:
+                    pids += [int(child) for child in handle.read().split()]
+        except OSError:
+            pass
+        index += 1
+    return pids
+
+
+def _memory(pids: list[int]) -> tuple[int, int]:
+    anon = rss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                for line in handle:
+                    if line.startswith("RssAnon:"):
+                        anon += int(line.split()[1])
+                    elif line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+        except OSError:
+            pass
+    return anon, rss
+
+
+def measure(command: list[str], log: Path, cwd: Path = WORK) -> Run:
+    """Run `command`, sampling its process tree's memory every 10 ms."""
+    with open(log, "w") as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+        peak = [0, 0]
+
+        def sample() -> None:
+            while process.poll() is None:
+                anon, rss = _memory(_tree(process.pid))
+                peak[0], peak[1] = max(peak[0], anon), max(peak[1], rss)
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = process.wait()
+        wall = time.perf_counter() - started
+        sampler.join()
+    error = ""
+    if code != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        error = f"exit {code}: " + " | ".join(line.strip()[:200] for line in tail)
+    return Run(wall, peak[0], peak[1], error)
+
+
+# --- setup ---------------------------------------------------------------------------
+
+
+def ensure_models(models: dict[str, ModelSpec]) -> None:
+    """Generate the full-size checkpoints once; regenerate if their spec changed."""
+    manifest = WORK / "models.json"
+    known = json.loads(manifest.read_text()) if manifest.exists() else {}
+    for name, spec in models.items():
+        wanted = f"{MODEL_SPEC_VERSION}:{spec}"
+        if known.get(name) != wanted or not (WORK / name).exists():
+            (WORK / name).unlink(missing_ok=True)
+            print(f"generating {name} (full size)", flush=True)
+            write_model_set(WORK, {name: spec}, shrink=1)
+            known[name] = wanted
+            manifest.write_text(json.dumps(known, indent=1))
+
+
+def ensure_peer(name: str) -> str:
+    """Create the peer's virtualenv if needed; return an install error, or ''."""
+    requirement, extras = PEERS[name]
+    venv = WORK / f"venv-{name}"
+    marker = venv / ".installed"
+    if marker.exists() and marker.read_text() == requirement:
+        return ""
+    constraints = WORK / "constraints.txt"
+    constraints.write_text("torch==2.13.0\n")
+    steps = [
+        [PYTHON, "-m", "venv", "--clear", str(venv)],
+        [str(venv / "bin" / "pip"), "install", "-q", "torch==2.13.0"],
+        [str(venv / "bin" / "pip"), "install", "-q", "-c", str(constraints), requirement, *extras],
+    ]
+    print(f"installing {requirement} into {venv.name}", flush=True)
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"install failed: {' '.join(step[-2:])}: {done.stderr.strip()[-300:]}"
+    marker.write_text(requirement)
+    return ""
+
+
+# --- the tools, as commands ------------------------------------------------------------
+
+
+def write_recipes() -> None:
+    recipes = {
+        "add_difference.yaml": """
+inputs: {A: sd15-A.safetensors, B: sd15-B.safetensors, C: sd15-C.safetensors}
+nodes: {merged: A + (B - C)}
+outputs: {merged: {path: out-sdrecipe.safetensors, dtype: fp16}}
+""",
+        "weighted_sum.yaml": """
+inputs: {A: sd15-A.safetensors, B: sd15-B.safetensors}
+nodes: {merged: "weighted_sum(A, B, alpha=0.3)"}
+outputs: {merged: {path: out-sdrecipe.safetensors, dtype: fp16}}
+""",
+        "five_inputs.yaml": """
+inputs:
+  A: sd15-A.safetensors
+  B: sd15-B.safetensors
+  C: sd15-C.safetensors
+  D: sd15-D.safetensors
+  E: sd15-E.safetensors
+nodes:
+  style: B - C
+  detail: D - E
+  merged: A + 0.5 * style + 0.5 * detail
+outputs: {merged: {path: out-five.safetensors, dtype: fp16}}
+""",
+        "sdxl.yaml": """
+inputs: {A: sdxl-A.safetensors, B: sdxl-B.safetensors, C: sdxl-C.safetensors}
+nodes: {merged: A + (B - C)}
+outputs: {merged: {path: out-sdxl.safetensors, dtype: fp16}}
+""",
+    }
+    for name, text in recipes.items():
+        (WORK / name).write_text(text.lstrip())
+    for method, weights in (("add_difference", (1.0, 1.0)), ("weighted_sum", (0.7, 0.3))):
+        a, b = weights
+        base = "\nbase_model: sd15-C.safetensors" if method == "add_difference" else ""
+        merge = "task_arithmetic" if method == "add_difference" else "linear"
+        (WORK / f"mergekit-{method}.yml").write_text(
+            f"merge_method: {merge}{base}\nmodels:\n"
+            f"  - model: sd15-A.safetensors\n    parameters: {{weight: {a}}}\n"
+            f"  - model: sd15-B.safetensors\n    parameters: {{weight: {b}}}\n"
+            "parameters: {normalize: false}\ndtype: float32\nout_dtype: float16\n"
+        )
+
+
+def tool_commands(method: str) -> dict[str, list[str]]:
+    """Each tool's command for `method` over the same SD1.5 inputs, fp16 output."""
+    models = ["sd15-A.safetensors", "sd15-B.safetensors"]
+    if method == "add_difference":
+        models.append("sd15-C.safetensors")
+        floor_args = [*models, "out-floor.safetensors"]
+        peer_args = models
+    else:
+        floor_args = [*models, "out-floor.safetensors", "0.3"]
+        peer_args = [*models, "0.3"]
+    venv = lambda name: str(WORK / f"venv-{name}" / "bin")  # noqa: E731
+    return {
+        "sdrecipe": [*SDRECIPE, "build", "--force", "--cache-dir", "cache", f"{method}.yaml"],
+        "floor (minimal loop)": [PYTHON, str(BENCH / "floor.py"), method, *floor_args],
+        "sd-meh": [
+            f"{venv('sd-meh')}/python",
+            str(BENCH / "peer_sd_meh.py"),
+            method,
+            "out-sd-meh.safetensors",
+            *peer_args,
+        ],
+        "sd-mecha": [
+            f"{venv('sd-mecha')}/python",
+            str(BENCH / "peer_sd_mecha.py"),
+            method,
+            "out-sd-mecha.safetensors",
+            *peer_args,
+        ],
+        "mergekit": [
+            f"{venv('mergekit')}/mergekit-pytorch",
+            f"mergekit-{method}.yml",
+            "out-mergekit",
+        ],
+    }
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+def side_by_side(
+    name: str, commands: dict[str, list[str]], rounds: int, skip: dict[str, str]
+) -> dict[str, Result]:
+    """Every tool once per round, in turn, on the same files."""
+    results = {tool: Result() for tool in commands}
+    for round_ in range(rounds):
+        for tool, command in commands.items():
+            if tool in skip:
+                continue
+            for output in WORK.glob("out-*"):
+                shutil.rmtree(output) if output.is_dir() else output.unlink()
+            run = measure(command, WORK / "logs" / f"{name}-{tool.split()[0]}-{round_}.log")
+            results[tool].runs.append(run)
+            status = run.error or f"{run.wall:.1f} s, {run.peak_anon / 1024:.0f} MB anon"
+            print(f"  {name} round {round_ + 1}: {tool}: {status}", flush=True)
+    for tool, reason in skip.items():
+        results[tool].runs.append(Run(float("nan"), 0, 0, reason))
+    return results
+
+
+def repeated(name: str, command: list[str], rounds: int, before: Callable[[], None]) -> Result:
+    result = Result()
+    for round_ in range(rounds):
+        before()
+        run = measure(command, WORK / "logs" / f"{name}-{round_}.log")
+        result.runs.append(run)
+        print(f"  {name} round {round_ + 1}: {run.error or f'{run.wall:.2f} s'}", flush=True)
+    return result
+
+
+def io_floor() -> dict[str, float]:
+    """Reading the three inputs from the page cache, and writing 2.1 GB."""
+    started = time.perf_counter()
+    for name in ("sd15-A.safetensors", "sd15-B.safetensors", "sd15-C.safetensors"):
+        subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
+    read = time.perf_counter() - started
+    size = (WORK / "sd15-A.safetensors").stat().st_size
+    started = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={WORK / 'out-dd.bin'}", "bs=8M", f"count={size >> 23}"],
+        check=True,
+        capture_output=True,
+    )
+    write = time.perf_counter() - started
+    (WORK / "out-dd.bin").unlink()
+    return {"read": read, "write": write}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rounds = args.rounds
+    sdxl = os.environ.get("BENCH_SDXL") == "1"
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "logs").mkdir(exist_ok=True)
+    ensure_models(SD15_MODELS | (SDXL_MODELS if sdxl else {}))
+    skip = {name: error for name in PEERS if (error := ensure_peer(name))}
+    write_recipes()
+    for name in SD15_MODELS:  # warm the page cache for every tool alike
+        subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
+    report: dict[str, object] = {"rounds": rounds}
+
+    # Fingerprint the inputs once, so "cold" builds below measure merging only.
+    shutil.rmtree(WORK / "cache", ignore_errors=True)
+    for recipe in ("add_difference.yaml", "weighted_sum.yaml", "five_inputs.yaml"):
+        subprocess.run(
+            [*SDRECIPE, "plan", "--cache-dir", "cache", recipe],
+            cwd=WORK,
+            check=True,
+            capture_output=True,
+        )
+
+    print("scenario 1: cold A + (B - C)", flush=True)
+    report["add_difference"] = side_by_side(
+        "add_difference", tool_commands("add_difference"), rounds, skip
+    )
+    report["io_floor"] = io_floor()
+    print("scenario 2: cold weighted_sum(A, B, alpha=0.3)", flush=True)
+    report["weighted_sum"] = side_by_side(
+        "weighted_sum", tool_commands("weighted_sum"), rounds, skip
+    )
+
+    print("scenario 3: five inputs, two named intermediates", flush=True)
+    five = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs.yaml"]
+    report["five_inputs"] = repeated("five_inputs", five, rounds, lambda: None)
+
+    print("scenario 4: no-op rebuild", flush=True)
+    noop = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
+    report["noop"] = repeated("noop", noop, rounds, lambda: None)
+
+    print("scenario 5: alpha change on the output, intermediates cached", flush=True)
+    recipe = WORK / "five_inputs.yaml"
+    factors = iter(["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"] * rounds)
+
+    def change_alpha() -> None:
+        text = recipe.read_text()
+        current = text.split("merged: A + ")[1].split(" ")[0]
+        recipe.write_text(text.replace(f"A + {current} * style", f"A + {next(factors)} * style"))
+
+    alpha = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
+    report["alpha_change"] = repeated("alpha_change", alpha, rounds, change_alpha)
+
+    print("scenario 6: first-time hashing of new inputs", flush=True)
+    first = [*SDRECIPE, "build", "--cache-dir", "cache-new", "add_difference.yaml"]
+    report["first_time"] = repeated(
+        "first_time", first, rounds, lambda: shutil.rmtree(WORK / "cache-new", ignore_errors=True)
+    )
+    fingerprint = [*SDRECIPE, "plan", "--cache-dir", "cache-new", "add_difference.yaml"]
+    report["fingerprint_only"] = repeated(
+        "fingerprint_only",
+        fingerprint,
+        rounds,
+        lambda: shutil.rmtree(WORK / "cache-new", ignore_errors=True),
+    )
+
+    print("start-up: sdrecipe --help", flush=True)
+    report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
+
+    if sdxl:
+        print("scenario 7: SDXL A + (B - C)", flush=True)
+        for name in SDXL_MODELS:
+            subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [*SDRECIPE, "plan", "--cache-dir", "cache", "sdxl.yaml"],
+            cwd=WORK,
+            check=True,
+            capture_output=True,
+        )
+        sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
+        report["sdxl"] = repeated("sdxl", sdxl_build, rounds, lambda: None)
+
+    write_report(ROOT / "BENCHMARKS.md", report, machine())
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    memory = next(line.split()[1] for line in meminfo if line.startswith("MemTotal"))
+    import torch
+
+    return {
+        "cores": str(len(os.sched_getaffinity(0))),
+        "memory": f"{int(memory) / 1024 / 1024:.1f} GiB",
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+if __name__ == "__main__":
+    main()
