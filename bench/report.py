@@ -67,7 +67,10 @@ def _targets(report: dict) -> list[str]:
     }
     beaten = all(not math.isnan(w) and w > ours for w in peers.values())
     anon3 = first["sdrecipe"].median("peak_anon")
-    anon5 = report["five_inputs"].median("peak_anon")
+    anon5 = max(
+        report["five_inputs"].median("peak_anon"),
+        report["five_inputs_uncached"].median("peak_anon"),
+    )
     noop = report["noop"].median("wall")
     help_ = report["help"].median("wall")
     rows = [

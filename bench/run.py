@@ -203,6 +203,19 @@ nodes:
   merged: A + 0.5 * style + 0.5 * detail
 outputs: {merged: {path: out-five.safetensors, dtype: fp16}}
 """,
+        "five_inputs_uncached.yaml": """
+inputs:
+  A: sd15-A.safetensors
+  B: sd15-B.safetensors
+  C: sd15-C.safetensors
+  D: sd15-D.safetensors
+  E: sd15-E.safetensors
+nodes:
+  style: {expression: B - C, cache: false}
+  detail: {expression: D - E, cache: false}
+  merged: A + 0.5 * style + 0.5 * detail
+outputs: {merged: {path: out-five-uncached.safetensors, dtype: fp16}}
+""",
         "sdxl.yaml": """
 inputs: {A: sdxl-A.safetensors, B: sdxl-B.safetensors, C: sdxl-C.safetensors}
 nodes: {merged: A + (B - C)}
@@ -327,7 +340,12 @@ def main() -> None:
 
     # Fingerprint the inputs once, so "cold" builds below measure merging only.
     shutil.rmtree(WORK / "cache", ignore_errors=True)
-    for recipe in ("add_difference.yaml", "weighted_sum.yaml", "five_inputs.yaml"):
+    for recipe in (
+        "add_difference.yaml",
+        "weighted_sum.yaml",
+        "five_inputs.yaml",
+        "five_inputs_uncached.yaml",
+    ):
         subprocess.run(
             [*SDRECIPE, "plan", "--cache-dir", "cache", recipe],
             cwd=WORK,
@@ -348,6 +366,10 @@ def main() -> None:
     print("scenario 3: five inputs, two named intermediates", flush=True)
     five = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs.yaml"]
     report["five_inputs"] = repeated("five_inputs", five, rounds, lambda: None)
+    uncached = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs_uncached.yaml"]
+    report["five_inputs_uncached"] = repeated(
+        "five_inputs_uncached", uncached, rounds, lambda: None
+    )
 
     print("scenario 4: no-op rebuild", flush=True)
     noop = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]

@@ -406,9 +406,13 @@ class _Builder:
         assessment = self.assessment
         cache_use = None
         if self.cache is not None:
-            # Intermediates are stored as objects; outputs are cached whole, as packs.
+            # Intermediates are stored as objects (unless `cache: false`); outputs
+            # are cached whole, as packs.
+            nodes = self.prepared.recipe.nodes
             stored = frozenset(
-                node for node in plan.graph.order if plan.graph.dag.out_degree(node) > 0
+                node
+                for node in plan.graph.order
+                if plan.graph.dag.out_degree(node) > 0 and nodes[node].cache
             )
             cache_use = CacheUse(self.cache, assessment.identities, assessment.found, stored)
         with ExitStack() as cleanup:

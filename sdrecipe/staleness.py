@@ -83,6 +83,8 @@ def node_statuses(
             state, reason = (UP_TO_DATE, "cached") if all_cached else (NOT_NEEDED, "")
         elif all_cached:
             state, reason = FROM_CACHE, "cached"
+        elif not graph.recipe.nodes[node].cache:
+            state, reason = REBUILD, "recomputed (cache: false)"
         else:
             state = REBUILD
             reason = _change_reason(graph, node, lock, input_sha256, identities)

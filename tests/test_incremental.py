@@ -234,3 +234,35 @@ def test_gc_rejects_a_bad_size():
     result = run_cli("cache", "gc", "--max-size", "lots")
     assert result.returncode == 2
     assert "not a size" in result.stderr
+
+
+def test_cache_false_keeps_an_intermediate_out_of_the_cache(project, isolated_cache):
+    edit(project, "  diff: B - C", "  diff: {expression: B - C, cache: false}")
+    build(project)
+    info = json.loads(run_cli("cache", "info", "--json").stdout)
+    assert info["objects"] == 0
+    edit(project, "1.0 * diff", "0.5 * diff")
+    assert plan(project)["diff"] == ("rebuild", "recomputed (cache: false)")
+    summary = build(project)
+    assert summary["cache"]["tensors_computed"] == 2 * 1130
+    reference = load_file(project.parent / "out" / "inpaint.safetensors")
+    edit(project, "  diff: {expression: B - C, cache: false}", "  diff: B - C")
+    build(project, "--force")
+    again = load_file(project.parent / "out" / "inpaint.safetensors")
+    for key in reference:
+        np.testing.assert_array_equal(reference[key], again[key])
+
+
+def test_node_mapping_needs_exactly_one_form(tmp_path, models):
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["base"]}}}
+        nodes:
+          x: {{expression: A, method: weighted_sum, models: [A, A]}}
+        outputs: {{x: out.safetensors}}
+        """,
+    )
+    result = run_cli("validate", str(recipe))
+    assert result.returncode == 2
+    assert "recipe.yaml:3: nodes.x: give either `expression`" in result.stderr

@@ -20,7 +20,7 @@ from sdrecipe.recipe.expr import (
     references,
 )
 from sdrecipe.recipe.model import Input, Node, Output, Recipe
-from sdrecipe.recipe.schema import InputEntry, MethodNodeEntry, OutputEntry, RecipeDocument
+from sdrecipe.recipe.schema import InputEntry, NodeEntry, OutputEntry, RecipeDocument
 from sdrecipe.recipe.yaml_source import YamlDocument, load_yaml
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -87,7 +87,7 @@ def parse_recipe(text: str, path: Path) -> Recipe:
 
 def _schema_error(exc: pydantic.ValidationError, document: YamlDocument, path: Path) -> RecipeError:
     error = _relevant_error(exc.errors(), document)
-    location = tuple(part for part in error["loc"] if part not in _UNION_BRANCHES)
+    location = tuple(part for part in error["loc"] if not _is_union_branch(part))
     where = ".".join(str(part) for part in location) or "recipe"
     if error["type"] == "extra_forbidden":
         message = f"unknown field {where!r}"
@@ -96,21 +96,23 @@ def _schema_error(exc: pydantic.ValidationError, document: YamlDocument, path: P
     elif error["loc"][-1] == "str":
         message = f"{where} must be a string or a mapping (got {error['input']!r})"
     else:
-        message = f"{where}: {error['msg']}"
+        message = f"{where}: {error['msg'].removeprefix('Value error, ')}"
         if not isinstance(error["input"], dict | list):
             message += f" (got {error['input']!r})"
     return RecipeError(message, path, document.line_of(location))
 
 
-# pydantic names the branch of a `str | Entry` union it tried in an error's location.
-_UNION_BRANCHES = {"str", "InputEntry", "MethodNodeEntry", "OutputEntry"}
+def _is_union_branch(part: str | int) -> bool:
+    """pydantic names the branch of a `str | ...Entry` union it tried in an error's
+    location, e.g. `str`, `InputEntry` or `function-after[_one_form(), NodeEntry]`."""
+    return isinstance(part, str) and (part == "str" or "Entry" in part)
 
 
 def _relevant_error(errors: list, document: YamlDocument) -> dict:
     """Of the errors of a `str | Entry` union, keep the branch that matches the YAML value."""
     for error in errors:
         location = error["loc"]
-        branch = next((i for i, part in enumerate(location) if part in _UNION_BRANCHES), None)
+        branch = next((i for i, part in enumerate(location) if _is_union_branch(part)), None)
         if branch is None:
             return error
         value = document.data
@@ -144,16 +146,18 @@ def _make_input(
     return Input(name=name, path=resolved, sha256=sha256, line=line)
 
 
-def _make_node(name: str, entry: str | MethodNodeEntry, document: YamlDocument, path: Path) -> Node:
+def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: Path) -> Node:
     line = document.line_of(("nodes", name))
-    if isinstance(entry, str):
+    source = entry if isinstance(entry, str) else entry.expression
+    if source is not None:
         try:
-            expr = parse_expression(entry)
+            expr = parse_expression(source)
         except ExpressionError as exc:
             raise RecipeError(
-                f"node {name!r}: {exc.message} at column {exc.column} of {entry!r}", path, line
+                f"node {name!r}: {exc.message} at column {exc.column} of {source!r}", path, line
             ) from None
     else:
+        assert isinstance(entry, NodeEntry) and entry.method and entry.models
         try:
             args = tuple(parse_expression(model) for model in entry.models)
         except ExpressionError as exc:
@@ -171,7 +175,8 @@ def _make_node(name: str, entry: str | MethodNodeEntry, document: YamlDocument, 
         expr = _check_calls(expr)
     except ValueError as exc:
         raise RecipeError(f"node {name!r}: {exc}", path, line) from None
-    return Node(name=name, expr=expr, line=line)
+    cache = entry.cache if isinstance(entry, NodeEntry) else True
+    return Node(name=name, expr=expr, line=line, cache=cache)
 
 
 def _check_calls(expr: Expr) -> Expr:

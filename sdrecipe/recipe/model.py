@@ -20,11 +20,16 @@ class Input:
 
 @dataclass(frozen=True)
 class Node:
-    """A named merge expression over inputs and other nodes."""
+    """A named merge expression over inputs and other nodes.
+
+    `cache` False keeps the node's values out of the cache: they are recomputed
+    whenever a node that uses them is rebuilt.
+    """
 
     name: str
     expr: Expr
     line: int | None
+    cache: bool = True
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTYPE_ALIASES = {
     "float16": "float16",
@@ -31,17 +31,30 @@ class InputEntry(_Strict):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
 
-class MethodNodeEntry(BaseModel):
-    """Long form of a node: a method, its models, and its parameters as extra keys."""
+class NodeEntry(BaseModel):
+    """Mapping form of a node: `expression`, or `method` with `models` and the
+    method's parameters as extra keys; plus node options."""
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
 
-    method: str = Field(min_length=1)
-    models: list[str] = Field(min_length=1)
+    expression: str | None = Field(default=None, min_length=1)
+    method: str | None = Field(default=None, min_length=1)
+    models: list[str] | None = Field(default=None, min_length=1)
+    cache: bool = True
+
+    @model_validator(mode="after")
+    def _one_form(self) -> NodeEntry:
+        if (self.expression is None) == (self.method is None):
+            raise ValueError("give either `expression`, or `method` with `models`")
+        if self.method is not None and self.models is None:
+            raise ValueError("`method` needs `models`")
+        if self.expression is not None and (self.models is not None or self.model_extra):
+            raise ValueError("an `expression` node takes no `models` or parameters")
+        return self
 
     @property
     def parameters(self) -> dict[str, Any]:
-        """The method parameters: every key but `method` and `models`."""
+        """The method parameters: every key that is not a field."""
         return dict(self.model_extra or {})
 
 
@@ -64,5 +77,5 @@ class RecipeDocument(_Strict):
 
     version: Literal[1] = 1
     inputs: dict[str, str | InputEntry] = Field(min_length=1)
-    nodes: dict[str, str | MethodNodeEntry] = Field(min_length=1)
+    nodes: dict[str, str | NodeEntry] = Field(min_length=1)
     outputs: dict[str, str | OutputEntry] = Field(min_length=1)
