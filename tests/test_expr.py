@@ -62,6 +62,8 @@ def test_subtraction_is_left_associative():
         ("f(alpha=1, A)", "follows a keyword"),
         ("f(1)", "positional arguments"),
         ("f(A, alpha=1, alpha=2)", "given twice"),
+        ("A()", "needs at least one model"),
+        ("weighted_sum(alpha=0.5)", "needs at least one model"),
         ("1e999 * A", "out of range"),
     ],
 )

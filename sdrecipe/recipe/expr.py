@@ -243,7 +243,9 @@ class _Parser:
                 raise ExpressionError(
                     f"expected ',' or ')', found {self._describe()}", self.current.column
                 )
-        self.expect(")")
+        closing = self.expect(")")
+        if not args:
+            raise ExpressionError(f"{name.text}() needs at least one model", closing.column)
         return Call(name.text, tuple(args), tuple(params.items()))
 
 
