@@ -284,8 +284,7 @@ def side_by_side(
         for tool, command in commands.items():
             if tool in skip:
                 continue
-            for output in WORK.glob("out-*"):
-                shutil.rmtree(output) if output.is_dir() else output.unlink()
+            remove_outputs()
             run = measure(command, WORK / "logs" / f"{name}-{tool.split()[0]}-{round_}.log")
             results[tool].runs.append(run)
             status = run.error or f"{run.wall:.1f} s, {run.peak_anon / 1024:.0f} MB anon"
@@ -303,6 +302,24 @@ def repeated(name: str, command: list[str], rounds: int, before: Callable[[], No
         result.runs.append(run)
         print(f"  {name} round {round_ + 1}: {run.error or f'{run.wall:.2f} s'}", flush=True)
     return result
+
+
+def remove_outputs() -> None:
+    """Delete every tool's output (between rounds, so each run writes a new file)."""
+    for output in WORK.glob("out-*"):
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+
+
+def free_cache() -> None:
+    """Drop cached tensors and outputs but keep the inputs' fingerprints: cached
+    outputs are hard links, and a few full-size ones fill a disk."""
+    remove_outputs()
+    subprocess.run(
+        [*SDRECIPE, "cache", "gc", "--max-size", "0", "--cache-dir", "cache"],
+        cwd=WORK,
+        check=True,
+        capture_output=True,
+    )
 
 
 def io_floor() -> dict[str, float]:
@@ -358,10 +375,12 @@ def main() -> None:
         "add_difference", tool_commands("add_difference"), rounds, skip
     )
     report["io_floor"] = io_floor()
+    free_cache()
     print("scenario 2: cold weighted_sum(A, B, alpha=0.3)", flush=True)
     report["weighted_sum"] = side_by_side(
         "weighted_sum", tool_commands("weighted_sum"), rounds, skip
     )
+    free_cache()
 
     print("scenario 3: five inputs, two named intermediates", flush=True)
     five = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs.yaml"]
@@ -387,18 +406,19 @@ def main() -> None:
     alpha = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
     report["alpha_change"] = repeated("alpha_change", alpha, rounds, change_alpha)
 
+    free_cache()
+
     print("scenario 6: first-time hashing of new inputs", flush=True)
+
+    def forget_inputs() -> None:
+        remove_outputs()
+        shutil.rmtree(WORK / "cache-new", ignore_errors=True)
+
     first = [*SDRECIPE, "build", "--cache-dir", "cache-new", "add_difference.yaml"]
-    report["first_time"] = repeated(
-        "first_time", first, rounds, lambda: shutil.rmtree(WORK / "cache-new", ignore_errors=True)
-    )
+    report["first_time"] = repeated("first_time", first, rounds, forget_inputs)
     fingerprint = [*SDRECIPE, "plan", "--cache-dir", "cache-new", "add_difference.yaml"]
-    report["fingerprint_only"] = repeated(
-        "fingerprint_only",
-        fingerprint,
-        rounds,
-        lambda: shutil.rmtree(WORK / "cache-new", ignore_errors=True),
-    )
+    report["fingerprint_only"] = repeated("fingerprint_only", fingerprint, rounds, forget_inputs)
+    forget_inputs()
 
     print("start-up: sdrecipe --help", flush=True)
     report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
@@ -414,7 +434,8 @@ def main() -> None:
             capture_output=True,
         )
         sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
-        report["sdxl"] = repeated("sdxl", sdxl_build, rounds, lambda: None)
+        report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
+        free_cache()
 
     write_report(ROOT / "BENCHMARKS.md", report, machine())
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")

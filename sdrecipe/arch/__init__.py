@@ -18,6 +18,23 @@ VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"
 
 LAYOUT_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 
+# Old SD1 checkpoints name the CLIP text model without `text_model.`.
+LEGACY_KEY_PREFIXES = {
+    "cond_stage_model.transformer.embeddings.": "cond_stage_model.transformer.text_model.embeddings.",
+    "cond_stage_model.transformer.encoder.": "cond_stage_model.transformer.text_model.encoder.",
+    "cond_stage_model.transformer.final_layer_norm.": (
+        "cond_stage_model.transformer.text_model.final_layer_norm."
+    ),
+}
+
+
+def normalise_key(key: str) -> str:
+    """The current name of a key that old checkpoints spell differently."""
+    for old, new in LEGACY_KEY_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
 
 def is_never_merged(key: str) -> bool:
     """True for keys that always keep the base model's value."""
