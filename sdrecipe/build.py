@@ -14,20 +14,21 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdrecipe.arch.detect import Architecture, detect
 from sdrecipe.cache import PACK, Cache, Location
 from sdrecipe.errors import RecipeError
 from sdrecipe.executor import CacheUse, Executor, KeyResult
-from sdrecipe.fingerprint import FileStat, Fingerprint, fingerprint_file, sha256_of
+from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.graph import MergeGraph, build_graph
 from sdrecipe.identity import Identities, tensor_identities
 from sdrecipe.io.atomic import temporary_path
-from sdrecipe.io.safetensors_reader import SafetensorsReader
+from sdrecipe.io.readers import ModelReader, open_model
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.lock import (
     Lock,
@@ -61,8 +62,9 @@ class Prepared:
 
     recipe: Recipe
     graph: MergeGraph
-    readers: dict[str, SafetensorsReader]
+    readers: dict[str, ModelReader]
     plan: BuildPlan
+    architectures: dict[str, Architecture]
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def default_threads() -> int:
 # --- prepare: everything that needs only headers -------------------------------------
 
 
-def open_inputs(graph: MergeGraph) -> dict[str, SafetensorsReader]:
+def open_inputs(graph: MergeGraph) -> dict[str, ModelReader]:
     """Open (headers only) every input the selected outputs depend on."""
     recipe = graph.recipe
     needed: dict[str, None] = {}
@@ -130,23 +132,55 @@ def open_inputs(graph: MergeGraph) -> dict[str, SafetensorsReader]:
     readers = {}
     for name in needed:
         spec = recipe.inputs[name]
-        if not spec.path.is_file():
-            problem = "is a folder" if spec.path.is_dir() else "does not exist"
-            raise RecipeError(f"input {name!r}: {spec.path} {problem}", recipe.path, spec.line)
+        if not spec.path.exists():
+            raise RecipeError(f"input {name!r}: {spec.path} does not exist", recipe.path, spec.line)
         try:
-            readers[name] = SafetensorsReader(spec.path)
+            readers[name] = open_model(spec.path)
         except RecipeError as exc:
             raise RecipeError(f"input {name!r}: {exc}", recipe.path, spec.line) from None
     return readers
 
 
-def prepare(recipe_path: Path, selected: Iterable[str] | None = None) -> Prepared:
-    """Load and check everything a build needs, without reading tensor data."""
+def prepare(
+    recipe_path: Path, selected: Iterable[str] | None = None, force: bool = False
+) -> Prepared:
+    """Load and check everything a build needs, without reading tensor data.
+
+    Operands of different architectures are refused unless `force` (or the
+    node's `force: true`) says the per-key merge is meant.
+    """
     recipe = load_recipe(recipe_path)
     graph = build_graph(recipe, selected)
     readers = open_inputs(graph)
+    architectures = {name: detect(r.infos(), r.metadata) for name, r in readers.items()}
+    if not force:
+        check_architectures(graph, architectures)
     plan = make_plan(graph, {name: reader.infos() for name, reader in readers.items()})
-    return Prepared(recipe=recipe, graph=graph, readers=readers, plan=plan)
+    return Prepared(recipe, graph, readers, plan, architectures)
+
+
+def check_architectures(graph: MergeGraph, architectures: Mapping[str, Architecture]) -> None:
+    """Refuse a node whose inputs are of different known families."""
+    recipe = graph.recipe
+    for node in graph.order:
+        if recipe.nodes[node].force:
+            continue
+        families = {
+            leaf: architectures[leaf].family
+            for leaf in graph.inputs_of(node)
+            if architectures[leaf].family != "unknown"
+        }
+        if len(set(families.values())) > 1:
+            described = ", ".join(
+                f"{leaf} is {architectures[leaf].describe()}" for leaf in families
+            )
+            raise RecipeError(
+                f"node {node!r} mixes architectures ({described}); a per-key merge of "
+                "different architectures gives a broken model. If you mean it, set "
+                "`force: true` on the node or build with --force",
+                recipe.path,
+                recipe.nodes[node].line,
+            )
 
 
 # --- assess: fingerprints, identities, and what is stale -----------------------------
@@ -170,7 +204,7 @@ def fingerprint_inputs(
         advance = progress("hashing", sum(stats[name].size for name in missing))
 
         def take(name: str) -> Fingerprint:
-            result = fingerprint_file(recipe.inputs[name].path, prepared.readers[name].spans())
+            result = prepared.readers[name].fingerprint()
             advance(stats[name].size)
             return result
 
@@ -323,7 +357,7 @@ def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) ->
         graph = build_graph(elsewhere, names)
         readers = open_inputs(graph)
         plan = make_plan(graph, {name: reader.infos() for name, reader in readers.items()})
-        prepared = Prepared(elsewhere, graph, readers, plan)
+        prepared = Prepared(elsewhere, graph, readers, plan, {})
         build(prepared, threads, cache=None, force=True, progress=progress, update_lock=False)
         return [
             VerifyResult(name, lock.outputs[name].sha256, file_sha256(moved[name].path, None))

@@ -124,7 +124,11 @@ def main() -> None:
 @_threads_option
 @_cache_dir_option
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
-@click.option("--force", is_flag=True, help="Rebuild everything, even what is up to date.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rebuild everything, even what is up to date, and allow merging different architectures.",
+)
 @click.option("--dry-run", is_flag=True, help="Only show what would be done (as `plan`).")
 @_json_option
 @_reports_errors
@@ -153,7 +157,7 @@ def build(
     from sdrecipe.build import build as run_build
     from sdrecipe.build import default_threads, prepare
 
-    prepared = prepare(recipe, outputs or None)
+    prepared = prepare(recipe, outputs or None, force)
     summary = run_build(
         prepared,
         threads or default_threads(),
@@ -239,7 +243,7 @@ def _show_plan(
 ) -> None:
     from sdrecipe.build import assess, default_threads, prepare
 
-    prepared = prepare(recipe, outputs or None)
+    prepared = prepare(recipe, outputs or None, force)
     cache = None if no_cache else _open_cache(cache_dir)
     with cache.locked() if cache else contextlib.nullcontext():
         assessment = assess(prepared, cache, threads or default_threads(), force)
@@ -299,6 +303,9 @@ def validate(recipe: Path, as_json: bool) -> None:
     report = {
         "recipe": str(recipe),
         "inputs": {name: str(i.path) for name, i in prepared.recipe.inputs.items()},
+        "architectures": {
+            name: architecture.describe() for name, architecture in prepared.architectures.items()
+        },
         "order": list(prepared.graph.order),
         "outputs": {
             name: {
@@ -314,11 +321,53 @@ def validate(recipe: Path, as_json: bool) -> None:
         _emit_json({"valid": True, **report})
         return
     click.echo(f"{recipe}: valid")
+    for name, described in report["architectures"].items():
+        click.echo(f"  input {name}: {described}")
     click.echo(f"  nodes in order: {', '.join(prepared.graph.order)}")
     for name, info in report["outputs"].items():
         click.echo(
             f"  {name} -> {info['path']}: {info['keys']} keys, {info['bytes'] / 1e6:,.1f} MB"
         )
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@_cache_dir_option
+@click.option("--no-cache", is_flag=True, help="Hash the file without remembering it.")
+@_json_option
+@_reports_errors
+def inspect(model: Path, cache_dir: Path, no_cache: bool, as_json: bool) -> None:
+    """Show what MODEL is: format, architecture, components, dtypes, hashes, lineage."""
+    from sdrecipe.inspect import inspect_model
+
+    report = inspect_model(model, None if no_cache else _open_cache(cache_dir))
+    if as_json:
+        _emit_json(report)
+        return
+    kind = (
+        report["family"]
+        if report["variant"] == "normal"
+        else (f"{report['family']} {report['variant']}")
+    )
+    click.echo(f"{model}: {report['format']}, {kind}{', with EMA' if report['ema'] else ''}")
+    if report["family"] == "unknown":
+        click.echo(f"  key prefixes: {', '.join(report['key_prefixes'])}")
+    click.echo(
+        f"  {report['keys']} keys, {report['parameters']:,} parameters, "
+        f"{report['size'] / 1e6:,.1f} MB, dtypes "
+        + ", ".join(f"{code} {count}" for code, count in report["dtypes"].items())
+    )
+    for name, counts in report["components"].items():
+        click.echo(f"  {name:15} {counts['keys']:5} keys {counts['parameters']:>15,} parameters")
+    click.echo(
+        f"  sha256 {report['sha256']}  AutoV2 {report['autov2']}  AutoV1 {report['legacy_hash']}"
+    )
+    lineage = report["lineage"]
+    if "sdrecipe" in lineage:
+        own = lineage["sdrecipe"]
+        click.echo(f"  made by sdrecipe {own['version']}: {own['node']} = {own['expression']}")
+    if "sd_merge_models" in lineage:
+        click.echo("  merged from: " + ", ".join(sorted(set(lineage["sd_merge_models"].values()))))
 
 
 @main.group()

@@ -22,6 +22,7 @@ from sdrecipe.cache import Cache, CorruptEntry, Location, ObjectWriter
 from sdrecipe.evaluate import evaluate
 from sdrecipe.fingerprint import tensor_hasher
 from sdrecipe.identity import Identities
+from sdrecipe.io.readers import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
@@ -75,7 +76,7 @@ class Executor:
     def __init__(
         self,
         plan: BuildPlan,
-        readers: Mapping[str, SafetensorsReader],
+        readers: Mapping[str, ModelReader],
         writers: Mapping[str, SafetensorsWriter],
         threads: int,
         cache_use: CacheUse | None = None,

@@ -67,6 +67,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def legacy_hash_of(path: Path) -> str:
+    """The WebUI's old AutoV1 hash: sha256 of the 64 KiB at 1 MiB, first 8 hex digits."""
+    with open(path, "rb") as handle:
+        handle.seek(_LEGACY_OFFSET)
+        return hashlib.sha256(handle.read(_LEGACY_LENGTH)).hexdigest()[:8]
+
+
 def tensor_hasher(info: TensorInfo) -> blake3.blake3:
     """A blake3 hasher primed with the tensor's dtype and shape; feed it the data."""
     dtype = str(info.dtype).removeprefix("torch.")
@@ -107,6 +114,5 @@ def fingerprint_file(path: Path, spans: dict[str, tuple[int, int, TensorInfo]]) 
                 digests[key] = hasher.hexdigest()
                 position = end
             sha256.update(view[position:size])
-            legacy = hashlib.sha256(view[_LEGACY_OFFSET : _LEGACY_OFFSET + _LEGACY_LENGTH])
             view.release()
-    return Fingerprint(sha256=sha256.hexdigest(), legacy=legacy.hexdigest()[:8], tensors=digests)
+    return Fingerprint(sha256=sha256.hexdigest(), legacy=legacy_hash_of(path), tensors=digests)

@@ -18,13 +18,27 @@ VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"
 
 LAYOUT_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 
+# The component each key prefix belongs to, most specific first.
+COMPONENT_PREFIXES = (
+    ("model.diffusion_model.", "unet"),
+    ("first_stage_model.", "vae"),
+    ("cond_stage_model.", "text_encoder"),
+    ("conditioner.embedders.0.", "text_encoder"),
+    ("conditioner.embedders.1.", "text_encoder_2"),
+    ("model_ema.", "ema"),
+)
+
+
+def component_of(key: str) -> str:
+    """`unet`, `vae`, `text_encoder`, `text_encoder_2`, `ema` or `other`."""
+    return next((name for prefix, name in COMPONENT_PREFIXES if key.startswith(prefix)), "other")
+
+
 # Old SD1 checkpoints name the CLIP text model without `text_model.`.
+_SD1_CLIP = "cond_stage_model.transformer."
 LEGACY_KEY_PREFIXES = {
-    "cond_stage_model.transformer.embeddings.": "cond_stage_model.transformer.text_model.embeddings.",
-    "cond_stage_model.transformer.encoder.": "cond_stage_model.transformer.text_model.encoder.",
-    "cond_stage_model.transformer.final_layer_norm.": (
-        "cond_stage_model.transformer.text_model.final_layer_norm."
-    ),
+    _SD1_CLIP + part: _SD1_CLIP + "text_model." + part
+    for part in ("embeddings.", "encoder.", "final_layer_norm.")
 }
 
 

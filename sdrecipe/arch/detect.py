@@ -2,7 +2,7 @@
 
 Structure decides first: which text encoders exist, whether the UNet has a
 `label_emb` (SDXL), how many input blocks it has, whether `proj_in` is a
-linear layer or a 1×1 convolution, and how many channels `conv_in` takes.
+linear layer or a 1x1 convolution, and how many channels `conv_in` takes.
 Absolute widths are never needed, so detection also works on shrunken test
 models. A layout none of the rules fits is `unknown`, with the prefixes found.
 """
@@ -97,9 +97,7 @@ def _family_from_unet(infos: Mapping[str, TensorInfo]) -> str:
     """For UNet-only files: SDXL has a label embedding; SD2's proj_in is linear."""
     if SDXL_LABEL_EMBEDDING in infos:
         last = max(
-            int(key.split(".")[3])
-            for key in infos
-            if key.startswith(UNET_PREFIX + "input_blocks.")
+            int(key.split(".")[3]) for key in infos if key.startswith(UNET_PREFIX + "input_blocks.")
         )
         return "sdxl-refiner" if last >= SDXL_REFINER_LAST_INPUT_BLOCK else "sdxl"
     projections = [info for key, info in infos.items() if key.endswith(".proj_in.weight")]

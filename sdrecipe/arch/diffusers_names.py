@@ -3,7 +3,7 @@
 The mapping is mechanical: tables of renamed parts, plus a few rules for the
 block numbering (`input_blocks.{3i+j+1}` ↔ `down_blocks.i.resnets.j`) and for
 tensors whose layout differs (OpenCLIP's fused q/k/v projection, its
-transposed text projection, the VAE's 1×1 attention convolutions). This module
+transposed text projection, the VAE's 1x1 attention convolutions). This module
 only names things; which tensor operation each name needs is in `SourceKind`.
 """
 
@@ -89,7 +89,7 @@ class Source:
     """Where a single-file tensor comes from in a diffusers component.
 
     kind is `same` (the tensor as stored), `conv1x1` (a linear weight seen as
-    a 1×1 convolution), `transpose` (OpenCLIP's text projection) or `qkv` (three
+    a 1x1 convolution), `transpose` (OpenCLIP's text projection) or `qkv` (three
     tensors concatenated along dim 0, in `keys` order).
     """
 
@@ -230,7 +230,7 @@ def vae_from_diffusers(name: str) -> str:
 
 
 def is_vae_attention_weight(ldm_name: str) -> bool:
-    """VAE mid-attention projections: 1×1 convolutions here, linear in diffusers."""
+    """VAE mid-attention projections: 1x1 convolutions here, linear in diffusers."""
     return bool(re.match(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", ldm_name))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sdrecipe.errors import RecipeError
+from sdrecipe.fingerprint import Fingerprint, fingerprint_file
 from sdrecipe.io.dtypes import CODE_TO_DTYPE
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -106,6 +107,10 @@ class SafetensorsReader:
                 self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
             self._mmap.madvise(mmap.MADV_SEQUENTIAL)
         return self._mmap
+
+    def fingerprint(self) -> Fingerprint:
+        """The file's sha256 and each tensor's digest, from one read of the file."""
+        return fingerprint_file(self.path, self.spans())
 
     def spans(self) -> dict[str, tuple[int, int, TensorInfo]]:
         """Each tensor's absolute (start, end) byte offsets in the file, and its info."""

@@ -175,8 +175,9 @@ def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: 
         expr = _check_calls(expr)
     except ValueError as exc:
         raise RecipeError(f"node {name!r}: {exc}", path, line) from None
-    cache = entry.cache if isinstance(entry, NodeEntry) else True
-    return Node(name=name, expr=expr, line=line, cache=cache)
+    if isinstance(entry, NodeEntry):
+        return Node(name=name, expr=expr, line=line, cache=entry.cache, force=entry.force)
+    return Node(name=name, expr=expr, line=line)
 
 
 def _check_calls(expr: Expr) -> Expr:

@@ -23,13 +23,15 @@ class Node:
     """A named merge expression over inputs and other nodes.
 
     `cache` False keeps the node's values out of the cache: they are recomputed
-    whenever a node that uses them is rebuilt.
+    whenever a node that uses them is rebuilt. `force` True merges operands of
+    different architectures, which is otherwise refused.
     """
 
     name: str
     expr: Expr
     line: int | None
     cache: bool = True
+    force: bool = False
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class NodeEntry(BaseModel):
     method: str | None = Field(default=None, min_length=1)
     models: list[str] | None = Field(default=None, min_length=1)
     cache: bool = True
+    force: bool = False
 
     @model_validator(mode="after")
     def _one_form(self) -> NodeEntry:

@@ -1,0 +1,79 @@
+"""What a model file is: format, architecture, components, dtypes, hashes, lineage."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from sdrecipe.arch import component_of
+from sdrecipe.arch.detect import detect
+from sdrecipe.cache import Cache
+from sdrecipe.fingerprint import FileStat, legacy_hash_of, sha256_of
+from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.io.readers import format_of, open_model
+
+
+def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
+    """A JSON-ready description of the model at `path` (see README, `inspect`)."""
+    reader = open_model(path)
+    infos = reader.infos()
+    architecture = detect(infos, reader.metadata)
+    components: dict[str, dict[str, int]] = {}
+    for key, info in infos.items():
+        entry = components.setdefault(component_of(key), {"keys": 0, "parameters": 0})
+        entry["keys"] += 1
+        entry["parameters"] += info.numel
+    sha256 = _sha256(path, cache)
+    return {
+        "path": str(path),
+        "format": format_of(path),
+        "family": architecture.family,
+        "variant": architecture.variant,
+        "ema": architecture.ema,
+        "prediction_type": architecture.prediction,
+        "modelspec_architecture": architecture.modelspec,
+        "key_prefixes": list(architecture.prefixes),
+        "keys": len(infos),
+        "parameters": sum(info.numel for info in infos.values()),
+        "components": components,
+        "dtypes": dict(Counter(DTYPE_TO_CODE[info.dtype] for info in infos.values())),
+        "size": path.stat().st_size,
+        "sha256": sha256,
+        "autov2": sha256[:10],
+        "legacy_hash": legacy_hash_of(path),
+        "lineage": _lineage(reader.metadata),
+    }
+
+
+def _sha256(path: Path, cache: Cache | None) -> str:
+    stat = FileStat.of(path)
+    known = cache.known_sha256(path, stat) if cache else None
+    if known is None:
+        known = sha256_of(path)
+        if cache is not None:
+            cache.remember_file(path, stat, known)
+    return known
+
+
+def _lineage(metadata: dict[str, str]) -> dict[str, object]:
+    """What the file says about how it was made: sdrecipe's entry and A1111's."""
+    lineage: dict[str, object] = {}
+    try:
+        own = json.loads(metadata["sdrecipe"])
+        lineage["sdrecipe"] = {
+            "version": own.get("version"),
+            "node": own.get("node"),
+            "expression": own.get("expression"),
+            "inputs": own.get("inputs"),
+        }
+    except (KeyError, ValueError, AttributeError):
+        pass
+    try:
+        models = json.loads(metadata["sd_merge_models"])
+        lineage["sd_merge_models"] = {
+            sha: entry.get("name") for sha, entry in models.items() if isinstance(entry, dict)
+        }
+    except (KeyError, ValueError, AttributeError):
+        pass
+    return lineage
