@@ -45,7 +45,6 @@ from sdrecipe.lock import (
 from sdrecipe.plan import MERGED, BuildPlan, make_plan
 from sdrecipe.provenance import output_metadata
 from sdrecipe.recipe import Recipe, load_recipe
-from sdrecipe.recipe.expr import format_expression
 from sdrecipe.staleness import NodeStatus, OutputFacts, node_statuses
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -149,7 +148,13 @@ def prepare(
     Operands of different architectures are refused unless `force` (or the
     node's `force: true`) says the per-key merge is meant.
     """
-    recipe = load_recipe(recipe_path)
+    return prepare_recipe(load_recipe(recipe_path), selected, force)
+
+
+def prepare_recipe(
+    recipe: Recipe, selected: Iterable[str] | None = None, force: bool = False
+) -> Prepared:
+    """`prepare` for a recipe already loaded."""
     graph = build_graph(recipe, selected)
     readers = open_inputs(graph)
     architectures = {name: detect(r.infos(), r.metadata) for name, r in readers.items()}
@@ -256,6 +261,7 @@ def assess(
             output_plan.tensors,
             fingerprints,
             {n: r.metadata for n, r in prepared.readers.items()},
+            prepared.architectures[prepared.graph.base_input(output_plan.output.node)],
         )
         for name, output_plan in plan.outputs.items()
     }
@@ -354,10 +360,7 @@ def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) ->
             for index, (name, spec) in enumerate(recipe.outputs.items())
         }
         elsewhere = dataclasses.replace(recipe, outputs=moved)
-        graph = build_graph(elsewhere, names)
-        readers = open_inputs(graph)
-        plan = make_plan(graph, {name: reader.infos() for name, reader in readers.items()})
-        prepared = Prepared(elsewhere, graph, readers, plan, {})
+        prepared = prepare_recipe(elsewhere, names, force=True)
         build(prepared, threads, cache=None, force=True, progress=progress, update_lock=False)
         return [
             VerifyResult(name, lock.outputs[name].sha256, file_sha256(moved[name].path, None))
@@ -520,7 +523,7 @@ class _Builder:
             )
         for node in graph.order:
             nodes[node] = LockedNode(
-                format_expression(recipe.nodes[node].expr), assessment.identities.node_key(node)
+                recipe.nodes[node].signature, assessment.identities.node_key(node)
             )
         for name in prepared.plan.outputs:
             path = recipe.outputs[name].path

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdrecipe.arch import is_never_merged
+from sdrecipe.arch import EMA_PREFIX, is_never_merged
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
@@ -129,6 +129,8 @@ class _Planner:
         operands = self.graph.operands(node)
         base = self.info(operands[0], key)
         assert base is not None
+        if not self.graph.recipe.nodes[node].selection.selects(key):
+            return Passthrough("outside the node's selection")
         if is_never_merged(key):
             return Passthrough("never merged (CLIP position ids)")
         if not base.is_floating:
@@ -252,6 +254,8 @@ class _Planner:
         target = NAME_TO_DTYPE[output.dtype] if output.dtype else None
         tensors = {}
         for key, info in self.input_infos[self.graph.base_input(output.node)].items():
+            if output.prune_ema and key.startswith(EMA_PREFIX):
+                continue
             dtype = target if target is not None and info.is_floating else info.dtype
             tensors[key] = TensorInfo(dtype, info.shape)
         return tensors

@@ -18,9 +18,11 @@ import yaml
 
 from sdrecipe import __version__
 from sdrecipe.arch import UNET_INPUT_CONV
+from sdrecipe.arch.detect import Architecture
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.tensor_info import TensorInfo
+from sdrecipe.recipe import Node, Output
 from sdrecipe.recipe.expr import Call, format_expression
 
 _A1111_METHOD_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
@@ -32,8 +34,10 @@ def output_metadata(
     tensors: Mapping[str, TensorInfo],
     hashes: Mapping[str, Fingerprint],
     input_metadata: Mapping[str, Mapping[str, str]],
+    architecture: Architecture,
 ) -> dict[str, str]:
-    """The `__metadata__` entries for `output`, given its inputs' hashes and metadata."""
+    """The `__metadata__` entries for `output`: the output's own `metadata`, the
+    SAI model spec fields, sdrecipe's entry and A1111's lineage fields."""
     recipe = graph.recipe
     node = recipe.nodes[recipe.outputs[output].node]
     leaves = graph.inputs_of(node.name)
@@ -48,7 +52,16 @@ def output_metadata(
         },
     }
     merge_recipe = _a1111_recipe(graph, output, tensors, [hashes[name].sha256 for name in leaves])
+    spec = recipe.outputs[output]
+    modelspec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture.modelspec,
+        "modelspec.title": spec.path.stem,
+        "modelspec.prediction_type": architecture.prediction,
+    }
     return {
+        **{key: value for key, value in modelspec.items() if value is not None},
+        **spec.metadata,
         "format": "pt",
         "sdrecipe": json.dumps(own, ensure_ascii=False),
         "sd_merge_recipe": json.dumps(merge_recipe, ensure_ascii=False),
@@ -70,16 +83,36 @@ def output_recipe(graph: MergeGraph, output: str, hashes: Mapping[str, Fingerpri
             name: {"path": recipe.inputs[name].path.name, "sha256": hashes[name].sha256}
             for name in graph.inputs_of(spec.node)
         },
-        "nodes": {
-            name: format_expression(recipe.nodes[name].expr)
-            for name in graph.order
-            if name in needed
-        },
-        "outputs": {
-            output: {"path": spec.path.name, **({"dtype": spec.dtype} if spec.dtype else {})}
-        },
+        "nodes": {name: _node_entry(recipe.nodes[name]) for name in graph.order if name in needed},
+        "outputs": {output: _output_entry(spec)},
     }
     return yaml.safe_dump(document, sort_keys=False, width=1000)
+
+
+def _node_entry(node: Node) -> str | dict[str, object]:
+    """A node as a recipe writes it: its expression, with options that change bytes."""
+    expression = format_expression(node.expr)
+    selection = node.selection
+    options: dict[str, object] = {
+        "only": sorted(selection.only),
+        "exclude": sorted(selection.exclude),
+        "include_keys": [p.pattern for p in selection.include_keys],
+        "exclude_keys": [p.pattern for p in selection.exclude_keys],
+        "force": node.force,
+    }
+    options = {key: value for key, value in options.items() if value}
+    return {"expression": expression, **options} if options else expression
+
+
+def _output_entry(spec: Output) -> dict[str, object]:
+    entry: dict[str, object] = {"path": spec.path.name}
+    if spec.dtype:
+        entry["dtype"] = spec.dtype
+    if spec.prune_ema:
+        entry["prune_ema"] = True
+    if spec.metadata:
+        entry["metadata"] = dict(spec.metadata)
+    return entry
 
 
 def _a1111_recipe(

@@ -23,7 +23,6 @@ from sdrecipe.recipe.expr import (
     Neg,
     Num,
     Ref,
-    format_expression,
     parse_expression,
 )
 
@@ -142,9 +141,9 @@ def _change_reason(
     if locked is None:
         return "new node"
     reasons = []
-    expression = format_expression(graph.recipe.nodes[node].expr)
-    if locked.expression != expression:
-        reasons.append(describe_expression_change(locked.expression, expression))
+    signature = graph.recipe.nodes[node].signature
+    if locked.expression != signature:
+        reasons.append(describe_expression_change(locked.expression, signature))
     for operand in graph.operands(node):
         if operand in graph.recipe.inputs:
             before = lock.inputs.get(operand)

@@ -7,6 +7,7 @@ from functools import cache
 from importlib import resources
 
 UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
 UNET_INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 
 # Keys that are copied from the base model and never merged. CLIP's position ids
@@ -25,7 +26,7 @@ COMPONENT_PREFIXES = (
     ("cond_stage_model.", "text_encoder"),
     ("conditioner.embedders.0.", "text_encoder"),
     ("conditioner.embedders.1.", "text_encoder_2"),
-    ("model_ema.", "ema"),
+    (EMA_PREFIX, "ema"),
 )
 
 

@@ -19,7 +19,7 @@ from sdrecipe.recipe.expr import (
     parse_expression,
     references,
 )
-from sdrecipe.recipe.model import Input, Node, Output, Recipe
+from sdrecipe.recipe.model import Input, KeySelection, Node, Output, Recipe
 from sdrecipe.recipe.schema import InputEntry, NodeEntry, OutputEntry, RecipeDocument
 from sdrecipe.recipe.yaml_source import YamlDocument, load_yaml
 
@@ -41,7 +41,7 @@ def load_recipe(path: Path | str) -> Recipe:
 
 def parse_recipe(text: str, path: Path) -> Recipe:
     """Validate recipe `text`; relative input and output paths resolve against `path`'s folder."""
-    document = load_yaml(text, path, keep_text=lambda at: at[:1] in (("inputs",), ("outputs",)))
+    document = load_yaml(text, path, keep_text=_keeps_text)
     if not isinstance(document.data, dict):
         raise RecipeError("the recipe must be a mapping with inputs, nodes and outputs", path, 1)
     try:
@@ -83,6 +83,13 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         for name, entry in schema.outputs.items()
     }
     return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
+
+
+def _keeps_text(at: tuple[str | int, ...]) -> bool:
+    """Input and output paths, hashes and metadata stay as written; options do not."""
+    if at[:1] == ("inputs",):
+        return True
+    return at[:1] == ("outputs",) and (len(at) == 2 or at[2] in ("path", "dtype", "metadata"))
 
 
 def _schema_error(exc: pydantic.ValidationError, document: YamlDocument, path: Path) -> RecipeError:
@@ -175,9 +182,22 @@ def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: 
         expr = _check_calls(expr)
     except ValueError as exc:
         raise RecipeError(f"node {name!r}: {exc}", path, line) from None
-    if isinstance(entry, NodeEntry):
-        return Node(name=name, expr=expr, line=line, cache=entry.cache, force=entry.force)
-    return Node(name=name, expr=expr, line=line)
+    if not isinstance(entry, NodeEntry):
+        return Node(name=name, expr=expr, line=line)
+    patterns = {}
+    for option in ("include_keys", "exclude_keys"):
+        try:
+            patterns[option] = tuple(re.compile(p) for p in getattr(entry, option) or ())
+        except re.error as exc:
+            raise RecipeError(
+                f"node {name!r}: {option}: {exc.pattern!r} is not a valid regex ({exc})",
+                path,
+                document.line_of(("nodes", name, option)),
+            ) from None
+    selection = KeySelection(
+        only=frozenset(entry.only or ()), exclude=frozenset(entry.exclude or ()), **patterns
+    )
+    return Node(name, expr, line, cache=entry.cache, force=entry.force, selection=selection)
 
 
 def _check_calls(expr: Expr) -> Expr:
@@ -218,4 +238,11 @@ def _make_output(
         resolved = resolve_path(spec.path, folder)
     except ValueError as exc:
         raise RecipeError(f"output {name!r}: {exc}", path, line) from None
-    return Output(node=name, path=resolved, dtype=spec.dtype, line=line)
+    return Output(
+        node=name,
+        path=resolved,
+        dtype=spec.dtype,
+        line=line,
+        prune_ema=spec.prune_ema,
+        metadata=dict(spec.metadata),
+    )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdrecipe.recipe.expr import Expr
+from sdrecipe.arch import component_of
+from sdrecipe.recipe.expr import Expr, format_expression
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,36 @@ class Input:
     path: Path
     sha256: str | None
     line: int | None
+
+
+@dataclass(frozen=True)
+class KeySelection:
+    """Which keys a node merges; outside it, the base passes through."""
+
+    only: frozenset[str] = frozenset()
+    exclude: frozenset[str] = frozenset()
+    include_keys: tuple[re.Pattern[str], ...] = ()
+    exclude_keys: tuple[re.Pattern[str], ...] = ()
+
+    def selects(self, key: str) -> bool:
+        """True when the node merges `key`."""
+        component = component_of(key)
+        return (
+            (not self.only or component in self.only)
+            and component not in self.exclude
+            and (not self.include_keys or any(p.search(key) for p in self.include_keys))
+            and not any(p.search(key) for p in self.exclude_keys)
+        )
+
+    def describe(self) -> str:
+        """e.g. `only: unet; exclude_keys: ^x` (empty when everything is selected)."""
+        parts = [
+            ("only", sorted(self.only)),
+            ("exclude", sorted(self.exclude)),
+            ("include_keys", [p.pattern for p in self.include_keys]),
+            ("exclude_keys", [p.pattern for p in self.exclude_keys]),
+        ]
+        return "; ".join(f"{name}: {', '.join(values)}" for name, values in parts if values)
 
 
 @dataclass(frozen=True)
@@ -32,16 +64,29 @@ class Node:
     line: int | None
     cache: bool = True
     force: bool = False
+    selection: KeySelection = field(default_factory=KeySelection)
+
+    @property
+    def signature(self) -> str:
+        """The canonical expression, with the key selection if there is one."""
+        selection = self.selection.describe()
+        expression = format_expression(self.expr)
+        return f"{expression} [{selection}]" if selection else expression
 
 
 @dataclass(frozen=True)
 class Output:
-    """A node written to a file; `dtype` None keeps each base tensor's dtype."""
+    """A node written to a file; `dtype` None keeps each base tensor's dtype.
+
+    `prune_ema` drops `model_ema.*`; `metadata` adds header fields.
+    """
 
     node: str
     path: Path
     dtype: str | None
     line: int | None
+    prune_ema: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

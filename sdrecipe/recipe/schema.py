@@ -18,6 +18,9 @@ DTYPE_ALIASES = {
 }
 
 OutputDtype = Literal["float16", "bfloat16", "float32"]
+Component = Literal["unet", "vae", "text_encoder", "text_encoder_2", "ema", "other"]
+# Metadata keys that sdrecipe writes itself.
+RESERVED_METADATA = ("format", "sdrecipe", "sd_merge_recipe", "sd_merge_models")
 
 
 class _Strict(BaseModel):
@@ -42,6 +45,10 @@ class NodeEntry(BaseModel):
     models: list[str] | None = Field(default=None, min_length=1)
     cache: bool = True
     force: bool = False
+    only: list[Component] | None = Field(default=None, min_length=1)
+    exclude: list[Component] | None = Field(default=None, min_length=1)
+    include_keys: list[str] | None = Field(default=None, min_length=1)
+    exclude_keys: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_form(self) -> NodeEntry:
@@ -64,6 +71,16 @@ class OutputEntry(_Strict):
 
     path: str = Field(min_length=1)
     dtype: OutputDtype | None = None
+    prune_ema: bool = False
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(set(value) & set(RESERVED_METADATA))
+        if reserved:
+            raise ValueError(f"sdrecipe writes {', '.join(reserved)} itself")
+        return value
 
     @field_validator("dtype", mode="before")
     @classmethod
