@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrecipe.arch.detect import Architecture, detect
-from sdrecipe.cache import PACK, Cache, Location
+from sdrecipe.cache import PACK, Cache, Location, file_sha256
 from sdrecipe.errors import RecipeError
 from sdrecipe.executor import CacheUse, Executor, KeyResult
-from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
+from sdrecipe.fingerprint import FileStat, Fingerprint
 from sdrecipe.graph import MergeGraph, build_graph
 from sdrecipe.identity import Identities, tensor_identities
 from sdrecipe.io.atomic import temporary_path
@@ -230,17 +230,6 @@ def fingerprint_inputs(
                 recipe.inputs[name].line,
             )
     return {name: known[name] for name in prepared.readers}
-
-
-def file_sha256(path: Path, cache: Cache | None) -> str:
-    """The sha256 of a file, remembered by stat in the cache."""
-    stat = FileStat.of(path)
-    known = cache.known_sha256(path, stat) if cache else None
-    if known is None:
-        known = sha256_of(path)
-        if cache is not None:
-            cache.remember_file(path, stat, known)
-    return known
 
 
 def assess(

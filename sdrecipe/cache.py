@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdrecipe.errors import BuildError
-from sdrecipe.fingerprint import FileStat, Fingerprint, tensor_digest
+from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of, tensor_digest
 from sdrecipe.io.atomic import is_stale_temporary, temporary_path
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -330,6 +330,17 @@ class Cache:
         shutil.rmtree(self.packs, ignore_errors=True)
         self.objects.mkdir()
         self.packs.mkdir()
+
+
+def file_sha256(path: Path, cache: Cache | None) -> str:
+    """The sha256 of a file, remembered by stat in the cache (when there is one)."""
+    stat = FileStat.of(path)
+    known = cache.known_sha256(path, stat) if cache else None
+    if known is None:
+        known = sha256_of(path)
+        if cache is not None:
+            cache.remember_file(path, stat, known)
+    return known
 
 
 @contextlib.contextmanager

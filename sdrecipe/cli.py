@@ -401,7 +401,7 @@ def cache_info(cache_dir: Path, as_json: bool) -> None:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
-def _parse_size(context: click.Context, parameter: click.Parameter, value: str) -> int:
+def _parse_size(_context: click.Context, _parameter: click.Parameter, value: str) -> int:
     match = _SIZE.match(value)
     if not match:
         raise click.BadParameter(f"{value!r} is not a size such as 20GB, 500MB or 1024")

@@ -46,11 +46,6 @@ class Fingerprint:
     legacy: str
     tensors: dict[str, str]
 
-    @property
-    def autov2(self) -> str:
-        """Civitai's AutoV2: the first 10 hex digits of the sha256."""
-        return self.sha256[:10]
-
 
 def sha256_of(path: Path) -> str:
     """The sha256 of a whole file, read through a memory map (no copies)."""

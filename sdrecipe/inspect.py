@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sdrecipe.arch import component_of
 from sdrecipe.arch.detect import detect
-from sdrecipe.cache import Cache
-from sdrecipe.fingerprint import FileStat, legacy_hash_of, sha256_of
+from sdrecipe.cache import Cache, file_sha256
+from sdrecipe.fingerprint import legacy_hash_of
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.readers import format_of, open_model
 
@@ -24,7 +24,7 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
         entry = components.setdefault(component_of(key), {"keys": 0, "parameters": 0})
         entry["keys"] += 1
         entry["parameters"] += info.numel
-    sha256 = _sha256(path, cache)
+    sha256 = file_sha256(path, cache)
     return {
         "path": str(path),
         "format": format_of(path),
@@ -44,16 +44,6 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
         "legacy_hash": legacy_hash_of(path),
         "lineage": _lineage(reader.metadata),
     }
-
-
-def _sha256(path: Path, cache: Cache | None) -> str:
-    stat = FileStat.of(path)
-    known = cache.known_sha256(path, stat) if cache else None
-    if known is None:
-        known = sha256_of(path)
-        if cache is not None:
-            cache.remember_file(path, stat, known)
-    return known
 
 
 def _lineage(metadata: dict[str, str]) -> dict[str, object]:

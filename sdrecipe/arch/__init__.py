@@ -17,8 +17,6 @@ NEVER_MERGED_SUFFIXES = ("text_model.embeddings.position_ids",)
 # UNet input channels that identify the variants the channel rule is about.
 VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"}
 
-LAYOUT_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
-
 # The component each key prefix belongs to, most specific first.
 COMPONENT_PREFIXES = (
     ("model.diffusion_model.", "unet"),
