@@ -151,6 +151,13 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
         "`style: B - C`, `detail: D - E`, `merged: A + 0.5 * style + 0.5 * detail`, built "
         "with `--force`; the intermediates are written to the cache as float32 objects.",
     )
+    lines += _single(
+        "Scenario 3b: the same, with `cache: false` on both intermediates",
+        report["five_inputs_uncached"],
+        "Storing an element-wise intermediate means writing it as float32, twice the size "
+        "of an fp16 input, and reading it back costs about what recomputing it does. The "
+        "difference between 3 and 3b is the price of caching the two intermediates.",
+    )
     lines += _single("Scenario 4: no-op rebuild (interpreter start included)", report["noop"])
     lines += _single(
         "Scenario 5: alpha change on the output, intermediates cached",

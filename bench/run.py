@@ -8,6 +8,7 @@ torch==2.13.0 installed first and pinned; a peer that fails to install or run is
 reported with its error.
 
 Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=1 adds the SDXL scenario)
+       python -m bench.run --report-only      (re-render from build/bench/results.json)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ BENCH = ROOT / "bench"
 PYTHON = sys.executable
 SDRECIPE = [PYTHON, "-m", "sdrecipe"]
 MODEL_SPEC_VERSION = 2  # bump when sdrecipe.synthetic's values change
+RESULTS = WORK / "results.json"  # the last run's raw figures (see --report-only)
 
 SD15_MODELS = {
     "sd15-A.safetensors": ModelSpec(seed=11, delta_seed=21),
@@ -343,7 +345,14 @@ def io_floor() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--report-only", action="store_true", help="Re-render BENCHMARKS.md from the last run."
+    )
     args = parser.parse_args()
+    if args.report_only:
+        saved = json.loads(RESULTS.read_text())
+        write_report(ROOT / "BENCHMARKS.md", _restore(saved["report"]), saved["machine"])
+        return
     rounds = args.rounds
     sdxl = os.environ.get("BENCH_SDXL") == "1"
     WORK.mkdir(parents=True, exist_ok=True)
@@ -437,8 +446,28 @@ def main() -> None:
         report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
         free_cache()
 
-    write_report(ROOT / "BENCHMARKS.md", report, machine())
+    measured_on = machine()
+    RESULTS.write_text(json.dumps({"report": _save(report), "machine": measured_on}, indent=1))
+    write_report(ROOT / "BENCHMARKS.md", report, measured_on)
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+def _save(value: object) -> object:
+    """The report as JSON data (results become lists of runs)."""
+    if isinstance(value, Result):
+        return {"runs": [vars(run) for run in value.runs]}
+    if isinstance(value, dict):
+        return {key: _save(item) for key, item in value.items()}
+    return value
+
+
+def _restore(value: object) -> object:
+    """The inverse of `_save`."""
+    if isinstance(value, dict) and set(value) == {"runs"}:
+        return Result([Run(**run) for run in value["runs"]])
+    if isinstance(value, dict):
+        return {key: _restore(item) for key, item in value.items()}
+    return value
 
 
 def machine() -> dict[str, str]:
