@@ -45,10 +45,6 @@ class MergeGraph:
                 found.setdefault(leaf)
         return list(found)
 
-    def descendants(self, name: str) -> set[str]:
-        """Nodes that depend on `name`, directly or not."""
-        return nx.descendants(self.dag, name)
-
 
 def build_graph(recipe: Recipe, selected: Iterable[str] | None = None) -> MergeGraph:
     """Build and check the DAG; keep only what the `selected` outputs (default all) need."""

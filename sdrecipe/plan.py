@@ -18,7 +18,9 @@ from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
 from sdrecipe.io.safetensors_writer import layout_order
 from sdrecipe.io.tensor_info import TensorInfo
+from sdrecipe.methods import get_method
 from sdrecipe.recipe import Output
+from sdrecipe.recipe.expr import method_calls
 
 MERGED = "merged"
 
@@ -113,6 +115,12 @@ class _Planner:
         self.input_infos = input_infos
         self.status: dict[str, dict[str, str]] = {node: {} for node in graph.order}
         self.value_dtypes: dict[str, torch.dtype] = {}
+        self.elementwise = {
+            node: all(
+                get_method(name).elementwise for name in method_calls(graph.recipe.nodes[node].expr)
+            )
+            for node in graph.order
+        }
         self.conflicts: list[tuple[str, str]] = []
 
     def value_dtype(self, name: str, key: str) -> torch.dtype:
@@ -221,6 +229,9 @@ class _Planner:
         return None
 
     def _shared_rows(self, key: str, nodes: set[str]) -> dict[str, int | None]:
+        """Dim 0 when every tensor that may be involved has it and every method
+        involved is element-wise (work may then go in row ranges), and the most
+        elements in one row of any of them."""
         names = {self.graph.base_input(node) for node in nodes}
         for node in nodes:
             names.update(
@@ -231,6 +242,11 @@ class _Planner:
         infos = [self.input_infos[name][key] for name in names]
         rows = {info.shape[0] if info.shape else None for info in infos}
         shared = rows.pop() if len(rows) == 1 else None
+        nodes_of = self.graph.recipe.nodes
+        if not all(
+            get_method(m).elementwise for n in nodes for m in method_calls(nodes_of[n].expr)
+        ):
+            shared = None
         width = max(info.numel // shared if shared else info.numel for info in infos)
         return {"rows": shared, "row_width": width}
 

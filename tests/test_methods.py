@@ -183,3 +183,32 @@ def test_fixture_models_really_differ(arrays):
     assert not np.array_equal(values["base"], values["other"])
     delta = as32(values["finetune"]) - as32(values["base"])
     assert 0 < np.abs(delta).max() < 0.1, "a fine-tune is its base plus a small delta"
+
+
+def test_methods_that_are_not_elementwise_see_whole_tensors(tmp_path):
+    from safetensors.numpy import save_file
+
+    from sdrecipe.methods import merge_method
+
+    @merge_method(elementwise=False)
+    def rescale_to(a, b, *, strength: float = 1.0):
+        """A scaled to B's norm: needs the whole tensor."""
+        return a.mul(1 + strength * (b.norm() / a.norm() - 1))
+
+    rng = np.random.default_rng(3)
+    a = {"big": rng.standard_normal((4096, 192)).astype(np.float32)}  # several row ranges
+    b = {"big": rng.standard_normal((4096, 192)).astype(np.float32) * 3}
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    recipe = write_recipe(
+        tmp_path,
+        """
+        inputs: {A: a.safetensors, B: b.safetensors}
+        nodes: {out: "rescale_to(A, B)"}
+        outputs: {out: out.safetensors}
+        """,
+    )
+    build(prepare(recipe), threads=2)
+    out = load_file(tmp_path / "out.safetensors")["big"]
+    expected = a["big"] * (np.linalg.norm(b["big"]) / np.linalg.norm(a["big"]))
+    np.testing.assert_allclose(out, expected, rtol=1e-4)

@@ -24,8 +24,3 @@ CODE_TO_DTYPE: dict[str, torch.dtype] = {
 DTYPE_TO_CODE = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
 
 NAME_TO_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of `dtype`."""
-    return dtype.itemsize

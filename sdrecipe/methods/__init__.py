@@ -1,6 +1,6 @@
 """Merge methods: one registry, each method a small pure function on tensors."""
 
 from sdrecipe.methods import classic as _classic  # noqa: F401  (registers the methods)
-from sdrecipe.methods.registry import MergeMethod, all_methods, get_method, merge_method
+from sdrecipe.methods.registry import MergeMethod, get_method, merge_method
 
-__all__ = ["MergeMethod", "all_methods", "get_method", "merge_method"]
+__all__ = ["MergeMethod", "get_method", "merge_method"]

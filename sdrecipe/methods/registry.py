@@ -29,7 +29,6 @@ class MergeMethod:
     model_names: tuple[str, ...]
     parameters: type[pydantic.BaseModel]
     elementwise: bool
-    summary: str
 
     def validate(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Check parameter names and types; raise ValueError with a readable message."""
@@ -76,9 +75,8 @@ def merge_method(*, elementwise: bool = True) -> Callable[[MethodFunction], Meth
             __config__=pydantic.ConfigDict(extra="forbid", strict=True),
             **fields,
         )
-        summary = (function.__doc__ or "").strip().splitlines()[0]
         _REGISTRY[function.__name__] = MergeMethod(
-            function.__name__, function, models, parameters, elementwise, summary
+            function.__name__, function, models, parameters, elementwise
         )
         return function
 
@@ -99,8 +97,3 @@ def get_method(name: str) -> MergeMethod:
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise KeyError(f"unknown method {name!r} (known: {known})") from None
-
-
-def all_methods() -> dict[str, MergeMethod]:
-    """All registered methods by name."""
-    return dict(_REGISTRY)

@@ -257,6 +257,17 @@ def parse_expression(source: str) -> Expr:
     return expr
 
 
+def method_calls(expr: Expr) -> list[str]:
+    """Names of the methods `expr` calls, outermost first."""
+    if isinstance(expr, Call):
+        return [expr.method] + [name for arg in expr.args for name in method_calls(arg)]
+    if isinstance(expr, BinOp):
+        return method_calls(expr.left) + method_calls(expr.right)
+    if isinstance(expr, Neg):
+        return method_calls(expr.operand)
+    return []
+
+
 def references(expr: Expr) -> list[str]:
     """Names referenced by `expr`, each once, in left-to-right order."""
     seen: dict[str, None] = {}
