@@ -197,7 +197,10 @@ def test_methods_that_are_not_elementwise_see_whole_tensors(tmp_path):
 
     rng = np.random.default_rng(3)
     a = {"big": rng.standard_normal((4096, 192)).astype(np.float32)}  # several row ranges
-    b = {"big": rng.standard_normal((4096, 192)).astype(np.float32) * 3}
+    # B's rows grow with their index, so the norm of any row range differs from
+    # the whole tensor's: computing in ranges would give the wrong answer.
+    rows = np.linspace(1, 10, 4096, dtype=np.float32)[:, None]
+    b = {"big": rng.standard_normal((4096, 192)).astype(np.float32) * rows}
     save_file(a, tmp_path / "a.safetensors")
     save_file(b, tmp_path / "b.safetensors")
     recipe = write_recipe(
