@@ -242,10 +242,7 @@ class _Planner:
         infos = [self.input_infos[name][key] for name in names]
         rows = {info.shape[0] if info.shape else None for info in infos}
         shared = rows.pop() if len(rows) == 1 else None
-        nodes_of = self.graph.recipe.nodes
-        if not all(
-            get_method(m).elementwise for n in nodes for m in method_calls(nodes_of[n].expr)
-        ):
+        if not all(self.elementwise[node] for node in nodes):
             shared = None
         width = max(info.numel // shared if shared else info.numel for info in infos)
         return {"rows": shared, "row_width": width}
