@@ -144,7 +144,16 @@ def build(
 ) -> None:
     """Build the outputs of RECIPE (or only the named OUTPUTS and what they need)."""
     if dry_run:
-        _show_plan(recipe, outputs, threads, cache_dir, no_cache, force, as_json)
+        click.get_current_context().invoke(
+            plan,
+            recipe=recipe,
+            outputs=outputs,
+            threads=threads,
+            cache_dir=cache_dir,
+            no_cache=no_cache,
+            force=force,
+            as_json=as_json,
+        )
         return
     cache = None if no_cache else _open_cache(cache_dir)
     if cache is not None and not force:
@@ -229,18 +238,6 @@ def plan(
 ) -> None:
     """Show, for each node of RECIPE, whether it is up to date, comes from the cache,
     or is rebuilt, and why."""
-    _show_plan(recipe, outputs, threads, cache_dir, no_cache, force, as_json)
-
-
-def _show_plan(
-    recipe: Path,
-    outputs: tuple[str, ...],
-    threads: int | None,
-    cache_dir: Path,
-    no_cache: bool,
-    force: bool,
-    as_json: bool,
-) -> None:
     from sdrecipe.build import assess, default_threads, prepare
 
     prepared = prepare(recipe, outputs or None, force)
