@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import blake3
 
+from sdrecipe import OUTPUT_FORMAT
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.plan import BuildPlan, Compute
 from sdrecipe.recipe.expr import format_expression, rename_references
 
-# Bump when the meaning of an identity changes (e.g. a method's arithmetic).
-IDENTITY_VERSION = "sdrecipe-identity-1"
+IDENTITY_VERSION = f"sdrecipe-identity-{OUTPUT_FORMAT}"
 
 
 def _hash(*parts: object) -> str:

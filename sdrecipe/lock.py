@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sdrecipe import __version__
+from sdrecipe import OUTPUT_FORMAT, __version__
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.atomic import write_text_atomically
 
@@ -78,8 +78,9 @@ def recipe_sha256(text: str) -> str:
 
 
 def built_from(recipe_text: str, input_sha256: dict[str, str]) -> str:
-    """What an output's bytes depend on: recipe text, inputs' contents, sdrecipe version."""
-    parts = [recipe_sha256(recipe_text), __version__, sorted(input_sha256.items())]
+    """What an output's bytes depend on: recipe text, inputs' contents, sdrecipe's
+    version and output format."""
+    parts = [recipe_sha256(recipe_text), __version__, OUTPUT_FORMAT, sorted(input_sha256.items())]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 

@@ -266,3 +266,16 @@ def test_node_mapping_needs_exactly_one_form(tmp_path, models):
     result = run_cli("validate", str(recipe))
     assert result.returncode == 2
     assert "recipe.yaml:3: nodes.x: give either `expression`" in result.stderr
+
+
+def test_an_output_made_by_another_output_format_is_not_current(
+    project, isolated_cache, monkeypatch
+):
+    import sdrecipe.lock
+    from sdrecipe.cache import Cache
+    from sdrecipe.uptodate import current_outputs
+
+    build(project)
+    assert current_outputs(project, None, Cache(isolated_cache)) is not None
+    monkeypatch.setattr(sdrecipe.lock, "OUTPUT_FORMAT", sdrecipe.lock.OUTPUT_FORMAT + 1)
+    assert current_outputs(project, None, Cache(isolated_cache)) is None
