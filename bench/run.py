@@ -205,25 +205,19 @@ nodes:
   merged: A + 0.5 * style + 0.5 * detail
 outputs: {merged: {path: out-five.safetensors, dtype: fp16}}
 """,
-        "five_inputs_uncached.yaml": """
-inputs:
-  A: sd15-A.safetensors
-  B: sd15-B.safetensors
-  C: sd15-C.safetensors
-  D: sd15-D.safetensors
-  E: sd15-E.safetensors
-nodes:
-  style: {expression: B - C, cache: false}
-  detail: {expression: D - E, cache: false}
-  merged: A + 0.5 * style + 0.5 * detail
-outputs: {merged: {path: out-five-uncached.safetensors, dtype: fp16}}
-""",
         "sdxl.yaml": """
 inputs: {A: sdxl-A.safetensors, B: sdxl-B.safetensors, C: sdxl-C.safetensors}
 nodes: {merged: A + (B - C)}
 outputs: {merged: {path: out-sdxl.safetensors, dtype: fp16}}
 """,
     }
+    # Scenario 3b: the same recipe with both intermediates kept out of the cache.
+    recipes["five_inputs_uncached.yaml"] = (
+        recipes["five_inputs.yaml"]
+        .replace("style: B - C", "style: {expression: B - C, cache: false}")
+        .replace("detail: D - E", "detail: {expression: D - E, cache: false}")
+        .replace("out-five.safetensors", "out-five-uncached.safetensors")
+    )
     for name, text in recipes.items():
         (WORK / name).write_text(text.lstrip())
     for method, weights in (("add_difference", (1.0, 1.0)), ("weighted_sum", (0.7, 0.3))):
