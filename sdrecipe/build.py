@@ -24,12 +24,13 @@ from sdrecipe.arch.detect import Architecture, detect
 from sdrecipe.cache import PACK, Cache, Location, file_sha256
 from sdrecipe.errors import RecipeError
 from sdrecipe.executor import CacheUse, Executor, KeyResult
-from sdrecipe.fingerprint import FileStat, Fingerprint
+from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.graph import MergeGraph, build_graph
 from sdrecipe.identity import Identities, tensor_identities
 from sdrecipe.io.atomic import temporary_path
+from sdrecipe.io.diffusers_writer import TOKENIZERS
 from sdrecipe.io.readers import ModelReader, open_model
-from sdrecipe.io.safetensors_writer import SafetensorsWriter
+from sdrecipe.io.writers import open_writer
 from sdrecipe.lock import (
     Lock,
     LockedInput,
@@ -127,7 +128,7 @@ def open_inputs(graph: MergeGraph) -> dict[str, ModelReader]:
     recipe = graph.recipe
     needed: dict[str, None] = {}
     for name in graph.outputs:
-        needed.update(dict.fromkeys(graph.inputs_of(recipe.outputs[name].node)))
+        needed.update(dict.fromkeys(graph.output_inputs(name)))
     readers = {}
     for name in needed:
         spec = recipe.inputs[name]
@@ -160,6 +161,16 @@ def prepare_recipe(
     architectures = {name: detect(r.infos(), r.metadata) for name, r in readers.items()}
     if not force:
         check_architectures(graph, architectures)
+    for name in graph.outputs:
+        output = recipe.outputs[name]
+        base = graph.base_input(output.node)
+        if output.format == "diffusers" and architectures[base].family == "unknown":
+            raise RecipeError(
+                f"output {name!r}: a diffusers folder needs a known architecture, and "
+                f"{base} is {architectures[base].describe()}",
+                recipe.path,
+                output.line,
+            )
     plan = make_plan(graph, {name: reader.infos() for name, reader in readers.items()})
     return Prepared(recipe, graph, readers, plan, architectures)
 
@@ -186,6 +197,27 @@ def check_architectures(graph: MergeGraph, architectures: Mapping[str, Architect
                 recipe.path,
                 recipe.nodes[node].line,
             )
+
+
+def tokenizer_folders(prepared: Prepared, output: str) -> dict[str, Path]:
+    """The tokenizer folders a diffusers output copies: those of the first
+    diffusers-folder input it depends on (the base first) that has any."""
+    for leaf in prepared.graph.output_inputs(output):
+        folder = prepared.recipe.inputs[leaf].path
+        found = {name: folder / name for name in TOKENIZERS if (folder / name).is_dir()}
+        if found:
+            return found
+    return {}
+
+
+def _written_as(prepared: Prepared, output: str) -> dict[str, str]:
+    """What decides an output's bytes besides its tensors and metadata: the
+    format, and for a diffusers folder the tokenizer files it copies."""
+    spec = prepared.recipe.outputs[output]
+    if spec.format != "diffusers":
+        return {"format": spec.format}
+    tokenizers = tokenizer_folders(prepared, output)
+    return {"format": spec.format, **{n: sha256_of(f) for n, f in tokenizers.items()}}
 
 
 # --- assess: fingerprints, identities, and what is stale -----------------------------
@@ -254,7 +286,10 @@ def assess(
         )
         for name, output_plan in plan.outputs.items()
     }
-    output_keys = {name: identities.output_key(name, metadata[name]) for name in plan.outputs}
+    output_keys = {
+        name: identities.output_key(name, metadata[name], _written_as(prepared, name))
+        for name in plan.outputs
+    }
     lock = read_lock(prepared.recipe.path)
     wanted = set()
     for values in identities.values.values():
@@ -288,7 +323,7 @@ def _output_facts(
     force: bool,
 ) -> OutputFacts:
     path = prepared.recipe.outputs[name].path
-    exists = path.is_file()
+    exists = path.exists()
     locked = lock.outputs.get(name) if lock else None
     current = (
         not force
@@ -445,8 +480,14 @@ class _Builder:
             writers = {}
             for name in names:
                 output_plan = plan.outputs[name]
-                writer = SafetensorsWriter(
-                    output_plan.output.path, output_plan.tensors, assessment.metadata[name]
+                output = output_plan.output
+                writer = open_writer(
+                    output.path,
+                    output.format,
+                    output_plan.tensors,
+                    assessment.metadata[name],
+                    self.prepared.architectures[plan.graph.base_input(output.node)],
+                    tokenizer_folders(self.prepared, name),
                 )
                 cleanup.callback(writer.abort)
                 writers[name] = writer
@@ -483,8 +524,8 @@ class _Builder:
         """Link the new output into the cache as a pack, with refs to its tensors."""
         output = self.prepared.recipe.outputs[name].path
         sha256 = self.sha256[name] = file_sha256(output, self.cache)
-        if self.cache is None:
-            return
+        if self.cache is None or output.is_dir():
+            return  # folders are not kept as packs
         self.cache.add_pack(output, sha256, self.assessment.output_keys[name])
         identities = self.assessment.identities.outputs[name]
         self.cache.add_refs(
@@ -508,7 +549,7 @@ class _Builder:
         for name, fingerprint in assessment.fingerprints.items():
             path = recipe.inputs[name].path
             inputs[name] = LockedInput(
-                relative_to_recipe(path, recipe.path), path.stat().st_size, fingerprint.sha256
+                relative_to_recipe(path, recipe.path), FileStat.of(path).size, fingerprint.sha256
             )
         for node in graph.order:
             nodes[node] = LockedNode(
@@ -516,10 +557,10 @@ class _Builder:
             )
         for name in prepared.plan.outputs:
             path = recipe.outputs[name].path
-            leaves = graph.inputs_of(recipe.outputs[name].node)
+            leaves = graph.output_inputs(name)
             outputs[name] = LockedOutput(
                 path=relative_to_recipe(path, recipe.path),
-                size=path.stat().st_size,
+                size=FileStat.of(path).size,
                 sha256=self.sha256[name],
                 key=assessment.output_keys[name],
                 built_from=built_from(
@@ -545,7 +586,7 @@ class _Builder:
             name=name,
             path=output_plan.output.path,
             state=self.states[name],
-            size=output_plan.output.path.stat().st_size,
+            size=FileStat.of(output_plan.output.path).size,
             merged=merged,
             passed_through=dict(sorted(counts.items())),
             dropped=output_plan.dropped,

@@ -24,8 +24,8 @@ from sdrecipe.fingerprint import tensor_hasher
 from sdrecipe.identity import Identities
 from sdrecipe.io.readers import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
-from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
+from sdrecipe.io.writers import OutputWriter
 from sdrecipe.plan import BuildPlan, Compute, KeyPlan
 
 # Elements per row range: 256 Ki elements is 1 MiB in float32, so a range's
@@ -77,7 +77,7 @@ class Executor:
         self,
         plan: BuildPlan,
         readers: Mapping[str, ModelReader],
-        writers: Mapping[str, SafetensorsWriter],
+        writers: Mapping[str, OutputWriter],
         threads: int,
         cache_use: CacheUse | None = None,
     ):
@@ -86,8 +86,6 @@ class Executor:
         self.writers = writers
         self.threads = max(1, threads)
         self.cache_use = cache_use
-        recipe = plan.graph.recipe
-        self.output_nodes = {name: recipe.outputs[name].node for name in writers}
 
     def run(self, progress: Callable[[KeyResult], None]) -> None:
         """Process every key; `progress` gets each finished key's result, in key order.
@@ -139,7 +137,7 @@ class _KeyTask:
         if not computed:
             return self.result
         for output in computed:
-            self._resolve(self.executor.output_nodes[output])
+            self._resolve(self.plan.sources[output])
         try:
             self._stream(computed)
         except BaseException:
@@ -222,7 +220,7 @@ class _KeyTask:
             values: dict[str, torch.Tensor] = {}
             for output in outputs:
                 info = writers[output].slots[self.key].info
-                tensor = self._value(self.executor.output_nodes[output], rows, values)
+                tensor = self._value(self.plan.sources[output], rows, values)
                 data = tensor.to(info.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
                 writers[output].write(self.key, data.data, self._offset(rows, info))
                 hashers[output].update(data.data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,20 @@ class FileStat:
 
     @classmethod
     def of(cls, path: Path) -> FileStat:
-        """The current stat of `path`."""
+        """The current stat of `path`; for a folder, of all its files together
+        (total size, newest mtime, and a hash of every file's name, inode and mtime)."""
         result = os.stat(path)
-        return cls(result.st_size, result.st_mtime_ns, result.st_ino)
+        if not stat.S_ISDIR(result.st_mode):
+            return cls(result.st_size, result.st_mtime_ns, result.st_ino)
+        files = [(name, os.stat(path / name)) for name in folder_files(path)]
+        identity = hashlib.sha256(
+            repr([(name, s.st_ino, s.st_mtime_ns, s.st_size) for name, s in files]).encode()
+        ).digest()
+        return cls(
+            sum(s.st_size for _, s in files),
+            max((s.st_mtime_ns for _, s in files), default=result.st_mtime_ns),
+            int.from_bytes(identity[:7], "little"),
+        )
 
 
 @dataclass(frozen=True)
@@ -47,8 +59,29 @@ class Fingerprint:
     tensors: dict[str, str]
 
 
+def folder_files(folder: Path) -> list[str]:
+    """The files of a model folder, as sorted relative paths; hidden names
+    (temporaries, `.cache`) are skipped."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        relative = Path(root).relative_to(folder)
+        found.extend(str(relative / name) for name in files if not name.startswith("."))
+    return sorted(found)
+
+
+def folder_sha256(file_sha256s: dict[str, str]) -> str:
+    """A folder's sha256: that of its `sha256sum`-style listing, one
+    `<sha256>  <relative path>` line per file, sorted by path."""
+    listing = "".join(f"{file_sha256s[name]}  {name}\n" for name in sorted(file_sha256s))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def sha256_of(path: Path) -> str:
-    """The sha256 of a whole file, read through a memory map (no copies)."""
+    """The sha256 of a whole file, read through a memory map (no copies);
+    for a folder, `folder_sha256` of its files."""
+    if path.is_dir():
+        return folder_sha256({name: sha256_of(path / name) for name in folder_files(path)})
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:

@@ -45,6 +45,14 @@ class MergeGraph:
                 found.setdefault(leaf)
         return list(found)
 
+    def output_inputs(self, output: str) -> list[str]:
+        """Every input that output `output` depends on: its node's, then its baked VAE."""
+        spec = self.recipe.outputs[output]
+        leaves = self.inputs_of(spec.node)
+        if spec.vae is not None and spec.vae not in leaves:
+            leaves.append(spec.vae)
+        return leaves
+
 
 def build_graph(recipe: Recipe, selected: Iterable[str] | None = None) -> MergeGraph:
     """Build and check the DAG; keep only what the `selected` outputs (default all) need."""

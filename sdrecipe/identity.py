@@ -5,7 +5,7 @@
 - A node that computes a key has H(expression with operands by position,
   channel rule, compute dtype, operand identities), so renaming an input
   changes nothing and any change of method, parameter or input content does.
-- A written output tensor adds the output dtype.
+- A written output tensor is its source's (node or baked VAE) plus the output dtype.
 
 A node's key hashes all its tensor identities. An output's key also covers the
 output file's metadata, so it names the exact bytes that will be written.
@@ -42,9 +42,17 @@ class Identities:
         """One hash of all of `node`'s tensor identities."""
         return _hash(IDENTITY_VERSION, sorted(self.values[node].items()))
 
-    def output_key(self, output: str, metadata: Mapping[str, str]) -> str:
-        """One hash of an output file's exact content: metadata and tensors."""
-        return _hash(IDENTITY_VERSION, dict(metadata), sorted(self.outputs[output].items()))
+    def output_key(
+        self, output: str, metadata: Mapping[str, str], written_as: Mapping[str, str]
+    ) -> str:
+        """One hash of an output's exact content: metadata, tensors, and how it is
+        written (format, and any files copied in)."""
+        return _hash(
+            IDENTITY_VERSION,
+            dict(metadata),
+            dict(written_as),
+            sorted(self.outputs[output].items()),
+        )
 
 
 def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]]) -> Identities:
@@ -72,11 +80,10 @@ def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]])
                 )
             else:
                 values[node][key] = values[operands[0]][key]
-    outputs = {}
-    for name, output_plan in plan.outputs.items():
-        node = output_plan.output.node
-        outputs[name] = {
-            key: _hash(values[node][key], DTYPE_TO_CODE[info.dtype])
-            for key, info in output_plan.tensors.items()
-        }
+    outputs: dict[str, dict[str, str]] = {name: {} for name in plan.outputs}
+    for key_plan in plan.keys:
+        key = key_plan.key
+        for name, source in key_plan.sources.items():
+            dtype = plan.outputs[name].tensors[key].dtype
+            outputs[name][key] = _hash(values[source][key], DTYPE_TO_CODE[dtype])
     return Identities(values=values, outputs=outputs)

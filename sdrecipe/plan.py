@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdrecipe.arch import EMA_PREFIX, is_never_merged
+from sdrecipe.arch import EMA_PREFIX, VAE_PREFIX, is_never_merged
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
@@ -54,8 +54,10 @@ class KeyPlan:
     """How one tensor key is produced.
 
     `steps` holds the decision of every node that has the key, in evaluation
-    order. `copies` maps outputs that take an input's bytes unchanged to that
-    input; `computed_outputs` need node values. `rows` is dim 0 when every
+    order. `sources` maps each output that has the key to the node or input
+    whose value it writes (an output's node, or its baked VAE). `copies` maps
+    outputs that take an input's bytes unchanged to that input;
+    `computed_outputs` need node values or a dtype conversion. `rows` is dim 0 when every
     tensor that could be involved shares it (work may then go in row ranges),
     and `row_width` the most elements in one row of any of them; both depend on
     shapes only, so results never depend on what was cached.
@@ -63,6 +65,7 @@ class KeyPlan:
 
     key: str
     steps: dict[str, Step]
+    sources: dict[str, str]
     copies: dict[str, str]
     computed_outputs: tuple[str, ...]
     rows: int | None
@@ -122,6 +125,7 @@ class _Planner:
             for node in graph.order
         }
         self.conflicts: list[tuple[str, str]] = []
+        self.baked: dict[str, frozenset[str]] = {}
 
     def value_dtype(self, name: str, key: str) -> torch.dtype:
         """The dtype of `name`'s value at the key being planned (computed nodes: compute dtype)."""
@@ -192,28 +196,33 @@ class _Planner:
                 self.status[node][key] = MERGED
             else:
                 self.status[node][key] = step.reason  # type: ignore[union-attr]
+        sources: dict[str, str] = {}
         copies: dict[str, str] = {}
         computed: list[str] = []
         for name in graph.outputs:
             output = recipe.outputs[name]
-            if self.info(output.node, key) is None:
+            source = output.vae if key in self.baked.get(name, ()) else output.node
+            if source is None or self.info(source, key) is None:
                 continue
-            source = self._copy_source(output, key, steps)
-            if source is None:
+            sources[name] = source
+            copied = self._copy_source(output, source, key, steps)
+            if copied is None:
                 computed.append(name)
             else:
-                copies[name] = source
+                copies[name] = copied
         return KeyPlan(
             key=key,
             steps=steps,
+            sources=sources,
             copies=copies,
             computed_outputs=tuple(computed),
-            **self._shared_rows(key, set(steps)),
+            **self._shared_rows(key, set(steps), set(sources.values())),
         )
 
-    def _copy_source(self, output: Output, key: str, steps: dict[str, Step]) -> str | None:
-        """The input whose bytes the output can take as they are, if any."""
-        name = output.node
+    def _copy_source(
+        self, output: Output, name: str, key: str, steps: dict[str, Step]
+    ) -> str | None:
+        """The input whose bytes the output can take from `name` as they are, if any."""
         while name in steps:
             if isinstance(steps[name], Compute):
                 return None
@@ -228,11 +237,11 @@ class _Planner:
             return name
         return None
 
-    def _shared_rows(self, key: str, nodes: set[str]) -> dict[str, int | None]:
+    def _shared_rows(self, key: str, nodes: set[str], sources: set[str]) -> dict[str, int | None]:
         """Dim 0 when every tensor that may be involved has it and every method
         involved is element-wise (work may then go in row ranges), and the most
         elements in one row of any of them."""
-        names = {self.graph.base_input(node) for node in nodes}
+        names = {self.graph.base_input(name) for name in nodes | sources}
         for node in nodes:
             names.update(
                 operand
@@ -262,16 +271,53 @@ class _Planner:
         )
 
     def output_tensors(self, name: str) -> dict[str, TensorInfo]:
-        """The tensors output `name` will hold: its base input's, in the output dtype."""
+        """The tensors output `name` will hold: its base input's, in the output
+        dtype, with the VAE replaced by the baked one's when it has `vae`."""
         output = self.graph.recipe.outputs[name]
         target = NAME_TO_DTYPE[output.dtype] if output.dtype else None
+        base = self.input_infos[self.graph.base_input(output.node)]
+        found = dict(base)
+        if output.vae is not None:
+            found = {key: info for key, info in found.items() if not key.startswith(VAE_PREFIX)}
+            baked = self._baked_vae(name, base)
+            self.baked[name] = frozenset(baked)
+            found.update(baked)
         tensors = {}
-        for key, info in self.input_infos[self.graph.base_input(output.node)].items():
+        for key, info in found.items():
             if output.prune_ema and key.startswith(EMA_PREFIX):
                 continue
             dtype = target if target is not None and info.is_floating else info.dtype
             tensors[key] = TensorInfo(dtype, info.shape)
         return tensors
+
+    def _baked_vae(self, name: str, base: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The VAE tensors output `name` takes from its `vae` input (in the base's
+        dtype where the base has the key), after checking they fit the base."""
+        recipe = self.graph.recipe
+        output = recipe.outputs[name]
+        vae = recipe.inputs[output.vae]  # type: ignore[index]
+        infos = self.input_infos[vae.name]
+        baked = {key: info for key, info in infos.items() if key.startswith(VAE_PREFIX)}
+        problem = None
+        if not baked:
+            problem = f"{vae.path} holds no VAE tensors"
+        missing = sorted(key for key in base if key.startswith(VAE_PREFIX) and key not in baked)
+        if missing:
+            problem = f"{vae.path} lacks {len(missing)} VAE tensor(s), e.g. {missing[0]}"
+        for key, info in baked.items():
+            if key in base and base[key].shape != info.shape:
+                problem = (
+                    f"{key}: the VAE in {vae.path} has shape {list(info.shape)} and the model "
+                    f"{list(base[key].shape)}"
+                )
+        if problem:
+            raise RecipeError(
+                f"output {name!r}: cannot bake the VAE: {problem}", recipe.path, vae.line
+            )
+        return {
+            key: TensorInfo(base[key].dtype if key in base else info.dtype, info.shape)
+            for key, info in baked.items()
+        }
 
     def output_plan(self, name: str, tensors: dict[str, TensorInfo]) -> OutputPlan:
         graph = self.graph
@@ -279,11 +325,13 @@ class _Planner:
         others = set()
         for leaf in graph.inputs_of(output.node):
             others.update(self.input_infos[leaf])
+        status = dict(self.status[output.node])
+        status.update(dict.fromkeys(self.baked.get(name, ()), "from the baked VAE"))
         return OutputPlan(
             name=name,
             output=output,
             tensors=tensors,
-            status=dict(self.status[output.node]),
+            status=status,
             dropped=len(others - set(tensors)),
         )
 

@@ -78,13 +78,19 @@ def output_recipe(graph: MergeGraph, output: str, hashes: Mapping[str, Fingerpri
     recipe = graph.recipe
     spec = recipe.outputs[output]
     needed = nx.ancestors(graph.dag, spec.node) | {spec.node}
+    names = {name: name for name in graph.inputs_of(spec.node)}
+    if spec.vae is not None and spec.vae not in names:
+        # A VAE given by path is an input named after its output; name it plainly.
+        names[spec.vae] = next(
+            f"vae{n or ''}" for n in range(len(names) + 1) if f"vae{n or ''}" not in names
+        )
     document = {
         "inputs": {
-            name: {"path": recipe.inputs[name].path.name, "sha256": hashes[name].sha256}
-            for name in graph.inputs_of(spec.node)
+            new: {"path": recipe.inputs[name].path.name, "sha256": hashes[name].sha256}
+            for name, new in names.items()
         },
         "nodes": {name: _node_entry(recipe.nodes[name]) for name in graph.order if name in needed},
-        "outputs": {output: _output_entry(spec)},
+        "outputs": {output: _output_entry(spec, names.get(spec.vae or ""))},
     }
     return yaml.safe_dump(document, sort_keys=False, width=1000)
 
@@ -104,12 +110,16 @@ def _node_entry(node: Node) -> str | dict[str, object]:
     return {"expression": expression, **options} if options else expression
 
 
-def _output_entry(spec: Output) -> dict[str, object]:
+def _output_entry(spec: Output, vae: str | None) -> dict[str, object]:
     entry: dict[str, object] = {"path": spec.path.name}
+    if spec.format != "safetensors":
+        entry["format"] = spec.format
     if spec.dtype:
         entry["dtype"] = spec.dtype
     if spec.prune_ema:
         entry["prune_ema"] = True
+    if vae:
+        entry["vae"] = vae
     if spec.metadata:
         entry["metadata"] = dict(spec.metadata)
     return entry
@@ -135,7 +145,7 @@ def _a1111_recipe(
         "save_as_half": spec.dtype == "float16",
         "custom_name": spec.path.stem,
         "config_source": None,
-        "bake_in_vae": None,
+        "bake_in_vae": recipe.inputs[spec.vae].path.name if spec.vae else None,
         "discard_weights": "",
         "is_inpainting": channels == 9,
         "is_instruct_pix2pix": channels == 8,

@@ -31,7 +31,7 @@ def current_outputs(
         if entry is None:
             return None
         shas = {}
-        for leaf in graph.inputs_of(recipe.outputs[name].node):
+        for leaf in graph.output_inputs(name):
             spec = recipe.inputs[leaf]
             sha = _known_sha256(spec.path, cache)
             if sha is None or (spec.sha256 and spec.sha256 != sha):

@@ -8,6 +8,7 @@ from importlib import resources
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
+VAE_PREFIX = "first_stage_model."
 UNET_INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 
 # Keys that are copied from the base model and never merged. CLIP's position ids
@@ -20,7 +21,7 @@ VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"
 # The component each key prefix belongs to, most specific first.
 COMPONENT_PREFIXES = (
     ("model.diffusion_model.", "unet"),
-    ("first_stage_model.", "vae"),
+    (VAE_PREFIX, "vae"),
     ("cond_stage_model.", "text_encoder"),
     ("conditioner.embedders.0.", "text_encoder"),
     ("conditioner.embedders.1.", "text_encoder_2"),

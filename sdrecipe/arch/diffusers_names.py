@@ -65,6 +65,13 @@ VAE_ATTENTION_PARTS = {
     "v.": "to_v.",
     "proj_out.": "to_out.0.",
 }
+# The VAE attention names of diffusers before 0.14, still found in older folders.
+VAE_LEGACY_ATTENTION_PARTS = {
+    "query.": "to_q.",
+    "key.": "to_k.",
+    "value.": "to_v.",
+    "proj_attn.": "to_out.0.",
+}
 OPEN_CLIP_PARTS = {
     "transformer.resblocks.": "text_model.encoder.layers.",
     "ln_1.": "layer_norm1.",
@@ -224,7 +231,8 @@ def vae_from_diffusers(name: str) -> str:
         rest = _replace_parts(match[3], VAE_PARTS, reverse=True)
         return f"{match[1]}.mid.block_{int(match[2]) + 1}.{rest}"
     if match := _VAE_MID_ATTENTION_D.match(name):
-        rest = _replace_parts(match[2], VAE_ATTENTION_PARTS, reverse=True)
+        rest = _replace_parts(match[2], VAE_LEGACY_ATTENTION_PARTS)
+        rest = _replace_parts(rest, VAE_ATTENTION_PARTS, reverse=True)
         return f"{match[1]}.mid.attn_1.{rest}"
     return _replace_parts(name, VAE_PARTS, reverse=True)
 
@@ -254,6 +262,28 @@ def open_clip_to_diffusers(name: str) -> tuple[str, ...]:
         if name.startswith(ldm):
             return (diffusers + name[len(ldm) :],)
     return (_replace_parts(name, OPEN_CLIP_PARTS),)
+
+
+_QKV_PROJECTION = re.compile(
+    r"^text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$"
+)
+
+
+def open_clip_from_diffusers(name: str) -> tuple[str, str] | None:
+    """A diffusers key of an OpenCLIP text encoder → (single-file name, kind), or
+    None for the position ids, which the single-file layout does not store.
+
+    q, k and v all map to their layer's fused `in_proj` name, with kind `qkv`.
+    """
+    if name.endswith("position_ids"):
+        return None
+    if match := _QKV_PROJECTION.match(name):
+        return f"transformer.resblocks.{match[1]}.attn.in_proj_{match[3]}", "qkv"
+    for ldm, diffusers in OPEN_CLIP_FIXED.items():
+        if name.startswith(diffusers):
+            kind = "transpose" if ldm == "text_projection" else "same"
+            return ldm + name[len(diffusers) :], kind
+    return _replace_parts(name, OPEN_CLIP_PARTS, reverse=True), "same"
 
 
 def diffusers_source(family: str, ldm_key: str) -> Source | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -27,10 +28,13 @@ def is_stale_temporary(path: Path) -> bool:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries of `path` left by killed processes."""
+    """Delete temporaries (files or folders) of `path` left by killed processes."""
     for candidate in path.parent.glob(f".{path.name}*.sdrecipe-*.tmp"):
         if is_stale_temporary(candidate):
-            candidate.unlink(missing_ok=True)
+            if candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -7,9 +7,10 @@ from typing import Protocol
 
 import torch
 
-from sdrecipe.errors import RecipeError
+from sdrecipe.arch import VAE_PREFIX
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.io.checkpoint_reader import CheckpointReader
+from sdrecipe.io.diffusers_reader import DiffusersReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -35,6 +36,58 @@ class ModelReader(Protocol):
     def fingerprint(self) -> Fingerprint: ...
 
 
+# Top-level names in a VAE distributed on its own (e.g. vae-ft-mse-840000).
+STANDALONE_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+class StandaloneVaeReader:
+    """A VAE file whose keys lack `first_stage_model.`, as VAEs are distributed,
+    seen under that prefix; other tensors (a training loss's) are left out."""
+
+    def __init__(self, reader: ModelReader):
+        self._reader = reader
+        self.path = reader.path
+        self.metadata = reader.metadata
+        self._names = {
+            VAE_PREFIX + key: key
+            for key in reader.infos()
+            if key.startswith(STANDALONE_VAE_PREFIXES)
+        }
+
+    def keys(self) -> list[str]:
+        """Tensor names, prefixed."""
+        return list(self._names)
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of `key`."""
+        return self._reader.info(self._names[key])
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Dtype and shape of every tensor."""
+        return {key: self.info(key) for key in self._names}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor, as the file's reader gives it."""
+        return self._reader.tensor(self._names[key])
+
+    def raw(self, key: str) -> memoryview:
+        """The tensor's bytes."""
+        return self._reader.raw(self._names[key])
+
+    def fingerprint(self) -> Fingerprint:
+        """The file's fingerprint, under the prefixed names."""
+        found = self._reader.fingerprint()
+        tensors = {key: found.tensors[name] for key, name in self._names.items()}
+        return Fingerprint(found.sha256, found.legacy, tensors)
+
+
+def is_standalone_vae(keys: list[str]) -> bool:
+    """True when the keys are a bare VAE's: a decoder, and no model prefixes."""
+    return any(key.startswith("decoder.") for key in keys) and not any(
+        key.startswith(("model.diffusion_model.", VAE_PREFIX)) for key in keys
+    )
+
+
 def format_of(path: Path) -> str:
     """`safetensors`, `checkpoint` (pickled PyTorch) or `diffusers` (a folder)."""
     if path.is_dir():
@@ -47,12 +100,11 @@ def format_of(path: Path) -> str:
 def open_model(path: Path) -> ModelReader:
     """A reader for the model at `path`; headers only are read here."""
     kind = format_of(path)
+    reader: ModelReader
     if kind == "checkpoint":
-        return CheckpointReader(path)
-    if kind == "diffusers":
-        raise RecipeError(
-            "diffusers folders cannot be read yet; convert the folder to a single "
-            "safetensors file first",
-            path,
-        )
-    return SafetensorsReader(path)
+        reader = CheckpointReader(path)
+    elif kind == "diffusers":
+        return DiffusersReader(path)
+    else:
+        reader = SafetensorsReader(path)
+    return StandaloneVaeReader(reader) if is_standalone_vae(reader.keys()) else reader

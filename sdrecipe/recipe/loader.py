@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -79,9 +80,15 @@ def parse_recipe(text: str, path: Path) -> Recipe:
                     node.line,
                 )
     outputs = {
-        name: _make_output(name, entry, nodes, folder, document, path)
+        name: _make_output(name, entry, inputs, nodes, folder, document, path)
         for name, entry in schema.outputs.items()
     }
+    for name, entry in schema.outputs.items():
+        if isinstance(entry, OutputEntry) and entry.vae and entry.vae not in inputs:
+            # A VAE given by path becomes an input of its own, named after the output.
+            line = document.line_of(("outputs", name, "vae"))
+            vae = _make_input(f"{name}.vae", entry.vae, folder, document, path)
+            inputs[vae.name] = dataclasses.replace(vae, line=line)
     return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
 
 
@@ -89,7 +96,9 @@ def _keeps_text(at: tuple[str | int, ...]) -> bool:
     """Input and output paths, hashes and metadata stay as written; options do not."""
     if at[:1] == ("inputs",):
         return True
-    return at[:1] == ("outputs",) and (len(at) == 2 or at[2] in ("path", "dtype", "metadata"))
+    return at[:1] == ("outputs",) and (
+        len(at) == 2 or at[2] in ("path", "dtype", "vae", "metadata")
+    )
 
 
 def _schema_error(exc: pydantic.ValidationError, document: YamlDocument, path: Path) -> RecipeError:
@@ -225,6 +234,7 @@ def _check_calls(expr: Expr) -> Expr:
 def _make_output(
     name: str,
     entry: str | OutputEntry,
+    inputs: dict[str, Input],
     nodes: dict[str, Node],
     folder: Path,
     document: YamlDocument,
@@ -238,11 +248,14 @@ def _make_output(
         resolved = resolve_path(spec.path, folder)
     except ValueError as exc:
         raise RecipeError(f"output {name!r}: {exc}", path, line) from None
+    vae = spec.vae if spec.vae is None or spec.vae in inputs else f"{name}.vae"
     return Output(
         node=name,
         path=resolved,
         dtype=spec.dtype,
         line=line,
+        format=spec.format,
         prune_ema=spec.prune_ema,
+        vae=vae,
         metadata=dict(spec.metadata),
     )

@@ -78,14 +78,18 @@ class Node:
 class Output:
     """A node written to a file; `dtype` None keeps each base tensor's dtype.
 
-    `prune_ema` drops `model_ema.*`; `metadata` adds header fields.
+    `format` is `safetensors` (one file) or `diffusers` (a folder).
+    `prune_ema` drops `model_ema.*`; `vae` names the input whose VAE
+    replaces the node's (`first_stage_model.*`); `metadata` adds header fields.
     """
 
     node: str
     path: Path
     dtype: str | None
     line: int | None
+    format: str = "safetensors"
     prune_ema: bool = False
+    vae: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
 

@@ -70,8 +70,10 @@ class OutputEntry(_Strict):
     """An output file written from a node."""
 
     path: str = Field(min_length=1)
+    format: Literal["safetensors", "diffusers"] = "safetensors"
     dtype: OutputDtype | None = None
     prune_ema: bool = False
+    vae: str | None = Field(default=None, min_length=1)
     metadata: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("metadata")

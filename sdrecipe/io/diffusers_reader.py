@@ -1,0 +1,311 @@
+"""Diffusers folders, read as single-file (LDM/SGM) models.
+
+A diffusers pipeline folder keeps each component in a folder of its own
+(`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`), with a config and its
+weights: safetensors or pickled `.bin`, optionally the `.fp16` variant,
+optionally sharded behind an index file. This reader presents all of it
+under single-file key names and tensor layouts, so that a folder can be any
+input of a recipe. A standalone VAE folder (`AutoencoderKL`) reads as
+`first_stage_model.*`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sdrecipe.arch.diffusers_names import (
+    COMPONENTS,
+    Source,
+    is_vae_attention_weight,
+    open_clip_from_diffusers,
+    unet_from_diffusers,
+    up_levels_with_attention,
+    vae_from_diffusers,
+)
+from sdrecipe.errors import RecipeError
+from sdrecipe.fingerprint import (
+    Fingerprint,
+    folder_files,
+    folder_sha256,
+    sha256_of,
+    tensor_digest,
+)
+from sdrecipe.io.checkpoint_reader import CheckpointReader
+from sdrecipe.io.safetensors_reader import SafetensorsReader
+from sdrecipe.io.tensor_info import TensorInfo
+
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+STANDALONE_VAE = (("first_stage_model.", ".", "vae"),)
+HF_CLIP_POSITION_IDS = "text_model.embeddings.position_ids"
+HF_CLIP_POSITION_EMBEDDING = "text_model.embeddings.position_embedding.weight"
+PREDICTION_TYPES = {"v_prediction": "v", "epsilon": "epsilon", "sample": "sample"}
+
+WeightReader = SafetensorsReader | CheckpointReader
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A component folder's weight files, in diffusers' order of preference:
+    safetensors before `.bin`, full precision before the `.fp16` variant; a
+    sharded component gives every shard its index names."""
+    for extension in ("safetensors", "bin"):
+        for variant in ("", ".fp16"):
+            for stem in WEIGHT_STEMS:
+                single = folder / f"{stem}{variant}.{extension}"
+                if single.is_file():
+                    return [single]
+                indexes = (
+                    f"{stem}{variant}.{extension}.index.json",
+                    f"{stem}.{extension}.index{variant}.json",
+                )
+                for index in dict.fromkeys(indexes):
+                    if (folder / index).is_file():
+                        return _shards(folder / index)
+    return []
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = list(dict.fromkeys(str(name) for name in weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise RecipeError("the shard index is not a valid `weight_map` file", index) from None
+    shards = [index.parent / name for name in names]
+    for shard in shards:
+        if not shard.is_file():
+            raise RecipeError(f"the shard index names {shard.name}, which is missing", index)
+    return shards
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"cannot read the config: {exc}", path) from None
+    if not isinstance(data, dict):
+        raise RecipeError("the config is not a JSON object", path)
+    return data
+
+
+def _single_file_form(
+    scheme: str, name: str, info: TensorInfo, up_levels: frozenset[int]
+) -> tuple[str, str, TensorInfo] | None:
+    """A stored tensor's single-file name (without prefix), layout kind and info;
+    None for tensors the single-file layout does not keep."""
+    if scheme == "unet":
+        return unet_from_diffusers(name, up_levels), "same", info
+    if scheme == "vae":
+        key = vae_from_diffusers(name)
+        if is_vae_attention_weight(key) and len(info.shape) == 2:
+            return key, "conv1x1", TensorInfo(info.dtype, (*info.shape, 1, 1))
+        return key, "same", info
+    if scheme == "hf_clip":
+        return name, "same", info
+    mapped = open_clip_from_diffusers(name)
+    if mapped is None:
+        return None
+    key, kind = mapped
+    if kind == "transpose":
+        info = TensorInfo(info.dtype, tuple(reversed(info.shape)))
+    return key, kind, info
+
+
+class DiffusersReader:
+    """A diffusers folder's tensors under single-file names and layouts.
+
+    Most tensors are the stored ones, zero-copy. OpenCLIP's q/k/v projections
+    are concatenated into `in_proj`, its text projection is transposed, the
+    VAE's linear attention weights are seen as 1x1 convolutions, and CLIP's
+    position ids (not saved by recent transformers) are recreated.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._readers: dict[Path, WeightReader] = {}
+        stored: dict[str, dict[str, WeightReader]] = {}
+        for folder in self._component_folders():
+            stored[folder] = {}
+            for file in weight_files(path / folder):
+                reader = SafetensorsReader(file) if file.suffix == ".safetensors" else None
+                reader = reader or CheckpointReader(file)
+                self._readers[file] = reader
+                stored[folder].update(dict.fromkeys(reader.keys(), reader))
+            if not stored[folder]:
+                raise RecipeError(
+                    f"{folder}/ holds no weights (diffusion_pytorch_model.safetensors, "
+                    "model.safetensors, their .fp16 variants, .bin or a shard index)",
+                    path,
+                )
+        self._stored = stored
+        self.family = self._family()
+        self._sources: dict[str, Source] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        layout = STANDALONE_VAE if self.family == "vae" else COMPONENTS[self.family]
+        for prefix, folder, scheme in layout:
+            if folder in stored:
+                self._map_component(prefix, folder, scheme)
+        self.metadata = self._metadata()
+
+    # --- structure ----------------------------------------------------------------
+
+    def _component_folders(self) -> list[str]:
+        present = [name for name in PIPELINE_COMPONENTS if (self.path / name).is_dir()]
+        if present:
+            return present
+        config = self.path / "config.json"
+        if config.is_file() and _read_json(config).get("_class_name") == "AutoencoderKL":
+            return ["."]
+        raise RecipeError(
+            "not a diffusers folder: it has none of unet/, vae/, text_encoder/, "
+            "text_encoder_2/ and is not an AutoencoderKL folder",
+            self.path,
+        )
+
+    def _family(self) -> str:
+        """From the components present; SD1 and SD2 differ in the UNet's `proj_in`
+        (a 1x1 convolution or a linear layer) or else in the text encoder's
+        activation (CLIP's quick_gelu, OpenCLIP's gelu)."""
+        stored = self._stored
+        if "." in stored:
+            return "vae"
+        if "text_encoder_2" in stored:
+            return "sdxl" if "text_encoder" in stored else "sdxl-refiner"
+        for key, reader in stored.get("unet", {}).items():
+            if key.endswith(".proj_in.weight"):
+                return "sd2" if len(reader.info(key).shape) == 2 else "sd1"
+        config = self.path / "text_encoder" / "config.json"
+        if config.is_file() and _read_json(config).get("hidden_act") == "gelu":
+            return "sd2"
+        return "sd1"
+
+    def _add(self, key: str, source: Source, info: TensorInfo) -> None:
+        if key in self._sources and source.kind != "qkv":
+            raise RecipeError(
+                f"{source.component}/ has two tensors for {key} ({source.keys[0]} and "
+                f"{self._sources[key].keys[0]})",
+                self.path,
+            )
+        self._sources[key] = source
+        self._infos[key] = info
+
+    def _map_component(self, prefix: str, folder: str, scheme: str) -> None:
+        stored = self._stored[folder]
+        levels = up_levels_with_attention(stored) if scheme == "unet" else frozenset()
+        fused: dict[str, dict[str, str]] = {}
+        for name, reader in stored.items():
+            try:
+                mapped = _single_file_form(scheme, name, reader.info(name), levels)
+            except KeyError:
+                raise RecipeError(
+                    f"{folder}/ holds {name}, which has no single-file name", self.path
+                ) from None
+            if mapped is None:
+                continue
+            key, kind, info = mapped
+            if kind == "qkv":
+                fused.setdefault(prefix + key, {})[name.split(".")[-2][0]] = name
+            else:
+                self._add(prefix + key, Source(folder, (name,), kind), info)
+        for key, parts in fused.items():
+            self._add_fused(key, folder, parts)
+        if scheme == "hf_clip" and HF_CLIP_POSITION_IDS not in stored:
+            embedding = stored.get(HF_CLIP_POSITION_EMBEDDING)
+            if embedding is not None:
+                positions = embedding.info(HF_CLIP_POSITION_EMBEDDING).shape[0]
+                info = TensorInfo(torch.int64, (1, positions))
+                self._add(prefix + HF_CLIP_POSITION_IDS, Source(folder, (), "position_ids"), info)
+
+    def _add_fused(self, key: str, folder: str, parts: dict[str, str]) -> None:
+        if set(parts) != {"q", "k", "v"}:
+            raise RecipeError(
+                f"{folder}/ lacks part of {key}'s q/k/v projections (has {sorted(parts)})",
+                self.path,
+            )
+        names = (parts["q"], parts["k"], parts["v"])
+        infos = {self._stored[folder][name].info(name) for name in names}
+        if len(infos) != 1:
+            raise RecipeError(f"{folder}/: the q/k/v projections of {key} differ", self.path)
+        (info,) = infos
+        self._add(
+            key,
+            Source(folder, names, "qkv"),
+            TensorInfo(info.dtype, (3 * info.shape[0], *info.shape[1:])),
+        )
+
+    def _metadata(self) -> dict[str, str]:
+        """The UNet file's header metadata (sdrecipe lineage), and the scheduler's
+        prediction type."""
+        metadata: dict[str, str] = {}
+        unet = self._stored.get("unet")
+        if unet:
+            metadata.update(next(iter(unet.values())).metadata)
+        scheduler = self.path / "scheduler" / "scheduler_config.json"
+        if scheduler.is_file():
+            prediction = _read_json(scheduler).get("prediction_type")
+            if prediction in PREDICTION_TYPES:
+                metadata["prediction_type"] = PREDICTION_TYPES[prediction]
+        return metadata
+
+    # --- the ModelReader interface ---------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Tensor names in single-file form."""
+        return list(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of `key`, in the single-file layout."""
+        return self._infos[key]
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Dtype and shape of every tensor."""
+        return dict(self._infos)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """`key` in the single-file layout; callers must not modify it."""
+        source = self._sources[key]
+        info = self._infos[key]
+        if source.kind == "position_ids":
+            return torch.arange(info.shape[1], dtype=info.dtype).reshape(info.shape)
+        stored = self._stored[source.component]
+        parts = [stored[name].tensor(name) for name in source.keys]
+        if source.kind == "qkv":
+            return torch.cat(parts)
+        if source.kind == "transpose":
+            return parts[0].t().contiguous()
+        return parts[0].view(info.shape)
+
+    def raw(self, key: str) -> memoryview:
+        """The bytes of `key` in the single-file layout (zero-copy where the layouts agree)."""
+        source = self._sources[key]
+        if source.kind in ("same", "conv1x1"):
+            name = source.keys[0]
+            return self._stored[source.component][name].raw(name)
+        return self.tensor(key).contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+    def fingerprint(self) -> Fingerprint:
+        """The folder's sha256 (see `folder_sha256`) and each tensor's digest.
+
+        Weight files are read once for both; tensors whose layout changes are
+        hashed again in single-file form.
+        """
+        file_sha256s: dict[str, str] = {}
+        stored_digests: dict[tuple[str, str], str] = {}
+        for file, reader in self._readers.items():
+            result = reader.fingerprint()
+            file_sha256s[str(file.relative_to(self.path))] = result.sha256
+            folder = str(file.parent.relative_to(self.path))
+            for name, digest in result.tensors.items():
+                stored_digests[(folder, name)] = digest
+        for name in folder_files(self.path):
+            if name not in file_sha256s:
+                file_sha256s[name] = sha256_of(self.path / name)
+        digests = {}
+        for key, source in self._sources.items():
+            if source.kind == "same":
+                digests[key] = stored_digests[(source.component, source.keys[0])]
+            else:
+                digests[key] = tensor_digest(self._infos[key], [self.raw(key)])
+        return Fingerprint(folder_sha256(file_sha256s), "", digests)
