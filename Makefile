@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench check-diffusers clean
 
 install: $(STAMP)
 
@@ -25,6 +25,15 @@ test: $(STAMP)
 # Full-size benchmark against the peers; regenerates BENCHMARKS.md (see bench/run.py).
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Loads the diffusers folders sdrecipe writes with diffusers itself, in a venv of its own.
+DIFFUSERS_VENV := build/venv-diffusers
+check-diffusers: $(STAMP)
+	$(BIN)/python bench/diffusers_compat.py prepare build/diffusers-check
+	test -x $(DIFFUSERS_VENV)/bin/python || ( $(PYTHON) -m venv $(DIFFUSERS_VENV) \
+		&& $(DIFFUSERS_VENV)/bin/pip install --quiet torch==2.13.0 \
+		&& $(DIFFUSERS_VENV)/bin/pip install --quiet diffusers==0.42.1 transformers==5.23.0 safetensors )
+	$(DIFFUSERS_VENV)/bin/python bench/diffusers_compat.py check build/diffusers-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

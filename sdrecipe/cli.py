@@ -356,9 +356,8 @@ def inspect(model: Path, cache_dir: Path, no_cache: bool, as_json: bool) -> None
     )
     for name, counts in report["components"].items():
         click.echo(f"  {name:15} {counts['keys']:5} keys {counts['parameters']:>15,} parameters")
-    click.echo(
-        f"  sha256 {report['sha256']}  AutoV2 {report['autov2']}  AutoV1 {report['legacy_hash']}"
-    )
+    legacy = f"  AutoV1 {report['legacy_hash']}" if report["legacy_hash"] else ""
+    click.echo(f"  sha256 {report['sha256']}  AutoV2 {report['autov2']}{legacy}")
     lineage = report["lineage"]
     if "sdrecipe" in lineage:
         own = lineage["sdrecipe"]

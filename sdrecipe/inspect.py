@@ -9,7 +9,7 @@ from pathlib import Path
 from sdrecipe.arch import component_of
 from sdrecipe.arch.detect import detect
 from sdrecipe.cache import Cache, file_sha256
-from sdrecipe.fingerprint import legacy_hash_of
+from sdrecipe.fingerprint import FileStat, legacy_hash_of
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.readers import format_of, open_model
 
@@ -38,10 +38,10 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
         "parameters": sum(info.numel for info in infos.values()),
         "components": components,
         "dtypes": dict(Counter(DTYPE_TO_CODE[info.dtype] for info in infos.values())),
-        "size": path.stat().st_size,
+        "size": FileStat.of(path).size,
         "sha256": sha256,
         "autov2": sha256[:10],
-        "legacy_hash": legacy_hash_of(path),
+        "legacy_hash": None if path.is_dir() else legacy_hash_of(path),
         "lineage": _lineage(reader.metadata),
     }
 

@@ -126,6 +126,7 @@ class _Planner:
         }
         self.conflicts: list[tuple[str, str]] = []
         self.baked: dict[str, frozenset[str]] = {}
+        self.written: dict[str, dict[str, TensorInfo]] = {}
 
     def value_dtype(self, name: str, key: str) -> torch.dtype:
         """The dtype of `name`'s value at the key being planned (computed nodes: compute dtype)."""
@@ -205,7 +206,7 @@ class _Planner:
             if source is None or self.info(source, key) is None:
                 continue
             sources[name] = source
-            copied = self._copy_source(output, source, key, steps)
+            copied = self._copy_source(name, source, key, steps)
             if copied is None:
                 computed.append(name)
             else:
@@ -219,23 +220,16 @@ class _Planner:
             **self._shared_rows(key, set(steps), set(sources.values())),
         )
 
-    def _copy_source(
-        self, output: Output, name: str, key: str, steps: dict[str, Step]
-    ) -> str | None:
-        """The input whose bytes the output can take from `name` as they are, if any."""
+    def _copy_source(self, output: str, name: str, key: str, steps: dict[str, Step]) -> str | None:
+        """The input whose bytes the output can take from `name` as they are, if any:
+        nothing on the way computes, and the dtype is the one the output holds."""
         while name in steps:
             if isinstance(steps[name], Compute):
                 return None
             name = self.graph.base(name)
         info = self.info(name, key)
         assert info is not None
-        if (
-            output.dtype is None
-            or not info.is_floating
-            or NAME_TO_DTYPE[output.dtype] == info.dtype
-        ):
-            return name
-        return None
+        return name if info.dtype == self.written[output][key].dtype else None
 
     def _shared_rows(self, key: str, nodes: set[str], sources: set[str]) -> dict[str, int | None]:
         """Dim 0 when every tensor that may be involved has it and every method
@@ -288,6 +282,7 @@ class _Planner:
                 continue
             dtype = target if target is not None and info.is_floating else info.dtype
             tensors[key] = TensorInfo(dtype, info.shape)
+        self.written[name] = tensors
         return tensors
 
     def _baked_vae(self, name: str, base: dict[str, TensorInfo]) -> dict[str, TensorInfo]:

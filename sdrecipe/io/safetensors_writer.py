@@ -110,7 +110,10 @@ class SafetensorsWriter:
 
     def write(self, key: str, data: memoryview | bytes, start: int = 0) -> None:
         """Write bytes of tensor `key`, beginning `start` bytes into its data."""
-        self._write_at(data, self.slots[key].offset + start)
+        slot = self.slots[key]
+        if start + memoryview(data).nbytes > slot.info.nbytes:
+            raise BuildError(f"internal error: {key} written past its end", self.path)
+        self._write_at(data, slot.offset + start)
 
     def write_tensor(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
         """Write a contiguous tensor's bytes into `key`'s data at byte `start`."""
