@@ -54,10 +54,10 @@ class KeyPlan:
     """How one tensor key is produced.
 
     `steps` holds the decision of every node that has the key, in evaluation
-    order. `sources` maps each output that has the key to the node or input
-    whose value it writes (an output's node, or its baked VAE). `copies` maps
-    outputs that take an input's bytes unchanged to that input;
-    `computed_outputs` need node values or a dtype conversion. `rows` is dim 0 when every
+    order. `sources` maps each output that holds the key to the node or input
+    whose value it writes (its node, or its baked VAE). `copies` maps outputs
+    that take an input's bytes unchanged to that input; `computed_outputs`
+    need node values or a dtype conversion. `rows` is dim 0 when every
     tensor that could be involved shares it (work may then go in row ranges),
     and `row_width` the most elements in one row of any of them; both depend on
     shapes only, so results never depend on what was cached.
@@ -201,11 +201,11 @@ class _Planner:
         copies: dict[str, str] = {}
         computed: list[str] = []
         for name in graph.outputs:
+            if key not in self.written[name]:
+                continue  # pruned, or only in another output's inputs
             output = recipe.outputs[name]
-            source = output.vae if key in self.baked.get(name, ()) else output.node
-            if source is None or self.info(source, key) is None:
-                continue
-            sources[name] = source
+            vae = output.vae if key in self.baked.get(name, ()) else None
+            source = sources[name] = vae or output.node
             copied = self._copy_source(name, source, key, steps)
             if copied is None:
                 computed.append(name)

@@ -128,3 +128,23 @@ def test_changing_the_selection_is_a_reason_to_rebuild(tmp_path, inputs):
     plan = json.loads(run_cli("plan", "--json", str(recipe)).stdout)["nodes"][0]
     assert plan["state"] == "rebuild"
     assert "only: unet" in plan["reason"] and "only: vae" in plan["reason"]
+
+
+def test_pruned_and_unpruned_outputs_build_together(tmp_path, models):
+    tensors = {k: torch.from_numpy(v) for k, v in load_file(models["base"]).items()}
+    tensors["model_ema.decay"] = torch.tensor(0.9999)
+    save_file(tensors, tmp_path / "A.safetensors")
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(
+        "inputs: {A: A.safetensors}\n"
+        "nodes: {pruned: A, kept: A}\n"
+        "outputs:\n"
+        "  pruned: {path: pruned.safetensors, prune_ema: true}\n"
+        "  kept: kept.safetensors\n"
+    )
+    result = run_cli("build", str(recipe))
+    assert result.returncode == 0, result.stderr
+    with safe_open(tmp_path / "pruned.safetensors", "np") as handle:
+        assert "model_ema.decay" not in set(handle.keys())
+    with safe_open(tmp_path / "kept.safetensors", "np") as handle:
+        assert handle.get_tensor("model_ema.decay") == np.float32(0.9999)
