@@ -182,7 +182,7 @@ class DiffusersReader:
         return "sd1"
 
     def _add(self, key: str, source: Source, info: TensorInfo) -> None:
-        if key in self._sources and source.kind != "qkv":
+        if key in self._sources:
             raise RecipeError(
                 f"{source.component}/ has two tensors for {key} ({source.keys[0]} and "
                 f"{self._sources[key].keys[0]})",
