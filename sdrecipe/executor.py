@@ -213,13 +213,11 @@ class _KeyTask:
 
     def _stream(self, outputs: list[str]) -> None:
         writers = self.executor.writers
-        hashers = {
-            output: tensor_hasher(writers[output].slots[self.key].info) for output in outputs
-        }
+        hashers = {output: tensor_hasher(writers[output].info(self.key)) for output in outputs}
         for rows in row_ranges(self.plan):
             values: dict[str, torch.Tensor] = {}
             for output in outputs:
-                info = writers[output].slots[self.key].info
+                info = writers[output].info(self.key)
                 tensor = self._value(self.plan.sources[output], rows, values)
                 data = tensor.to(info.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
                 writers[output].write(self.key, data.data, self._offset(rows, info))

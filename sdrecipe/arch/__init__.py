@@ -13,7 +13,8 @@ UNET_INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 
 # Keys that are copied from the base model and never merged. CLIP's position ids
 # are an index table; averaging them corrupts the text encoder.
-NEVER_MERGED_SUFFIXES = ("text_model.embeddings.position_ids",)
+CLIP_POSITION_IDS = "text_model.embeddings.position_ids"
+NEVER_MERGED_SUFFIXES = (CLIP_POSITION_IDS,)
 
 # UNet input channels that identify the variants the channel rule is about.
 VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"}

@@ -11,11 +11,13 @@ input of a recipe. A standalone VAE folder (`AutoencoderKL`) reads as
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import torch
 
+from sdrecipe.arch import CLIP_POSITION_IDS
 from sdrecipe.arch.diffusers_names import (
     COMPONENTS,
     Source,
@@ -40,7 +42,6 @@ from sdrecipe.io.tensor_info import TensorInfo
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 STANDALONE_VAE = (("first_stage_model.", ".", "vae"),)
-HF_CLIP_POSITION_IDS = "text_model.embeddings.position_ids"
 HF_CLIP_POSITION_EMBEDDING = "text_model.embeddings.position_embedding.weight"
 PREDICTION_TYPES = {"v_prediction": "v", "epsilon": "epsilon", "sample": "sample"}
 
@@ -51,19 +52,18 @@ def weight_files(folder: Path) -> list[Path]:
     """A component folder's weight files, in diffusers' order of preference:
     safetensors before `.bin`, full precision before the `.fp16` variant; a
     sharded component gives every shard its index names."""
-    for extension in ("safetensors", "bin"):
-        for variant in ("", ".fp16"):
-            for stem in WEIGHT_STEMS:
-                single = folder / f"{stem}{variant}.{extension}"
-                if single.is_file():
-                    return [single]
-                indexes = (
-                    f"{stem}{variant}.{extension}.index.json",
-                    f"{stem}.{extension}.index{variant}.json",
-                )
-                for index in dict.fromkeys(indexes):
-                    if (folder / index).is_file():
-                        return _shards(folder / index)
+    preference = itertools.product(("safetensors", "bin"), ("", ".fp16"), WEIGHT_STEMS)
+    for extension, variant, stem in preference:
+        single = folder / f"{stem}{variant}.{extension}"
+        if single.is_file():
+            return [single]
+        indexes = (
+            f"{stem}{variant}.{extension}.index.json",
+            f"{stem}.{extension}.index{variant}.json",
+        )
+        for index in dict.fromkeys(indexes):
+            if (folder / index).is_file():
+                return _shards(folder / index)
     return []
 
 
@@ -129,8 +129,11 @@ class DiffusersReader:
         for folder in self._component_folders():
             stored[folder] = {}
             for file in weight_files(path / folder):
-                reader = SafetensorsReader(file) if file.suffix == ".safetensors" else None
-                reader = reader or CheckpointReader(file)
+                reader: WeightReader = (
+                    SafetensorsReader(file)
+                    if file.suffix == ".safetensors"
+                    else CheckpointReader(file)
+                )
                 self._readers[file] = reader
                 stored[folder].update(dict.fromkeys(reader.keys(), reader))
             if not stored[folder]:
@@ -211,12 +214,12 @@ class DiffusersReader:
                 self._add(prefix + key, Source(folder, (name,), kind), info)
         for key, parts in fused.items():
             self._add_fused(key, folder, parts)
-        if scheme == "hf_clip" and HF_CLIP_POSITION_IDS not in stored:
+        if scheme == "hf_clip" and CLIP_POSITION_IDS not in stored:
             embedding = stored.get(HF_CLIP_POSITION_EMBEDDING)
             if embedding is not None:
                 positions = embedding.info(HF_CLIP_POSITION_EMBEDDING).shape[0]
                 info = TensorInfo(torch.int64, (1, positions))
-                self._add(prefix + HF_CLIP_POSITION_IDS, Source(folder, (), "position_ids"), info)
+                self._add(prefix + CLIP_POSITION_IDS, Source(folder, (), "position_ids"), info)
 
     def _add_fused(self, key: str, folder: str, parts: dict[str, str]) -> None:
         if set(parts) != {"q", "k", "v"}:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sdrecipe.arch import CLIP_POSITION_IDS
 from sdrecipe.arch.detect import Architecture
 from sdrecipe.arch.diffusers_configs import (
     model_index,
@@ -32,7 +33,7 @@ from sdrecipe.arch.diffusers_configs import (
 from sdrecipe.arch.diffusers_names import Source, diffusers_source
 from sdrecipe.errors import BuildError
 from sdrecipe.io.atomic import remove_stale_temporaries, temporary_path
-from sdrecipe.io.safetensors_writer import SafetensorsWriter, Slot
+from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
 
 WEIGHT_FILES = {
@@ -75,7 +76,7 @@ def diffusers_layout(
     for key, info in tensors.items():
         source = diffusers_source(family, key)
         layer = _OPEN_CLIP_LAYER.match(key)
-        if source is None or key.endswith("text_model.embeddings.position_ids"):
+        if source is None or key.endswith(CLIP_POSITION_IDS):
             continue
         if layer is not None and int(layer[1]) == sd2_unused:
             continue
@@ -105,7 +106,7 @@ class DiffusersWriter:
         self.temporary = temporary_path(path)
         self.architecture = architecture
         self.tokenizers = dict(tokenizers)
-        self.slots = {key: Slot(info, 0) for key, info in tensors.items()}
+        self.tensors = tensors
         self.routes, self.components = diffusers_layout(architecture.family, tensors)
         self._pending: dict[str, bytearray] = {}
         self._received: Counter[str] = Counter()
@@ -132,6 +133,10 @@ class DiffusersWriter:
             self.abort()
             raise
 
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of single-file tensor `key` as the executor writes it."""
+        return self.tensors[key]
+
     def write(self, key: str, data: memoryview | bytes, start: int = 0) -> None:
         """Write bytes of single-file tensor `key`, beginning `start` bytes into its data."""
         source = self.routes.get(key)
@@ -148,7 +153,7 @@ class DiffusersWriter:
     def _write_split(
         self, writer: SafetensorsWriter, source: Source, view: memoryview, start: int
     ) -> None:
-        part = self._fused_bytes(source) // 3
+        part = self._writers[source.component].info(source.keys[0]).nbytes
         position = start
         while view:
             index, offset = divmod(position, part)
@@ -157,16 +162,17 @@ class DiffusersWriter:
             view = view[length:]
             position += length
 
-    def _fused_bytes(self, source: Source) -> int:
-        """The byte size of a fused q/k/v tensor, from its stored parts."""
-        return 3 * self._writers[source.component].slots[source.keys[0]].info.nbytes
-
     def _write_transposed(
-        self, writer: SafetensorsWriter, key: str, source: Source, data: object, start: int
+        self,
+        writer: SafetensorsWriter,
+        key: str,
+        source: Source,
+        data: memoryview | bytes,
+        start: int,
     ) -> None:
-        info = self.slots[key].info
+        info = self.tensors[key]
         buffer = self._pending.setdefault(key, bytearray(info.nbytes))
-        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        view = memoryview(data).cast("B")
         buffer[start : start + len(view)] = view
         self._received[key] += len(view)
         if self._received[key] == info.nbytes:

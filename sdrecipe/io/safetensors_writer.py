@@ -108,6 +108,10 @@ class SafetensorsWriter:
             view = view[written:]
             offset += written
 
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of tensor `key`."""
+        return self.slots[key].info
+
     def write(self, key: str, data: memoryview | bytes, start: int = 0) -> None:
         """Write bytes of tensor `key`, beginning `start` bytes into its data."""
         slot = self.slots[key]

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from sdrecipe.arch.detect import Architecture
 from sdrecipe.io.diffusers_writer import DiffusersWriter
-from sdrecipe.io.safetensors_writer import SafetensorsWriter, Slot
+from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
 
 
@@ -17,7 +17,8 @@ class OutputWriter(Protocol):
     pieces from any thread, published by `commit` or discarded by `abort`."""
 
     path: Path
-    slots: dict[str, Slot]
+
+    def info(self, key: str) -> TensorInfo: ...
 
     def write(self, key: str, data: memoryview | bytes, start: int = 0) -> None: ...
 

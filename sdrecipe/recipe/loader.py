@@ -83,11 +83,12 @@ def parse_recipe(text: str, path: Path) -> Recipe:
         name: _make_output(name, entry, inputs, nodes, folder, document, path)
         for name, entry in schema.outputs.items()
     }
-    for name, entry in schema.outputs.items():
-        if isinstance(entry, OutputEntry) and entry.vae and entry.vae not in inputs:
-            # A VAE given by path becomes an input of its own, named after the output.
+    for name, output in outputs.items():
+        entry = schema.outputs[name]
+        if output.vae and output.vae not in inputs and isinstance(entry, OutputEntry):
+            # A VAE given by path becomes an input of its own (see _make_output).
+            vae = _make_input(output.vae, entry.vae or "", folder, document, path)
             line = document.line_of(("outputs", name, "vae"))
-            vae = _make_input(f"{name}.vae", entry.vae, folder, document, path)
             inputs[vae.name] = dataclasses.replace(vae, line=line)
     return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
 
@@ -248,6 +249,7 @@ def _make_output(
         resolved = resolve_path(spec.path, folder)
     except ValueError as exc:
         raise RecipeError(f"output {name!r}: {exc}", path, line) from None
+    # `vae` names an input, or a file that becomes the input `<output>.vae`.
     vae = spec.vae if spec.vae is None or spec.vae in inputs else f"{name}.vae"
     return Output(
         node=name,
