@@ -26,11 +26,12 @@ from sdrecipe.errors import RecipeError
 from sdrecipe.executor import CacheUse, Executor, KeyResult
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.graph import MergeGraph, build_graph
+from sdrecipe.guard import check_outputs
 from sdrecipe.identity import Identities, tensor_identities
-from sdrecipe.io.atomic import temporary_path
+from sdrecipe.io.atomic import publish, remove_stale_temporaries, temporary_path
 from sdrecipe.io.diffusers_writer import TOKENIZERS
 from sdrecipe.io.readers import ModelReader, open_model
-from sdrecipe.io.writers import open_writer
+from sdrecipe.io.writers import OutputWriter, open_writer
 from sdrecipe.lock import (
     Lock,
     LockedInput,
@@ -142,21 +143,30 @@ def open_inputs(graph: MergeGraph) -> dict[str, ModelReader]:
 
 
 def prepare(
-    recipe_path: Path, selected: Iterable[str] | None = None, force: bool = False
+    recipe_path: Path,
+    selected: Iterable[str] | None = None,
+    force: bool = False,
+    cache_root: Path | None = None,
 ) -> Prepared:
     """Load and check everything a build needs, without reading tensor data.
 
     Operands of different architectures are refused unless `force` (or the
-    node's `force: true`) says the per-key merge is meant.
+    node's `force: true`) says the per-key merge is meant. Outputs that would
+    replace an input, the recipe, its lock, another output or anything in
+    `cache_root` are refused (see `sdrecipe.guard`).
     """
-    return prepare_recipe(load_recipe(recipe_path), selected, force)
+    return prepare_recipe(load_recipe(recipe_path), selected, force, cache_root)
 
 
 def prepare_recipe(
-    recipe: Recipe, selected: Iterable[str] | None = None, force: bool = False
+    recipe: Recipe,
+    selected: Iterable[str] | None = None,
+    force: bool = False,
+    cache_root: Path | None = None,
 ) -> Prepared:
     """`prepare` for a recipe already loaded."""
     graph = build_graph(recipe, selected)
+    check_outputs(recipe, cache_root, graph.outputs)
     readers = open_inputs(graph)
     architectures = {name: detect(r.infos(), r.metadata) for name, r in readers.items()}
     if not force:
@@ -297,7 +307,7 @@ def assess(
     for values in identities.outputs.values():
         wanted.update(values.values())
     # --force recomputes everything: cached tensors are written, never read.
-    found = cache.lookup(wanted) if cache and not force else {}
+    found = cache.lookup(wanted) if cache and cache.tensors and not force else {}
     facts = {
         name: _output_facts(prepared, name, output_keys[name], lock, cache, force)
         for name in plan.outputs
@@ -332,7 +342,12 @@ def _output_facts(
         and locked.key == output_key
         and file_sha256(path, cache) == locked.sha256
     )
-    pack = (not force) and cache is not None and cache.find_pack(output_key) is not None
+    pack = (
+        not force
+        and cache is not None
+        and cache.tensors
+        and cache.find_pack(output_key) is not None
+    )
     return OutputFacts(exists=exists, current=current, pack_available=pack)
 
 
@@ -378,7 +393,11 @@ def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) ->
     names = [name for name in recipe.outputs if name in lock.outputs]
     first = recipe.outputs[names[0]].path
     first.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".sdrecipe-verify-", dir=first.parent) as folder:
+    remove_stale_temporaries(first.parent)
+    # Named like every temporary, so a verify that is killed is cleaned up later.
+    with tempfile.TemporaryDirectory(
+        prefix=".verify-", suffix=f".sdrecipe-{os.getpid()}.tmp", dir=first.parent
+    ) as folder:
         moved = {
             name: dataclasses.replace(spec, path=Path(folder) / str(index) / spec.path.name)
             for index, (name, spec) in enumerate(recipe.outputs.items())
@@ -407,25 +426,45 @@ class _Builder:
         self.threads = threads
         self.progress = progress
         self.stats = CacheStats()
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(prepared.plan.warnings)
         self.states: dict[str, str] = {}
         self.sha256: dict[str, str] = {}
+        self._digests: dict[str, dict[str, str]] = {}
 
     def run(self, started: float, update_lock: bool) -> BuildSummary:
+        """Stage every output that is not up to date (restored from the cache or
+        built), publish them together once all are complete, then cache the new
+        ones and write the lock. A failure before publishing leaves every output
+        as it was; the lock is written last, so it never describes a file that
+        is not on disk."""
         plan = self.prepared.plan
-        to_build = []
-        for name in plan.outputs:
-            if self.assessment.facts[name].current:
-                self.states[name] = "up to date"
-                self.sha256[name] = self.assessment.lock.outputs[name].sha256  # type: ignore[union-attr]
-                self.stats.outputs_up_to_date += 1
-            elif self.assessment.facts[name].pack_available and self._restore(name):
-                self.states[name] = "restored from cache"
-                self.stats.outputs_restored += 1
-            else:
-                to_build.append(name)
-        if to_build:
-            self._build(to_build)
+        for folder in {spec.output.path.parent for spec in plan.outputs.values()}:
+            remove_stale_temporaries(folder)
+        restored: dict[str, Path] = {}
+        built: list[str] = []
+        with ExitStack() as cleanup:
+            for name in plan.outputs:
+                if self.assessment.facts[name].current:
+                    self.states[name] = "up to date"
+                    self.sha256[name] = self.assessment.lock.outputs[name].sha256  # type: ignore[union-attr]
+                    self.stats.outputs_up_to_date += 1
+                    continue
+                facts = self.assessment.facts[name]
+                staged = self._stage_restore(name) if facts.pack_available else None
+                if staged is None:
+                    built.append(name)
+                else:
+                    cleanup.callback(staged.unlink, missing_ok=True)
+                    restored[name] = staged
+            writers = self._build(built, cleanup) if built else {}
+            for name, staged in restored.items():
+                self._publish_restored(name, staged)
+            for writer in writers.values():
+                writer.publish()
+            cleanup.pop_all()
+        for name in built:
+            self.states[name] = "built"
+            self._cache_output(name, self._digests[name])
         if update_lock:
             self._write_lock()
         if self.cache is not None:
@@ -437,36 +476,43 @@ class _Builder:
             warnings=tuple(self.warnings),
         )
 
-    def _restore(self, name: str) -> bool:
-        """Link a verified cached copy of the output into place."""
+    def _stage_restore(self, name: str) -> Path | None:
+        """Link a verified cached copy of the output beside it, under a temporary name."""
         assert self.cache is not None
         pack = self.cache.find_pack(self.assessment.output_keys[name])
         if pack is None:
-            return False
+            return None
         sha256 = pack.name.removesuffix(".safetensors")
         if file_sha256(pack, None) != sha256:
             self.warnings.append(f"cache entry {pack} is corrupt; discarded and rebuilt")
             self.stats.corrupt_entries += 1
             self.cache.discard(Location(PACK, sha256, "", ""))
-            return False
+            return None
         output = self.prepared.recipe.outputs[name].path
         output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = temporary_path(output)
-        temporary.unlink(missing_ok=True)
+        staged = temporary_path(output, unique=True)
         try:
-            os.link(pack, temporary)
+            os.link(pack, staged)
         except OSError:
-            shutil.copyfile(pack, temporary)
-        os.replace(temporary, output)
-        self.cache.remember_file(output, FileStat.of(output), sha256)
+            shutil.copyfile(pack, staged)
         self.sha256[name] = sha256
-        return True
+        return staged
 
-    def _build(self, names: list[str]) -> None:
+    def _publish_restored(self, name: str, staged: Path) -> None:
+        assert self.cache is not None
+        output = self.prepared.recipe.outputs[name].path
+        publish(staged, output)
+        self.cache.remember_file(output, FileStat.of(output), self.sha256[name])
+        self.states[name] = "restored from cache"
+        self.stats.outputs_restored += 1
+
+    def _build(self, names: list[str], cleanup: ExitStack) -> dict[str, OutputWriter]:
+        """Compute and write `names` into finished, unpublished temporaries; the
+        writers are aborted by `cleanup` unless the caller publishes them."""
         plan = self.prepared.plan
         assessment = self.assessment
         cache_use = None
-        if self.cache is not None:
+        if self.cache is not None and self.cache.tensors:
             # Intermediates are stored as objects (unless `cache: false`); outputs
             # are cached whole, as packs.
             nodes = self.prepared.recipe.nodes
@@ -476,55 +522,53 @@ class _Builder:
                 if plan.graph.dag.out_degree(node) > 0 and nodes[node].cache
             )
             cache_use = CacheUse(self.cache, assessment.identities, assessment.found, stored)
-        with ExitStack() as cleanup:
-            writers = {}
-            for name in names:
-                output_plan = plan.outputs[name]
-                output = output_plan.output
-                writer = open_writer(
-                    output.path,
-                    output.format,
-                    output_plan.tensors,
-                    assessment.metadata[name],
-                    self.prepared.architectures[plan.graph.base_input(output.node)],
-                    tokenizer_folders(self.prepared, name),
-                )
-                cleanup.callback(writer.abort)
-                writers[name] = writer
-            total = sum(sum(i.nbytes for i in plan.outputs[n].tensors.values()) for n in names)
-            advance = self.progress("merging", total)
-            digests: dict[str, dict[str, str]] = {name: {} for name in names}
-
-            def record(result: KeyResult) -> None:
-                advance(result.written)
-                self.stats.tensors_from_cache += result.hits
-                self.stats.tensors_computed += result.computed
-                for output, digest in result.output_digests.items():
-                    digests[output][result.key] = digest
-                if self.cache is None:
-                    return
-                if result.new_objects:
-                    self.cache.add_objects(result.new_objects)
-                if result.used:
-                    self.cache.touch(result.used)
-                for corrupt in result.corrupt:
-                    self.warnings.append(f"{corrupt}; recomputed")
-                    self.stats.corrupt_entries += 1
-                    self.cache.discard(corrupt.location)
-
-            Executor(plan, self.prepared.readers, writers, self.threads, cache_use).run(record)
-            for writer in writers.values():
-                writer.commit()
-            cleanup.pop_all()
+        writers: dict[str, OutputWriter] = {}
         for name in names:
-            self.states[name] = "built"
-            self._cache_output(name, digests[name])
+            output_plan = plan.outputs[name]
+            output = output_plan.output
+            writer = open_writer(
+                output.path,
+                output.format,
+                output_plan.tensors,
+                assessment.metadata[name],
+                self.prepared.architectures[plan.graph.base_input(output.node)],
+                tokenizer_folders(self.prepared, name),
+            )
+            cleanup.callback(writer.abort)
+            writers[name] = writer
+        total = sum(sum(i.nbytes for i in plan.outputs[n].tensors.values()) for n in names)
+        advance = self.progress("merging", total)
+        self._digests.update({name: {} for name in names})
+
+        def record(result: KeyResult) -> None:
+            advance(result.written)
+            self.stats.tensors_from_cache += result.hits
+            self.stats.tensors_computed += result.computed
+            for output, digest in result.output_digests.items():
+                self._digests[output][result.key] = digest
+            if self.cache is None:
+                return
+            # Forget corrupt entries first: a recomputed tensor may be stored
+            # again under the same name.
+            for corrupt in result.corrupt:
+                self.warnings.append(f"{corrupt}; recomputed")
+                self.stats.corrupt_entries += 1
+                self.cache.forget(corrupt.location)
+            if result.new_objects:
+                self.cache.add_objects(result.new_objects)
+            if result.used:
+                self.cache.touch(result.used)
+
+        Executor(plan, self.prepared.readers, writers, self.threads, cache_use).run(record)
+        for writer in writers.values():
+            writer.finish()
+        return writers
 
     def _cache_output(self, name: str, digests: dict[str, str]) -> None:
         """Link the new output into the cache as a pack, with refs to its tensors."""
         output = self.prepared.recipe.outputs[name].path
         sha256 = self.sha256[name] = file_sha256(output, self.cache)
-        if self.cache is None or output.is_dir():
+        if self.cache is None or not self.cache.tensors or output.is_dir():
             return  # folders are not kept as packs
         self.cache.add_pack(output, sha256, self.assessment.output_keys[name])
         identities = self.assessment.identities.outputs[name]

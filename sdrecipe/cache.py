@@ -25,8 +25,9 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,7 +54,11 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_by_output ON entries (output_key);
 CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT);
 """
+# The cache's own disk use is trimmed to this after every build, least recently
+# used first, unless `sdrecipe cache limit` sets another size.
+DEFAULT_MAX_SIZE = 20_000_000_000
 
 OBJECT = "object"
 PACK = "pack"
@@ -78,29 +83,78 @@ class CorruptEntry(Exception):
 
 
 class Cache:
-    """A cache directory. Use `with cache.locked():` around anything that writes."""
+    """A cache directory. Use `with cache.locked():` around anything that writes.
 
-    def __init__(self, root: Path):
+    With `tensors` False only the memo of file hashes is used: no tensor or
+    output is read from or stored in the cache (`--no-cache`). `notify` receives
+    what a person should know as it happens (e.g. that a build waits for the lock).
+    """
+
+    def __init__(
+        self, root: Path, tensors: bool = True, notify: Callable[[str], None] = lambda text: None
+    ):
         self.root = root
         self.objects = root / "objects"
         self.packs = root / "packs"
+        self.tensors = tensors
+        self.notify = notify
         try:
             for folder in (self.objects, self.packs):
                 folder.mkdir(parents=True, exist_ok=True)
             # Switching to WAL can fail at once when two processes open a new
             # index together, so opening is serialised by its own short lock.
             with _file_lock(root / ".open.lock"):
-                self.db = sqlite3.connect(root / "index.sqlite", timeout=60, isolation_level=None)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.executescript(_SCHEMA)
+                self.db = self._open_index()
         except (OSError, sqlite3.Error) as exc:
             raise BuildError(f"cannot open the cache: {exc}", root) from None
         self._readers: dict[Path, SafetensorsReader] = {}
 
-    def locked(self) -> contextlib.AbstractContextManager[None]:
-        """Hold the cache's exclusive lock (waits for another build to finish)."""
-        return _file_lock(self.root / ".lock")
+    @classmethod
+    def existing(
+        cls, root: Path, notify: Callable[[str], None] = lambda text: None
+    ) -> Cache | None:
+        """The cache at `root` if there is one; read-only commands create none."""
+        return cls(root, notify=notify) if (root / "index.sqlite").is_file() else None
+
+    def _open_index(self) -> sqlite3.Connection:
+        """Open the index; a damaged one is only a memo, so it is moved aside
+        with a notice and started afresh (unindexed entries are collected by gc)."""
+        path = self.root / "index.sqlite"
+        try:
+            return _connect(path)
+        except sqlite3.DatabaseError as exc:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = path.with_name(f"index.sqlite.damaged-{stamp}-{os.getpid()}")
+            for suffix in ("", "-wal", "-shm"):
+                damaged = Path(f"{path}{suffix}")
+                if damaged.exists():
+                    os.replace(damaged, Path(f"{aside}{suffix}"))
+            self.notify(
+                f"the cache index {path} was damaged ({exc}); moved it to {aside.name} and "
+                "started a new one (cached tensors are recomputed as needed)"
+            )
+            return _connect(path)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cache's exclusive lock; if another process holds it, say so and wait."""
+        with open(self.root / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read(500).strip() or "another process"
+                self.notify(f"waiting for the cache lock on {self.root}, held by {holder}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} ({' '.join(sys.argv[1:])[:300]})")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
+                handle.flush()
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -188,6 +242,9 @@ class Cache:
         except Exception:
             ok = False
         if not ok:
+            # Removed at once, so that a recomputed copy can take its name.
+            self._readers.pop(path, None)
+            path.unlink(missing_ok=True)
             raise CorruptEntry(location, path)
         self._readers[path] = reader
         return reader, location.key
@@ -196,6 +253,10 @@ class Cache:
         """Delete an entry's file and everything that refers to it."""
         self._readers.pop(self._entry_path(location.kind, location.entry), None)
         self._entry_path(location.kind, location.entry).unlink(missing_ok=True)
+        self.forget(location)
+
+    def forget(self, location: Location) -> None:
+        """Drop an entry and every reference to it from the index (not its file)."""
         with self.transaction() as db:
             db.execute("DELETE FROM refs WHERE kind=? AND entry=?", (location.kind, location.entry))
             db.execute(
@@ -276,39 +337,73 @@ class Cache:
                 "INSERT OR REPLACE INTO stats VALUES ('last_build', ?)", (json.dumps(stats),)
             )
 
+    @property
+    def max_size(self) -> int:
+        """The most bytes of its own the cache keeps (see `trim`)."""
+        row = self.db.execute("SELECT value FROM settings WHERE name='max_size'").fetchone()
+        return int(row[0]) if row else DEFAULT_MAX_SIZE
+
+    def set_max_size(self, size: int) -> None:
+        """Keep at most `size` bytes of the cache's own from now on."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO settings VALUES ('max_size', ?)", (str(size),))
+
+    def _entry_sizes(self) -> list[tuple[str, str, int, int]]:
+        """(kind, name, size, own bytes) of every entry, most recently used first.
+
+        A pack that is still hard-linked as an output costs the cache nothing of
+        its own: deleting it would free no space."""
+        rows = self.db.execute(
+            "SELECT kind, name, size FROM entries ORDER BY last_used DESC"
+        ).fetchall()
+        sized = []
+        for kind, name, size in rows:
+            own = size
+            if kind == PACK:
+                try:
+                    own = 0 if os.stat(self._entry_path(kind, name)).st_nlink > 1 else size
+                except FileNotFoundError:
+                    own = 0
+            sized.append((kind, name, size, own))
+        return sized
+
     def info(self) -> dict[str, object]:
-        """Size, entry counts and the last build's hit statistics."""
-        counts = dict(
-            self.db.execute("SELECT kind, COUNT(*) FROM entries GROUP BY kind").fetchall()
-        )
-        size = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0]
+        """Disk use (own and shared with outputs), entry counts, the size limit and
+        the last build's hit statistics."""
+        sizes = self._entry_sizes()
+        own = sum(entry[3] for entry in sizes)
         refs = self.db.execute("SELECT COUNT(*) FROM refs").fetchone()[0]
         row = self.db.execute("SELECT value FROM stats WHERE name='last_build'").fetchone()
         return {
             "path": str(self.root),
-            "size": size,
-            "objects": counts.get(OBJECT, 0),
-            "packs": counts.get(PACK, 0),
+            "size": own,
+            "shared_with_outputs": sum(entry[2] for entry in sizes) - own,
+            "max_size": self.max_size,
+            "objects": sum(1 for entry in sizes if entry[0] == OBJECT),
+            "packs": sum(1 for entry in sizes if entry[0] == PACK),
             "tensors": refs,
             "last_build": json.loads(row[0]) if row else None,
         }
 
-    def gc(self, max_size: int) -> dict[str, int]:
-        """Delete least recently used entries until the cache holds at most `max_size` bytes."""
-        rows = self.db.execute(
-            "SELECT kind, name, size FROM entries ORDER BY last_used DESC"
-        ).fetchall()
-        kept = 0
-        removed = freed = 0
-        for kind, name, size in rows:
-            if kept + size <= max_size:
-                kept += size
+    def gc(self, max_size: int | None = None) -> dict[str, int]:
+        """Delete least recently used entries until the cache's own bytes are at
+        most `max_size` (default: its limit); `freed` counts bytes really freed."""
+        limit = self.max_size if max_size is None else max_size
+        kept = removed = freed = 0
+        for kind, name, _size, own in self._entry_sizes():
+            if kept + own <= limit:
+                kept += own
                 continue
             self.discard(Location(kind, name, "", ""))
             removed += 1
-            freed += size
+            freed += own
         self._remove_orphans()
         return {"removed": removed, "freed": freed, "size": kept}
+
+    def trim(self) -> dict[str, int] | None:
+        """After a build: `gc` to the limit if the cache has grown past it."""
+        total = self.db.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0]
+        return self.gc() if total > self.max_size else None
 
     def _remove_orphans(self) -> None:
         """Delete files the index does not know (e.g. left by a killed build)."""
@@ -343,6 +438,22 @@ def file_sha256(path: Path, cache: Cache | None) -> str:
     return known
 
 
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open the index and check it; sqlite3.DatabaseError if it is damaged."""
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        (verdict,) = db.execute("PRAGMA quick_check").fetchone()
+        if verdict != "ok":
+            raise sqlite3.DatabaseError(verdict)
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on `path`, held for the `with` block."""
@@ -362,8 +473,14 @@ class ObjectWriter:
 
         self.cache = cache
         self.info = info
+        # Named by its digest once complete; until then, errors name the folder.
         self._writer = SafetensorsWriter(
-            cache.objects / "object", {"tensor": info}, {}, unique_temporary=True
+            cache.objects / "object",
+            {"tensor": info},
+            {},
+            unique_temporary=True,
+            role="a new cache entry",
+            error_path=cache.objects,
         )
 
     def write(self, data: memoryview | bytes, start: int) -> None:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from sdrecipe import __version__
-from sdrecipe.errors import SdrecipeError
+from sdrecipe.errors import SdrecipeError, describe_os_error
+from sdrecipe.io.mapped_files import install_sigbus_handler
 
 if TYPE_CHECKING:
     from sdrecipe.build import BuildSummary
@@ -29,31 +30,59 @@ if TYPE_CHECKING:
 RECIPE = click.Path(dir_okay=False, path_type=Path)
 
 
+# Characters that a terminal interprets: C0 and C1 controls, and the bidi overrides.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character escaped (`\\x1b`), so that names and
+    metadata from a downloaded file cannot move the cursor, recolour or retitle
+    the terminal, or break a one-line message."""
+    return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
+
+
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn sdrecipe errors into one paragraph on stderr and the right exit code."""
+    """Turn errors into one paragraph on stderr (and, with --json, an error
+    object on stdout) and the right exit code."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        install_sigbus_handler()
+        as_json = bool(kwargs.get("as_json"))
         try:
             return command(*args, **kwargs)
         except SdrecipeError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail("error", str(exc), exc.exit_code, as_json)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail("error", f"{where}{describe_os_error(exc)}", 1, as_json)
         except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
-            sys.exit(130)
+            _fail("interrupted", "no output was written", 130, as_json)
         except Exception as exc:
             if os.environ.get("SDRECIPE_DEBUG"):
                 raise
-            click.echo(
-                f"internal error: {type(exc).__name__}: {exc} "
+            _fail(
+                "internal error",
+                f"{type(exc).__name__}: {exc} "
                 "(rerun with SDRECIPE_DEBUG=1 for a traceback, and please report it)",
-                err=True,
+                1,
+                as_json,
             )
-            sys.exit(1)
 
     return wrapper
+
+
+def _fail(kind: str, message: str, exit_code: int, as_json: bool) -> None:
+    click.echo(f"{kind}: {printable(message)}", err=True)
+    if as_json:
+        _emit_json({"error": message, "kind": kind, "exit_code": exit_code})
+    sys.exit(exit_code)
+
+
+def _note(text: str) -> None:
+    """Tell the person at the terminal something as it happens (stderr)."""
+    click.echo(f"note: {printable(text)}", err=True)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -87,10 +116,18 @@ def _json_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def _open_cache(cache_dir: Path) -> Cache:
+def _open_cache(cache_dir: Path, tensors: bool = True) -> Cache:
+    """The cache, created if needed (commands that build)."""
     from sdrecipe.cache import Cache
 
-    return Cache(cache_dir)
+    return Cache(cache_dir, tensors=tensors, notify=_note)
+
+
+def _existing_cache(cache_dir: Path) -> Cache | None:
+    """The cache if there is one: read-only commands create nothing."""
+    from sdrecipe.cache import Cache
+
+    return Cache.existing(cache_dir, notify=_note)
 
 
 def _progress(enabled: bool) -> Callable[[str, int], Callable[[int], None]]:
@@ -123,7 +160,13 @@ def main() -> None:
 @click.argument("outputs", nargs=-1)
 @_threads_option
 @_cache_dir_option
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the cache.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither read nor store cached tensors or outputs. Input hashes are still "
+    "remembered by file stat: they are not the tensor cache, and rehashing every input "
+    "on each build would only cost time.",
+)
 @click.option(
     "--force",
     is_flag=True,
@@ -155,8 +198,8 @@ def build(
             as_json=as_json,
         )
         return
-    cache = None if no_cache else _open_cache(cache_dir)
-    if cache is not None and not force:
+    cache = _open_cache(cache_dir, tensors=not no_cache)
+    if not force:
         from sdrecipe.uptodate import current_outputs
 
         current = current_outputs(recipe, outputs or None, cache)
@@ -166,7 +209,7 @@ def build(
     from sdrecipe.build import build as run_build
     from sdrecipe.build import default_threads, prepare
 
-    prepared = prepare(recipe, outputs or None, force)
+    prepared = prepare(recipe, outputs or None, force, cache_dir)
     summary = run_build(
         prepared,
         threads or default_threads(),
@@ -174,6 +217,15 @@ def build(
         force,
         _progress(not as_json and sys.stderr.isatty()),
     )
+    if cache.tensors:
+        with cache.locked():
+            trimmed = cache.trim()
+        if trimmed and trimmed["removed"]:
+            _note(
+                f"trimmed the cache to its limit of {cache.max_size / 1e9:,.1f} GB: removed "
+                f"{trimmed['removed']} least recently used entries "
+                f"({trimmed['freed'] / 1e6:,.1f} MB); see `sdrecipe cache limit`"
+            )
     _print_summary(summary, as_json)
 
 
@@ -188,7 +240,7 @@ def _print_up_to_date(current: dict[str, Path], as_json: bool) -> None:
 
 def _print_summary(summary: BuildSummary, as_json: bool) -> None:
     for warning in summary.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {printable(warning)}", err=True)
     if as_json:
         _emit_json(
             {
@@ -240,8 +292,8 @@ def plan(
     or is rebuilt, and why."""
     from sdrecipe.build import assess, default_threads, prepare
 
-    prepared = prepare(recipe, outputs or None, force)
-    cache = None if no_cache else _open_cache(cache_dir)
+    prepared = prepare(recipe, outputs or None, force, cache_dir)
+    cache = None if no_cache else _existing_cache(cache_dir)
     with cache.locked() if cache else contextlib.nullcontext():
         assessment = assess(prepared, cache, threads or default_threads(), force)
     if as_json:
@@ -290,13 +342,16 @@ def verify(recipe: Path, threads: int | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("recipe", type=RECIPE)
+@_cache_dir_option
 @_json_option
 @_reports_errors
-def validate(recipe: Path, as_json: bool) -> None:
+def validate(recipe: Path, cache_dir: Path, as_json: bool) -> None:
     """Check RECIPE and its inputs' headers without building anything."""
     from sdrecipe.build import prepare
 
-    prepared = prepare(recipe)
+    prepared = prepare(recipe, cache_root=cache_dir)
+    for warning in prepared.plan.warnings:
+        click.echo(f"warning: {printable(warning)}", err=True)
     report = {
         "recipe": str(recipe),
         "inputs": {name: str(i.path) for name, i in prepared.recipe.inputs.items()},
@@ -337,33 +392,39 @@ def inspect(model: Path, cache_dir: Path, no_cache: bool, as_json: bool) -> None
     """Show what MODEL is: format, architecture, components, dtypes, hashes, lineage."""
     from sdrecipe.inspect import inspect_model
 
-    report = inspect_model(model, None if no_cache else _open_cache(cache_dir))
+    report = inspect_model(model, None if no_cache else _existing_cache(cache_dir))
     if as_json:
         _emit_json(report)
         return
+
+    def say(line: str) -> None:
+        # Names, expressions and lineage come from the file: escape them.
+        click.echo(printable(line))
+
     kind = (
         report["family"]
         if report["variant"] == "normal"
         else (f"{report['family']} {report['variant']}")
     )
-    click.echo(f"{model}: {report['format']}, {kind}{', with EMA' if report['ema'] else ''}")
+    say(f"{model}: {report['format']}, {kind}{', with EMA' if report['ema'] else ''}")
     if report["family"] == "unknown":
-        click.echo(f"  key prefixes: {', '.join(report['key_prefixes'])}")
-    click.echo(
+        say(f"  key prefixes: {', '.join(report['key_prefixes'])}")
+    say(
         f"  {report['keys']} keys, {report['parameters']:,} parameters, "
         f"{report['size'] / 1e6:,.1f} MB, dtypes "
         + ", ".join(f"{code} {count}" for code, count in report["dtypes"].items())
     )
     for name, counts in report["components"].items():
-        click.echo(f"  {name:15} {counts['keys']:5} keys {counts['parameters']:>15,} parameters")
+        say(f"  {name:15} {counts['keys']:5} keys {counts['parameters']:>15,} parameters")
     legacy = f"  AutoV1 {report['legacy_hash']}" if report["legacy_hash"] else ""
-    click.echo(f"  sha256 {report['sha256']}  AutoV2 {report['autov2']}{legacy}")
+    say(f"  sha256 {report['sha256']}  AutoV2 {report['autov2']}{legacy}")
     lineage = report["lineage"]
     if "sdrecipe" in lineage:
         own = lineage["sdrecipe"]
-        click.echo(f"  made by sdrecipe {own['version']}: {own['node']} = {own['expression']}")
+        say(f"  made by sdrecipe {own['version']}: {own['node']} = {own['expression']}")
     if "sd_merge_models" in lineage:
-        click.echo("  merged from: " + ", ".join(sorted(set(lineage["sd_merge_models"].values()))))
+        names = sorted({str(name) for name in lineage["sd_merge_models"].values()})
+        say("  merged from: " + ", ".join(names))
 
 
 @main.group()
@@ -376,12 +437,27 @@ def cache() -> None:
 @_json_option
 @_reports_errors
 def cache_info(cache_dir: Path, as_json: bool) -> None:
-    """Size, entries and the last build's hit statistics."""
-    info = _open_cache(cache_dir).info()
-    if as_json:
-        _emit_json(info)
+    """Disk use, size limit, entries and the last build's hit statistics.
+
+    Outputs are hard-linked into the cache, so their bytes are shared with the
+    output files: `size` counts only the cache's own bytes (what `gc` can free),
+    `shared_with_outputs` the rest."""
+    store = _existing_cache(cache_dir)
+    if store is None:
+        if as_json:
+            _emit_json({"path": str(cache_dir), "exists": False})
+        else:
+            click.echo(f"cache {cache_dir}: none yet (a build creates it)")
         return
-    click.echo(f"cache {info['path']}: {info['size'] / 1e6:,.1f} MB")
+    info = store.info()
+    if as_json:
+        _emit_json({**info, "exists": True})
+        return
+    click.echo(
+        f"cache {info['path']}: {info['size'] / 1e6:,.1f} MB of its own (limit "
+        f"{info['max_size'] / 1e9:,.1f} GB), plus {info['shared_with_outputs'] / 1e6:,.1f} MB "
+        "shared with outputs through hard links"
+    )
     click.echo(
         f"  {info['objects']} intermediate tensors, {info['packs']} outputs, "
         f"{info['tensors']} tensor identities"
@@ -397,7 +473,11 @@ def cache_info(cache_dir: Path, as_json: bool) -> None:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
 
-def _parse_size(_context: click.Context, _parameter: click.Parameter, value: str) -> int:
+def _parse_size(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> int | None:
+    if value is None:
+        return None
     match = _SIZE.match(value)
     if not match:
         raise click.BadParameter(f"{value!r} is not a size such as 20GB, 500MB or 1024")
@@ -410,25 +490,45 @@ def _parse_size(_context: click.Context, _parameter: click.Parameter, value: str
 @_cache_dir_option
 @click.option(
     "--max-size",
-    default="20GB",
-    show_default=True,
     callback=_parse_size,
-    help="Keep at most this much (e.g. 500MB, 2GiB).",
+    help="Keep at most this much of the cache's own bytes (e.g. 500MB, 2GiB) "
+    "[default: the cache's limit, see `cache limit`].",
 )
 @_json_option
 @_reports_errors
-def cache_gc(cache_dir: Path, max_size: int, as_json: bool) -> None:
+def cache_gc(cache_dir: Path, max_size: int | None, as_json: bool) -> None:
     """Delete least recently used entries until the cache fits in --max-size."""
-    store = _open_cache(cache_dir)
-    with store.locked():
-        result = store.gc(max_size)
+    store = _existing_cache(cache_dir)
+    result = {"removed": 0, "freed": 0, "size": 0}
+    if store is not None:
+        with store.locked():
+            result = store.gc(max_size)
     if as_json:
         _emit_json(result)
         return
     click.echo(
-        f"removed {result['removed']} entries ({result['freed'] / 1e6:,.1f} MB); "
-        f"the cache now holds {result['size'] / 1e6:,.1f} MB"
+        f"removed {result['removed']} entries, freeing {result['freed'] / 1e6:,.1f} MB; "
+        f"the cache now holds {result['size'] / 1e6:,.1f} MB of its own"
     )
+
+
+@cache.command("limit")
+@click.argument("size", required=False, callback=_parse_size)
+@_cache_dir_option
+@_reports_errors
+def cache_limit(size: int | None, cache_dir: Path) -> None:
+    """Show, or set to SIZE (e.g. 50GB), the most bytes of its own the cache keeps.
+
+    After every build, least recently used entries are deleted until the cache
+    fits (default 20 GB). The limit is stored in the cache folder."""
+    store = _open_cache(cache_dir) if size is not None else _existing_cache(cache_dir)
+    if store is not None and size is not None:
+        with store.locked():
+            store.set_max_size(size)
+    from sdrecipe.cache import DEFAULT_MAX_SIZE
+
+    limit = store.max_size if store is not None else DEFAULT_MAX_SIZE
+    click.echo(f"cache {cache_dir}: limit {limit / 1e9:,.2f} GB")
 
 
 @cache.command("clear")
@@ -436,7 +536,8 @@ def cache_gc(cache_dir: Path, max_size: int, as_json: bool) -> None:
 @_reports_errors
 def cache_clear(cache_dir: Path) -> None:
     """Delete every cache entry and every remembered hash."""
-    store = _open_cache(cache_dir)
-    with store.locked():
-        store.clear()
+    store = _existing_cache(cache_dir)
+    if store is not None:
+        with store.locked():
+            store.clear()
     click.echo(f"cleared {cache_dir}")

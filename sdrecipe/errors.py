@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -33,3 +34,11 @@ class BuildError(SdrecipeError):
     """A build failed while running (exit 1)."""
 
     exit_code = 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """The reason of an I/O error in words, with a hint where one helps."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += " (free some space, or trim the cache with `sdrecipe cache gc`)"
+    return reason

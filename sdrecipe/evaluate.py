@@ -34,7 +34,11 @@ class _Evaluator:
     def visit(self, expr: Expr) -> tuple[torch.Tensor, bool]:
         """(value, owned): owned values were created here and may be modified."""
         if isinstance(expr, Ref):
-            return self.operands[expr.name], False
+            operand = self.operands[expr.name]
+            if operand.dtype.itemsize == 1:
+                # torch does no arithmetic that mixes float8 with wider types.
+                return operand.to(self.dtype), True
+            return operand, False
         if isinstance(expr, Neg):
             return self.fresh(*self.visit(expr.operand)).neg_(), True
         if isinstance(expr, Call):

@@ -19,6 +19,7 @@ import blake3
 import torch
 
 from sdrecipe.cache import Cache, CorruptEntry, Location, ObjectWriter
+from sdrecipe.errors import BuildError
 from sdrecipe.evaluate import evaluate
 from sdrecipe.fingerprint import tensor_hasher
 from sdrecipe.identity import Identities
@@ -218,8 +219,13 @@ class _KeyTask:
             values: dict[str, torch.Tensor] = {}
             for output in outputs:
                 info = writers[output].info(self.key)
-                tensor = self._value(self.plan.sources[output], rows, values)
-                data = tensor.to(info.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+                source = self.plan.sources[output]
+                tensor = self._value(source, rows, values)
+                stored = tensor.to(info.dtype)
+                # (float8 has no infinity: torch saturates it, and cannot check it)
+                if info.dtype != tensor.dtype and info.dtype.itemsize > 1 and info.is_floating:
+                    _check_finite(f"output {output!r}", self.key, stored, [tensor], info.dtype)
+                data = stored.contiguous().reshape(-1).view(torch.uint8).numpy()
                 writers[output].write(self.key, data.data, self._offset(rows, info))
                 hashers[output].update(data.data)
                 self.result.written += data.nbytes
@@ -262,5 +268,32 @@ class _KeyTask:
                 shared = {operand: t[:, : step.channels] for operand, t in env.items()}
                 value = env[operands[0]].to(step.dtype, copy=True)
                 value[:, : step.channels] = evaluate(expr, shared, step.dtype)
+            _check_finite(f"node {name!r}", self.key, value, list(env.values()))
         values[name] = value
         return value
+
+
+def _check_finite(
+    where: str,
+    key: str,
+    value: torch.Tensor,
+    operands: list[torch.Tensor],
+    cast_to: torch.dtype | None = None,
+) -> None:
+    """Fail the build if `value` has NaN or infinity where no operand had any.
+
+    Checked on each row range, which is in the L2 cache already; the operands
+    are examined only in the rare case that the value is not finite."""
+    if bool(torch.isfinite(value).all()):
+        return
+    if not all(bool(torch.isfinite(operand).all()) for operand in operands):
+        return  # carried over from an input: not this node's doing
+    cause = (
+        f"they overflow {str(cast_to).removeprefix('torch.')}, the output's dtype"
+        if cast_to is not None
+        else "check its factors and parameters"
+    )
+    raise BuildError(
+        f"{where} gives infinite or NaN values at {key} from finite inputs ({cause}); "
+        "no output was written"
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import blake3
 
+from sdrecipe.io.mapped_files import watch_mapping
 from sdrecipe.io.tensor_info import TensorInfo
 
 _BLOCK = 8 * 1024 * 1024
@@ -60,13 +61,17 @@ class Fingerprint:
 
 
 def folder_files(folder: Path) -> list[str]:
-    """The files of a model folder, as sorted relative paths; hidden names
-    (temporaries, `.cache`) are skipped."""
+    """The regular files of a model folder, as sorted relative paths; hidden
+    names (temporaries, `.cache`) and FIFOs, devices and sockets are skipped."""
     found = []
     for root, folders, files in os.walk(folder):
         folders[:] = [name for name in folders if not name.startswith(".")]
         relative = Path(root).relative_to(folder)
-        found.extend(str(relative / name) for name in files if not name.startswith("."))
+        found.extend(
+            str(relative / name)
+            for name in files
+            if not name.startswith(".") and (Path(root) / name).is_file()
+        )
     return sorted(found)
 
 
@@ -84,8 +89,10 @@ def sha256_of(path: Path) -> str:
         return folder_sha256({name: sha256_of(path / name) for name in folder_files(path)})
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
             return digest.hexdigest()
+        watch_mapping(path, size)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             mapped.madvise(mmap.MADV_SEQUENTIAL)
             view = memoryview(mapped)
@@ -128,6 +135,8 @@ def fingerprint_file(path: Path, spans: dict[str, tuple[int, int, TensorInfo]]) 
     digests: dict[str, str] = {}
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
+        end = max((span[1] for span in spans.values()), default=0)
+        watch_mapping(path, end)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             mapped.madvise(mmap.MADV_SEQUENTIAL)
             view = memoryview(mapped)

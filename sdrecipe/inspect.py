@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,8 +9,10 @@ from sdrecipe.arch import component_of
 from sdrecipe.arch.detect import detect
 from sdrecipe.cache import Cache, file_sha256
 from sdrecipe.fingerprint import FileStat, legacy_hash_of
+from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
-from sdrecipe.io.readers import format_of, open_model
+from sdrecipe.io.formats import format_of
+from sdrecipe.io.readers import open_model
 
 
 def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
@@ -50,7 +51,7 @@ def _lineage(metadata: dict[str, str]) -> dict[str, object]:
     """What the file says about how it was made: sdrecipe's entry and A1111's."""
     lineage: dict[str, object] = {}
     try:
-        own = json.loads(metadata["sdrecipe"])
+        own = load_json(metadata["sdrecipe"])
         lineage["sdrecipe"] = {
             "version": own.get("version"),
             "node": own.get("node"),
@@ -60,7 +61,7 @@ def _lineage(metadata: dict[str, str]) -> dict[str, object]:
     except (KeyError, ValueError, AttributeError):
         pass
     try:
-        models = json.loads(metadata["sd_merge_models"])
+        models = load_json(metadata["sd_merge_models"])
         lineage["sd_merge_models"] = {
             sha: entry.get("name") for sha, entry in models.items() if isinstance(entry, dict)
         }

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from sdrecipe import OUTPUT_FORMAT, __version__
-from sdrecipe.errors import RecipeError
+from sdrecipe.errors import BuildError, RecipeError, describe_os_error
 from sdrecipe.io.atomic import write_text_atomically
 
 LOCK_FORMAT = 1
@@ -130,5 +130,12 @@ def write_lock(recipe: Path, lock: Lock) -> Path:
     path = lock_path(recipe)
     data = {"format": LOCK_FORMAT, **asdict(lock)}
     text = _HEADER + yaml.safe_dump(data, sort_keys=False, width=1000)
-    write_text_atomically(path, text)
+    try:
+        write_text_atomically(path, text)
+    except OSError as exc:
+        raise BuildError(
+            f"the outputs were built, but the lock file cannot be written: "
+            f"{describe_os_error(exc)}",
+            path,
+        ) from None
     return path

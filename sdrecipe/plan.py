@@ -95,6 +95,7 @@ class BuildPlan:
     keys: tuple[KeyPlan, ...]
     outputs: dict[str, OutputPlan]
     input_infos: dict[str, dict[str, TensorInfo]] = field(repr=False)
+    warnings: tuple[str, ...] = ()
 
 
 def make_plan(graph: MergeGraph, input_infos: dict[str, dict[str, TensorInfo]]) -> BuildPlan:
@@ -109,7 +110,13 @@ def make_plan(graph: MergeGraph, input_infos: dict[str, dict[str, TensorInfo]]) 
     keys = tuple(planner.plan_key(key) for key in order)
     planner.raise_conflicts()
     outputs = {name: planner.output_plan(name, tensors[name]) for name in graph.outputs}
-    return BuildPlan(graph=graph, keys=keys, outputs=outputs, input_infos=input_infos)
+    return BuildPlan(
+        graph=graph,
+        keys=keys,
+        outputs=outputs,
+        input_infos=input_infos,
+        warnings=planner.empty_selections(),
+    )
 
 
 class _Planner:
@@ -125,8 +132,19 @@ class _Planner:
             for node in graph.order
         }
         self.conflicts: list[tuple[str, str]] = []
+        self.selecting: set[str] = set()
         self.baked: dict[str, frozenset[str]] = {}
         self.written: dict[str, dict[str, TensorInfo]] = {}
+
+    def empty_selections(self) -> tuple[str, ...]:
+        """A warning for each node whose key selection matched no key."""
+        nodes = self.graph.recipe.nodes
+        return tuple(
+            f"node {node!r}: its selection ({nodes[node].selection.describe()}) matches no "
+            "key, so it merges nothing and passes its base through"
+            for node in self.graph.order
+            if nodes[node].selection.describe() and node not in self.selecting
+        )
 
     def value_dtype(self, name: str, key: str) -> torch.dtype:
         """The dtype of `name`'s value at the key being planned (computed nodes: compute dtype)."""
@@ -144,6 +162,7 @@ class _Planner:
         assert base is not None
         if not self.graph.recipe.nodes[node].selection.selects(key):
             return Passthrough("outside the node's selection")
+        self.selecting.add(node)
         if is_never_merged(key):
             return Passthrough("never merged (CLIP position ids)")
         if not base.is_floating:

@@ -21,10 +21,18 @@ from sdrecipe.arch import UNET_INPUT_CONV
 from sdrecipe.arch.detect import Architecture
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.graph import MergeGraph
+from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.recipe import Node, Output
 from sdrecipe.recipe.expr import Call, format_expression
 
+# Inherited lineage (`sd_merge_models`) is capped at this many bytes of JSON, so
+# a header stays far below the 100 MB that safetensors readers accept, however
+# many generations of merges it records.
+MAX_LINEAGE_BYTES = 1_000_000
+# The `sd_merge_models` entry that says the lineage was capped.
+LINEAGE_TRUNCATED = "sdrecipe:lineage-truncated"
+_RANKS = ("primary", "secondary", "tertiary")
 _A1111_METHOD_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
 
 
@@ -158,22 +166,71 @@ def _a1111_models(
     hashes: Mapping[str, Fingerprint],
     input_metadata: Mapping[str, Mapping[str, str]],
 ) -> dict[str, object]:
-    """Each input as A1111 records it, plus the lineage each input already carries."""
-    models: dict[str, object] = {}
+    """Each input as A1111 records it, plus the lineage each input already carries
+    (capped, see `cap_lineage`)."""
+    inherited: dict[str, object] = {}
     for name in leaves:
-        models.update(_json_field(input_metadata[name], "sd_merge_models") or {})
+        inherited.update(_json_field(input_metadata[name], "sd_merge_models") or {})
+    own: dict[str, object] = {}
     for name in leaves:
-        models[hashes[name].sha256] = {
+        recipe = _json_field(input_metadata[name], "sd_merge_recipe")
+        if recipe is not None and len(json.dumps(recipe)) > MAX_LINEAGE_BYTES // 4:
+            recipe = {"dropped": "this merge recipe was too large to keep"}
+        own[hashes[name].sha256] = {
             "name": graph.recipe.inputs[name].path.stem,
             "legacy_hash": hashes[name].legacy,
-            "sd_merge_recipe": _json_field(input_metadata[name], "sd_merge_recipe"),
+            "sd_merge_recipe": recipe,
         }
-    return models
+    return {**cap_lineage(inherited, own), **own}
+
+
+def cap_lineage(inherited: dict[str, object], own: dict[str, object]) -> dict[str, object]:
+    """`inherited` if it fits in MAX_LINEAGE_BYTES; otherwise its nearest generations
+    that fit, in their order, and a LINEAGE_TRUNCATED entry saying what was dropped.
+
+    Generations follow the model hashes each entry's merge recipe names, starting
+    from the `own` entries (the inputs); entries no path reaches count as the
+    most distant."""
+    sizes = {
+        sha: len(json.dumps({sha: entry}, ensure_ascii=False)) for sha, entry in inherited.items()
+    }
+    if sum(sizes.values()) <= MAX_LINEAGE_BYTES:
+        return inherited
+    generation: dict[str, int] = {}
+    entries = {**inherited, **own}
+    frontier, level = list(own), 0
+    while frontier:
+        following = []
+        for sha in frontier:
+            if sha in generation:
+                continue
+            generation[sha] = level
+            entry = entries.get(sha)
+            recipe = entry.get("sd_merge_recipe") if isinstance(entry, dict) else None
+            if isinstance(recipe, dict):
+                following += [recipe.get(f"{rank}_model_hash") for rank in _RANKS]
+        frontier, level = [sha for sha in following if isinstance(sha, str)], level + 1
+    nearest_first = sorted(inherited, key=lambda sha: generation.get(sha, level))
+    kept: set[str] = set()
+    used = 0
+    for sha in nearest_first:
+        if used + sizes[sha] > MAX_LINEAGE_BYTES:
+            break
+        kept.add(sha)
+        used += sizes[sha]
+    capped = {sha: entry for sha, entry in inherited.items() if sha in kept}
+    capped[LINEAGE_TRUNCATED] = {
+        "name": f"{len(inherited) - len(kept)} more distant ancestors were dropped to keep "
+        f"the lineage under {MAX_LINEAGE_BYTES:,} bytes",
+        "legacy_hash": None,
+        "sd_merge_recipe": None,
+    }
+    return capped
 
 
 def _json_field(metadata: Mapping[str, str], field: str) -> dict | None:
     try:
-        value = json.loads(metadata[field])
+        value = load_json(metadata[field])
     except (KeyError, ValueError):
         return None
     return value if isinstance(value, dict) else None

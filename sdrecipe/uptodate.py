@@ -12,6 +12,8 @@ from pathlib import Path
 from sdrecipe.cache import Cache
 from sdrecipe.fingerprint import FileStat
 from sdrecipe.graph import build_graph
+from sdrecipe.guard import check_outputs
+from sdrecipe.io.atomic import remove_stale_temporaries
 from sdrecipe.lock import built_from, read_lock
 from sdrecipe.recipe import load_recipe
 
@@ -19,9 +21,15 @@ from sdrecipe.recipe import load_recipe
 def current_outputs(
     recipe_path: Path, selected: Iterable[str] | None, cache: Cache
 ) -> dict[str, Path] | None:
-    """The selected outputs and their paths if every one is provably current, else None."""
+    """The selected outputs and their paths if every one is provably current, else None.
+
+    Unsafe output paths are refused here too, and temporaries that killed
+    builds left beside the outputs are removed."""
     recipe = load_recipe(recipe_path)
     graph = build_graph(recipe, selected)
+    check_outputs(recipe, cache.root, graph.outputs)
+    for name in graph.outputs:
+        remove_stale_temporaries(recipe.outputs[name].path.parent)
     lock = read_lock(recipe_path)
     if lock is None:
         return None

@@ -8,10 +8,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import click.testing
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from safetensors.numpy import load_file
 
+from sdrecipe.cli import main
 from sdrecipe.synthetic import ModelSpec, write_model
 
 SHRINK = 32
@@ -69,6 +72,11 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         env=env,
         timeout=120,
     )
+
+
+def invoke(*args: str) -> click.testing.Result:
+    """Run the sdrecipe command line in this process (no interpreter start-up)."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 def as32(array: np.ndarray) -> np.ndarray:

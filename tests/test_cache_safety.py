@@ -64,9 +64,15 @@ def test_corrupt_object_is_reported_discarded_and_recomputed(
     summary = json.loads(result.stdout)
     assert summary["cache"]["corrupt_entries"] == 1
     assert summary["cache"]["tensors_from_cache"] == 1129
-    assert not victim.exists()
     built = (tmp_path / "out" / "inpaint.safetensors").read_bytes()
     assert built == reference_bytes(project, tmp_path)
+    # The recomputed tensor was stored again, intact: the next change finds every
+    # `diff` tensor in the cache.
+    assert victim.exists()
+    project.write_text(project.read_text().replace("0.5 * diff", "0.25 * diff"))
+    again = json.loads(build(project).stdout)
+    assert again["cache"]["corrupt_entries"] == 0
+    assert again["cache"]["tensors_from_cache"] == 1130
 
 
 def test_output_edited_in_place_is_rebuilt_not_restored_from_its_damaged_link(

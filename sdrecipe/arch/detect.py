@@ -97,7 +97,13 @@ def _family_from_unet(infos: Mapping[str, TensorInfo]) -> str:
     """For UNet-only files: SDXL has a label embedding; SD2's proj_in is linear."""
     if SDXL_LABEL_EMBEDDING in infos:
         last = max(
-            int(key.split(".")[3]) for key in infos if key.startswith(UNET_PREFIX + "input_blocks.")
+            (
+                int(part)
+                for key in infos
+                if key.startswith(UNET_PREFIX + "input_blocks.")
+                and (part := key.split(".")[3]).isdigit()
+            ),
+            default=0,
         )
         return "sdxl-refiner" if last >= SDXL_REFINER_LAST_INPUT_BLOCK else "sdxl"
     projections = [info for key, info in infos.items() if key.endswith(".proj_in.weight")]

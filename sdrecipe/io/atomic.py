@@ -18,6 +18,13 @@ def temporary_path(path: Path, unique: bool = False) -> Path:
     return path.with_name(f".{path.name}{tag}.sdrecipe-{os.getpid()}.tmp")
 
 
+def publish(temporary: Path, target: Path) -> None:
+    """Rename `temporary` over `target`. When both are already links to one file,
+    rename(2) does nothing, so the temporary name is removed here."""
+    os.replace(temporary, target)
+    temporary.unlink(missing_ok=True)
+
+
 def is_stale_temporary(path: Path) -> bool:
     """True for a temporary file whose writing process no longer runs."""
     name = path.name
@@ -27,9 +34,10 @@ def is_stale_temporary(path: Path) -> bool:
     return pid.isdigit() and not Path(f"/proc/{pid}").exists()
 
 
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries (files or folders) of `path` left by killed processes."""
-    for candidate in path.parent.glob(f".{path.name}*.sdrecipe-*.tmp"):
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporaries (files or folders) that killed sdrecipe processes
+    left in `folder`: partial outputs, links being restored, verify folders."""
+    for candidate in folder.glob(".*.sdrecipe-*.tmp"):
         if is_stale_temporary(candidate):
             if candidate.is_dir():
                 shutil.rmtree(candidate, ignore_errors=True)
@@ -42,6 +50,6 @@ def write_text_atomically(path: Path, text: str) -> None:
     temporary = temporary_path(path, unique=True)
     try:
         temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        publish(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -26,6 +26,8 @@ class CheckpointReader:
 
     def __init__(self, path: Path):
         self.path = path
+        if path.stat().st_size == 0:
+            raise RecipeError("the checkpoint is empty (0 bytes; incomplete download?)", path)
         data = _load(path)
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
             data = data["state_dict"]
@@ -86,4 +88,5 @@ def _load(path: Path) -> object:
             path,
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        raise RecipeError(f"cannot read the checkpoint: {exc}", path) from None
+        reason = str(exc).strip() or type(exc).__name__
+        raise RecipeError(f"cannot read the checkpoint: {reason}", path) from None

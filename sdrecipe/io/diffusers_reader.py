@@ -12,7 +12,6 @@ input of a recipe. A standalone VAE folder (`AutoencoderKL`) reads as
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from sdrecipe.fingerprint import (
     sha256_of,
     tensor_digest,
 )
+from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.checkpoint_reader import CheckpointReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
@@ -69,7 +69,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 def _shards(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = load_json(index.read_text())["weight_map"]  # type: ignore[index]
         names = list(dict.fromkeys(str(name) for name in weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise RecipeError("the shard index is not a valid `weight_map` file", index) from None
@@ -82,7 +82,7 @@ def _shards(index: Path) -> list[Path]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path.read_text())
     except (OSError, ValueError) as exc:
         raise RecipeError(f"cannot read the config: {exc}", path) from None
     if not isinstance(data, dict):

@@ -32,7 +32,7 @@ from sdrecipe.arch.diffusers_configs import (
 )
 from sdrecipe.arch.diffusers_names import Source, diffusers_source
 from sdrecipe.errors import BuildError
-from sdrecipe.io.atomic import remove_stale_temporaries, temporary_path
+from sdrecipe.io.atomic import temporary_path
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -114,7 +114,6 @@ class DiffusersWriter:
             if path.exists() and not path.is_dir():
                 raise BuildError("a diffusers output must be a folder, and a file is there", path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(path)
             shutil.rmtree(self.temporary, ignore_errors=True)
             self.temporary.mkdir()
         except OSError as exc:
@@ -180,8 +179,9 @@ class DiffusersWriter:
             writer.write_tensor(source.keys[0], whole.t().contiguous())
             del self._pending[key]
 
-    def commit(self) -> None:
-        """Finish the weights, write the configs, copy the tokenizers, and publish."""
+    def finish(self) -> None:
+        """Finish the weights, write the configs and copy the tokenizers;
+        `publish` then puts the folder in place."""
         for writer in self._writers.values():
             writer.commit()
         try:
@@ -190,7 +190,6 @@ class DiffusersWriter:
                 (self.temporary / name).write_text(json.dumps(content, indent=2) + "\n")
             for name, source in self.tokenizers.items():
                 shutil.copytree(source, self.temporary / name)
-            self._publish()
         except OSError as exc:
             self.abort()
             raise BuildError(f"cannot write the output: {exc.strerror or exc}", self.path) from None
@@ -220,17 +219,24 @@ class DiffusersWriter:
                 )
         return configs
 
-    def _publish(self) -> None:
-        """Swap the finished folder in; an old output goes only once the new one is there."""
+    def publish(self) -> None:
+        """Swap the finished folder in; an old output goes only once the new one is there.
+
+        The old folder is one sdrecipe wrote (`sdrecipe.guard` checked it)."""
         old = temporary_path(self.path, unique=True) if self.path.exists() else None
-        if old is not None:
-            os.replace(self.path, old)
         try:
-            os.replace(self.temporary, self.path)
-        except OSError:
             if old is not None:
-                os.replace(old, self.path)
-            raise
+                os.replace(self.path, old)
+            try:
+                os.replace(self.temporary, self.path)
+            except OSError:
+                if old is not None:
+                    os.replace(old, self.path)
+                raise
+        except OSError as exc:
+            raise BuildError(
+                f"cannot publish the output: {exc.strerror or exc}", self.path
+            ) from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

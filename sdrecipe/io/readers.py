@@ -11,10 +11,10 @@ from sdrecipe.arch import VAE_PREFIX
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.io.checkpoint_reader import CheckpointReader
 from sdrecipe.io.diffusers_reader import DiffusersReader
+from sdrecipe.io.formats import format_of
+from sdrecipe.io.mapped_files import require_regular_file
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
-
-CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class ModelReader(Protocol):
@@ -88,19 +88,12 @@ def is_standalone_vae(keys: list[str]) -> bool:
     )
 
 
-def format_of(path: Path) -> str:
-    """`safetensors`, `checkpoint` (pickled PyTorch) or `diffusers` (a folder)."""
-    if path.is_dir():
-        return "diffusers"
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        return "checkpoint"
-    return "safetensors"
-
-
 def open_model(path: Path) -> ModelReader:
     """A reader for the model at `path`; headers only are read here."""
     kind = format_of(path)
     reader: ModelReader
+    if kind != "diffusers":
+        require_regular_file(path)
     if kind == "checkpoint":
         reader = CheckpointReader(path)
     elif kind == "diffusers":

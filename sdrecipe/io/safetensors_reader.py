@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from pathlib import Path
@@ -11,10 +10,14 @@ import torch
 
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import Fingerprint, fingerprint_file
+from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import CODE_TO_DTYPE
+from sdrecipe.io.mapped_files import require_regular_file, watch_mapping
 from sdrecipe.io.tensor_info import TensorInfo
 
 _MAX_HEADER = 100 * 1024 * 1024
+# Tensor entries nest 3 levels; metadata values are strings (some tools nest more).
+_MAX_HEADER_DEPTH = 8
 
 
 class SafetensorsReader:
@@ -26,6 +29,7 @@ class SafetensorsReader:
 
     def __init__(self, path: Path):
         self.path = path
+        require_regular_file(path)
         try:
             with open(path, "rb") as handle:
                 size = handle.seek(0, 2)
@@ -45,9 +49,9 @@ class SafetensorsReader:
         except OSError as exc:
             raise RecipeError(f"cannot read the model: {exc.strerror or exc}", path) from None
         try:
-            header = json.loads(header_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise self._error("not a safetensors file (the header is not JSON)") from None
+            header = load_json(header_bytes, max_depth=_MAX_HEADER_DEPTH)
+        except ValueError as exc:
+            raise self._error(f"not a safetensors file (the header is not JSON: {exc})") from None
         if not isinstance(header, dict):
             raise self._error("not a safetensors file (the header is not a mapping)")
         metadata = header.pop("__metadata__", None) or {}
@@ -101,6 +105,7 @@ class SafetensorsReader:
 
     def _mapped(self) -> mmap.mmap:
         if self._mmap is None:
+            watch_mapping(self.path, self.file_size)
             with open(self.path, "rb") as handle:
                 # ACCESS_COPY: private and writable, so torch accepts the buffer;
                 # nothing is ever written, so no page is copied.

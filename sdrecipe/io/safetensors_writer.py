@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sdrecipe.errors import BuildError
-from sdrecipe.io.atomic import remove_stale_temporaries, temporary_path
+from sdrecipe.errors import BuildError, describe_os_error
+from sdrecipe.io.atomic import publish, temporary_path
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -63,7 +63,8 @@ def encode_header(
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file through a temporary file; `commit()` publishes it.
+    """Writes one safetensors file through a temporary file; `finish()` completes
+    it and `publish()` renames it into place. Errors name `role` and `error_path`.
 
     Tensors may be written in any order, from any thread.
     """
@@ -74,8 +75,12 @@ class SafetensorsWriter:
         tensors: dict[str, TensorInfo],
         metadata: dict[str, str],
         unique_temporary: bool = False,
+        role: str = "the output",
+        error_path: Path | None = None,
     ):
         self.path = path
+        self.role = role
+        self.error_path = error_path or path
         self.temporary = temporary_path(path, unique_temporary)
         header, offsets = encode_header(tensors, metadata)
         self.slots = {key: Slot(tensors[key], offsets[key]) for key in tensors}
@@ -83,13 +88,12 @@ class SafetensorsWriter:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():
-                raise BuildError("the output path is a folder", path)
-            remove_stale_temporaries(path)
+                raise BuildError(f"{role}'s path is a folder", path)
             self._fd: int | None = os.open(
                 self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
             )
         except OSError as exc:
-            raise BuildError(f"cannot create the output: {exc.strerror or exc}", path) from None
+            raise self._error("create", exc) from None
         try:
             self._write_at(header, 0)
         except BaseException:
@@ -102,11 +106,12 @@ class SafetensorsWriter:
             try:
                 written = os.pwrite(self._fd, view, offset)  # type: ignore[arg-type]
             except OSError as exc:
-                raise BuildError(
-                    f"cannot write the output: {exc.strerror or exc}", self.path
-                ) from None
+                raise self._error("write", exc) from None
             view = view[written:]
             offset += written
+
+    def _error(self, action: str, exc: OSError) -> BuildError:
+        return BuildError(f"cannot {action} {self.role}: {describe_os_error(exc)}", self.error_path)
 
     def info(self, key: str) -> TensorInfo:
         """Dtype and shape of tensor `key`."""
@@ -123,20 +128,26 @@ class SafetensorsWriter:
         """Write a contiguous tensor's bytes into `key`'s data at byte `start`."""
         self.write(key, tensor.reshape(-1).view(torch.uint8).numpy().data, start)
 
-    def commit(self, destination: Path | None = None) -> None:
-        """Close the temporary file and rename it over the target (or `destination`)."""
+    def finish(self) -> None:
+        """Close the complete temporary file; `publish` then puts it in place."""
         assert self._fd is not None
         os.close(self._fd)
         self._fd = None
+
+    def publish(self, destination: Path | None = None) -> None:
+        """Rename the finished file over the target (or `destination`)."""
         if destination is not None:
             self.path = destination
         try:
-            os.replace(self.temporary, self.path)
+            publish(self.temporary, self.path)
         except OSError as exc:
             self.temporary.unlink(missing_ok=True)
-            raise BuildError(
-                f"cannot publish the output: {exc.strerror or exc}", self.path
-            ) from None
+            raise self._error("publish", exc) from None
+
+    def commit(self, destination: Path | None = None) -> None:
+        """`finish`, then `publish`."""
+        self.finish()
+        self.publish(destination)
 
     def abort(self) -> None:
         """Discard the temporary file; the target is left as it was."""

@@ -14,7 +14,8 @@ from sdrecipe.io.tensor_info import TensorInfo
 
 class OutputWriter(Protocol):
     """What the executor needs from an output: single-file keys, written in
-    pieces from any thread, published by `commit` or discarded by `abort`."""
+    pieces from any thread, completed by `finish`, then put in place by `publish`
+    or discarded by `abort`."""
 
     path: Path
 
@@ -22,7 +23,9 @@ class OutputWriter(Protocol):
 
     def write(self, key: str, data: memoryview | bytes, start: int = 0) -> None: ...
 
-    def commit(self) -> None: ...
+    def finish(self) -> None: ...
+
+    def publish(self) -> None: ...
 
     def abort(self) -> None: ...
 

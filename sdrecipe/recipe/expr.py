@@ -136,10 +136,21 @@ def _combine(op: str, left: Expr, right: Expr, column: int) -> Expr:
     return BinOp(op, left, right)
 
 
+# Parentheses, calls and unary minus nested deeper than this, or operations
+# chained deeper than MAX_DEPTH, are refused (they would exhaust Python's stack).
+MAX_NESTING = 50
+MAX_DEPTH = 200
+
+
 class _Parser:
     def __init__(self, source: str):
         self.tokens = list(_tokenize(source))
         self.index = 0
+        self.nesting = 0
+
+    def nested(self, column: int) -> _Nesting:
+        """Count one level of nesting for the `with` block."""
+        return _Nesting(self, column)
 
     @property
     def current(self) -> _Token:
@@ -182,8 +193,8 @@ class _Parser:
 
     def unary(self) -> Expr:
         if self.current.kind == "op" and self.current.text == "-":
-            self.advance()
-            operand = self.unary()
+            with self.nested(self.advance().column):
+                operand = self.unary()
             if isinstance(operand, Num):
                 return Num(-operand.value)
             return operand.operand if isinstance(operand, Neg) else Neg(operand)
@@ -200,11 +211,12 @@ class _Parser:
         if token.kind == "name":
             self.advance()
             if self.current.kind == "op" and self.current.text == "(":
-                return self.call(token)
+                with self.nested(token.column):
+                    return self.call(token)
             return Ref(token.text)
         if token.kind == "op" and token.text == "(":
-            self.advance()
-            expr = self.sum()
+            with self.nested(self.advance().column):
+                expr = self.sum()
             self.expect(")")
             return expr
         raise ExpressionError(
@@ -249,11 +261,55 @@ class _Parser:
         return Call(name.text, tuple(args), tuple(params.items()))
 
 
+class _Nesting:
+    def __init__(self, parser: _Parser, column: int):
+        self.parser = parser
+        self.column = column
+
+    def __enter__(self) -> None:
+        self.parser.nesting += 1
+        if self.parser.nesting > MAX_NESTING:
+            raise ExpressionError(
+                f"the expression nests parentheses, calls or signs more than {MAX_NESTING} "
+                "levels deep",
+                self.column,
+            )
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.parser.nesting -= 1
+
+
+def depth(expr: Expr) -> int:
+    """The number of levels in `expr`'s tree (1 for a name), computed without recursion."""
+    deepest = 0
+    pending: list[tuple[Expr, int]] = [(expr, 1)]
+    while pending:
+        node, level = pending.pop()
+        deepest = max(deepest, level)
+        pending.extend((child, level + 1) for child in _children(node))
+    return deepest
+
+
+def _children(expr: Expr) -> tuple[Expr, ...]:
+    if isinstance(expr, BinOp):
+        return (expr.left, expr.right)
+    if isinstance(expr, Neg):
+        return (expr.operand,)
+    if isinstance(expr, Call):
+        return expr.args
+    return ()
+
+
 def parse_expression(source: str) -> Expr:
     """Parse and fold `source`; raise ExpressionError unless it denotes a model."""
     expr = _Parser(source).parse()
     if not is_model(expr):
         raise ExpressionError("the expression must use at least one model", 1)
+    if depth(expr) > MAX_DEPTH:
+        raise ExpressionError(
+            f"the expression is more than {MAX_DEPTH} operations deep; split it into several nodes",
+            1,
+        )
     return expr
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pydantic
 
 from sdrecipe.errors import RecipeError
+from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.methods import get_method
 from sdrecipe.recipe.expr import (
     BinOp,
@@ -146,8 +148,7 @@ def resolve_path(raw: str, folder: Path) -> Path:
     unset = _UNSET_VARIABLE.search(expanded)
     if unset:
         raise ValueError(f"environment variable {unset.group(1)} is not set (in {raw!r})")
-    resolved = Path(expanded)
-    return resolved if resolved.is_absolute() else folder / resolved
+    return Path(os.path.normpath(folder / expanded))
 
 
 def _make_input(
@@ -182,11 +183,16 @@ def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: 
         params = entry.parameters
         for key, value in params.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise RecipeError(
-                    f"node {name!r}: parameter {key!r} must be a number, got {value!r}",
-                    path,
-                    document.line_of(("nodes", name, key)),
-                )
+                problem = f"must be a number, got {value!r}"
+            elif not math.isfinite(value):
+                problem = f"must be a finite number, got {value!r}"
+            else:
+                continue
+            raise RecipeError(
+                f"node {name!r}: parameter {key!r} {problem}",
+                path,
+                document.line_of(("nodes", name, key)),
+            )
         expr = Call(entry.method, args, tuple((k, float(v)) for k, v in params.items()))
     try:
         expr = _check_calls(expr)
@@ -249,6 +255,13 @@ def _make_output(
         resolved = resolve_path(spec.path, folder)
     except ValueError as exc:
         raise RecipeError(f"output {name!r}: {exc}", path, line) from None
+    if spec.format == "safetensors" and resolved.suffix.lower() in PICKLE_SUFFIXES:
+        raise RecipeError(
+            f"output {name!r}: {resolved.name} names a pickled checkpoint, but sdrecipe writes "
+            "safetensors (a pickle can run code when it is loaded); name the file .safetensors",
+            path,
+            document.line_of(("outputs", name)),
+        )
     # `vae` names an input, or a file that becomes the input `<output>.vae`.
     vae = spec.vae if spec.vae is None or spec.vae in inputs else f"{name}.vae"
     return Output(

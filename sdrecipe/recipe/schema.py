@@ -23,6 +23,10 @@ Component = Literal["unet", "vae", "text_encoder", "text_encoder_2", "ema", "oth
 RESERVED_METADATA = ("format", "sdrecipe", "sd_merge_recipe", "sd_merge_models")
 
 
+# The node options besides `expression`, `method` and `models`.
+NODE_OPTIONS = ("cache", "force", "only", "exclude", "include_keys", "exclude_keys")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -56,8 +60,15 @@ class NodeEntry(BaseModel):
             raise ValueError("give either `expression`, or `method` with `models`")
         if self.method is not None and self.models is None:
             raise ValueError("`method` needs `models`")
-        if self.expression is not None and (self.models is not None or self.model_extra):
-            raise ValueError("an `expression` node takes no `models` or parameters")
+        if self.expression is not None and self.models is not None:
+            raise ValueError("an `expression` node takes no `models`")
+        if self.expression is not None and self.model_extra:
+            unknown = ", ".join(repr(key) for key in self.model_extra)
+            options = ", ".join(NODE_OPTIONS)
+            raise ValueError(
+                f"unknown option {unknown} (options: {options}; method parameters go in the "
+                "expression, e.g. weighted_sum(A, B, alpha=0.3))"
+            )
         return self
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,47 @@ import yaml
 from sdrecipe.errors import RecipeError
 
 YamlPath = tuple[str | int, ...]
+
+# Bounds that keep a hostile recipe cheap to reject: a few hundred bytes of
+# nested aliases can otherwise expand to billions of values.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a nesting limit, and floats as YAML 1.2 writes
+    them: `5e-1` is a number, not the string YAML 1.1 makes of it."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise RecipeError(
+                    f"the recipe nests lists or mappings more than {MAX_YAML_DEPTH} levels deep",
+                    None,
+                    self.peek_event().start_mark.line + 1,
+                )
+            return super().compose_node(parent, index)  # type: ignore[misc]
+        finally:
+            self._depth -= 1
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Merge keys (`<<: *defaults`), refused once they expand without bound."""
+        super().flatten_mapping(node)
+        if len(node.value) > MAX_YAML_VALUES:
+            raise RecipeError(
+                f"merge keys expand a mapping to more than {MAX_YAML_VALUES:,} entries",
+                None,
+                node.start_mark.line + 1,
+            )
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 @dataclass(frozen=True)
@@ -38,13 +80,15 @@ def load_yaml(
     Unquoted scalars at paths where `keep_text` is true stay the text as written,
     so a hash such as 0123... or a file named `1.safetensors` is not read as a number.
     """
-    loader = yaml.SafeLoader(text)
+    loader = _RecipeLoader(text)
     try:
         root = loader.get_single_node()
         if root is None:
             raise RecipeError("the recipe is empty", file, 1)
         lines: dict[YamlPath, int] = {}
-        data = _construct(loader, root, (), lines, file, keep_text)
+        data = _Constructor(loader, file, keep_text, lines).value(root, ())
+    except RecipeError as exc:
+        raise RecipeError(exc.message, file, exc.line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -56,33 +100,62 @@ def load_yaml(
     return YamlDocument(data, lines)
 
 
-def _construct(
-    loader: yaml.SafeLoader,
-    node: yaml.Node,
-    path: YamlPath,
-    lines: dict[YamlPath, int],
-    file: Path,
-    keep_text: Callable[[YamlPath], bool],
-) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            key_line = key_node.start_mark.line + 1
-            if not isinstance(key, str | int | float | bool):
-                raise RecipeError("mapping keys must be plain names", file, key_line)
-            if key in result:
-                raise RecipeError(f"duplicate key {key!r}", file, key_line)
-            lines[(*path, key)] = key_line
-            result[key] = _construct(loader, value_node, (*path, key), lines, file, keep_text)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _construct(loader, item, (*path, index), lines, file, keep_text)
-            for index, item in enumerate(node.value)
-        ]
-    if isinstance(node, yaml.ScalarNode) and node.style is None and keep_text(path):
-        return node.value
-    return loader.construct_object(node, deep=True)
+class _Constructor:
+    """Builds plain data from the node tree, recording lines, and counting
+    values so that aliases cannot make it expand without bound."""
+
+    def __init__(
+        self,
+        loader: yaml.SafeLoader,
+        file: Path,
+        keep_text: Callable[[YamlPath], bool],
+        lines: dict[YamlPath, int],
+    ):
+        self.loader = loader
+        self.file = file
+        self.keep_text = keep_text
+        self.lines = lines
+        self.count = 0
+
+    def value(self, node: yaml.Node, path: YamlPath) -> Any:
+        self.count += 1
+        line = node.start_mark.line + 1
+        if len(path) > MAX_YAML_DEPTH:
+            raise RecipeError(
+                f"the recipe nests values more than {MAX_YAML_DEPTH} levels deep (through aliases)",
+                self.file,
+                line,
+            )
+        if self.count > MAX_YAML_VALUES:
+            raise RecipeError(
+                f"the recipe expands to more than {MAX_YAML_VALUES:,} values "
+                "(nested aliases?); recipes need far fewer",
+                self.file,
+                line,
+            )
+        self.lines.setdefault(path, line)
+        if isinstance(node, yaml.MappingNode):
+            written: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == MERGE_TAG:
+                    continue
+                key_line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise RecipeError("mapping keys must be plain names", self.file, key_line)
+                key = self.loader.construct_object(key_node)
+                if key in written:
+                    raise RecipeError(f"duplicate key {key!r}", self.file, key_line)
+                written.add(key)
+            # Merge keys (`<<: *defaults`) come first; keys written here override them.
+            self.loader.flatten_mapping(node)
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.loader.construct_object(key_node)
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                result[key] = self.value(value_node, (*path, key))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.value(item, (*path, index)) for index, item in enumerate(node.value)]
+        if node.style is None and self.keep_text(path):
+            return node.value
+        return self.loader.construct_object(node)
