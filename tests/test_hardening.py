@@ -485,13 +485,15 @@ def test_an_fp8_model_merges_by_upcasting(tmp_path, models):
 
 
 def test_a_crafted_unet_key_beside_label_emb_is_not_an_internal_error(tmp_path, models):
-    tensors = load_torch(models["finetune"])
+    unet = "model.diffusion_model."
+    tensors = {k: v for k, v in load_torch(models["finetune"]).items() if k.startswith(unet)}
     tensors["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(4, 4)
     tensors["model.diffusion_model.input_blocks.x.weight"] = torch.zeros(2)
     model = tmp_path / "crafted.safetensors"
     save_file(tensors, model)
     result = invoke("inspect", "--json", str(model))
     assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["family"].startswith("sdxl")  # label_emb decides
 
 
 def test_an_empty_checkpoint_says_so(tmp_path, models):
@@ -520,13 +522,19 @@ def immutable(tmp_path):
 
 
 def test_an_unwritable_output_folder_is_a_clear_error(tmp_path, models, immutable):
-    (tmp_path / "out").mkdir()
+    recipe = write_recipe(tmp_path, three_inputs(models, outputs="out: out/x.safetensors"))
+    assert invoke("build", str(recipe)).exit_code == 0
+    (tmp_path / "out" / "x.safetensors").unlink()  # to be restored from the cache
     immutable(tmp_path / "out")
-    recipe = write_recipe(tmp_path, three_inputs(models))
     result = invoke("build", str(recipe))
     assert result.exit_code == 1
-    assert "cannot create the output: Operation not permitted" in result.stderr
-    assert "out/x.safetensors" in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'out'}")
+    assert "Operation not permitted" in result.stderr
+    recipe.write_text(recipe.read_text().replace("out/x", "new/x"))
+    immutable(tmp_path)
+    result = invoke("build", str(recipe))
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {tmp_path / 'new'}: Operation not permitted\n"
 
 
 def test_an_unwritable_recipe_folder_is_a_clear_error(tmp_path, models, immutable):
