@@ -6,16 +6,22 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import click.testing
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import settings
 from safetensors.numpy import load_file
 
 from sdrecipe.cli import main
 from sdrecipe.synthetic import ModelSpec, write_model
+
+# Two test processes share two cores: a time limit per example would only flake.
+settings.register_profile("sdrecipe", deadline=None)
+settings.load_profile("sdrecipe")
 
 SHRINK = 32
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -77,6 +83,30 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 def invoke(*args: str) -> click.testing.Result:
     """Run the sdrecipe command line in this process (no interpreter start-up)."""
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`invoke`, answered in `run_cli`'s form, for tests that need no process of their own."""
+    result = invoke(*args)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
+def start_paused_build(point: str, count: int, folder: Path, *args: str) -> subprocess.Popen[str]:
+    """Start `sdrecipe ARGS` in a process that pauses at the `count`-th `point`
+    (see paused_build.py) and return once it is paused there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    harness = Path(__file__).with_name("paused_build.py")
+    process = subprocess.Popen(
+        [sys.executable, str(harness), point, str(count), str(folder), "--", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not (folder / "paused").exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the build ended before it paused: {process.stderr.read()}")
+        time.sleep(0.005)
+    return process
 
 
 def as32(array: np.ndarray) -> np.ndarray:

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import run_cli, write_recipe
+from conftest import run_cli, start_paused_build, write_recipe
 from sdrecipe import executor
 from sdrecipe.build import build, prepare
-from sdrecipe.synthetic import DEMO_MODELS, write_model_set
 
 
 @pytest.fixture
@@ -53,44 +49,30 @@ def test_failure_mid_build_leaves_no_file_and_keeps_the_old_one(tmp_path, recipe
     assert leftovers(tmp_path) == []
 
 
-@pytest.fixture(scope="module")
-def larger_models(tmp_path_factory):
-    """The demo's models (widths / 4) so that a build lasts long enough to interrupt."""
-    folder = tmp_path_factory.mktemp("larger")
-    return write_model_set(folder, DEMO_MODELS, shrink=4)
-
-
-def start_build(tmp_path, larger_models):
-    inpainting, finetune, base = (str(p) for p in larger_models[::-1])
+def start_build(tmp_path, models, signals):
+    """A build paused at its 100th key: its temporary output is part-written."""
     recipe = write_recipe(
         tmp_path,
         f"""
-        inputs: {{A: {inpainting}, B: {finetune}, C: {base}}}
+        inputs: {{A: {models["inpainting"]}, B: {models["finetune"]}, C: {models["base"]}}}
         nodes: {{out: A + (B - C)}}
         outputs: {{out: {{path: out.safetensors, dtype: fp32}}}}
         """,
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sdrecipe", "build", "--threads", "1", str(recipe)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_paused_build("key", 100, signals, "build", "--threads", "1", str(recipe))
     temporary = tmp_path / f".out.safetensors.sdrecipe-{process.pid}.tmp"
-    deadline = time.monotonic() + 60
-    while not temporary.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert temporary.exists(), "the build finished before it could be interrupted"
-    time.sleep(0.05)
+    assert temporary.stat().st_size > 0
     return recipe, process, temporary
 
 
 @pytest.mark.parametrize(
     ("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 130)], ids=["ctrl-c", "sigterm"]
 )
-def test_interrupted_build_cleans_up(tmp_path, larger_models, sent, code):
-    _, process, temporary = start_build(tmp_path, larger_models)
+def test_interrupted_build_cleans_up(tmp_path, models, sent, code):
+    signals = tmp_path / "signals"
+    _, process, temporary = start_build(tmp_path, models, signals)
     process.send_signal(sent)
+    (signals / "resume").touch()  # the paused key finishes; the build then stops
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == code
     assert "interrupted" in stderr and "Traceback" not in stderr
@@ -98,8 +80,8 @@ def test_interrupted_build_cleans_up(tmp_path, larger_models, sent, code):
     assert not temporary.exists()
 
 
-def test_killed_build_leaves_no_output_and_the_next_build_recovers(tmp_path, larger_models):
-    recipe, process, temporary = start_build(tmp_path, larger_models)
+def test_killed_build_leaves_no_output_and_the_next_build_recovers(tmp_path, models):
+    recipe, process, temporary = start_build(tmp_path, models, tmp_path / "signals")
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     assert not (tmp_path / "out.safetensors").exists()

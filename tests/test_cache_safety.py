@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import run_cli, write_recipe
-from sdrecipe.synthetic import DEMO_MODELS, write_model_set
+from conftest import run_in_process, start_paused_build, write_recipe
+from sdrecipe.cache import Cache
 
 
 @pytest.fixture
@@ -30,12 +30,12 @@ def project(tmp_path, models):
 
 
 def build(recipe, *args):
-    return run_cli("build", "--json", *args, str(recipe))
+    return run_in_process("build", "--json", *args, str(recipe))
 
 
 def reference_bytes(recipe, tmp_path):
     """The output of a build that uses no cache at all."""
-    result = run_cli("build", "--no-cache", "--force", str(recipe))
+    result = run_in_process("build", "--no-cache", "--force", str(recipe))
     assert result.returncode == 0, result.stderr
     return (tmp_path / "out" / "inpaint.safetensors").read_bytes()
 
@@ -82,7 +82,7 @@ def test_output_edited_in_place_is_rebuilt_not_restored_from_its_damaged_link(
     output = tmp_path / "out" / "inpaint.safetensors"
     original = output.read_bytes()
     flip_last_byte(output)  # also damages the cache's hard link to it
-    plan = json.loads(run_cli("plan", "--json", str(project)).stdout)
+    plan = json.loads(run_in_process("plan", "--json", str(project)).stdout)
     assert plan["nodes"][1]["state"] == "from cache"
     result = build(project)
     assert result.returncode == 0, result.stderr
@@ -91,69 +91,76 @@ def test_output_edited_in_place_is_rebuilt_not_restored_from_its_damaged_link(
     assert output.read_bytes() == original
 
 
-@pytest.fixture(scope="module")
-def larger_models(tmp_path_factory):
-    """The demo's models (widths / 4): builds last long enough to interrupt."""
-    return write_model_set(tmp_path_factory.mktemp("larger"), DEMO_MODELS, shrink=4)
-
-
-def larger_project(tmp_path, larger_models):
-    base, finetune, inpainting = larger_models
-    return write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{A: {inpainting}, B: {finetune}, C: {base}}}
-        nodes:
-          diff: B - C
-          inpaint: A + 1.0 * diff
-        outputs:
-          inpaint: {{path: out/inpaint.safetensors, dtype: fp32}}
-        """,
-    )
-
-
 def test_killed_build_leaves_cache_usable_and_next_build_reuses_finished_work(
-    tmp_path, larger_models, isolated_cache
+    project, tmp_path, isolated_cache
 ):
-    recipe = larger_project(tmp_path, larger_models)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sdrecipe", "build", "-j", "1", str(recipe)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # Paused before publishing its 200th cache object: 199 are in place, one is
+    # a complete temporary file, and the output is part-written.
+    process = start_paused_build(
+        "object", 200, tmp_path / "signals", "build", "-j", "1", str(project)
     )
-    deadline = time.monotonic() + 60
     objects = isolated_cache / "objects"
-    while process.poll() is None and time.monotonic() < deadline:
-        if len(list(objects.glob("*/*.safetensors"))) > 200:
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the build finished before it could be killed"
+    assert len(list(objects.glob("*/*.safetensors"))) == 199
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert not (tmp_path / "out" / "inpaint.safetensors").exists()
-    result = build(recipe)
+    assert list(objects.glob(".*.tmp")), "a SIGKILL leaves its temporary object behind"
+    result = build(project)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["cache"]["tensors_from_cache"] > 0, "finished intermediates were reused"
+    assert summary["cache"]["tensors_from_cache"] == 199, "finished intermediates were reused"
     assert summary["cache"]["corrupt_entries"] == 0
     built = (tmp_path / "out" / "inpaint.safetensors").read_bytes()
-    assert built == reference_bytes(recipe, tmp_path)
-    gc = run_cli("cache", "gc", "--json")
+    assert built == reference_bytes(project, tmp_path)
+    gc = run_in_process("cache", "gc", "--json")
     assert gc.returncode == 0
     assert list(objects.glob(".*.tmp")) == [], "gc removes a killed build's temporaries"
 
 
-def test_concurrent_builds_do_not_corrupt_each_other(tmp_path, larger_models, isolated_cache):
-    recipe = larger_project(tmp_path, larger_models)
-    command = [sys.executable, "-m", "sdrecipe", "build", str(recipe)]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for process in (first, second):
-        _, stderr = process.communicate(timeout=120)
+def test_concurrent_builds_of_recipes_sharing_intermediates_take_turns(
+    tmp_path, models, isolated_cache
+):
+    recipes = {
+        factor: write_recipe(
+            tmp_path,
+            f"""
+            inputs: {{A: {models["inpainting"]}, B: {models["finetune"]}, C: {models["base"]}}}
+            nodes:
+              diff: B - C
+              out: A + {factor} * diff
+            outputs:
+              out: out{factor}/x.safetensors
+            """,
+            name=f"r{factor}.yaml",
+        )
+        for factor in ("1.0", "0.5")
+    }
+    Cache(isolated_cache)
+    with open(isolated_cache / ".lock", "a+") as held:
+        # Both builds start while the lock is held, so they race for it when it is freed.
+        fcntl.flock(held, fcntl.LOCK_EX)
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "sdrecipe", "build", "--json", str(recipe)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for recipe in recipes.values()
+        ]
+        for process in processes:
+            assert "waiting for the cache lock" in process.stderr.readline()
+        fcntl.flock(held, fcntl.LOCK_UN)
+    summaries = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, stderr
-    built = (tmp_path / "out" / "inpaint.safetensors").read_bytes()
-    verify = run_cli("verify", str(recipe))
-    assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert built == (tmp_path / "out" / "inpaint.safetensors").read_bytes()
-    again = build(recipe)
-    assert json.loads(again.stdout)["outputs"][0]["state"] == "up to date"
+        summaries.append(json.loads(stdout)["cache"])
+    # They took turns: one computed `diff`, the other found all of it in the cache.
+    assert sorted(s["tensors_from_cache"] for s in summaries) == [0, 1130]
+    assert sorted(s["tensors_computed"] for s in summaries) == [1130, 2 * 1130]
+    for factor, recipe in recipes.items():
+        output = tmp_path / f"out{factor}" / "x.safetensors"
+        built = output.read_bytes()
+        assert run_in_process("build", "--no-cache", "--force", str(recipe)).returncode == 0
+        assert built == output.read_bytes(), f"factor {factor}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -73,13 +74,16 @@ def test_embedded_recipe_rebuilds_the_output_exactly(recipe, models, tmp_path):
 
 
 def test_build_json_summary(recipe):
+    started = time.perf_counter()
     result = run_cli("build", "--json", str(recipe))
+    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     (output,) = summary["outputs"]
     assert output["merged"] == 1130
     assert output["passed_through"] == {"never merged (CLIP position ids)": 1}
-    assert output["size"] > 0 and summary["seconds"] >= 0
+    assert output["size"] == (recipe.parent / output["path"]).stat().st_size
+    assert 0 < summary["seconds"] < elapsed, "the build's own time, inside the command's"
 
 
 def test_lineage_accumulates_across_merges(recipe, models, tmp_path):

@@ -135,7 +135,7 @@ def numpy_value(expr, env: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @given(model_expressions(max_leaves=6), st.sampled_from([torch.float16, torch.float32]))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 def test_evaluation_matches_numpy_and_never_modifies_operands(expr, stored_dtype):
     generator = torch.Generator().manual_seed(0)
     env = {name: torch.randn(7, 5, generator=generator).to(stored_dtype) for name in "ABCD"}

@@ -5,11 +5,13 @@ Each test names the item of the hardening issue it covers.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 
@@ -136,14 +138,20 @@ def test_two_outputs_with_one_path_are_refused(tmp_path, models):
 # --- 2. and 3. targets that are not regular files, and folders sdrecipe did not write
 
 
-def test_an_output_on_a_device_or_a_folder_is_refused(tmp_path, models):
-    (tmp_path / "folder").mkdir()
-    for path in ("/dev/null", str(tmp_path / "folder")):
-        recipe = write_recipe(tmp_path, three_inputs(models, outputs=f"out: {path}"))
+def test_an_output_on_a_device_a_fifo_or_a_folder_is_refused(tmp_path, models):
+    # Never the machine's own /dev/null: on code with this bug the test would replace it.
+    targets = [tmp_path / "fifo", tmp_path / "folder"]
+    os.mkfifo(targets[0])
+    targets[1].mkdir()
+    with contextlib.suppress(PermissionError):
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        targets.append(tmp_path / "null")
+    for target in targets:
+        recipe = write_recipe(tmp_path, three_inputs(models, outputs=f"out: {target}"))
         result = invoke("build", str(recipe))
         assert result.exit_code == 2
         assert "is not a regular file" in result.stderr
-    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+        assert not target.is_file()
 
 
 def test_a_diffusers_output_never_replaces_a_folder_sdrecipe_did_not_write(tmp_path, models):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from conftest import run_cli, write_recipe
+from conftest import run_in_process, write_recipe
 from sdrecipe.synthetic import ModelSpec, write_model
 
 
@@ -42,7 +42,7 @@ def project(tmp_path, models):
 
 
 def build(recipe, *args):
-    result = run_cli("build", "--json", *args, str(recipe))
+    result = run_in_process("build", "--json", *args, str(recipe))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -52,7 +52,7 @@ def states(summary):
 
 
 def plan(recipe, *args):
-    result = run_cli("plan", "--json", *args, str(recipe))
+    result = run_in_process("plan", "--json", *args, str(recipe))
     assert result.returncode == 0, result.stderr
     return {
         node["node"]: (node["state"], node["reason"]) for node in json.loads(result.stdout)["nodes"]
@@ -72,7 +72,7 @@ def test_first_build_writes_lock_and_second_is_a_no_op(project):
     for word in ("sha256:", "inputs:", "nodes:", "outputs:", "torch:", "safetensors:", "sdrecipe:"):
         assert word in text
     before = {p: p.stat().st_mtime_ns for p in (project.parent / "out").iterdir()}
-    second = run_cli("build", str(project))
+    second = run_in_process("build", str(project))
     assert second.returncode == 0
     assert second.stdout.count("up to date") == 2
     assert before == {p: p.stat().st_mtime_ns for p in (project.parent / "out").iterdir()}
@@ -106,7 +106,7 @@ def test_parameter_change_rebuilds_only_that_node_from_cached_intermediates(proj
     assert summary["cache"]["tensors_from_cache"] == 1130, "diff came from the cache"
     assert soft.stat().st_mtime_ns == soft_before
     out = load_file(project.parent / "out" / "inpaint.safetensors")
-    fresh = run_cli("build", "--no-cache", "--force", str(project))
+    fresh = run_in_process("build", "--no-cache", "--force", str(project))
     assert fresh.returncode == 0
     again = load_file(project.parent / "out" / "inpaint.safetensors")
     for key in out:
@@ -139,7 +139,8 @@ def test_touched_input_is_rehashed_and_nothing_rebuilds(project, models):
     summary = build(project)
     assert states(summary) == {"inpaint": "up to date", "soft": "up to date"}
     assert summary["cache"]["tensors_computed"] == 0
-    assert run_cli("build", str(project)).stdout.count("up to date") == 2, "stat remembered again"
+    again = run_in_process("build", str(project))
+    assert again.stdout.count("up to date") == 2, "stat remembered again"
 
 
 def test_deleted_output_is_restored_from_cache_without_computation(project):
@@ -160,9 +161,11 @@ def test_force_rebuilds_everything_and_no_cache_stores_no_tensors(project, isola
     assert forced["cache"]["tensors_computed"] == 3 * 1130
     assert set(states(forced).values()) == {"built"}
     other_cache = project.parent / "unused-cache"
-    result = run_cli("build", "--no-cache", "--cache-dir", str(other_cache), str(project))
+    result = run_in_process("build", "--no-cache", "--cache-dir", str(other_cache), str(project))
     assert result.returncode == 0
-    info = json.loads(run_cli("cache", "info", "--json", "--cache-dir", str(other_cache)).stdout)
+    info = json.loads(
+        run_in_process("cache", "info", "--json", "--cache-dir", str(other_cache)).stdout
+    )
     assert (info["objects"], info["packs"], info["tensors"]) == (0, 0, 0)
     # Only the memo of input hashes was kept: the next --no-cache build reads no
     # tensor from the cache but does not rehash its inputs either.
@@ -177,14 +180,14 @@ def test_cache_dir_option_and_environment(project, tmp_path):
     chosen = tmp_path / "chosen"
     build(project, "--cache-dir", str(chosen))
     assert (chosen / "index.sqlite").exists()
-    info = run_cli("cache", "info", "--json", "--cache-dir", str(chosen))
+    info = run_in_process("cache", "info", "--json", "--cache-dir", str(chosen))
     data = json.loads(info.stdout)
     assert data["objects"] == 1130 and data["packs"] == 2
     assert data["last_build"]["tensors_computed"] == 3 * 1130
 
 
 def test_dry_run_changes_nothing(project):
-    result = run_cli("build", "--dry-run", str(project))
+    result = run_in_process("build", "--dry-run", str(project))
     assert result.returncode == 0
     assert "first build (no lock file)" in result.stdout
     assert not (project.parent / "out").exists()
@@ -193,14 +196,14 @@ def test_dry_run_changes_nothing(project):
 
 def test_verify_reports_reproducible_and_catches_a_wrong_lock(project):
     build(project)
-    ok = run_cli("verify", str(project))
+    ok = run_in_process("verify", str(project))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip().endswith("reproducible")
     lock = project.with_suffix(".lock")
     text = lock.read_text()
     locked = text.split("soft:")[-1].split("sha256: ")[1][:64]
     lock.write_text(text.replace(locked, "0" * 64))
-    bad = run_cli("verify", "--json", str(project))
+    bad = run_in_process("verify", "--json", str(project))
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert report["reproducible"] is False
@@ -208,7 +211,7 @@ def test_verify_reports_reproducible_and_catches_a_wrong_lock(project):
 
 
 def test_verify_without_lock_is_an_error(project):
-    result = run_cli("verify", str(project))
+    result = run_in_process("verify", str(project))
     assert result.returncode == 2
     assert "no lock file" in result.stderr
 
@@ -216,24 +219,23 @@ def test_verify_without_lock_is_an_error(project):
 def test_output_bytes_do_not_depend_on_thread_count(project, tmp_path):
     outputs = {}
     for threads in ("1", "2", "3"):
-        assert (
-            run_cli("build", "--no-cache", "--force", "-j", threads, str(project)).returncode == 0
-        )
+        result = run_in_process("build", "--no-cache", "--force", "-j", threads, str(project))
+        assert result.returncode == 0
         outputs[threads] = (project.parent / "out" / "inpaint.safetensors").read_bytes()
     assert outputs["1"] == outputs["2"] == outputs["3"]
 
 
 def test_cache_gc_and_clear(project, isolated_cache):
     build(project)
-    gc = run_cli("cache", "gc", "--max-size", "1MB", "--json")
+    gc = run_in_process("cache", "gc", "--max-size", "1MB", "--json")
     assert gc.returncode == 0, gc.stderr
     result = json.loads(gc.stdout)
     assert result["removed"] > 0 and result["size"] <= 1_000_000
     # Outputs hard-linked into the cache cost it nothing; its own files fit the limit.
     own = [p for p in isolated_cache.rglob("*.safetensors") if p.stat().st_nlink == 1]
     assert 0 < sum(p.stat().st_size for p in own) <= 1_000_000
-    assert run_cli("cache", "clear").returncode == 0
-    info = json.loads(run_cli("cache", "info", "--json").stdout)
+    assert run_in_process("cache", "clear").returncode == 0
+    info = json.loads(run_in_process("cache", "info", "--json").stdout)
     assert (info["objects"], info["packs"], info["tensors"]) == (0, 0, 0)
     # With nothing cached, an alpha change must recompute diff as well.
     edit(project, "1.0 * diff", "0.5 * diff")
@@ -242,7 +244,7 @@ def test_cache_gc_and_clear(project, isolated_cache):
 
 
 def test_gc_rejects_a_bad_size():
-    result = run_cli("cache", "gc", "--max-size", "lots")
+    result = run_in_process("cache", "gc", "--max-size", "lots")
     assert result.returncode == 2
     assert "not a size" in result.stderr
 
@@ -250,7 +252,7 @@ def test_gc_rejects_a_bad_size():
 def test_cache_false_keeps_an_intermediate_out_of_the_cache(project, isolated_cache):
     edit(project, "  diff: B - C", "  diff: {expression: B - C, cache: false}")
     build(project)
-    info = json.loads(run_cli("cache", "info", "--json").stdout)
+    info = json.loads(run_in_process("cache", "info", "--json").stdout)
     assert info["objects"] == 0
     edit(project, "1.0 * diff", "0.5 * diff")
     assert plan(project)["diff"] == ("rebuild", "recomputed (cache: false)")
@@ -274,7 +276,7 @@ def test_node_mapping_needs_exactly_one_form(tmp_path, models):
         outputs: {{x: out.safetensors}}
         """,
     )
-    result = run_cli("validate", str(recipe))
+    result = run_in_process("validate", str(recipe))
     assert result.returncode == 2
     assert "recipe.yaml:3: nodes.x: give either `expression`" in result.stderr
 

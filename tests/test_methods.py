@@ -65,14 +65,19 @@ def assert_matches(result, arrays, reference, dtype=np.float16):
     assert checked == len(a) - 1
 
 
-@pytest.mark.parametrize(
-    ("method", "alpha"),
-    [("weighted_sum", 0.3), ("add_difference", 0.7), ("sigmoid", 0.2), ("inv_sigmoid", 0.8)],
-)
+DEFAULT_ALPHA = {"weighted_sum": 0.5, "add_difference": 1.0, "sigmoid": 0.5, "inv_sigmoid": 0.5}
+
+
+@pytest.mark.parametrize("alpha", [None, 0.0, 1.0, 0.3, 0.7], ids=lambda a: f"alpha={a}")
+@pytest.mark.parametrize("method", list(DEFAULT_ALPHA))
 def test_each_method_matches_numpy(tmp_path, models, arrays, method, alpha):
+    """At its default (None), at 0 and 1, and in between: a factor applied twice
+    or a default read wrong shows in at least two of them."""
     args = "A, B, C" if method == "add_difference" else "A, B"
-    result = build_one(tmp_path, models, f"{method}({args}, alpha={alpha})")
-    assert_matches(result, arrays, lambda a, b, c: numpy_reference(method, alpha, a, b, c))
+    parameter = "" if alpha is None else f", alpha={alpha}"
+    result = build_one(tmp_path, models, f"{method}({args}{parameter})")
+    value = DEFAULT_ALPHA[method] if alpha is None else alpha
+    assert_matches(result, arrays, lambda a, b, c: numpy_reference(method, value, a, b, c))
 
 
 def test_operator_form_of_add_difference_matches_numpy(tmp_path, models, arrays):
@@ -185,10 +190,13 @@ def test_fixture_models_really_differ(arrays):
     assert 0 < np.abs(delta).max() < 0.1, "a fine-tune is its base plus a small delta"
 
 
-def test_methods_that_are_not_elementwise_see_whole_tensors(tmp_path):
+def test_methods_that_are_not_elementwise_see_whole_tensors(tmp_path, monkeypatch):
     from safetensors.numpy import save_file
 
-    from sdrecipe.methods import merge_method
+    from sdrecipe.methods import merge_method, registry
+
+    # Register the test's method in a copy of the registry, restored afterwards.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     @merge_method(elementwise=False)
     def rescale_to(a, b, *, strength: float = 1.0):

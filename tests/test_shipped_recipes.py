@@ -45,11 +45,15 @@ def test_demo_recipe_builds_and_verifies(demo_tree, recipe):
 
 
 @pytest.mark.parametrize("recipe", USER_TEMPLATES, ids=lambda p: p.name)
-def test_user_templates_are_valid_recipes_waiting_for_model_files(recipe):
-    parsed = load_recipe(recipe)
+def test_user_templates_are_valid_recipes_waiting_for_model_files(recipe, tmp_path):
+    # A copy, so that model files a checkout may hold in models/ are not found.
+    copy = tmp_path / "recipes" / recipe.name
+    copy.parent.mkdir()
+    shutil.copyfile(recipe, copy)
+    parsed = load_recipe(copy)
     assert parsed.outputs
-    result = run_cli("validate", str(recipe))
+    result = run_cli("validate", str(copy))
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     first_input = next(iter(parsed.inputs.values()))
-    assert f"{recipe}:{first_input.line}:" in result.stderr
+    assert f"{copy}:{first_input.line}:" in result.stderr
