@@ -181,7 +181,11 @@ def prepare_recipe(
                 recipe.path,
                 output.line,
             )
-    plan = make_plan(graph, {name: reader.infos() for name, reader in readers.items()})
+    plan = make_plan(
+        graph,
+        {name: reader.infos() for name, reader in readers.items()},
+        {name: architecture.family for name, architecture in architectures.items()},
+    )
     return Prepared(recipe, graph, readers, plan, architectures)
 
 

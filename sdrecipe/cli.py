@@ -427,6 +427,38 @@ def inspect(model: Path, cache_dir: Path, no_cache: bool, as_json: bool) -> None
         say("  merged from: " + ", ".join(names))
 
 
+@main.command()
+@_json_option
+@_reports_errors
+def methods(as_json: bool) -> None:
+    """List the merge methods: models, spaces, parameters and defaults."""
+    from sdrecipe.methods.registry import registered_methods
+
+    listed = [
+        {
+            "name": method.name,
+            "signature": method.signature,
+            "models": list(method.model_names),
+            "variadic": method.variadic,
+            "min_models": method.min_models,
+            "spaces": dict(method.spaces),
+            "parameters": {
+                name: {"type": repr(info.annotation), "default": info.default}
+                for name, info in method.parameters.model_fields.items()
+            },
+            "elementwise": method.elementwise,
+            "key_aware": method.key_aware,
+            "summary": (method.function.__doc__ or "").strip().splitlines()[0],
+        }
+        for method in registered_methods()
+    ]
+    if as_json:
+        _emit_json({"methods": listed})
+        return
+    for entry in listed:
+        click.echo(f"{entry['signature']}\n    {entry['summary']}")
+
+
 @main.group()
 def cache() -> None:
     """Inspect and trim the tensor cache."""

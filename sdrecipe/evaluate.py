@@ -13,19 +13,30 @@ from collections.abc import Mapping
 import torch
 
 from sdrecipe.methods import get_method
+from sdrecipe.methods.registry import CONTEXT_PARAMETER
+from sdrecipe.per_key import KeyContext
 from sdrecipe.recipe.expr import BinOp, Call, Expr, Neg, Num, Ref
 
 
-def evaluate(expr: Expr, operands: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The value of model expression `expr`, computed in `dtype`."""
-    value, owned = _Evaluator(operands, dtype).visit(expr)
+def evaluate(
+    expr: Expr,
+    operands: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    context: KeyContext | None = None,
+) -> torch.Tensor:
+    """The value of model expression `expr` (its per-key parameters resolved),
+    computed in `dtype`; key-aware methods are given `context`."""
+    value, owned = _Evaluator(operands, dtype, context).visit(expr)
     return value if owned else value.to(dtype, copy=True)
 
 
 class _Evaluator:
-    def __init__(self, operands: Mapping[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(
+        self, operands: Mapping[str, torch.Tensor], dtype: torch.dtype, context: KeyContext | None
+    ):
         self.operands = operands
         self.dtype = dtype
+        self.context = context
 
     def fresh(self, value: torch.Tensor, owned: bool) -> torch.Tensor:
         """`value` as a tensor this evaluation may modify."""
@@ -44,7 +55,10 @@ class _Evaluator:
         if isinstance(expr, Call):
             method = get_method(expr.method)
             args = [self.visit(arg)[0].to(self.dtype) for arg in expr.args]
-            return method.function(*args, **dict(expr.params)), True
+            params = dict(expr.params)
+            if method.key_aware:
+                params[CONTEXT_PARAMETER] = self.context
+            return method.function(*args, **params), True
         assert isinstance(expr, BinOp)
         if expr.op in "*/":
             model, scalar = (

@@ -263,13 +263,13 @@ class _KeyTask:
             value = self._value(operands[0], rows, values)
         else:
             env = {operand: self._value(operand, rows, values) for operand in operands}
-            expr = self.graph.recipe.nodes[name].expr
+            expr = step.expr or self.graph.recipe.nodes[name].expr
             if step.channels is None:
-                value = evaluate(expr, env, step.dtype)
+                value = evaluate(expr, env, step.dtype, step.context)
             else:
                 shared = {operand: t[:, : step.channels] for operand, t in env.items()}
                 value = env[operands[0]].to(step.dtype, copy=True)
-                value[:, : step.channels] = evaluate(expr, shared, step.dtype)
+                value[:, : step.channels] = evaluate(expr, shared, step.dtype, step.context)
         values[name] = value
         return value
 

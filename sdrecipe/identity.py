@@ -22,7 +22,7 @@ import blake3
 from sdrecipe import OUTPUT_FORMAT
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.plan import BuildPlan, Compute
-from sdrecipe.recipe.expr import format_expression, rename_references
+from sdrecipe.recipe.expr import Expr, format_expression, rename_references
 
 IDENTITY_VERSION = f"sdrecipe-identity-{OUTPUT_FORMAT}"
 
@@ -60,24 +60,34 @@ def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]])
     graph = plan.graph
     recipe = graph.recipe
     values: dict[str, dict[str, str]] = {name: dict(digests[name]) for name in digests}
-    templates = {}
+    positions = {
+        node: {name: f"${index}" for index, name in enumerate(graph.operands(node))}
+        for node in graph.order
+    }
+    templates: dict[tuple[str, Expr], str] = {}
     for node in graph.order:
         values[node] = {}
-        operands = graph.operands(node)
-        positions = {name: f"${index}" for index, name in enumerate(operands)}
-        templates[node] = format_expression(rename_references(recipe.nodes[node].expr, positions))
     for key_plan in plan.keys:
         key = key_plan.key
         for node, step in key_plan.steps.items():
             operands = graph.operands(node)
             if isinstance(step, Compute):
-                values[node][key] = _hash(
+                # The expression with this key's parameter values, operands by position.
+                expr = step.expr or recipe.nodes[node].expr
+                template = templates.get((node, expr))
+                if template is None:
+                    template = format_expression(rename_references(expr, positions[node]))
+                    templates[(node, expr)] = template
+                parts = [
                     IDENTITY_VERSION,
-                    templates[node],
+                    template,
                     step.channels,
                     DTYPE_TO_CODE[step.dtype],
                     [values[operand][key] for operand in operands],
-                )
+                ]
+                if step.context is not None:
+                    parts.append(key)  # a key-aware method: each key's result is its own
+                values[node][key] = _hash(*parts)
             else:
                 values[node][key] = values[operands[0]][key]
     outputs: dict[str, dict[str, str]] = {name: {} for name in plan.outputs}

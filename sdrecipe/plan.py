@@ -8,6 +8,7 @@ instruct-pix2pix channel rule, and rejects every shape mismatch up front.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +20,10 @@ from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
 from sdrecipe.io.safetensors_writer import layout_order
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.methods import get_method
+from sdrecipe.methods.registry import DIFFERENCE
+from sdrecipe.per_key import KeyContext, for_key, key_context
 from sdrecipe.recipe import Output
-from sdrecipe.recipe.expr import method_calls
+from sdrecipe.recipe.expr import Expr, method_calls
 
 MERGED = "merged"
 
@@ -39,11 +42,15 @@ class Compute:
     `channels` is set when the base has more dim-1 channels than another operand
     (inpainting / instruct-pix2pix): the expression is evaluated on the leading
     `channels` channels and the base keeps its extra channels. `dtype` is the
-    compute dtype: float64 if any operand is float64, else float32.
+    compute dtype: float64 if any operand is float64, else float32. `expr` is
+    the node's expression with its per-key parameters resolved for this key;
+    `context` is set when a key-aware method needs the key.
     """
 
     channels: int | None = None
     dtype: torch.dtype = torch.float32
+    expr: Expr | None = None
+    context: KeyContext | None = None
 
 
 Step = Passthrough | Compute
@@ -96,14 +103,29 @@ class BuildPlan:
     outputs: dict[str, OutputPlan]
     input_infos: dict[str, dict[str, TensorInfo]] = field(repr=False)
     warnings: tuple[str, ...] = ()
+    families: Mapping[str, str] = field(default_factory=dict)
+
+    def contexts(self, node: str) -> list[KeyContext]:
+        """The context of every key `node` computes."""
+        family = self.families.get(self.graph.base_input(node), "unknown")
+        return [
+            key_context(key_plan.key, family)
+            for key_plan in self.keys
+            if isinstance(key_plan.steps.get(node), Compute)
+        ]
 
 
-def make_plan(graph: MergeGraph, input_infos: dict[str, dict[str, TensorInfo]]) -> BuildPlan:
-    """Decide every key of every selected output; raise RecipeError on shape conflicts."""
-    planner = _Planner(graph, input_infos)
+def make_plan(
+    graph: MergeGraph,
+    input_infos: dict[str, dict[str, TensorInfo]],
+    families: Mapping[str, str] | None = None,
+) -> BuildPlan:
+    """Decide every key of every selected output; raise RecipeError on shape conflicts.
+
+    `families` (per input) tell which block table a key's context uses."""
+    planner = _Planner(graph, input_infos, families or {})
     tensors = {name: planner.output_tensors(name) for name in graph.outputs}
-    # Keys go in the first output's file layout, so each finished key extends
-    # the written prefix (and its running sha256); other outputs' keys follow.
+    # Keys go in the first output's file layout; other outputs' keys follow.
     order: dict[str, None] = {}
     for output_tensors in tensors.values():
         order.update(dict.fromkeys(layout_order(output_tensors)))
@@ -116,13 +138,26 @@ def make_plan(graph: MergeGraph, input_infos: dict[str, dict[str, TensorInfo]]) 
         outputs=outputs,
         input_infos=input_infos,
         warnings=planner.empty_selections(),
+        families=dict(families or {}),
     )
 
 
 class _Planner:
-    def __init__(self, graph: MergeGraph, input_infos: dict[str, dict[str, TensorInfo]]):
+    def __init__(
+        self,
+        graph: MergeGraph,
+        input_infos: dict[str, dict[str, TensorInfo]],
+        families: Mapping[str, str],
+    ):
         self.graph = graph
         self.input_infos = input_infos
+        self.families = families
+        self.key_aware = {
+            node: any(
+                get_method(name).key_aware for name in method_calls(graph.recipe.nodes[node].expr)
+            )
+            for node in graph.order
+        }
         self.status: dict[str, dict[str, str]] = {node: {} for node in graph.order}
         self.value_dtypes: dict[str, torch.dtype] = {}
         self.elementwise = {
@@ -168,22 +203,34 @@ class _Planner:
         if not base.is_floating:
             return Passthrough(f"not floating point ({DTYPE_TO_CODE[base.dtype]})")
         infos = [base]
+        nodes = self.graph.recipe.nodes
         for operand in operands[1:]:
             info = self.info(operand, key)
-            if info is None:
+            # A difference that did not compute the key holds no difference there.
+            untouched = (
+                operand in nodes
+                and nodes[operand].space == DIFFERENCE
+                and self.status[operand].get(key) != MERGED
+            )
+            if info is None or untouched:
                 return Passthrough(f"missing from {operand}")
             if not info.is_floating:
                 return Passthrough(f"not floating point in {operand}")
             infos.append(info)
         dtypes = {self.value_dtype(operand, key) for operand in operands}
         dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        context = key_context(key, self.families.get(self.graph.base_input(node), "unknown"))
+        expr = for_key(self.graph.recipe.nodes[node].expr, context)
+        known = {"dtype": dtype, "expr": expr}
+        if self.key_aware[node]:
+            known["context"] = context
         shapes = [info.shape for info in infos]
         if all(shape == base.shape for shape in shapes):
-            return Compute(dtype=dtype)
+            return Compute(**known)
         if _differ_only_in_channels(shapes):
             widest = max(shape[1] for shape in shapes)
             if base.shape[1] == widest:
-                return Compute(channels=min(shape[1] for shape in shapes), dtype=dtype)
+                return Compute(channels=min(shape[1] for shape in shapes), **known)
             other = operands[next(i for i, s in enumerate(shapes) if s[1] == widest)]
             self.conflicts.append(
                 (

@@ -24,7 +24,7 @@ from sdrecipe.graph import MergeGraph
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.recipe import Node, Output
-from sdrecipe.recipe.expr import Call, format_expression
+from sdrecipe.recipe.expr import Call, ParamValue, PerKey, format_expression
 
 # Inherited lineage (`sd_merge_models`) is capped at this many bytes of JSON, so
 # a header stays far below the 100 MB that safetensors readers accept, however
@@ -126,6 +126,8 @@ def _output_entry(spec: Output, vae: str | None) -> dict[str, object]:
         entry["dtype"] = spec.dtype
     if spec.prune_ema:
         entry["prune_ema"] = True
+    if spec.space != "model":
+        entry["space"] = spec.space
     if vae:
         entry["vae"] = vae
     if spec.metadata:
@@ -149,7 +151,7 @@ def _a1111_recipe(
         "secondary_model_hash": shas[1] if len(shas) > 1 else None,
         "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
         "interp_method": _A1111_METHOD_NAMES.get(expr.method, source) if is_call else source,
-        "multiplier": dict(expr.params).get("alpha") if is_call else None,
+        "multiplier": _as_written(dict(expr.params).get("alpha")) if is_call else None,
         "save_as_half": spec.dtype == "float16",
         "custom_name": spec.path.stem,
         "config_source": None,
@@ -158,6 +160,13 @@ def _a1111_recipe(
         "is_inpainting": channels == 9,
         "is_instruct_pix2pix": channels == 8,
     }
+
+
+def _as_written(value: ParamValue | None) -> object:
+    """A parameter as a recipe writes it: a per-key value as its mapping."""
+    if isinstance(value, PerKey):
+        return dict(value.entries)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _a1111_models(

@@ -8,12 +8,12 @@ entries, are current), *from cache* (its tensors need no computation), or
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from sdrecipe.graph import MergeGraph
 from sdrecipe.identity import Identities
 from sdrecipe.lock import Lock
+from sdrecipe.per_key import DEFAULT, KeyContext, resolve
 from sdrecipe.plan import BuildPlan, Compute
 from sdrecipe.recipe.expr import (
     BinOp,
@@ -22,7 +22,10 @@ from sdrecipe.recipe.expr import (
     ExpressionError,
     Neg,
     Num,
+    ParamValue,
+    PerKey,
     Ref,
+    format_value,
     parse_expression,
 )
 
@@ -77,7 +80,7 @@ def node_statuses(
             state, reason = UP_TO_DATE, "output matches the lock"
         elif output is not None and (outputs[output].pack_available or all_cached):
             state = FROM_CACHE
-            reason = _output_reason(graph, node, lock, input_sha256, identities, outputs[output])
+            reason = _output_reason(plan, node, lock, input_sha256, identities, outputs[output])
         elif not needed:
             state, reason = (UP_TO_DATE, "cached") if all_cached else (NOT_NEEDED, "")
         elif all_cached:
@@ -86,7 +89,7 @@ def node_statuses(
             state, reason = REBUILD, "recomputed (cache: false)"
         else:
             state = REBUILD
-            reason = _change_reason(graph, node, lock, input_sha256, identities)
+            reason = _change_reason(plan, node, lock, input_sha256, identities)
             if own & cached:
                 reason += f" ({len(own & cached)} of {len(own)} tensors cached)"
         statuses[node] = NodeStatus(node, state, reason, output)
@@ -109,7 +112,7 @@ def _computed_identities(plan: BuildPlan, identities: Identities) -> dict[str, s
 
 
 def _output_reason(
-    graph: MergeGraph,
+    plan: BuildPlan,
     node: str,
     lock: Lock | None,
     input_sha256: Mapping[str, str],
@@ -124,17 +127,18 @@ def _output_reason(
         and lock.nodes[node].key == identities.node_key(node)
     ):
         return "output differs from the lock (changed on disk, or recipe text changed)"
-    return _change_reason(graph, node, lock, input_sha256, identities)
+    return _change_reason(plan, node, lock, input_sha256, identities)
 
 
 def _change_reason(
-    graph: MergeGraph,
+    plan: BuildPlan,
     node: str,
     lock: Lock | None,
     input_sha256: Mapping[str, str],
     identities: Identities,
 ) -> str:
     """Why `node`'s tensors differ from the last build recorded in the lock."""
+    graph = plan.graph
     if lock is None:
         return "first build (no lock file)"
     locked = lock.nodes.get(node)
@@ -143,7 +147,12 @@ def _change_reason(
     reasons = []
     signature = graph.recipe.nodes[node].signature
     if locked.expression != signature:
-        reasons.append(describe_expression_change(locked.expression, signature))
+        contexts = plan.contexts(node)
+
+        def keys_changed(before: ParamValue, after: ParamValue) -> int:
+            return sum(_value_at(before, c) != _value_at(after, c) for c in contexts)
+
+        reasons.append(describe_expression_change(locked.expression, signature, keys_changed))
     for operand in graph.operands(node):
         if operand in graph.recipe.inputs:
             before = lock.inputs.get(operand)
@@ -160,10 +169,19 @@ def _change_reason(
     return "sdrecipe's arithmetic changed"
 
 
-def describe_expression_change(before: str, after: str) -> str:
-    """`alpha changed 0.3 -> 0.4` where only numbers differ, else the two expressions."""
+KeysChanged = Callable[[ParamValue, ParamValue], int]
+
+
+def describe_expression_change(
+    before: str, after: str, keys_changed: KeysChanged | None = None
+) -> str:
+    """`alpha changed 0.3 -> 0.4` where only numbers differ, else the two expressions.
+
+    A per-key parameter's change names the labels that changed and, given
+    `keys_changed`, how many keys get another value:
+    `alpha for text_encoder changed 0.2 -> 0.3 (196 keys)`."""
     try:
-        changes = _number_changes(parse_expression(before), parse_expression(after))
+        changes = _number_changes(parse_expression(before), parse_expression(after), keys_changed)
     except ExpressionError:
         changes = None
     if not changes:
@@ -171,7 +189,9 @@ def describe_expression_change(before: str, after: str) -> str:
     return ", ".join(changes)
 
 
-def _number_changes(before: Expr, after: Expr) -> list[str] | None:
+def _number_changes(
+    before: Expr, after: Expr, keys_changed: KeysChanged | None
+) -> list[str] | None:
     """Parameter and factor changes between two same-shaped expressions, else None."""
     if type(before) is not type(after):
         return None
@@ -180,30 +200,62 @@ def _number_changes(before: Expr, after: Expr) -> list[str] | None:
     if isinstance(before, Num):
         return [] if before == after else [f"factor changed {before.value:g} -> {after.value:g}"]  # type: ignore[union-attr]
     if isinstance(before, Neg):
-        return _number_changes(before.operand, after.operand)  # type: ignore[union-attr]
+        return _number_changes(before.operand, after.operand, keys_changed)  # type: ignore[union-attr]
     if isinstance(before, BinOp):
         assert isinstance(after, BinOp)
         if before.op != after.op:
             return None
-        left = _number_changes(before.left, after.left)
-        right = _number_changes(before.right, after.right)
+        left = _number_changes(before.left, after.left, keys_changed)
+        right = _number_changes(before.right, after.right, keys_changed)
         return None if left is None or right is None else left + right
     assert isinstance(before, Call) and isinstance(after, Call)
     if before.method != after.method or len(before.args) != len(after.args):
         return None
     changes: list[str] = []
     for old, new in zip(before.args, after.args, strict=True):
-        sub = _number_changes(old, new)
+        sub = _number_changes(old, new, keys_changed)
         if sub is None:
             return None
         changes += sub
     old_params, new_params = dict(before.params), dict(after.params)
     for name in sorted(old_params.keys() | new_params.keys()):
         old_value, new_value = old_params.get(name), new_params.get(name)
-        if old_value != new_value:
+        if old_value == new_value:
+            continue
+        if isinstance(old_value, PerKey) or isinstance(new_value, PerKey):
+            text = _per_key_change(name, old_value, new_value)
+            if keys_changed is not None and old_value is not None and new_value is not None:
+                text += f" ({keys_changed(old_value, new_value)} keys)"
+            changes.append(text)
+        else:
             changes.append(f"{name} changed {_show(old_value)} -> {_show(new_value)}")
     return changes
 
 
-def _show(value: float | None) -> str:
-    return "default" if value is None else f"{value:g}"
+def _per_key_change(name: str, before: ParamValue | None, after: ParamValue | None) -> str:
+    """`alpha for text_encoder changed 0.2 -> 0.3, for unet ...`, label by label."""
+    old, new = _labelled(before), _labelled(after)
+    parts = [
+        f"for {label} {_show(old.get(label))} -> {_show(new.get(label))}"
+        for label in dict.fromkeys([*new, *old])
+        if old.get(label) != new.get(label)
+    ]
+    return f"{name} changed " + ", ".join(parts)
+
+
+def _labelled(value: ParamValue | None) -> dict[str, ParamValue]:
+    if value is None:
+        return {}
+    return dict(value.entries) if isinstance(value, PerKey) else {DEFAULT: value}
+
+
+def _value_at(value: ParamValue, context: KeyContext) -> ParamValue:
+    return resolve(value, context) if isinstance(value, PerKey) else value
+
+
+def _show(value: ParamValue | None) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return f"{value:g}"
+    return format_value(value)

@@ -119,7 +119,7 @@ def test_build_only_the_named_output(tmp_path, models):
         tmp_path,
         f"""
         inputs: {{A: {models["finetune"]}, B: {models["base"]}}}
-        nodes: {{one: A - B, two: B - A}}
+        nodes: {{one: "weighted_sum(A, B)", two: "weighted_sum(B, A)"}}
         outputs: {{one: one.safetensors, two: two.safetensors}}
         """,
     )

@@ -96,7 +96,7 @@ def test_malicious_pickle_is_refused_and_never_run(tmp_path, models):
         tmp_path,
         f"""
         inputs: {{A: {models["base"]}, B: {evil}}}
-        nodes: {{out: A + B}}
+        nodes: {{out: "weighted_sum(A, B)"}}
         outputs: {{out: out.safetensors}}
         """,
     )

@@ -40,14 +40,14 @@ def test_base_keys_pass_through_for_each_reason(tmp_path, odd_models):
         tmp_path,
         """
         inputs: {A: a.safetensors, B: b.safetensors}
-        nodes: {out: A + B}
+        nodes: {out: "weighted_sum(A, B)"}
         outputs: {out: out.safetensors}
         """,
     )
     summary = build(prepare(recipe), threads=1)
     out = load_file(tmp_path / "out.safetensors")
     assert set(out) == set(a), "output keys are the base's keys"
-    np.testing.assert_array_equal(out["w"], a["w"] + b["w"])
+    np.testing.assert_array_equal(out["w"], 0.5 * a["w"] + 0.5 * b["w"])
     for key in ("a_only", "n", POSITION_IDS):
         np.testing.assert_array_equal(out[key], a[key])
     (result,) = summary.outputs
@@ -88,7 +88,7 @@ def test_other_shape_mismatches_are_refused_before_any_output(tmp_path):
         tmp_path,
         """
         inputs: {A: a.safetensors, B: b.safetensors}
-        nodes: {out: A - B}
+        nodes: {out: "weighted_sum(A, B)"}
         outputs: {out: out.safetensors}
         """,
     )

@@ -39,7 +39,7 @@ CASES = [
         "  out: {method: weighted_sum, models: [A, B], alpha: high}",
         None,
         6,
-        "parameter 'alpha' must be a number",
+        "parameter 'alpha': Input should be a valid number (got 'high')",
     ),
     ("product", "  out: A * B", None, 6, "product of two models"),
     ("unknown output", "  out: A", "nope: out.safetensors", 8, "output 'nope' names no node"),
@@ -82,7 +82,8 @@ def test_yaml_syntax_error(tmp_path):
 
 def test_missing_input_file(tmp_path, models):
     path = write_recipe(
-        tmp_path, recipe_for(models, "  out: A + D", extra="  D: nowhere.safetensors\n")
+        tmp_path,
+        recipe_for(models, "  out: weighted_sum(A, D)", extra="  D: nowhere.safetensors\n"),
     )
     with pytest.raises(RecipeError, match=r"nowhere\.safetensors does not exist") as info:
         prepare(path)
@@ -100,7 +101,9 @@ def test_missing_input_file(tmp_path, models):
 def test_truncated_input_file_is_named(tmp_path, models, keep, message):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(models["base"].read_bytes()[:keep])
-    path = write_recipe(tmp_path, recipe_for(models, "  out: A + D", extra=f"  D: {broken}\n"))
+    path = write_recipe(
+        tmp_path, recipe_for(models, "  out: weighted_sum(A, D)", extra=f"  D: {broken}\n")
+    )
     with pytest.raises(RecipeError, match=message) as info:
         prepare(path)
     assert info.value.line == 5
@@ -110,7 +113,9 @@ def test_truncated_input_file_is_named(tmp_path, models, keep, message):
 def test_non_safetensors_input_is_named(tmp_path, models):
     broken = tmp_path / "notes.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    path = write_recipe(tmp_path, recipe_for(models, "  out: A + D", extra=f"  D: {broken}\n"))
+    path = write_recipe(
+        tmp_path, recipe_for(models, "  out: weighted_sum(A, D)", extra=f"  D: {broken}\n")
+    )
     with pytest.raises(RecipeError, match="header is not JSON"):
         prepare(path)
 

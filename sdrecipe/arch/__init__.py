@@ -30,6 +30,9 @@ COMPONENT_PREFIXES = (
 )
 
 
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "ema", "other")
+
+
 def component_of(key: str) -> str:
     """`unet`, `vae`, `text_encoder`, `text_encoder_2`, `ema` or `other`."""
     return next((name for prefix, name in COMPONENT_PREFIXES if key.startswith(prefix)), "other")

@@ -25,7 +25,7 @@ def weighted_sum(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5) -> tor
     return result.add_(b.mul(alpha))
 
 
-@merge_method()
+@merge_method(spaces={"a": "S", "b": "T", "c": "T", "return": "S"})
 def add_difference(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0
 ) -> torch.Tensor:

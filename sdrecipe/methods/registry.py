@@ -1,10 +1,19 @@
-"""The merge-method registry: methods declare their models and typed parameters."""
+"""The merge-method registry: methods declare their models, spaces and typed parameters.
+
+A method is a function of tensors. Its positional parameters are the models
+(`*models` for any number of them); its keyword-only parameters, with type
+hints and defaults, are the method's parameters (float, int, bool, a
+`Literal` choice, a list of numbers); a keyword-only `context: KeyContext`
+makes it key-aware: it is told which key it computes, and each key's result
+gets an identity of its own.
+"""
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pydantic
@@ -12,28 +21,100 @@ import pydantic
 if TYPE_CHECKING:
     import torch
 
+    from sdrecipe.recipe.expr import ParamValue
+
 MethodFunction = Callable[..., "torch.Tensor"]
+MODEL = "model"
+DIFFERENCE = "difference"
+# The keyword-only parameter through which key-aware methods receive a KeyContext.
+CONTEXT_PARAMETER = "context"
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method: a pure function of `model_count` tensors and typed parameters.
+    """A registered method: a pure function of tensors and typed parameters.
 
     The function receives tensors of one floating dtype (the compute dtype) and of
     one shape, must not modify them, and returns a new tensor of that dtype and shape.
-    `elementwise` methods may be evaluated on any slice of rows independently.
+    `elementwise` methods may be evaluated on any slice of rows independently;
+    the others get whole tensors, so they hold one key's operands and result.
+
+    `spaces` maps each model parameter (and `return`) to `model`, `difference`
+    or a name standing for "the same space as every other parameter so named".
     """
 
     name: str
     function: MethodFunction
     model_names: tuple[str, ...]
+    variadic: bool
+    min_models: int
     parameters: type[pydantic.BaseModel]
     elementwise: bool
+    key_aware: bool
+    spaces: Mapping[str, str] = field(default_factory=dict)
 
-    def validate(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """Check parameter names and types; raise ValueError with a readable message."""
+    @property
+    def signature(self) -> str:
+        """e.g. `ties(base, *models, density=0.2, ...)`, for help and errors."""
+        models = (
+            [*self.model_names[:-1], f"*{self.model_names[-1]}"]
+            if self.variadic
+            else [*self.model_names]
+        )
+        params = [f"{name}={info.default!r}" for name, info in self.parameters.model_fields.items()]
+        return f"{self.name}({', '.join(models + params)})"
+
+    def check_model_count(self, count: int) -> str | None:
+        """Why `count` models do not fit, or None."""
+        if self.variadic and count < self.min_models:
+            return f"{self.name}() takes at least {self.min_models} models, got {count}"
+        if not self.variadic and count != len(self.model_names):
+            return (
+                f"{self.name}() takes {len(self.model_names)} models "
+                f"({', '.join(self.model_names)}), got {count}"
+            )
+        return None
+
+    def operand_space(self, index: int) -> str:
+        """The declared space of the `index`-th model argument."""
+        name = self.model_names[min(index, len(self.model_names) - 1)]
+        return self.spaces.get(name, "S")
+
+    def validate(self, values: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
+        """Check parameter names and types; fill in defaults. A `PerKey` value is
+        checked entry by entry, and gets the parameter's default if it names none.
+        Raises ValueError with a readable message."""
+        # Imported here: the recipe package imports this registry.
+        from sdrecipe.per_key import check_labels
+        from sdrecipe.recipe.expr import PerKey
+
+        plain = {k: v for k, v in values.items() if not isinstance(v, PerKey)}
+        checked = self._validated(plain)
+        for name, value in values.items():
+            if not isinstance(value, PerKey):
+                continue
+            if name not in self.parameters.model_fields:
+                self._validated({name: 0})  # raises: unknown parameter
+            annotation = self.parameters.model_fields[name].annotation
+            if not _is_number(annotation):
+                raise ValueError(f"{self.name}: parameter {name!r} cannot vary by key")
+            problem = check_labels(value)
+            if problem:
+                raise ValueError(f"{self.name}: parameter {name!r}: {problem}")
+            entries = [
+                (label, self._validated({name: number})[name]) for label, number in value.entries
+            ]
+            if "default" not in dict(entries):
+                entries.insert(0, ("default", checked[name]))
+            checked[name] = PerKey(tuple(entries))
+        return {name: checked[name] for name in self.parameters.model_fields}
+
+    def _validated(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Validated values; lists are given and kept as tuples (expressions are hashable)."""
+        as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
         try:
-            return self.parameters.model_validate(dict(values)).model_dump()
+            checked = self.parameters.model_validate(as_lists).model_dump()
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in checked.items()}
         except pydantic.ValidationError as exc:
             problems = []
             for error in exc.errors():
@@ -42,45 +123,68 @@ class MergeMethod:
                     known = ", ".join(self.parameters.model_fields) or "none"
                     problems.append(f"unknown parameter {where!r} (known: {known})")
                 else:
-                    problems.append(f"parameter {where!r}: {error['msg']}")
+                    problems.append(f"parameter {where!r}: {error['msg']} (got {error['input']!r})")
             raise ValueError(f"{self.name}: " + "; ".join(problems)) from None
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
-def merge_method(*, elementwise: bool = True) -> Callable[[MethodFunction], MethodFunction]:
-    """Register a function as a merge method.
+def merge_method(
+    *,
+    elementwise: bool = True,
+    spaces: Mapping[str, str] | None = None,
+    min_models: int | None = None,
+) -> Callable[[MethodFunction], MethodFunction]:
+    """Register a function as a merge method (see the module's docstring).
 
-    Positional parameters are the models; keyword-only parameters, with type hints
-    and defaults, are the method's parameters, validated strictly by pydantic.
+    `spaces` declares the operands' and result's spaces (default: all the same,
+    as for an affine blend); `min_models` the fewest models a variadic method takes
+    (default: its named models and one more).
     """
 
     def register(function: MethodFunction) -> MethodFunction:
         # Only the parameters' annotations are evaluated, so registering a method
         # does not import torch (a no-op build decides without it).
         signature = inspect.signature(function)
-        models = tuple(
+        kinds = inspect.Parameter
+        models = [
             name
             for name, p in signature.parameters.items()
-            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        )
+            if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.VAR_POSITIONAL)
+        ]
+        variadic = any(p.kind is kinds.VAR_POSITIONAL for p in signature.parameters.values())
         fields: dict[str, Any] = {
             name: (_resolve(p.annotation, function), p.default)
             for name, p in signature.parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            if p.kind is kinds.KEYWORD_ONLY and name != CONTEXT_PARAMETER
         }
         parameters = pydantic.create_model(
             f"{function.__name__}_parameters",
-            __config__=pydantic.ConfigDict(extra="forbid", strict=True),
+            __config__=pydantic.ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
             **fields,
         )
         _REGISTRY[function.__name__] = MergeMethod(
-            function.__name__, function, models, parameters, elementwise
+            name=function.__name__,
+            function=function,
+            model_names=tuple(models),
+            variadic=variadic,
+            min_models=len(models) if min_models is None else min_models,
+            parameters=parameters,
+            elementwise=elementwise,
+            key_aware=CONTEXT_PARAMETER in signature.parameters,
+            spaces=dict(spaces or {}),
         )
         return function
 
     return register
+
+
+def _is_number(annotation: Any) -> bool:
+    """True for float and int annotations, also inside `Annotated[...]`."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation in (float, int)
 
 
 def _resolve(annotation: Any, function: MethodFunction) -> Any:
@@ -97,3 +201,8 @@ def get_method(name: str) -> MergeMethod:
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
         raise KeyError(f"unknown method {name!r} (known: {known})") from None
+
+
+def registered_methods() -> list[MergeMethod]:
+    """Every registered method, by name."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]

@@ -9,6 +9,7 @@ number added to a model or a division by a model is rejected.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -55,20 +56,38 @@ class Neg:
 
 
 @dataclass(frozen=True)
+class PerKey:
+    """A numeric parameter whose value depends on the tensor key: `default`, and
+    overrides named by component (`unet`, `vae`, `text_encoder`, ...), block ID
+    or `re:REGEX`, in the order written. `sdrecipe.keyed` resolves it per key."""
+
+    entries: tuple[tuple[str, float | int], ...]
+
+
+# A method parameter's value: a number, a flag, a choice, a list of numbers, or
+# a number per key.
+ParamValue = float | int | bool | str | tuple[float | int, ...] | PerKey
+
+
+@dataclass(frozen=True)
 class Call:
-    """A merge-method call: model arguments and scalar keyword parameters."""
+    """A merge-method call: model arguments and typed keyword parameters."""
 
     method: str
     args: tuple[Expr, ...]
-    params: tuple[tuple[str, float], ...]
+    params: tuple[tuple[str, ParamValue], ...]
 
 
 Expr = Ref | Num | BinOp | Neg | Call
 
 _TOKEN = re.compile(
     r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
-    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>[-+*/(),=]))"
+    r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<string>\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*')"
+    r"|(?P<op>[-+*/(),=\[\]{}:]))"
 )
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CLOSERS = (",", ")", "]", "}")
 
 
 @dataclass(frozen=True)
@@ -233,10 +252,7 @@ class _Parser:
                 self.advance()
                 if key.text in params:
                     raise ExpressionError(f"parameter {key.text!r} is given twice", key.column)
-                value = self.sum()
-                if is_model(value):
-                    raise ExpressionError(f"parameter {key.text!r} must be a number", key.column)
-                params[key.text] = value.value  # type: ignore[union-attr]
+                params[key.text] = self.param_value(key.text)
             else:
                 column = self.current.column
                 if params:
@@ -259,6 +275,64 @@ class _Parser:
         if not args:
             raise ExpressionError(f"{name.text}() needs at least one model", closing.column)
         return Call(name.text, tuple(args), tuple(params.items()))
+
+    def is_op(self, text: str) -> bool:
+        return self.current.kind == "op" and self.current.text == text
+
+    def param_value(self, name: str) -> ParamValue:
+        """A number, `true`/`false`, a quoted string, `[numbers]` or `{name: number}`."""
+        token = self.current
+        if token.kind == "string":
+            self.advance()
+            return _unquote(token.text)
+        if token.kind == "name" and token.text in ("true", "false"):
+            self.advance()
+            return token.text == "true"
+        if self.is_op("["):
+            self.advance()
+            items = []
+            while not self.is_op("]"):
+                items.append(self.number(name))
+                if not self.is_op("]"):
+                    self.expect(",")
+            self.advance()
+            return tuple(items)
+        if self.is_op("{"):
+            self.advance()
+            entries: dict[str, float | int] = {}
+            while not self.is_op("}"):
+                entry = self.advance()
+                if entry.kind not in ("name", "string"):
+                    raise ExpressionError(f"parameter {name!r}: expected a name", entry.column)
+                label = _unquote(entry.text) if entry.kind == "string" else entry.text
+                if label in entries:
+                    raise ExpressionError(f"{label!r} is given twice", entry.column)
+                self.expect(":")
+                entries[label] = self.number(name)
+                if not self.is_op("}"):
+                    self.expect(",")
+            self.advance()
+            return PerKey(tuple(entries.items()))
+        return self.number(name)
+
+    def number(self, name: str) -> float | int:
+        """A folded number; an integer literal stays an int (for seeds and counts)."""
+        start = self.index
+        negative = self.is_op("-")
+        literal = self.tokens[start + negative]
+        after = self.tokens[start + negative + 1]
+        if literal.kind == "num" and literal.text.isdigit() and after.text in _CLOSERS:
+            self.index = start + negative + 1
+            return -int(literal.text) if negative else int(literal.text)
+        value = self.sum()
+        if is_model(value):
+            raise ExpressionError(f"parameter {name!r} must be a number", self.tokens[start].column)
+        return value.value  # type: ignore[union-attr]
+
+
+def _unquote(text: str) -> str:
+    """The content of a quoted string token, with `\\` escapes undone."""
+    return re.sub(r"\\(.)", r"\1", text[1:-1])
 
 
 class _Nesting:
@@ -362,6 +436,27 @@ def rename_references(expr: Expr, names: dict[str, str]) -> Expr:
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
+def format_value(value: ParamValue) -> str:
+    """A parameter value as the parser reads it back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(format_value(item) for item in value) + "]"
+    return (
+        "{"
+        + ", ".join(
+            f"{label if _IDENTIFIER.match(label) else json.dumps(label, ensure_ascii=False)}: "
+            f"{format_value(number)}"
+            for label, number in value.entries
+        )
+        + "}"
+    )
+
+
 def format_expression(expr: Expr) -> str:
     """Canonical text of `expr`; parsing it gives back an equal expression."""
     return _format(expr, 0)
@@ -378,7 +473,7 @@ def _format(expr: Expr, context: int) -> str:
         return f"({text})" if context > 1 else text
     if isinstance(expr, Call):
         parts = [_format(arg, 0) for arg in expr.args]
-        parts += [f"{key}={_format(Num(value), 0)}" for key, value in expr.params]
+        parts += [f"{key}={format_value(value)}" for key, value in expr.params]
         return f"{expr.method}({', '.join(parts)})"
     precedence = _PRECEDENCE[expr.op]
     left = _format(expr.left, precedence)

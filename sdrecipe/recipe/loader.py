@@ -13,17 +13,22 @@ import pydantic
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.methods import get_method
+from sdrecipe.methods.registry import MODEL
 from sdrecipe.recipe.expr import (
     BinOp,
     Call,
     Expr,
     ExpressionError,
     Neg,
+    ParamValue,
+    PerKey,
+    format_expression,
     parse_expression,
     references,
 )
 from sdrecipe.recipe.model import Input, KeySelection, Node, Output, Recipe
 from sdrecipe.recipe.schema import InputEntry, NodeEntry, OutputEntry, RecipeDocument
+from sdrecipe.recipe.spaces import SpaceError, coefficient_sum, space_named
 from sdrecipe.recipe.yaml_source import YamlDocument, load_yaml
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -92,7 +97,67 @@ def parse_recipe(text: str, path: Path) -> Recipe:
             vae = _make_input(output.vae, entry.vae or "", folder, document, path)
             line = document.line_of(("outputs", name, "vae"))
             inputs[vae.name] = dataclasses.replace(vae, line=line)
+    spaces = check_spaces(nodes, inputs, outputs, path)
+    nodes = {
+        name: dataclasses.replace(node, space=spaces.get(name, MODEL))
+        for name, node in nodes.items()
+    }
     return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
+
+
+class _Cycle(Exception):
+    """A node depends on itself: spaces are left to the graph's cycle error."""
+
+
+def check_spaces(
+    nodes: dict[str, Node], inputs: dict[str, Input], outputs: dict[str, Output], path: Path
+) -> dict[str, str]:
+    """Each node's space. Every node is a model or a difference (unless `force:
+    true`), and every output is in the space it declares; errors name the node,
+    line and term. Empty when the nodes form a cycle (the graph reports it)."""
+    spaces: dict[str, str] = dict.fromkeys(inputs, MODEL)
+    visiting: set[str] = set()
+
+    def space_of(name: str) -> str:
+        if name not in spaces:
+            if name in visiting:
+                raise _Cycle  # reported with its path by the graph
+            visiting.add(name)
+            spaces[name] = node_space(nodes[name])
+        return spaces[name]
+
+    def node_space(node: Node) -> str:
+        try:
+            total = coefficient_sum(node.expr, space_of)
+        except SpaceError as exc:
+            raise RecipeError(f"node {node.name!r}: {exc}", path, node.line) from None
+        space = space_named(total)
+        if space is None and not node.force:
+            raise RecipeError(
+                f"node {node.name!r}: in {format_expression(node.expr)!r} the model "
+                f"coefficients sum to {total:g}, which makes neither a model (sum 1, e.g. "
+                "weighted_sum(A, B) or A + (B - C)) nor a difference (sum 0, e.g. B - C); "
+                "set `force: true` on the node if you mean it",
+                path,
+                node.line,
+            )
+        return space or MODEL
+
+    try:
+        for name in nodes:
+            space_of(name)
+    except _Cycle:
+        return {}
+    for name, output in outputs.items():
+        if spaces[output.node] != output.space:
+            raise RecipeError(
+                f"output {name!r}: node {output.node!r} is a {spaces[output.node]}, and the "
+                f"output writes a {output.space}"
+                + (" (write deltas with `space: difference`)" if output.space == MODEL else ""),
+                path,
+                output.line,
+            )
+    return spaces
 
 
 def _keeps_text(at: tuple[str | int, ...]) -> bool:
@@ -180,20 +245,17 @@ def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: 
             args = tuple(parse_expression(model) for model in entry.models)
         except ExpressionError as exc:
             raise RecipeError(f"node {name!r}: models: {exc.message}", path, line) from None
-        params = entry.parameters
-        for key, value in params.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                problem = f"must be a number, got {value!r}"
-            elif not math.isfinite(value):
-                problem = f"must be a finite number, got {value!r}"
-            else:
-                continue
-            raise RecipeError(
-                f"node {name!r}: parameter {key!r} {problem}",
-                path,
-                document.line_of(("nodes", name, key)),
-            )
-        expr = Call(entry.method, args, tuple((k, float(v)) for k, v in params.items()))
+        params = {}
+        for key, value in entry.parameters.items():
+            try:
+                params[key] = _param_value(value)
+            except ValueError as exc:
+                raise RecipeError(
+                    f"node {name!r}: parameter {key!r} {exc}",
+                    path,
+                    document.line_of(("nodes", name, key)),
+                ) from None
+        expr = Call(entry.method, args, tuple(params.items()))
     try:
         expr = _check_calls(expr)
     except ValueError as exc:
@@ -216,6 +278,26 @@ def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: 
     return Node(name, expr, line, cache=entry.cache, force=entry.force, selection=selection)
 
 
+def _param_value(value: object) -> ParamValue:
+    """A long-form parameter as the expression parser would give it: a number,
+    flag or choice as is, a list as a tuple, a mapping as a per-key value."""
+    if isinstance(value, bool | str):
+        return value
+    if isinstance(value, list):
+        return tuple(_number(item) for item in value)
+    if isinstance(value, dict):
+        return PerKey(tuple((str(label), _number(number)) for label, number in value.items()))
+    return _number(value)
+
+
+def _number(value: object) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number, a list of numbers or a mapping, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    return value
+
+
 def _check_calls(expr: Expr) -> Expr:
     """Validate every method call; return the expression with defaults filled in."""
     if isinstance(expr, BinOp):
@@ -227,14 +309,12 @@ def _check_calls(expr: Expr) -> Expr:
             method = get_method(expr.method)
         except KeyError as exc:
             raise ValueError(exc.args[0]) from None
-        if len(expr.args) != len(method.model_names):
-            raise ValueError(
-                f"{method.name}() takes {len(method.model_names)} models "
-                f"({', '.join(method.model_names)}), got {len(expr.args)}"
-            )
+        problem = method.check_model_count(len(expr.args))
+        if problem:
+            raise ValueError(problem)
         params = method.validate(dict(expr.params))
         args = tuple(_check_calls(arg) for arg in expr.args)
-        return Call(method.name, args, tuple((k, float(v)) for k, v in params.items()))
+        return Call(method.name, args, tuple(params.items()))
     return expr
 
 
@@ -271,6 +351,7 @@ def _make_output(
         line=line,
         format=spec.format,
         prune_ema=spec.prune_ema,
+        space=spec.space,
         vae=vae,
         metadata=dict(spec.metadata),
     )

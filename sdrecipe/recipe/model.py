@@ -56,7 +56,8 @@ class Node:
 
     `cache` False keeps the node's values out of the cache: they are recomputed
     whenever a node that uses them is rebuilt. `force` True merges operands of
-    different architectures, which is otherwise refused.
+    different architectures, which is otherwise refused. `space` is `model` or
+    `difference` (see `sdrecipe.recipe.spaces`).
     """
 
     name: str
@@ -65,6 +66,7 @@ class Node:
     cache: bool = True
     force: bool = False
     selection: KeySelection = field(default_factory=KeySelection)
+    space: str = "model"
 
     @property
     def signature(self) -> str:
@@ -80,7 +82,8 @@ class Output:
 
     `format` is `safetensors` (one file) or `diffusers` (a folder).
     `prune_ema` drops `model_ema.*`; `vae` names the input whose VAE
-    replaces the node's (`first_stage_model.*`); `metadata` adds header fields.
+    replaces the node's (`first_stage_model.*`); `metadata` adds header fields;
+    `space` is `model`, or `difference` for a file of deltas.
     """
 
     node: str
@@ -91,6 +94,7 @@ class Output:
     prune_ema: bool = False
     vae: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    space: str = "model"
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class OutputEntry(_Strict):
     format: Literal["safetensors", "diffusers"] = "safetensors"
     dtype: OutputDtype | None = None
     prune_ema: bool = False
+    space: Literal["model", "difference"] = "model"
     vae: str | None = Field(default=None, min_length=1)
     metadata: dict[str, str] = Field(default_factory=dict)
 
