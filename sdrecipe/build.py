@@ -75,7 +75,7 @@ class Assessment:
     fingerprints: dict[str, Fingerprint]
     identities: Identities
     metadata: dict[str, dict[str, str]]
-    output_keys: dict[str, str]
+    output_ids: dict[str, str]
     lock: Lock | None
     found: dict[str, Location]
     facts: dict[str, OutputFacts]
@@ -300,8 +300,8 @@ def assess(
         )
         for name, output_plan in plan.outputs.items()
     }
-    output_keys = {
-        name: identities.output_key(name, metadata[name], _written_as(prepared, name))
+    output_ids = {
+        name: identities.output_id(name, metadata[name], _written_as(prepared, name))
         for name in plan.outputs
     }
     lock = read_lock(prepared.recipe.path)
@@ -313,7 +313,7 @@ def assess(
     # --force recomputes everything: cached tensors are written, never read.
     found = cache.lookup(wanted) if cache and cache.tensors and not force else {}
     facts = {
-        name: _output_facts(prepared, name, output_keys[name], lock, cache, force)
+        name: _output_facts(prepared, name, output_ids[name], lock, cache, force)
         for name in plan.outputs
     }
     statuses = node_statuses(
@@ -325,13 +325,13 @@ def assess(
         facts,
         force,
     )
-    return Assessment(fingerprints, identities, metadata, output_keys, lock, found, facts, statuses)
+    return Assessment(fingerprints, identities, metadata, output_ids, lock, found, facts, statuses)
 
 
 def _output_facts(
     prepared: Prepared,
     name: str,
-    output_key: str,
+    output_id: str,
     lock: Lock | None,
     cache: Cache | None,
     force: bool,
@@ -343,14 +343,11 @@ def _output_facts(
         not force
         and exists
         and locked is not None
-        and locked.key == output_key
+        and locked.key == output_id
         and file_sha256(path, cache) == locked.sha256
     )
     pack = (
-        not force
-        and cache is not None
-        and cache.tensors
-        and cache.find_pack(output_key) is not None
+        not force and cache is not None and cache.tensors and cache.find_pack(output_id) is not None
     )
     return OutputFacts(exists=exists, current=current, pack_available=pack)
 
@@ -483,7 +480,7 @@ class _Builder:
     def _stage_restore(self, name: str) -> Path | None:
         """Link a verified cached copy of the output beside it, under a temporary name."""
         assert self.cache is not None
-        pack = self.cache.find_pack(self.assessment.output_keys[name])
+        pack = self.cache.find_pack(self.assessment.output_ids[name])
         if pack is None:
             return None
         sha256 = pack.name.removesuffix(".safetensors")
@@ -574,7 +571,7 @@ class _Builder:
         sha256 = self.sha256[name] = file_sha256(output, self.cache)
         if self.cache is None or not self.cache.tensors or output.is_dir():
             return  # folders are not kept as packs
-        self.cache.add_pack(output, sha256, self.assessment.output_keys[name])
+        self.cache.add_pack(output, sha256, self.assessment.output_ids[name])
         identities = self.assessment.identities.outputs[name]
         self.cache.add_refs(
             (identities[key], Location(PACK, sha256, key, digest))
@@ -601,7 +598,7 @@ class _Builder:
             )
         for node in graph.order:
             nodes[node] = LockedNode(
-                recipe.nodes[node].signature, assessment.identities.node_key(node)
+                recipe.nodes[node].signature, assessment.identities.node_id(node)
             )
         for name in prepared.plan.outputs:
             path = recipe.outputs[name].path
@@ -610,7 +607,7 @@ class _Builder:
                 path=relative_to_recipe(path, recipe.path),
                 size=FileStat.of(path).size,
                 sha256=self.sha256[name],
-                key=assessment.output_keys[name],
+                key=assessment.output_ids[name],
                 built_from=built_from(
                     recipe.text, {leaf: assessment.fingerprints[leaf].sha256 for leaf in leaves}
                 ),

@@ -303,7 +303,7 @@ class Cache:
 
     # --- packs: whole outputs ----------------------------------------------------------
 
-    def add_pack(self, output: Path, sha256: str, output_key: str) -> str:
+    def add_pack(self, output: Path, sha256: str, output_id: str) -> str:
         """Link a finished output into the cache (copy across file systems)."""
         target = self._entry_path(PACK, sha256)
         if not target.exists():
@@ -316,14 +316,14 @@ class Cache:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
-                (PACK, sha256, target.stat().st_size, time.time(), output_key),
+                (PACK, sha256, target.stat().st_size, time.time(), output_id),
             )
         return sha256
 
-    def find_pack(self, output_key: str) -> Path | None:
-        """A cached output whose key is `output_key`, if there is one."""
+    def find_pack(self, output_id: str) -> Path | None:
+        """A cached output whose key is `output_id`, if there is one."""
         row = self.db.execute(
-            "SELECT name FROM entries WHERE kind=? AND output_key=?", (PACK, output_key)
+            "SELECT name FROM entries WHERE kind=? AND output_key=?", (PACK, output_id)
         ).fetchone()
         path = row and self._entry_path(PACK, row[0])
         return path if path and path.exists() else None

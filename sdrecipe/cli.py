@@ -390,7 +390,7 @@ def validate(recipe: Path, cache_dir: Path, as_json: bool) -> None:
 @_reports_errors
 def inspect(model: Path, cache_dir: Path, no_cache: bool, as_json: bool) -> None:
     """Show what MODEL is: format, architecture, components, dtypes, hashes, lineage."""
-    from sdrecipe.inspect import inspect_model
+    from sdrecipe.model_report import inspect_model
 
     report = inspect_model(model, None if no_cache else _existing_cache(cache_dir))
     if as_json:

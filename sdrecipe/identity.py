@@ -1,14 +1,25 @@
 """The identity of every tensor a build reads or produces.
 
+Glossary:
+- *key*: a tensor's name in a checkpoint (`model.diffusion_model.out.2.weight`).
+  Nothing else is called a key.
+- *digest*: the blake3 hash of a tensor's dtype, shape and bytes.
+- *identity*: what a tensor's value is made from, hashed; equal identities
+  mean equal bytes, so the cache is looked up by identity.
+- *node id* / *output id*: one hash of all of a node's (output's) identities;
+  the lock file records them in its `key:` fields, kept for compatibility.
+
+Rules:
 - An input tensor's identity is its content digest.
 - A node that passes a key through has its base's identity there.
-- A node that computes a key has H(expression with operands by position,
-  channel rule, compute dtype, operand identities), so renaming an input
-  changes nothing and any change of method, parameter or input content does.
+- A node that computes a key has H(expression with this key's parameter values
+  and operands by position, channel rule, compute dtype, operand identities,
+  and the key itself for key-aware methods), so renaming an input changes
+  nothing and any change of method, parameter or input content does.
 - A written output tensor is its source's (node or baked VAE) plus the output dtype.
 
-A node's key hashes all its tensor identities. An output's key also covers the
-output file's metadata, so it names the exact bytes that will be written.
+An output's id also covers the output file's metadata, so it names the exact
+bytes that will be written.
 """
 
 from __future__ import annotations
@@ -38,11 +49,11 @@ class Identities:
     values: dict[str, dict[str, str]]
     outputs: dict[str, dict[str, str]]
 
-    def node_key(self, node: str) -> str:
+    def node_id(self, node: str) -> str:
         """One hash of all of `node`'s tensor identities."""
         return _hash(IDENTITY_VERSION, sorted(self.values[node].items()))
 
-    def output_key(
+    def output_id(
         self, output: str, metadata: Mapping[str, str], written_as: Mapping[str, str]
     ) -> str:
         """One hash of an output's exact content: metadata, tensors, and how it is

@@ -85,7 +85,8 @@ def built_from(recipe_text: str, input_sha256: dict[str, str]) -> str:
 
 
 def tool_versions() -> dict[str, str]:
-    """The versions that determine output bytes (read without importing torch)."""
+    """The versions of sdrecipe and of the libraries it reads and writes tensors with,
+    recorded for reference (read without importing torch)."""
     versions = {"sdrecipe": __version__}
     for package in ("torch", "safetensors"):
         try:

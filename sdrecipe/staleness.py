@@ -121,11 +121,7 @@ def _output_reason(
 ) -> str:
     if not facts.exists:
         return "output missing"
-    if (
-        lock is not None
-        and node in lock.nodes
-        and lock.nodes[node].key == identities.node_key(node)
-    ):
+    if lock is not None and node in lock.nodes and lock.nodes[node].key == identities.node_id(node):
         return "output differs from the lock (changed on disk, or recipe text changed)"
     return _change_reason(plan, node, lock, input_sha256, identities)
 
@@ -160,11 +156,11 @@ def _change_reason(
                 reasons.append(f"input {operand} content changed")
         else:
             before_node = lock.nodes.get(operand)
-            if before_node is None or before_node.key != identities.node_key(operand):
+            if before_node is None or before_node.key != identities.node_id(operand):
                 reasons.append(f"node {operand} changed")
     if reasons:
         return ", ".join(reasons)
-    if locked.key == identities.node_key(node):
+    if locked.key == identities.node_id(node):
         return "not in cache"
     return "sdrecipe's arithmetic changed"
 

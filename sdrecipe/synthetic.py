@@ -1,5 +1,7 @@
 """Synthetic checkpoints with real key names and shapes and random values.
 
+For tests, the demo (`make demo`) and benchmarks only: no build uses it.
+
 Model hubs are out of reach for tests, demos and benchmarks, so sdrecipe makes
 its own models: the real layout of a family (from `sdrecipe.arch` data), with
 widths optionally divided by `shrink`, written tensor by tensor. Values are a

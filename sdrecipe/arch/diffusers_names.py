@@ -4,7 +4,7 @@ The mapping is mechanical: tables of renamed parts, plus a few rules for the
 block numbering (`input_blocks.{3i+j+1}` ↔ `down_blocks.i.resnets.j`) and for
 tensors whose layout differs (OpenCLIP's fused q/k/v projection, its
 transposed text projection, the VAE's 1x1 attention convolutions). This module
-only names things; which tensor operation each name needs is in `SourceKind`.
+only names things; which tensor operation each name needs is `Source.kind`.
 """
 
 from __future__ import annotations
