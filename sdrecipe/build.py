@@ -47,7 +47,14 @@ from sdrecipe.lock import (
 from sdrecipe.plan import MERGED, BuildPlan, make_plan
 from sdrecipe.provenance import output_metadata
 from sdrecipe.recipe import Recipe, load_recipe
-from sdrecipe.staleness import NodeStatus, OutputFacts, node_statuses
+from sdrecipe.staleness import (
+    FROM_CACHE,
+    REBUILD,
+    UP_TO_DATE,
+    NodeStatus,
+    OutputFacts,
+    node_statuses,
+)
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -84,11 +91,13 @@ class Assessment:
 
 @dataclass(frozen=True)
 class OutputSummary:
-    """What one output file holds, how its keys came to be, and what the build did."""
+    """What one output file holds, how its keys came to be, and what the build did:
+    `state` in words, `status` in plan's terms (up to date, from cache, rebuild)."""
 
     name: str
     path: Path
     state: str
+    status: str
     size: int
     merged: int
     passed_through: dict[str, int]
@@ -431,6 +440,7 @@ class _Builder:
         self.states: dict[str, str] = {}
         self.sha256: dict[str, str] = {}
         self._digests: dict[str, dict[str, str]] = {}
+        self._not_from_cache: set[str] = set()
 
     def run(self, started: float, update_lock: bool) -> BuildSummary:
         """Stage every output that is not up to date (restored from the cache or
@@ -443,15 +453,17 @@ class _Builder:
             remove_stale_temporaries(folder)
         restored: dict[str, Path] = {}
         built: list[str] = []
+        planned = {s.output: s.state for s in self.assessment.statuses if s.output is not None}
         with ExitStack() as cleanup:
             for name in plan.outputs:
-                if self.assessment.facts[name].current:
+                if planned[name] == UP_TO_DATE:
                     self.states[name] = "up to date"
                     self.sha256[name] = self.assessment.lock.outputs[name].sha256  # type: ignore[union-attr]
                     self.stats.outputs_up_to_date += 1
                     continue
                 facts = self.assessment.facts[name]
-                staged = self._stage_restore(name) if facts.pack_available else None
+                restore = planned[name] == FROM_CACHE and facts.pack_available
+                staged = self._stage_restore(name) if restore else None
                 if staged is None:
                     built.append(name)
                 else:
@@ -543,6 +555,7 @@ class _Builder:
 
         def record(result: KeyResult) -> None:
             advance(result.written)
+            self._not_from_cache.update(result.not_from_cache)
             self.stats.tensors_from_cache += result.hits
             self.stats.tensors_computed += result.computed
             for output, digest in result.output_digests.items():
@@ -627,10 +640,16 @@ class _Builder:
         output_plan = self.prepared.plan.outputs[name]
         counts: Counter[str] = output_plan.counts()
         merged = counts.pop(MERGED, 0)
+        state = self.states[name]
+        if state == "built":
+            status = REBUILD if name in self._not_from_cache else FROM_CACHE
+        else:
+            status = UP_TO_DATE if state == "up to date" else FROM_CACHE
         return OutputSummary(
             name=name,
             path=output_plan.output.path,
-            state=self.states[name],
+            state=state,
+            status=status,
             size=FileStat.of(output_plan.output.path).size,
             merged=merged,
             passed_through=dict(sorted(counts.items())),

@@ -231,7 +231,10 @@ def build(
 
 def _print_up_to_date(current: dict[str, Path], as_json: bool) -> None:
     if as_json:
-        outputs = [{"name": n, "path": p, "state": "up to date"} for n, p in current.items()]
+        outputs = [
+            {"name": n, "path": p, "state": "up to date", "status": "up to date"}
+            for n, p in current.items()
+        ]
         _emit_json({"outputs": outputs, "seconds": 0.0})
         return
     for name, path in current.items():

@@ -59,6 +59,8 @@ class KeyResult:
     hits: int = 0
     computed: int = 0
     corrupt: list[CorruptEntry] = field(default_factory=list)
+    # Outputs whose bytes at this key were not copied from the cache.
+    not_from_cache: set[str] = field(default_factory=set)
 
 
 def row_ranges(key_plan: KeyPlan, unit_elements: int = UNIT_ELEMENTS) -> Iterator[slice | None]:
@@ -133,6 +135,7 @@ class _KeyTask:
         for output in self.plan.computed_outputs:
             if output in executor.writers and not self._copy_cached_output(output):
                 computed.append(output)
+        self.result.not_from_cache.update(computed)
         for output, source in self.plan.copies.items():
             if output in executor.writers:
                 self._write_all(output, executor.readers[source].raw(self.key))

@@ -54,6 +54,19 @@ class OutputFacts:
     pack_available: bool
 
 
+def output_state(facts: OutputFacts, all_cached: bool, force: bool) -> str:
+    """The one rule for an output: up to date (current on disk), from cache (a
+    cached copy, or every tensor it needs to write is cached), else rebuild.
+    `plan` predicts with it and `build` acts on it."""
+    if force:
+        return REBUILD
+    if facts.current:
+        return UP_TO_DATE
+    if facts.pack_available or all_cached:
+        return FROM_CACHE
+    return REBUILD
+
+
 def node_statuses(
     plan: BuildPlan,
     identities: Identities,
@@ -74,12 +87,12 @@ def node_statuses(
         needed = output is not None or any(s.state == REBUILD for s in consumers)
         own = computed[node] if output is None else computed[f"output:{output}"]
         all_cached = own <= cached
+        state = output_state(outputs[output], all_cached, force) if output is not None else None
         if force and needed:
             state, reason = REBUILD, "forced (--force)"
-        elif output is not None and outputs[output].current:
-            state, reason = UP_TO_DATE, "output matches the lock"
-        elif output is not None and (outputs[output].pack_available or all_cached):
-            state = FROM_CACHE
+        elif state == UP_TO_DATE:
+            reason = "output matches the lock"
+        elif state == FROM_CACHE:
             reason = _output_reason(plan, node, lock, input_sha256, identities, outputs[output])
         elif not needed:
             state, reason = (UP_TO_DATE, "cached") if all_cached else (NOT_NEEDED, "")

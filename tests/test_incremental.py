@@ -292,3 +292,54 @@ def test_an_output_made_by_another_output_format_is_not_current(
     assert current_outputs(project, None, Cache(isolated_cache)) is not None
     monkeypatch.setattr(sdrecipe.lock, "OUTPUT_FORMAT", sdrecipe.lock.OUTPUT_FORMAT + 1)
     assert current_outputs(project, None, Cache(isolated_cache)) is None
+
+
+def touch(path):
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+SCENARIOS = {
+    "first build": lambda project: None,
+    "nothing changed": lambda project: None,
+    "parameter changed": lambda project: edit(project, "1.0 * diff", "0.5 * diff"),
+    "input content changed": lambda project: write_model(
+        project.parent / "D.safetensors", ModelSpec(shrink=32, seed=9)
+    ),
+    "input touched": lambda project: touch(project.parent / "D.safetensors"),
+    "output deleted": lambda project: (project.parent / "out" / "soft.safetensors").unlink(),
+    "per-key value changed": lambda project: edit(
+        project, "text_encoder: 0.2", "text_encoder: 0.1"
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("force", [False, True], ids=["", "force"])
+def test_plan_predicts_what_build_does(project, scenario, force):
+    """The one status rule: what `plan --json` predicts for each output is what
+    `build --json` then reports it did."""
+    edit(project, "alpha=0.3)", "alpha={default: 0.3, text_encoder: 0.2})")
+    if scenario != "first build":
+        build(project)
+    SCENARIOS[scenario](project)
+    flags = ("--force",) if force else ()
+    predicted = {
+        node["output"]: node["state"]
+        for node in json.loads(run_in_process("plan", "--json", *flags, str(project)).stdout)[
+            "nodes"
+        ]
+        if node["output"]
+    }
+    done = {output["name"]: output["status"] for output in build(project, *flags)["outputs"]}
+    assert done == predicted
+    expected = {
+        "first build": {"inpaint": "rebuild", "soft": "rebuild"},
+        "nothing changed": {"inpaint": "up to date", "soft": "up to date"},
+        "parameter changed": {"inpaint": "rebuild", "soft": "up to date"},
+        "input content changed": {"inpaint": "up to date", "soft": "rebuild"},
+        "input touched": {"inpaint": "up to date", "soft": "up to date"},
+        "output deleted": {"inpaint": "up to date", "soft": "from cache"},
+        "per-key value changed": {"inpaint": "up to date", "soft": "rebuild"},
+    }[scenario]
+    assert done == ({name: "rebuild" for name in expected} if force else expected)
