@@ -27,7 +27,8 @@ TIME_IDS = {"sdxl": 6, "sdxl-refiner": 5}
 
 def prepare(folder: Path) -> None:
     """Synthetic single files and their diffusers folders, made by sdrecipe."""
-    from sdrecipe.build import build, prepare_recipe
+    from sdrecipe.build import build
+    from sdrecipe.prepare import prepare_recipe
     from sdrecipe.recipe.loader import parse_recipe
     from sdrecipe.synthetic import ModelSpec, write_model
 

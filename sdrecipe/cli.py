@@ -7,6 +7,7 @@ up-to-date `build` return at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -14,6 +15,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +51,8 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         install_sigbus_handler()
-        as_json = bool(kwargs.get("as_json"))
+        options = kwargs.get("options")
+        as_json = bool(kwargs.get("as_json") or (options and options.as_json))
         try:
             return command(*args, **kwargs)
         except SdrecipeError as exc:
@@ -116,6 +119,54 @@ def _json_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+@dataclass(frozen=True)
+class BuildOptions:
+    """The options that build, plan and verify share (verify uses threads and json)."""
+
+    threads: int | None = None
+    cache_dir: Path = Path("cache")
+    no_cache: bool = False
+    force: bool = False
+    as_json: bool = False
+
+
+def _build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the shared options to a command and hand them over as one `options`."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            fields = {name: kwargs.pop(name) for name in list(kwargs) if name in _OPTION_NAMES}
+            return command(*args, options=BuildOptions(**fields), **kwargs)
+
+        options = [_threads_option, _json_option]
+        if uses_cache:
+            options += [
+                _cache_dir_option,
+                click.option(
+                    "--no-cache",
+                    is_flag=True,
+                    help="Neither read nor store cached tensors or outputs. Input hashes are "
+                    "still remembered by file stat: they are not the tensor cache, and "
+                    "rehashing every input on each run would only cost time.",
+                ),
+                click.option(
+                    "--force",
+                    is_flag=True,
+                    help="Rebuild everything, even what is up to date, and allow merging "
+                    "different architectures.",
+                ),
+            ]
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+_OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(BuildOptions))
+
+
 def _open_cache(cache_dir: Path, tensors: bool = True) -> Cache:
     """The cache, created if needed (commands that build)."""
     from sdrecipe.cache import Cache
@@ -158,64 +209,33 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", type=RECIPE)
 @click.argument("outputs", nargs=-1)
-@_threads_option
-@_cache_dir_option
-@click.option(
-    "--no-cache",
-    is_flag=True,
-    help="Neither read nor store cached tensors or outputs. Input hashes are still "
-    "remembered by file stat: they are not the tensor cache, and rehashing every input "
-    "on each build would only cost time.",
-)
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Rebuild everything, even what is up to date, and allow merging different architectures.",
-)
+@_build_options()
 @click.option("--dry-run", is_flag=True, help="Only show what would be done (as `plan`).")
-@_json_option
 @_reports_errors
-def build(
-    recipe: Path,
-    outputs: tuple[str, ...],
-    threads: int | None,
-    cache_dir: Path,
-    no_cache: bool,
-    force: bool,
-    dry_run: bool,
-    as_json: bool,
-) -> None:
+def build(recipe: Path, outputs: tuple[str, ...], dry_run: bool, options: BuildOptions) -> None:
     """Build the outputs of RECIPE (or only the named OUTPUTS and what they need)."""
     if dry_run:
-        click.get_current_context().invoke(
-            plan,
-            recipe=recipe,
-            outputs=outputs,
-            threads=threads,
-            cache_dir=cache_dir,
-            no_cache=no_cache,
-            force=force,
-            as_json=as_json,
-        )
+        _show_plan(recipe, outputs, options)
         return
-    cache = _open_cache(cache_dir, tensors=not no_cache)
-    if not force:
+    cache = _open_cache(options.cache_dir, tensors=not options.no_cache)
+    if not options.force:
         from sdrecipe.uptodate import current_outputs
 
         current = current_outputs(recipe, outputs or None, cache)
         if current is not None:
-            _print_up_to_date(current, as_json)
+            _print_up_to_date(current, options.as_json)
             return
     from sdrecipe.build import build as run_build
-    from sdrecipe.build import default_threads, prepare
+    from sdrecipe.build import default_threads
+    from sdrecipe.prepare import prepare
 
-    prepared = prepare(recipe, outputs or None, force, cache_dir)
+    prepared = prepare(recipe, outputs or None, options.force, options.cache_dir)
     summary = run_build(
         prepared,
-        threads or default_threads(),
+        options.threads or default_threads(),
         cache,
-        force,
-        _progress(not as_json and sys.stderr.isatty()),
+        options.force,
+        _progress(not options.as_json and sys.stderr.isatty()),
     )
     if cache.tensors:
         with cache.locked():
@@ -226,7 +246,7 @@ def build(
                 f"{trimmed['removed']} least recently used entries "
                 f"({trimmed['freed'] / 1e6:,.1f} MB); see `sdrecipe cache limit`"
             )
-    _print_summary(summary, as_json)
+    _print_summary(summary, options.as_json)
 
 
 def _print_up_to_date(current: dict[str, Path], as_json: bool) -> None:
@@ -276,30 +296,24 @@ def _describe_counts(merged: int, passed: dict[str, int], dropped: int) -> str:
 @main.command()
 @click.argument("recipe", type=RECIPE)
 @click.argument("outputs", nargs=-1)
-@_threads_option
-@_cache_dir_option
-@click.option("--no-cache", is_flag=True, help="Plan as if the cache were empty.")
-@click.option("--force", is_flag=True, help="Plan a full rebuild.")
-@_json_option
+@_build_options()
 @_reports_errors
-def plan(
-    recipe: Path,
-    outputs: tuple[str, ...],
-    threads: int | None,
-    cache_dir: Path,
-    no_cache: bool,
-    force: bool,
-    as_json: bool,
-) -> None:
+def plan(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) -> None:
     """Show, for each node of RECIPE, whether it is up to date, comes from the cache,
-    or is rebuilt, and why."""
-    from sdrecipe.build import assess, default_threads, prepare
+    or is rebuilt, and why (--no-cache: as if the cache were empty)."""
+    _show_plan(recipe, outputs, options)
 
-    prepared = prepare(recipe, outputs or None, force, cache_dir)
-    cache = None if no_cache else _existing_cache(cache_dir)
+
+def _show_plan(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) -> None:
+    from sdrecipe.assess import assess
+    from sdrecipe.build import default_threads
+    from sdrecipe.prepare import prepare
+
+    prepared = prepare(recipe, outputs or None, options.force, options.cache_dir)
+    cache = None if options.no_cache else _existing_cache(options.cache_dir)
     with cache.locked() if cache else contextlib.nullcontext():
-        assessment = assess(prepared, cache, threads or default_threads(), force)
-    if as_json:
+        assessment = assess(prepared, cache, options.threads or default_threads(), options.force)
+    if options.as_json:
         _emit_json({"nodes": [vars(status) for status in assessment.statuses]})
         return
     width = max(len(status.node) for status in assessment.statuses)
@@ -311,18 +325,18 @@ def plan(
 
 @main.command()
 @click.argument("recipe", type=RECIPE)
-@_threads_option
-@_json_option
+@_build_options(uses_cache=False)
 @_reports_errors
-def verify(recipe: Path, threads: int | None, as_json: bool) -> None:
+def verify(recipe: Path, options: BuildOptions) -> None:
     """Rebuild RECIPE's outputs from their inputs, without the cache, and compare
     them with the lock file. Exits 1 if any output differs."""
     from sdrecipe.build import default_threads
-    from sdrecipe.build import verify as run_verify
+    from sdrecipe.verify import verify as run_verify
 
-    results = run_verify(recipe, threads or default_threads(), _progress(sys.stderr.isatty()))
+    threads = options.threads or default_threads()
+    results = run_verify(recipe, threads, _progress(sys.stderr.isatty()))
     reproducible = all(result.reproducible for result in results)
-    if as_json:
+    if options.as_json:
         _emit_json(
             {
                 "reproducible": reproducible,
@@ -350,7 +364,7 @@ def verify(recipe: Path, threads: int | None, as_json: bool) -> None:
 @_reports_errors
 def validate(recipe: Path, cache_dir: Path, as_json: bool) -> None:
     """Check RECIPE and its inputs' headers without building anything."""
-    from sdrecipe.build import prepare
+    from sdrecipe.prepare import prepare
 
     prepared = prepare(recipe, cache_root=cache_dir)
     for warning in prepared.plan.warnings:

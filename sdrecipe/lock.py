@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +20,9 @@ import yaml
 
 from sdrecipe import OUTPUT_FORMAT, __version__
 from sdrecipe.errors import BuildError, RecipeError, describe_os_error
+from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.atomic import write_text_atomically
+from sdrecipe.recipe import Recipe
 
 LOCK_FORMAT = 1
 _HEADER = (
@@ -140,3 +143,57 @@ def write_lock(recipe: Path, lock: Lock) -> Path:
             path,
         ) from None
     return path
+
+
+@dataclass(frozen=True)
+class BuiltOutput:
+    """An output as a build left it: its sha256, its id and the inputs it is made from."""
+
+    sha256: str
+    output_id: str
+    inputs: list[str]
+
+
+def updated_lock(
+    previous: Lock | None,
+    recipe: Recipe,
+    input_sha256: Mapping[str, str],
+    node_ids: Mapping[str, str],
+    built: Mapping[str, BuiltOutput],
+) -> Lock:
+    """The lock after a build of some of `recipe`'s outputs: what the build used
+    and made replaces the previous entries; entries of names the recipe no
+    longer has are dropped; everything is in the recipe's order."""
+    inputs = dict(previous.inputs) if previous else {}
+    nodes = dict(previous.nodes) if previous else {}
+    outputs = dict(previous.outputs) if previous else {}
+    for name, sha256 in input_sha256.items():
+        path = recipe.inputs[name].path
+        inputs[name] = LockedInput(
+            relative_to_recipe(path, recipe.path), FileStat.of(path).size, sha256
+        )
+    for node, node_id in node_ids.items():
+        nodes[node] = LockedNode(recipe.nodes[node].signature, node_id)
+    for name, output in built.items():
+        path = recipe.outputs[name].path
+        outputs[name] = LockedOutput(
+            path=relative_to_recipe(path, recipe.path),
+            size=FileStat.of(path).size,
+            sha256=output.sha256,
+            key=output.output_id,
+            built_from=built_from(
+                recipe.text, {leaf: input_sha256[leaf] for leaf in output.inputs}
+            ),
+        )
+    return Lock(
+        recipe_sha256=recipe_sha256(recipe.text),
+        versions=tool_versions(),
+        inputs=_in_recipe_order(inputs, recipe.inputs),
+        nodes=_in_recipe_order(nodes, recipe.nodes),
+        outputs=_in_recipe_order(outputs, recipe.outputs),
+    )
+
+
+def _in_recipe_order(table: dict, names: Iterable[str]) -> dict:
+    """`table`'s entries in the recipe's order, dropping names the recipe no longer has."""
+    return {name: table[name] for name in names if name in table}

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import run_cli, start_paused_build, write_recipe
 from sdrecipe import executor
-from sdrecipe.build import build, prepare
+from sdrecipe.build import build
+from sdrecipe.prepare import prepare
 
 
 @pytest.fixture

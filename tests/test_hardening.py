@@ -23,11 +23,12 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
 from conftest import invoke, run_cli, write_recipe
-from sdrecipe.build import build, prepare
+from sdrecipe.build import build
 from sdrecipe.cache import Cache, ObjectWriter
 from sdrecipe.errors import BuildError
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
+from sdrecipe.prepare import prepare
 from sdrecipe.provenance import LINEAGE_TRUNCATED, MAX_LINEAGE_BYTES
 
 

@@ -7,8 +7,9 @@ import hashlib
 import pytest
 
 from conftest import run_cli, write_recipe
-from sdrecipe.build import build, prepare
+from sdrecipe.build import build
 from sdrecipe.errors import RecipeError
+from sdrecipe.prepare import prepare
 
 
 def recipe_for(models, nodes: str, outputs: str = "out: out.safetensors", extra: str = "") -> str:

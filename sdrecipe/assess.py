@@ -1,0 +1,170 @@
+"""What a build would do: each input's fingerprint, every tensor's identity,
+and, against the lock file and the cache, each node's status (`plan`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from sdrecipe.cache import Cache, Location, file_sha256
+from sdrecipe.errors import RecipeError
+from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
+from sdrecipe.identity import Identities, tensor_identities
+from sdrecipe.lock import (
+    Lock,
+    read_lock,
+)
+from sdrecipe.prepare import Prepared, tokenizer_folders
+from sdrecipe.provenance import output_metadata
+from sdrecipe.staleness import (
+    NodeStatus,
+    OutputFacts,
+    node_statuses,
+)
+
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+def no_progress(label: str, total: int) -> Callable[[int], None]:
+    """A progress reporter that shows nothing."""
+    return lambda done: None
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What a build would do: identities, lock comparison and node states."""
+
+    fingerprints: dict[str, Fingerprint]
+    identities: Identities
+    metadata: dict[str, dict[str, str]]
+    output_ids: dict[str, str]
+    lock: Lock | None
+    found: dict[str, Location]
+    facts: dict[str, OutputFacts]
+    statuses: list[NodeStatus]
+
+
+def _written_as(prepared: Prepared, output: str) -> dict[str, str]:
+    """What decides an output's bytes besides its tensors and metadata: the
+    format, and for a diffusers folder the tokenizer files it copies."""
+    spec = prepared.recipe.outputs[output]
+    if spec.format != "diffusers":
+        return {"format": spec.format}
+    tokenizers = tokenizer_folders(prepared, output)
+    return {"format": spec.format, **{n: sha256_of(f) for n, f in tokenizers.items()}}
+
+
+def fingerprint_inputs(
+    prepared: Prepared, cache: Cache | None, threads: int, progress: Progress = no_progress
+) -> dict[str, Fingerprint]:
+    """Each input's fingerprint: remembered by stat, or read once and remembered."""
+    recipe = prepared.recipe
+    known: dict[str, Fingerprint] = {}
+    missing: list[str] = []
+    stats = {name: FileStat.of(recipe.inputs[name].path) for name in prepared.readers}
+    for name in prepared.readers:
+        found = cache.known_fingerprint(recipe.inputs[name].path, stats[name]) if cache else None
+        if found is None:
+            missing.append(name)
+        else:
+            known[name] = found
+    if missing:
+        advance = progress("hashing", sum(stats[name].size for name in missing))
+
+        def take(name: str) -> Fingerprint:
+            result = prepared.readers[name].fingerprint()
+            advance(stats[name].size)
+            return result
+
+        with ThreadPoolExecutor(max(1, min(threads, len(missing)))) as pool:
+            for name, result in zip(missing, pool.map(take, missing), strict=True):
+                known[name] = result
+                if cache is not None:
+                    cache.remember_file(
+                        recipe.inputs[name].path, stats[name], result.sha256, result
+                    )
+    for name, result in known.items():
+        pinned = recipe.inputs[name].sha256
+        if pinned and pinned != result.sha256:
+            raise RecipeError(
+                f"input {name!r}: {recipe.inputs[name].path} has sha256 {result.sha256}, "
+                f"but the recipe pins {pinned}",
+                recipe.path,
+                recipe.inputs[name].line,
+            )
+    return {name: known[name] for name in prepared.readers}
+
+
+def assess(
+    prepared: Prepared,
+    cache: Cache | None,
+    threads: int,
+    force: bool = False,
+    progress: Progress = no_progress,
+) -> Assessment:
+    """Fingerprint the inputs and decide, against lock and cache, what each node needs."""
+    plan = prepared.plan
+    fingerprints = fingerprint_inputs(prepared, cache, threads, progress)
+    identities = tensor_identities(plan, {n: f.tensors for n, f in fingerprints.items()})
+    metadata = {
+        name: output_metadata(
+            prepared.graph,
+            name,
+            output_plan.tensors,
+            fingerprints,
+            {n: r.metadata for n, r in prepared.readers.items()},
+            prepared.architectures[prepared.graph.base_input(output_plan.output.node)],
+        )
+        for name, output_plan in plan.outputs.items()
+    }
+    output_ids = {
+        name: identities.output_id(name, metadata[name], _written_as(prepared, name))
+        for name in plan.outputs
+    }
+    lock = read_lock(prepared.recipe.path)
+    wanted = set()
+    for values in identities.values.values():
+        wanted.update(values.values())
+    for values in identities.outputs.values():
+        wanted.update(values.values())
+    # --force recomputes everything: cached tensors are written, never read.
+    found = cache.lookup(wanted) if cache and cache.tensors and not force else {}
+    facts = {
+        name: _output_facts(prepared, name, output_ids[name], lock, cache, force)
+        for name in plan.outputs
+    }
+    statuses = node_statuses(
+        plan,
+        identities,
+        lock,
+        {n: f.sha256 for n, f in fingerprints.items()},
+        set(found),
+        facts,
+        force,
+    )
+    return Assessment(fingerprints, identities, metadata, output_ids, lock, found, facts, statuses)
+
+
+def _output_facts(
+    prepared: Prepared,
+    name: str,
+    output_id: str,
+    lock: Lock | None,
+    cache: Cache | None,
+    force: bool,
+) -> OutputFacts:
+    path = prepared.recipe.outputs[name].path
+    exists = path.exists()
+    locked = lock.outputs.get(name) if lock else None
+    current = (
+        not force
+        and exists
+        and locked is not None
+        and locked.key == output_id
+        and file_sha256(path, cache) == locked.sha256
+    )
+    pack = (
+        not force and cache is not None and cache.tensors and cache.find_pack(output_id) is not None
+    )
+    return OutputFacts(exists=exists, current=current, pack_available=pack)
