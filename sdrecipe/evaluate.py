@@ -15,7 +15,7 @@ import torch
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import CONTEXT_PARAMETER
 from sdrecipe.per_key import KeyContext
-from sdrecipe.recipe.expr import BinOp, Call, Expr, Neg, Num, Ref
+from sdrecipe.recipe.expr import BinOp, Call, Expr, ExprVisitor, Neg, Num, Ref
 
 
 def evaluate(
@@ -30,7 +30,9 @@ def evaluate(
     return value if owned else value.to(dtype, copy=True)
 
 
-class _Evaluator:
+class _Evaluator(ExprVisitor[tuple[torch.Tensor, bool]]):
+    """Visits to (value, owned): owned values were created here and may be modified."""
+
     def __init__(
         self, operands: Mapping[str, torch.Tensor], dtype: torch.dtype, context: KeyContext | None
     ):
@@ -42,24 +44,25 @@ class _Evaluator:
         """`value` as a tensor this evaluation may modify."""
         return value if owned else value.to(self.dtype, copy=True)
 
-    def visit(self, expr: Expr) -> tuple[torch.Tensor, bool]:
-        """(value, owned): owned values were created here and may be modified."""
-        if isinstance(expr, Ref):
-            operand = self.operands[expr.name]
-            if operand.dtype.itemsize == 1:
-                # torch does no arithmetic that mixes float8 with wider types.
-                return operand.to(self.dtype), True
-            return operand, False
-        if isinstance(expr, Neg):
-            return self.fresh(*self.visit(expr.operand)).neg_(), True
-        if isinstance(expr, Call):
-            method = get_method(expr.method)
-            args = [self.visit(arg)[0].to(self.dtype) for arg in expr.args]
-            params = dict(expr.params)
-            if method.key_aware:
-                params[CONTEXT_PARAMETER] = self.context
-            return method.function(*args, **params), True
-        assert isinstance(expr, BinOp)
+    def visit_ref(self, expr: Ref) -> tuple[torch.Tensor, bool]:
+        operand = self.operands[expr.name]
+        if operand.dtype.itemsize == 1:
+            # torch does no arithmetic that mixes float8 with wider types.
+            return operand.to(self.dtype), True
+        return operand, False
+
+    def visit_neg(self, expr: Neg) -> tuple[torch.Tensor, bool]:
+        return self.fresh(*self.visit(expr.operand)).neg_(), True
+
+    def visit_call(self, expr: Call) -> tuple[torch.Tensor, bool]:
+        method = get_method(expr.method)
+        args = [self.visit(arg)[0].to(self.dtype) for arg in expr.args]
+        params = dict(expr.params)
+        if method.key_aware:
+            params[CONTEXT_PARAMETER] = self.context
+        return method.function(*args, **params), True
+
+    def visit_binop(self, expr: BinOp) -> tuple[torch.Tensor, bool]:
         if expr.op in "*/":
             model, scalar = (
                 (expr.right, expr.left) if isinstance(expr.left, Num) else (expr.left, expr.right)

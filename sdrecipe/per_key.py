@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from sdrecipe.arch import COMPONENTS, component_of
-from sdrecipe.recipe.expr import BinOp, Call, Expr, Neg, PerKey
+from sdrecipe.recipe.expr import Call, Expr, ExprTransformer, ParamValue, PerKey, walk
 
 REGEX_PREFIX = "re:"
 DEFAULT = "default"
@@ -80,35 +80,32 @@ def resolve(value: PerKey, context: KeyContext) -> float | int:
     raise KeyError(f"no value for {context.key} and no default")
 
 
+class _Resolver(ExprTransformer):
+    def __init__(self, context: KeyContext):
+        self.context = context
+
+    def params(self, call: Call) -> tuple[tuple[str, ParamValue], ...]:
+        return tuple(
+            (name, resolve(value, self.context) if isinstance(value, PerKey) else value)
+            for name, value in call.params
+        )
+
+
 def for_key(expr: Expr, context: KeyContext) -> Expr:
     """`expr` with every per-key parameter replaced by its value for the key;
     the same object when it has none."""
-    if not has_per_key(expr):
-        return expr
-    if isinstance(expr, Call):
-        params = tuple(
-            (name, resolve(value, context) if isinstance(value, PerKey) else value)
-            for name, value in expr.params
-        )
-        return Call(expr.method, tuple(for_key(arg, context) for arg in expr.args), params)
-    if isinstance(expr, BinOp):
-        return BinOp(expr.op, for_key(expr.left, context), for_key(expr.right, context))
-    assert isinstance(expr, Neg)
-    return Neg(for_key(expr.operand, context))
+    return _Resolver(context).visit(expr) if has_per_key(expr) else expr
 
 
 @lru_cache(maxsize=4096)
 def has_per_key(expr: Expr) -> bool:
     """True when a call in `expr` has a per-key parameter."""
-    if isinstance(expr, Call):
-        return any(isinstance(value, PerKey) for _, value in expr.params) or any(
-            has_per_key(arg) for arg in expr.args
-        )
-    if isinstance(expr, BinOp):
-        return has_per_key(expr.left) or has_per_key(expr.right)
-    if isinstance(expr, Neg):
-        return has_per_key(expr.operand)
-    return False
+    return any(
+        isinstance(value, PerKey)
+        for node in walk(expr)
+        if isinstance(node, Call)
+        for _, value in node.params
+    )
 
 
 @lru_cache(maxsize=1024)

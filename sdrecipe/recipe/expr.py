@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 
 class ExpressionError(ValueError):
@@ -79,6 +80,7 @@ class Call:
 
 
 Expr = Ref | Num | BinOp | Neg | Call
+Result = TypeVar("Result")
 
 _TOKEN = re.compile(
     r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
@@ -353,6 +355,55 @@ class _Nesting:
         self.parser.nesting -= 1
 
 
+class ExprVisitor(Generic[Result]):
+    """One walk over expression trees: `visit` dispatches on the node's type to
+    `visit_ref`, `visit_num`, `visit_binop`, `visit_neg` or `visit_call`."""
+
+    def visit(self, expr: Expr) -> Result:
+        return getattr(self, _VISIT_METHOD[type(expr)])(expr)
+
+
+class ExprTransformer(ExprVisitor[Expr]):
+    """A visitor that rebuilds the tree; override a `visit_*` to change the
+    nodes of one kind (`params` to change a call's parameters)."""
+
+    def visit_ref(self, expr: Ref) -> Expr:
+        return expr
+
+    def visit_num(self, expr: Num) -> Expr:
+        return expr
+
+    def visit_binop(self, expr: BinOp) -> Expr:
+        return BinOp(expr.op, self.visit(expr.left), self.visit(expr.right))
+
+    def visit_neg(self, expr: Neg) -> Expr:
+        return Neg(self.visit(expr.operand))
+
+    def visit_call(self, expr: Call) -> Expr:
+        return Call(expr.method, tuple(self.visit(arg) for arg in expr.args), self.params(expr))
+
+    def params(self, call: Call) -> tuple[tuple[str, ParamValue], ...]:
+        return call.params
+
+
+_VISIT_METHOD = {
+    Ref: "visit_ref",
+    Num: "visit_num",
+    BinOp: "visit_binop",
+    Neg: "visit_neg",
+    Call: "visit_call",
+}
+
+
+def walk(expr: Expr) -> Iterator[Expr]:
+    """Every node of `expr`, parents before children, left to right (no recursion)."""
+    pending = [expr]
+    while pending:
+        node = pending.pop()
+        yield node
+        pending.extend(reversed(_children(node)))
+
+
 def depth(expr: Expr) -> int:
     """The number of levels in `expr`'s tree (1 for a name), computed without recursion."""
     deepest = 0
@@ -389,48 +440,25 @@ def parse_expression(source: str) -> Expr:
 
 def method_calls(expr: Expr) -> list[str]:
     """Names of the methods `expr` calls, outermost first."""
-    if isinstance(expr, Call):
-        return [expr.method] + [name for arg in expr.args for name in method_calls(arg)]
-    if isinstance(expr, BinOp):
-        return method_calls(expr.left) + method_calls(expr.right)
-    if isinstance(expr, Neg):
-        return method_calls(expr.operand)
-    return []
+    return [node.method for node in walk(expr) if isinstance(node, Call)]
 
 
 def references(expr: Expr) -> list[str]:
     """Names referenced by `expr`, each once, in left-to-right order."""
-    seen: dict[str, None] = {}
+    return list(dict.fromkeys(node.name for node in walk(expr) if isinstance(node, Ref)))
 
-    def visit(node: Expr) -> None:
-        if isinstance(node, Ref):
-            seen.setdefault(node.name)
-        elif isinstance(node, BinOp):
-            visit(node.left)
-            visit(node.right)
-        elif isinstance(node, Neg):
-            visit(node.operand)
-        elif isinstance(node, Call):
-            for arg in node.args:
-                visit(arg)
 
-    visit(expr)
-    return list(seen)
+class _Renamer(ExprTransformer):
+    def __init__(self, names: dict[str, str]):
+        self.names = names
+
+    def visit_ref(self, expr: Ref) -> Expr:
+        return Ref(self.names.get(expr.name, expr.name))
 
 
 def rename_references(expr: Expr, names: dict[str, str]) -> Expr:
     """`expr` with each reference renamed through `names`."""
-    if isinstance(expr, Ref):
-        return Ref(names.get(expr.name, expr.name))
-    if isinstance(expr, BinOp):
-        return BinOp(
-            expr.op, rename_references(expr.left, names), rename_references(expr.right, names)
-        )
-    if isinstance(expr, Neg):
-        return Neg(rename_references(expr.operand, names))
-    if isinstance(expr, Call):
-        return Call(expr.method, tuple(rename_references(a, names) for a in expr.args), expr.params)
-    return expr
+    return _Renamer(names).visit(expr)
 
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}

@@ -15,11 +15,10 @@ from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import MODEL
 from sdrecipe.recipe.expr import (
-    BinOp,
     Call,
     Expr,
     ExpressionError,
-    Neg,
+    ExprTransformer,
     ParamValue,
     PerKey,
     format_expression,
@@ -298,24 +297,23 @@ def _number(value: object) -> float | int:
     return value
 
 
-def _check_calls(expr: Expr) -> Expr:
-    """Validate every method call; return the expression with defaults filled in."""
-    if isinstance(expr, BinOp):
-        return BinOp(expr.op, _check_calls(expr.left), _check_calls(expr.right))
-    if isinstance(expr, Neg):
-        return Neg(_check_calls(expr.operand))
-    if isinstance(expr, Call):
+class _CallChecker(ExprTransformer):
+    """Validates every method call (ValueError) and fills in parameter defaults."""
+
+    def params(self, call: Call) -> tuple[tuple[str, ParamValue], ...]:
         try:
-            method = get_method(expr.method)
+            method = get_method(call.method)
         except KeyError as exc:
             raise ValueError(exc.args[0]) from None
-        problem = method.check_model_count(len(expr.args))
+        problem = method.check_model_count(len(call.args))
         if problem:
             raise ValueError(problem)
-        params = method.validate(dict(expr.params))
-        args = tuple(_check_calls(arg) for arg in expr.args)
-        return Call(method.name, args, tuple(params.items()))
-    return expr
+        return tuple(method.validate(dict(call.params)).items())
+
+
+def _check_calls(expr: Expr) -> Expr:
+    """Validate every method call; return the expression with defaults filled in."""
+    return _CallChecker().visit(expr)
 
 
 def _make_output(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE, MODEL
-from sdrecipe.recipe.expr import BinOp, Call, Expr, Neg, Num, Ref, format_expression
+from sdrecipe.recipe.expr import BinOp, Call, Expr, ExprVisitor, Neg, Num, Ref, format_expression
 
 SUMS = {MODEL: 1.0, DIFFERENCE: 0.0}
 _TOLERANCE = 1e-9
@@ -34,41 +34,47 @@ def coefficient_sum(expr: Expr, space_of: Callable[[str], str]) -> float:
 
     Raises SpaceError for a method operand that is neither a model nor a
     difference, or that is not in the space the method declares."""
-    if isinstance(expr, Ref):
-        return SUMS[space_of(expr.name)]
-    if isinstance(expr, Neg):
-        return -coefficient_sum(expr.operand, space_of)
-    if isinstance(expr, BinOp):
+    return _CoefficientSum(space_of).visit(expr)
+
+
+class _CoefficientSum(ExprVisitor[float]):
+    def __init__(self, space_of: Callable[[str], str]):
+        self.space_of = space_of
+
+    def visit_ref(self, expr: Ref) -> float:
+        return SUMS[self.space_of(expr.name)]
+
+    def visit_neg(self, expr: Neg) -> float:
+        return -self.visit(expr.operand)
+
+    def visit_binop(self, expr: BinOp) -> float:
         if expr.op in "*/":
             model, factor = (
                 (expr.right, expr.left) if isinstance(expr.left, Num) else (expr.left, expr.right)
             )
             assert isinstance(factor, Num)
-            total = coefficient_sum(model, space_of)
+            total = self.visit(model)
             return total * factor.value if expr.op == "*" else total / factor.value
-        left, right = coefficient_sum(expr.left, space_of), coefficient_sum(expr.right, space_of)
+        left, right = self.visit(expr.left), self.visit(expr.right)
         return left + right if expr.op == "+" else left - right
-    assert isinstance(expr, Call)
-    return SUMS[_call_space(expr, space_of)]
 
-
-def _call_space(call: Call, space_of: Callable[[str], str]) -> str:
-    method = get_method(call.method)
-    bound: dict[str, str] = {}
-    for index, arg in enumerate(call.args):
-        total = coefficient_sum(arg, space_of)
-        space = space_named(total)
-        text = format_expression(arg)
-        if space is None:
-            raise SpaceError(
-                f"{call.method}() operand {text!r} is neither a model nor a difference "
-                f"(its model coefficients sum to {total:g})"
-            )
-        declared = method.operand_space(index)
-        expected = declared if declared in SUMS else bound.setdefault(declared, space)
-        if space != expected:
-            raise SpaceError(
-                f"{call.method}() operand {text!r} is a {space}, where a {expected} is expected"
-            )
-    result = method.spaces.get("return", "S")
-    return result if result in SUMS else bound.get(result, MODEL)
+    def visit_call(self, call: Call) -> float:
+        method = get_method(call.method)
+        bound: dict[str, str] = {}
+        for index, arg in enumerate(call.args):
+            total = self.visit(arg)
+            space = space_named(total)
+            text = format_expression(arg)
+            if space is None:
+                raise SpaceError(
+                    f"{call.method}() operand {text!r} is neither a model nor a difference "
+                    f"(its model coefficients sum to {total:g})"
+                )
+            declared = method.operand_space(index)
+            expected = declared if declared in SUMS else bound.setdefault(declared, space)
+            if space != expected:
+                raise SpaceError(
+                    f"{call.method}() operand {text!r} is a {space}, where a {expected} is expected"
+                )
+        result = method.spaces.get("return", "S")
+        return SUMS[result if result in SUMS else bound.get(result, MODEL)]
