@@ -64,6 +64,22 @@ def dead_pid():
     return process.pid
 
 
+def fine_tune_with_metadata(models, path, metadata):
+    """The fine-tune fixture saved at `path` with JSON `metadata` fields."""
+    fields = {key: json.dumps(value) for key, value in metadata.items()}
+    save_file(load_torch(models["finetune"]), path, metadata=fields)
+    return path
+
+
+def blend_recipe(tmp_path, model, models):
+    """A recipe blending `model` with the base fixture into o.safetensors."""
+    return write_recipe(
+        tmp_path,
+        f"inputs: {{A: {model}, B: {models['base']}}}\nnodes:\n  out: weighted_sum(A, B)\n"
+        "outputs: {out: o.safetensors}\n",
+    )
+
+
 # --- 1. an output may not replace an input, the recipe, its lock, another output or the cache
 
 
@@ -304,12 +320,7 @@ def test_deeply_nested_lineage_metadata_is_ignored_not_fatal(tmp_path, models):
     model = tmp_path / "deep_meta.safetensors"
     save_file(tensors, model, metadata={"sd_merge_models": deep, "sdrecipe": deep})
     assert invoke("inspect", str(model)).exit_code == 0
-    recipe = write_recipe(
-        tmp_path,
-        f"inputs: {{A: {model}, B: {models['base']}}}\nnodes:\n  out: weighted_sum(A, B)\n"
-        "outputs: {out: o.safetensors}\n",
-    )
-    result = invoke("build", str(recipe))
+    result = invoke("build", str(blend_recipe(tmp_path, model, models)))
     assert result.exit_code == 0, result.stderr
 
 
@@ -371,21 +382,12 @@ def test_inherited_lineage_is_capped_nearest_generations_first(tmp_path, models)
     }
     lineage = {**distant, **parents}
     recipe_field = {"primary_model_hash": f"{1:064x}", "secondary_model_hash": f"{2:064x}"}
-    model = tmp_path / "ancestral.safetensors"
-    save_file(
-        load_torch(models["finetune"]),
-        model,
-        metadata={
-            "sd_merge_models": json.dumps(lineage),
-            "sd_merge_recipe": json.dumps(recipe_field),
-        },
+    model = fine_tune_with_metadata(
+        models,
+        tmp_path / "ancestral.safetensors",
+        {"sd_merge_models": lineage, "sd_merge_recipe": recipe_field},
     )
-    recipe = write_recipe(
-        tmp_path,
-        f"inputs: {{A: {model}, B: {models['base']}}}\nnodes:\n  out: weighted_sum(A, B)\n"
-        "outputs: {out: o.safetensors}\n",
-    )
-    assert invoke("build", str(recipe)).exit_code == 0
+    assert invoke("build", str(blend_recipe(tmp_path, model, models))).exit_code == 0
     metadata = SafetensorsReader(tmp_path / "o.safetensors").metadata
     assert len(metadata["sd_merge_models"]) < MAX_LINEAGE_BYTES + 10_000
     written = json.loads(metadata["sd_merge_models"])
@@ -400,14 +402,10 @@ def test_inherited_lineage_is_capped_nearest_generations_first(tmp_path, models)
 def test_inspect_escapes_control_characters_from_the_file(tmp_path, models):
     hostile = "\x1b[2J\x1b]0;owned\x07\u202e"
     own = {"version": hostile, "node": hostile, "expression": hostile, "inputs": {}}
-    model = tmp_path / "hostile.safetensors"
-    save_file(
-        load_torch(models["finetune"]),
-        model,
-        metadata={
-            "sdrecipe": json.dumps(own),
-            "sd_merge_models": json.dumps({"0" * 64: {"name": hostile}}),
-        },
+    model = fine_tune_with_metadata(
+        models,
+        tmp_path / "hostile.safetensors",
+        {"sdrecipe": own, "sd_merge_models": {"0" * 64: {"name": hostile}}},
     )
     result = invoke("inspect", str(model))
     assert result.exit_code == 0
