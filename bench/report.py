@@ -177,4 +177,17 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
     lines += _single("Start-up: `sdrecipe --help`", report["help"])
     if "sdxl" in report:
         lines += _single("Scenario 7: SDXL `A + (B − C)` (6.9 GB inputs)", report["sdxl"])
+    if "sdxl_blocks_cold" in report:
+        keys = report["sdxl_block_change_keys"]
+        lines += _single(
+            "Scenario 8: SDXL block-weighted `weighted_sum`, cold",
+            report["sdxl_blocks_cold"],
+            "Twenty block values pasted as supermerger writes them, `--force`.",
+        )
+        lines += _single(
+            "Scenario 8b: the same after one block (IN04) changed",
+            report["sdxl_block_change"],
+            f"{keys['tensors_computed']} keys recomputed, {keys['tensors_from_cache']} copied "
+            "from the previous output through the cache.",
+        )
     path.write_text("\n".join(lines))

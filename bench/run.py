@@ -50,6 +50,9 @@ SDXL_MODELS = {
     "sdxl-B.safetensors": ModelSpec(family="sdxl", seed=31, delta_seed=42),
     "sdxl-C.safetensors": ModelSpec(family="sdxl", seed=31),
 }
+# Scenario 8's block weights (SDXL: BASE, IN00..IN08, M00, OUT00..OUT08), as pasted
+# from supermerger; IN04 (the sixth value) is the one changed between rounds.
+SDXL_BLOCK_ALPHAS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1"
 PEERS = {
     # name: (requirement, imports it needs but does not declare)
     "sd-meh": ("sd-meh==0.9.5", ["safetensors", "tqdm", "scipy", "tensordict"]),
@@ -209,6 +212,12 @@ outputs: {merged: {path: out-five.safetensors, dtype: fp16}}
 inputs: {A: sdxl-A.safetensors, B: sdxl-B.safetensors, C: sdxl-C.safetensors}
 nodes: {merged: A + (B - C)}
 outputs: {merged: {path: out-sdxl.safetensors, dtype: fp16}}
+""",
+        "sdxl_blocks.yaml": f"""
+inputs: {{A: sdxl-A.safetensors, B: sdxl-B.safetensors}}
+nodes:
+  blended: {{method: weighted_sum, models: [A, B], alpha: "{SDXL_BLOCK_ALPHAS}"}}
+outputs: {{blended: {{path: out-sdxl-blocks.safetensors, dtype: fp16}}}}
 """,
     }
     # Scenario 3b: the same recipe with both intermediates kept out of the cache.
@@ -439,11 +448,43 @@ def main() -> None:
         sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
         report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
         free_cache()
+        report.update(sdxl_block_weights(rounds))
+        free_cache()
 
     measured_on = machine()
     RESULTS.write_text(json.dumps({"report": _save(report), "machine": measured_on}, indent=1))
     write_report(ROOT / "BENCHMARKS.md", report, measured_on)
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+def sdxl_block_weights(rounds: int) -> dict[str, object]:
+    """Scenario 8: a block-weighted SDXL weighted_sum built cold, then rebuilt after
+    one block's value changed (only that block's keys are recomputed)."""
+    print("scenario 8: SDXL block-weighted weighted_sum, cold then one block changed", flush=True)
+    recipe = WORK / "sdxl_blocks.yaml"
+    cold = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_blocks.yaml"]
+    result: dict[str, object] = {
+        "sdxl_blocks_cold": repeated("sdxl_blocks", cold, rounds, free_cache)
+    }
+    values = iter(["0.45", "0.35"] * rounds)
+
+    def change_block() -> None:
+        alphas = recipe.read_text().split('alpha: "')[1].split('"')[0].split(",")
+        alphas[5] = next(values)  # IN04
+        text = recipe.read_text().split('alpha: "')
+        rest = text[1].split('"', 1)[1]
+        recipe.write_text(f'{text[0]}alpha: "{",".join(alphas)}"{rest}')
+
+    again = [*SDRECIPE, "build", "--cache-dir", "cache", "sdxl_blocks.yaml"]
+    result["sdxl_block_change"] = repeated("sdxl_block_change", again, rounds, change_block)
+    change_block()
+    summary = json.loads(
+        subprocess.run(
+            [*again[:2], "--json", *again[2:]], cwd=WORK, check=True, capture_output=True, text=True
+        ).stdout
+    )
+    result["sdxl_block_change_keys"] = summary["cache"]
+    return result
 
 
 def _save(value: object) -> object:

@@ -57,6 +57,10 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except SdrecipeError as exc:
             _fail("error", str(exc), exc.exit_code, as_json)
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as other tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             _fail("error", f"{where}{describe_os_error(exc)}", 1, as_json)
@@ -474,6 +478,69 @@ def methods(as_json: bool) -> None:
         return
     for entry in listed:
         click.echo(f"{entry['signature']}\n    {entry['summary']}")
+
+
+@main.command()
+@click.argument("model_or_family")
+@click.option("--keys", "with_keys", is_flag=True, help="Also list the keys of each block.")
+@_json_option
+@_reports_errors
+def blocks(model_or_family: str, with_keys: bool, as_json: bool) -> None:
+    """List the merge blocks of a family (sd1, sd2, sdxl) or of a model file:
+    each block's key and parameter counts, in the order pasted lists use."""
+    import math
+
+    from sdrecipe.arch import layout
+    from sdrecipe.arch.blocks import block_ids, block_of
+    from sdrecipe.errors import RecipeError
+
+    path = Path(model_or_family)
+    if path.exists():
+        from sdrecipe.arch.detect import detect
+        from sdrecipe.io.readers import open_model
+
+        reader = open_model(path)
+        infos = reader.infos()
+        family = detect(infos, reader.metadata).family
+        sizes = {key: info.numel for key, info in infos.items()}
+    else:
+        family = model_or_family
+        try:
+            shapes, _ = layout(family)
+        except FileNotFoundError:
+            raise RecipeError(
+                f"{family!r} is neither a model file nor a family (sd1, sd2, sdxl)"
+            ) from None
+        sizes = {key: math.prod(shape) for key, shape in shapes.items()}
+    ids = block_ids(family)
+    if not ids:
+        raise RecipeError(f"{family} has no block table (no merging tool defines one)")
+    table: dict[str, dict[str, Any]] = {block: {"keys": [], "parameters": 0} for block in ids}
+    for key, size in sizes.items():
+        entry = table[block_of(family, key)]  # type: ignore[index]
+        entry["keys"].append(key)
+        entry["parameters"] += size
+    if as_json:
+        _emit_json(
+            {
+                "family": family,
+                "blocks": {
+                    block: {
+                        "keys": len(entry["keys"]),
+                        "parameters": entry["parameters"],
+                        **({"key_names": entry["keys"]} if with_keys else {}),
+                    }
+                    for block, entry in table.items()
+                },
+            }
+        )
+        return
+    click.echo(f"{family}: {len(ids)} blocks")
+    for block, entry in table.items():
+        click.echo(f"  {block:6} {len(entry['keys']):5} keys {entry['parameters']:>15,} parameters")
+        if with_keys:
+            for key in entry["keys"]:
+                click.echo(f"         {printable(key)}")
 
 
 @main.group()

@@ -5,7 +5,8 @@ resolved for each key, most specific first:
 
 1. the first `re:REGEX` entry, in the order written, whose regex the key
    contains (`re.search`);
-2. the key's block (block tables per family are data; see `block_of`);
+2. the key's block: its ID, else the first range (`IN04-IN08`) or glob
+   (`OUT*`) that covers it, in the order written (`sdrecipe.arch.blocks`);
 3. the key's component (`unet`, `vae`, `text_encoder`, `text_encoder_2`,
    `ema`, `other`);
 4. `default`.
@@ -20,6 +21,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from sdrecipe.arch import COMPONENTS, component_of
+from sdrecipe.arch.block_presets import PRESETS
+from sdrecipe.arch.blocks import (
+    block_ids,
+    block_matches,
+    block_of,
+    is_block_label,
+    listed_block_ids,
+)
 from sdrecipe.recipe.expr import Call, Expr, ExprTransformer, ParamValue, PerKey, walk
 
 REGEX_PREFIX = "re:"
@@ -28,30 +37,55 @@ DEFAULT = "default"
 
 @dataclass(frozen=True)
 class KeyContext:
-    """A tensor key with what is known about it: its component, and its block
-    in the family's block table (None where the family has none)."""
+    """A tensor key with what is known about it: its component, its block in
+    the family's block table (None where the family has none), and the family."""
 
     key: str
     component: str
     block: str | None = None
+    family: str = "unknown"
 
 
 def key_context(key: str, family: str) -> KeyContext:
     """The context of `key` in a model of `family`."""
-    return KeyContext(key, component_of(key), block_of(family, key))
+    return KeyContext(key, component_of(key), block_of(family, key), family)
 
 
-def block_of(family: str, key: str) -> str | None:
-    """The block ID of `key` in `family`'s block table. No family has a table
-    yet (block weights bring them, as data), so this is None for now."""
-    return None
+def per_block(value: str | tuple[float | int, ...]) -> PerKey:
+    """Block values as users paste them, as a mapping by block ID: a list or a
+    comma-separated string of 26 (SD1/SD2, BASE first), 25 (SD1/SD2 without
+    BASE, as the MBW extension writes) or 20 (SDXL) numbers, or a preset name.
+    SDXL's VAE block takes the BASE value, as in supermerger. ValueError if none."""
+    if isinstance(value, str):
+        if value in PRESETS:
+            return per_block(PRESETS[value])
+        try:
+            numbers = tuple(float(part) for part in value.split(","))
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a number, a list of block values or a preset "
+                f"({', '.join(sorted(PRESETS))})"
+            ) from None
+        return per_block(numbers)
+    lengths = {26: listed_block_ids("sd1"), 25: listed_block_ids("sd1")[1:]}
+    lengths[20] = listed_block_ids("sdxl")
+    ids = lengths.get(len(value))
+    if ids is None:
+        raise ValueError(
+            f"a list of block values has 26 numbers for SD1/SD2 (BASE first), 25 without "
+            f"BASE, or 20 for SDXL; got {len(value)}"
+        )
+    entries = list(zip(ids, value, strict=True))
+    if len(value) == 20:
+        entries.append(("VAE", value[0]))
+    return PerKey(tuple(entries))
 
 
 def check_labels(value: PerKey) -> str | None:
-    """Why `value`'s labels are unusable, or None: each is `default`, a component
-    or `re:` with a valid regex."""
+    """Why `value`'s labels are unusable, or None: each is `default`, a component,
+    a block label (ID, range or glob) or `re:` with a valid regex."""
     for label, _ in value.entries:
-        if label == DEFAULT or label in COMPONENTS:
+        if label == DEFAULT or label in COMPONENTS or is_block_label(label):
             continue
         if label.startswith(REGEX_PREFIX):
             try:
@@ -60,10 +94,23 @@ def check_labels(value: PerKey) -> str | None:
                 return f"{label!r} is not a valid regex ({exc})"
             continue
         return (
-            f"{label!r} is not default, a component ({', '.join(COMPONENTS)}) or re:REGEX "
-            "(block IDs need block tables, which no family has yet)"
+            f"{label!r} is not default, a component ({', '.join(COMPONENTS)}), a block "
+            "(BASE, IN00, M00, OUT11, a range IN04-IN08 or a glob OUT*) or re:REGEX"
         )
     return None
+
+
+def unknown_blocks(value: PerKey, family: str) -> list[str]:
+    """The block labels of `value` that cover no block of `family`."""
+    ids = block_ids(family)
+    return [
+        label
+        for label, _ in value.entries
+        if label != DEFAULT
+        and label not in COMPONENTS
+        and not label.startswith(REGEX_PREFIX)
+        and not any(block_matches(label, block, family) for block in ids)
+    ]
 
 
 def resolve(value: PerKey, context: KeyContext) -> float | int:
@@ -74,8 +121,15 @@ def resolve(value: PerKey, context: KeyContext) -> float | int:
             context.key
         ):
             return number
-    for label in (context.block, context.component, DEFAULT):
-        if label is not None and label in entries:
+    block = context.block
+    if block is not None:
+        if block in entries:
+            return entries[block]
+        for label, number in value.entries:
+            if block_matches(label, block, context.family):
+                return number
+    for label in (context.component, DEFAULT):
+        if label in entries:
             return entries[label]
     raise KeyError(f"no value for {context.key} and no default")
 

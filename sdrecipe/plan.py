@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdrecipe.arch import EMA_PREFIX, VAE_PREFIX, is_never_merged
+from sdrecipe.arch.blocks import listed_block_ids
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
@@ -21,9 +22,9 @@ from sdrecipe.io.safetensors_writer import layout_order
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE
-from sdrecipe.per_key import KeyContext, for_key, key_context
+from sdrecipe.per_key import KeyContext, for_key, key_context, unknown_blocks
 from sdrecipe.recipe import Output
-from sdrecipe.recipe.expr import Expr, method_calls
+from sdrecipe.recipe.expr import Call, Expr, PerKey, method_calls, walk
 
 MERGED = "merged"
 
@@ -158,6 +159,8 @@ class _Planner:
             )
             for node in graph.order
         }
+        for node in graph.order:
+            self.check_blocks(node)
         self.status: dict[str, dict[str, str]] = {node: {} for node in graph.order}
         self.value_dtypes: dict[str, torch.dtype] = {}
         self.elementwise = {
@@ -170,6 +173,27 @@ class _Planner:
         self.selecting: set[str] = set()
         self.baked: dict[str, frozenset[str]] = {}
         self.written: dict[str, dict[str, TensorInfo]] = {}
+
+    def check_blocks(self, node: str) -> None:
+        """Refuse block labels that the family of the node's base has no block for."""
+        family = self.families.get(self.graph.base_input(node), "unknown")
+        spec = self.graph.recipe.nodes[node]
+        for call in (n for n in walk(spec.expr) if isinstance(n, Call)):
+            for name, value in call.params:
+                unknown = unknown_blocks(value, family) if isinstance(value, PerKey) else []
+                if unknown:
+                    ids = listed_block_ids(family)
+                    known = (
+                        f"its {len(ids)} blocks are {', '.join(ids)} (a list has {len(ids)} values)"
+                        if ids
+                        else "it has no block table"
+                    )
+                    raise RecipeError(
+                        f"node {node!r}: {call.method}() parameter {name!r} names "
+                        f"{', '.join(unknown)}, which {family} has no block for; {known}",
+                        self.graph.recipe.path,
+                        spec.line,
+                    )
 
     def empty_selections(self) -> tuple[str, ...]:
         """A warning for each node whose key selection matched no key."""

@@ -40,7 +40,7 @@ CASES = [
         "  out: {method: weighted_sum, models: [A, B], alpha: high}",
         None,
         6,
-        "parameter 'alpha': Input should be a valid number (got 'high')",
+        "parameter 'alpha': 'high' is not a number, a list of block values or a preset",
     ),
     ("product", "  out: A * B", None, 6, "product of two models"),
     ("unknown output", "  out: A", "nope: out.safetensors", 8, "output 'nope' names no node"),

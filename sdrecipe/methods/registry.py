@@ -85,9 +85,17 @@ class MergeMethod:
         checked entry by entry, and gets the parameter's default if it names none.
         Raises ValueError with a readable message."""
         # Imported here: the recipe package imports this registry.
-        from sdrecipe.per_key import check_labels
+        from sdrecipe.per_key import check_labels, per_block
         from sdrecipe.recipe.expr import PerKey
 
+        values = dict(values)
+        for name, value in values.items():
+            field = self.parameters.model_fields.get(name)
+            if field and _is_number(field.annotation) and isinstance(value, str | tuple):
+                try:
+                    values[name] = per_block(value)
+                except ValueError as exc:
+                    raise ValueError(f"{self.name}: parameter {name!r}: {exc}") from None
         plain = {k: v for k, v in values.items() if not isinstance(v, PerKey)}
         checked = self._validated(plain)
         for name, value in values.items():

@@ -282,14 +282,15 @@ class _Parser:
         return self.current.kind == "op" and self.current.text == text
 
     def param_value(self, name: str) -> ParamValue:
-        """A number, `true`/`false`, a quoted string, `[numbers]` or `{name: number}`."""
+        """A number, `true`/`false`, a bare name or quoted string, `[numbers]` or
+        `{name: number}`."""
         token = self.current
         if token.kind == "string":
             self.advance()
             return _unquote(token.text)
-        if token.kind == "name" and token.text in ("true", "false"):
-            self.advance()
-            return token.text == "true"
+        if token.kind == "name" and self.tokens[self.index + 1].text in _CLOSERS:
+            self.advance()  # a flag, or a bare choice such as a preset name
+            return token.text == "true" if token.text in ("true", "false") else token.text
         if self.is_op("["):
             self.advance()
             items = []
