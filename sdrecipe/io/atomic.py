@@ -31,7 +31,18 @@ def is_stale_temporary(path: Path) -> bool:
     if not name.endswith(".tmp") or ".sdrecipe-" not in name:
         return False
     pid = name.rsplit("-", 1)[-1].removesuffix(".tmp")
-    return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+    return pid.isdigit() and not _is_running(int(pid))
+
+
+def _is_running(pid: int) -> bool:
+    """True when a process with this id exists (Linux and macOS alike)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or an id no process can have
+    return True
 
 
 def remove_stale_temporaries(folder: Path) -> None:
