@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -91,6 +94,12 @@ def test_output_edited_in_place_is_rebuilt_not_restored_from_its_damaged_link(
     assert output.read_bytes() == original
 
 
+def recorded_objects(cache_folder):
+    """How many objects the cache's index records."""
+    with contextlib.closing(sqlite3.connect(cache_folder / "index.sqlite", timeout=60)) as index:
+        return index.execute("SELECT COUNT(*) FROM entries WHERE kind='object'").fetchone()[0]
+
+
 def test_killed_build_leaves_cache_usable_and_next_build_reuses_finished_work(
     project, tmp_path, isolated_cache
 ):
@@ -101,6 +110,10 @@ def test_killed_build_leaves_cache_usable_and_next_build_reuses_finished_work(
     )
     objects = isolated_cache / "objects"
     assert len(list(objects.glob("*/*.safetensors"))) == 199
+    # The build's main thread records finished objects in the index: wait for that too.
+    while recorded_objects(isolated_cache) < 199:
+        assert process.poll() is None
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert not (tmp_path / "out" / "inpaint.safetensors").exists()
