@@ -11,17 +11,10 @@ from sdrecipe.cache import Cache, Location, file_sha256
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.identity import Identities, tensor_identities
-from sdrecipe.lock import (
-    Lock,
-    read_lock,
-)
+from sdrecipe.lock import Lock, read_lock
 from sdrecipe.prepare import Prepared, tokenizer_folders
 from sdrecipe.provenance import output_metadata
-from sdrecipe.staleness import (
-    NodeStatus,
-    OutputFacts,
-    node_statuses,
-)
+from sdrecipe.staleness import NodeStatus, OutputFacts, node_statuses
 
 Progress = Callable[[str, int], Callable[[int], None]]
 

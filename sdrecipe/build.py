@@ -10,7 +10,6 @@ identities and statuses, this module executes and publishes, and
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections import Counter
 from contextlib import ExitStack, nullcontext
@@ -21,7 +20,7 @@ from sdrecipe.assess import Assessment, Progress, assess, no_progress
 from sdrecipe.cache import PACK, Cache, Location, file_sha256
 from sdrecipe.executor import CacheUse, Executor, KeyResult
 from sdrecipe.fingerprint import FileStat
-from sdrecipe.io.atomic import publish, remove_stale_temporaries, temporary_path
+from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy
 from sdrecipe.io.writers import OutputWriter, open_writer
 from sdrecipe.lock import BuiltOutput, updated_lock, write_lock
 from sdrecipe.plan import MERGED
@@ -172,13 +171,8 @@ class _Builder:
             return None
         output = self.prepared.recipe.outputs[name].path
         output.parent.mkdir(parents=True, exist_ok=True)
-        staged = temporary_path(output, unique=True)
-        try:
-            os.link(pack, staged)
-        except OSError:
-            shutil.copyfile(pack, staged)
         self.sha256[name] = sha256
-        return staged
+        return staged_copy(pack, output)
 
     def _publish_restored(self, name: str, staged: Path) -> None:
         assert self.cache is not None

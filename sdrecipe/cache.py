@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from sdrecipe.errors import BuildError
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of, tensor_digest
-from sdrecipe.io.atomic import is_stale_temporary, temporary_path
+from sdrecipe.io.atomic import is_stale_temporary, publish, staged_copy
 from sdrecipe.io.tensor_info import TensorInfo
 
 if TYPE_CHECKING:
@@ -307,12 +307,7 @@ class Cache:
         """Link a finished output into the cache (copy across file systems)."""
         target = self._entry_path(PACK, sha256)
         if not target.exists():
-            temporary = temporary_path(target, unique=True)
-            try:
-                os.link(output, temporary)
-            except OSError:
-                shutil.copyfile(output, temporary)
-            os.replace(temporary, target)
+            publish(staged_copy(output, target), target)
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",

@@ -266,13 +266,12 @@ class _KeyTask:
             value = self._value(operands[0], rows, values)
         else:
             env = {operand: self._value(operand, rows, values) for operand in operands}
-            expr = step.expr or self.graph.recipe.nodes[name].expr
             if step.channels is None:
-                value = evaluate(expr, env, step.dtype, step.context)
+                value = evaluate(step.expr, env, step.dtype, step.context)
             else:
                 shared = {operand: t[:, : step.channels] for operand, t in env.items()}
                 value = env[operands[0]].to(step.dtype, copy=True)
-                value[:, : step.channels] = evaluate(expr, shared, step.dtype, step.context)
+                value[:, : step.channels] = evaluate(step.expr, shared, step.dtype, step.context)
         values[name] = value
         return value
 

@@ -69,7 +69,6 @@ class Identities:
 def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]]) -> Identities:
     """Identities from the plan and each input's per-tensor digests."""
     graph = plan.graph
-    recipe = graph.recipe
     values: dict[str, dict[str, str]] = {name: dict(digests[name]) for name in digests}
     positions = {
         node: {name: f"${index}" for index, name in enumerate(graph.operands(node))}
@@ -84,11 +83,10 @@ def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]])
             operands = graph.operands(node)
             if isinstance(step, Compute):
                 # The expression with this key's parameter values, operands by position.
-                expr = step.expr or recipe.nodes[node].expr
-                template = templates.get((node, expr))
+                template = templates.get((node, step.expr))
                 if template is None:
-                    template = format_expression(rename_references(expr, positions[node]))
-                    templates[(node, expr)] = template
+                    template = format_expression(rename_references(step.expr, positions[node]))
+                    templates[(node, step.expr)] = template
                 parts = [
                     IDENTITY_VERSION,
                     template,

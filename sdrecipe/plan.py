@@ -7,6 +7,7 @@ instruct-pix2pix channel rule, and rejects every shape mismatch up front.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,9 +49,9 @@ class Compute:
     `context` is set when a key-aware method needs the key.
     """
 
-    channels: int | None = None
+    expr: Expr
     dtype: torch.dtype = torch.float32
-    expr: Expr | None = None
+    channels: int | None = None
     context: KeyContext | None = None
 
 
@@ -245,16 +246,14 @@ class _Planner:
         dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         context = key_context(key, self.families.get(self.graph.base_input(node), "unknown"))
         expr = for_key(self.graph.recipe.nodes[node].expr, context)
-        known = {"dtype": dtype, "expr": expr}
-        if self.key_aware[node]:
-            known["context"] = context
+        compute = Compute(expr, dtype, context=context if self.key_aware[node] else None)
         shapes = [info.shape for info in infos]
         if all(shape == base.shape for shape in shapes):
-            return Compute(**known)
+            return compute
         if _differ_only_in_channels(shapes):
             widest = max(shape[1] for shape in shapes)
             if base.shape[1] == widest:
-                return Compute(channels=min(shape[1] for shape in shapes), **known)
+                return dataclasses.replace(compute, channels=min(shape[1] for shape in shapes))
             other = operands[next(i for i, s in enumerate(shapes) if s[1] == widest)]
             self.conflicts.append(
                 (

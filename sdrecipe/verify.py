@@ -14,9 +14,7 @@ from sdrecipe.build import build
 from sdrecipe.cache import file_sha256
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.atomic import remove_stale_temporaries
-from sdrecipe.lock import (
-    read_lock,
-)
+from sdrecipe.lock import read_lock
 from sdrecipe.prepare import prepare_recipe
 from sdrecipe.recipe import load_recipe
 

@@ -25,6 +25,17 @@ def publish(temporary: Path, target: Path) -> None:
     temporary.unlink(missing_ok=True)
 
 
+def staged_copy(source: Path, target: Path) -> Path:
+    """`source`'s bytes under a temporary name beside `target`, ready to `publish`:
+    a hard link where the file system allows, else a copy."""
+    temporary = temporary_path(target, unique=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copyfile(source, temporary)
+    return temporary
+
+
 def is_stale_temporary(path: Path) -> bool:
     """True for a temporary file whose writing process no longer runs."""
     name = path.name
