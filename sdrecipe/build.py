@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sdrecipe.assess import Assessment, Progress, assess, no_progress
 from sdrecipe.cache import PACK, Cache, Location, file_sha256
+from sdrecipe.cache_policy import cache_choice
 from sdrecipe.executor import CacheUse, Executor, KeyResult
 from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy
@@ -189,13 +190,10 @@ class _Builder:
         assessment = self.assessment
         cache_use = None
         if self.cache is not None and self.cache.tensors:
-            # Intermediates are stored as objects (unless `cache: false`); outputs
-            # are cached whole, as packs.
-            nodes = self.prepared.recipe.nodes
+            # Intermediates are stored as objects when the cost rule says so;
+            # outputs are cached whole, as packs.
             stored = frozenset(
-                node
-                for node in plan.graph.order
-                if plan.graph.dag.out_degree(node) > 0 and nodes[node].cache
+                node for node in plan.graph.order if cache_choice(plan.graph, node).store
             )
             cache_use = CacheUse(self.cache, assessment.identities, assessment.found, stored)
         writers: dict[str, OutputWriter] = {}

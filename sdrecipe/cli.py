@@ -324,7 +324,8 @@ def _show_plan(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) ->
     for status in assessment.statuses:
         target = f" -> {prepared.recipe.outputs[status.output].path}" if status.output else ""
         reason = f"  ({status.reason})" if status.reason else ""
-        click.echo(f"{status.node:<{width}}  {status.state:<10}{reason}{target}")
+        caching = f"  [{status.caching}]" if status.caching else ""
+        click.echo(f"{status.node:<{width}}  {status.state:<10}{reason}{target}{caching}")
 
 
 @main.command()

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from sdrecipe.methods import get_method
-from sdrecipe.methods.registry import CONTEXT_PARAMETER
+from sdrecipe.methods.registry import CONTEXT_PARAMETER, DTYPE_PARAMETER
 from sdrecipe.per_key import KeyContext
 from sdrecipe.recipe.expr import BinOp, Call, Expr, ExprVisitor, Neg, Num, Ref
 
@@ -56,8 +56,12 @@ class _Evaluator(ExprVisitor[tuple[torch.Tensor, bool]]):
 
     def visit_call(self, expr: Call) -> tuple[torch.Tensor, bool]:
         method = get_method(expr.method)
-        args = [self.visit(arg)[0].to(self.dtype) for arg in expr.args]
+        args = [self.visit(arg)[0] for arg in expr.args]
         params = dict(expr.params)
+        if method.takes_dtype:
+            params[DTYPE_PARAMETER] = self.dtype
+        else:
+            args = [arg.to(self.dtype) for arg in args]
         if method.key_aware:
             params[CONTEXT_PARAMETER] = self.context
         return method.function(*args, **params), True

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from sdrecipe.cache_policy import cache_choice
 from sdrecipe.identity import Identities
 from sdrecipe.lock import Lock
 from sdrecipe.per_key import DEFAULT, KeyContext, resolve
@@ -43,6 +44,7 @@ class NodeStatus:
     state: str
     reason: str
     output: str | None = None
+    caching: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,15 @@ def node_statuses(
             state, reason = (UP_TO_DATE, "cached") if all_cached else (NOT_NEEDED, "")
         elif all_cached:
             state, reason = FROM_CACHE, "cached"
-        elif not graph.recipe.nodes[node].cache:
-            state, reason = REBUILD, "recomputed (cache: false)"
+        elif not (choice := cache_choice(graph, node)).store and output is None:
+            state, reason = REBUILD, f"recomputed ({choice.why})"
         else:
             state = REBUILD
             reason = _change_reason(plan, node, lock, input_sha256, identities)
             if own & cached:
                 reason += f" ({len(own & cached)} of {len(own)} tensors cached)"
-        statuses[node] = NodeStatus(node, state, reason, output)
+        caching = "" if output is not None else cache_choice(graph, node).describe()
+        statuses[node] = NodeStatus(node, state, reason, output, caching)
     return [statuses[node] for node in graph.order]
 
 

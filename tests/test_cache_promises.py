@@ -95,7 +95,9 @@ def test_verify_rebuilds_and_fails_when_an_input_changed_under_the_lock(tmp_path
 
 # Mutation: the digest check on cache reads accepts any entry that parses.
 def test_a_well_formed_cache_entry_with_other_values_is_caught(tmp_path, models, isolated_cache):
-    recipe = write_recipe(tmp_path, recipe_text(models, "diff: B - C\nout: A + 0.5 * diff"))
+    recipe = write_recipe(
+        tmp_path, recipe_text(models, "diff: {expression: B - C, cache: true}\nout: A + 0.5 * diff")
+    )
     build_json(recipe)
     victim = max(isolated_cache.glob("objects/*/*.safetensors"), key=lambda p: p.stat().st_size)
     tampered = {k: np.full_like(v, 0.25) for k, v in load_file(victim).items()}

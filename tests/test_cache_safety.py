@@ -24,7 +24,7 @@ def project(tmp_path, models):
         f"""
         inputs: {{A: {models["inpainting"]}, B: {models["finetune"]}, C: {models["base"]}}}
         nodes:
-          diff: B - C
+          diff: {{expression: B - C, cache: true}}
           inpaint: A + 1.0 * diff
         outputs:
           inpaint: out/inpaint.safetensors
@@ -139,7 +139,7 @@ def test_concurrent_builds_of_recipes_sharing_intermediates_take_turns(
             f"""
             inputs: {{A: {models["inpainting"]}, B: {models["finetune"]}, C: {models["base"]}}}
             nodes:
-              diff: B - C
+              diff: {{expression: B - C, cache: true}}
               out: A + {factor} * diff
             outputs:
               out: out{factor}/x.safetensors

@@ -710,7 +710,10 @@ def test_a_selection_that_matches_no_key_is_warned_about(tmp_path, models):
 
 
 def test_the_cache_is_trimmed_to_its_limit_after_each_build(tmp_path, models, isolated_cache):
-    recipe = write_recipe(tmp_path, three_inputs(models, "diff: B - C; out: A + 0.5 * diff"))
+    recipe = write_recipe(
+        tmp_path,
+        three_inputs(models, "diff: {expression: B - C, cache: true}; out: A + 0.5 * diff"),
+    )
     assert invoke("build", str(recipe)).exit_code == 0
     grown = json.loads(invoke("cache", "info", "--json").stdout)
     assert grown["size"] > 1_000_000 and grown["max_size"] == 20_000_000_000

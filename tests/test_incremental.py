@@ -30,7 +30,7 @@ def project(tmp_path, models):
           C: {models["base"]}
           D: D.safetensors
         nodes:
-          diff: B - C
+          diff: {{expression: B - C, cache: true}}
           inpaint: A + 1.0 * diff
           soft: "weighted_sum(D, B, alpha=0.3)"
         outputs:
@@ -250,7 +250,7 @@ def test_gc_rejects_a_bad_size():
 
 
 def test_cache_false_keeps_an_intermediate_out_of_the_cache(project, isolated_cache):
-    edit(project, "  diff: B - C", "  diff: {expression: B - C, cache: false}")
+    edit(project, "cache: true}", "cache: false}")
     build(project)
     info = json.loads(run_in_process("cache", "info", "--json").stdout)
     assert info["objects"] == 0
@@ -259,7 +259,7 @@ def test_cache_false_keeps_an_intermediate_out_of_the_cache(project, isolated_ca
     summary = build(project)
     assert summary["cache"]["tensors_computed"] == 2 * 1130
     reference = load_file(project.parent / "out" / "inpaint.safetensors")
-    edit(project, "  diff: {expression: B - C, cache: false}", "  diff: B - C")
+    edit(project, "cache: false}", "cache: true}")
     build(project, "--force")
     again = load_file(project.parent / "out" / "inpaint.safetensors")
     for key in reference:
@@ -343,3 +343,28 @@ def test_plan_predicts_what_build_does(project, scenario, force):
         "per-key value changed": {"inpaint": "up to date", "soft": "rebuild"},
     }[scenario]
     assert done == ({name: "rebuild" for name in expected} if force else expected)
+
+
+def plan_caching(recipe) -> dict[str, str]:
+    result = run_in_process("plan", "--json", str(recipe))
+    return {node["node"]: node["caching"] for node in json.loads(result.stdout)["nodes"]}
+
+
+def test_by_default_only_costly_intermediates_are_cached(project, isolated_cache):
+    edit(project, "diff: {expression: B - C, cache: true}", "diff: B - C")
+    assert plan_caching(project)["diff"] == (
+        "not cached: element-wise: cheaper to recompute than to read back"
+    )
+    build(project)
+    info = json.loads(run_in_process("cache", "info", "--json").stdout)
+    assert info["objects"] == 0
+    edit(project, "diff: B - C", 'diff: "ties(C, B, density=0.5) - C"')
+    caching = plan_caching(project)
+    assert caching["diff"] == "cached: whole-tensor ties(): cheaper to read back than to recompute"
+    assert caching["inpaint"] == ""  # an output: cached whole
+    first = build(project)
+    edit(project, "1.0 * diff", "0.5 * diff")
+    second = build(project)
+    # Only the output's own arithmetic is redone: every ties() value comes from the cache.
+    assert second["cache"]["tensors_from_cache"] == first["cache"]["tensors_computed"] // 2
+    assert second["cache"]["tensors_computed"] == first["cache"]["tensors_computed"] // 2

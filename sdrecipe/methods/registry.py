@@ -5,7 +5,10 @@ A method is a function of tensors. Its positional parameters are the models
 hints and defaults, are the method's parameters (float, int, bool, a
 `Literal` choice, a list of numbers); a keyword-only `context: KeyContext`
 makes it key-aware: it is told which key it computes, and each key's result
-gets an identity of its own.
+gets an identity of its own. A keyword-only `dtype: torch.dtype` asks for the
+operands as stored (any floating dtypes, never modified) and the compute dtype
+beside them, so a whole-tensor method can convert one piece at a time instead
+of holding a converted copy of every operand.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ MODEL = "model"
 DIFFERENCE = "difference"
 # The keyword-only parameter through which key-aware methods receive a KeyContext.
 CONTEXT_PARAMETER = "context"
+# The keyword-only parameter through which methods that convert operands piecewise
+# receive the compute dtype.
+DTYPE_PARAMETER = "dtype"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class MergeMethod:
     parameters: type[pydantic.BaseModel]
     elementwise: bool
     key_aware: bool
+    takes_dtype: bool = False
     spaces: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -165,7 +172,7 @@ def merge_method(
         fields: dict[str, Any] = {
             name: (_resolve(p.annotation, function), p.default)
             for name, p in signature.parameters.items()
-            if p.kind is kinds.KEYWORD_ONLY and name != CONTEXT_PARAMETER
+            if p.kind is kinds.KEYWORD_ONLY and name not in (CONTEXT_PARAMETER, DTYPE_PARAMETER)
         }
         parameters = pydantic.create_model(
             f"{function.__name__}_parameters",
@@ -181,6 +188,7 @@ def merge_method(
             parameters=parameters,
             elementwise=elementwise,
             key_aware=CONTEXT_PARAMETER in signature.parameters,
+            takes_dtype=DTYPE_PARAMETER in signature.parameters,
             spaces=dict(spaces or {}),
         )
         return function

@@ -54,8 +54,9 @@ class KeySelection:
 class Node:
     """A named merge expression over inputs and other nodes.
 
-    `cache` False keeps the node's values out of the cache: they are recomputed
-    whenever a node that uses them is rebuilt. `force` True merges operands of
+    `cache` True or False stores the node's values in the cache or keeps them
+    out (recomputed whenever a node that uses them is rebuilt); None leaves it
+    to the cost rule of `sdrecipe.cache_policy`. `force` True merges operands of
     different architectures, which is otherwise refused. `space` is `model` or
     `difference` (see `sdrecipe.recipe.spaces`).
     """
@@ -63,7 +64,7 @@ class Node:
     name: str
     expr: Expr
     line: int | None
-    cache: bool = True
+    cache: bool | None = None
     force: bool = False
     selection: KeySelection = field(default_factory=KeySelection)
     space: str = "model"

@@ -47,7 +47,7 @@ class NodeEntry(BaseModel):
     expression: str | None = Field(default=None, min_length=1)
     method: str | None = Field(default=None, min_length=1)
     models: list[str] | None = Field(default=None, min_length=1)
-    cache: bool = True
+    cache: bool | None = None
     force: bool = False
     only: list[Component] | None = Field(default=None, min_length=1)
     exclude: list[Component] | None = Field(default=None, min_length=1)

@@ -1,0 +1,387 @@
+"""Task-vector methods: TIES, DARE, DARE-TIES, model stock and the geometric median.
+
+A model's task vector is its difference from the base. These methods need a
+key's whole tensor (a magnitude threshold, a mask seeded per key, angles
+between task vectors) yet hold only the result in the compute dtype: the
+operands stay as stored and are converted `PIECE_ELEMENTS` at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field
+
+from sdrecipe.methods.registry import merge_method
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from sdrecipe.per_key import KeyContext
+
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+Positive = Annotated[float, Field(gt=0.0)]
+SignRule = Literal["sum", "count"]
+
+# 4 MiB of float32 a piece: small enough for the CPU cache, large enough for torch.
+PIECE_ELEMENTS = 1 << 20
+# Magnitudes sampled (at a fixed stride) to bracket a top-k threshold before the exact pass.
+THRESHOLD_SAMPLE = 1 << 16
+
+
+def pieces(numel: int) -> Iterator[slice]:
+    """Consecutive ranges of at most `PIECE_ELEMENTS` flat elements."""
+    for start in range(0, numel, PIECE_ELEMENTS):
+        yield slice(start, min(numel, start + PIECE_ELEMENTS))
+
+
+class TaskVectors:
+    """The task vectors of `models` over `base`, produced a piece at a time in `dtype`."""
+
+    def __init__(self, base: Tensor, models: tuple[Tensor, ...], dtype: torch.dtype):
+        self.shape = base.shape
+        self.base = base.reshape(-1)
+        self.models = [model.reshape(-1) for model in models]
+        self.dtype = dtype
+        self.numel = self.base.numel()
+
+    def base_piece(self, piece: slice) -> Tensor:
+        """The base on `piece`; possibly the operand itself, so read only."""
+        return self.base[piece].to(self.dtype)
+
+    def delta(self, index: int, piece: slice, base_piece: Tensor) -> Tensor:
+        """Task vector `index` on `piece` (a new tensor)."""
+        return self.models[index][piece].to(self.dtype, copy=True).sub_(base_piece)
+
+    def strided_magnitudes(self, index: int, step: int) -> Tensor:
+        """|task vector `index`| at every `step`-th element."""
+        return self.models[index][::step].to(self.dtype, copy=True).sub_(self.base[::step]).abs_()
+
+    def result(self, combine: Callable[[Tensor, slice], Tensor]) -> Tensor:
+        """The tensor whose every piece is `combine(base_piece, piece)`."""
+        import torch
+
+        out = torch.empty(self.numel, dtype=self.dtype)
+        for piece in pieces(self.numel):
+            out[piece] = combine(self.base_piece(piece), piece)
+        return out.reshape(self.shape)
+
+
+def sample_step(numel: int) -> int:
+    """The stride at which `magnitude_threshold` samples `numel` magnitudes."""
+    return max(1, numel // THRESHOLD_SAMPLE)
+
+
+def magnitude_threshold(
+    magnitudes: Callable[[], Iterator[tuple[slice, Tensor]]],
+    numel: int,
+    keep: int,
+    sample: Tensor | None = None,
+) -> float:
+    """The `keep`-th largest of `numel` magnitudes (0 keeps all, inf keeps none).
+
+    `magnitudes()` yields them piece by piece, in order, each time it is called;
+    `sample` holds every `sample_step(numel)`-th of them, if the caller can take
+    it more cheaply than a pass. The sample brackets the threshold; one exact
+    pass then counts the magnitudes above the bracket and selects inside it.
+    The answer is exact whatever the sample: a bracket that misses falls back
+    to a selection over all magnitudes.
+    """
+    import torch
+
+    if keep >= numel:
+        return 0.0
+    if keep <= 0:
+        return math.inf
+    step = sample_step(numel)
+    if sample is None:
+        sample = torch.cat([m[(-p.start) % step :: step] for p, m in magnitudes()])
+    ordered = sample.sort(descending=True).values
+    if step == 1:
+        return ordered[keep - 1].item()
+    rank = keep / numel * ordered.numel()
+    margin = 4.0 * math.sqrt(rank * (1.0 - keep / numel)) + 8.0
+    high_rank, low_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    high = ordered[high_rank].item() if high_rank >= 0 else math.inf
+    low = ordered[low_rank].item() if low_rank < ordered.numel() else 0.0
+    above = 0
+    inside: list[Tensor] = []
+    for _, piece in magnitudes():
+        above += int((piece > high).sum())
+        inside.append(piece[(piece >= low) & (piece <= high)])
+    candidates = torch.cat(inside)
+    wanted = keep - above
+    if not 0 < wanted <= candidates.numel():
+        candidates, wanted = torch.cat([m for _, m in magnitudes()]), keep
+    return candidates.kthvalue(candidates.numel() - wanted + 1).values.item()
+
+
+def trim(delta: Tensor, threshold: float) -> Tensor:
+    """`delta` with every entry below `threshold` in magnitude set to 0 (in place)."""
+    return delta.masked_fill_(delta.abs() < threshold, 0.0)
+
+
+def disjoint_mean(deltas: list[Tensor], rule: SignRule) -> Tensor:
+    """TIES' elect and merge: the sign of each element is elected, by the sum of
+    the values (`sum`, ties elect +) or by counting signs (`count`, ties elect
+    nothing), and the entries of that sign are averaged; 0 where none agrees."""
+    votes = deltas[0].clone() if rule == "sum" else deltas[0].sign()
+    for delta in deltas[1:]:
+        votes.add_(delta if rule == "sum" else delta.sign())
+    elected = votes.ge_(0).mul_(2.0).sub_(1.0) if rule == "sum" else votes.sign_()
+    total = None
+    count = None
+    for delta in deltas:
+        agrees = delta.sign() == elected
+        kept = delta.mul_(agrees)
+        total = kept if total is None else total.add_(kept)
+        count = agrees.to(delta.dtype) if count is None else count.add_(agrees)
+    assert total is not None and count is not None
+    return total.div_(count.clamp_(min=1.0))
+
+
+class DropMask:
+    """DARE's keep mask for one task vector of one key: each element is kept with
+    probability 1 - `drop`, decided by its own 32-bit word of a PCG64 stream
+    seeded by (seed, key, model index). The same bytes on every run, thread
+    count and machine; another key, seed or model gets another mask."""
+
+    def __init__(self, drop: float, seed: int, key: str, index: int):
+        import numpy as np
+
+        digest = hashlib.blake2b(f"{seed}\0{key}\0{index}".encode(), digest_size=16).digest()
+        self.generator = np.random.PCG64(int.from_bytes(digest, "little"))
+        # An element is kept when its word is at least this: P = 1 - drop.
+        self.cutoff = min(round(drop * 2**32), 2**32 - 1)
+
+    def keep(self, count: int) -> Tensor:
+        """The mask of the next `count` elements (True: kept)."""
+        import torch
+
+        words = self.generator.random_raw((count + 1) // 2).astype("<u8", copy=False).view("<u4")
+        return torch.from_numpy(words[:count] >= self.cutoff)
+
+
+def _dropped(
+    vectors: TaskVectors, drop: float, seed: int, rescale: bool, key: str
+) -> Callable[[int], Callable[[slice, Tensor], Tensor]]:
+    """For task vector `index`, a function of (piece, base piece) giving its DARE
+    form; pieces must come in order, once each, from a fresh call."""
+    scale = 1.0 / (1.0 - drop) if rescale and drop < 1.0 else 1.0
+
+    def for_model(index: int) -> Callable[[slice, Tensor], Tensor]:
+        mask = DropMask(drop, seed, key, index)
+
+        def piece_of(piece: slice, base_piece: Tensor) -> Tensor:
+            delta = vectors.delta(index, piece, base_piece)
+            if drop >= 1.0:
+                return delta.zero_()
+            return delta.mul_(mask.keep(delta.numel())).mul_(scale)
+
+        return piece_of
+
+    return for_model
+
+
+def _thresholds(
+    vectors: TaskVectors,
+    density: float,
+    delta_of: Callable[[int], Callable[[slice, Tensor], Tensor]] | None = None,
+) -> list[float]:
+    """Each task vector's magnitude threshold for keeping its top `density` fraction."""
+    keep = int(density * vectors.numel)
+
+    def magnitudes(index: int) -> Callable[[], Iterator[tuple[slice, Tensor]]]:
+        def run() -> Iterator[tuple[slice, Tensor]]:
+            produce = delta_of(index) if delta_of else None
+            for piece in pieces(vectors.numel):
+                base_piece = vectors.base_piece(piece)
+                delta = (
+                    produce(piece, base_piece)
+                    if produce
+                    else vectors.delta(index, piece, base_piece)
+                )
+                yield piece, delta.abs_()
+
+        return run
+
+    step = sample_step(vectors.numel)
+    return [
+        magnitude_threshold(
+            magnitudes(i),
+            vectors.numel,
+            keep,
+            None if delta_of else vectors.strided_magnitudes(i, step),
+        )
+        for i in range(len(vectors.models))
+    ]
+
+
+@merge_method(elementwise=False, min_models=2)
+def ties(
+    base: Tensor,
+    *models: Tensor,
+    density: Ratio = 0.2,
+    alpha: float = 1.0,
+    sign: SignRule = "sum",
+    dtype: torch.dtype,
+) -> Tensor:
+    """TIES (arXiv 2306.01708): trim each task vector to its top `density`
+    fraction by magnitude, elect each element's sign, average the agreeing
+    entries and add `alpha` times that to the base."""
+    vectors = TaskVectors(base, models, dtype)
+    thresholds = _thresholds(vectors, density)
+
+    def combine(base_piece: Tensor, piece: slice) -> Tensor:
+        deltas = [
+            trim(vectors.delta(i, piece, base_piece), threshold)
+            for i, threshold in enumerate(thresholds)
+        ]
+        return disjoint_mean(deltas, sign).mul_(alpha).add_(base_piece)
+
+    return vectors.result(combine)
+
+
+@merge_method(elementwise=False, min_models=2)
+def dare(
+    base: Tensor,
+    *models: Tensor,
+    drop: Ratio = 0.9,
+    alpha: float = 1.0,
+    seed: int = 0,
+    rescale: bool = True,
+    context: KeyContext,
+    dtype: torch.dtype,
+) -> Tensor:
+    """DARE (arXiv 2311.03099): drop each task-vector entry with probability
+    `drop`, rescale the rest by 1/(1 - drop), and add `alpha` times the mean of
+    the task vectors to the base."""
+    vectors = TaskVectors(base, models, dtype)
+    delta_of = _dropped(vectors, drop, seed, rescale, context.key)
+    producers = [delta_of(i) for i in range(len(models))]
+
+    def combine(base_piece: Tensor, piece: slice) -> Tensor:
+        total = producers[0](piece, base_piece)
+        for produce in producers[1:]:
+            total.add_(produce(piece, base_piece))
+        return total.mul_(alpha / len(models)).add_(base_piece)
+
+    return vectors.result(combine)
+
+
+@merge_method(elementwise=False, min_models=2)
+def dare_ties(
+    base: Tensor,
+    *models: Tensor,
+    drop: Ratio = 0.9,
+    alpha: float = 1.0,
+    seed: int = 0,
+    rescale: bool = True,
+    density: Ratio = 1.0,
+    sign: SignRule = "sum",
+    context: KeyContext,
+    dtype: torch.dtype,
+) -> Tensor:
+    """DARE, then TIES: drop and rescale as `dare`, trim to the top `density`
+    fraction (1: no trim, as PEFT and mergekit), elect signs and take the
+    disjoint mean, added `alpha` times to the base."""
+    vectors = TaskVectors(base, models, dtype)
+    delta_of = _dropped(vectors, drop, seed, rescale, context.key)
+    thresholds = _thresholds(vectors, density, delta_of) if density < 1.0 else None
+    producers = [delta_of(i) for i in range(len(models))]
+
+    def combine(base_piece: Tensor, piece: slice) -> Tensor:
+        deltas = [produce(piece, base_piece) for produce in producers]
+        if thresholds is not None:
+            deltas = [trim(d, t) for d, t in zip(deltas, thresholds, strict=True)]
+        return disjoint_mean(deltas, sign).mul_(alpha).add_(base_piece)
+
+    return vectors.result(combine)
+
+
+@merge_method(elementwise=False, min_models=3)
+def model_stock(
+    base: Tensor, *models: Tensor, filter_wise: bool = False, dtype: torch.dtype
+) -> Tensor:
+    """Model stock (arXiv 2403.19522), as mergekit computes it: with cos the mean
+    cosine between pairs of task vectors (per row when `filter_wise`),
+    t = n·cos / (1 + (n - 1)·cos) (0 where the denominator vanishes), and the
+    result is base + t·mean(task vectors)."""
+    import torch
+
+    vectors = TaskVectors(base, models, dtype)
+    rows = base.shape[0] if filter_wise and base.dim() > 1 else 1
+    width = vectors.numel // rows
+    count = len(models)
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    dots = torch.zeros(len(pairs), rows, dtype=torch.float64)
+    squares = torch.zeros(count, rows, dtype=torch.float64)
+    for piece in pieces(vectors.numel):
+        deltas = [vectors.delta(i, piece, vectors.base_piece(piece)) for i in range(count)]
+        # Which row each element of the piece belongs to.
+        row_of = torch.arange(piece.start, piece.stop) // width if rows > 1 else None
+        for n, delta in enumerate(deltas):
+            squares[n] += _row_sums(delta.square(), row_of, rows)
+        for n, (i, j) in enumerate(pairs):
+            dots[n] += _row_sums(deltas[i] * deltas[j], row_of, rows)
+    norms = squares.sqrt()
+    cosines = torch.stack(
+        [
+            (dots[n] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+            for n, (i, j) in enumerate(pairs)
+        ]
+    ).mean(dim=0)
+    denominator = 1.0 + (count - 1) * cosines
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, count * cosines / denominator.masked_fill(singular, 1.0))
+    factor = t.to(dtype).repeat_interleave(width)
+
+    def combine(base_piece: Tensor, piece: slice) -> Tensor:
+        total = vectors.delta(0, piece, base_piece)
+        for i in range(1, count):
+            total.add_(vectors.delta(i, piece, base_piece))
+        return total.mul_(factor[piece] / count).add_(base_piece)
+
+    return vectors.result(combine)
+
+
+def _row_sums(values: Tensor, row_of: Tensor | None, rows: int) -> Tensor:
+    """Sums of `values` per row (float64); one total when `row_of` is None."""
+    import torch
+
+    if row_of is None:
+        return values.sum(dtype=torch.float64).reshape(1)
+    sums = torch.zeros(rows, dtype=torch.float64)
+    return sums.index_add_(0, row_of, values.to(torch.float64))
+
+
+@merge_method(elementwise=False, min_models=2)
+def geometric_median(
+    *models: Tensor, eps: Positive = 1e-6, max_iter: int = 100, ftol: float = 1e-20
+) -> Tensor:
+    """The point with the least summed distance to the models, by Weiszfeld's
+    iteration from their mean (weights 1/max(distance, eps)), as sd-mecha does:
+    it stops after `max_iter` steps or when the mean distance changes by at most
+    `ftol` times itself."""
+    import torch
+
+    points = torch.stack(models)
+    median = points.mean(dim=0)
+
+    def distances(center: Tensor) -> Tensor:
+        return torch.stack([torch.dist(point, center) for point in points])
+
+    current = distances(median)
+    objective = current.mean()
+    for _ in range(max(0, max_iter)):
+        weights = 1.0 / current.clamp(min=eps)
+        median = (points * weights.reshape(-1, *[1] * median.dim())).sum(dim=0) / weights.sum()
+        current = distances(median)
+        previous, objective = objective, current.mean()
+        if abs(previous - objective) <= ftol * objective:
+            break
+    return median
