@@ -1,4 +1,7 @@
-"""Run sd-mecha (in its own virtualenv): peer_sd_mecha.py METHOD OUT A B [C] [ALPHA]."""
+"""Run sd-mecha (in its own virtualenv): peer_sd_mecha.py METHOD OUT MODEL... [ALPHA].
+
+METHOD is add_difference (A B C), weighted_sum (A B ALPHA), ties, dare_ties
+(BASE M1 M2 ...) or slerp (A B)."""
 
 import sys
 
@@ -9,7 +12,19 @@ method, out, *rest = sys.argv[1:]
 if method == "add_difference":
     a, b, c = (sd_mecha.model(path) for path in rest[:3])
     recipe = sd_mecha.add_difference(a, b, c, alpha=1.0)
-else:
+elif method == "weighted_sum":
     a, b = (sd_mecha.model(path) for path in rest[:2])
     recipe = sd_mecha.weighted_sum(a, b, alpha=float(rest[2]))
+elif method == "ties":
+    base, *models = (sd_mecha.model(path) for path in rest)
+    recipe = sd_mecha.add_difference_ties(base, *models, alpha=1.0, k=0.2)
+elif method == "dare_ties":
+    base, *models = (sd_mecha.model(path) for path in rest)
+    # apply_stock=True is plain TIES in sd-mecha 1.1.8 (the flag is inverted); k=1: no trim.
+    recipe = sd_mecha.add_ties_with_dare(
+        base, *models, probability=0.9, k=1.0, seed=0, apply_stock=True, vote_sgn=True
+    )
+else:
+    a, b = (sd_mecha.model(path) for path in rest[:2])
+    recipe = sd_mecha.slerp(a, b, alpha=0.5)
 sd_mecha.merge(recipe, output=out, output_dtype=torch.float16, threads=2)

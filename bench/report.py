@@ -13,6 +13,11 @@ SCENARIOS = {
     "add_difference": "Scenario 1: cold `A + (B − C)`, three inputs, fp16 output",
     "weighted_sum": "Scenario 2: cold `weighted_sum(A, B, alpha=0.3)`, fp16 output",
 }
+ADVANCED = {
+    "ties": "Scenario 9a: TIES of four models, `ties(C, A, B, D, density=0.2)`",
+    "dare_ties": "Scenario 9b: DARE of four models, `dare_ties(C, A, B, D, drop=0.9)`",
+    "slerp": "Scenario 9c: SLERP of two, `slerp(A, B, t=0.5)`",
+}
 
 
 def _mb(kilobytes: float) -> str:
@@ -98,6 +103,7 @@ def _targets(report: dict) -> list[str]:
         rows.append(("peak anonymous memory, SDXL", "≤ 1 GB", _mb(anon), anon <= 1024 * 1024))
     else:
         rows.append(("peak anonymous memory, SDXL", "≤ 1 GB", "not run (set BENCH_SDXL=1)", None))
+    rows += _advanced_targets(report, ours)
     rows.append(("no-op rebuild (with interpreter start)", "≤ 1 s", _s(noop), noop <= 1.0))
     rows.append(("`sdrecipe --help`", "≤ 0.3 s", _s(help_), help_ <= 0.3))
     lines = ["| measure | target | measured | met |", "|---|---|---|---|"]
@@ -105,6 +111,53 @@ def _targets(report: dict) -> list[str]:
         verdict = "–" if met is None else ("yes" if met else "**no**")
         lines.append(f"| {measure} | {target} | {measured} | {verdict} |")
     return lines
+
+
+def _advanced_targets(report: dict, add_difference: float) -> list[tuple]:
+    """Issue 12's targets: the methods against their peers and add_difference,
+    caching by cost, and SDXL memory."""
+    rows: list[tuple] = []
+    for method in ADVANCED:
+        if method not in report:
+            continue
+        ours = report[method]["sdrecipe"].median("wall")
+        peers = {t: r.median("wall") for t, r in report[method].items() if t != "sdrecipe"}
+        shown = ", ".join(
+            f"{t} {w / ours:.1f}×" if not math.isnan(w) else f"{t} failed" for t, w in peers.items()
+        )
+        beaten = all(not math.isnan(w) and w > ours for w in peers.values())
+        rows.append((f"{method} vs every peer", "faster than each", shown, beaten))
+        if method != "slerp":
+            ratio = ours / add_difference
+            rows.append(
+                (f"{method} vs cold `A + (B − C)`", "≤ 1.5×", f"{ratio:.2f}×", ratio <= 1.5)
+            )
+    default, uncached = report["five_inputs"].median("wall"), report["five_inputs_uncached"]
+    rows.append(
+        (
+            "scenario 3 (default caching) vs 3b (`cache: false`)",
+            "no slower",
+            f"{default:.2f} s vs {uncached.median('wall'):.2f} s",
+            default <= uncached.median("wall") * 1.1,
+        )
+    )
+    if "ties_downstream" in report:
+        cold = report["ties_cold"].median("wall")
+        change = report["ties_downstream"].median("wall")
+        rows.append(
+            (
+                "downstream change over a cached TIES node vs cold",
+                "much faster",
+                f"{change:.2f} s vs {cold:.2f} s ({cold / change:.1f}×)",
+                cold / change >= 2,
+            )
+        )
+    if "sdxl_ties" in report:
+        anon = report["sdxl_ties"].median("peak_anon")
+        rows.append(
+            ("peak anonymous memory, SDXL TIES", "≤ 1.5 GB", _mb(anon), anon <= 1536 * 1024)
+        )
+    return rows
 
 
 def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
@@ -130,7 +183,9 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
         "known, as after any first build (scenario 6 measures the first time).",
         "- Peers: each in its own virtualenv with torch==2.13.0. sd-meh 0.9.5 declares no "
         "dependencies, so safetensors, tqdm, scipy and tensordict are added. mergekit runs "
-        "`mergekit-pytorch` (task_arithmetic with base C for scenario 1, linear for scenario 2).",
+        "`mergekit-pytorch` (task_arithmetic with base C for scenario 1, linear for scenario 2, "
+        "ties, dare_ties and slerp for scenario 9). sd-meh has no TIES of more than two models "
+        "and no SLERP, so it sits out scenario 9.",
         "",
         "## Targets",
         "",
@@ -146,23 +201,22 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
                 "",
             ]
     lines += _single(
-        "Scenario 3: five inputs, two named intermediates",
+        "Scenario 3: five inputs, two named intermediates, default caching",
         report["five_inputs"],
         "`style: B - C`, `detail: D - E`, `merged: A + 0.5 * style + 0.5 * detail`, built "
-        "with `--force`; the intermediates are written to the cache as float32 objects.",
+        "with `--force`. The cost rule keeps element-wise intermediates out of the cache: "
+        "reading a float32 object back costs about what recomputing it does.",
     )
     lines += _single(
         "Scenario 3b: the same, with `cache: false` on both intermediates",
         report["five_inputs_uncached"],
-        "Storing an element-wise intermediate means writing it as float32, twice the size "
-        "of an fp16 input, and reading it back costs about what recomputing it does. The "
-        "difference between 3 and 3b is the price of caching the two intermediates.",
     )
     lines += _single("Scenario 4: no-op rebuild (interpreter start included)", report["noop"])
     lines += _single(
-        "Scenario 5: alpha change on the output, intermediates cached",
+        "Scenario 5: alpha change on the output",
         report["alpha_change"],
-        "The factor of `style` changes each round; `style` and `detail` come from the cache.",
+        "The factor of `style` changes each round; `style` and `detail` are recomputed "
+        "(element-wise), the output rewritten.",
     )
     first = report["first_time"].median("wall")
     cold = report["add_difference"]["sdrecipe"].median("wall")
@@ -175,6 +229,21 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
         f"{_s(report['fingerprint_only'].median('wall'))}.",
     )
     lines += _single("Start-up: `sdrecipe --help`", report["help"])
+    for key, title in ADVANCED.items():
+        if key in report:
+            lines += [f"## {title}", "", *_side_by_side(report[key]), ""]
+    if "ties_cold" in report:
+        lines += _single(
+            "Scenario 10: `tuned: ties(C, A, B, D, density=0.2) - C`, `merged: A + 0.5 * tuned`, "
+            "cold",
+            report["ties_cold"],
+        )
+        lines += _single(
+            "Scenario 10b: the same after the factor of `tuned` changed",
+            report["ties_downstream"],
+            "`tuned` calls a whole-tensor method, so the cost rule caches it; only the output's "
+            "element-wise arithmetic is redone.",
+        )
     if "sdxl" in report:
         lines += _single("Scenario 7: SDXL `A + (B − C)` (6.9 GB inputs)", report["sdxl"])
     if "sdxl_blocks_cold" in report:
@@ -189,5 +258,11 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
             report["sdxl_block_change"],
             f"{keys['tensors_computed']} keys recomputed, {keys['tensors_from_cache']} copied "
             "from the previous output through the cache.",
+        )
+    if "sdxl_ties" in report:
+        lines += _single(
+            "Scenario 11: SDXL `ties(C, A, B, density=0.2)`, cold",
+            report["sdxl_ties"],
+            "sdrecipe alone: a side-by-side run of the peers on SDXL would take hours here.",
         )
     path.write_text("\n".join(lines))

@@ -213,6 +213,11 @@ inputs: {A: sdxl-A.safetensors, B: sdxl-B.safetensors, C: sdxl-C.safetensors}
 nodes: {merged: A + (B - C)}
 outputs: {merged: {path: out-sdxl.safetensors, dtype: fp16}}
 """,
+        "sdxl_ties.yaml": """
+inputs: {A: sdxl-A.safetensors, B: sdxl-B.safetensors, C: sdxl-C.safetensors}
+nodes: {merged: "ties(C, A, B, density=0.2)"}
+outputs: {merged: {path: out-sdxl-ties.safetensors, dtype: fp16}}
+""",
         "sdxl_blocks.yaml": f"""
 inputs: {{A: sdxl-A.safetensors, B: sdxl-B.safetensors}}
 nodes:
@@ -227,8 +232,40 @@ outputs: {{blended: {{path: out-sdxl-blocks.safetensors, dtype: fp16}}}}
         .replace("detail: D - E", "detail: {expression: D - E, cache: false}")
         .replace("out-five.safetensors", "out-five-uncached.safetensors")
     )
+    # Issue 12's methods over the same SD1.5 files: base C and three fine-tunes.
+    advanced = {
+        "ties": "ties(C, A, B, D, density=0.2)",
+        "dare_ties": "dare_ties(C, A, B, D, drop=0.9, seed=0)",
+        "slerp": "slerp(A, B, t=0.5)",
+    }
+    for method, call in advanced.items():
+        recipes[f"{method}.yaml"] = (
+            "inputs: {A: sd15-A.safetensors, B: sd15-B.safetensors, C: sd15-C.safetensors, "
+            "D: sd15-D.safetensors}\n"
+            f'nodes: {{merged: "{call}"}}\n'
+            "outputs: {merged: {path: out-sdrecipe.safetensors, dtype: fp16}}\n"
+        )
+    # Caching that pays: a TIES intermediate, then a downstream factor that changes.
+    recipes["ties_downstream.yaml"] = """
+inputs: {A: sd15-A.safetensors, B: sd15-B.safetensors, C: sd15-C.safetensors, D: sd15-D.safetensors}
+nodes:
+  tuned: "ties(C, A, B, D, density=0.2) - C"
+  merged: A + 0.5 * tuned
+outputs: {merged: {path: out-ties-downstream.safetensors, dtype: fp16}}
+"""
     for name, text in recipes.items():
         (WORK / name).write_text(text.lstrip())
+    mergekit_advanced = {
+        "ties": "merge_method: ties\nbase_model: sd15-C.safetensors\n"
+        + _mergekit_models(["A", "B", "D"], "{density: 0.2, weight: 1.0}"),
+        "dare_ties": "merge_method: dare_ties\nbase_model: sd15-C.safetensors\n"
+        + _mergekit_models(["A", "B", "D"], "{density: 0.1, weight: 1.0}"),
+        "slerp": "merge_method: slerp\nbase_model: sd15-A.safetensors\n"
+        + _mergekit_models(["A", "B"], "{}")
+        + "parameters: {t: 0.5}\n",
+    }
+    for method, text in mergekit_advanced.items():
+        (WORK / f"mergekit-{method}.yml").write_text(text + "dtype: float32\nout_dtype: float16\n")
     for method, weights in (("add_difference", (1.0, 1.0)), ("weighted_sum", (0.7, 0.3))):
         a, b = weights
         base = "\nbase_model: sd15-C.safetensors" if method == "add_difference" else ""
@@ -241,6 +278,44 @@ outputs: {{blended: {{path: out-sdxl-blocks.safetensors, dtype: fp16}}}}
         )
 
 
+def _mergekit_models(names: list[str], parameters: str) -> str:
+    return "models:\n" + "".join(
+        f"  - model: sd15-{name}.safetensors\n    parameters: {parameters}\n" for name in names
+    )
+
+
+FOUR_INPUTS = [f"sd15-{name}.safetensors" for name in ("C", "A", "B", "D")]  # base first
+ADVANCED_INPUTS = {"ties": FOUR_INPUTS, "dare_ties": FOUR_INPUTS, "slerp": FOUR_INPUTS[1:3]}
+
+
+def _venv_bin(name: str) -> str:
+    return str(WORK / f"venv-{name}" / "bin")
+
+
+def _sdrecipe_and_peers(method: str, peer_args: list[str]) -> dict[str, list[str]]:
+    """sdrecipe, sd-mecha and mergekit on `method` (mergekit reads its own config)."""
+    return {
+        "sdrecipe": [*SDRECIPE, "build", "--force", "--cache-dir", "cache", f"{method}.yaml"],
+        "sd-mecha": [
+            f"{_venv_bin('sd-mecha')}/python",
+            str(BENCH / "peer_sd_mecha.py"),
+            method,
+            "out-sd-mecha.safetensors",
+            *peer_args,
+        ],
+        "mergekit": [
+            f"{_venv_bin('mergekit')}/mergekit-pytorch",
+            f"mergekit-{method}.yml",
+            "out-mergekit",
+        ],
+    }
+
+
+def advanced_commands(method: str) -> dict[str, list[str]]:
+    """Each tool's command for `method` (TIES, DARE-TIES or SLERP)."""
+    return _sdrecipe_and_peers(method, ADVANCED_INPUTS[method])
+
+
 def tool_commands(method: str) -> dict[str, list[str]]:
     """Each tool's command for `method` over the same SD1.5 inputs, fp16 output."""
     models = ["sd15-A.safetensors", "sd15-B.safetensors"]
@@ -251,29 +326,19 @@ def tool_commands(method: str) -> dict[str, list[str]]:
     else:
         floor_args = [*models, "out-floor.safetensors", "0.3"]
         peer_args = [*models, "0.3"]
-    venv = lambda name: str(WORK / f"venv-{name}" / "bin")  # noqa: E731
+    commands = _sdrecipe_and_peers(method, peer_args)
     return {
-        "sdrecipe": [*SDRECIPE, "build", "--force", "--cache-dir", "cache", f"{method}.yaml"],
+        "sdrecipe": commands["sdrecipe"],
         "floor (minimal loop)": [PYTHON, str(BENCH / "floor.py"), method, *floor_args],
         "sd-meh": [
-            f"{venv('sd-meh')}/python",
+            f"{_venv_bin('sd-meh')}/python",
             str(BENCH / "peer_sd_meh.py"),
             method,
             "out-sd-meh.safetensors",
             *peer_args,
         ],
-        "sd-mecha": [
-            f"{venv('sd-mecha')}/python",
-            str(BENCH / "peer_sd_mecha.py"),
-            method,
-            "out-sd-mecha.safetensors",
-            *peer_args,
-        ],
-        "mergekit": [
-            f"{venv('mergekit')}/mergekit-pytorch",
-            f"mergekit-{method}.yml",
-            "out-mergekit",
-        ],
+        "sd-mecha": commands["sd-mecha"],
+        "mergekit": commands["mergekit"],
     }
 
 
@@ -432,6 +497,32 @@ def main() -> None:
     report["fingerprint_only"] = repeated("fingerprint_only", fingerprint, rounds, forget_inputs)
     forget_inputs()
 
+    for method in ("ties", "dare_ties", "slerp"):
+        print(f"scenario 9: {method}, side by side", flush=True)
+        subprocess.run(
+            [*SDRECIPE, "plan", "--cache-dir", "cache", f"{method}.yaml"],
+            cwd=WORK,
+            check=True,
+            capture_output=True,
+        )
+        report[method] = side_by_side(method, advanced_commands(method), rounds, skip)
+        free_cache()
+
+    print("scenario 10: a cached TIES intermediate, then a downstream change", flush=True)
+    downstream = WORK / "ties_downstream.yaml"
+    cold = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", downstream.name]
+    report["ties_cold"] = repeated("ties_cold", cold, rounds, free_cache)
+    factors = iter(["0.4", "0.6"] * rounds)
+
+    def change_factor() -> None:
+        text = downstream.read_text()
+        current = text.split("merged: A + ")[1].split(" ")[0]
+        downstream.write_text(text.replace(f"A + {current} *", f"A + {next(factors)} *"))
+
+    again = [*SDRECIPE, "build", "--cache-dir", "cache", downstream.name]
+    report["ties_downstream"] = repeated("ties_downstream", again, rounds, change_factor)
+    free_cache()
+
     print("start-up: sdrecipe --help", flush=True)
     report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
 
@@ -449,6 +540,16 @@ def main() -> None:
         report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
         free_cache()
         report.update(sdxl_block_weights(rounds))
+        free_cache()
+        print("scenario 11: SDXL ties(C, A, B, density=0.2)", flush=True)
+        subprocess.run(
+            [*SDRECIPE, "plan", "--cache-dir", "cache", "sdxl_ties.yaml"],
+            cwd=WORK,
+            check=True,
+            capture_output=True,
+        )
+        sdxl_ties = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_ties.yaml"]
+        report["sdxl_ties"] = repeated("sdxl_ties", sdxl_ties, rounds, free_cache)
         free_cache()
 
     measured_on = machine()

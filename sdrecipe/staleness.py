@@ -100,8 +100,8 @@ def node_statuses(
             state, reason = (UP_TO_DATE, "cached") if all_cached else (NOT_NEEDED, "")
         elif all_cached:
             state, reason = FROM_CACHE, "cached"
-        elif not (choice := cache_choice(graph, node)).store and output is None:
-            state, reason = REBUILD, f"recomputed ({choice.why})"
+        elif output is None and not cache_choice(graph, node).store:
+            state, reason = REBUILD, "recomputed"  # `caching` says why
         else:
             state = REBUILD
             reason = _change_reason(plan, node, lock, input_sha256, identities)

@@ -398,18 +398,24 @@ def expected_value(method: str, key: str, a, b, c):
     return None  # geometric_median and rotate: checked directly above
 
 
-@pytest.mark.parametrize("method", sorted(RECIPE_CALLS))
-def test_each_method_builds_from_a_recipe(tmp_path, models, arrays, method):
+def build_node(folder, models, node: str, inputs=("finetune", "other", "base")):
+    """Build `out: NODE` (YAML flow text) over fixture models as A, B and C, in float32."""
+    a, b, c = (models[name] for name in inputs)
     recipe = write_recipe(
-        tmp_path,
+        folder,
         f"""
-        inputs: {{A: {models["finetune"]}, B: {models["other"]}, C: {models["base"]}}}
-        nodes: {{out: "{RECIPE_CALLS[method]}"}}
+        inputs: {{A: {a}, B: {b}, C: {c}}}
+        nodes: {{out: {node}}}
         outputs: {{out: {{path: out.safetensors, dtype: float32}}}}
         """,
     )
     build(prepare(recipe), threads=2)
-    out = load_file(tmp_path / "out.safetensors")
+    return load_file(folder / "out.safetensors")
+
+
+@pytest.mark.parametrize("method", sorted(RECIPE_CALLS))
+def test_each_method_builds_from_a_recipe(tmp_path, models, arrays, method):
+    out = build_node(tmp_path, models, f'"{RECIPE_CALLS[method]}"')
     a, b, c = (arrays[n] for n in ("finetune", "other", "base"))
     np.testing.assert_array_equal(out[POSITION_IDS], a[POSITION_IDS])
     checked = 0
@@ -427,16 +433,8 @@ def test_each_method_builds_from_a_recipe(tmp_path, models, arrays, method):
 @pytest.mark.parametrize("method", ["ties", "slerp", "train_difference", "dare"])
 def test_methods_follow_the_inpainting_channel_rule(tmp_path, models, arrays, method):
     call_text = RECIPE_CALLS[method].replace("(C, A, B", "(A, B, C")
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{A: {models["inpainting"]}, B: {models["finetune"]}, C: {models["base"]}}}
-        nodes: {{out: "{call_text}"}}
-        outputs: {{out: {{path: out.safetensors, dtype: float32}}}}
-        """,
-    )
-    build(prepare(recipe), threads=2)
-    out = load_file(tmp_path / "out.safetensors")[UNET_IN]
+    inputs = ("inpainting", "finetune", "base")
+    out = build_node(tmp_path, models, f'"{call_text}"', inputs)[UNET_IN]
     a = as32(arrays["inpainting"][UNET_IN])
     assert out.shape == a.shape
     np.testing.assert_array_equal(out[:, 4:], a[:, 4:])
@@ -444,20 +442,8 @@ def test_methods_follow_the_inpainting_channel_rule(tmp_path, models, arrays, me
 
 
 def test_block_weighted_ties_uses_each_blocks_density(tmp_path, models, arrays):
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{A: {models["finetune"]}, B: {models["other"]}, C: {models["base"]}}}
-        nodes:
-          out:
-            method: ties
-            models: [C, A, B]
-            density: {{default: 0.5, IN00: 0.0, OUT*: 1.0}}
-        outputs: {{out: {{path: out.safetensors, dtype: float32}}}}
-        """,
-    )
-    build(prepare(recipe), threads=2)
-    out = load_file(tmp_path / "out.safetensors")
+    node = "{method: ties, models: [C, A, B], density: {default: 0.5, IN00: 0.0, OUT*: 1.0}}"
+    out = build_node(tmp_path, models, node)
     a, b, c = (arrays[n] for n in ("finetune", "other", "base"))
     # IN00 is input_blocks.0: density 0 keeps nothing, so the base stays.
     np.testing.assert_array_equal(out[UNET_IN], as32(c[UNET_IN]))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import Field
 
 from sdrecipe.methods.registry import merge_method
-from sdrecipe.methods.task_vectors import pieces
+from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, pieces
 
 if TYPE_CHECKING:
     import torch
@@ -72,7 +72,7 @@ def _row_pieces(rows: int, width: int) -> list[slice]:
     """Flat ranges of whole rows (or, for one row, of any length)."""
     if rows == 1:
         return list(pieces(width))
-    per_piece = max(1, (1 << 20) // width)
+    per_piece = max(1, PIECE_ELEMENTS // width)
     return [
         slice(start * width, min(rows, start + per_piece) * width)
         for start in range(0, rows, per_piece)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
+import numpy as np
 from pydantic import Field
 
 from sdrecipe.methods.registry import merge_method
@@ -27,8 +28,9 @@ Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
 SignRule = Literal["sum", "count"]
 
-# 4 MiB of float32 a piece: small enough for the CPU cache, large enough for torch.
-PIECE_ELEMENTS = 1 << 20
+# 1 MiB of float32 a piece, as the executor's row ranges: temporaries stay in the L2
+# cache (measured on a 14.7 M-element key: 0.40 s per TIES of three models, 1.0 s at 4 MiB).
+PIECE_ELEMENTS = 1 << 18
 # Magnitudes sampled (at a fixed stride) to bracket a top-k threshold before the exact pass.
 THRESHOLD_SAMPLE = 1 << 16
 
@@ -108,12 +110,14 @@ def magnitude_threshold(
     high_rank, low_rank = math.floor(rank - margin), math.ceil(rank + margin)
     high = ordered[high_rank].item() if high_rank >= 0 else math.inf
     low = ordered[low_rank].item() if low_rank < ordered.numel() else 0.0
+    # numpy: torch's boolean masks cost about 7 ns an element here, numpy's 1.
     above = 0
-    inside: list[Tensor] = []
+    inside = []
     for _, piece in magnitudes():
-        above += int((piece > high).sum())
-        inside.append(piece[(piece >= low) & (piece <= high)])
-    candidates = torch.cat(inside)
+        values = piece.numpy()
+        above += int(np.count_nonzero(values > high))
+        inside.append(values[(values >= low) & (values <= high)])
+    candidates = torch.from_numpy(np.concatenate(inside))
     wanted = keep - above
     if not 0 < wanted <= candidates.numel():
         candidates, wanted = torch.cat([m for _, m in magnitudes()]), keep
@@ -122,26 +126,33 @@ def magnitude_threshold(
 
 def trim(delta: Tensor, threshold: float) -> Tensor:
     """`delta` with every entry below `threshold` in magnitude set to 0 (in place)."""
-    return delta.masked_fill_(delta.abs() < threshold, 0.0)
+    values = delta.numpy()
+    np.multiply(values, np.abs(values) >= threshold, out=values)
+    return delta
 
 
 def disjoint_mean(deltas: list[Tensor], rule: SignRule) -> Tensor:
     """TIES' elect and merge: the sign of each element is elected, by the sum of
     the values (`sum`, ties elect +) or by counting signs (`count`, ties elect
-    nothing), and the entries of that sign are averaged; 0 where none agrees."""
-    votes = deltas[0].clone() if rule == "sum" else deltas[0].sign()
-    for delta in deltas[1:]:
-        votes.add_(delta if rule == "sum" else delta.sign())
-    elected = votes.ge_(0).mul_(2.0).sub_(1.0) if rule == "sum" else votes.sign_()
-    total = None
-    count = None
-    for delta in deltas:
-        agrees = delta.sign() == elected
-        kept = delta.mul_(agrees)
-        total = kept if total is None else total.add_(kept)
-        count = agrees.to(delta.dtype) if count is None else count.add_(agrees)
-    assert total is not None and count is not None
-    return total.div_(count.clamp_(min=1.0))
+    nothing), and the entries of that sign are averaged; 0 where none agrees.
+    Modifies `deltas`. In numpy, whose boolean masks are several times faster."""
+    import torch
+
+    values = [delta.numpy() for delta in deltas]
+    votes = values[0].copy() if rule == "sum" else np.sign(values[0])
+    for value in values[1:]:
+        votes += value if rule == "sum" else np.sign(value)
+    if rule == "sum":
+        elected = np.where(votes >= 0, 1.0, -1.0).astype(votes.dtype)
+    else:
+        elected = np.sign(votes)
+    total = np.zeros_like(values[0])
+    count = np.zeros_like(values[0])
+    for value in values:
+        agrees = value * elected > 0  # 0 never agrees, nor anything with no elected sign
+        total += np.multiply(value, agrees, out=value)
+        count += agrees
+    return torch.from_numpy(np.divide(total, np.maximum(count, 1.0, out=count), out=total))
 
 
 class DropMask:
@@ -151,8 +162,6 @@ class DropMask:
     count and machine; another key, seed or model gets another mask."""
 
     def __init__(self, drop: float, seed: int, key: str, index: int):
-        import numpy as np
-
         digest = hashlib.blake2b(f"{seed}\0{key}\0{index}".encode(), digest_size=16).digest()
         self.generator = np.random.PCG64(int.from_bytes(digest, "little"))
         # An element is kept when its word is at least this: P = 1 - drop.
