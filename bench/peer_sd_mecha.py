@@ -7,6 +7,7 @@ import sys
 
 import sd_mecha
 import torch
+from sd_mecha.extensions.builtin.merge_methods import linear, ties
 
 method, out, *rest = sys.argv[1:]
 if method == "add_difference":
@@ -15,15 +16,19 @@ if method == "add_difference":
 elif method == "weighted_sum":
     a, b = (sd_mecha.model(path) for path in rest[:2])
     recipe = sd_mecha.weighted_sum(a, b, alpha=float(rest[2]))
-elif method == "ties":
+elif method in ("ties", "dare_ties"):
+    # sd-mecha 1.1.8's wrappers (add_difference_ties, add_ties_with_dare) fail before
+    # merging ('NoneType' object has no attribute 'identifier'): the same graph by hand.
     base, *models = (sd_mecha.model(path) for path in rest)
-    recipe = sd_mecha.add_difference_ties(base, *models, alpha=1.0, k=0.2)
-elif method == "dare_ties":
-    base, *models = (sd_mecha.model(path) for path in rest)
-    # apply_stock=True is plain TIES in sd-mecha 1.1.8 (the flag is inverted); k=1: no trim.
-    recipe = sd_mecha.add_ties_with_dare(
-        base, *models, probability=0.9, k=1.0, seed=0, apply_stock=True, vote_sgn=True
-    )
+    deltas = [linear.subtract(model, base) for model in models]
+    if method == "ties":
+        merged = ties.ties_sum(*deltas, k=0.2, vote_sgn=True)
+    else:
+        # apply_stock=True is plain TIES in sd-mecha 1.1.8 (the flag is inverted); k=1: no trim.
+        merged = ties.ties_sum_with_dropout(
+            *deltas, probability=0.9, k=1.0, seed=0, apply_stock=True, vote_sgn=True
+        )
+    recipe = linear.add_difference(base, merged, alpha=1.0)
 else:
     a, b = (sd_mecha.model(path) for path in rest[:2])
     recipe = sd_mecha.slerp(a, b, alpha=0.5)

@@ -581,7 +581,7 @@ def sdxl_block_weights(rounds: int) -> dict[str, object]:
     change_block()
     summary = json.loads(
         subprocess.run(
-            [*again[:2], "--json", *again[2:]], cwd=WORK, check=True, capture_output=True, text=True
+            [*again[:4], "--json", *again[4:]], cwd=WORK, check=True, capture_output=True, text=True
         ).stdout
     )
     result["sdxl_block_change_keys"] = summary["cache"]
