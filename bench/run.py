@@ -374,6 +374,12 @@ def repeated(name: str, command: list[str], rounds: int, before: Callable[[], No
     return result
 
 
+def hash_inputs(recipe: str) -> None:
+    """Hash `recipe`'s inputs into the bench cache, so that timed builds merge only."""
+    command = [*SDRECIPE, "plan", "--cache-dir", "cache", recipe]
+    subprocess.run(command, cwd=WORK, check=True, capture_output=True)
+
+
 def remove_outputs() -> None:
     """Delete every tool's output (between rounds, so each run writes a new file)."""
     for output in WORK.glob("out-*"):
@@ -440,12 +446,7 @@ def main() -> None:
         "five_inputs.yaml",
         "five_inputs_uncached.yaml",
     ):
-        subprocess.run(
-            [*SDRECIPE, "plan", "--cache-dir", "cache", recipe],
-            cwd=WORK,
-            check=True,
-            capture_output=True,
-        )
+        hash_inputs(recipe)
 
     print("scenario 1: cold A + (B - C)", flush=True)
     report["add_difference"] = side_by_side(
@@ -499,12 +500,7 @@ def main() -> None:
 
     for method in ("ties", "dare_ties", "slerp"):
         print(f"scenario 9: {method}, side by side", flush=True)
-        subprocess.run(
-            [*SDRECIPE, "plan", "--cache-dir", "cache", f"{method}.yaml"],
-            cwd=WORK,
-            check=True,
-            capture_output=True,
-        )
+        hash_inputs(f"{method}.yaml")
         report[method] = side_by_side(method, advanced_commands(method), rounds, skip)
         free_cache()
 
@@ -530,24 +526,14 @@ def main() -> None:
         print("scenario 7: SDXL A + (B - C)", flush=True)
         for name in SDXL_MODELS:
             subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
-        subprocess.run(
-            [*SDRECIPE, "plan", "--cache-dir", "cache", "sdxl.yaml"],
-            cwd=WORK,
-            check=True,
-            capture_output=True,
-        )
+        hash_inputs("sdxl.yaml")
         sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
         report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
         free_cache()
         report.update(sdxl_block_weights(rounds))
         free_cache()
         print("scenario 11: SDXL ties(C, A, B, density=0.2)", flush=True)
-        subprocess.run(
-            [*SDRECIPE, "plan", "--cache-dir", "cache", "sdxl_ties.yaml"],
-            cwd=WORK,
-            check=True,
-            capture_output=True,
-        )
+        hash_inputs("sdxl_ties.yaml")
         sdxl_ties = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_ties.yaml"]
         report["sdxl_ties"] = repeated("sdxl_ties", sdxl_ties, rounds, free_cache)
         free_cache()

@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from sdrecipe.methods.classic import Ratio
 from sdrecipe.methods.registry import merge_method
 from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, pieces
 
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
-
-Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 @merge_method(elementwise=False)

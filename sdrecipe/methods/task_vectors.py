@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
+from sdrecipe.methods.classic import Ratio
 from sdrecipe.methods.registry import merge_method
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
     from sdrecipe.per_key import KeyContext
 
-Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
 SignRule = Literal["sum", "count"]
 
