@@ -437,110 +437,120 @@ def main() -> None:
     for name in SD15_MODELS:  # warm the page cache for every tool alike
         subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
     report: dict[str, object] = {"rounds": rounds}
+    try:
+        # Fingerprint the inputs once, so "cold" builds below measure merging only.
+        shutil.rmtree(WORK / "cache", ignore_errors=True)
+        for recipe in (
+            "add_difference.yaml",
+            "weighted_sum.yaml",
+            "five_inputs.yaml",
+            "five_inputs_uncached.yaml",
+        ):
+            hash_inputs(recipe)
 
-    # Fingerprint the inputs once, so "cold" builds below measure merging only.
-    shutil.rmtree(WORK / "cache", ignore_errors=True)
-    for recipe in (
-        "add_difference.yaml",
-        "weighted_sum.yaml",
-        "five_inputs.yaml",
-        "five_inputs_uncached.yaml",
-    ):
-        hash_inputs(recipe)
-
-    print("scenario 1: cold A + (B - C)", flush=True)
-    report["add_difference"] = side_by_side(
-        "add_difference", tool_commands("add_difference"), rounds, skip
-    )
-    report["io_floor"] = io_floor()
-    free_cache()
-    print("scenario 2: cold weighted_sum(A, B, alpha=0.3)", flush=True)
-    report["weighted_sum"] = side_by_side(
-        "weighted_sum", tool_commands("weighted_sum"), rounds, skip
-    )
-    free_cache()
-
-    print("scenario 3: five inputs, two named intermediates", flush=True)
-    five = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs.yaml"]
-    report["five_inputs"] = repeated("five_inputs", five, rounds, lambda: None)
-    uncached = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs_uncached.yaml"]
-    report["five_inputs_uncached"] = repeated(
-        "five_inputs_uncached", uncached, rounds, lambda: None
-    )
-
-    print("scenario 4: no-op rebuild", flush=True)
-    noop = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
-    report["noop"] = repeated("noop", noop, rounds, lambda: None)
-
-    print("scenario 5: alpha change on the output, intermediates cached", flush=True)
-    recipe = WORK / "five_inputs.yaml"
-    factors = iter(["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"] * rounds)
-
-    def change_alpha() -> None:
-        text = recipe.read_text()
-        current = text.split("merged: A + ")[1].split(" ")[0]
-        recipe.write_text(text.replace(f"A + {current} * style", f"A + {next(factors)} * style"))
-
-    alpha = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
-    report["alpha_change"] = repeated("alpha_change", alpha, rounds, change_alpha)
-
-    free_cache()
-
-    print("scenario 6: first-time hashing of new inputs", flush=True)
-
-    def forget_inputs() -> None:
-        remove_outputs()
-        shutil.rmtree(WORK / "cache-new", ignore_errors=True)
-
-    first = [*SDRECIPE, "build", "--cache-dir", "cache-new", "add_difference.yaml"]
-    report["first_time"] = repeated("first_time", first, rounds, forget_inputs)
-    fingerprint = [*SDRECIPE, "plan", "--cache-dir", "cache-new", "add_difference.yaml"]
-    report["fingerprint_only"] = repeated("fingerprint_only", fingerprint, rounds, forget_inputs)
-    forget_inputs()
-
-    for method in ("ties", "dare_ties", "slerp"):
-        print(f"scenario 9: {method}, side by side", flush=True)
-        hash_inputs(f"{method}.yaml")
-        report[method] = side_by_side(method, advanced_commands(method), rounds, skip)
+        print("scenario 1: cold A + (B - C)", flush=True)
+        report["add_difference"] = side_by_side(
+            "add_difference", tool_commands("add_difference"), rounds, skip
+        )
+        report["io_floor"] = io_floor()
+        free_cache()
+        print("scenario 2: cold weighted_sum(A, B, alpha=0.3)", flush=True)
+        report["weighted_sum"] = side_by_side(
+            "weighted_sum", tool_commands("weighted_sum"), rounds, skip
+        )
         free_cache()
 
-    print("scenario 10: a cached TIES intermediate, then a downstream change", flush=True)
-    downstream = WORK / "ties_downstream.yaml"
-    cold = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", downstream.name]
-    report["ties_cold"] = repeated("ties_cold", cold, rounds, free_cache)
-    factors = iter(["0.4", "0.6"] * rounds)
+        print("scenario 3: five inputs, two named intermediates", flush=True)
+        five = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs.yaml"]
+        report["five_inputs"] = repeated("five_inputs", five, rounds, lambda: None)
+        uncached = [
+            *SDRECIPE,
+            "build",
+            "--force",
+            "--cache-dir",
+            "cache",
+            "five_inputs_uncached.yaml",
+        ]
+        report["five_inputs_uncached"] = repeated(
+            "five_inputs_uncached", uncached, rounds, lambda: None
+        )
 
-    def change_factor() -> None:
-        text = downstream.read_text()
-        current = text.split("merged: A + ")[1].split(" ")[0]
-        downstream.write_text(text.replace(f"A + {current} *", f"A + {next(factors)} *"))
+        print("scenario 4: no-op rebuild", flush=True)
+        noop = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
+        report["noop"] = repeated("noop", noop, rounds, lambda: None)
 
-    again = [*SDRECIPE, "build", "--cache-dir", "cache", downstream.name]
-    report["ties_downstream"] = repeated("ties_downstream", again, rounds, change_factor)
-    free_cache()
+        print("scenario 5: alpha change on the output, intermediates cached", flush=True)
+        recipe = WORK / "five_inputs.yaml"
+        factors = iter(["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"] * rounds)
 
-    print("start-up: sdrecipe --help", flush=True)
-    report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
+        def change_alpha() -> None:
+            text = recipe.read_text()
+            current = text.split("merged: A + ")[1].split(" ")[0]
+            recipe.write_text(
+                text.replace(f"A + {current} * style", f"A + {next(factors)} * style")
+            )
 
-    if sdxl:
-        print("scenario 7: SDXL A + (B - C)", flush=True)
-        for name in SDXL_MODELS:
-            subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
-        hash_inputs("sdxl.yaml")
-        sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
-        report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
+        alpha = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
+        report["alpha_change"] = repeated("alpha_change", alpha, rounds, change_alpha)
+
         free_cache()
-        report.update(sdxl_block_weights(rounds))
-        free_cache()
-        print("scenario 11: SDXL ties(C, A, B, density=0.2)", flush=True)
-        hash_inputs("sdxl_ties.yaml")
-        sdxl_ties = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_ties.yaml"]
-        report["sdxl_ties"] = repeated("sdxl_ties", sdxl_ties, rounds, free_cache)
+
+        print("scenario 6: first-time hashing of new inputs", flush=True)
+
+        def forget_inputs() -> None:
+            remove_outputs()
+            shutil.rmtree(WORK / "cache-new", ignore_errors=True)
+
+        first = [*SDRECIPE, "build", "--cache-dir", "cache-new", "add_difference.yaml"]
+        report["first_time"] = repeated("first_time", first, rounds, forget_inputs)
+        fingerprint = [*SDRECIPE, "plan", "--cache-dir", "cache-new", "add_difference.yaml"]
+        report["fingerprint_only"] = repeated(
+            "fingerprint_only", fingerprint, rounds, forget_inputs
+        )
+        forget_inputs()
+
+        for method in ("ties", "dare_ties", "slerp"):
+            print(f"scenario 9: {method}, side by side", flush=True)
+            hash_inputs(f"{method}.yaml")
+            report[method] = side_by_side(method, advanced_commands(method), rounds, skip)
+            free_cache()
+
+        print("scenario 10: a cached TIES intermediate, then a downstream change", flush=True)
+        downstream = WORK / "ties_downstream.yaml"
+        cold = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", downstream.name]
+        report["ties_cold"] = repeated("ties_cold", cold, rounds, free_cache)
+        factors = iter(["0.4", "0.6"] * rounds)
+
+        def change_factor() -> None:
+            text = downstream.read_text()
+            current = text.split("merged: A + ")[1].split(" ")[0]
+            downstream.write_text(text.replace(f"A + {current} *", f"A + {next(factors)} *"))
+
+        again = [*SDRECIPE, "build", "--cache-dir", "cache", downstream.name]
+        report["ties_downstream"] = repeated("ties_downstream", again, rounds, change_factor)
         free_cache()
 
-    measured_on = machine()
-    RESULTS.write_text(json.dumps({"report": _save(report), "machine": measured_on}, indent=1))
-    write_report(ROOT / "BENCHMARKS.md", report, measured_on)
+        print("start-up: sdrecipe --help", flush=True)
+        report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
+
+        if sdxl:
+            print("scenario 7: SDXL A + (B - C)", flush=True)
+            for name in SDXL_MODELS:
+                subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
+            hash_inputs("sdxl.yaml")
+            sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
+            report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
+            free_cache()
+            report.update(sdxl_block_weights(rounds))
+            free_cache()
+            print("scenario 11: SDXL ties(C, A, B, density=0.2)", flush=True)
+            hash_inputs("sdxl_ties.yaml")
+            sdxl_ties = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_ties.yaml"]
+            report["sdxl_ties"] = repeated("sdxl_ties", sdxl_ties, rounds, free_cache)
+            free_cache()
+    finally:  # a crash late in the run keeps the figures measured so far
+        RESULTS.write_text(json.dumps({"report": _save(report), "machine": machine()}, indent=1))
+    write_report(ROOT / "BENCHMARKS.md", report, machine())
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 
 
