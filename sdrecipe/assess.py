@@ -11,6 +11,7 @@ from sdrecipe.cache import Cache, Location, file_sha256
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.identity import Identities, tensor_identities
+from sdrecipe.io.readers import tensor_digests
 from sdrecipe.lock import Lock, read_lock
 from sdrecipe.prepare import Prepared, tokenizer_folders
 from sdrecipe.provenance import output_metadata
@@ -99,7 +100,8 @@ def assess(
     """Fingerprint the inputs and decide, against lock and cache, what each node needs."""
     plan = prepared.plan
     fingerprints = fingerprint_inputs(prepared, cache, threads, progress)
-    identities = tensor_identities(plan, {n: f.tensors for n, f in fingerprints.items()})
+    digests = {n: tensor_digests(prepared.readers[n], f) for n, f in fingerprints.items()}
+    identities = tensor_identities(plan, digests)
     metadata = {
         name: output_metadata(
             prepared.graph,

@@ -406,15 +406,28 @@ def validate(recipe: Path, cache_dir: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--against",
+    type=click.Path(exists=True, path_type=Path),
+    help="For an adapter: the model to match its modules against.",
+)
 @_cache_dir_option
 @click.option("--no-cache", is_flag=True, help="Hash the file without remembering it.")
 @_json_option
 @_reports_errors
-def inspect(model: Path, cache_dir: Path, no_cache: bool, as_json: bool) -> None:
-    """Show what MODEL is: format, architecture, components, dtypes, hashes, lineage."""
-    from sdrecipe.model_report import inspect_model
+def inspect(
+    model: Path, against: Path | None, cache_dir: Path, no_cache: bool, as_json: bool
+) -> None:
+    """Show what MODEL is: format, architecture, components, dtypes, hashes,
+    lineage; for an adapter (LoRA, LyCORIS), its algorithms, ranks and family."""
+    from sdrecipe.io.adapter_files import is_adapter_path
+    from sdrecipe.model_report import inspect_adapter, inspect_model
 
-    report = inspect_model(model, None if no_cache else _existing_cache(cache_dir))
+    cache = None if no_cache else _existing_cache(cache_dir)
+    adapter = is_adapter_path(model)
+    if against is not None and not adapter:
+        raise click.UsageError("--against applies to adapters, and MODEL is not one")
+    report = inspect_adapter(model, cache, against) if adapter else inspect_model(model, cache)
     if as_json:
         _emit_json(report)
         return
@@ -422,6 +435,10 @@ def inspect(model: Path, cache_dir: Path, no_cache: bool, as_json: bool) -> None
     def say(line: str) -> None:
         # Names, expressions and lineage come from the file: escape them.
         click.echo(printable(line))
+
+    if adapter:
+        _describe_adapter(report, say)
+        return
 
     kind = (
         report["family"]
@@ -447,6 +464,26 @@ def inspect(model: Path, cache_dir: Path, no_cache: bool, as_json: bool) -> None
     if "sd_merge_models" in lineage:
         names = sorted({str(name) for name in lineage["sd_merge_models"].values()})
         say("  merged from: " + ", ".join(names))
+
+
+def _describe_adapter(report: dict, say: Callable[[str], None]) -> None:
+    """`inspect`'s text for an adapter."""
+    adapter = report["adapter"]
+    algorithms = ", ".join(f"{name} {count}" for name, count in adapter["algorithms"].items())
+    say(f"{report['path']}: lora ({algorithms}), {adapter['family']}")
+    say(
+        f"  {adapter['modules']} modules, rank {', '.join(map(str, adapter['ranks'])) or '-'}, "
+        f"alpha {', '.join(f'{a:g}' for a in adapter['alphas']) or '-'}, "
+        f"{report['size'] / 1e6:,.1f} MB"
+    )
+    if "against" in adapter:
+        unmatched = adapter["unmatched"]
+        say(
+            f"  against {adapter['against']['path']} ({adapter['against']['family']}): "
+            f"{adapter['matched']} modules match, {len(unmatched)} do not"
+            + (f" (e.g. {', '.join(unmatched[:3])})" if unmatched else "")
+        )
+    say(f"  sha256 {report['sha256']}  AutoV2 {report['autov2']}")
 
 
 @main.command()

@@ -127,6 +127,8 @@ class _KeyTask:
         self.graph = executor.plan.graph
         self.result = KeyResult(self.key)
         self.loaded: dict[str, torch.Tensor] = {}
+        # Each input's tensor, read once per key (an adapter computes its delta on read).
+        self.read: dict[str, torch.Tensor] = {}
         self.objects: dict[str, tuple[ObjectWriter, blake3.blake3, str]] = {}
 
     def run(self) -> KeyResult:
@@ -256,16 +258,20 @@ class _KeyTask:
         step = self.plan.steps.get(name)
         operands = self.graph.operands(name) if step is not None else []
         if step is None or name in self.loaded:
-            whole = (
-                self.loaded[name]
-                if step is not None
-                else self.executor.readers[name].tensor(self.key)
-            )
+            whole = self.loaded[name] if step is not None else self._input(name)
             value = whole if rows is None else whole[rows]
         elif not isinstance(step, Compute):
             value = self._value(operands[0], rows, values)
         else:
-            env = {operand: self._value(operand, rows, values) for operand in operands}
+            env = {
+                operand: self._value(operand, rows, values)
+                for operand in operands
+                if operand not in step.absent
+            }
+            base = env[operands[0]]
+            env.update(
+                {operand: torch.zeros_like(base, dtype=step.dtype) for operand in step.absent}
+            )
             if step.channels is None:
                 value = evaluate(step.expr, env, step.dtype, step.context)
             else:
@@ -274,6 +280,13 @@ class _KeyTask:
                 value[:, : step.channels] = evaluate(step.expr, shared, step.dtype, step.context)
         values[name] = value
         return value
+
+    def _input(self, name: str) -> torch.Tensor:
+        """Input `name`'s tensor at this key, read once."""
+        tensor = self.read.get(name)
+        if tensor is None:
+            tensor = self.read[name] = self.executor.readers[name].tensor(self.key)
+        return tensor
 
     def _explain_non_finite(
         self, output: str, values: dict[str, torch.Tensor], tensor: torch.Tensor

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from sdrecipe.errors import RecipeError
+from sdrecipe.methods.registry import MODEL
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.expr import references
 
@@ -43,6 +44,25 @@ class MergeGraph:
         for operand in self.operands(name):
             for leaf in self.inputs_of(operand):
                 found.setdefault(leaf)
+        return list(found)
+
+    def models_under(self, name: str) -> list[str]:
+        """The model inputs that difference `name` is added to: the base input of
+        every node that uses it, through nodes whose base is itself a difference."""
+        recipe = self.recipe
+        found: dict[str, None] = {}
+        pending, seen = [name], {name}
+        while pending:
+            current = pending.pop()
+            for node in self.dag.successors(current):
+                if node not in recipe.nodes:
+                    continue
+                base = self.base_input(node)
+                if recipe.inputs[base].space == MODEL:
+                    found.setdefault(base)
+                elif node not in seen:
+                    seen.add(node)
+                    pending.append(node)
         return list(found)
 
     def output_inputs(self, output: str) -> list[str]:

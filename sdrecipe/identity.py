@@ -92,7 +92,7 @@ def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]])
                     template,
                     step.channels,
                     DTYPE_TO_CODE[step.dtype],
-                    [values[operand][key] for operand in operands],
+                    [None if o in step.absent else values[o][key] for o in operands],
                 ]
                 if step.context is not None:
                     parts.append(key)  # a key-aware method: each key's result is its own

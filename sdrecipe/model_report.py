@@ -9,10 +9,50 @@ from sdrecipe.arch import component_of
 from sdrecipe.arch.detect import detect
 from sdrecipe.cache import Cache, file_sha256
 from sdrecipe.fingerprint import FileStat, legacy_hash_of
+from sdrecipe.io.adapter_reader import AdapterReader
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.formats import format_of
-from sdrecipe.io.readers import open_model
+from sdrecipe.io.readers import open_adapter, open_model
+
+# The training metadata `inspect` shows for an adapter (kohya's ss_* fields).
+ADAPTER_METADATA = (
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+    "ss_base_model_version",
+    "ss_sd_model_name",
+    "modelspec.architecture",
+)
+
+
+def inspect_adapter(path: Path, cache: Cache | None, against: Path | None) -> dict[str, object]:
+    """A JSON-ready description of the adapter at `path`: its modules' algorithms,
+    ranks, alphas and family; with `against`, which modules match that model."""
+    adapter = open_adapter(path)
+    summary = adapter.summary()
+    if against is not None:
+        model = open_model(against)
+        infos = model.infos()
+        family = detect(infos, model.metadata).family
+        reader = AdapterReader(adapter, infos, model, family)
+        summary["against"] = {"path": str(against), "family": family}
+        summary["matched"] = len(adapter.modules) - len(reader.unmatched)
+        summary["unmatched"] = reader.unmatched
+        summary["keys_patched"] = len(reader.keys())
+    sha256 = file_sha256(path, cache)
+    return {
+        "path": str(path),
+        "format": "lora",
+        "adapter": summary,
+        "keys": len(adapter.infos),
+        "parameters": sum(info.numel for info in adapter.infos.values()),
+        "size": FileStat.of(path).size,
+        "sha256": sha256,
+        "autov2": sha256[:10],
+        "metadata": {k: v for k, v in adapter.metadata.items() if k in ADAPTER_METADATA},
+    }
 
 
 def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from sdrecipe.arch import COMPONENTS, component_of
-from sdrecipe.arch.block_presets import PRESETS
+from sdrecipe.arch.block_presets import LBW_BLOCKS, LBW_FAMILY, LBW_PRESETS, PRESETS
 from sdrecipe.arch.blocks import (
     block_ids,
     block_matches,
@@ -57,26 +57,31 @@ def per_block(value: str | tuple[float | int, ...]) -> PerKey:
     BASE, as the MBW extension writes) or 20 (SDXL) numbers, or a preset name.
     SDXL's VAE block takes the BASE value, as in supermerger. ValueError if none."""
     if isinstance(value, str):
-        if value in PRESETS:
-            return per_block(PRESETS[value])
+        preset = PRESETS.get(value) or LBW_PRESETS.get(value)
+        if preset:
+            return per_block(preset)
         try:
             numbers = tuple(float(part) for part in value.split(","))
         except ValueError:
             raise ValueError(
                 f"{value!r} is not a number, a list of block values or a preset "
-                f"({', '.join(sorted(PRESETS))})"
+                f"({', '.join(sorted([*PRESETS, *LBW_PRESETS]))})"
             ) from None
         return per_block(numbers)
     lengths = {26: listed_block_ids("sd1"), 25: listed_block_ids("sd1")[1:]}
     lengths[20] = listed_block_ids("sdxl")
-    ids = lengths.get(len(value))
+    ids = lengths.get(len(value)) or LBW_BLOCKS.get(len(value))
     if ids is None:
         raise ValueError(
             f"a list of block values has 26 numbers for SD1/SD2 (BASE first), 25 without "
-            f"BASE, or 20 for SDXL; got {len(value)}"
+            f"BASE, or 20 for SDXL; or, as LoRA block weights, 17 (SD1/SD2) or 12 (SDXL); "
+            f"got {len(value)}"
         )
     entries = list(zip(ids, value, strict=True))
-    if len(value) == 20:
+    if len(value) in LBW_FAMILY:
+        left_out = listed_block_ids(LBW_FAMILY[len(value)])
+        entries += [(block, 0.0) for block in left_out if block not in ids]
+    if len(value) in (20, 12):
         entries.append(("VAE", value[0]))
     return PerKey(tuple(entries))
 

@@ -46,13 +46,16 @@ class Compute:
     `channels` channels and the base keeps its extra channels. `dtype` is the
     compute dtype: float64 if any operand is float64, else float32. `expr` is
     the node's expression with its per-key parameters resolved for this key;
-    `context` is set when a key-aware method needs the key.
+    `context` is set when a key-aware method needs the key. `absent` names the
+    difference operands that hold nothing at this key (an adapter that does
+    not patch it): they count as zero.
     """
 
     expr: Expr
     dtype: torch.dtype = torch.float32
     channels: int | None = None
     context: KeyContext | None = None
+    absent: frozenset[str] = frozenset()
 
 
 Step = Passthrough | Compute
@@ -216,6 +219,14 @@ class _Planner:
         """The value `name` has at `key`: its base input's dtype and shape, or None."""
         return self.input_infos[self.graph.base_input(name)].get(key)
 
+    def holds_no_difference(self, name: str, key: str) -> bool:
+        """True for a difference that is zero at `key`: an adapter that does not
+        patch it, or a difference node that did not compute it."""
+        recipe = self.graph.recipe
+        if name in recipe.inputs:
+            return recipe.inputs[name].space == DIFFERENCE and key not in self.input_infos[name]
+        return recipe.nodes[name].space == DIFFERENCE and self.status[name].get(key) != MERGED
+
     def decide(self, node: str, key: str) -> Step:
         operands = self.graph.operands(node)
         base = self.info(operands[0], key)
@@ -228,33 +239,35 @@ class _Planner:
         if not base.is_floating:
             return Passthrough(f"not floating point ({DTYPE_TO_CODE[base.dtype]})")
         infos = [base]
-        nodes = self.graph.recipe.nodes
+        absent = []
         for operand in operands[1:]:
             info = self.info(operand, key)
-            # A difference that did not compute the key holds no difference there.
-            untouched = (
-                operand in nodes
-                and nodes[operand].space == DIFFERENCE
-                and self.status[operand].get(key) != MERGED
-            )
-            if info is None or untouched:
+            if self.holds_no_difference(operand, key):
+                absent.append(operand)
+                continue
+            if info is None:
                 return Passthrough(f"missing from {operand}")
             if not info.is_floating:
                 return Passthrough(f"not floating point in {operand}")
             infos.append(info)
-        dtypes = {self.value_dtype(operand, key) for operand in operands}
+        if absent and len(absent) == len(operands) - 1:
+            return Passthrough(f"missing from {', '.join(absent)}")
+        dtypes = {self.value_dtype(o, key) for o in operands if o not in absent}
         dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         context = key_context(key, self.families.get(self.graph.base_input(node), "unknown"))
         expr = for_key(self.graph.recipe.nodes[node].expr, context)
-        compute = Compute(expr, dtype, context=context if self.key_aware[node] else None)
+        compute = Compute(
+            expr, dtype, context=context if self.key_aware[node] else None, absent=frozenset(absent)
+        )
         shapes = [info.shape for info in infos]
+        present = [operand for operand in operands if operand not in absent]
         if all(shape == base.shape for shape in shapes):
             return compute
         if _differ_only_in_channels(shapes):
             widest = max(shape[1] for shape in shapes)
             if base.shape[1] == widest:
                 return dataclasses.replace(compute, channels=min(shape[1] for shape in shapes))
-            other = operands[next(i for i, s in enumerate(shapes) if s[1] == widest)]
+            other = present[next(i for i, s in enumerate(shapes) if s[1] == widest)]
             self.conflicts.append(
                 (
                     node,
@@ -265,7 +278,7 @@ class _Planner:
             )
         else:
             described = ", ".join(
-                f"{name} {list(shape)}" for name, shape in zip(operands, shapes, strict=True)
+                f"{name} {list(shape)}" for name, shape in zip(present, shapes, strict=True)
             )
             self.conflicts.append((node, f"{key}: shapes differ: {described}"))
         return Passthrough("shape conflict")

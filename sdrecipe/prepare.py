@@ -11,8 +11,10 @@ from sdrecipe.arch.detect import Architecture, detect
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph, build_graph
 from sdrecipe.guard import check_outputs
+from sdrecipe.io.adapter_reader import AdapterReader, guess_family
 from sdrecipe.io.diffusers_writer import TOKENIZERS
-from sdrecipe.io.readers import ModelReader, open_model
+from sdrecipe.io.readers import ModelReader, open_adapter, open_model
+from sdrecipe.methods.registry import DIFFERENCE
 from sdrecipe.plan import BuildPlan, make_plan
 from sdrecipe.recipe import Recipe, load_recipe
 
@@ -29,21 +31,61 @@ class Prepared:
 
 
 def open_inputs(graph: MergeGraph) -> dict[str, ModelReader]:
-    """Open (headers only) every input the selected outputs depend on."""
+    """Open (headers only) every input the selected outputs depend on; adapters
+    are opened against the model they are applied to."""
     recipe = graph.recipe
     needed: dict[str, None] = {}
     for name in graph.outputs:
         needed.update(dict.fromkeys(graph.output_inputs(name)))
-    readers = {}
-    for name in needed:
+    readers: dict[str, ModelReader] = {}
+    adapters = [name for name in needed if recipe.inputs[name].space == DIFFERENCE]
+    for name in [*(n for n in needed if n not in adapters), *adapters]:
         spec = recipe.inputs[name]
         if not spec.path.exists():
             raise RecipeError(f"input {name!r}: {spec.path} does not exist", recipe.path, spec.line)
         try:
-            readers[name] = open_model(spec.path)
+            readers[name] = (
+                open_adapter_against(graph, name, readers)
+                if name in adapters
+                else open_model(spec.path)
+            )
         except RecipeError as exc:
             raise RecipeError(f"input {name!r}: {exc}", recipe.path, spec.line) from None
     return readers
+
+
+def open_adapter_against(
+    graph: MergeGraph, name: str, readers: Mapping[str, ModelReader]
+) -> AdapterReader:
+    """Adapter input `name`, seen over the keys of the model it is applied to.
+
+    Every model it is added to must be of one family; an adapter with DoRA
+    modules (whose deltas depend on the weights) must be added to one model."""
+    bases = graph.models_under(name)
+    if not bases:
+        raise RecipeError(
+            "is an adapter (a difference), and no node adds it to a model, so there is "
+            "no model whose keys it patches (write e.g. `A + 0.8 * L`)"
+        )
+    families = {
+        base: detect(readers[base].infos(), readers[base].metadata).family for base in bases
+    }
+    if len(set(families.values())) > 1:
+        described = ", ".join(f"{base} ({family})" for base, family in families.items())
+        raise RecipeError(f"is an adapter added to models of different families: {described}")
+    base = bases[0]
+    adapter = AdapterReader(
+        open_adapter(graph.recipe.inputs[name].path),
+        readers[base].infos(),
+        readers[base],
+        families[base],
+    )
+    if adapter.has_dora and len(bases) > 1:
+        raise RecipeError(
+            f"holds DoRA modules, whose deltas depend on the model's weights, and is "
+            f"added to {len(bases)} models ({', '.join(bases)}); use one adapter input per model"
+        )
+    return adapter
 
 
 def prepare(
@@ -72,7 +114,15 @@ def prepare_recipe(
     graph = build_graph(recipe, selected)
     check_outputs(recipe, cache_root, graph.outputs)
     readers = open_inputs(graph)
-    architectures = {name: detect(r.infos(), r.metadata) for name, r in readers.items()}
+    architectures = {
+        name: detect(r.infos(), r.metadata)
+        for name, r in readers.items()
+        if not isinstance(r, AdapterReader)
+    }
+    for name, reader in readers.items():
+        if isinstance(reader, AdapterReader):
+            architectures[name] = architectures[graph.models_under(name)[0]]
+            check_unmatched(graph, name, reader)
     if not force:
         check_architectures(graph, architectures)
     for name in graph.outputs:
@@ -91,6 +141,32 @@ def prepare_recipe(
         {name: architecture.family for name, architecture in architectures.items()},
     )
     return Prepared(recipe, graph, readers, plan, architectures)
+
+
+def check_unmatched(graph: MergeGraph, name: str, adapter: AdapterReader) -> None:
+    """Refuse an adapter with modules that match no key of its model, unless
+    every node that uses it says `allow_unmatched: true`."""
+    recipe = graph.recipe
+    users = [node for node in graph.dag.successors(name) if node in recipe.nodes]
+    strict = [node for node in users if not recipe.nodes[node].allow_unmatched]
+    if not adapter.unmatched or not strict:
+        return
+    spec = recipe.inputs[name]
+    count, total = len(adapter.unmatched), len(adapter.adapter.modules)
+    shown = ", ".join(adapter.unmatched[:3]) + (", ..." if count > 3 else "")
+    model = graph.models_under(name)[0]
+    hint = (
+        f"; its modules look like a {guess_family(adapter.adapter)} adapter"
+        if count == total
+        else ""
+    )
+    raise RecipeError(
+        f"input {name!r}: {count} of the adapter's {total} modules match no key of "
+        f"{model} ({adapter.family}): {shown}{hint}. Set `allow_unmatched: true` on node "
+        f"{strict[0]!r} to apply the modules that match",
+        recipe.path,
+        spec.line,
+    )
 
 
 def check_architectures(graph: MergeGraph, architectures: Mapping[str, Architecture]) -> None:

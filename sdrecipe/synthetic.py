@@ -12,6 +12,8 @@ small, seeded delta.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,179 @@ def write_model(path: Path, spec: ModelSpec, metadata: dict[str, str] | None = N
     try:
         for key, info in tensors.items():
             writer.write_tensor(key, tensor_value(spec, key, info).contiguous())
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return path
+
+
+# The layers kohya's trainers patch: attention and feed-forward layers of the
+# transformers and text encoders, and with LoCon the UNet's resnet layers.
+ATTENTION_LAYERS = re.compile(
+    r"(transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2))"
+    r"|\.proj_(in|out)|self_attn\.(q|k|v|out)_proj|mlp\.(fc1|fc2|c_fc|c_proj)"
+    r"|attn\.out_proj)\.weight$|attn\.in_proj_weight$"
+)
+RESNET_LAYERS = re.compile(r"\.(in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1)\.weight$")
+NORM_LAYERS = re.compile(
+    r"\.(norm[123]?|in_layers\.0|out_layers\.0|layer_norm[12]|ln_[12])\.weight$"
+)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A synthetic adapter for a synthetic model of `family` (widths divided by `shrink`).
+
+    `algorithm` is lora, loha, lokr or full; `convs` adds the UNet's resnet
+    layers (LoCon); `tucker` stores 3x3 layers in CP form; `dora` adds DoRA
+    magnitudes (per output row, per input column on every other layer);
+    `naming` is kohya or peft (diffusers' `lora_A`/`lora_B`, LoRA only).
+    """
+
+    family: str = "sd1"
+    shrink: int = 1
+    algorithm: str = "lora"
+    rank: int = 4
+    alpha: float | None = 2.0
+    seed: int = 0
+    convs: bool = False
+    tucker: bool = False
+    dora: bool = False
+    naming: str = "kohya"
+    dtype: torch.dtype = torch.float16
+
+
+def adapter_tensors(spec: AdapterSpec) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, by file key: one module per patched layer (three
+    for OpenCLIP's fused q/k/v), factors seeded by (seed, module name)."""
+    from sdrecipe.adapters.naming import kohya_name, module_names
+
+    tensors: dict[str, torch.Tensor] = {}
+    model = model_layout(ModelSpec(family=spec.family, shrink=spec.shrink))
+    patched = [
+        key
+        for key in model
+        if ATTENTION_LAYERS.search(key)
+        or (spec.convs and key.startswith("model.diffusion_model.") and RESNET_LAYERS.search(key))
+        or (spec.algorithm == "full" and NORM_LAYERS.search(key))
+    ]
+    for index, key in enumerate(patched):
+        shape = model[key].shape
+        parts = module_names(spec.family, key)
+        for part in parts:
+            if spec.naming == "peft":
+                name = next(n for n in part.names if "." in n)
+            else:
+                name = kohya_name(spec.family, key) if len(parts) == 1 else part.names[0]
+            rows = shape[0] // len(parts)
+            bias = key.removesuffix("weight") + "bias" in model
+            factors = _module_factors(spec, (rows, *shape[1:]), name, index, bias)
+            if spec.naming == "peft":
+                factors = {
+                    {"lora_up.weight": "lora_B.weight", "lora_down.weight": "lora_A.weight"}.get(
+                        p, p
+                    ): t
+                    for p, t in factors.items()
+                    if p != "alpha"
+                }
+            tensors.update({f"{name}.{parameter}": t for parameter, t in factors.items()})
+    return tensors
+
+
+def _module_factors(
+    spec: AdapterSpec, shape: tuple[int, ...], name: str, index: int, bias: bool
+) -> dict[str, torch.Tensor]:
+    """One module's factors for a layer of `shape` (the rank is capped by its
+    sizes); a full module patches the layer's bias too, if it has one, on every
+    other layer."""
+    out, inputs, kernel = shape[0], shape[1] if len(shape) > 1 else 1, tuple(shape[2:])
+    rank = max(1, min(spec.rank, out, inputs))
+
+    def noise(*dims: int) -> torch.Tensor:
+        return _random(f"{name}:{len(dims)}:{dims}", spec.seed, dims).mul_(0.1).to(spec.dtype)
+
+    cp = spec.tucker and kernel not in ((), (1, 1))
+    factors: dict[str, torch.Tensor] = {}
+    if len(shape) == 1:
+        factors = {"w_norm": noise(out), **({"b_norm": noise(out)} if bias else {})}
+    elif spec.algorithm == "lora":
+        if cp:
+            factors = {
+                "lora_down.weight": noise(rank, inputs, 1, 1),
+                "lora_mid.weight": noise(rank, rank, *kernel),
+                "lora_up.weight": noise(out, rank, 1, 1),
+            }
+        else:
+            ones = (1,) * len(kernel)
+            factors = {
+                "lora_down.weight": noise(rank, inputs, *kernel),
+                "lora_up.weight": noise(out, rank, *ones),
+            }
+    elif spec.algorithm == "loha":
+        if cp:
+            factors = {
+                f"hada_{p}": t
+                for i in "12"
+                for p, t in (
+                    (f"t{i}", noise(rank, rank, *kernel)),
+                    (f"w{i}_a", noise(rank, out)),
+                    (f"w{i}_b", noise(rank, inputs)),
+                )
+            }
+        else:
+            width = inputs * math.prod(kernel)
+            factors = {
+                f"hada_w{i}_{p}": noise(*dims)
+                for i in "12"
+                for p, dims in (("a", (out, rank)), ("b", (rank, width)))
+            }
+    elif spec.algorithm == "lokr":
+        a, c = _small_factor(out), _small_factor(inputs)
+        b, d = out // a, inputs // c
+        style = index % 3  # both halves whole, the first a product, the second a product
+        factors["lokr_w1"] = noise(a, c)
+        if style == 1:
+            factors = {"lokr_w1_a": noise(a, rank), "lokr_w1_b": noise(rank, c)}
+        if style == 2 and cp:
+            factors |= {
+                "lokr_t2": noise(rank, rank, *kernel),
+                "lokr_w2_a": noise(rank, b),
+                "lokr_w2_b": noise(rank, d),
+            }
+        elif style == 2:
+            factors |= {"lokr_w2_a": noise(b, rank), "lokr_w2_b": noise(rank, d, *kernel)}
+        else:
+            factors["lokr_w2"] = noise(b, d, *kernel)
+    else:
+        factors = {"diff": noise(*shape)}
+        if bias and index % 2 == 0:
+            factors["diff_b"] = noise(out)
+    if spec.alpha is not None and spec.algorithm != "full" and len(shape) > 1:
+        factors["alpha"] = torch.tensor(spec.alpha)
+    if spec.dora and len(shape) > 1 and spec.algorithm != "full":
+        magnitude = (
+            (1, inputs, *(1,) * len(kernel)) if index % 2 else (out, *(1,) * (len(shape) - 1))
+        )
+        factors["dora_scale"] = noise(*magnitude).abs_().add_(0.5)
+    return factors
+
+
+def _small_factor(dim: int) -> int:
+    """The smallest divisor of `dim` above 1 (the dim itself when prime)."""
+    return next((f for f in range(2, math.isqrt(dim) + 1) if dim % f == 0), dim)
+
+
+def write_adapter(path: Path, spec: AdapterSpec) -> Path:
+    """Write the synthetic adapter to `path` (atomically)."""
+    tensors = adapter_tensors(spec)
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank)}
+    writer = SafetensorsWriter(
+        path, {k: TensorInfo(t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata
+    )
+    try:
+        for key, tensor in tensors.items():
+            writer.write_tensor(key, tensor.contiguous())
         writer.commit()
     except BaseException:
         writer.abort()

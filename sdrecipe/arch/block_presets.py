@@ -110,3 +110,36 @@ def _build() -> dict[str, tuple[float, ...]]:
 
 
 PRESETS: dict[str, tuple[float, ...]] = _build()
+
+
+# LoRA block weight (hako-mikan's sd-webui-lora-block-weight): a value for each
+# of the 17 SD1 blocks that hold attention layers (12 for SDXL); the blocks a
+# list leaves out get 0, as that extension, supermerger and ComfyUI's Inspire
+# pack expand it (kohya's `--lbws` gives them 1 instead).
+LBW_BLOCKS = {
+    17: (
+        "BASE",
+        "IN01",
+        "IN02",
+        "IN04",
+        "IN05",
+        "IN07",
+        "IN08",
+        "M00",
+        *(f"OUT{n:02}" for n in range(3, 12)),
+    ),
+    12: ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{n:02}" for n in range(6))),
+}
+LBW_FAMILY = {17: "sd1", 12: "sdxl"}
+# The presets the extension ships (`lbwpresets.txt`), 17 values each.
+LBW_PRESETS = {
+    "NONE": (0.0,) * 17,
+    "ALL": (1.0,) * 17,
+    "INS": _table("1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0"),
+    "IND": _table("0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0"),
+    "INALL": _table("1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0"),
+    "MIDD": _table("0,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0"),
+    "OUTD": _table("0,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"),
+    "OUTS": _table("0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1"),
+    "OUTALL": _table("0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"),
+}

@@ -9,6 +9,7 @@ import torch
 
 from sdrecipe.arch import VAE_PREFIX
 from sdrecipe.fingerprint import Fingerprint
+from sdrecipe.io.adapter_reader import AdapterFile, AdapterReader
 from sdrecipe.io.checkpoint_reader import CheckpointReader
 from sdrecipe.io.diffusers_reader import DiffusersReader
 from sdrecipe.io.formats import format_of
@@ -86,6 +87,19 @@ def is_standalone_vae(keys: list[str]) -> bool:
     return any(key.startswith("decoder.") for key in keys) and not any(
         key.startswith(("model.diffusion_model.", VAE_PREFIX)) for key in keys
     )
+
+
+def tensor_digests(reader: ModelReader, fingerprint: Fingerprint) -> dict[str, str]:
+    """Each key's digest, from the file's fingerprint: the file's own, or for an
+    adapter, a digest of the factors that make the key's delta."""
+    if isinstance(reader, AdapterReader):
+        return reader.tensor_digests(fingerprint)
+    return fingerprint.tensors
+
+
+def open_adapter(path: Path) -> AdapterFile:
+    """An adapter file's modules (headers only)."""
+    return AdapterFile(SafetensorsReader(path))
 
 
 def open_model(path: Path) -> ModelReader:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
-from sdrecipe.methods.registry import merge_method
+from sdrecipe.methods.registry import DIFFERENCE, merge_method
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +32,13 @@ def add_difference(
     """A + alpha·(B - C): transplant what B learned on top of C into A."""
     difference = b.sub(c).mul_(alpha)
     return difference.add_(a)
+
+
+@merge_method(spaces={"difference": DIFFERENCE, "return": DIFFERENCE})
+def scale(difference: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
+    """alpha·D: a difference at a strength that may vary by block, as LoRA block
+    weights do (`A + scale(L, alpha="INALL")`)."""
+    return difference.mul(alpha)
 
 
 def _interpolate(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:

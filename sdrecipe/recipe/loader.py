@@ -11,9 +11,10 @@ from pathlib import Path
 import pydantic
 
 from sdrecipe.errors import RecipeError
+from sdrecipe.io.adapter_files import is_adapter_path
 from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.methods import get_method
-from sdrecipe.methods.registry import MODEL
+from sdrecipe.methods.registry import DIFFERENCE, MODEL
 from sdrecipe.recipe.expr import (
     Call,
     Expr,
@@ -114,7 +115,7 @@ def check_spaces(
     """Each node's space. Every node is a model or a difference (unless `force:
     true`), and every output is in the space it declares; errors name the node,
     line and term. Empty when the nodes form a cycle (the graph reports it)."""
-    spaces: dict[str, str] = dict.fromkeys(inputs, MODEL)
+    spaces: dict[str, str] = {name: spec.space for name, spec in inputs.items()}
     visiting: set[str] = set()
 
     def space_of(name: str) -> str:
@@ -225,7 +226,8 @@ def _make_input(
     except ValueError as exc:
         raise RecipeError(f"input {name!r}: {exc}", path, line) from None
     sha256 = spec.sha256.lower() if spec.sha256 else None
-    return Input(name=name, path=resolved, sha256=sha256, line=line)
+    space = DIFFERENCE if is_adapter_path(resolved) else MODEL
+    return Input(name=name, path=resolved, sha256=sha256, line=line, space=space)
 
 
 def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: Path) -> Node:
@@ -274,7 +276,15 @@ def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: 
     selection = KeySelection(
         only=frozenset(entry.only or ()), exclude=frozenset(entry.exclude or ()), **patterns
     )
-    return Node(name, expr, line, cache=entry.cache, force=entry.force, selection=selection)
+    return Node(
+        name,
+        expr,
+        line,
+        cache=entry.cache,
+        force=entry.force,
+        allow_unmatched=entry.allow_unmatched,
+        selection=selection,
+    )
 
 
 def _param_value(value: object) -> ParamValue:

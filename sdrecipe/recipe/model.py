@@ -12,12 +12,14 @@ from sdrecipe.recipe.expr import Expr, format_expression
 
 @dataclass(frozen=True)
 class Input:
-    """An input model file."""
+    """An input file: a model, or an adapter (LoRA, LyCORIS), whose `space` is
+    `difference`."""
 
     name: str
     path: Path
     sha256: str | None
     line: int | None
+    space: str = "model"
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,9 @@ class Node:
     `cache` True or False stores the node's values in the cache or keeps them
     out (recomputed whenever a node that uses them is rebuilt); None leaves it
     to the cost rule of `sdrecipe.cache_policy`. `force` True merges operands of
-    different architectures, which is otherwise refused. `space` is `model` or
-    `difference` (see `sdrecipe.recipe.spaces`).
+    different architectures, which is otherwise refused. `allow_unmatched` True
+    applies adapters some of whose modules match no key of the model. `space`
+    is `model` or `difference` (see `sdrecipe.recipe.spaces`).
     """
 
     name: str
@@ -66,6 +69,7 @@ class Node:
     line: int | None
     cache: bool | None = None
     force: bool = False
+    allow_unmatched: bool = False
     selection: KeySelection = field(default_factory=KeySelection)
     space: str = "model"
 

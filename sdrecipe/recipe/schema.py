@@ -24,7 +24,15 @@ RESERVED_METADATA = ("format", "sdrecipe", "sd_merge_recipe", "sd_merge_models")
 
 
 # The node options besides `expression`, `method` and `models`.
-NODE_OPTIONS = ("cache", "force", "only", "exclude", "include_keys", "exclude_keys")
+NODE_OPTIONS = (
+    "cache",
+    "force",
+    "allow_unmatched",
+    "only",
+    "exclude",
+    "include_keys",
+    "exclude_keys",
+)
 
 
 class _Strict(BaseModel):
@@ -49,6 +57,7 @@ class NodeEntry(BaseModel):
     models: list[str] | None = Field(default=None, min_length=1)
     cache: bool | None = None
     force: bool = False
+    allow_unmatched: bool = False
     only: list[Component] | None = Field(default=None, min_length=1)
     exclude: list[Component] | None = Field(default=None, min_length=1)
     include_keys: list[str] | None = Field(default=None, min_length=1)

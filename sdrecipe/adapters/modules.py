@@ -1,0 +1,216 @@
+"""The modules of an adapter file, found from its keys (never its file name).
+
+An adapter key is `<stem>.<parameter>`: the stem names the patched layer
+(`lora_unet_down_blocks_0_attentions_0_proj_in`, `unet.down_blocks.0...to_q`),
+the parameter says which factor of which algorithm it is. Imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from math import prod
+
+from sdrecipe.io.tensor_info import TensorInfo
+
+# Parameter name → algorithm. `alpha` and `dora_scale` go with any algorithm.
+ALGORITHM_OF_PARAMETER = {
+    "lora_up.weight": "lora",
+    "lora_down.weight": "lora",
+    "lora_mid.weight": "lora",
+    "lora_B.weight": "lora",
+    "lora_A.weight": "lora",
+    "hada_w1_a": "loha",
+    "hada_w1_b": "loha",
+    "hada_w2_a": "loha",
+    "hada_w2_b": "loha",
+    "hada_t1": "loha",
+    "hada_t2": "loha",
+    "lokr_w1": "lokr",
+    "lokr_w1_a": "lokr",
+    "lokr_w1_b": "lokr",
+    "lokr_w2": "lokr",
+    "lokr_w2_a": "lokr",
+    "lokr_w2_b": "lokr",
+    "lokr_t2": "lokr",
+    "diff": "full",
+    "diff_b": "full",
+    "w_norm": "norm",
+    "b_norm": "norm",
+}
+SHARED_PARAMETERS = ("alpha", "dora_scale")
+# Parameters of algorithms sdrecipe does not apply, so that a file holding them
+# is refused by name rather than half applied.
+UNSUPPORTED_PARAMETERS = {
+    "on_input": "(IA)^3",
+    "oft_blocks": "OFT",
+    "oft_R": "BOFT",
+    "a1.weight": "GLoRA",
+    "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA",
+    "b2.weight": "GLoRA",
+    "lora_magnitude_vector": "PEFT DoRA",
+}
+# Parameters that change a layer's bias rather than its weight.
+BIAS_PARAMETERS = ("diff_b", "b_norm")
+_KNOWN = sorted(
+    [*ALGORITHM_OF_PARAMETER, *SHARED_PARAMETERS, *UNSUPPORTED_PARAMETERS], key=len, reverse=True
+)
+# Checkpoint prefixes: a file with any of these keys is a model, not an adapter.
+MODEL_PREFIXES = (
+    "model.diffusion_model.",
+    "first_stage_model.",
+    "cond_stage_model.",
+    "conditioner.",
+)
+
+
+class AdapterError(ValueError):
+    """An adapter file that cannot be applied as it is."""
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One patched layer: its stem, algorithm, and the file key of each parameter."""
+
+    stem: str
+    algorithm: str
+    keys: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def dora(self) -> bool:
+        """True when the module carries DoRA's magnitude vector."""
+        return "dora_scale" in self.keys
+
+    @property
+    def changes_weight(self) -> bool:
+        """True when the module has a delta for the layer's weight."""
+        return any(p not in (*SHARED_PARAMETERS, *BIAS_PARAMETERS) for p in self.keys)
+
+    @property
+    def changes_bias(self) -> bool:
+        """True when the module has a delta for the layer's bias."""
+        return any(p in BIAS_PARAMETERS for p in self.keys)
+
+    def rank(self, infos: Mapping[str, TensorInfo]) -> int | None:
+        """The rank of a low-rank module (None for full and norm deltas, and a
+        LoKr whose two halves are both stored whole)."""
+        for parameter in ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b"):
+            if parameter in self.keys:
+                return infos[self.keys[parameter]].shape[0]
+        if "lokr_w2_b" in self.keys:
+            return infos[self.keys["lokr_w2_b"]].shape[0]
+        return None
+
+    def weight_size(self, infos: Mapping[str, TensorInfo]) -> tuple[int, int, tuple[int, ...]]:
+        """(rows, elements, kernel) of the weight delta, from the factors' shapes alone;
+        kernel is the trailing spatial shape where the factors fix it, else ()."""
+        shape = {parameter: infos[key].shape for parameter, key in self.keys.items()}
+        if self.algorithm == "lora":
+            up = shape.get("lora_up.weight") or shape["lora_B.weight"]
+            down = shape.get("lora_down.weight") or shape["lora_A.weight"]
+            if "lora_mid.weight" in shape:
+                kernel = shape["lora_mid.weight"][2:]
+                return up[0], up[0] * down[1] * prod(kernel), kernel
+            return up[0], up[0] * prod(down[1:]), down[2:]
+        if self.algorithm == "loha":
+            if "hada_t1" in shape:
+                kernel = shape["hada_t1"][2:]
+                rows = shape["hada_w1_a"][1]
+                return rows, rows * shape["hada_w1_b"][1] * prod(kernel), kernel
+            rows = shape["hada_w1_a"][0]
+            return rows, rows * prod(shape["hada_w1_b"][1:]), shape["hada_w1_b"][2:]
+        if self.algorithm == "lokr":
+            first = shape.get("lokr_w1") or (shape["lokr_w1_a"][0], shape["lokr_w1_b"][1])
+            second = _lokr_second_shape(shape)
+            rows = first[0] * second[0]
+            return rows, rows * first[1] * prod(second[1:]), second[2:]
+        whole = shape.get("diff") or shape["w_norm"]
+        return whole[0], prod(whole), whole[2:]
+
+
+def _lokr_second_shape(shape: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape of LoKr's second Kronecker factor, stored whole, as a product, or in CP form."""
+    if "lokr_w2" in shape:
+        return shape["lokr_w2"]
+    if "lokr_t2" in shape:
+        return (shape["lokr_w2_a"][1], shape["lokr_w2_b"][1], *shape["lokr_t2"][2:])
+    return (shape["lokr_w2_a"][0], *shape["lokr_w2_b"][1:])
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(stem, parameter) of an adapter key, or None if it is none."""
+    for parameter in _KNOWN:
+        if key.endswith("." + parameter):
+            return key[: -len(parameter) - 1], parameter
+    return None
+
+
+def is_adapter(keys: list[str]) -> bool:
+    """True when the keys are an adapter's: no checkpoint prefix, and every key
+    a known adapter parameter ((IA)^3's `weight` beside its `on_input`), a
+    stray key or two tolerated only beside many."""
+    if not keys or any(key.startswith(MODEL_PREFIXES) for key in keys):
+        return False
+    scaled = {
+        key.removesuffix(".on_input") + ".weight" for key in keys if key.endswith(".on_input")
+    }
+    recognised = sum(1 for key in keys if split_key(key) is not None or key in scaled)
+    return recognised > 0 and recognised >= 0.9 * len(keys)
+
+
+def adapter_modules(keys: list[str]) -> dict[str, AdapterModule]:
+    """The modules of an adapter, by stem; AdapterError for unsupported algorithms,
+    a module that mixes algorithms, or one missing a factor."""
+    parameters: dict[str, dict[str, str]] = {}
+    for key in keys:
+        split = split_key(key)
+        if split is not None:
+            parameters.setdefault(split[0], {})[split[1]] = key
+    modules = {}
+    unsupported: dict[str, str] = {}
+    for stem, found in parameters.items():
+        named = {UNSUPPORTED_PARAMETERS[p] for p in found if p in UNSUPPORTED_PARAMETERS}
+        if named:
+            unsupported.setdefault(stem, ", ".join(sorted(named)))
+            continue
+        algorithms = {ALGORITHM_OF_PARAMETER[p] for p in found if p in ALGORITHM_OF_PARAMETER}
+        if len(algorithms) != 1:
+            what = " and ".join(sorted(algorithms)) if algorithms else "only " + ", ".join(found)
+            raise AdapterError(f"module {stem} has {what}, which is no single algorithm")
+        algorithm = algorithms.pop()
+        missing = _missing_factors(algorithm, found)
+        if missing:
+            raise AdapterError(f"module {stem} ({algorithm}) lacks {', '.join(missing)}")
+        modules[stem] = AdapterModule(stem, algorithm, found)
+    if unsupported:
+        first = next(iter(unsupported.items()))
+        raise AdapterError(
+            f"{len(unsupported)} module(s) use an algorithm sdrecipe does not apply "
+            f"(e.g. {first[0]}: {first[1]}); supported are LoRA/LoCon, LoHa, LoKr, full "
+            "and norm deltas, each optionally with DoRA"
+        )
+    return modules
+
+
+def _missing_factors(algorithm: str, found: Mapping[str, str]) -> list[str]:
+    """The parameters `algorithm` needs that `found` lacks."""
+    if algorithm == "lora":
+        kohya = {"lora_up.weight", "lora_down.weight"}
+        peft = {"lora_B.weight", "lora_A.weight"}
+        return [] if kohya <= set(found) or peft <= set(found) else sorted(kohya - set(found))
+    if algorithm == "loha":
+        needed = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+        if ("hada_t1" in found) != ("hada_t2" in found):
+            needed += ["hada_t1", "hada_t2"]
+        return [p for p in needed if p not in found]
+    if algorithm == "lokr":
+        missing = []
+        if "lokr_w1" not in found and not {"lokr_w1_a", "lokr_w1_b"} <= set(found):
+            missing.append("lokr_w1 (or lokr_w1_a and lokr_w1_b)")
+        if "lokr_w2" not in found and not {"lokr_w2_a", "lokr_w2_b"} <= set(found):
+            missing.append("lokr_w2 (or lokr_w2_a and lokr_w2_b)")
+        return missing
+    if algorithm == "full":
+        return [] if "diff" in found or "diff_b" in found else ["diff"]
+    return [] if "w_norm" in found or "b_norm" in found else ["w_norm"]

@@ -1,0 +1,323 @@
+"""An adapter file read as a difference over a model's keys.
+
+`AdapterReader` is a `ModelReader` whose keys are the checkpoint keys the
+adapter patches and whose tensors are the weight deltas, computed when read
+(in float32, float64 where any factor is), one key at a time: a build streams
+`A + 0.8 * L` like any other recipe, and each adapter module is read once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import blake3
+import torch
+
+from sdrecipe.adapters.deltas import bias_delta, dora_delta, weight_delta
+from sdrecipe.adapters.modules import AdapterError, AdapterModule, adapter_modules
+from sdrecipe.adapters.naming import module_names
+from sdrecipe.arch import layout
+from sdrecipe.errors import RecipeError
+from sdrecipe.fingerprint import Fingerprint
+from sdrecipe.io.safetensors_reader import SafetensorsReader
+from sdrecipe.io.tensor_info import TensorInfo
+
+ADAPTER_FAMILIES = ("sd1", "sd2", "sdxl")
+# diffusers writes the PEFT config (lora_alpha, r) into the file's metadata under this name.
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+DELTA_VERSION = "sdrecipe-adapter-delta-1"
+
+
+class AdapterFile:
+    """An adapter's safetensors file and its modules, from the header alone."""
+
+    def __init__(self, reader: SafetensorsReader):
+        self.reader = reader
+        self.path = reader.path
+        self.metadata = reader.metadata
+        try:
+            self.modules = adapter_modules(reader.keys())
+        except AdapterError as exc:
+            raise RecipeError(f"cannot apply this adapter: {exc}", reader.path) from None
+        self.infos = reader.infos()
+        self.peft_alpha = _peft_alpha(reader.metadata)
+
+    def factor(
+        self, module: AdapterModule, parameter: str, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """`module`'s `parameter` in `dtype`, or None where the module lacks it."""
+        key = module.keys.get(parameter)
+        if key is None:
+            if (
+                parameter == "alpha"
+                and self.peft_alpha is not None
+                and "lora_A.weight" in module.keys
+            ):
+                return torch.tensor(self.peft_alpha)
+            return None
+        return self.reader.tensor(key).to(dtype)
+
+    def compute_dtype(self, modules: list[AdapterModule]) -> torch.dtype:
+        """float64 where any factor of `modules` is, else float32."""
+        doubles = any(
+            self.infos[key].dtype == torch.float64
+            for module in modules
+            for key in module.keys.values()
+        )
+        return torch.float64 if doubles else torch.float32
+
+    def summary(self) -> dict[str, object]:
+        """Algorithms, ranks and alphas, for `inspect`."""
+        algorithms: dict[str, int] = {}
+        ranks: set[int] = set()
+        for module in self.modules.values():
+            name = module.algorithm + ("+dora" if module.dora else "")
+            algorithms[name] = algorithms.get(name, 0) + 1
+            rank = module.rank(self.infos)
+            if rank is not None:
+                ranks.add(rank)
+        alphas = sorted(
+            {
+                float(self.reader.tensor(m.keys["alpha"]))
+                for m in self.modules.values()
+                if "alpha" in m.keys
+            }
+        )
+        return {
+            "modules": len(self.modules),
+            "algorithms": dict(sorted(algorithms.items())),
+            "ranks": sorted(ranks),
+            "alphas": alphas,
+            "family": guess_family(self),
+        }
+
+
+def _peft_alpha(metadata: Mapping[str, str]) -> float | None:
+    """lora_alpha / r · r as PEFT configures it, from diffusers' metadata entry."""
+    text = metadata.get(PEFT_METADATA_KEY)
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return None
+    alpha = config.get("lora_alpha") if isinstance(config, dict) else None
+    return float(alpha) if isinstance(alpha, int | float) else None
+
+
+@dataclass(frozen=True)
+class _Patch:
+    """Module `module` patches part `index` of `parts` equal row blocks of a key."""
+
+    index: int
+    parts: int
+    module: AdapterModule
+    parameter: str
+
+
+class AdapterReader:
+    """An adapter as a difference over the keys of `base` (a model of `family`).
+
+    Raises RecipeError when a module's delta does not fit the key it names (an
+    adapter for another family). DoRA deltas depend on the base's weights, so a
+    reader applies to the model it was opened against.
+    """
+
+    def __init__(
+        self, adapter: AdapterFile, base_infos: Mapping[str, TensorInfo], base, family: str
+    ):
+        self.adapter = adapter
+        self.path: Path = adapter.path
+        self.metadata = adapter.metadata
+        self.family = family
+        self._base = base
+        self._patches: dict[str, list[_Patch]] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        used: set[str] = set()
+        modules = adapter.modules
+        for key, info in base_infos.items():
+            if not info.is_floating:
+                continue
+            patches = []
+            for part in module_names(family, key):
+                module = next((modules[n] for n in part.names if n in modules), None)
+                if module is None:
+                    continue
+                wanted = (
+                    module.changes_weight if part.parameter == "weight" else module.changes_bias
+                )
+                if wanted:
+                    patches.append(_Patch(part.index, part.parts, module, part.parameter))
+                    used.add(module.stem)
+            if patches:
+                self._patches[key] = patches
+                shape = self._delta_shape(key, info, patches)
+                dtype = adapter.compute_dtype([p.module for p in patches])
+                self._infos[key] = TensorInfo(dtype, shape)
+        self.unmatched = [stem for stem in modules if stem not in used]
+
+    def _delta_shape(self, key: str, target: TensorInfo, patches: list[_Patch]) -> tuple[int, ...]:
+        """The delta's shape: the key's, or for a key with more input channels
+        (inpainting conv_in) the adapter's fewer leading channels."""
+        infos = self.adapter.infos
+        for patch in patches:
+            module = patch.module
+            if patch.parameter == "bias":
+                bias_key = module.keys.get("diff_b") or module.keys["b_norm"]
+                rows, numel, kernel = infos[bias_key].shape[0], infos[bias_key].numel, ()
+            else:
+                rows, numel, kernel = module.weight_size(infos)
+            expected = target.numel // patch.parts
+            if numel == expected:
+                continue
+            shape = target.shape
+            channels_differ = (
+                patch.parts == 1
+                and len(shape) == 4
+                and rows == shape[0]
+                and numel % (rows * shape[2] * shape[3]) == 0
+                and kernel in ((), shape[2:])
+                and numel < target.numel
+            )
+            if channels_differ:
+                return (rows, numel // (rows * shape[2] * shape[3]), *shape[2:])
+            raise self._misfit(module.stem, numel, key, shape, patch.parts)
+        return target.shape
+
+    def _misfit(
+        self, stem: str, numel: int, key: str, shape: tuple[int, ...], parts: int
+    ) -> RecipeError:
+        guessed = guess_family(self.adapter)
+        part = f" (a third of it, {numel} elements expected per slice)" if parts == 3 else ""
+        return RecipeError(
+            f"this adapter does not fit a {self.family} model: module {stem} makes a "
+            f"delta of {numel} elements for {key} of shape {list(shape)}{part}; its "
+            f"modules look like a {guessed} adapter",
+            self.path,
+        )
+
+    def keys(self) -> list[str]:
+        """The checkpoint keys the adapter patches."""
+        return list(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of the delta at `key`."""
+        return self._infos[key]
+
+    def infos(self) -> dict[str, TensorInfo]:
+        """Dtype and shape of every delta."""
+        return dict(self._infos)
+
+    @property
+    def has_dora(self) -> bool:
+        """True when some module's delta depends on the base's weights."""
+        return any(p.module.dora for patches in self._patches.values() for p in patches)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The delta at `key` (a new tensor), computed from the modules that patch it."""
+        info = self._infos[key]
+        patches = self._patches[key]
+        if len(patches) == 1 and patches[0].parts == 1:
+            return self._part(key, patches[0], info.dtype, info.shape, None)
+        delta = torch.zeros(info.shape, dtype=info.dtype)
+        for patch in patches:  # a missing slice of a fused key stays zero
+            size = info.shape[0] // patch.parts
+            rows = slice(patch.index * size, (patch.index + 1) * size)
+            delta[rows] = self._part(key, patch, info.dtype, delta[rows].shape, rows)
+        return delta
+
+    def _part(
+        self,
+        key: str,
+        patch: _Patch,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        rows: slice | None,
+    ) -> torch.Tensor:
+        module = patch.module
+
+        def factor(parameter: str) -> torch.Tensor | None:
+            return self.adapter.factor(module, parameter, dtype)
+
+        if patch.parameter == "bias":
+            return bias_delta(factor).reshape(shape)
+        delta = weight_delta(module, factor).reshape(shape)
+        if module.dora:
+            base = self._base.tensor(key)
+            base = (base if rows is None else base[rows]).to(dtype)
+            magnitude = factor("dora_scale")
+            assert magnitude is not None
+            delta = dora_delta(base[:, : shape[1]] if base.dim() > 1 else base, delta, magnitude)
+        return delta
+
+    def raw(self, key: str) -> memoryview:
+        """The delta's bytes."""
+        return memoryview(self.tensor(key).contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def fingerprint(self) -> Fingerprint:
+        """The adapter file's own fingerprint (its tensors under their own names)."""
+        return self.adapter.reader.fingerprint()
+
+    def tensor_digests(self, fingerprint: Fingerprint) -> dict[str, str]:
+        """Each patched key's digest: of the factors that make its delta, and how."""
+        digests = {}
+        for key, patches in self._patches.items():
+            parts = [
+                (
+                    p.index,
+                    p.parts,
+                    p.parameter,
+                    p.module.algorithm,
+                    sorted(
+                        (name, fingerprint.tensors[file_key])
+                        for name, file_key in p.module.keys.items()
+                    ),
+                )
+                for p in patches
+            ]
+            info = self._infos[key]
+            described = [
+                DELTA_VERSION,
+                str(info.dtype),
+                list(info.shape),
+                parts,
+                self.adapter.peft_alpha,
+            ]
+            digests[key] = blake3.blake3(json.dumps(described).encode()).hexdigest()
+        return digests
+
+
+@cache
+def _layout_names(family: str) -> dict[str, tuple[int, int]]:
+    """Module name → (parts, elements per part) over a real `family` layout."""
+    shapes, _ = layout(family)
+    found = {}
+    for key, shape in shapes.items():
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        for part in module_names(family, key):
+            for name in part.names:
+                found[name] = (part.parts, numel // part.parts)
+    return found
+
+
+def guess_family(adapter: AdapterFile) -> str:
+    """The family whose real layout fits the adapter's modules by name and size
+    (by name alone for shrunken test adapters), or "unknown"."""
+    best, best_score = "unknown", (0, 0)
+    for family in ADAPTER_FAMILIES:
+        names = _layout_names(family)
+        named = fitting = 0
+        for stem, module in adapter.modules.items():
+            if stem not in names or not module.changes_weight:
+                continue
+            named += 1
+            fitting += module.weight_size(adapter.infos)[1] == names[stem][1]
+        if (fitting, named) > best_score:
+            best, best_score = family, (fitting, named)
+    return best
