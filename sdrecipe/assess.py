@@ -15,6 +15,7 @@ from sdrecipe.io.readers import tensor_digests
 from sdrecipe.lock import Lock, read_lock
 from sdrecipe.prepare import Prepared, tokenizer_folders
 from sdrecipe.provenance import output_metadata
+from sdrecipe.recipe.model import LORA_EXTRACTION
 from sdrecipe.staleness import NodeStatus, OutputFacts, node_statuses
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -43,6 +44,8 @@ def _written_as(prepared: Prepared, output: str) -> dict[str, str]:
     """What decides an output's bytes besides its tensors and metadata: the
     format, and for a diffusers folder the tokenizer files it copies."""
     spec = prepared.recipe.outputs[output]
+    if spec.lora is not None:
+        return {"format": spec.format, "lora": repr(spec.lora), "extraction": LORA_EXTRACTION}
     if spec.format != "diffusers":
         return {"format": spec.format}
     tokenizers = tokenizer_folders(prepared, output)

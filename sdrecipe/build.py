@@ -201,8 +201,7 @@ class _Builder:
             output_plan = plan.outputs[name]
             output = output_plan.output
             writer = open_writer(
-                output.path,
-                output.format,
+                output,
                 output_plan.tensors,
                 assessment.metadata[name],
                 self.prepared.architectures[plan.graph.base_input(output.node)],
@@ -246,6 +245,8 @@ class _Builder:
         if self.cache is None or not self.cache.tensors or output.is_dir():
             return  # folders are not kept as packs
         self.cache.add_pack(output, sha256, self.assessment.output_ids[name])
+        if self.prepared.recipe.outputs[name].lora is not None:
+            return  # a LoRA's tensors are factors, not the node's values
         identities = self.assessment.identities.outputs[name]
         self.cache.add_refs(
             (identities[key], Location(PACK, sha256, key, digest))

@@ -103,7 +103,14 @@ class Executor:
             for key_plan in self.plan.keys
             if any(o in self.writers for o in (*key_plan.copies, *key_plan.computed_outputs))
         ]
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="sdrecipe") as pool:
+        # OpenMP's thread count is per thread: each worker sets its own, or BLAS and
+        # LAPACK calls would split work (and vary their rounding) across threads.
+        with ThreadPoolExecutor(
+            self.threads,
+            thread_name_prefix="sdrecipe",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        ) as pool:
             futures = [pool.submit(self.run_key, key_plan) for key_plan in key_plans]
             try:
                 for future in futures:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdrecipe.adapters.extract import extracted_keys
 from sdrecipe.arch import EMA_PREFIX, VAE_PREFIX, is_never_merged
 from sdrecipe.arch.blocks import listed_block_ids
 from sdrecipe.errors import RecipeError
@@ -306,6 +307,8 @@ class _Planner:
             if key not in self.written[name]:
                 continue  # pruned, or only in another output's inputs
             output = recipe.outputs[name]
+            if output.lora is not None and self.status[output.node].get(key) != MERGED:
+                continue  # no difference here: the LoRA has no layer for it
             vae = output.vae if key in self.baked.get(name, ()) else None
             source = sources[name] = vae or output.node
             copied = self._copy_source(name, source, key, steps)
@@ -371,7 +374,13 @@ class _Planner:
         dtype, with the VAE replaced by the baked one's when it has `vae`."""
         output = self.graph.recipe.outputs[name]
         target = NAME_TO_DTYPE[output.dtype] if output.dtype else None
-        base = self.input_infos[self.graph.base_input(output.node)]
+        base_name = self.graph.base_input(output.node)
+        base = self.input_infos[base_name]
+        if output.lora is not None:  # the writer takes each layer's difference
+            family = self.families.get(base_name, "unknown")
+            keys = extracted_keys(family, list(base), output.lora)
+            self.written[name] = {key: TensorInfo(torch.float32, base[key].shape) for key in keys}
+            return self.written[name]
         found = dict(base)
         if output.vae is not None:
             found = {key: info for key, info in found.items() if not key.startswith(VAE_PREFIX)}
@@ -424,12 +433,14 @@ class _Planner:
             others.update(self.input_infos[leaf])
         status = dict(self.status[output.node])
         status.update(dict.fromkeys(self.baked.get(name, ()), "from the baked VAE"))
+        if output.lora is not None:
+            tensors = {key: info for key, info in tensors.items() if status.get(key) == MERGED}
         return OutputPlan(
             name=name,
             output=output,
             tensors=tensors,
             status=status,
-            dropped=len(others - set(tensors)),
+            dropped=0 if output.lora is not None else len(others - set(tensors)),
         )
 
 

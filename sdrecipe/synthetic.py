@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sdrecipe.adapters.naming import LOCON_LAYERS, LORA_LAYERS
 from sdrecipe.arch import UNET_INPUT_CONV, layout
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
@@ -87,14 +88,6 @@ def write_model(path: Path, spec: ModelSpec, metadata: dict[str, str] | None = N
     return path
 
 
-# The layers kohya's trainers patch: attention and feed-forward layers of the
-# transformers and text encoders, and with LoCon the UNet's resnet layers.
-ATTENTION_LAYERS = re.compile(
-    r"(transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2))"
-    r"|\.proj_(in|out)|self_attn\.(q|k|v|out)_proj|mlp\.(fc1|fc2|c_fc|c_proj)"
-    r"|attn\.out_proj)\.weight$|attn\.in_proj_weight$"
-)
-RESNET_LAYERS = re.compile(r"\.(in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1)\.weight$")
 NORM_LAYERS = re.compile(
     r"\.(norm[123]?|in_layers\.0|out_layers\.0|layer_norm[12]|ln_[12])\.weight$"
 )
@@ -133,8 +126,8 @@ def adapter_tensors(spec: AdapterSpec) -> dict[str, torch.Tensor]:
     patched = [
         key
         for key in model
-        if ATTENTION_LAYERS.search(key)
-        or (spec.convs and key.startswith("model.diffusion_model.") and RESNET_LAYERS.search(key))
+        if LORA_LAYERS.search(key)
+        or (spec.convs and LOCON_LAYERS.search(key))
         or (spec.algorithm == "full" and NORM_LAYERS.search(key))
     ]
     for index, key in enumerate(patched):

@@ -16,10 +16,23 @@ q, k and v, each patching a third of its rows.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sdrecipe.arch.diffusers_names import diffusers_source
 
+# The layers kohya's trainers patch: attention and feed-forward layers of the
+# UNet's transformers and of the text encoders (OpenCLIP's fused q/k/v too) ...
+LORA_LAYERS = re.compile(
+    r"(transformer_blocks\.\d+\.(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2))"
+    r"|\.proj_(in|out)|self_attn\.(q|k|v|out)_proj|mlp\.(fc1|fc2|c_fc|c_proj)"
+    r"|attn\.out_proj)\.weight$|attn\.in_proj_weight$"
+)
+# ... and, for LoCon, the UNet's resnet, downsampling and upsampling layers.
+LOCON_LAYERS = re.compile(
+    r"^model\.diffusion_model\..*\.(in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1"
+    r"|op|\d\.conv)\.weight$"
+)
 KOHYA_TEXT_ENCODER = {("sdxl", "text_encoder"): "te1", ("sdxl", "text_encoder_2"): "te2"}
 PEFT_PREFIXES = {
     "unet": ("unet.", ""),

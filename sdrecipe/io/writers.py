@@ -8,8 +8,10 @@ from typing import Protocol
 
 from sdrecipe.arch.detect import Architecture
 from sdrecipe.io.diffusers_writer import DiffusersWriter
+from sdrecipe.io.lora_writer import LoraWriter
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
+from sdrecipe.recipe.model import Output
 
 
 class OutputWriter(Protocol):
@@ -31,14 +33,15 @@ class OutputWriter(Protocol):
 
 
 def open_writer(
-    path: Path,
-    output_format: str,
+    output: Output,
     tensors: dict[str, TensorInfo],
     metadata: dict[str, str],
     architecture: Architecture,
     tokenizers: Mapping[str, Path],
 ) -> OutputWriter:
-    """A writer for one output: a safetensors file, or a diffusers folder."""
-    if output_format == "diffusers":
-        return DiffusersWriter(path, tensors, metadata, architecture, tokenizers)
-    return SafetensorsWriter(path, tensors, metadata)
+    """A writer for one output: a safetensors file, a diffusers folder, or a LoRA."""
+    if output.format == "diffusers":
+        return DiffusersWriter(output.path, tensors, metadata, architecture, tokenizers)
+    if output.lora is not None:
+        return LoraWriter(output.path, tensors, metadata, architecture.family, output.lora)
+    return SafetensorsWriter(output.path, tensors, metadata)

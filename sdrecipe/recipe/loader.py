@@ -26,8 +26,14 @@ from sdrecipe.recipe.expr import (
     parse_expression,
     references,
 )
-from sdrecipe.recipe.model import Input, KeySelection, Node, Output, Recipe
-from sdrecipe.recipe.schema import InputEntry, NodeEntry, OutputEntry, RecipeDocument
+from sdrecipe.recipe.model import Input, KeySelection, LoraOptions, Node, Output, Recipe
+from sdrecipe.recipe.schema import (
+    LORA_OPTIONS,
+    InputEntry,
+    NodeEntry,
+    OutputEntry,
+    RecipeDocument,
+)
 from sdrecipe.recipe.spaces import SpaceError, coefficient_sum, space_named
 from sdrecipe.recipe.yaml_source import YamlDocument, load_yaml
 
@@ -352,6 +358,13 @@ def _make_output(
         )
     # `vae` names an input, or a file that becomes the input `<output>.vae`.
     vae = spec.vae if spec.vae is None or spec.vae in inputs else f"{name}.vae"
+    lora = None
+    if spec.format == "lora":
+        given = {option: getattr(spec, option) for option in LORA_OPTIONS}
+        lora = LoraOptions(
+            **{option: value for option, value in given.items() if value is not None},
+            dtype=spec.dtype or "float16",
+        )
     return Output(
         node=name,
         path=resolved,
@@ -359,7 +372,8 @@ def _make_output(
         line=line,
         format=spec.format,
         prune_ema=spec.prune_ema,
-        space=spec.space,
+        space=spec.space or (DIFFERENCE if lora else MODEL),
         vae=vae,
         metadata=dict(spec.metadata),
+        lora=lora,
     )

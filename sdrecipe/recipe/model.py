@@ -81,11 +81,31 @@ class Node:
         return f"{expression} [{selection}]" if selection else expression
 
 
+# Names how `format: lora` outputs are extracted; a change that alters their
+# bytes changes this, so outputs cached before are not reused.
+LORA_EXTRACTION = "sdrecipe-lora-extraction-1"
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """How a `format: lora` output is extracted: the rank of linear and 1x1
+    layers, of 3x3 convolutions (None: those are not extracted), the clamp
+    quantile, whether text encoders are included (`auto`: if they changed),
+    and the factors' dtype."""
+
+    rank: int = 64
+    conv_rank: int | None = None
+    clamp_quantile: float = 0.99
+    text_encoder: bool | str = "auto"
+    dtype: str = "float16"
+
+
 @dataclass(frozen=True)
 class Output:
     """A node written to a file; `dtype` None keeps each base tensor's dtype.
 
-    `format` is `safetensors` (one file) or `diffusers` (a folder).
+    `format` is `safetensors` (one file), `diffusers` (a folder) or `lora` (a
+    LoRA extracted from a difference node, with `lora` options).
     `prune_ema` drops `model_ema.*`; `vae` names the input whose VAE
     replaces the node's (`first_stage_model.*`); `metadata` adds header fields;
     `space` is `model`, or `difference` for a file of deltas.
@@ -100,6 +120,7 @@ class Output:
     vae: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     space: str = "model"
+    lora: LoraOptions | None = None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ Component = Literal["unet", "vae", "text_encoder", "text_encoder_2", "ema", "oth
 RESERVED_METADATA = ("format", "sdrecipe", "sd_merge_recipe", "sd_merge_models")
 
 
+LORA_OPTIONS = ("rank", "conv_rank", "clamp_quantile", "text_encoder")
 # The node options besides `expression`, `method` and `models`.
 NODE_OPTIONS = (
     "cache",
@@ -90,12 +91,29 @@ class OutputEntry(_Strict):
     """An output file written from a node."""
 
     path: str = Field(min_length=1)
-    format: Literal["safetensors", "diffusers"] = "safetensors"
+    format: Literal["safetensors", "diffusers", "lora"] = "safetensors"
     dtype: OutputDtype | None = None
     prune_ema: bool = False
-    space: Literal["model", "difference"] = "model"
+    space: Literal["model", "difference"] | None = None
     vae: str | None = Field(default=None, min_length=1)
     metadata: dict[str, str] = Field(default_factory=dict)
+    # `format: lora` only: the extracted LoRA's ranks, clamp, and text encoders.
+    rank: int | None = Field(default=None, ge=1)
+    conv_rank: int | None = Field(default=None, ge=1)
+    clamp_quantile: float | None = Field(default=None, gt=0.0, le=1.0)
+    text_encoder: bool | Literal["auto"] | None = None
+
+    @model_validator(mode="after")
+    def _lora_options(self) -> OutputEntry:
+        options = [n for n in LORA_OPTIONS if getattr(self, n) is not None]
+        if self.format != "lora" and options:
+            raise ValueError(f"{', '.join(options)} apply to `format: lora` outputs only")
+        if self.format == "lora":
+            if self.space == "model":
+                raise ValueError("a LoRA holds a difference, not a model (drop `space`)")
+            if self.vae is not None or self.prune_ema:
+                raise ValueError("`vae` and `prune_ema` do not apply to a LoRA")
+        return self
 
     @field_validator("metadata")
     @classmethod

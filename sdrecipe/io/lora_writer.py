@@ -1,0 +1,154 @@
+"""The `format: lora` output: a LoRA extracted from a difference, in kohya's layout.
+
+The executor streams each layer's difference into the writer like into any
+output; once a layer's bytes are complete the writer factors it (see
+`sdrecipe.adapters.extract`) and keeps only the factors. `finish` writes the
+file, whose size is known only then: the text encoders are left out when
+`text_encoder: auto` finds them unchanged, as kohya does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdrecipe.adapters.extract import (
+    TEXT_ENCODER_MIN_DIFFERENCE,
+    extract,
+    is_text_encoder,
+    layer_rank,
+)
+from sdrecipe.adapters.naming import kohya_name, module_names
+from sdrecipe.io.dtypes import NAME_TO_DTYPE
+from sdrecipe.io.safetensors_writer import SafetensorsWriter
+from sdrecipe.io.tensor_info import TensorInfo
+from sdrecipe.recipe.model import LoraOptions
+
+# kohya's `ss_base_model_version` and the modelspec architecture, per family.
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+}
+
+
+def lora_metadata(family: str, options: LoraOptions) -> dict[str, str]:
+    """The training metadata A1111, ComfyUI and kohya's tools read from a LoRA."""
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(options.rank),
+        "ss_network_alpha": str(float(options.rank)),
+        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": BASE_MODEL_VERSION.get(family, family),
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(family, family),
+    }
+    if options.conv_rank:
+        rank = options.conv_rank
+        metadata["ss_network_args"] = f'{{"conv_dim": "{rank}", "conv_alpha": "{float(rank)}"}}'
+    return metadata
+
+
+class LoraWriter:
+    """Receives each layer's difference (float32, in row pieces, one thread per
+    layer), extracts its factors, and writes them at `finish`."""
+
+    def __init__(
+        self,
+        path: Path,
+        differences: dict[str, TensorInfo],
+        metadata: dict[str, str],
+        family: str,
+        options: LoraOptions,
+    ):
+        self.path = path
+        self._differences = differences
+        self._metadata = {**metadata, **lora_metadata(family, options)}
+        self._family = family
+        self._options = options
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[np.ndarray, int]] = {}
+        self._factors: dict[str, torch.Tensor] = {}
+        self._text_encoder_peak = 0.0
+        self._writer: SafetensorsWriter | None = None
+
+    def info(self, key: str) -> TensorInfo:
+        """The difference the writer takes at `key`."""
+        return self._differences[key]
+
+    def write(self, key: str, data: memoryview | bytes, start: int = 0) -> None:
+        """Take bytes of `key`'s difference; factor it once all have come."""
+        info = self._differences[key]
+        with self._lock:
+            # torch allocates 64-byte aligned memory: LAPACK's results may depend on alignment.
+            buffer, received = self._pending.get(key) or (
+                torch.empty(info.nbytes, dtype=torch.uint8).numpy(),
+                0,
+            )
+        piece = np.frombuffer(data, np.uint8)
+        buffer[start : start + piece.size] = piece
+        received += piece.size
+        if received < info.nbytes:
+            with self._lock:
+                self._pending[key] = (buffer, received)
+            return
+        with self._lock:
+            self._pending.pop(key, None)
+        difference = torch.from_numpy(buffer).view(info.dtype).reshape(info.shape)
+        self._factor(key, difference)
+
+    def _factor(self, key: str, difference: torch.Tensor) -> None:
+        """Factor one layer (each third of a fused q/k/v projection on its own)."""
+        parts = module_names(self._family, key)
+        if len(parts) == 1:
+            pieces = [(kohya_name(self._family, key), difference)]
+        else:
+            size = difference.shape[0] // len(parts)
+            pieces = [
+                (part.names[0], difference[part.index * size : (part.index + 1) * size])
+                for part in parts
+            ]
+        factors = {}
+        for name, piece in pieces:
+            rank = layer_rank(tuple(piece.shape), self._options)
+            seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+            up, down = extract(piece, rank, self._options.clamp_quantile, seed >> 1)
+            dtype = NAME_TO_DTYPE[self._options.dtype]
+            factors[f"{name}.lora_up.weight"] = up.to(dtype)
+            factors[f"{name}.lora_down.weight"] = down.to(dtype)
+            factors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+        peak = float(difference.abs().max()) if is_text_encoder(key) else 0.0
+        with self._lock:
+            self._factors.update(factors)
+            self._text_encoder_peak = max(self._text_encoder_peak, peak)
+
+    def finish(self) -> None:
+        """Write the factors into the temporary file (text encoders dropped when
+        `auto` finds their differences all within kohya's 0.01)."""
+        factors = self._factors
+        unchanged = self._text_encoder_peak <= TEXT_ENCODER_MIN_DIFFERENCE
+        if self._options.text_encoder == "auto" and unchanged:
+            factors = {k: v for k, v in factors.items() if not k.startswith("lora_te")}
+        infos = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in sorted(factors.items())}
+        self._writer = SafetensorsWriter(self.path, infos, self._metadata)
+        try:
+            for key in infos:
+                self._writer.write_tensor(key, factors[key])
+            self._writer.finish()
+        except BaseException:
+            self._writer.abort()
+            raise
+
+    def publish(self) -> None:
+        """Rename the finished file into place."""
+        assert self._writer is not None
+        self._writer.publish()
+
+    def abort(self) -> None:
+        """Discard the temporary file."""
+        if self._writer is not None:
+            self._writer.abort()
