@@ -6,7 +6,10 @@ diffusers folder with sdrecipe. `check FOLDER` (a venv with diffusers) loads
 each folder with `DiffusionPipeline.from_pretrained`, compares the UNet and
 VAE weights with diffusers' own conversion of the single file and the text
 encoders with the single file, and runs the UNet and the VAE decoder once.
-It exits non-zero on any difference.
+For SD1 and SDXL it also loads a LoRA that sdrecipe extracted from a
+fine-tune (`format: lora`) with `load_lora_weights`, fuses it, and compares
+the weights with sdrecipe's own bake of that LoRA. It exits non-zero on any
+difference.
 """
 
 from __future__ import annotations
@@ -23,6 +26,17 @@ OPEN_CLIP = {
 }
 HF_CLIP = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 TIME_IDS = {"sdxl": 6, "sdxl-refiner": 5}
+LORA_FAMILIES = ("sd1", "sdxl")
+LORA_RECIPE = """
+inputs: {{A: {family}.safetensors, B: {family}-finetune.safetensors}}
+nodes: {{learned: B - A}}
+outputs: {{learned: {{path: {family}-lora.safetensors, format: lora, rank: 8, conv_rank: 4}}}}
+"""
+BAKE_RECIPE = """
+inputs: {{A: {family}.safetensors, L: {family}-lora.safetensors}}
+nodes: {{baked: A + L}}
+outputs: {{baked: {{path: {family}-baked.safetensors, dtype: fp32}}}}
+"""
 
 
 def prepare(folder: Path) -> None:
@@ -40,6 +54,41 @@ def prepare(folder: Path) -> None:
             f"outputs: {{model: {{path: {family}-diffusers, format: diffusers}}}}\n"
         )
         build(prepare_recipe(parse_recipe(text, folder / f"{family}.yaml")), threads=2)
+        if family in LORA_FAMILIES:
+            spec = ModelSpec(family, shrink=8, seed=1, delta_seed=2)
+            write_model(folder / f"{family}-finetune.safetensors", spec)
+            for name, recipe in (("lora", LORA_RECIPE), ("bake", BAKE_RECIPE)):
+                text = recipe.format(family=family)
+                recipe_path = folder / f"{family}-{name}.yaml"
+                build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
+
+
+def check_lora(folder: Path, family: str, pipe: object) -> list[str]:
+    """Load sdrecipe's extracted LoRA with diffusers, fuse it, and compare the
+    UNet and text encoder with sdrecipe's bake of the same LoRA."""
+    import diffusers.loaders.single_file_utils as conversion
+    import torch
+    from safetensors.torch import load_file
+
+    pipe.load_lora_weights(folder, weight_name=f"{family}-lora.safetensors")
+    pipe.fuse_lora(lora_scale=1.0)
+    baked = load_file(folder / f"{family}-baked.safetensors")
+    expected = conversion.convert_ldm_unet_checkpoint(baked, pipe.unet.config)
+    problems = []
+    changed = 0
+    for key, value in pipe.unet.state_dict().items():
+        want = expected[key]
+        if not torch.allclose(value.float(), want.float(), rtol=1e-2, atol=1e-3):
+            problems.append(f"LoRA differs: unet {key}")
+        changed += "attn1.to_q.weight" in key
+    prefix = HF_CLIP[family]
+    for key, value in pipe.text_encoder.state_dict().items():
+        want = baked.get(prefix + key) if "lora" not in key else None
+        if want is not None and not torch.allclose(value.float(), want, rtol=1e-2, atol=1e-3):
+            problems.append(f"LoRA differs: text_encoder {key}")
+    if not changed:
+        problems.append("no attention layer found in the fused UNet")
+    return problems
 
 
 def _differences(ours: dict, theirs: dict) -> list[str]:
@@ -120,6 +169,8 @@ def check(folder: Path) -> int:
                 .decode(torch.randn(1, pipe.vae.config.latent_channels, 8, 8))
                 .sample
             )
+        if family in LORA_FAMILIES:
+            problems += check_lora(folder, family, pipe)
         status = "ok" if not problems else f"{len(problems)} problem(s): {problems[:3]}"
         shapes = f"unet {tuple(noise.shape)} vae {tuple(image.shape)}"
         print(f"{family:13} {type(pipe).__name__:34} {shapes}  {status}")

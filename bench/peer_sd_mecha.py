@@ -1,7 +1,7 @@
 """Run sd-mecha (in its own virtualenv): peer_sd_mecha.py METHOD OUT MODEL... [ALPHA].
 
 METHOD is add_difference (A B C), weighted_sum (A B ALPHA), ties, dare_ties
-(BASE M1 M2 ...) or slerp (A B)."""
+(BASE M1 M2 ...), slerp (A B) or lora (BASE LORA STRENGTH: bake a LoRA in)."""
 
 import sys
 
@@ -29,6 +29,10 @@ elif method in ("ties", "dare_ties"):
             *deltas, probability=0.9, k=1.0, seed=0, apply_stock=True, vote_sgn=True
         )
     recipe = linear.add_difference(base, merged, alpha=1.0)
+elif method == "lora":
+    base = sd_mecha.model(rest[0])
+    delta = sd_mecha.convert(sd_mecha.model(rest[1]), base)  # the LoRA as a difference
+    recipe = linear.add_difference(base, delta, alpha=float(rest[2]))
 else:
     a, b = (sd_mecha.model(path) for path in rest[:2])
     recipe = sd_mecha.slerp(a, b, alpha=0.5)

@@ -157,6 +157,38 @@ def _advanced_targets(report: dict, add_difference: float) -> list[tuple]:
         rows.append(
             ("peak anonymous memory, SDXL TIES", "≤ 1.5 GB", _mb(anon), anon <= 1536 * 1024)
         )
+    return rows + _lora_targets(report)
+
+
+def _lora_targets(report: dict) -> list[tuple]:
+    """Issue 13's targets: a LoRA baked into SDXL against a plain conversion build."""
+    if "sdxl_lora" not in report:
+        return [("SDXL + rank-64 LoRA vs plain conversion", "≤ 1.2×", "not run", None)]
+    results = report["sdxl_lora"]
+    bake, convert = results["sdrecipe"].median("wall"), results["sdrecipe-convert"].median("wall")
+    ratio = bake / convert
+    rows = [
+        (
+            "SDXL + rank-64 LoRA vs plain conversion (`model: A`)",
+            "≤ 1.2×",
+            f"{_s(bake)} vs {_s(convert)} ({ratio:.2f}×)",
+            ratio <= 1.2,
+        )
+    ]
+    mecha = results["sd-mecha"]
+    shown = (
+        f"sd-mecha failed: {mecha.error[:80]}"
+        if mecha.error
+        else (f"{_s(mecha.median('wall'))} ({mecha.median('wall') / bake:.1f}×)")
+    )
+    rows.append(
+        (
+            "SDXL LoRA bake vs sd-mecha",
+            "faster",
+            shown,
+            None if mecha.error else (mecha.median("wall") > bake),
+        )
+    )
     return rows
 
 
@@ -264,5 +296,23 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
             "Scenario 11: SDXL `ties(C, A, B, density=0.2)`, cold",
             report["sdxl_ties"],
             "sdrecipe alone: a side-by-side run of the peers on SDXL would take hours here.",
+        )
+    if "sdxl_lora" in report:
+        lines += [
+            "## Scenario 12: full-size SDXL + a rank-64 LoRA (986 modules), fp16 out",
+            "",
+            "`sdrecipe`: `A + 0.8 * L`; `sdrecipe-convert`: `model: A`, the same checkpoint "
+            "written without a LoRA (the floor a bake can approach); `sd-mecha`: "
+            "`convert(lora, base)` added with `add_difference`.",
+            "",
+            *_side_by_side(report["sdxl_lora"]),
+            "",
+        ]
+    if "extract_lora" in report:
+        lines += _single(
+            "Scenario 13: a rank-64 LoRA extracted from full-size SD1.5 `B − C`",
+            report["extract_lora"],
+            "`format: lora, rank: 64`: kohya's 264 layers (the UNet's transformers and the "
+            "text encoder), a truncated SVD each, `--force`.",
         )
     path.write_text("\n".join(lines))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import write_report
-from sdrecipe.synthetic import ModelSpec, write_model_set
+from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model_set
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "bench"
@@ -53,6 +53,9 @@ SDXL_MODELS = {
 # Scenario 8's block weights (SDXL: BASE, IN00..IN08, M00, OUT00..OUT08), as pasted
 # from supermerger; IN04 (the sixth value) is the one changed between rounds.
 SDXL_BLOCK_ALPHAS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1,0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2,0.1"
+# Scenario 12's LoRA: kohya's layers of SDXL's UNet and both text encoders, rank 64.
+SDXL_LORA = "sdxl-lora64.safetensors"
+SDXL_LORA_SPEC = AdapterSpec("sdxl", rank=64, alpha=32.0, seed=51)
 PEERS = {
     # name: (requirement, imports it needs but does not declare)
     "sd-meh": ("sd-meh==0.9.5", ["safetensors", "tqdm", "scipy", "tensordict"]),
@@ -157,6 +160,18 @@ def ensure_models(models: dict[str, ModelSpec]) -> None:
             manifest.write_text(json.dumps(known, indent=1))
 
 
+def ensure_adapter(name: str, spec: AdapterSpec) -> None:
+    """Generate a full-size synthetic adapter once; regenerate if its spec changed."""
+    manifest = WORK / "models.json"
+    known = json.loads(manifest.read_text()) if manifest.exists() else {}
+    wanted = f"{MODEL_SPEC_VERSION}:{spec}"
+    if known.get(name) != wanted or not (WORK / name).exists():
+        print(f"generating {name} (full size)", flush=True)
+        write_adapter(WORK / name, spec)
+        known[name] = wanted
+        manifest.write_text(json.dumps(known, indent=1))
+
+
 def ensure_peer(name: str) -> str:
     """Create the peer's virtualenv if needed; return an install error, or ''."""
     requirement, extras = PEERS[name]
@@ -225,6 +240,21 @@ nodes:
 outputs: {{blended: {{path: out-sdxl-blocks.safetensors, dtype: fp16}}}}
 """,
     }
+    recipes["sdxl_lora.yaml"] = f"""
+inputs: {{A: sdxl-A.safetensors, L: {SDXL_LORA}}}
+nodes: {{baked: A + 0.8 * L}}
+outputs: {{baked: {{path: out-sdxl-lora.safetensors, dtype: fp16}}}}
+"""
+    recipes["sdxl_convert.yaml"] = """
+inputs: {A: sdxl-A.safetensors}
+nodes: {model: A}
+outputs: {model: {path: out-sdxl-convert.safetensors, dtype: fp16}}
+"""
+    recipes["extract_lora.yaml"] = """
+inputs: {B: sd15-B.safetensors, C: sd15-C.safetensors}
+nodes: {learned: B - C}
+outputs: {learned: {path: out-lora.safetensors, format: lora, rank: 64}}
+"""
     # Scenario 3b: the same recipe with both intermediates kept out of the cache.
     recipes["five_inputs_uncached.yaml"] = (
         recipes["five_inputs.yaml"]
@@ -416,9 +446,167 @@ def io_floor() -> dict[str, float]:
     return {"read": read, "write": write}
 
 
+def classic_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenarios 1-6: the classic methods against the peers, caching, hashing."""
+    # Fingerprint the inputs once, so "cold" builds below measure merging only.
+    for recipe in (
+        "add_difference.yaml",
+        "weighted_sum.yaml",
+        "five_inputs.yaml",
+        "five_inputs_uncached.yaml",
+    ):
+        hash_inputs(recipe)
+
+    print("scenario 1: cold A + (B - C)", flush=True)
+    report["add_difference"] = side_by_side(
+        "add_difference", tool_commands("add_difference"), rounds, skip
+    )
+    report["io_floor"] = io_floor()
+    free_cache()
+    print("scenario 2: cold weighted_sum(A, B, alpha=0.3)", flush=True)
+    report["weighted_sum"] = side_by_side(
+        "weighted_sum", tool_commands("weighted_sum"), rounds, skip
+    )
+    free_cache()
+
+    print("scenario 3: five inputs, two named intermediates", flush=True)
+    five = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs.yaml"]
+    report["five_inputs"] = repeated("five_inputs", five, rounds, lambda: None)
+    uncached = [
+        *SDRECIPE,
+        "build",
+        "--force",
+        "--cache-dir",
+        "cache",
+        "five_inputs_uncached.yaml",
+    ]
+    report["five_inputs_uncached"] = repeated(
+        "five_inputs_uncached", uncached, rounds, lambda: None
+    )
+
+    print("scenario 4: no-op rebuild", flush=True)
+    noop = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
+    report["noop"] = repeated("noop", noop, rounds, lambda: None)
+
+    print("scenario 5: alpha change on the output, intermediates cached", flush=True)
+    recipe = WORK / "five_inputs.yaml"
+    factors = iter(["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"] * rounds)
+
+    def change_alpha() -> None:
+        text = recipe.read_text()
+        current = text.split("merged: A + ")[1].split(" ")[0]
+        recipe.write_text(text.replace(f"A + {current} * style", f"A + {next(factors)} * style"))
+
+    alpha = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
+    report["alpha_change"] = repeated("alpha_change", alpha, rounds, change_alpha)
+
+    free_cache()
+
+    print("scenario 6: first-time hashing of new inputs", flush=True)
+
+    def forget_inputs() -> None:
+        remove_outputs()
+        shutil.rmtree(WORK / "cache-new", ignore_errors=True)
+
+    first = [*SDRECIPE, "build", "--cache-dir", "cache-new", "add_difference.yaml"]
+    report["first_time"] = repeated("first_time", first, rounds, forget_inputs)
+    fingerprint = [*SDRECIPE, "plan", "--cache-dir", "cache-new", "add_difference.yaml"]
+    report["fingerprint_only"] = repeated("fingerprint_only", fingerprint, rounds, forget_inputs)
+    forget_inputs()
+
+
+def advanced_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenarios 9-10: TIES, DARE-TIES and SLERP against the peers; a cached TIES."""
+    for method in ("ties", "dare_ties", "slerp"):
+        print(f"scenario 9: {method}, side by side", flush=True)
+        hash_inputs(f"{method}.yaml")
+        report[method] = side_by_side(method, advanced_commands(method), rounds, skip)
+        free_cache()
+
+    print("scenario 10: a cached TIES intermediate, then a downstream change", flush=True)
+    downstream = WORK / "ties_downstream.yaml"
+    cold = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", downstream.name]
+    report["ties_cold"] = repeated("ties_cold", cold, rounds, free_cache)
+    factors = iter(["0.4", "0.6"] * rounds)
+
+    def change_factor() -> None:
+        text = downstream.read_text()
+        current = text.split("merged: A + ")[1].split(" ")[0]
+        downstream.write_text(text.replace(f"A + {current} *", f"A + {next(factors)} *"))
+
+    again = [*SDRECIPE, "build", "--cache-dir", "cache", downstream.name]
+    report["ties_downstream"] = repeated("ties_downstream", again, rounds, change_factor)
+    free_cache()
+    print("start-up: sdrecipe --help", flush=True)
+    report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
+
+
+def sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenarios 7, 8 and 11 on full-size SDXL."""
+    print("scenario 7: SDXL A + (B - C)", flush=True)
+    for name in SDXL_MODELS:
+        subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
+    hash_inputs("sdxl.yaml")
+    sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
+    report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
+    free_cache()
+    report.update(sdxl_block_weights(rounds))
+    free_cache()
+    print("scenario 11: SDXL ties(C, A, B, density=0.2)", flush=True)
+    hash_inputs("sdxl_ties.yaml")
+    sdxl_ties = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_ties.yaml"]
+    report["sdxl_ties"] = repeated("sdxl_ties", sdxl_ties, rounds, free_cache)
+    free_cache()
+
+
+def lora_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenario 12 (with BENCH_SDXL=1): a rank-64 LoRA baked into full-size SDXL,
+    beside a plain conversion build of the same checkpoint and sd-mecha's bake.
+    Scenario 13: a rank-64 LoRA extracted from full-size SD1.5 B - C."""
+    if os.environ.get("BENCH_SDXL") == "1":
+        print("scenario 12: SDXL + a rank-64 LoRA, beside a plain conversion", flush=True)
+        ensure_adapter(SDXL_LORA, SDXL_LORA_SPEC)
+        for name in ("sdxl-A.safetensors", SDXL_LORA):
+            subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
+        for recipe in ("sdxl_lora.yaml", "sdxl_convert.yaml"):
+            hash_inputs(recipe)
+        commands = {
+            "sdrecipe": [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_lora.yaml"],
+            "sdrecipe-convert": [
+                *SDRECIPE,
+                *("build", "--force", "--cache-dir", "cache", "sdxl_convert.yaml"),
+            ],
+            "sd-mecha": [
+                f"{_venv_bin('sd-mecha')}/python",
+                str(BENCH / "peer_sd_mecha.py"),
+                *("lora", "out-sd-mecha.safetensors", "sdxl-A.safetensors", SDXL_LORA, "0.8"),
+            ],
+        }
+        report["sdxl_lora"] = side_by_side("sdxl_lora", commands, rounds, skip)
+        free_cache()
+    print("scenario 13: a rank-64 LoRA extracted from SD1.5 B - C", flush=True)
+    hash_inputs("extract_lora.yaml")
+    extract = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "extract_lora.yaml"]
+    report["extract_lora"] = repeated("extract_lora", extract, rounds, free_cache)
+    free_cache()
+
+
+SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] = {
+    "classic": classic_scenarios,
+    "advanced": advanced_scenarios,
+    "lora": lora_scenarios,
+    "sdxl": sdxl_scenarios,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--only",
+        help=f"Comma-separated groups ({', '.join(SCENARIOS)}); their figures replace "
+        "those of the last run's results.json, and BENCHMARKS.md is re-rendered.",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="Re-render BENCHMARKS.md from the last run."
     )
@@ -429,125 +617,25 @@ def main() -> None:
         return
     rounds = args.rounds
     sdxl = os.environ.get("BENCH_SDXL") == "1"
+    groups = args.only.split(",") if args.only else [g for g in SCENARIOS if sdxl or g != "sdxl"]
+    unknown = [group for group in groups if group not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(unknown)}; groups: {', '.join(SCENARIOS)}")
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "logs").mkdir(exist_ok=True)
-    ensure_models(SD15_MODELS | (SDXL_MODELS if sdxl else {}))
+    needs_sdxl = "sdxl" in groups or ("lora" in groups and sdxl)
+    ensure_models(SD15_MODELS | (SDXL_MODELS if needs_sdxl else {}))
     skip = {name: error for name in PEERS if (error := ensure_peer(name))}
     write_recipes()
     for name in SD15_MODELS:  # warm the page cache for every tool alike
         subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
     report: dict[str, object] = {"rounds": rounds}
+    if args.only and RESULTS.exists():
+        report = {**_restore(json.loads(RESULTS.read_text())["report"]), "rounds": rounds}
     try:
-        # Fingerprint the inputs once, so "cold" builds below measure merging only.
         shutil.rmtree(WORK / "cache", ignore_errors=True)
-        for recipe in (
-            "add_difference.yaml",
-            "weighted_sum.yaml",
-            "five_inputs.yaml",
-            "five_inputs_uncached.yaml",
-        ):
-            hash_inputs(recipe)
-
-        print("scenario 1: cold A + (B - C)", flush=True)
-        report["add_difference"] = side_by_side(
-            "add_difference", tool_commands("add_difference"), rounds, skip
-        )
-        report["io_floor"] = io_floor()
-        free_cache()
-        print("scenario 2: cold weighted_sum(A, B, alpha=0.3)", flush=True)
-        report["weighted_sum"] = side_by_side(
-            "weighted_sum", tool_commands("weighted_sum"), rounds, skip
-        )
-        free_cache()
-
-        print("scenario 3: five inputs, two named intermediates", flush=True)
-        five = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "five_inputs.yaml"]
-        report["five_inputs"] = repeated("five_inputs", five, rounds, lambda: None)
-        uncached = [
-            *SDRECIPE,
-            "build",
-            "--force",
-            "--cache-dir",
-            "cache",
-            "five_inputs_uncached.yaml",
-        ]
-        report["five_inputs_uncached"] = repeated(
-            "five_inputs_uncached", uncached, rounds, lambda: None
-        )
-
-        print("scenario 4: no-op rebuild", flush=True)
-        noop = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
-        report["noop"] = repeated("noop", noop, rounds, lambda: None)
-
-        print("scenario 5: alpha change on the output, intermediates cached", flush=True)
-        recipe = WORK / "five_inputs.yaml"
-        factors = iter(["0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"] * rounds)
-
-        def change_alpha() -> None:
-            text = recipe.read_text()
-            current = text.split("merged: A + ")[1].split(" ")[0]
-            recipe.write_text(
-                text.replace(f"A + {current} * style", f"A + {next(factors)} * style")
-            )
-
-        alpha = [*SDRECIPE, "build", "--cache-dir", "cache", "five_inputs.yaml"]
-        report["alpha_change"] = repeated("alpha_change", alpha, rounds, change_alpha)
-
-        free_cache()
-
-        print("scenario 6: first-time hashing of new inputs", flush=True)
-
-        def forget_inputs() -> None:
-            remove_outputs()
-            shutil.rmtree(WORK / "cache-new", ignore_errors=True)
-
-        first = [*SDRECIPE, "build", "--cache-dir", "cache-new", "add_difference.yaml"]
-        report["first_time"] = repeated("first_time", first, rounds, forget_inputs)
-        fingerprint = [*SDRECIPE, "plan", "--cache-dir", "cache-new", "add_difference.yaml"]
-        report["fingerprint_only"] = repeated(
-            "fingerprint_only", fingerprint, rounds, forget_inputs
-        )
-        forget_inputs()
-
-        for method in ("ties", "dare_ties", "slerp"):
-            print(f"scenario 9: {method}, side by side", flush=True)
-            hash_inputs(f"{method}.yaml")
-            report[method] = side_by_side(method, advanced_commands(method), rounds, skip)
-            free_cache()
-
-        print("scenario 10: a cached TIES intermediate, then a downstream change", flush=True)
-        downstream = WORK / "ties_downstream.yaml"
-        cold = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", downstream.name]
-        report["ties_cold"] = repeated("ties_cold", cold, rounds, free_cache)
-        factors = iter(["0.4", "0.6"] * rounds)
-
-        def change_factor() -> None:
-            text = downstream.read_text()
-            current = text.split("merged: A + ")[1].split(" ")[0]
-            downstream.write_text(text.replace(f"A + {current} *", f"A + {next(factors)} *"))
-
-        again = [*SDRECIPE, "build", "--cache-dir", "cache", downstream.name]
-        report["ties_downstream"] = repeated("ties_downstream", again, rounds, change_factor)
-        free_cache()
-
-        print("start-up: sdrecipe --help", flush=True)
-        report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
-
-        if sdxl:
-            print("scenario 7: SDXL A + (B - C)", flush=True)
-            for name in SDXL_MODELS:
-                subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
-            hash_inputs("sdxl.yaml")
-            sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
-            report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
-            free_cache()
-            report.update(sdxl_block_weights(rounds))
-            free_cache()
-            print("scenario 11: SDXL ties(C, A, B, density=0.2)", flush=True)
-            hash_inputs("sdxl_ties.yaml")
-            sdxl_ties = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_ties.yaml"]
-            report["sdxl_ties"] = repeated("sdxl_ties", sdxl_ties, rounds, free_cache)
-            free_cache()
+        for group in groups:
+            SCENARIOS[group](rounds, skip, report)
     finally:  # a crash late in the run keeps the figures measured so far
         RESULTS.write_text(json.dumps({"report": _save(report), "machine": machine()}, indent=1))
     write_report(ROOT / "BENCHMARKS.md", report, machine())

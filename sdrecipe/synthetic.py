@@ -12,9 +12,11 @@ small, seeded delta.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,16 +265,23 @@ EXTRA_DEMO_MODELS = {
     "sd15-other-finetune.safetensors": ModelSpec(seed=1, delta_seed=4),
     "sd15-noise-offset.safetensors": ModelSpec(seed=1, delta_seed=5),
     "sd15-instruct-pix2pix.safetensors": ModelSpec(variant="instruct-pix2pix", seed=6),
+    "sd15-style-lora.safetensors": AdapterSpec(rank=8, alpha=4.0, seed=7, convs=True),
 }
 
 
-def write_model_set(folder: Path, models: dict[str, ModelSpec], shrink: int) -> list[Path]:
-    """Write each model of `models` into `folder` unless it is already there."""
+def write_model_set(
+    folder: Path, models: Mapping[str, ModelSpec | AdapterSpec], shrink: int
+) -> list[Path]:
+    """Write each model or adapter of `models` into `folder` unless it is already there."""
     paths = []
     for name, spec in models.items():
         path = folder / name
         if not path.exists():
-            write_model(path, ModelSpec(**{**spec.__dict__, "shrink": shrink}))
+            sized = dataclasses.replace(spec, shrink=shrink)
+            if isinstance(sized, AdapterSpec):
+                write_adapter(path, sized)
+            else:
+                write_model(path, sized)
         paths.append(path)
     return paths
 

@@ -30,8 +30,9 @@ def test_there_are_demo_twins_for_every_user_template():
         "mymodel_inpaint.yaml",
         "mymodel_pix2pix.yaml",
         "blend.yaml",
+        "lora.yaml",
     }
-    assert len(DEMOS) == 3
+    assert len(DEMOS) == 4
 
 
 @pytest.mark.parametrize("recipe", DEMOS, ids=lambda p: p.name)

@@ -120,8 +120,13 @@ def check_spaces(
 ) -> dict[str, str]:
     """Each node's space. Every node is a model or a difference (unless `force:
     true`), and every output is in the space it declares; errors name the node,
-    line and term. Empty when the nodes form a cycle (the graph reports it)."""
+    line and term. Empty when the nodes form a cycle (the graph reports it).
+
+    An input file that does not exist has no known space (it may be an
+    adapter): nodes that use one are not checked here, and opening the inputs
+    reports the missing file."""
     spaces: dict[str, str] = {name: spec.space for name, spec in inputs.items()}
+    unknown = {name for name, spec in inputs.items() if not spec.path.exists()}
     visiting: set[str] = set()
 
     def space_of(name: str) -> str:
@@ -133,6 +138,11 @@ def check_spaces(
         return spaces[name]
 
     def node_space(node: Node) -> str:
+        for name in references(node.expr):
+            space_of(name)
+        if any(name in unknown for name in references(node.expr)):
+            unknown.add(node.name)
+            return MODEL
         try:
             total = coefficient_sum(node.expr, space_of)
         except SpaceError as exc:
@@ -155,7 +165,7 @@ def check_spaces(
     except _Cycle:
         return {}
     for name, output in outputs.items():
-        if spaces[output.node] != output.space:
+        if output.node not in unknown and spaces[output.node] != output.space:
             raise RecipeError(
                 f"output {name!r}: node {output.node!r} is a {spaces[output.node]}, and the "
                 f"output writes a {output.space}"
