@@ -404,6 +404,16 @@ def repeated(name: str, command: list[str], rounds: int, before: Callable[[], No
     return result
 
 
+def cold_builds(name: str, recipe: str, rounds: int) -> Result:
+    """`sdrecipe build --force RECIPE` each round from an emptied tensor cache, its
+    inputs' fingerprints known; the cache is emptied again after."""
+    hash_inputs(recipe)
+    command = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", recipe]
+    result = repeated(name, command, rounds, free_cache)
+    free_cache()
+    return result
+
+
 def hash_inputs(recipe: str) -> None:
     """Hash `recipe`'s inputs into the bench cache, so that timed builds merge only."""
     command = [*SDRECIPE, "plan", "--cache-dir", "cache", recipe]
@@ -546,17 +556,11 @@ def sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object])
     print("scenario 7: SDXL A + (B - C)", flush=True)
     for name in SDXL_MODELS:
         subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
-    hash_inputs("sdxl.yaml")
-    sdxl_build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"]
-    report["sdxl"] = repeated("sdxl", sdxl_build, rounds, free_cache)
-    free_cache()
+    report["sdxl"] = cold_builds("sdxl", "sdxl.yaml", rounds)
     report.update(sdxl_block_weights(rounds))
     free_cache()
     print("scenario 11: SDXL ties(C, A, B, density=0.2)", flush=True)
-    hash_inputs("sdxl_ties.yaml")
-    sdxl_ties = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl_ties.yaml"]
-    report["sdxl_ties"] = repeated("sdxl_ties", sdxl_ties, rounds, free_cache)
-    free_cache()
+    report["sdxl_ties"] = cold_builds("sdxl_ties", "sdxl_ties.yaml", rounds)
 
 
 def lora_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
@@ -585,10 +589,7 @@ def lora_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object])
         report["sdxl_lora"] = side_by_side("sdxl_lora", commands, rounds, skip)
         free_cache()
     print("scenario 13: a rank-64 LoRA extracted from SD1.5 B - C", flush=True)
-    hash_inputs("extract_lora.yaml")
-    extract = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "extract_lora.yaml"]
-    report["extract_lora"] = repeated("extract_lora", extract, rounds, free_cache)
-    free_cache()
+    report["extract_lora"] = cold_builds("extract_lora", "extract_lora.yaml", rounds)
 
 
 SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] = {

@@ -221,6 +221,11 @@ def build(recipe: Path, outputs: tuple[str, ...], dry_run: bool, options: BuildO
     if dry_run:
         _show_plan(recipe, outputs, options)
         return
+    _build_recipe(recipe, outputs, options)
+
+
+def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) -> None:
+    """`build`'s work: bring the outputs up to date and print the summary."""
     cache = _open_cache(options.cache_dir, tensors=not options.no_cache)
     if not options.force:
         from sdrecipe.uptodate import current_outputs
@@ -251,6 +256,103 @@ def build(recipe: Path, outputs: tuple[str, ...], dry_run: bool, options: BuildO
                 f"({trimmed['freed'] / 1e6:,.1f} MB); see `sdrecipe cache limit`"
             )
     _print_summary(summary, options.as_json)
+
+
+_OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The file to write.",
+)
+_RECIPE_OPTION = click.option(
+    "--recipe",
+    "recipe_path",
+    type=RECIPE,
+    help="Where to keep the recipe (default: beside the output, OUTPUT.recipe.yaml).",
+)
+_DTYPE = click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="The output's dtype (default: the base's; float16 for a LoRA).",
+)
+
+
+@main.command()
+@click.argument("base", type=click.Path(exists=True, path_type=Path))
+@click.argument("adapters", nargs=-1, required=True)
+@_OUTPUT
+@_DTYPE
+@_RECIPE_OPTION
+@_build_options()
+@_reports_errors
+def bake(
+    base: Path,
+    adapters: tuple[str, ...],
+    output: Path,
+    dtype: str | None,
+    recipe_path: Path | None,
+    options: BuildOptions,
+) -> None:
+    """Bake ADAPTERS (LoRA, LyCORIS files; PATH=STRENGTH, default 1) into BASE.
+
+    Writes a recipe beside the output (see --recipe) and builds it, so the
+    merge can be rebuilt, changed and kept in git like any other."""
+    from sdrecipe.one_shot import bake_recipe, parse_adapter, recipe_path_for, write_recipe
+
+    spec = {"path": output, **({"dtype": dtype} if dtype else {})}
+    document = bake_recipe(base, [parse_adapter(a) for a in adapters], spec)
+    recipe = recipe_path_for(output) if recipe_path is None else recipe_path
+    comment = "Written by `sdrecipe bake`; `sdrecipe build` on this file rebuilds it."
+    _build_recipe(write_recipe(recipe, document, comment), (), options)
+
+
+@main.command()
+@click.argument("tuned", type=click.Path(exists=True, path_type=Path))
+@click.argument("base", type=click.Path(exists=True, path_type=Path))
+@_OUTPUT
+@click.option("--rank", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--conv-rank", type=click.IntRange(min=1), help="Also 3x3 convolutions (LoCon).")
+@click.option(
+    "--clamp-quantile", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True
+)
+@click.option(
+    "--text-encoder",
+    type=click.Choice(["auto", "true", "false"]),
+    default="auto",
+    show_default=True,
+)
+@_DTYPE
+@_RECIPE_OPTION
+@_build_options()
+@_reports_errors
+def extract(
+    tuned: Path,
+    base: Path,
+    output: Path,
+    rank: int,
+    conv_rank: int | None,
+    clamp_quantile: float,
+    text_encoder: str,
+    dtype: str | None,
+    recipe_path: Path | None,
+    options: BuildOptions,
+) -> None:
+    """Extract a LoRA of TUNED - BASE (kohya's layers, a truncated SVD each).
+
+    Writes a recipe beside the output (see --recipe) and builds it."""
+    from sdrecipe.one_shot import extract_recipe, recipe_path_for, write_recipe
+
+    spec: dict[str, object] = {"path": output, "format": "lora", "rank": rank}
+    if conv_rank:
+        spec["conv_rank"] = conv_rank
+    spec["clamp_quantile"] = clamp_quantile
+    spec["text_encoder"] = {"true": True, "false": False}.get(text_encoder, text_encoder)
+    if dtype:
+        spec["dtype"] = dtype
+    recipe = recipe_path_for(output) if recipe_path is None else recipe_path
+    comment = "Written by `sdrecipe extract`; `sdrecipe build` on this file rebuilds it."
+    _build_recipe(write_recipe(recipe, extract_recipe(tuned, base, spec), comment), (), options)
 
 
 def _print_up_to_date(current: dict[str, Path], as_json: bool) -> None:

@@ -20,18 +20,24 @@ from tests.test_adapters import expected_bake
 RANK = 4
 
 
-def extract(tmp_path: Path, models: dict[str, Path], options: str, name: str = "lora") -> Path:
-    """Extract `finetune - base` with the given output options; return the file."""
-    recipe = write_recipe(
+def difference_recipe(tmp_path: Path, models: dict[str, Path], output: str, name: str) -> Path:
+    """A recipe writing `diff: B - C` (fine-tune minus base) as `output`."""
+    return write_recipe(
         tmp_path,
         f"""
         inputs: {{B: {models["finetune"]}, C: {models["base"]}}}
         nodes: {{diff: B - C}}
         outputs:
-          diff: {{path: {name}.safetensors, format: lora, {options}}}
+          diff: {output}
         """,
-        name=f"{name}.yaml",
+        name=name,
     )
+
+
+def extract(tmp_path: Path, models: dict[str, Path], options: str, name: str = "lora") -> Path:
+    """Extract `finetune - base` with the given output options; return the file."""
+    output = f"{{path: {name}.safetensors, format: lora, {options}}}"
+    recipe = difference_recipe(tmp_path, models, output, f"{name}.yaml")
     result = run_in_process("build", str(recipe))
     assert result.returncode == 0, result.stderr
     return tmp_path / f"{name}.safetensors"
@@ -147,15 +153,7 @@ def test_unchanged_text_encoder_is_left_out_on_auto(
 def test_bad_lora_options_are_refused(
     models: dict[str, Path], tmp_path: Path, output: str, message: str
 ) -> None:
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{B: {models["finetune"]}, C: {models["base"]}}}
-        nodes: {{diff: B - C}}
-        outputs:
-          diff: {output}
-        """,
-    )
+    recipe = difference_recipe(tmp_path, models, output, "recipe.yaml")
     result = run_in_process("build", str(recipe))
     assert result.returncode == 2 and message in result.stderr and "recipe.yaml:4" in result.stderr
 
