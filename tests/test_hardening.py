@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -130,6 +131,9 @@ def test_an_output_that_would_replace_a_protected_file_is_refused(
         outputs: {{out: {{path: "{paths[target]}", vae: m/vae.safetensors}}}}
         """,
     )
+    # The seed build ran in this process: close its cache connection now, or the
+    # garbage collector may do it mid-test, checkpointing SQLite's WAL into the index.
+    gc.collect()
     before, cache_before = snapshot(work), snapshot(isolated_cache)
     for command in ("validate", "build"):
         result = invoke(command, str(recipe))

@@ -40,10 +40,12 @@ def lora_delta(factor: Factor) -> torch.Tensor:
         down = factor("lora_A.weight")
     assert up is not None and down is not None
     rank = down.shape[0]
-    up, down = up.reshape(up.shape[0], -1), down.reshape(rank, -1)
+    # The scale goes on the small factor, not the product: one pass fewer.
+    up = up.reshape(up.shape[0], -1) * _scale(factor("alpha"), rank)
+    down = down.reshape(rank, -1)
     mid = factor("lora_mid.weight")
     delta = up @ down if mid is None else rebuild_tucker(mid, up.T, down)
-    return delta.reshape(up.shape[0], -1).mul_(_scale(factor("alpha"), rank))
+    return delta.reshape(up.shape[0], -1)
 
 
 def loha_delta(factor: Factor) -> torch.Tensor:
@@ -52,13 +54,14 @@ def loha_delta(factor: Factor) -> torch.Tensor:
     assert w1a is not None and w1b is not None and w2a is not None and w2b is not None
     t1, t2 = factor("hada_t1"), factor("hada_t2")
     rank = w1b.shape[0]
+    w1a = w1a * _scale(factor("alpha"), rank)
     if t1 is not None and t2 is not None:
         first, second = rebuild_tucker(t1, w1a, w1b), rebuild_tucker(t2, w2a, w2b)
     else:
         first = w1a @ w1b.reshape(rank, -1)
         second = w2a @ w2b.reshape(w2b.shape[0], -1)
     delta = first.mul_(second)
-    return delta.reshape(delta.shape[0], -1).mul_(_scale(factor("alpha"), rank))
+    return delta.reshape(delta.shape[0], -1)
 
 
 def lokr_delta(factor: Factor) -> torch.Tensor:
@@ -79,20 +82,22 @@ def lokr_delta(factor: Factor) -> torch.Tensor:
             w2 = rebuild_tucker(t2, w2a, w2b)
         else:
             w2 = (w2a @ w2b.reshape(rank, -1)).reshape(w2a.shape[0], *w2b.shape[1:])
+    scale = 1.0 if rank is None else _scale(factor("alpha"), rank)
+    w1 = w1 * scale
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
     delta = torch.kron(w1.contiguous(), w2.contiguous())
-    scale = 1.0 if rank is None else _scale(factor("alpha"), rank)
-    return delta.reshape(delta.shape[0], -1).mul_(scale)
+    return delta.reshape(delta.shape[0], -1)
 
 
 def whole_delta(factor: Factor) -> torch.Tensor:
-    """Full (`diff`) and norm (`w_norm`) deltas are stored whole."""
+    """Full (`diff`) and norm (`w_norm`) deltas are stored whole (callers never
+    modify what a reader returns, so a stored float32 delta is not copied)."""
     delta = factor("diff")
     if delta is None:
         delta = factor("w_norm")
     assert delta is not None
-    return delta.reshape(delta.shape[0], -1).clone()
+    return delta.reshape(delta.shape[0], -1)
 
 
 WEIGHT_DELTAS: dict[str, Callable[[Factor], torch.Tensor]] = {
@@ -115,7 +120,7 @@ def bias_delta(factor: Factor) -> torch.Tensor:
     if delta is None:
         delta = factor("b_norm")
     assert delta is not None
-    return delta.clone()
+    return delta
 
 
 def dora_delta(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
