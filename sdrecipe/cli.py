@@ -298,13 +298,20 @@ def bake(
 
     Writes a recipe beside the output (see --recipe) and builds it, so the
     merge can be rebuilt, changed and kept in git like any other."""
-    from sdrecipe.one_shot import bake_recipe, parse_adapter, recipe_path_for, write_recipe
+    from sdrecipe.one_shot import (
+        bake_recipe,
+        kept_only_if_built,
+        parse_adapter,
+        recipe_path_for,
+        write_recipe,
+    )
 
     spec = {"path": output, **({"dtype": dtype} if dtype else {})}
     document = bake_recipe(base, [parse_adapter(a) for a in adapters], spec)
     recipe = recipe_path_for(output) if recipe_path is None else recipe_path
     comment = "Written by `sdrecipe bake`; `sdrecipe build` on this file rebuilds it."
-    _build_recipe(write_recipe(recipe, document, comment), (), options)
+    with kept_only_if_built(recipe, write_recipe(recipe, document, comment)):
+        _build_recipe(recipe, (), options)
 
 
 @main.command()
@@ -341,7 +348,12 @@ def extract(
     """Extract a LoRA of TUNED - BASE (kohya's layers, a truncated SVD each).
 
     Writes a recipe beside the output (see --recipe) and builds it."""
-    from sdrecipe.one_shot import extract_recipe, recipe_path_for, write_recipe
+    from sdrecipe.one_shot import (
+        extract_recipe,
+        kept_only_if_built,
+        recipe_path_for,
+        write_recipe,
+    )
 
     spec: dict[str, object] = {"path": output, "format": "lora", "rank": rank}
     if conv_rank:
@@ -352,7 +364,10 @@ def extract(
         spec["dtype"] = dtype
     recipe = recipe_path_for(output) if recipe_path is None else recipe_path
     comment = "Written by `sdrecipe extract`; `sdrecipe build` on this file rebuilds it."
-    _build_recipe(write_recipe(recipe, extract_recipe(tuned, base, spec), comment), (), options)
+    with kept_only_if_built(
+        recipe, write_recipe(recipe, extract_recipe(tuned, base, spec), comment)
+    ):
+        _build_recipe(recipe, (), options)
 
 
 def _print_up_to_date(current: dict[str, Path], as_json: bool) -> None:

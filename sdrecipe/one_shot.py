@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -80,9 +82,11 @@ def extract_recipe(tuned: Path, base: Path, output: dict) -> dict:
     }
 
 
-def write_recipe(recipe: Path, document: dict, comment: str) -> Path:
-    """Write `document` to `recipe` (paths relative to its folder); an existing
-    recipe with the same text is kept, one with other text is refused."""
+def write_recipe(recipe: Path, document: dict, comment: str) -> bool:
+    """Write `document` to `recipe` (paths relative to its folder); True if the
+    file is new. An existing recipe with the same text is kept, one with other
+    text is refused, and so is an output file that no recipe of this command
+    made (it would be replaced)."""
     folder = recipe.parent
     document = {
         **document,
@@ -95,12 +99,32 @@ def write_recipe(recipe: Path, document: dict, comment: str) -> Path:
     text = f"# {comment}\n" + yaml.safe_dump(document, sort_keys=False)
     if recipe.exists():
         if recipe.read_text(encoding="utf-8", errors="replace") == text:
-            return recipe
+            return False
         raise RecipeError(
             "a recipe with other settings is already there, and sdrecipe does not replace "
             "it; build it with `sdrecipe build`, or pass --recipe to keep this one elsewhere",
             recipe,
         )
+    for spec in document["outputs"].values():
+        output = folder / spec["path"]
+        if output.exists():
+            raise RecipeError(
+                "is already there, and no recipe of this command made it: sdrecipe does not "
+                "replace it; choose another output path",
+                output,
+            )
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomically(recipe, text)
-    return recipe
+    return True
+
+
+@contextmanager
+def kept_only_if_built(recipe: Path, created: bool) -> Iterator[None]:
+    """Remove a recipe this command just wrote if its build fails, so that a
+    corrected rerun is not refused as "other settings"."""
+    try:
+        yield
+    except BaseException:
+        if created:
+            recipe.unlink(missing_ok=True)
+        raise

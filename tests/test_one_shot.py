@@ -53,3 +53,22 @@ def test_extract_writes_a_lora_and_its_recipe(models: dict[str, Path], tmp_path:
     assert factors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[0] == 2
     assert "format: lora" in kept.read_text() and "path: ../learned.safetensors" in kept.read_text()
     assert run_in_process("verify", str(kept)).returncode == 0
+
+
+def test_an_existing_file_is_not_replaced_and_a_failed_run_leaves_no_recipe(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    style = write_adapter(tmp_path / "style.safetensors", AdapterSpec("sd1", SHRINK))
+    taken = tmp_path / "mine.safetensors"
+    taken.write_bytes(b"a user's file")
+    refused = run_in_process("bake", str(models["base"]), str(style), "-o", str(taken))
+    assert refused.returncode == 2 and "does not replace it" in refused.stderr
+    assert taken.read_bytes() == b"a user's file"
+    missing = tmp_path / "missing.safetensors"
+    output = tmp_path / "baked.safetensors"
+    failed = run_in_process("bake", str(models["base"]), str(missing), "-o", str(output))
+    assert failed.returncode == 2 and "does not exist" in failed.stderr
+    assert not list(tmp_path.glob("*.recipe.yaml"))  # a corrected rerun is not refused
+    assert (
+        run_in_process("bake", str(models["base"]), str(style), "-o", str(output)).returncode == 0
+    )
