@@ -34,6 +34,7 @@ check-diffusers: $(STAMP)
 		&& $(DIFFUSERS_VENV)/bin/pip install --quiet torch==2.13.0 \
 		&& $(DIFFUSERS_VENV)/bin/pip install --quiet diffusers==0.42.1 transformers==5.23.0 safetensors peft==0.21.2 )
 	$(DIFFUSERS_VENV)/bin/python bench/diffusers_compat.py check build/diffusers-check
+	rm -rf build/diffusers-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -63,32 +63,89 @@ def prepare(folder: Path) -> None:
                 build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
 
 
-def check_lora(folder: Path, family: str, pipe: object) -> list[str]:
-    """Load sdrecipe's extracted LoRA with diffusers, fuse it, and compare the
-    UNet and text encoder with sdrecipe's bake of the same LoRA."""
+def check_lora(folder: Path, family: str, pipe: object, single: dict) -> list[str]:
+    """Load sdrecipe's extracted LoRA with diffusers, fuse it, and compare what it
+    changed in the UNet and text encoder with what sdrecipe's bake of the same
+    LoRA changed: the relative error of each changed layer's delta must be small."""
     import diffusers.loaders.single_file_utils as conversion
-    import torch
     from safetensors.torch import load_file
 
     pipe.load_lora_weights(folder, weight_name=f"{family}-lora.safetensors")
     pipe.fuse_lora(lora_scale=1.0)
+    # Unloading after fusing keeps the fused weights and removes PEFT's wrappers.
+    pipe.unload_lora_weights()
     baked = load_file(folder / f"{family}-baked.safetensors")
-    expected = conversion.convert_ldm_unet_checkpoint(baked, pipe.unet.config)
-    problems = []
-    changed = 0
-    for key, value in pipe.unet.state_dict().items():
-        want = expected[key]
-        if not torch.allclose(value.float(), want.float(), rtol=1e-2, atol=1e-3):
-            problems.append(f"LoRA differs: unet {key}")
-        changed += "attn1.to_q.weight" in key
     prefix = HF_CLIP[family]
-    for key, value in pipe.text_encoder.state_dict().items():
-        want = baked.get(prefix + key) if "lora" not in key else None
-        if want is not None and not torch.allclose(value.float(), want, rtol=1e-2, atol=1e-3):
-            problems.append(f"LoRA differs: text_encoder {key}")
-    if not changed:
-        problems.append("no attention layer found in the fused UNet")
+    components = {
+        "unet": (
+            pipe.unet.state_dict(),
+            conversion.convert_ldm_unet_checkpoint(baked, pipe.unet.config),
+            conversion.convert_ldm_unet_checkpoint(single, pipe.unet.config),
+        ),
+        "text_encoder": (
+            pipe.text_encoder.state_dict(),
+            _text_encoder(baked, prefix),
+            _text_encoder(single, prefix),
+        ),
+    }
+    if family in OPEN_CLIP:
+        component, open_clip = OPEN_CLIP[family]
+        components[component] = (
+            getattr(pipe, component).state_dict(),
+            _open_clip_layers(baked, open_clip),
+            _open_clip_layers(single, open_clip),
+        )
+    problems = []
+    for component, (fused, expected, base) in components.items():
+        fused = {key.replace("text_model.", ""): value for key, value in fused.items()}
+        changed = 0
+        for key, want in expected.items():
+            delta = want.float() - base[key].float()
+            if not delta.any():
+                continue
+            changed += 1
+            error = (fused[key].float() - want.float()).norm() / delta.norm()
+            if error > 1e-2:
+                problems.append(f"LoRA differs: {component} {key} (relative error {error:.3g})")
+        print(f"  {family} LoRA via diffusers: {component} {changed} layers changed")
+        if not changed:
+            problems.append(f"the LoRA changed nothing in the {component}")
     return problems
+
+
+def _text_encoder(single: dict, prefix: str) -> dict:
+    """The single file's CLIP text encoder, by transformers' names (without `text_model.`)."""
+    return {
+        key[len(prefix) :].replace("text_model.", ""): value
+        for key, value in single.items()
+        if key.startswith(prefix) and not key.endswith("position_ids")
+    }
+
+
+# OpenCLIP's per-layer names and their transformers names (in_proj is q, k, v stacked).
+OPEN_CLIP_LAYERS = {
+    "attn.in_proj_weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "attn.out_proj.weight": ("self_attn.out_proj.weight",),
+    "mlp.c_fc.weight": ("mlp.fc1.weight",),
+    "mlp.c_proj.weight": ("mlp.fc2.weight",),
+}
+
+
+def _open_clip_layers(single: dict, prefix: str) -> dict:
+    """The OpenCLIP encoder's attention and MLP weights, by transformers' names."""
+    layers = {}
+    for key, value in single.items():
+        block, _, rest = key.removeprefix(prefix + "transformer.resblocks.").partition(".")
+        if not key.startswith(prefix) or rest not in OPEN_CLIP_LAYERS:
+            continue
+        names = OPEN_CLIP_LAYERS[rest]
+        for name, part in zip(names, value.chunk(len(names)), strict=True):
+            layers[f"encoder.layers.{block}.{name}"] = part
+    return layers
 
 
 def _differences(ours: dict, theirs: dict) -> list[str]:
@@ -170,7 +227,7 @@ def check(folder: Path) -> int:
                 .sample
             )
         if family in LORA_FAMILIES:
-            problems += check_lora(folder, family, pipe)
+            problems += check_lora(folder, family, pipe, single)
         status = "ok" if not problems else f"{len(problems)} problem(s): {problems[:3]}"
         shapes = f"unet {tuple(noise.shape)} vae {tuple(image.shape)}"
         print(f"{family:13} {type(pipe).__name__:34} {shapes}  {status}")
