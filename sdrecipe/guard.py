@@ -21,6 +21,7 @@ from sdrecipe.errors import RecipeError
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.lock import lock_path
 from sdrecipe.recipe import Recipe
+from sdrecipe.recipe.schema import LEGACY_PROVENANCE_FIELD, RECIPE_FIELD
 
 # A diffusers folder that sdrecipe wrote carries its provenance in this file's header.
 MARKED_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -109,6 +110,7 @@ def written_by_sdrecipe(folder: Path) -> bool:
             if length > _MAX_MARKER_HEADER:
                 return False
             header = load_json(handle.read(length))
-        return "sdrecipe" in header.get("__metadata__", {})
+        metadata = header.get("__metadata__", {})
+        return any(field in metadata for field in (RECIPE_FIELD, LEGACY_PROVENANCE_FIELD))
     except (OSError, ValueError, struct.error, AttributeError):
         return False

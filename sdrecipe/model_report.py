@@ -14,6 +14,7 @@ from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.formats import format_of
 from sdrecipe.io.readers import open_adapter, open_model
+from sdrecipe.provenance import read_provenance
 
 # The training metadata `inspect` shows for an adapter (kohya's ss_* fields).
 ADAPTER_METADATA = (
@@ -90,16 +91,14 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
 def _lineage(metadata: dict[str, str]) -> dict[str, object]:
     """What the file says about how it was made: sdrecipe's entry and A1111's."""
     lineage: dict[str, object] = {}
-    try:
-        own = load_json(metadata["sdrecipe"])
+    own = read_provenance(metadata)
+    if own is not None:
         lineage["sdrecipe"] = {
-            "version": own.get("version"),
-            "node": own.get("node"),
-            "expression": own.get("expression"),
-            "inputs": own.get("inputs"),
+            "version": own.version,
+            "node": own.node,
+            "expression": own.expression,
+            "inputs": own.inputs,
         }
-    except (KeyError, ValueError, AttributeError):
-        pass
     try:
         models = load_json(metadata["sd_merge_models"])
         lineage["sd_merge_models"] = {

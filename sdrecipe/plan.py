@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdrecipe.adapters.extract import extracted_keys
-from sdrecipe.arch import EMA_PREFIX, VAE_PREFIX, is_never_merged
+from sdrecipe.arch import EMA_PREFIX, VAE_PREFIX, never_merged_reason
 from sdrecipe.arch.blocks import listed_block_ids
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
@@ -235,8 +235,9 @@ class _Planner:
         if not self.graph.recipe.nodes[node].selection.selects(key):
             return Passthrough("outside the node's selection")
         self.selecting.add(node)
-        if is_never_merged(key):
-            return Passthrough("never merged (CLIP position ids)")
+        never_merged = never_merged_reason(key)
+        if never_merged:
+            return Passthrough(f"never merged ({never_merged})")
         if not base.is_floating:
             return Passthrough(f"not floating point ({DTYPE_TO_CODE[base.dtype]})")
         infos = [base]

@@ -1,17 +1,23 @@
 """Metadata that records how an output was made.
 
 Two views of the same lineage go into the safetensors header: sdrecipe's own
-entry, a self-contained recipe for the output, and AUTOMATIC1111's
-`sd_merge_recipe` / `sd_merge_models` fields, so the WebUI shows where a merge
-came from. Only canonical forms are recorded (no absolute paths, no times, no
-recipe file name or formatting), so building the embedded recipe reproduces
-the output's bytes exactly.
+`sdrecipe.*` fields, among them a self-contained recipe for the output, and
+AUTOMATIC1111's `sd_merge_recipe` / `sd_merge_models` fields, so the WebUI
+shows where a merge came from. Only canonical forms are recorded (no absolute
+paths, no times, no recipe file name or formatting), so building the embedded
+recipe reproduces the output's bytes exactly.
+
+sdrecipe's own fields are plain text (the recipe is YAML), never a JSON object:
+A1111 parses every metadata value that starts with `{` and its merger then
+fails to save the values it copies from its inputs.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import networkx as nx
 import yaml
@@ -19,12 +25,22 @@ import yaml
 from sdrecipe import __version__
 from sdrecipe.arch import UNET_INPUT_CONV
 from sdrecipe.arch.detect import Architecture
+from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.tensor_info import TensorInfo
+from sdrecipe.methods import get_method
 from sdrecipe.recipe import Node, Output
-from sdrecipe.recipe.expr import Call, ParamValue, PerKey, format_expression
+from sdrecipe.recipe.expr import Call, format_expression
+from sdrecipe.recipe.schema import (
+    EXPRESSION_FIELD,
+    LEGACY_PROVENANCE_FIELD,
+    NODE_FIELD,
+    RECIPE_FIELD,
+    VERSION_FIELD,
+)
+from sdrecipe.recipe.yaml_source import load_yaml
 
 # Inherited lineage (`sd_merge_models`) is capped at this many bytes of JSON, so
 # a header stays far below the 100 MB that safetensors readers accept, however
@@ -33,7 +49,22 @@ MAX_LINEAGE_BYTES = 1_000_000
 # The `sd_merge_models` entry that says the lineage was capped.
 LINEAGE_TRUNCATED = "sdrecipe:lineage-truncated"
 _RANKS = ("primary", "secondary", "tertiary")
+# sdrecipe's methods that are A1111's, with its names; their `alpha` is its multiplier.
 _A1111_METHOD_NAMES = {"weighted_sum": "Weighted sum", "add_difference": "Add difference"}
+# The `type` of the `sd_merge_recipe` sdrecipe writes.
+MERGE_RECIPE_TYPE = "sdrecipe"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """sdrecipe's record of how a file was made: its version, the output's node
+    and expression, the embedded recipe and the inputs it names (file, sha256)."""
+
+    version: str
+    node: str
+    expression: str
+    recipe: str
+    inputs: dict[str, dict[str, str]]
 
 
 def output_metadata(
@@ -49,16 +80,6 @@ def output_metadata(
     recipe = graph.recipe
     node = recipe.nodes[recipe.outputs[output].node]
     leaves = graph.inputs_of(node.name)
-    own = {
-        "version": __version__,
-        "recipe": output_recipe(graph, output, hashes),
-        "node": node.name,
-        "expression": format_expression(node.expr),
-        "inputs": {
-            name: {"file": recipe.inputs[name].path.name, "sha256": hashes[name].sha256}
-            for name in leaves
-        },
-    }
     merge_recipe = _a1111_recipe(graph, output, tensors, [hashes[name].sha256 for name in leaves])
     spec = recipe.outputs[output]
     modelspec = {
@@ -71,12 +92,52 @@ def output_metadata(
         **{key: value for key, value in modelspec.items() if value is not None},
         **spec.metadata,
         "format": "pt",
-        "sdrecipe": json.dumps(own, ensure_ascii=False),
+        VERSION_FIELD: __version__,
+        NODE_FIELD: node.name,
+        EXPRESSION_FIELD: format_expression(node.expr),
+        RECIPE_FIELD: output_recipe(graph, output, hashes),
         "sd_merge_recipe": json.dumps(merge_recipe, ensure_ascii=False),
         "sd_merge_models": json.dumps(
             _a1111_models(graph, leaves, hashes, input_metadata), ensure_ascii=False
         ),
     }
+
+
+def read_provenance(metadata: Mapping[str, str]) -> Provenance | None:
+    """sdrecipe's record of how the file with `metadata` was made, in either form;
+    None when there is none, it is unreadable, or it describes an input: another
+    merger (its `sd_merge_recipe` says so) copied it from the files it merged."""
+    merge_recipe = _json_field(metadata, "sd_merge_recipe")
+    if merge_recipe is not None and merge_recipe.get("type") != MERGE_RECIPE_TYPE:
+        return None
+    if RECIPE_FIELD in metadata:
+        fields = {
+            "version": metadata.get(VERSION_FIELD),
+            "node": metadata.get(NODE_FIELD),
+            "expression": metadata.get(EXPRESSION_FIELD),
+            "recipe": metadata[RECIPE_FIELD],
+        }
+        try:
+            document = load_yaml(fields["recipe"], Path("embedded recipe"), lambda path: True)
+            named = document.data["inputs"]
+            inputs = {
+                str(name): {"file": str(entry["path"]), "sha256": str(entry["sha256"])}
+                for name, entry in named.items()
+            }
+        except (RecipeError, KeyError, TypeError, AttributeError):
+            inputs = {}
+    else:
+        fields = _json_field(metadata, LEGACY_PROVENANCE_FIELD) or {}
+        inputs = fields.get("inputs")
+    if not all(isinstance(fields.get(f), str) for f in ("version", "node", "expression")):
+        return None
+    return Provenance(
+        version=fields["version"],
+        node=fields["node"],
+        expression=fields["expression"],
+        recipe=str(fields.get("recipe", "")),
+        inputs=inputs if isinstance(inputs, dict) else {},
+    )
 
 
 def output_recipe(graph: MergeGraph, output: str, hashes: Mapping[str, Fingerprint]) -> str:
@@ -141,32 +202,33 @@ def _a1111_recipe(
     recipe = graph.recipe
     spec = recipe.outputs[output]
     expr = recipe.nodes[spec.node].expr
-    source = format_expression(expr)
-    is_call = isinstance(expr, Call)
+    a1111_method = _A1111_METHOD_NAMES.get(expr.method) if isinstance(expr, Call) else None
+    multiplier = dict(expr.params).get("alpha", _default_alpha(expr)) if a1111_method else None
+    if not isinstance(multiplier, (int, float)):
+        # A per-block or per-key alpha is no A1111 multiplier: the expression says it all.
+        a1111_method, multiplier = None, None
     conv_in = tensors.get(UNET_INPUT_CONV)
     channels = conv_in.shape[1] if conv_in is not None and len(conv_in.shape) == 4 else None
     return {
-        "type": "sdrecipe",
+        "type": MERGE_RECIPE_TYPE,
         "primary_model_hash": shas[0] if shas else None,
         "secondary_model_hash": shas[1] if len(shas) > 1 else None,
         "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
-        "interp_method": _A1111_METHOD_NAMES.get(expr.method, source) if is_call else source,
-        "multiplier": _as_written(dict(expr.params).get("alpha")) if is_call else None,
+        "interp_method": a1111_method or format_expression(expr),
+        "multiplier": multiplier,
         "save_as_half": spec.dtype == "float16",
         "custom_name": spec.path.stem,
-        "config_source": None,
-        "bake_in_vae": recipe.inputs[spec.vae].path.name if spec.vae else None,
+        "config_source": 0,
+        "bake_in_vae": recipe.inputs[spec.vae].path.name if spec.vae else "None",
         "discard_weights": "",
         "is_inpainting": channels == 9,
         "is_instruct_pix2pix": channels == 8,
     }
 
 
-def _as_written(value: ParamValue | None) -> object:
-    """A parameter as a recipe writes it: a per-key value as its mapping."""
-    if isinstance(value, PerKey):
-        return dict(value.entries)
-    return list(value) if isinstance(value, tuple) else value
+def _default_alpha(call: Call) -> float:
+    """The `alpha` a classic method uses when the recipe does not set it."""
+    return get_method(call.method).parameters.model_fields["alpha"].default
 
 
 def _a1111_models(
@@ -186,7 +248,7 @@ def _a1111_models(
         if recipe is not None and len(json.dumps(recipe)) > MAX_LINEAGE_BYTES // 4:
             recipe = {"dropped": "this merge recipe was too large to keep"}
         own[hashes[name].sha256] = {
-            "name": graph.recipe.inputs[name].path.stem,
+            "name": graph.recipe.inputs[name].path.name,
             "legacy_hash": hashes[name].legacy,
             "sd_merge_recipe": recipe,
         }

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sdrecipe.adapters.naming import LOCON_LAYERS, LORA_LAYERS
-from sdrecipe.arch import UNET_INPUT_CONV, layout
+from sdrecipe.arch import DDPM_SCHEDULE_BUFFERS, UNET_INPUT_CONV, layout
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -32,7 +32,9 @@ INPUT_CHANNELS = {"normal": None, "inpainting": 9, "instruct-pix2pix": 8}
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A synthetic model: family layout, variant, value seed, and an optional fine-tune delta."""
+    """A synthetic model: family layout, variant, value seed, an optional fine-tune
+    delta, and optionally the DDPM schedule buffers of an LDM checkpoint, its
+    scaled-linear betas ending at `beta_end` (SD's is 0.012)."""
 
     family: str = "sd1"
     variant: str = "normal"
@@ -40,6 +42,31 @@ class ModelSpec:
     seed: int = 0
     delta_seed: int | None = None
     dtype: torch.dtype = torch.float16
+    beta_end: float | None = None
+
+
+def schedule_buffers(beta_end: float, beta_start: float = 0.00085) -> dict[str, torch.Tensor]:
+    """The 12 DDPM schedule buffers LDM's `register_schedule` stores (1000 steps,
+    scaled-linear betas), computed in float64 and stored in float32 as LDM does."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, 1000, dtype=torch.float64) ** 2
+    cumprod = torch.cumprod(1.0 - betas, 0)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
+    posterior_variance = betas * (1.0 - previous) / (1.0 - cumprod)
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": cumprod,
+        "alphas_cumprod_prev": previous,
+        "sqrt_alphas_cumprod": cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - cumprod).log(),
+        "sqrt_recip_alphas_cumprod": cumprod.reciprocal().sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (cumprod.reciprocal() - 1.0).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * previous.sqrt() / (1.0 - cumprod),
+        "posterior_mean_coef2": (1.0 - previous) * (1.0 - betas).sqrt() / (1.0 - cumprod),
+    }
+    return {key: value.float() for key, value in buffers.items()}
 
 
 def shrink_dim(dim: int, shrink: int) -> int:
@@ -51,6 +78,8 @@ def model_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
     """Key → dtype and shape of the synthetic model, in the real checkpoint's key order."""
     shapes, integer_keys = layout(spec.family)
     tensors = {}
+    if spec.beta_end is not None:
+        tensors = {key: TensorInfo(torch.float32, (1000,)) for key in DDPM_SCHEDULE_BUFFERS}
     for key, shape in shapes.items():
         new_shape = tuple(shrink_dim(dim, spec.shrink) for dim in shape)
         if key == UNET_INPUT_CONV and INPUT_CHANNELS[spec.variant]:
@@ -70,6 +99,8 @@ def tensor_value(spec: ModelSpec, key: str, info: TensorInfo) -> torch.Tensor:
     """The value of `key`: seeded noise (plus the fine-tune delta), or an index table."""
     if not info.is_floating:
         return torch.arange(info.numel, dtype=info.dtype).reshape(info.shape)
+    if key in DDPM_SCHEDULE_BUFFERS and spec.beta_end is not None:
+        return schedule_buffers(spec.beta_end)[key]
     value = _random(key, spec.seed, info.shape).mul_(0.05)
     if spec.delta_seed is not None:
         value.add_(_random(key, spec.delta_seed, info.shape), alpha=0.005)

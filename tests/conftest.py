@@ -12,9 +12,12 @@ from pathlib import Path
 import click.testing
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import settings
 from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file
 
 from sdrecipe.cli import main
 from sdrecipe.synthetic import ModelSpec, write_model
@@ -57,6 +60,20 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def arrays(models: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
     """The fixture models loaded with the reference safetensors library."""
     return {name: load_file(path) for name, path in models.items()}
+
+
+@pytest.fixture
+def standalone_vae(tmp_path: Path, models: dict[str, Path]) -> Path:
+    """A VAE as distributed on its own: keys without `first_stage_model.`, fp32,
+    with a training loss's tensor beside them."""
+    vae = {
+        key.removeprefix("first_stage_model."): torch.randn(value.shape, dtype=torch.float32)
+        for key, value in load_torch(models["other"]).items()
+        if key.startswith("first_stage_model.")
+    }
+    vae["loss.logvar"] = torch.zeros(())
+    save_file(vae, tmp_path / "vae-ft.safetensors")
+    return tmp_path / "vae-ft.safetensors"
 
 
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:

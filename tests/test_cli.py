@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from conftest import run_cli, write_recipe
 from sdrecipe import __version__
+from sdrecipe.provenance import read_provenance
 
 
 @pytest.fixture
@@ -43,17 +44,18 @@ def test_build_prints_a_summary_and_records_provenance(recipe, models, tmp_path)
     output = tmp_path / "out" / "inpaint.safetensors"
     with safe_open(output, "np") as handle:
         metadata = handle.metadata()
-    own = json.loads(metadata["sdrecipe"])
-    assert own["node"] == "inpaint"
-    assert own["version"] == __version__
-    assert set(own["inputs"]) == {"A", "B", "C"}
-    assert own["inputs"]["B"]["file"] == "finetune.safetensors"
+    assert metadata["sdrecipe.node"] == "inpaint"
+    assert metadata["sdrecipe.version"] == __version__
+    assert metadata["sdrecipe.expression"] == "A + (B - C)"
+    own = read_provenance(metadata)
+    assert set(own.inputs) == {"A", "B", "C"}
+    assert own.inputs["B"]["file"] == "finetune.safetensors"
     merge = json.loads(metadata["sd_merge_recipe"])
     models_field = json.loads(metadata["sd_merge_models"])
     assert merge["is_inpainting"] is True
-    assert merge["primary_model_hash"] == own["inputs"]["A"]["sha256"]
-    assert merge["secondary_model_hash"] == own["inputs"]["B"]["sha256"]
-    assert set(models_field) == {entry["sha256"] for entry in own["inputs"].values()}
+    assert merge["primary_model_hash"] == own.inputs["A"]["sha256"]
+    assert merge["secondary_model_hash"] == own.inputs["B"]["sha256"]
+    assert set(models_field) == {entry["sha256"] for entry in own.inputs.values()}
     assert all(len(entry["legacy_hash"]) == 8 for entry in models_field.values())
 
 
@@ -61,7 +63,7 @@ def test_embedded_recipe_rebuilds_the_output_exactly(recipe, models, tmp_path):
     assert run_cli("build", str(recipe)).returncode == 0
     output = tmp_path / "out" / "inpaint.safetensors"
     with safe_open(output, "np") as handle:
-        embedded = json.loads(handle.metadata()["sdrecipe"])["recipe"]
+        embedded = handle.metadata()["sdrecipe.recipe"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for path in models.values():
@@ -102,7 +104,12 @@ def test_lineage_accumulates_across_merges(recipe, models, tmp_path):
     with safe_open(tmp_path / "second.safetensors", "np") as handle:
         lineage = json.loads(handle.metadata()["sd_merge_models"])
     names = {entry["name"] for entry in lineage.values()}
-    assert {"inpaint", "inpainting", "finetune", "base"} <= names
+    assert {
+        "inpaint.safetensors",
+        "inpainting.safetensors",
+        "finetune.safetensors",
+        "base.safetensors",
+    } <= names
 
 
 def test_validate_checks_without_writing(recipe, tmp_path):

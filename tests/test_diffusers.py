@@ -216,20 +216,6 @@ def test_diffusers_output_is_incremental_verifiable_and_copies_tokenizers(tmp_pa
     assert not list(tmp_path.glob(".out*"))  # no temporary folder left behind
 
 
-@pytest.fixture
-def standalone_vae(tmp_path, models) -> Path:
-    """A VAE as distributed on its own: keys without `first_stage_model.`, fp32,
-    with a training loss's tensor beside them."""
-    vae = {
-        key.removeprefix("first_stage_model."): torch.randn(value.shape, dtype=torch.float32)
-        for key, value in load_torch(models["other"]).items()
-        if key.startswith("first_stage_model.")
-    }
-    vae["loss.logvar"] = torch.zeros(())
-    save_file(vae, tmp_path / "vae-ft.safetensors")
-    return tmp_path / "vae-ft.safetensors"
-
-
 def test_baked_vae_replaces_the_merged_one(tmp_path, models, arrays, standalone_vae):
     recipe = write_recipe(
         tmp_path,
@@ -261,7 +247,7 @@ def test_baked_vae_replaces_the_merged_one(tmp_path, models, arrays, standalone_
     assert "mix.vae:" in lock and "vae-ft.safetensors" in lock
     header = open_model(tmp_path / "out.safetensors").metadata
     assert json.loads(header["sd_merge_recipe"])["bake_in_vae"] == "vae-ft.safetensors"
-    embedded = write_recipe(tmp_path, json.loads(header["sdrecipe"])["recipe"], "embedded.yaml")
+    embedded = write_recipe(tmp_path, header["sdrecipe.recipe"], "embedded.yaml")
     shutil.copy(tmp_path / "out.safetensors", tmp_path / "first.safetensors")
     (tmp_path / "out.safetensors").unlink()
     for name in ("base", "finetune"):

@@ -220,8 +220,9 @@ def test_provenance_records_the_mapping_and_rebuilds_the_same_bytes(tmp_path, mo
 
     metadata = SafetensorsReader(output).metadata
     merge_recipe = json.loads(metadata["sd_merge_recipe"])
-    assert merge_recipe["multiplier"] == {"default": 0.5, "text_encoder": 0.2}
-    embedded = json.loads(metadata["sdrecipe"])["recipe"]
+    assert merge_recipe["multiplier"] is None, "a per-key alpha is no A1111 multiplier"
+    assert "text_encoder: 0.2" in merge_recipe["interp_method"]
+    embedded = metadata["sdrecipe.recipe"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     for model in models.values():

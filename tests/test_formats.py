@@ -166,9 +166,9 @@ def test_inspect_reports_format_architecture_components_and_lineage(tmp_path, mo
     assert report["autov2"] == report["sha256"][:10] and len(report["legacy_hash"]) == 8
     assert report["lineage"]["sdrecipe"]["expression"] == "A + (B - C)"
     assert set(report["lineage"]["sd_merge_models"].values()) == {
-        "inpainting",
-        "finetune",
-        "base",
+        "inpainting.safetensors",
+        "finetune.safetensors",
+        "base.safetensors",
     }
     checkpoint = to_checkpoint(models["base"], tmp_path / "base.ckpt")
     as_ckpt = json.loads(run_cli("inspect", "--json", str(checkpoint)).stdout)

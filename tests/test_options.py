@@ -109,7 +109,7 @@ def test_embedded_recipe_with_options_reproduces_the_output(tmp_path, inputs):
     _, result = build_recipe(tmp_path, node, output)
     assert result.returncode == 0, result.stderr
     with safe_open(tmp_path / "out.safetensors", "np") as handle:
-        embedded = json.loads(handle.metadata()["sdrecipe"])["recipe"]
+        embedded = handle.metadata()["sdrecipe.recipe"]
     again = tmp_path / "again"
     again.mkdir()
     for name in "ABC":

@@ -11,10 +11,24 @@ EMA_PREFIX = "model_ema."
 VAE_PREFIX = "first_stage_model."
 UNET_INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 
-# Keys that are copied from the base model and never merged. CLIP's position ids
-# are an index table; averaging them corrupts the text encoder.
+# CLIP's position ids: an index table, never merged (averaging corrupts the text encoder).
 CLIP_POSITION_IDS = "text_model.embeddings.position_ids"
-NEVER_MERGED_SUFFIXES = (CLIP_POSITION_IDS,)
+# The buffers LDM's `register_schedule` stores at the top level of a checkpoint:
+# the DDPM noise schedule, a constant of the sampler rather than a weight.
+DDPM_SCHEDULE_BUFFERS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
 
 # UNet input channels that identify the variants the channel rule is about.
 VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"}
@@ -54,9 +68,18 @@ def normalise_key(key: str) -> str:
     return key
 
 
-def is_never_merged(key: str) -> bool:
-    """True for keys that always keep the base model's value."""
-    return key.endswith(NEVER_MERGED_SUFFIXES)
+def never_merged_reason(key: str) -> str | None:
+    """Why `key` always keeps the base model's value, or None if it may be merged.
+
+    CLIP's position ids are an index table. The DDPM schedule buffers lie
+    outside every network and are constants of the sampler, not weights; A1111
+    (which merges only keys containing `model`) and sd-meh keep them from A too.
+    """
+    if key.endswith(CLIP_POSITION_IDS):
+        return "CLIP position ids"
+    if key in DDPM_SCHEDULE_BUFFERS:
+        return "sampler schedule buffer"
+    return None
 
 
 @cache

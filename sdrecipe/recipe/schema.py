@@ -19,8 +19,22 @@ DTYPE_ALIASES = {
 
 OutputDtype = Literal["float16", "bfloat16", "float32"]
 Component = Literal["unet", "vae", "text_encoder", "text_encoder_2", "ema", "other"]
+# sdrecipe's own provenance fields (see sdrecipe.provenance). Earlier outputs held
+# one JSON object under LEGACY_PROVENANCE_FIELD instead.
+VERSION_FIELD = "sdrecipe.version"
+NODE_FIELD = "sdrecipe.node"
+EXPRESSION_FIELD = "sdrecipe.expression"
+RECIPE_FIELD = "sdrecipe.recipe"
+PROVENANCE_FIELDS = (VERSION_FIELD, NODE_FIELD, EXPRESSION_FIELD, RECIPE_FIELD)
+LEGACY_PROVENANCE_FIELD = "sdrecipe"
 # Metadata keys that sdrecipe writes itself.
-RESERVED_METADATA = ("format", "sdrecipe", "sd_merge_recipe", "sd_merge_models")
+RESERVED_METADATA = (
+    "format",
+    LEGACY_PROVENANCE_FIELD,
+    *PROVENANCE_FIELDS,
+    "sd_merge_recipe",
+    "sd_merge_models",
+)
 
 
 LORA_OPTIONS = ("rank", "conv_rank", "clamp_quantile", "text_encoder")
