@@ -57,6 +57,8 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except SdrecipeError as exc:
             _fail("error", str(exc), exc.exit_code, as_json)
+        except click.ClickException:
+            raise  # usage errors: click prints them and exits 2
         except BrokenPipeError:
             # The reader went away (`| head`): stop quietly, as other tools do.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -443,6 +445,249 @@ def _show_plan(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) ->
         reason = f"  ({status.reason})" if status.reason else ""
         caching = f"  [{status.caching}]" if status.caching else ""
         click.echo(f"{status.node:<{width}}  {status.state:<10}{reason}{target}{caching}")
+
+
+_PICTURE_OUTPUT = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file (.svg or .png for a picture) instead of standard output.",
+)
+
+
+def _format_of(chosen: str | None, output: Path | None, default: str) -> str:
+    """The format asked for, else the one the output file's suffix names."""
+    from sdrecipe.views.files import VIEW_SUFFIXES
+
+    suffix = output.suffix.lower() if output else ""
+    by_suffix = next((kind for kind, known in VIEW_SUFFIXES.items() if suffix in known), None)
+    kind = chosen or by_suffix or default
+    if kind in ("svg", "png") and output is None:
+        raise click.UsageError(f"--format {kind} needs --output FILE.{kind}")
+    return kind
+
+
+def _emit_view(kind: str, content: object, output: Path | None) -> None:
+    """Print a text view, or write the view to `output`."""
+    if output is None:
+        click.echo(content, nl=False)
+        return
+    from sdrecipe.views.files import write_view
+
+    write_view(output, kind, content)  # type: ignore[arg-type]
+
+
+@main.command()
+@click.argument("recipe", type=RECIPE)
+@click.argument("outputs", nargs=-1)
+@click.option(
+    "--format",
+    "chosen_format",
+    type=click.Choice(["mermaid", "dot", "svg", "png", "json"]),
+    help="What to draw [default: by --output's suffix, else mermaid].",
+)
+@_PICTURE_OUTPUT
+@_cache_dir_option
+@_threads_option
+@_reports_errors
+def graph(
+    recipe: Path,
+    outputs: tuple[str, ...],
+    chosen_format: str | None,
+    output: Path | None,
+    cache_dir: Path,
+    threads: int | None,
+) -> None:
+    """Draw RECIPE's DAG: inputs, nodes (expression) and outputs, each coloured by
+    its status (up to date, from cache, rebuild, and why), as `plan` sees it."""
+    from sdrecipe.errors import RecipeError
+    from sdrecipe.graph import build_graph
+    from sdrecipe.recipe import load_recipe
+    from sdrecipe.views import recipe_graph as views
+
+    kind = _format_of(chosen_format, output, "mermaid")
+    merge_graph = build_graph(load_recipe(recipe), outputs or None)
+    statuses = None
+    try:
+        from sdrecipe.assess import assess
+        from sdrecipe.build import default_threads
+        from sdrecipe.prepare import prepare
+
+        prepared = prepare(recipe, outputs or None, cache_root=cache_dir)
+        cache = _existing_cache(cache_dir)
+        with cache.locked() if cache else contextlib.nullcontext():
+            statuses = assess(prepared, cache, threads or default_threads()).statuses
+    except RecipeError as exc:
+        _note(f"status unknown: {exc}")
+    view = views.recipe_graph(merge_graph, statuses)
+    render = {
+        "mermaid": views.to_mermaid,
+        "dot": views.to_dot,
+        "json": views.RecipeGraph.to_json,
+        "svg": views.to_scene,
+        "png": views.to_scene,
+    }
+    _emit_view(kind, render[kind](view), output)
+
+
+@main.command()
+@click.argument("reference", type=click.Path(exists=True, path_type=Path))
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--by",
+    type=click.Choice(["block", "component", "key"]),
+    default="block",
+    show_default=True,
+    help="The rows of the table (the JSON always has blocks and components).",
+)
+@click.option(
+    "--measure",
+    type=click.Choice(["relative_l2", "cosine", "max_abs"]),
+    default="relative_l2",
+    show_default=True,
+    help="What the heatmap's colour shows.",
+)
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap.")
+@click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap.")
+@_json_option
+@_reports_errors
+def diff(
+    reference: Path,
+    models: tuple[Path, ...],
+    by: str,
+    measure: str,
+    png: Path | None,
+    svg: Path | None,
+    as_json: bool,
+) -> None:
+    """How much each of MODELS differs from REFERENCE, per block and component:
+    relative L2 change ||B - A|| / ||A||, cosine similarity, largest absolute
+    change, and keys only one model has. Streams one tensor at a time."""
+    from sdrecipe.views.files import write_view
+    from sdrecipe.views.model_diff import diff_models, heatmap
+
+    result = diff_models(reference, models, _progress(not as_json and sys.stderr.isatty()))
+    for kind, path in (("png", png), ("svg", svg)):
+        if path is not None:
+            write_view(path, kind, heatmap(result, measure))
+    if as_json:
+        _emit_json(result.to_dict(by_key=by == "key"))
+        return
+    for comparison in result.comparisons:
+        total = comparison.total.measures()
+        click.echo(
+            printable(
+                f"{comparison.path.name} against {reference.name} ({result.family}): "
+                + _describe_measures(total)
+            )
+        )
+        if comparison.only_in_reference or comparison.only_in_model or comparison.shape_differs:
+            click.echo(
+                f"  keys only in {printable(reference.name)}: "
+                f"{len(comparison.only_in_reference)}, only in "
+                f"{printable(comparison.path.name)}: {len(comparison.only_in_model)}, "
+                f"of another shape: {len(comparison.shape_differs)}"
+            )
+        groups = {"block": comparison.blocks, "component": comparison.components}
+        rows = groups.get(by, comparison.keys)
+        width = max((len(name) for name in rows), default=0)
+        for name, sums in rows.items():
+            click.echo(f"  {printable(name):<{width}}  {_describe_measures(sums.measures())}")
+
+
+def _describe_measures(measures: dict[str, Any]) -> str:
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    return (
+        f"relative L2 {number(measures['relative_l2'], '.4g'):>9}  "
+        f"cosine {number(measures['cosine'], '.6f'):>9}  "
+        f"max abs {number(measures['max_abs'], '.4g'):>9}  "
+        f"({measures['keys']} keys, {measures['parameters']:,} parameters)"
+    )
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--format",
+    "chosen_format",
+    type=click.Choice(["text", "json", "mermaid"]),
+    default="text",
+    show_default=True,
+)
+@_cache_dir_option
+@_reports_errors
+def lineage(model: Path, chosen_format: str, cache_dir: Path) -> None:
+    """Show how MODEL was made, as a tree: each ancestor's name, AutoV2 hash and
+    operation, from sdrecipe's record and A1111's merge metadata, recursively."""
+    from sdrecipe.views import lineage as views
+
+    tree = views.model_lineage(model, _existing_cache(cache_dir))
+    render = {"text": views.to_text, "json": views.to_json, "mermaid": views.to_mermaid}
+    # Names come from the files' metadata: escape them, line by line.
+    for line in render[chosen_format](tree).splitlines():
+        click.echo(printable(line))
+
+
+def _init_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """One option per model role and parameter that `init`'s templates take."""
+    from sdrecipe.init_wizard import PARAMETER_FLAGS, ROLE_FLAGS, TEMPLATES
+
+    def role_help(flag: str) -> str:
+        return "; ".join(
+            f"{t.name}: {r.question.lower()} ({r.name})"
+            for t in TEMPLATES.values()
+            for r in t.roles
+            if r.flag == flag
+        )
+
+    options = [
+        click.option(
+            f"--{flag}", type=click.Path(exists=True, path_type=Path), help=role_help(flag)
+        )
+        for flag in ROLE_FLAGS
+    ]
+    options += [
+        click.option(f"--{name}", help=f"The {name} parameter.") for name in PARAMETER_FLAGS
+    ]
+    options.insert(0, click.option("--template", type=click.Choice(list(TEMPLATES))))
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@_init_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="The recipe to write.")
+@click.option(
+    "--output-model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where the recipe builds the merged model.",
+)
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]))
+@_cache_dir_option
+@_reports_errors
+def init(cache_dir: Path, **answers: Any) -> None:
+    """Write a commented recipe, asking what to make and for the model files
+    (each checked, its family and variant shown) and the parameters. Every
+    question has a flag, so scripts can run it without a terminal."""
+    from sdrecipe.init_wizard import run_init
+
+    def validate(recipe: Path) -> str:
+        from sdrecipe.prepare import prepare
+
+        prepared = prepare(recipe, cache_root=cache_dir)
+        output = next(iter(prepared.recipe.outputs.values()))
+        return (
+            f"wrote {recipe}: valid. Build it with `sdrecipe build {recipe}` (writes {output.path})"
+        )
+
+    run_init({key.replace("_", "-"): value for key, value in answers.items()}, _say, validate)
+
+
+def _say(text: str) -> None:
+    click.echo(printable(text))
 
 
 @main.command()

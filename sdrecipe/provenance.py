@@ -107,7 +107,7 @@ def read_provenance(metadata: Mapping[str, str]) -> Provenance | None:
     """sdrecipe's record of how the file with `metadata` was made, in either form;
     None when there is none, it is unreadable, or it describes an input: another
     merger (its `sd_merge_recipe` says so) copied it from the files it merged."""
-    merge_recipe = _json_field(metadata, "sd_merge_recipe")
+    merge_recipe = json_field(metadata, "sd_merge_recipe")
     if merge_recipe is not None and merge_recipe.get("type") != MERGE_RECIPE_TYPE:
         return None
     if RECIPE_FIELD in metadata:
@@ -127,7 +127,7 @@ def read_provenance(metadata: Mapping[str, str]) -> Provenance | None:
         except (RecipeError, KeyError, TypeError, AttributeError):
             inputs = {}
     else:
-        fields = _json_field(metadata, LEGACY_PROVENANCE_FIELD) or {}
+        fields = json_field(metadata, LEGACY_PROVENANCE_FIELD) or {}
         inputs = fields.get("inputs")
     if not all(isinstance(fields.get(f), str) for f in ("version", "node", "expression")):
         return None
@@ -241,10 +241,10 @@ def _a1111_models(
     (capped, see `cap_lineage`)."""
     inherited: dict[str, object] = {}
     for name in leaves:
-        inherited.update(_json_field(input_metadata[name], "sd_merge_models") or {})
+        inherited.update(json_field(input_metadata[name], "sd_merge_models") or {})
     own: dict[str, object] = {}
     for name in leaves:
-        recipe = _json_field(input_metadata[name], "sd_merge_recipe")
+        recipe = json_field(input_metadata[name], "sd_merge_recipe")
         if recipe is not None and len(json.dumps(recipe)) > MAX_LINEAGE_BYTES // 4:
             recipe = {"dropped": "this merge recipe was too large to keep"}
         own[hashes[name].sha256] = {
@@ -299,7 +299,7 @@ def cap_lineage(inherited: dict[str, object], own: dict[str, object]) -> dict[st
     return capped
 
 
-def _json_field(metadata: Mapping[str, str], field: str) -> dict | None:
+def json_field(metadata: Mapping[str, str], field: str) -> dict | None:
     try:
         value = load_json(metadata[field])
     except (KeyError, ValueError):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -67,11 +69,19 @@ def remove_stale_temporaries(folder: Path) -> None:
                 candidate.unlink(missing_ok=True)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path to write; renamed over `path` when the block succeeds,
+    removed when it fails."""
     temporary = temporary_path(path, unique=True)
     try:
-        temporary.write_text(text, encoding="utf-8")
+        yield temporary
         publish(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Views of recipes and models for people: pictures, diffs, lineage."""
