@@ -28,6 +28,8 @@ from sdrecipe.io.mapped_files import install_sigbus_handler
 if TYPE_CHECKING:
     from sdrecipe.build import BuildSummary
     from sdrecipe.cache import Cache
+    from sdrecipe.recipe import Recipe
+    from sdrecipe.staleness import NodeStatus
 
 RECIPE = click.Path(dir_okay=False, path_type=Path)
 
@@ -212,30 +214,102 @@ def main() -> None:
     """Declarative, streaming, reproducible Stable Diffusion checkpoint merges."""
 
 
+_TARGETS = click.argument("targets", nargs=-1, required=True, metavar="RECIPE [RECIPE|OUTPUT]...")
+_KEEP_GOING = click.option(
+    "--keep-going", "-k", is_flag=True, help="Go on with the recipes that do not need a failed one."
+)
+
+
+def _recipes_and_outputs(targets: tuple[str, ...]) -> tuple[list[Path], tuple[str, ...]]:
+    """The recipes (files, folders) and output names that TARGETS give: the first
+    is a recipe or folder; later ones are recipes if named like one, else outputs
+    of the one recipe."""
+    from sdrecipe.recipe_set import RECIPE_SUFFIXES
+
+    first, *rest = targets
+    recipes, names = [Path(first)], []
+    for target in rest:
+        path = Path(target)
+        if path.suffix in RECIPE_SUFFIXES or path.is_dir():
+            recipes.append(path)
+        else:
+            names.append(target)
+    if names and (len(recipes) > 1 or recipes[0].is_dir()):
+        raise click.UsageError("output names go with a single recipe file")
+    return recipes, tuple(names)
+
+
+def _is_one_recipe(recipes: list[Path]) -> bool:
+    return len(recipes) == 1 and not recipes[0].is_dir()
+
+
 @main.command()
-@click.argument("recipe", type=RECIPE)
-@click.argument("outputs", nargs=-1)
+@_TARGETS
 @_build_options()
+@_KEEP_GOING
 @click.option("--dry-run", is_flag=True, help="Only show what would be done (as `plan`).")
 @_reports_errors
-def build(recipe: Path, outputs: tuple[str, ...], dry_run: bool, options: BuildOptions) -> None:
-    """Build the outputs of RECIPE (or only the named OUTPUTS and what they need)."""
+def build(targets: tuple[str, ...], keep_going: bool, dry_run: bool, options: BuildOptions) -> None:
+    """Build the outputs of RECIPE (or only the named OUTPUTs and what they need).
+
+    Several recipes, or a folder of them, build as one graph: a recipe that reads
+    another's output is built after it."""
+    recipes, outputs = _recipes_and_outputs(targets)
     if dry_run:
-        _show_plan(recipe, outputs, options)
-        return
-    _build_recipe(recipe, outputs, options)
+        _show_plan(recipes, outputs, options)
+    elif _is_one_recipe(recipes):
+        _emit_report(_build_recipe(recipes[0], outputs, options), options.as_json)
+    else:
+        _build_set(recipes, options, keep_going)
 
 
-def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) -> None:
-    """`build`'s work: bring the outputs up to date and print the summary."""
+def _emit_report(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _emit_json(report)
+
+
+def _build_set(paths: list[Path], options: BuildOptions, keep_going: bool) -> None:
+    """Build every recipe in dependency order; with `keep_going`, a failure skips
+    only the recipes that need it, and the exit code is 1."""
+    from sdrecipe.recipe_set import load_recipe_set, recipe_files
+
+    recipe_set = load_recipe_set(recipe_files(paths))
+    failed: dict[Path, str] = {}
+    reports = []
+    for recipe in recipe_set.recipes:
+        blocked = [up for up in recipe_set.needs(recipe) if up.recipe.path in failed]
+        if blocked:
+            failed[recipe.path] = f"skipped: it needs {blocked[0].recipe.path}, which failed"
+            continue
+        if not options.as_json:
+            click.echo(f"== {recipe.path}")
+        try:
+            reports.append({"recipe": str(recipe.path), **_build_recipe(recipe.path, (), options)})
+        except SdrecipeError as exc:
+            if not keep_going:
+                raise
+            failed[recipe.path] = str(exc)
+            click.echo(f"error: {printable(str(exc))}", err=True)
+    if options.as_json:
+        _emit_json({"recipes": reports, "failed": {str(p): m for p, m in failed.items()}})
+    elif failed:
+        click.echo(f"{len(failed)} of {len(recipe_set.recipes)} recipes failed:")
+        for path, message in failed.items():
+            click.echo(f"  {path}: {printable(message)}")
+    if failed:
+        sys.exit(1)
+
+
+def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) -> dict[str, Any]:
+    """`build`'s work: bring the outputs up to date, print the summary (unless
+    --json), and return it as JSON data."""
     cache = _open_cache(options.cache_dir, tensors=not options.no_cache)
     if not options.force:
         from sdrecipe.uptodate import current_outputs
 
         current = current_outputs(recipe, outputs or None, cache)
         if current is not None:
-            _print_up_to_date(current, options.as_json)
-            return
+            return _print_up_to_date(current, options.as_json)
     from sdrecipe.build import build as run_build
     from sdrecipe.build import default_threads
     from sdrecipe.prepare import prepare
@@ -257,7 +331,7 @@ def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions)
                 f"{trimmed['removed']} least recently used entries "
                 f"({trimmed['freed'] / 1e6:,.1f} MB); see `sdrecipe cache limit`"
             )
-    _print_summary(summary, options.as_json)
+    return _print_summary(summary, options.as_json)
 
 
 _OUTPUT = click.option(
@@ -313,7 +387,7 @@ def bake(
     recipe = recipe_path_for(output) if recipe_path is None else recipe_path
     comment = "Written by `sdrecipe bake`; `sdrecipe build` on this file rebuilds it."
     with kept_only_if_built(recipe, write_recipe(recipe, document, comment)):
-        _build_recipe(recipe, (), options)
+        _emit_report(_build_recipe(recipe, (), options), options.as_json)
 
 
 @main.command()
@@ -369,33 +443,30 @@ def extract(
     with kept_only_if_built(
         recipe, write_recipe(recipe, extract_recipe(tuned, base, spec), comment)
     ):
-        _build_recipe(recipe, (), options)
+        _emit_report(_build_recipe(recipe, (), options), options.as_json)
 
 
-def _print_up_to_date(current: dict[str, Path], as_json: bool) -> None:
-    if as_json:
-        outputs = [
-            {"name": n, "path": p, "state": "up to date", "status": "up to date"}
-            for n, p in current.items()
-        ]
-        _emit_json({"outputs": outputs, "seconds": 0.0})
-        return
-    for name, path in current.items():
-        click.echo(f"up to date {name} -> {path}")
+def _print_up_to_date(current: dict[str, Path], as_json: bool) -> dict[str, Any]:
+    outputs = [
+        {"name": n, "path": p, "state": "up to date", "status": "up to date"}
+        for n, p in current.items()
+    ]
+    if not as_json:
+        for name, path in current.items():
+            click.echo(f"up to date {name} -> {path}")
+    return {"outputs": outputs, "seconds": 0.0}
 
 
-def _print_summary(summary: BuildSummary, as_json: bool) -> None:
+def _print_summary(summary: BuildSummary, as_json: bool) -> dict[str, Any]:
     for warning in summary.warnings:
         click.echo(f"warning: {printable(warning)}", err=True)
+    report = {
+        "outputs": [vars(output) for output in summary.outputs],
+        "cache": vars(summary.cache),
+        "seconds": summary.seconds,
+    }
     if as_json:
-        _emit_json(
-            {
-                "outputs": [vars(output) for output in summary.outputs],
-                "cache": vars(summary.cache),
-                "seconds": summary.seconds,
-            }
-        )
-        return
+        return report
     for output in summary.outputs:
         click.echo(f"{output.state} {output.name} -> {output.path} ({output.size / 1e6:,.1f} MB)")
         click.echo(f"  {_describe_counts(output.merged, output.passed_through, output.dropped)}")
@@ -404,6 +475,7 @@ def _print_summary(summary: BuildSummary, as_json: bool) -> None:
         f"done in {summary.seconds:.1f} s: {stats.tensors_computed} tensors computed, "
         f"{stats.tensors_from_cache} from cache"
     )
+    return report
 
 
 def _describe_counts(merged: int, passed: dict[str, int], dropped: int) -> str:
@@ -417,34 +489,90 @@ def _describe_counts(merged: int, passed: dict[str, int], dropped: int) -> str:
 
 
 @main.command()
-@click.argument("recipe", type=RECIPE)
-@click.argument("outputs", nargs=-1)
+@_TARGETS
 @_build_options()
 @_reports_errors
-def plan(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) -> None:
+def plan(targets: tuple[str, ...], options: BuildOptions) -> None:
     """Show, for each node of RECIPE, whether it is up to date, comes from the cache,
-    or is rebuilt, and why (--no-cache: as if the cache were empty)."""
-    _show_plan(recipe, outputs, options)
+    or is rebuilt, and why (--no-cache: as if the cache were empty). Over several
+    recipes, an input that an earlier recipe rewrites rebuilds what uses it."""
+    _show_plan(*_recipes_and_outputs(targets), options)
 
 
-def _show_plan(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) -> None:
+@main.command()
+@_TARGETS
+@_build_options()
+@_reports_errors
+def status(targets: tuple[str, ...], options: BuildOptions) -> None:
+    """One line per output of the recipes (files or folders): up to date, or what
+    will rebuild and why."""
+    recipes, outputs = _recipes_and_outputs(targets)
+    plans = _plans(recipes, outputs, options)
+    lines = [
+        {
+            "recipe": str(recipe.path),
+            "output": status.output,
+            "path": str(recipe.outputs[status.output].path),
+            "state": status.state,
+            "reason": status.reason,
+        }
+        for recipe, statuses in plans
+        for status in statuses
+        if status.output is not None
+    ]
+    if options.as_json:
+        _emit_json({"outputs": lines})
+        return
+    for line in lines:
+        reason = f" ({line['reason']})" if line["reason"] else ""
+        click.echo(printable(f"{line['path']}: {line['state']}{reason}"))
+
+
+def _plans(
+    recipes: list[Path], outputs: tuple[str, ...], options: BuildOptions
+) -> list[tuple[Recipe, list[NodeStatus]]]:
+    """Each recipe with its node statuses, in build order."""
     from sdrecipe.assess import assess
     from sdrecipe.build import default_threads
     from sdrecipe.prepare import prepare
 
-    prepared = prepare(recipe, outputs or None, options.force, options.cache_dir)
     cache = None if options.no_cache else _existing_cache(options.cache_dir)
-    with cache.locked() if cache else contextlib.nullcontext():
-        assessment = assess(prepared, cache, options.threads or default_threads(), options.force)
+    threads = options.threads or default_threads()
+
+    def assess_one(path: Path, selected: tuple[str, ...] = ()) -> tuple[Recipe, list[NodeStatus]]:
+        prepared = prepare(path, selected or None, options.force, options.cache_dir)
+        with cache.locked() if cache else contextlib.nullcontext():
+            statuses = assess(prepared, cache, threads, options.force).statuses
+        return prepared.recipe, statuses
+
+    if _is_one_recipe(recipes):
+        return [assess_one(recipes[0], outputs)]
+    from sdrecipe.recipe_set import load_recipe_set, planned_statuses, recipe_files
+
+    recipe_set = load_recipe_set(recipe_files(recipes))
+    planned = planned_statuses(recipe_set, lambda recipe: assess_one(recipe.path)[1])
+    return [(recipe, planned[recipe.path]) for recipe in recipe_set.recipes]
+
+
+def _show_plan(recipes: list[Path], outputs: tuple[str, ...], options: BuildOptions) -> None:
+    plans = _plans(recipes, outputs, options)
     if options.as_json:
-        _emit_json({"nodes": [vars(status) for status in assessment.statuses]})
+        nodes = [
+            {**vars(status), **({} if len(plans) == 1 else {"recipe": str(recipe.path)})}
+            for recipe, statuses in plans
+            for status in statuses
+        ]
+        _emit_json({"nodes": nodes})
         return
-    width = max(len(status.node) for status in assessment.statuses)
-    for status in assessment.statuses:
-        target = f" -> {prepared.recipe.outputs[status.output].path}" if status.output else ""
-        reason = f"  ({status.reason})" if status.reason else ""
-        caching = f"  [{status.caching}]" if status.caching else ""
-        click.echo(f"{status.node:<{width}}  {status.state:<10}{reason}{target}{caching}")
+    for recipe, statuses in plans:
+        if len(plans) > 1:
+            click.echo(f"== {recipe.path}")
+        width = max(len(status.node) for status in statuses)
+        for status in statuses:
+            target = f" -> {recipe.outputs[status.output].path}" if status.output else ""
+            reason = f"  ({status.reason})" if status.reason else ""
+            caching = f"  [{status.caching}]" if status.caching else ""
+            click.echo(f"{status.node:<{width}}  {status.state:<10}{reason}{target}{caching}")
 
 
 _PICTURE_OUTPUT = click.option(
@@ -478,8 +606,7 @@ def _emit_view(kind: str, content: object, output: Path | None) -> None:
 
 
 @main.command()
-@click.argument("recipe", type=RECIPE)
-@click.argument("outputs", nargs=-1)
+@_TARGETS
 @click.option(
     "--format",
     "chosen_format",
@@ -491,35 +618,41 @@ def _emit_view(kind: str, content: object, output: Path | None) -> None:
 @_threads_option
 @_reports_errors
 def graph(
-    recipe: Path,
-    outputs: tuple[str, ...],
+    targets: tuple[str, ...],
     chosen_format: str | None,
     output: Path | None,
     cache_dir: Path,
     threads: int | None,
 ) -> None:
     """Draw RECIPE's DAG: inputs, nodes (expression) and outputs, each coloured by
-    its status (up to date, from cache, rebuild, and why), as `plan` sees it."""
+    its status (up to date, from cache, rebuild, and why), as `plan` sees it.
+    Several recipes, or a folder, are one picture, linked where one reads
+    another's output."""
     from sdrecipe.errors import RecipeError
     from sdrecipe.graph import build_graph
     from sdrecipe.recipe import load_recipe
+    from sdrecipe.recipe_set import load_recipe_set, recipe_files
     from sdrecipe.views import recipe_graph as views
 
     kind = _format_of(chosen_format, output, "mermaid")
-    merge_graph = build_graph(load_recipe(recipe), outputs or None)
-    statuses = None
+    recipes, outputs = _recipes_and_outputs(targets)
+    if _is_one_recipe(recipes):
+        loaded, links = [load_recipe(recipes[0])], []
+    else:
+        recipe_set = load_recipe_set(recipe_files(recipes))
+        loaded = list(recipe_set.recipes)
+        links = [(up, recipe) for recipe in loaded for up in recipe_set.needs(recipe)]
+    statuses: dict[Path, list[NodeStatus]] = {}
     try:
-        from sdrecipe.assess import assess
-        from sdrecipe.build import default_threads
-        from sdrecipe.prepare import prepare
-
-        prepared = prepare(recipe, outputs or None, cache_root=cache_dir)
-        cache = _existing_cache(cache_dir)
-        with cache.locked() if cache else contextlib.nullcontext():
-            statuses = assess(prepared, cache, threads or default_threads()).statuses
+        options = BuildOptions(threads=threads, cache_dir=cache_dir)
+        statuses = {recipe.path: found for recipe, found in _plans(recipes, outputs, options)}
     except RecipeError as exc:
         _note(f"status unknown: {exc}")
-    view = views.recipe_graph(merge_graph, statuses)
+    parts = [
+        views.recipe_graph(build_graph(recipe, outputs or None), statuses.get(recipe.path))
+        for recipe in loaded
+    ]
+    view = parts[0] if len(parts) == 1 else views.combine(loaded, parts, links)
     render = {
         "mermaid": views.to_mermaid,
         "dot": views.to_dot,
@@ -691,17 +824,27 @@ def _say(text: str) -> None:
 
 
 @main.command()
-@click.argument("recipe", type=RECIPE)
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_build_options(uses_cache=False)
 @_reports_errors
-def verify(recipe: Path, options: BuildOptions) -> None:
-    """Rebuild RECIPE's outputs from their inputs, without the cache, and compare
-    them with the lock file. Exits 1 if any output differs."""
+def verify(recipes: tuple[Path, ...], options: BuildOptions) -> None:
+    """Rebuild RECIPES' outputs from their inputs, without the cache, and compare
+    them with the lock files (several recipes or a folder: in dependency order).
+    Exits 1 if any output differs."""
     from sdrecipe.build import default_threads
     from sdrecipe.verify import verify as run_verify
 
     threads = options.threads or default_threads()
-    results = run_verify(recipe, threads, _progress(sys.stderr.isatty()))
+    paths = list(recipes)
+    if not _is_one_recipe(paths):
+        from sdrecipe.recipe_set import load_recipe_set, recipe_files
+
+        paths = [recipe.path for recipe in load_recipe_set(recipe_files(paths)).recipes]
+    results = [
+        result
+        for path in paths
+        for result in run_verify(path, threads, _progress(sys.stderr.isatty()))
+    ]
     reproducible = all(result.reproducible for result in results)
     if options.as_json:
         _emit_json(

@@ -33,6 +33,7 @@ from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.methods import get_method
 from sdrecipe.recipe import Node, Output
 from sdrecipe.recipe.expr import Call, format_expression
+from sdrecipe.recipe.matrix import Renamer
 from sdrecipe.recipe.schema import (
     EXPRESSION_FIELD,
     LEGACY_PROVENANCE_FIELD,
@@ -93,8 +94,8 @@ def output_metadata(
         **spec.metadata,
         "format": "pt",
         VERSION_FIELD: __version__,
-        NODE_FIELD: node.name,
-        EXPRESSION_FIELD: format_expression(node.expr),
+        NODE_FIELD: node.written_name,
+        EXPRESSION_FIELD: written_expression(graph, node),
         RECIPE_FIELD: output_recipe(graph, output, hashes),
         "sd_merge_recipe": json.dumps(merge_recipe, ensure_ascii=False),
         "sd_merge_models": json.dumps(
@@ -158,15 +159,27 @@ def output_recipe(graph: MergeGraph, output: str, hashes: Mapping[str, Fingerpri
             new: {"path": recipe.inputs[name].path.name, "sha256": hashes[name].sha256}
             for name, new in names.items()
         },
-        "nodes": {name: _node_entry(recipe.nodes[name]) for name in graph.order if name in needed},
-        "outputs": {output: _output_entry(spec, names.get(spec.vae or ""))},
+        "nodes": {
+            recipe.nodes[name].written_name: _node_entry(graph, recipe.nodes[name])
+            for name in graph.order
+            if name in needed
+        },
+        "outputs": {spec.origin or output: _output_entry(spec, names.get(spec.vae or ""))},
     }
     return yaml.safe_dump(document, sort_keys=False, width=1000)
 
 
-def _node_entry(node: Node) -> str | dict[str, object]:
+def written_expression(graph: MergeGraph, node: Node) -> str:
+    """`node`'s expression as the recipe writes it: a matrix variant refers to the
+    nodes it uses by their written names, so its provenance (and bytes) equal
+    those of a recipe written for that variant alone."""
+    written = {name: other.written_name for name, other in graph.recipe.nodes.items()}
+    return format_expression(Renamer(written).visit(node.expr))
+
+
+def _node_entry(graph: MergeGraph, node: Node) -> str | dict[str, object]:
     """A node as a recipe writes it: its expression, with options that change bytes."""
-    expression = format_expression(node.expr)
+    expression = written_expression(graph, node)
     selection = node.selection
     options: dict[str, object] = {
         "only": sorted(selection.only),
@@ -214,7 +227,7 @@ def _a1111_recipe(
         "primary_model_hash": shas[0] if shas else None,
         "secondary_model_hash": shas[1] if len(shas) > 1 else None,
         "tertiary_model_hash": shas[2] if len(shas) > 2 else None,
-        "interp_method": a1111_method or format_expression(expr),
+        "interp_method": a1111_method or written_expression(graph, recipe.nodes[spec.node]),
         "multiplier": multiplier,
         "save_as_half": spec.dtype == "float16",
         "custom_name": spec.path.stem,

@@ -149,7 +149,7 @@ def test_version_and_help_everywhere():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["build"], "Missing argument 'RECIPE'"),
+        (["build"], "Missing argument 'RECIPE"),
         (["build", "--threads", "0", "x.yaml"], "--threads"),
         (["frobnicate"], "No such command"),
         (["build", "no/such/recipe.yaml"], "recipe file not found"),

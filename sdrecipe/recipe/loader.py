@@ -26,6 +26,14 @@ from sdrecipe.recipe.expr import (
     parse_expression,
     references,
 )
+from sdrecipe.recipe.matrix import (
+    Renamer,
+    node_variables,
+    read_matrix,
+    substitute,
+    variables_in,
+    variant_name,
+)
 from sdrecipe.recipe.model import Input, KeySelection, LoraOptions, Node, Output, Recipe
 from sdrecipe.recipe.schema import (
     LORA_OPTIONS,
@@ -54,12 +62,89 @@ def load_recipe(path: Path | str) -> Recipe:
 
 
 def parse_recipe(text: str, path: Path) -> Recipe:
-    """Validate recipe `text`; relative input and output paths resolve against `path`'s folder."""
+    """Validate recipe `text`; relative input and output paths resolve against `path`'s folder.
+    A `matrix:` expands into its variants (see `sdrecipe.recipe.matrix`)."""
     document = load_yaml(text, path, keep_text=_keeps_text)
     if not isinstance(document.data, dict):
         raise RecipeError("the recipe must be a mapping with inputs, nodes and outputs", path, 1)
+    if "matrix" in document.data:
+        return _expand_matrix(text, document, path)
+    return _make_recipe(text, document.data, document, path)
+
+
+def _expand_matrix(text: str, document: YamlDocument, path: Path) -> Recipe:
+    """The recipe with one node per variant of each node that depends on the
+    matrix, and one output per variant of each output."""
+    data = dict(document.data)
     try:
-        schema = RecipeDocument.model_validate(document.data)
+        matrix = read_matrix(data.pop("matrix"))
+    except ValueError as exc:
+        raise RecipeError(f"matrix: {exc}", path, document.line_of(("matrix",))) from None
+    defined = set(matrix.variables)
+    for section in ("inputs", "nodes"):
+        entries = data.get(section)
+        for name, entry in entries.items() if isinstance(entries, dict) else ():
+            named = variables_in(entry)
+            line = document.line_of((section, name))
+            if named & defined and section == "inputs":
+                raise RecipeError(f"input {name!r}: inputs cannot use matrix variables", path, line)
+            # Paths may name environment variables; an expression may not.
+            unknown = sorted(named - defined) if section == "nodes" else []
+            if unknown:
+                raise RecipeError(
+                    f"{section}.{name} uses ${{{unknown[0]}}}, which the matrix does not "
+                    f"define (it defines {', '.join(matrix.variables)})",
+                    path,
+                    line,
+                )
+    own = {
+        section: {
+            name: variables_in(entry) & defined for name, entry in (data.get(section) or {}).items()
+        }
+        for section in ("nodes", "outputs")
+    }
+    inputs: dict[str, Input] = {}
+    nodes: dict[str, Node] = {}
+    outputs: dict[str, Output] = {}
+    written: dict[Path, str] = {}
+    for combination in matrix.combinations:
+        described = ", ".join(f"{name}={value}" for name, value in combination.items())
+        try:
+            variant = _make_recipe(text, substitute(data, combination), document, path)
+        except RecipeError as exc:
+            raise RecipeError(f"{exc.message} (with {described})", path, exc.line) from None
+        expressions = {name: node.expr for name, node in variant.nodes.items()}
+        used = node_variables(own["nodes"], expressions)
+        names = {name: variant_name(name, used(name), matrix, combination) for name in expressions}
+        renamer = Renamer(names)
+        inputs.update(variant.inputs)
+        for name, node in variant.nodes.items():
+            renamed = dataclasses.replace(
+                node, name=names[name], expr=renamer.visit(node.expr), origin=name
+            )
+            nodes.setdefault(names[name], renamed)
+        for name, output in variant.outputs.items():
+            varies = used(output.node) | own["outputs"].get(name, set())
+            output_name = variant_name(name, varies, matrix, combination)
+            if output_name in outputs:
+                continue
+            other = written.setdefault(output.path, output_name)
+            if other != output_name:
+                raise RecipeError(
+                    f"outputs {other} and {output_name} write the same file {output.path}: "
+                    f"put the variables it varies by ({', '.join(sorted(varies))}) in its path, "
+                    "e.g. out-${" + sorted(varies)[0] + "}.safetensors",
+                    path,
+                    output.line,
+                )
+            outputs[output_name] = dataclasses.replace(output, node=names[output.node], origin=name)
+    return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
+
+
+def _make_recipe(text: str, data: dict, document: YamlDocument, path: Path) -> Recipe:
+    """The recipe that `data` (one YAML document's data, without a matrix) describes."""
+    try:
+        schema = RecipeDocument.model_validate(data)
     except pydantic.ValidationError as exc:
         raise _schema_error(exc, document, path) from None
     folder = path.parent

@@ -61,7 +61,8 @@ class Node:
     to the cost rule of `sdrecipe.cache_policy`. `force` True merges operands of
     different architectures, which is otherwise refused. `allow_unmatched` True
     applies adapters some of whose modules match no key of the model. `space`
-    is `model` or `difference` (see `sdrecipe.recipe.spaces`).
+    is `model` or `difference` (see `sdrecipe.recipe.spaces`). `origin` is the
+    node a matrix variant was made from (see `sdrecipe.recipe.matrix`).
     """
 
     name: str
@@ -72,6 +73,12 @@ class Node:
     allow_unmatched: bool = False
     selection: KeySelection = field(default_factory=KeySelection)
     space: str = "model"
+    origin: str | None = None
+
+    @property
+    def written_name(self) -> str:
+        """The name as the recipe writes it: a matrix variant's node's name."""
+        return self.origin or self.name
 
     @property
     def signature(self) -> str:
@@ -108,7 +115,8 @@ class Output:
     LoRA extracted from a difference node, with `lora` options).
     `prune_ema` drops `model_ema.*`; `vae` names the input whose VAE
     replaces the node's (`first_stage_model.*`); `metadata` adds header fields;
-    `space` is `model`, or `difference` for a file of deltas.
+    `space` is `model`, or `difference` for a file of deltas; `origin` is the
+    output a matrix variant was made from.
     """
 
     node: str
@@ -121,6 +129,7 @@ class Output:
     metadata: dict[str, str] = field(default_factory=dict)
     space: str = "model"
     lora: LoraOptions | None = None
+    origin: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ status from the one status rule, as Mermaid, Graphviz dot, JSON, SVG or PNG."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -11,7 +12,9 @@ from dataclasses import asdict, dataclass
 import networkx as nx
 
 from sdrecipe.graph import MergeGraph
+from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.expr import format_expression
+from sdrecipe.recipe_set import Upstream
 from sdrecipe.staleness import FROM_CACHE, REBUILD, UP_TO_DATE, NodeStatus
 from sdrecipe.views.mermaid import mermaid_label
 from sdrecipe.views.scene import Box, Line, Scene, Text, text_width
@@ -101,6 +104,30 @@ def recipe_graph(graph: MergeGraph, statuses: Sequence[NodeStatus] | None) -> Re
         if spec.vae is not None:
             edges.append((f"input:{spec.vae}", f"output:{output}"))
     return RecipeGraph(tuple(vertices), tuple(dict.fromkeys(edges)))
+
+
+def combine(
+    recipes: Sequence[Recipe],
+    parts: Sequence[RecipeGraph],
+    links: Sequence[tuple[Upstream, Recipe]],
+) -> RecipeGraph:
+    """One graph of several recipes' graphs: each vertex named after its recipe,
+    and an edge from each output to the inputs of other recipes that read it."""
+    vertices: list[Vertex] = []
+    edges: list[tuple[str, str]] = []
+    for recipe, part in zip(recipes, parts, strict=True):
+        prefix = f"{recipe.path.stem}/"
+        vertices += [
+            dataclasses.replace(v, id=prefix + v.id, name=prefix + v.name) for v in part.vertices
+        ]
+        edges += [(prefix + source, prefix + target) for source, target in part.edges]
+    known = {vertex.id for vertex in vertices}
+    for upstream, recipe in links:
+        source = f"{upstream.recipe.path.stem}/output:{upstream.output}"
+        target = f"{recipe.path.stem}/input:{upstream.input}"
+        if source in known and target in known:
+            edges.append((source, target))
+    return RecipeGraph(tuple(vertices), tuple(edges))
 
 
 def _shorten(text: str) -> str:
