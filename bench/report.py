@@ -192,6 +192,25 @@ def _lora_targets(report: dict) -> list[tuple]:
     return rows
 
 
+def sweep_section(report: dict) -> list[str]:
+    """Scenario 14's section: the matrix build beside five builds and the write floor."""
+    ours = report["sweep"]["sdrecipe"].median("wall")
+    floor = report["sweep_write_floor"]
+    return [
+        "## Scenario 14: a sweep, `weighted_sum(A, B)` at five alphas, fp16 out",
+        "",
+        "`sdrecipe`: one recipe with `matrix: {alpha: [0.1, 0.3, 0.5, 0.7, 0.9]}`, "
+        "built in one pass over the inputs; `sdrecipe, five builds`: five recipes, "
+        "one `sdrecipe build` each, one after the other.",
+        "",
+        *_side_by_side(report["sweep"]),
+        "",
+        f"Writing five fp16 outputs with `dd` alone takes {_s(floor)}: "
+        f"{floor / ours:.0%} of the matrix build.",
+        "",
+    ]
+
+
 def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
     """Write BENCHMARKS.md from a finished run."""
     rounds = report["rounds"]
@@ -315,4 +334,6 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
             "`format: lora, rank: 64`: kohya's 264 layers (the UNet's transformers and the "
             "text encoder), a truncated SVD each, `--force`.",
         )
+    if "sweep" in report:
+        lines += sweep_section(report)
     path.write_text("\n".join(lines))

@@ -592,10 +592,58 @@ def lora_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object])
     report["extract_lora"] = cold_builds("extract_lora", "extract_lora.yaml", rounds)
 
 
+SWEEP_ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SWEEP_MATRIX = f"""
+matrix: {{alpha: {list(SWEEP_ALPHAS)}}}
+inputs: {{A: sd15-A.safetensors, B: sd15-B.safetensors}}
+nodes: {{merged: "weighted_sum(A, B, alpha=${{alpha}})"}}
+outputs: {{merged: {{path: "out-sweep-${{alpha}}.safetensors", dtype: fp16}}}}
+"""
+
+
+def sweep_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenario 14: weighted_sum of two SD1.5 models at five alphas, as one
+    matrix recipe and as five separate builds, beside the I/O floor of writing
+    five outputs."""
+    print("scenario 14: a sweep of five alphas, one matrix recipe vs five builds", flush=True)
+    (WORK / "sweep.yaml").write_text(SWEEP_MATRIX)
+    separate = []
+    for alpha in SWEEP_ALPHAS:
+        name = f"sweep-{alpha}.yaml"
+        text = SWEEP_MATRIX.split("inputs:", 1)[1].replace("${alpha}", str(alpha))
+        (WORK / name).write_text("inputs:" + text.replace("out-sweep-", "out-single-"))
+        separate.append(name)
+    hash_inputs("sweep.yaml")
+    build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache"]
+    five = " && ".join(" ".join([*build, name]) for name in separate)
+    commands = {
+        "sdrecipe": [*build, "sweep.yaml"],
+        "sdrecipe, five builds": ["sh", "-c", five],
+    }
+    report["sweep"] = side_by_side("sweep", commands, rounds, skip)
+    size = (WORK / "sd15-A.safetensors").stat().st_size  # fp16, as the outputs
+    started = time.perf_counter()
+    for index in range(len(SWEEP_ALPHAS)):
+        subprocess.run(
+            [
+                "dd",
+                "if=/dev/zero",
+                f"of={WORK / f'out-dd-{index}.bin'}",
+                "bs=8M",
+                f"count={size >> 23}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    report["sweep_write_floor"] = time.perf_counter() - started
+    free_cache()
+
+
 SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] = {
     "classic": classic_scenarios,
     "advanced": advanced_scenarios,
     "lora": lora_scenarios,
+    "sweep": sweep_scenarios,
     "sdxl": sdxl_scenarios,
 }
 
