@@ -74,6 +74,15 @@ class MergeGraph:
         return leaves
 
 
+def _variants(recipe: Recipe, selected: Iterable[str]) -> tuple[str, ...]:
+    """The selected outputs, a matrix output's name standing for all its variants."""
+    names: dict[str, None] = {}
+    for name in selected:
+        variants = [n for n, output in recipe.outputs.items() if output.origin == name]
+        names.update(dict.fromkeys(variants if name not in recipe.outputs and variants else [name]))
+    return tuple(names)
+
+
 def build_graph(recipe: Recipe, selected: Iterable[str] | None = None) -> MergeGraph:
     """Build and check the DAG; keep only what the `selected` outputs (default all) need."""
     dag = nx.DiGraph()
@@ -92,7 +101,7 @@ def build_graph(recipe: Recipe, selected: Iterable[str] | None = None) -> MergeG
         raise RecipeError(
             f"the nodes form a cycle: {' -> '.join(names)}", recipe.path, recipe.nodes[first].line
         )
-    outputs = tuple(recipe.outputs) if selected is None else tuple(selected)
+    outputs = tuple(recipe.outputs) if selected is None else _variants(recipe, selected)
     for name in outputs:
         if name not in recipe.outputs:
             raise RecipeError(

@@ -303,3 +303,19 @@ def test_matrix_combinations_are_the_product_less_exclusions(lengths, excluded):
     matrix = read_matrix({**variables, "exclude": exclude})
     assert list(matrix.combinations) == [c for c in product if c not in exclude]
     assert matrix.variables == tuple(variables)
+
+
+def test_an_output_name_of_the_recipe_selects_all_its_variants(tmp_path, models):
+    recipe = sweep_recipe(tmp_path, models)
+    plan = json.loads(invoke("plan", str(recipe), "out", "--json").stdout)["nodes"]
+    assert len([n for n in plan if n["output"]]) == 6
+
+
+def test_a_sweep_too_large_is_refused_before_it_expands(tmp_path, models):
+    values = list(range(11))
+    text = SWEEP.format(base=models["base"], finetune=models["finetune"], other=models["other"])
+    text = text.replace(
+        "alpha: [0.25, 0.5, 0.75]", f"alpha: {values}\n  beta: {values}\n  gamma: {values}"
+    )
+    result = invoke("validate", str(write_recipe(tmp_path, text)))
+    assert result.exit_code == 2 and "make 2,662 combinations; at most 1,000" in result.stderr

@@ -390,3 +390,11 @@ def test_init_asks_through_a_real_terminal(tmp_path, models):
     base, finetune = load_file(models["base"])[key], load_file(models["finetune"])[key]
     expected = 0.7 * as32(base) + 0.3 * as32(finetune)
     np.testing.assert_allclose(as32(out[key]), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_diff_refuses_an_adapter_for_a_model(tmp_path, models):
+    from sdrecipe.synthetic import AdapterSpec, write_adapter
+
+    lora = write_adapter(tmp_path / "style.safetensors", AdapterSpec(shrink=SHRINK))
+    result = invoke("diff", str(models["base"]), str(lora))
+    assert result.exit_code == 2 and "is a LoRA / LyCORIS file, not a model" in result.stderr

@@ -28,6 +28,7 @@ own text names; distinct variants must write distinct files.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ from typing import Any
 from sdrecipe.recipe.expr import Expr, ExprTransformer, Ref, references
 
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# A sweep larger than this is refused before it is expanded: each variant is an
+# output file, and a few lines of YAML could otherwise ask for billions.
+MAX_COMBINATIONS = 1_000
 Value = float | int | str
 Combination = dict[str, Value]
 
@@ -66,6 +70,9 @@ def read_matrix(data: object) -> Matrix:
         if len(set(map(repr, values))) != len(values):
             raise ValueError(f"matrix.{name} lists a value twice")
     names = tuple(lists)
+    count = math.prod(len(values) for values in lists.values())
+    if count > MAX_COMBINATIONS:
+        raise ValueError(f"the variables make {count:,} combinations; at most {MAX_COMBINATIONS:,}")
     combinations = [
         dict(zip(names, combo, strict=True)) for combo in itertools.product(*lists.values())
     ]

@@ -20,6 +20,8 @@ import torch
 from sdrecipe.arch import component_of
 from sdrecipe.arch.blocks import block_ids, block_of
 from sdrecipe.arch.detect import detect
+from sdrecipe.errors import RecipeError
+from sdrecipe.io.adapter_files import is_adapter_path
 from sdrecipe.io.readers import open_model
 from sdrecipe.views.scene import Box, Scene, Text, text_width
 
@@ -137,6 +139,12 @@ def diff_models(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> ModelDiff:
     """Compare each of `models` with `reference`, reading each key once per file."""
+    for path in (reference, *models):
+        if is_adapter_path(path):
+            raise RecipeError(
+                f"{path} is a LoRA / LyCORIS file, not a model: bake it into one first "
+                "(`sdrecipe bake`), or see it with `sdrecipe inspect --against`"
+            )
     base = open_model(reference)
     infos = base.infos()
     family = detect(infos, base.metadata).family
