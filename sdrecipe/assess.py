@@ -121,13 +121,8 @@ def assess(
         for name in plan.outputs
     }
     lock = read_lock(prepared.recipe.path)
-    wanted = set()
-    for values in identities.values.values():
-        wanted.update(values.values())
-    for values in identities.outputs.values():
-        wanted.update(values.values())
     # --force recomputes everything: cached tensors are written, never read.
-    found = cache.lookup(wanted) if cache and cache.tensors and not force else {}
+    found = cache.lookup(identities.every()) if cache and cache.tensors and not force else {}
     facts = {
         name: _output_facts(prepared, name, output_ids[name], lock, cache, force)
         for name in plan.outputs

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sdrecipe.assess import Assessment, Progress, assess, no_progress
 from sdrecipe.cache import PACK, Cache, Location, file_sha256
@@ -26,6 +28,10 @@ from sdrecipe.io.writers import OutputWriter, open_writer
 from sdrecipe.lock import BuiltOutput, updated_lock, write_lock
 from sdrecipe.plan import MERGED
 from sdrecipe.prepare import Prepared, tokenizer_folders
+
+if TYPE_CHECKING:
+    from sdrecipe.remote_cache import RemoteCache, Transfer
+
 from sdrecipe.staleness import (
     FROM_CACHE,
     REBUILD,
@@ -81,13 +87,55 @@ def build(
     force: bool = False,
     progress: Progress = no_progress,
     update_lock: bool = True,
+    remote: RemoteCache | None = None,
 ) -> BuildSummary:
-    """Bring every selected output up to date; on failure no output is touched."""
+    """Bring every selected output up to date; on failure no output is touched.
+
+    With a `remote` cache tier, what the local cache lacks is pulled from it
+    first, and what the build stored is pushed to it after; a remote that fails
+    is reported and the build goes on with the local cache alone."""
     started = time.perf_counter()
     with cache.locked() if cache else nullcontext():
         assessment = assess(prepared, cache, threads, force, progress)
+        shared = remote if cache is not None and cache.tensors else None
+        if shared is not None and not force:
+            pulled = _exchange(shared, shared.pull, cache, assessment)  # type: ignore[arg-type]
+            if pulled is not None and (pulled.outputs or pulled.refs):
+                assessment = assess(prepared, cache, threads, force, progress)
         builder = _Builder(prepared, assessment, cache, threads, progress)
-        return builder.run(started, update_lock)
+        summary = builder.run(started, update_lock)
+        if shared is not None:
+            _exchange(shared, shared.push, cache, assessment)  # type: ignore[arg-type]
+        return summary
+
+
+def _exchange(
+    remote: RemoteCache,
+    operation: Callable[[Cache, set[str], list[str]], Transfer],
+    cache: Cache,
+    assessment: Assessment,
+) -> Transfer | None:
+    """Pull or push the assessment's tensors and outputs; None if the remote failed.
+
+    Any exception counts as a failed remote: fsspec backends raise their own
+    kinds (botocore's, aiohttp's), and a remote tier must never fail a build."""
+    try:
+        moved = operation(
+            cache, assessment.identities.every(), list(assessment.output_ids.values())
+        )
+    except Exception as exc:
+        remote.notify(
+            f"the remote cache {remote.url} failed ({type(exc).__name__}: {exc}); "
+            "going on with the local cache alone"
+        )
+        return None
+    verb = "pulled from" if operation.__name__ == "pull" else "pushed to"
+    if moved.outputs or moved.objects or moved.refs:
+        remote.notify(
+            f"{verb} {remote.url}: {moved.outputs} outputs, {moved.objects} tensors "
+            f"({moved.bytes / 1e6:,.1f} MB)"
+        )
+    return moved
 
 
 class _Builder:

@@ -221,7 +221,7 @@ class Cache:
                 found[row[0]] = Location(*row[1:])
         return found
 
-    def _entry_path(self, kind: str, name: str) -> Path:
+    def entry_path(self, kind: str, name: str) -> Path:
         if kind == OBJECT:
             return self.objects / name[:2] / f"{name}.safetensors"
         return self.packs / f"{name}.safetensors"
@@ -234,7 +234,7 @@ class Cache:
         """
         from sdrecipe.io.safetensors_reader import SafetensorsReader
 
-        path = self._entry_path(location.kind, location.entry)
+        path = self.entry_path(location.kind, location.entry)
         try:
             reader = self._readers.get(path) or SafetensorsReader(path)
             info = reader.info(location.key)
@@ -251,8 +251,8 @@ class Cache:
 
     def discard(self, location: Location) -> None:
         """Delete an entry's file and everything that refers to it."""
-        self._readers.pop(self._entry_path(location.kind, location.entry), None)
-        self._entry_path(location.kind, location.entry).unlink(missing_ok=True)
+        self._readers.pop(self.entry_path(location.kind, location.entry), None)
+        self.entry_path(location.kind, location.entry).unlink(missing_ok=True)
         self.forget(location)
 
     def forget(self, location: Location) -> None:
@@ -305,7 +305,7 @@ class Cache:
 
     def add_pack(self, output: Path, sha256: str, output_id: str) -> str:
         """Link a finished output into the cache (copy across file systems)."""
-        target = self._entry_path(PACK, sha256)
+        target = self.entry_path(PACK, sha256)
         if not target.exists():
             publish(staged_copy(output, target), target)
         with self.transaction() as db:
@@ -320,7 +320,7 @@ class Cache:
         row = self.db.execute(
             "SELECT name FROM entries WHERE kind=? AND output_key=?", (PACK, output_id)
         ).fetchone()
-        path = row and self._entry_path(PACK, row[0])
+        path = row and self.entry_path(PACK, row[0])
         return path if path and path.exists() else None
 
     # --- statistics and maintenance ---------------------------------------------------
@@ -356,7 +356,7 @@ class Cache:
             own = size
             if kind == PACK:
                 try:
-                    own = 0 if os.stat(self._entry_path(kind, name)).st_nlink > 1 else size
+                    own = 0 if os.stat(self.entry_path(kind, name)).st_nlink > 1 else size
                 except FileNotFoundError:
                     own = 0
             sized.append((kind, name, size, own))
@@ -403,7 +403,7 @@ class Cache:
     def _remove_orphans(self) -> None:
         """Delete files the index does not know (e.g. left by a killed build)."""
         known = {
-            self._entry_path(kind, name)
+            self.entry_path(kind, name)
             for kind, name in self.db.execute("SELECT kind, name FROM entries")
         }
         for path in [*self.objects.glob("*"), *self.objects.glob("*/*"), *self.packs.glob("*")]:
@@ -487,7 +487,7 @@ class ObjectWriter:
 
         Files only: the caller registers it with `Cache.add_objects`.
         """
-        target = self.cache._entry_path(OBJECT, digest)
+        target = self.cache.entry_path(OBJECT, digest)
         target.parent.mkdir(exist_ok=True)
         self._writer.commit(target)
         return Location(OBJECT, digest, "tensor", digest), self._writer.size

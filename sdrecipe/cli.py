@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sdrecipe.build import BuildSummary
     from sdrecipe.cache import Cache
     from sdrecipe.recipe import Recipe
+    from sdrecipe.remote_cache import RemoteCache
     from sdrecipe.staleness import NodeStatus
 
 RECIPE = click.Path(dir_okay=False, path_type=Path)
@@ -115,6 +116,30 @@ def _cache_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def _cache_url_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--cache-url",
+        envvar="SDRECIPE_CACHE_URL",
+        help="A shared remote cache behind the local one: any fsspec URL, e.g. "
+        "s3://bucket/sdrecipe-cache (env: SDRECIPE_CACHE_URL).",
+    )(command)
+
+
+def _open_remote(url: str | None) -> RemoteCache | None:
+    """The remote cache tier at `url`, if one is given."""
+    if not url:
+        return None
+    from sdrecipe.errors import RecipeError
+    from sdrecipe.remote_cache import RemoteCache
+
+    try:
+        return RemoteCache(url, notify=_note)
+    except (ImportError, ValueError) as exc:
+        raise RecipeError(
+            f"--cache-url {url}: {exc} (s3:// needs the s3fs package, gs:// gcsfs, az:// adlfs)"
+        ) from None
+
+
 def _threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--threads", "-j", type=click.IntRange(min=1), help="Worker threads [default: cores]."
@@ -133,6 +158,7 @@ class BuildOptions:
 
     threads: int | None = None
     cache_dir: Path = Path("cache")
+    cache_url: str | None = None
     no_cache: bool = False
     force: bool = False
     as_json: bool = False
@@ -151,6 +177,7 @@ def _build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Ca
         if uses_cache:
             options += [
                 _cache_dir_option,
+                _cache_url_option,
                 click.option(
                     "--no-cache",
                     is_flag=True,
@@ -321,6 +348,7 @@ def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions)
         cache,
         options.force,
         _progress(not options.as_json and sys.stderr.isatty()),
+        remote=None if options.no_cache else _open_remote(options.cache_url),
     )
     if cache.tensors:
         with cache.locked():
@@ -1088,29 +1116,39 @@ def blocks(model_or_family: str, with_keys: bool, as_json: bool) -> None:
 
 @main.group()
 def cache() -> None:
-    """Inspect and trim the tensor cache."""
+    """Inspect, trim and share the tensor cache."""
 
 
 @cache.command("info")
 @_cache_dir_option
+@_cache_url_option
 @_json_option
 @_reports_errors
-def cache_info(cache_dir: Path, as_json: bool) -> None:
-    """Disk use, size limit, entries and the last build's hit statistics.
+def cache_info(cache_dir: Path, cache_url: str | None, as_json: bool) -> None:
+    """Disk use, size limit, entries and the last build's hit statistics, and
+    with --cache-url the remote tier's entries and size.
 
     Outputs are hard-linked into the cache, so their bytes are shared with the
     output files: `size` counts only the cache's own bytes (what `gc` can free),
     `shared_with_outputs` the rest."""
+    remote = _open_remote(cache_url)
+    shared = remote.info() if remote else None
+    if shared and not as_json:
+        click.echo(
+            f"remote cache {shared['url']}: {shared['size'] / 1e6:,.1f} MB, "
+            f"{shared['outputs']} outputs, {shared['objects']} intermediate tensors, "
+            f"{shared['tensors']} tensor identities"
+        )
     store = _existing_cache(cache_dir)
     if store is None:
         if as_json:
-            _emit_json({"path": str(cache_dir), "exists": False})
+            _emit_json({"path": str(cache_dir), "exists": False, "remote": shared})
         else:
             click.echo(f"cache {cache_dir}: none yet (a build creates it)")
         return
     info = store.info()
     if as_json:
-        _emit_json({**info, "exists": True})
+        _emit_json({**info, "exists": True, "remote": shared})
         return
     click.echo(
         f"cache {info['path']}: {info['size'] / 1e6:,.1f} MB of its own (limit "
@@ -1143,6 +1181,48 @@ def _parse_size(
     number, unit, suffix = match.groups()
     base = 1024 if suffix and suffix.lower() == "ib" else 1000
     return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+def _exchange_command(direction: str) -> Callable[..., Any]:
+    @click.argument("recipe", type=RECIPE)
+    @_cache_dir_option
+    @_cache_url_option
+    @_threads_option
+    @_json_option
+    @_reports_errors
+    def command(
+        recipe: Path, cache_dir: Path, cache_url: str | None, threads: int | None, as_json: bool
+    ) -> None:
+        from sdrecipe.assess import assess
+        from sdrecipe.build import default_threads
+        from sdrecipe.prepare import prepare
+
+        remote = _open_remote(cache_url)
+        if remote is None:
+            raise click.UsageError("--cache-url (or SDRECIPE_CACHE_URL) names the remote cache")
+        store = _open_cache(cache_dir)
+        prepared = prepare(recipe, cache_root=cache_dir)
+        with store.locked():
+            assessment = assess(prepared, store, threads or default_threads())
+            move = remote.pull if direction == "pull" else remote.push
+            moved = move(store, assessment.identities.every(), list(assessment.output_ids.values()))
+        if as_json:
+            _emit_json(vars(moved))
+            return
+        click.echo(
+            f"{direction}ed {moved.outputs} outputs and {moved.refs} tensors "
+            f"({moved.bytes / 1e6:,.1f} MB) {'from' if direction == 'pull' else 'to'} {remote.url}"
+        )
+
+    command.__doc__ = (
+        f"{'Download' if direction == 'pull' else 'Upload'} RECIPE's cached outputs and "
+        f"tensors {'from' if direction == 'pull' else 'to'} the remote cache (--cache-url)."
+    )
+    return cache.command(direction)(command)
+
+
+cache_pull = _exchange_command("pull")
+cache_push = _exchange_command("push")
 
 
 @cache.command("gc")

@@ -49,6 +49,13 @@ class Identities:
     values: dict[str, dict[str, str]]
     outputs: dict[str, dict[str, str]]
 
+    def every(self) -> set[str]:
+        """Every tensor identity of the plan's nodes and outputs."""
+        found: set[str] = set()
+        for values in (*self.values.values(), *self.outputs.values()):
+            found.update(values.values())
+        return found
+
     def node_id(self, node: str) -> str:
         """One hash of all of `node`'s tensor identities."""
         return _hash(IDENTITY_VERSION, sorted(self.values[node].items()))

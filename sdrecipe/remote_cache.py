@@ -1,0 +1,263 @@
+"""The shared second tier of the cache: content-addressed files under any
+fsspec URL (`s3://bucket/sdrecipe-cache`, `gs://...`, `az://...`, a local or
+network folder), used after the local cache.
+
+Layout under the URL, every name fixed by its content, so uploads are
+immutable and concurrent builds write identical bytes to a name:
+- `objects/ab/<blake3>.safetensors`: cached intermediate tensors, as locally;
+- `refs/<sha256>.json`: one per push, JSON `{identity: [entry, key, digest]}`,
+  the object each tensor identity is in (named by its own content's hash);
+- `packs/<sha256>.safetensors`: finished outputs;
+- `outputs/<output id>`: JSON `{"sha256": ...}`, the pack an output id built.
+
+`pull` downloads what a build needs and the local cache lacks, checking every
+file against the digest in its name before the local cache takes it (a corrupt
+or partial remote file is reported, deleted remotely, and left to the build to
+recompute and `push` again). `push` uploads what the local cache holds and the
+remote lacks. On an object store a PUT is atomic, and many go at once; on a
+file system each file is written under a temporary name, then moved to its own.
+Credentials and endpoints come from each fsspec backend's usual places (for
+S3 and MinIO: the AWS variables and files, `AWS_ENDPOINT_URL`); none is ever
+written into a recipe, lock or output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdrecipe.cache import OBJECT, Cache, Location
+from sdrecipe.fingerprint import sha256_of
+from sdrecipe.io.atomic import publish, temporary_path
+
+# fsspec protocols of object stores, where one PUT is atomic.
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
+
+
+@dataclass
+class Transfer:
+    """What one pull or push moved: counts and bytes, and what was rejected."""
+
+    outputs: int = 0
+    objects: int = 0
+    refs: int = 0
+    bytes: int = 0
+    corrupt: list[str] = field(default_factory=list)
+
+
+class RemoteCache:
+    """The cache tier at `url`."""
+
+    def __init__(self, url: str, notify: Callable[[str], None] = lambda text: None):
+        import fsspec
+
+        self.url = url
+        self.notify = notify
+        # A filesystem of its own: fsspec's shared instances keep listings that
+        # other machines' uploads make stale.
+        self.fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)
+        self.root = root.rstrip("/")
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _names(self, folder: str) -> set[str]:
+        """The file names under `folder` (one listing, not a request per name)."""
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(self._path(folder))
+        except FileNotFoundError:
+            return set()
+        return {path.rsplit("/", 1)[-1] for path in found}
+
+    def _upload(self, pairs: list[tuple[Path | bytes, str]]) -> None:
+        """Write each (local file or bytes, remote name) so that no reader ever
+        sees part of a file under its real name."""
+        if not pairs:
+            return
+        protocols = self.fs.protocol
+        protocols = {protocols} if isinstance(protocols, str) else set(protocols)
+        if protocols & set(OBJECT_STORES):
+            files = [(str(s), t) for s, t in pairs if isinstance(s, Path)]
+            if files:
+                self.fs.put([s for s, _ in files], [t for _, t in files])
+            for source, target in pairs:
+                if isinstance(source, bytes):
+                    self.fs.pipe_file(target, source)
+            return
+        for source, target in pairs:
+            temporary = self._path("tmp", uuid.uuid4().hex)
+            for folder in (self._path("tmp"), target.rsplit("/", 1)[0]):
+                self.fs.makedirs(folder, exist_ok=True)
+            if isinstance(source, bytes):
+                self.fs.pipe_file(temporary, source)
+            else:
+                self.fs.put_file(str(source), temporary)
+            self.fs.mv(temporary, target)
+
+    def _download(self, pairs: list[tuple[str, Path]]) -> list[Path]:
+        """Copy each remote name beside its local target (many at once where the
+        backend can); returns the temporary files, in order."""
+        temporaries = [temporary_path(target, unique=True) for _, target in pairs]
+        for _, target in pairs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        if pairs:
+            self.fs.get([source for source, _ in pairs], [str(t) for t in temporaries])
+        return temporaries
+
+    def _reject(self, name: str, remote: str, transfer: Transfer) -> None:
+        """A remote file that fails its check: say so, and delete it so that the
+        next push replaces it."""
+        self.notify(f"remote cache entry {self.url}/{name} is corrupt; ignored and removed")
+        transfer.corrupt.append(name)
+        with contextlib.suppress(OSError):
+            self.fs.rm_file(remote)
+
+    # --- pull ---------------------------------------------------------------------------
+
+    def pull(self, cache: Cache, identities: Iterable[str], output_ids: Iterable[str]) -> Transfer:
+        """Download the outputs and tensors among these that the local cache lacks."""
+        transfer = Transfer()
+        available = self._names("outputs")
+        for output_id in output_ids:
+            if output_id in available and cache.find_pack(output_id) is None:
+                self._pull_output(cache, output_id, transfer)
+        identities = set(identities)
+        wanted = identities - set(cache.lookup(identities))
+        found = {i: location for i, location in self._refs().items() if i in wanted}
+        digests = {location.entry: location for location in found.values()}
+        missing = [d for d in sorted(digests) if not cache.entry_path(OBJECT, d).exists()]
+        names = [f"objects/{digest[:2]}/{digest}.safetensors" for digest in missing]
+        temporaries = self._download(
+            [
+                (self._path(n), cache.entry_path(OBJECT, d))
+                for n, d in zip(names, missing, strict=True)
+            ]
+        )
+        for name, digest, temporary in zip(names, missing, temporaries, strict=True):
+            self._take_object(cache, digests[digest], name, temporary, transfer)
+        local = [
+            (i, loc, cache.entry_path(OBJECT, loc.entry))
+            for i, loc in found.items()
+            if cache.entry_path(OBJECT, loc.entry).exists()
+        ]
+        cache.add_objects((i, loc, path.stat().st_size) for i, loc, path in local)
+        transfer.refs += len(local)
+        return transfer
+
+    def _refs(self) -> dict[str, Location]:
+        """Every tensor identity the remote holds, from all the pushes' ref files."""
+        names = sorted(self._names("refs"))
+        contents = self.fs.cat([self._path("refs", name) for name in names]) if names else {}
+        refs: dict[str, Location] = {}
+        for path, data in sorted(contents.items()):
+            try:
+                entries = json.loads(data)
+                refs.update({i: Location(OBJECT, *entry) for i, entry in entries.items()})
+            except (ValueError, TypeError, AttributeError):
+                self._reject(f"refs/{path.rsplit('/', 1)[-1]}", path, Transfer())
+        return refs
+
+    def _pull_output(self, cache: Cache, output_id: str, transfer: Transfer) -> None:
+        sha256 = json.loads(self.fs.cat_file(self._path("outputs", output_id)))["sha256"]
+        remote = self._path("packs", f"{sha256}.safetensors")
+        local = cache.entry_path("pack", sha256)
+        (temporary,) = self._download([(remote, local)])
+        try:
+            if sha256_of(temporary) != sha256:
+                self._reject(f"packs/{sha256}.safetensors", remote, transfer)
+                return
+            cache.add_pack(temporary, sha256, output_id)
+            transfer.outputs += 1
+            transfer.bytes += local.stat().st_size
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def _take_object(
+        self, cache: Cache, location: Location, name: str, temporary: Path, transfer: Transfer
+    ) -> None:
+        """Check a downloaded object against its digest and give it to the local cache."""
+        from sdrecipe.fingerprint import tensor_digest
+        from sdrecipe.io.safetensors_reader import SafetensorsReader
+
+        try:
+            try:
+                reader = SafetensorsReader(temporary)
+                info = reader.info(location.key)
+                good = tensor_digest(info, [reader.raw(location.key)]) == location.digest
+            except Exception:
+                good = False
+            if not good:
+                self._reject(name, self._path(name), transfer)
+                return
+            transfer.objects += 1
+            transfer.bytes += temporary.stat().st_size
+            publish(temporary, cache.entry_path(OBJECT, location.entry))
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    # --- push ---------------------------------------------------------------------------
+
+    def push(self, cache: Cache, identities: Iterable[str], output_ids: Iterable[str]) -> Transfer:
+        """Upload the outputs and tensors among these that the local cache holds
+        and the remote lacks."""
+        transfer = Transfer()
+        outputs, packs = self._names("outputs"), self._names("packs")
+        uploads: list[tuple[Path | bytes, str]] = []
+        for output_id in output_ids:
+            pack = cache.find_pack(output_id)
+            if pack is None:
+                continue
+            if pack.name not in packs:  # new, or removed as corrupt by a pull
+                uploads.append((pack, self._path("packs", pack.name)))
+                transfer.bytes += pack.stat().st_size
+                transfer.outputs += 1
+            if output_id not in outputs:
+                record = json.dumps({"sha256": pack.name.removesuffix(".safetensors")})
+                uploads.append((record.encode(), self._path("outputs", output_id)))
+        self._upload(uploads)
+        known, objects = self._refs(), self._names("objects")
+        new = {
+            identity: location
+            for identity, location in cache.lookup(identities).items()
+            if location.kind == OBJECT and identity not in known
+        }
+        files = []
+        for digest in sorted({location.entry for location in new.values()}):
+            if f"{digest}.safetensors" not in objects:
+                local = cache.entry_path(OBJECT, digest)
+                files.append((local, self._path("objects", digest[:2], f"{digest}.safetensors")))
+                transfer.objects += 1
+                transfer.bytes += local.stat().st_size
+        self._upload(files)
+        if new:
+            # Objects first, then the refs naming them: a reader never finds a ref
+            # to an object that is not there yet.
+            entries = {i: [loc.entry, loc.key, loc.digest] for i, loc in sorted(new.items())}
+            manifest = json.dumps(entries, sort_keys=True).encode()
+            name = f"{hashlib.sha256(manifest).hexdigest()}.json"
+            self._upload([(manifest, self._path("refs", name))])
+            transfer.refs += len(new)
+        return transfer
+
+    def info(self) -> dict[str, Any]:
+        """The remote tier's counts and size."""
+        sizes = {}
+        for folder in ("objects", "packs"):
+            try:
+                sizes[folder] = self.fs.du(self._path(folder), total=True)
+            except FileNotFoundError:
+                sizes[folder] = 0
+        return {
+            "url": self.url,
+            "outputs": len(self._names("outputs")),
+            "objects": len(self._names("objects")),
+            "tensors": len(self._names("refs")),
+            "size": sum(sizes.values()),
+        }

@@ -1,0 +1,239 @@
+"""The shared remote cache against a real S3 API: moto's server on 127.0.0.1,
+reached through s3fs with the standard AWS_ENDPOINT_URL variable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import invoke, write_recipe
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+BUCKET = "team-cache"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> str:
+    """A moto S3 server on the loopback address for this module's tests."""
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def remote(endpoint: str, monkeypatch: pytest.MonkeyPatch, request) -> str:
+    """A fresh bucket prefix, with credentials and endpoint in the environment only."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }.items():
+        monkeypatch.setenv(name, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    return f"s3://{BUCKET}/{request.node.name}"
+
+
+def s3() -> s3fs.S3FileSystem:
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+RECIPE = """
+inputs: {{A: {other}, B: {finetune}, C: {base}}}
+nodes:
+  learned: "ties(C, B, A, density=0.5) - C"
+  out: A + {factor} * learned
+outputs:
+  out: {{path: out.safetensors, dtype: fp16}}
+"""
+
+
+def machine(folder: Path, models: dict[str, Path], factor: float = 1.0) -> Path:
+    """A checkout of the recipe on one machine (its own folder and local cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_recipe(
+        folder,
+        RECIPE.format(
+            other=models["other"],
+            finetune=models["finetune"],
+            base=models["base"],
+            factor=factor,
+        ),
+    )
+
+
+def build(recipe: Path, remote: str, *extra: str) -> dict:
+    result = invoke(
+        "build",
+        "--json",
+        "--cache-dir",
+        str(recipe.parent / "cache"),
+        "--cache-url",
+        remote,
+        *extra,
+        str(recipe),
+    )
+    assert result.exit_code == 0, result.stderr
+    return {**json.loads(result.stdout), "stderr": result.stderr}
+
+
+def test_a_second_machine_downloads_the_output_with_identical_bytes_and_lock(
+    tmp_path, models, remote
+):
+    first = machine(tmp_path / "one", models)
+    report = build(first, remote)
+    assert "pushed to" in report["stderr"] and report["outputs"][0]["state"] == "built"
+    assert credentials_nowhere(tmp_path / "one")
+    second = machine(tmp_path / "two", models)
+    again = build(second, remote)
+    assert "pulled from" in again["stderr"]
+    assert again["outputs"][0]["state"] == "restored from cache"
+    assert again["cache"]["tensors_computed"] == 0
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "out.safetensors").read_bytes() == (two / "out.safetensors").read_bytes()
+    assert (one / "recipe.lock").read_text() == (two / "recipe.lock").read_text()
+
+
+def credentials_nowhere(folder: Path) -> bool:
+    """Neither the key nor the endpoint is written into any file sdrecipe wrote."""
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in (".lock", ".safetensors", ".yaml"):
+            data = path.read_bytes()
+            if b"testing" in data or b"127.0.0.1" in data:
+                return False
+    return True
+
+
+def test_intermediates_come_from_the_remote_when_only_a_downstream_node_changed(
+    tmp_path, models, remote
+):
+    build(machine(tmp_path / "one", models), remote)
+    assert s3().find(f"{remote}/refs"), "the TIES node's tensors were pushed"
+    changed = machine(tmp_path / "two", models, factor=0.5)
+    report = build(changed, remote)
+    assert report["outputs"][0]["state"] == "built"
+    assert report["cache"]["tensors_from_cache"] > 0, "the TIES tensors were not recomputed"
+    assert "pulled from" in report["stderr"] and " tensors (" in report["stderr"]
+
+
+def test_concurrent_builds_upload_the_same_identities_safely(tmp_path, models, remote):
+    recipes = [machine(tmp_path / name, models) for name in ("one", "two")]
+    env = {**os.environ, "SDRECIPE_CACHE_URL": remote}
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sdrecipe",
+                "build",
+                "--cache-dir",
+                str(r.parent / "cache"),
+                str(r),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in recipes
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+    assert not s3().find(f"{remote}/tmp"), "no temporary upload is left"
+    third = build(machine(tmp_path / "three", models), remote)
+    assert third["outputs"][0]["state"] == "restored from cache"
+    assert (tmp_path / "three" / "out.safetensors").read_bytes() == (
+        tmp_path / "one" / "out.safetensors"
+    ).read_bytes()
+
+
+def test_a_corrupt_remote_output_is_reported_ignored_and_replaced(tmp_path, models, remote):
+    build(machine(tmp_path / "one", models), remote)
+    (pack,) = s3().find(f"{remote}/packs")
+    good = s3().cat_file(pack)
+    s3().pipe_file(pack, good[: len(good) // 2])
+    report = build(machine(tmp_path / "two", models), remote)
+    assert "is corrupt; ignored and removed" in report["stderr"]
+    assert report["outputs"][0]["state"] == "built"
+    assert (tmp_path / "two" / "out.safetensors").read_bytes() == good
+    assert s3().cat_file(pack) == good, "the rebuilt output replaced the corrupt one"
+
+
+def test_an_unreachable_remote_is_a_note_and_the_build_succeeds(tmp_path, models, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    report = build(machine(tmp_path / "one", models), "s3://nowhere/cache")
+    assert report["outputs"][0]["state"] == "built"
+    assert "the remote cache s3://nowhere/cache failed" in report["stderr"]
+    assert "going on with the local cache alone" in report["stderr"]
+
+
+def test_cache_push_and_pull_move_a_recipes_entries(tmp_path, models, remote):
+    first = machine(tmp_path / "one", models)
+    local = invoke("build", "--cache-dir", str(tmp_path / "one" / "cache"), str(first))
+    assert local.exit_code == 0 and not s3().exists(f"{remote}/outputs")
+    pushed = invoke(
+        "cache",
+        "push",
+        "--cache-dir",
+        str(tmp_path / "one" / "cache"),
+        "--cache-url",
+        remote,
+        str(first),
+    )
+    assert pushed.exit_code == 0, pushed.stderr
+    assert pushed.stdout.startswith("pushed 1 outputs")
+    second = machine(tmp_path / "two", models)
+    pulled = invoke(
+        "cache",
+        "pull",
+        "--cache-dir",
+        str(tmp_path / "two" / "cache"),
+        "--cache-url",
+        remote,
+        "--json",
+        str(second),
+    )
+    assert json.loads(pulled.stdout)["outputs"] == 1
+    offline = invoke("build", "--json", "--cache-dir", str(tmp_path / "two" / "cache"), str(second))
+    assert json.loads(offline.stdout)["outputs"][0]["state"] == "restored from cache"
+    info = json.loads(
+        invoke(
+            "cache",
+            "info",
+            "--json",
+            "--cache-dir",
+            str(tmp_path / "two" / "cache"),
+            "--cache-url",
+            remote,
+        ).stdout
+    )
+    assert info["remote"]["outputs"] == 1 and info["packs"] == 1
+
+
+def test_a_url_no_backend_knows_is_a_usage_error(tmp_path, models):
+    result = invoke("build", "--cache-url", "nosuch://x/y", str(machine(tmp_path, models)))
+    assert result.exit_code == 2 and "--cache-url nosuch://x/y" in result.stderr
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
