@@ -274,16 +274,32 @@ def _is_one_recipe(recipes: list[Path]) -> bool:
 @_TARGETS
 @_build_options()
 @_KEEP_GOING
+@click.option(
+    "--scheduler",
+    help="Build each recipe as a task on a Dask cluster: a scheduler address "
+    "(tcp://HOST:8786), or local:N for a local cluster of N worker processes.",
+)
 @click.option("--dry-run", is_flag=True, help="Only show what would be done (as `plan`).")
 @_reports_errors
-def build(targets: tuple[str, ...], keep_going: bool, dry_run: bool, options: BuildOptions) -> None:
+def build(
+    targets: tuple[str, ...],
+    keep_going: bool,
+    scheduler: str | None,
+    dry_run: bool,
+    options: BuildOptions,
+) -> None:
     """Build the outputs of RECIPE (or only the named OUTPUTs and what they need).
 
     Several recipes, or a folder of them, build as one graph: a recipe that reads
-    another's output is built after it."""
+    another's output is built after it; with --scheduler, as tasks on a Dask
+    cluster."""
     recipes, outputs = _recipes_and_outputs(targets)
     if dry_run:
         _show_plan(recipes, outputs, options)
+    elif scheduler:
+        if outputs:
+            raise click.UsageError("--scheduler builds whole recipes: name no outputs")
+        _build_on_cluster(recipes, options, keep_going, scheduler)
     elif _is_one_recipe(recipes):
         _emit_report(_build_recipe(recipes[0], outputs, options), options.as_json)
     else:
@@ -293,6 +309,42 @@ def build(targets: tuple[str, ...], keep_going: bool, dry_run: bool, options: Bu
 def _emit_report(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _emit_json(report)
+
+
+def _build_on_worker(recipe: Path, options: BuildOptions) -> dict[str, Any]:
+    """One recipe's build on a Dask worker, as `build` does it here."""
+    return _build_recipe(recipe, (), options)
+
+
+def _build_on_cluster(
+    paths: list[Path], options: BuildOptions, keep_going: bool, scheduler: str
+) -> None:
+    """Build every recipe as a Dask task on the cluster at `scheduler`; show
+    each as it ends; exit as a local build would."""
+    from sdrecipe.cluster import build_on_cluster, close, connect
+    from sdrecipe.recipe_set import load_recipe_set, recipe_files
+
+    recipe_set = load_recipe_set(recipe_files(paths))
+    client = connect(scheduler)
+
+    def show(result: Any) -> None:
+        if options.as_json:
+            return
+        if result.error:
+            click.echo(f"failed {result.recipe} on {result.worker}: {printable(result.error)}")
+            return
+        for output in result.report["outputs"]:
+            click.echo(f"{output['state']} {output['name']} -> {output['path']} on {result.worker}")
+
+    try:
+        results = build_on_cluster(recipe_set, client, _build_on_worker, options, keep_going, show)
+    finally:
+        close(client)
+    failed = [result for result in results if result.error]
+    if options.as_json:
+        _emit_json({"recipes": [vars(result) for result in results]})
+    if failed:
+        sys.exit(1 if keep_going else failed[0].exit_code)
 
 
 def _build_set(paths: list[Path], options: BuildOptions, keep_going: bool) -> None:

@@ -1,0 +1,127 @@
+"""Builds on a Dask cluster: each recipe of a set is one Dask task, submitted in
+dependency order with the tasks of the recipes it reads as its dependencies.
+
+A worker builds a recipe exactly as `sdrecipe build` does on one machine (its
+outputs are published only when complete, the lock written last), so a worker
+that dies leaves no partial output, and Dask retries its task elsewhere. The
+recipes, their inputs and outputs must be on a path every worker sees (a
+shared file system); with a shared remote cache (`--cache-url`) the workers
+also reuse each other's outputs and intermediates. A recipe's variants
+(`matrix:`) build together on one worker, in one pass over the inputs.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sdrecipe.errors import RecipeError, SdrecipeError
+from sdrecipe.recipe_set import RecipeSet
+
+RETRIES = 2
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What one recipe's task did: its report, or the error that failed it."""
+
+    recipe: str
+    worker: str
+    report: dict[str, Any] | None = None
+    error: str | None = None
+    exit_code: int = 0
+
+
+def close(client: Any) -> None:
+    """Close the client, and the local cluster it started."""
+    cluster = client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def connect(scheduler: str) -> Any:
+    """A Dask client: `local:N` starts a local cluster of N worker processes
+    (one thread each), anything else is a scheduler address."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise RecipeError("--scheduler needs Dask: pip install 'sdrecipe[cluster]'") from None
+    if scheduler.startswith("local:"):
+        count = scheduler.removeprefix("local:")
+        if not count.isdigit() or int(count) < 1:
+            raise RecipeError(f"--scheduler {scheduler}: local:N takes a number of workers")
+        cluster = LocalCluster(
+            n_workers=int(count), threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        return Client(cluster)
+    try:
+        return Client(scheduler, timeout="10s")
+    except OSError as exc:
+        raise RecipeError(f"--scheduler {scheduler}: cannot reach it ({exc})") from None
+
+
+def build_on_cluster(
+    recipe_set: RecipeSet,
+    client: Any,
+    build_one: Callable[[Path, Any], dict[str, Any]],
+    options: Any,
+    keep_going: bool,
+    report: Callable[[TaskResult], None],
+) -> list[TaskResult]:
+    """Submit every recipe, wait for all, and call `report` as each ends.
+    `build_one(path, options)` runs on the workers; each uses its own local
+    cache folder under the options' cache folder."""
+    from dask.distributed import as_completed
+
+    futures = {}
+    for recipe in recipe_set.recipes:
+        needs = [futures[up.recipe.path] for up in recipe_set.needs(recipe)]
+        futures[recipe.path] = client.submit(
+            _task,
+            build_one,
+            recipe.path,
+            options,
+            keep_going,
+            needs,
+            key=f"sdrecipe-build-{recipe.path}",
+            retries=RETRIES,
+            pure=False,
+        )
+    results = []
+    for future in as_completed(list(futures.values())):
+        result = future.result()
+        results.append(result)
+        report(result)
+        if result.error and not keep_going:
+            client.cancel(list(futures.values()))
+            break
+    return results
+
+
+def _task(
+    build_one: Callable[[Path, Any], dict[str, Any]],
+    path: Path,
+    options: Any,
+    keep_going: bool,
+    needs: list[TaskResult],
+) -> TaskResult:
+    """One recipe's build on a worker (`needs`: the results of its upstream tasks)."""
+    from dask.distributed import get_worker
+
+    name = get_worker().name
+    worker = f"{socket.gethostname()}/{name}"
+    failed = [result.recipe for result in needs if result.error]
+    if failed:
+        error = f"skipped: it needs {failed[0]}, which failed"
+        return TaskResult(str(path), worker, error=error, exit_code=1)
+    # A local cache per worker: workers sharing one would wait for its lock in turn.
+    own_cache = Path(options.cache_dir) / "workers" / f"{socket.gethostname()}-{name}"
+    try:
+        built = build_one(path, replace(options, cache_dir=own_cache, as_json=True))
+    except SdrecipeError as exc:
+        return TaskResult(str(path), worker, error=str(exc), exit_code=exc.exit_code)
+    return TaskResult(str(path), worker, report=built)
