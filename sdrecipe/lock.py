@@ -168,10 +168,9 @@ def updated_lock(
     nodes = dict(previous.nodes) if previous else {}
     outputs = dict(previous.outputs) if previous else {}
     for name, sha256 in input_sha256.items():
-        path = recipe.inputs[name].path
-        inputs[name] = LockedInput(
-            relative_to_recipe(path, recipe.path), FileStat.of(path).size, sha256
-        )
+        spec = recipe.inputs[name]
+        where = spec.url or relative_to_recipe(spec.path, recipe.path)
+        inputs[name] = LockedInput(where, FileStat.of(spec.path).size, sha256)
     for node, node_id in node_ids.items():
         nodes[node] = LockedNode(recipe.nodes[node].signature, node_id)
     for name, output in built.items():

@@ -14,9 +14,13 @@ from sdrecipe.guard import check_outputs
 from sdrecipe.io.adapter_reader import AdapterReader, guess_family
 from sdrecipe.io.diffusers_writer import TOKENIZERS
 from sdrecipe.io.readers import ModelReader, open_adapter, open_model
+from sdrecipe.io.remote_inputs import fetch_inputs
 from sdrecipe.methods.registry import DIFFERENCE
 from sdrecipe.plan import BuildPlan, make_plan
 from sdrecipe.recipe import Recipe, load_recipe
+
+# Where remote inputs are kept when no cache folder is given (the CLI's default).
+DEFAULT_CACHE = Path("cache")
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,9 @@ def prepare_recipe(
     force: bool = False,
     cache_root: Path | None = None,
 ) -> Prepared:
-    """`prepare` for a recipe already loaded."""
+    """`prepare` for a recipe already loaded; remote inputs are fetched first."""
+    if any(spec.url for spec in recipe.inputs.values()):
+        recipe = fetch_inputs(recipe, (cache_root or DEFAULT_CACHE) / "inputs")
     graph = build_graph(recipe, selected)
     check_outputs(recipe, cache_root, graph.outputs)
     readers = open_inputs(graph)

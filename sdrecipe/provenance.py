@@ -156,7 +156,7 @@ def output_recipe(graph: MergeGraph, output: str, hashes: Mapping[str, Fingerpri
         )
     document = {
         "inputs": {
-            new: {"path": recipe.inputs[name].path.name, "sha256": hashes[name].sha256}
+            new: {"path": recipe.inputs[name].written_path, "sha256": hashes[name].sha256}
             for name, new in names.items()
         },
         "nodes": {
@@ -232,7 +232,7 @@ def _a1111_recipe(
         "save_as_half": spec.dtype == "float16",
         "custom_name": spec.path.stem,
         "config_source": 0,
-        "bake_in_vae": recipe.inputs[spec.vae].path.name if spec.vae else "None",
+        "bake_in_vae": recipe.inputs[spec.vae].file_name if spec.vae else "None",
         "discard_weights": "",
         "is_inpainting": channels == 9,
         "is_instruct_pix2pix": channels == 8,
@@ -261,7 +261,7 @@ def _a1111_models(
         if recipe is not None and len(json.dumps(recipe)) > MAX_LINEAGE_BYTES // 4:
             recipe = {"dropped": "this merge recipe was too large to keep"}
         own[hashes[name].sha256] = {
-            "name": graph.recipe.inputs[name].path.name,
+            "name": graph.recipe.inputs[name].file_name,
             "legacy_hash": hashes[name].legacy,
             "sd_merge_recipe": recipe,
         }

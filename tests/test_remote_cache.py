@@ -1,5 +1,6 @@
-"""The shared remote cache against a real S3 API: moto's server on 127.0.0.1,
-reached through s3fs with the standard AWS_ENDPOINT_URL variable."""
+"""The shared remote cache and inputs named by URL, against a real S3 API:
+moto's server on 127.0.0.1, reached through s3fs with the standard
+AWS_ENDPOINT_URL variable."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from conftest import invoke, write_recipe
 
@@ -237,3 +240,77 @@ def test_a_url_no_backend_knows_is_a_usage_error(tmp_path, models):
     result = invoke("build", "--cache-url", "nosuch://x/y", str(machine(tmp_path, models)))
     assert result.exit_code == 2 and "--cache-url nosuch://x/y" in result.stderr
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+# --- inputs named by URL
+
+
+def upload_model(path: Path, url: str) -> str:
+    s3().put_file(str(path), url)
+    return url
+
+
+def remote_inputs_recipe(folder: Path, a: str, b: Path, pin: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pinned = f"{{path: {a}, sha256: {pin}}}" if pin else a
+    return write_recipe(
+        folder,
+        f"""
+        inputs: {{A: {pinned}, B: {b}}}
+        nodes: {{mix: "weighted_sum(A, B, alpha=0.25)"}}
+        outputs: {{mix: {{path: mix.safetensors, dtype: fp32}}}}
+        """,
+    )
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_remote_input_is_fetched_once_and_built_like_a_local_one(tmp_path, models, remote):
+    url = upload_model(models["base"], f"{remote}/models/base.safetensors")
+    recipe = remote_inputs_recipe(tmp_path / "r", url, models["finetune"])
+    first = invoke("build", "--cache-dir", str(tmp_path / "cache"), str(recipe))
+    assert first.exit_code == 0, first.stderr
+    local = remote_inputs_recipe(tmp_path / "l", str(models["base"]), models["finetune"])
+    assert invoke("build", "--cache-dir", str(tmp_path / "cache2"), str(local)).exit_code == 0
+    stored = tmp_path / "cache" / "inputs" / f"{sha256_file(models['base'])}.safetensors"
+    assert stored.read_bytes() == models["base"].read_bytes()
+    mine = load_file(tmp_path / "r" / "mix.safetensors")
+    theirs = load_file(tmp_path / "l" / "mix.safetensors")
+    assert mine.keys() == theirs.keys()
+    assert all((mine[key] == theirs[key]).all() for key in mine)
+    with safe_open(tmp_path / "r" / "mix.safetensors", "np") as handle:
+        assert f"path: {url}" in handle.metadata()["sdrecipe.recipe"], "a self-contained recipe"
+    lock = (tmp_path / "r" / "recipe.lock").read_text()
+    assert f"path: {url}" in lock
+    inode = stored.stat().st_ino
+    (tmp_path / "r" / "mix.safetensors").unlink()
+    again = invoke("build", "--cache-dir", str(tmp_path / "cache"), str(recipe))
+    assert again.exit_code == 0 and stored.stat().st_ino == inode, "not downloaded twice"
+    upload_model(models["other"], url)  # a new version at the same URL
+    changed = invoke("build", "--json", "--cache-dir", str(tmp_path / "cache"), str(recipe))
+    assert json.loads(changed.stdout)["outputs"][0]["state"] == "built"
+    assert (tmp_path / "cache" / "inputs" / f"{sha256_file(models['other'])}.safetensors").exists()
+
+
+def test_a_remote_input_is_checked_against_its_pin(tmp_path, models, remote):
+    url = upload_model(models["base"], f"{remote}/models/base.safetensors")
+    good = remote_inputs_recipe(
+        tmp_path / "good", url, models["finetune"], sha256_file(models["base"])
+    )
+    assert invoke("build", "--cache-dir", str(tmp_path / "cache"), str(good)).exit_code == 0
+    wrong = remote_inputs_recipe(tmp_path / "bad", url, models["finetune"], "0" * 64)
+    result = invoke("build", "--cache-dir", str(tmp_path / "other-cache"), str(wrong))
+    assert result.exit_code == 2
+    assert (
+        f"has sha256 {sha256_file(models['base'])}, and the recipe pins {'0' * 64}" in result.stderr
+    )
+    assert not list((tmp_path / "other-cache" / "inputs").glob("*.safetensors"))
+    missing = remote_inputs_recipe(
+        tmp_path / "gone", f"{remote}/models/none.safetensors", models["finetune"]
+    )
+    gone = invoke("build", str(missing))
+    assert gone.exit_code == 2 and "cannot read" in gone.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from sdrecipe.adapters.modules import is_adapter
 from sdrecipe.io.bounded_json import load_json
@@ -18,10 +19,19 @@ def is_adapter_path(path: Path) -> bool:
         return False
     try:
         with open(path, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > _MAX_HEADER:
-                return False
-            header = load_json(handle.read(size), max_depth=8)
-    except (OSError, ValueError, struct.error):
+            return has_adapter_header(handle)
+    except OSError:
+        return False
+
+
+def has_adapter_header(handle: BinaryIO) -> bool:
+    """True when the safetensors header read from `handle` lists an adapter's
+    keys (two reads: the length, then the header; ranged reads on a remote file)."""
+    try:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        if size > _MAX_HEADER:
+            return False
+        header = load_json(handle.read(size), max_depth=8)
+    except (ValueError, struct.error):
         return False
     return isinstance(header, dict) and is_adapter([k for k in header if k != "__metadata__"])

@@ -13,6 +13,7 @@ import pydantic
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.adapter_files import is_adapter_path
 from sdrecipe.io.formats import PICKLE_SUFFIXES
+from sdrecipe.io.remote_inputs import is_adapter_url, is_url, remote_placeholder
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE, MODEL
 from sdrecipe.recipe.expr import (
@@ -322,11 +323,28 @@ def _make_input(
 ) -> Input:
     line = document.line_of(("inputs", name))
     spec = InputEntry(path=entry) if isinstance(entry, str) else entry
+    sha256 = spec.sha256.lower() if spec.sha256 else None
+    if is_url(spec.path):
+        try:
+            adapter = is_adapter_url(spec.path)
+        except Exception as exc:  # each fsspec backend raises its own kinds
+            raise RecipeError(
+                f"input {name!r}: cannot read {spec.path} ({type(exc).__name__}: {exc})",
+                path,
+                line,
+            ) from None
+        return Input(
+            name=name,
+            path=remote_placeholder(spec.path),
+            sha256=sha256,
+            line=line,
+            space=DIFFERENCE if adapter else MODEL,
+            url=spec.path,
+        )
     try:
         resolved = resolve_path(spec.path, folder)
     except ValueError as exc:
         raise RecipeError(f"input {name!r}: {exc}", path, line) from None
-    sha256 = spec.sha256.lower() if spec.sha256 else None
     space = DIFFERENCE if is_adapter_path(resolved) else MODEL
     return Input(name=name, path=resolved, sha256=sha256, line=line, space=space)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from sdrecipe.arch import component_of
 from sdrecipe.recipe.expr import Expr, format_expression
@@ -13,13 +13,27 @@ from sdrecipe.recipe.expr import Expr, format_expression
 @dataclass(frozen=True)
 class Input:
     """An input file: a model, or an adapter (LoRA, LyCORIS), whose `space` is
-    `difference`."""
+    `difference`. A remote input has a `url`; its `path` is where its local copy
+    is kept once `sdrecipe.io.remote_inputs` fetched it."""
 
     name: str
     path: Path
     sha256: str | None
     line: int | None
     space: str = "model"
+    url: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        """The file's name: of the URL for a remote input (`path` is then its
+        local copy, see `sdrecipe.io.remote_inputs`)."""
+        return PurePosixPath(self.url).name if self.url else self.path.name
+
+    @property
+    def written_path(self) -> str:
+        """How provenance and locks name the file beside the recipe: its URL for a
+        remote input, else its file name."""
+        return self.url or self.path.name
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def recipe_graph(graph: MergeGraph, statuses: Sequence[NodeStatus] | None) -> Re
     for output in graph.outputs:
         needed_inputs.update(dict.fromkeys(graph.output_inputs(output)))
     vertices = [
-        Vertex(f"input:{name}", INPUT, name, recipe.inputs[name].path.name, INPUT)
+        Vertex(f"input:{name}", INPUT, name, recipe.inputs[name].file_name, INPUT)
         for name in needed_inputs
     ]
     edges: list[tuple[str, str]] = []
