@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +82,90 @@ def test_a_bad_scheduler_is_a_usage_error(tmp_path, models):
     recipes = team_folder(tmp_path, models)
     result = invoke("build", "--scheduler", "local:zero", str(recipes))
     assert result.exit_code == 2 and "local:N takes a number of workers" in result.stderr
+
+
+def pause_third_key(folder: Path) -> int:
+    """On a worker: make one build, on whichever worker gets there first, stop
+    before its third key (FOLDER/paused then holds that worker's pid)."""
+    import os
+    import time
+
+    from sdrecipe.executor import Executor
+
+    original = Executor.run_key
+    calls = 0
+
+    def paused(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            try:
+                claim = os.open(folder / "paused", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return original(self, *args, **kwargs)
+            os.write(claim, str(os.getpid()).encode())
+            os.close(claim)
+            while True:  # until the test kills this worker
+                time.sleep(0.05)
+        return original(self, *args, **kwargs)
+
+    Executor.run_key = paused
+    return os.getpid()
+
+
+def test_a_worker_that_dies_mid_build_leaves_no_partial_output_and_is_retried(tmp_path, models):
+    import cloudpickle
+    import test_cluster
+
+    cloudpickle.register_pickle_by_value(test_cluster)
+    recipes = team_folder(tmp_path / "team", models)
+    for name in ("blend.yaml", "inpaint.yaml"):
+        (recipes / name).unlink()
+    control = tmp_path / "control"
+    control.mkdir()
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        client.run(pause_third_key, control)
+        build = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sdrecipe",
+                "build",
+                "-j",
+                "1",
+                "--scheduler",
+                cluster.scheduler_address,
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                str(recipes),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not (control / "paused").exists() or not (control / "paused").read_text():
+            assert build.poll() is None and time.monotonic() < deadline, build.communicate()
+            time.sleep(0.05)
+        out = tmp_path / "team" / "out"
+        assert not (out / "other.safetensors").exists(), "nothing is published mid-build"
+        os.kill(int((control / "paused").read_text()), signal.SIGKILL)
+        stdout, stderr = build.communicate(timeout=120)
+    assert build.returncode == 0, stderr
+    assert "built mix -> " in stdout
+    local = team_folder(tmp_path / "local", models)
+    assert (
+        invoke(
+            "build", "--cache-dir", str(tmp_path / "cache2"), str(local / "other.yaml")
+        ).exit_code
+        == 0
+    )
+    assert (out / "other.safetensors").read_bytes() == (
+        tmp_path / "local" / "out" / "other.safetensors"
+    ).read_bytes()
+    assert not list(out.glob(".*.tmp")), "the killed worker's temporary was cleaned up"
