@@ -97,15 +97,15 @@ def build(
     started = time.perf_counter()
     with cache.locked() if cache else nullcontext():
         assessment = assess(prepared, cache, threads, force, progress)
-        shared = remote if cache is not None and cache.tensors else None
-        if shared is not None and not force:
-            pulled = _exchange(shared, shared.pull, cache, assessment)  # type: ignore[arg-type]
+        shared = remote is not None and cache is not None and cache.tensors
+        if shared and not force:
+            pulled = _exchange(remote, remote.pull, cache, assessment)
             if pulled is not None and (pulled.outputs or pulled.refs):
                 assessment = assess(prepared, cache, threads, force, progress)
         builder = _Builder(prepared, assessment, cache, threads, progress)
         summary = builder.run(started, update_lock)
-        if shared is not None:
-            _exchange(shared, shared.push, cache, assessment)  # type: ignore[arg-type]
+        if shared:
+            _exchange(remote, remote.push, cache, assessment)
         return summary
 
 

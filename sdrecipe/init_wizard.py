@@ -274,7 +274,9 @@ def run_init(
     default_model = f"build/{recipe.stem}.safetensors"
     output = Path(str(ask("output-model", "Write the merged model to", default_model)))
     dtype = answers.get("dtype")
-    text = recipe_text(template, files, found, values, recipe, output, dtype)  # type: ignore[arg-type]
+    text = recipe_text(
+        template, files, found, values, recipe, output, str(dtype) if dtype else None
+    )
     recipe.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(recipe, text)
     try:
