@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -72,6 +73,7 @@ class Run:
     peak_anon: int
     peak_rss: int
     error: str = ""
+    disk_read: int = 0  # bytes the process tree read from disk, not the page cache
 
 
 @dataclass
@@ -120,6 +122,7 @@ def _memory(pids: list[int]) -> tuple[int, int]:
 
 def measure(command: list[str], log: Path, cwd: Path = WORK) -> Run:
     """Run `command`, sampling its process tree's memory every 10 ms."""
+    blocks_before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock
     with open(log, "w") as output:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
@@ -140,7 +143,10 @@ def measure(command: list[str], log: Path, cwd: Path = WORK) -> Run:
     if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         error = f"exit {code}: " + " | ".join(line.strip()[:200] for line in tail)
-    return Run(wall, peak[0], peak[1], error)
+    # Waited-for children's block input, in 512-byte units (Linux counts page-cache
+    # misses, so this is what came from the disk).
+    blocks = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - blocks_before
+    return Run(wall, peak[0], peak[1], error, blocks * 512)
 
 
 # --- setup ---------------------------------------------------------------------------
@@ -551,12 +557,36 @@ def advanced_scenarios(rounds: int, skip: dict[str, str], report: dict[str, obje
     report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
 
 
+def sdxl_commands() -> dict[str, list[str]]:
+    """Scenario 7's tools: inputs and output (27.8 GB) do not fit in the page cache."""
+    hash_inputs("sdxl.yaml")
+    models = ["sdxl-A.safetensors", "sdxl-B.safetensors", "sdxl-C.safetensors"]
+    return {
+        "sdrecipe": [*SDRECIPE, "build", "--force", "--cache-dir", "cache", "sdxl.yaml"],
+        "floor (minimal loop)": [
+            PYTHON,
+            str(BENCH / "floor.py"),
+            "add_difference",
+            *models,
+            "out-floor.safetensors",
+        ],
+        "sd-meh": [
+            f"{_venv_bin('sd-meh')}/python",
+            str(BENCH / "peer_sd_meh.py"),
+            "add_difference",
+            "out-sd-meh.safetensors",
+            *models,
+        ],
+    }
+
+
 def sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
     """Scenarios 7, 8 and 11 on full-size SDXL."""
-    print("scenario 7: SDXL A + (B - C)", flush=True)
+    print("scenario 7: SDXL A + (B - C), side by side with sd-meh and the floor", flush=True)
     for name in SDXL_MODELS:
         subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
-    report["sdxl"] = cold_builds("sdxl", "sdxl.yaml", rounds)
+    report["sdxl"] = side_by_side("sdxl", sdxl_commands(), rounds, skip)
+    free_cache()
     report.update(sdxl_block_weights(rounds))
     free_cache()
     print("scenario 11: SDXL ties(C, A, B, density=0.2)", flush=True)
