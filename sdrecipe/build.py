@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,37 +98,33 @@ def build(
         assessment = assess(prepared, cache, threads, force, progress)
         shared = remote is not None and cache is not None and cache.tensors
         if shared and not force:
-            pulled = _exchange(remote, remote.pull, cache, assessment)
+            pulled = _exchange(remote, "pull", cache, assessment)
             if pulled is not None and (pulled.outputs or pulled.refs):
                 assessment = assess(prepared, cache, threads, force, progress)
         builder = _Builder(prepared, assessment, cache, threads, progress)
         summary = builder.run(started, update_lock)
         if shared:
-            _exchange(remote, remote.push, cache, assessment)
+            _exchange(remote, "push", cache, assessment)
         return summary
 
 
 def _exchange(
-    remote: RemoteCache,
-    operation: Callable[[Cache, set[str], list[str]], Transfer],
-    cache: Cache,
-    assessment: Assessment,
+    remote: RemoteCache, direction: str, cache: Cache, assessment: Assessment
 ) -> Transfer | None:
-    """Pull or push the assessment's tensors and outputs; None if the remote failed.
+    """`pull` or `push` the assessment's tensors and outputs; None if the remote failed.
 
     Any exception counts as a failed remote: fsspec backends raise their own
     kinds (botocore's, aiohttp's), and a remote tier must never fail a build."""
     try:
-        moved = operation(
-            cache, assessment.identities.every(), list(assessment.output_ids.values())
-        )
+        move = remote.pull if direction == "pull" else remote.push
+        moved = move(cache, assessment.identities.every(), list(assessment.output_ids.values()))
     except Exception as exc:
         remote.notify(
             f"the remote cache {remote.url} failed ({type(exc).__name__}: {exc}); "
             "going on with the local cache alone"
         )
         return None
-    verb = "pulled from" if operation.__name__ == "pull" else "pushed to"
+    verb = "pulled from" if direction == "pull" else "pushed to"
     if moved.outputs or moved.objects or moved.refs:
         remote.notify(
             f"{verb} {remote.url}: {moved.outputs} outputs, {moved.objects} tensors "

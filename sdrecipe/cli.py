@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sdrecipe.build import BuildSummary
     from sdrecipe.cache import Cache
     from sdrecipe.recipe import Recipe
+    from sdrecipe.recipe_set import RecipeSet
     from sdrecipe.remote_cache import RemoteCache
     from sdrecipe.staleness import NodeStatus
 
@@ -270,6 +271,13 @@ def _is_one_recipe(recipes: list[Path]) -> bool:
     return len(recipes) == 1 and not recipes[0].is_dir()
 
 
+def _load_set(paths: list[Path]) -> RecipeSet:
+    """The recipes that PATHS (files, folders) name, in build order."""
+    from sdrecipe.recipe_set import load_recipe_set, recipe_files
+
+    return load_recipe_set(recipe_files(paths))
+
+
 @main.command()
 @_TARGETS
 @_build_options()
@@ -322,9 +330,8 @@ def _build_on_cluster(
     """Build every recipe as a Dask task on the cluster at `scheduler`; show
     each as it ends; exit as a local build would."""
     from sdrecipe.cluster import build_on_cluster, close, connect
-    from sdrecipe.recipe_set import load_recipe_set, recipe_files
 
-    recipe_set = load_recipe_set(recipe_files(paths))
+    recipe_set = _load_set(paths)
     client = connect(scheduler)
 
     def show(result: Any) -> None:
@@ -350,9 +357,7 @@ def _build_on_cluster(
 def _build_set(paths: list[Path], options: BuildOptions, keep_going: bool) -> None:
     """Build every recipe in dependency order; with `keep_going`, a failure skips
     only the recipes that need it, and the exit code is 1."""
-    from sdrecipe.recipe_set import load_recipe_set, recipe_files
-
-    recipe_set = load_recipe_set(recipe_files(paths))
+    recipe_set = _load_set(paths)
     failed: dict[Path, str] = {}
     reports = []
     for recipe in recipe_set.recipes:
@@ -587,7 +592,7 @@ def status(targets: tuple[str, ...], options: BuildOptions) -> None:
     """One line per output of the recipes (files or folders): up to date, or what
     will rebuild and why."""
     recipes, outputs = _recipes_and_outputs(targets)
-    plans = _plans(recipes, outputs, options)
+    plans = _plans(_load_set(recipes), outputs, options)
     lines = [
         {
             "recipe": str(recipe.path),
@@ -609,33 +614,29 @@ def status(targets: tuple[str, ...], options: BuildOptions) -> None:
 
 
 def _plans(
-    recipes: list[Path], outputs: tuple[str, ...], options: BuildOptions
+    recipe_set: RecipeSet, outputs: tuple[str, ...], options: BuildOptions
 ) -> list[tuple[Recipe, list[NodeStatus]]]:
-    """Each recipe with its node statuses, in build order."""
+    """Each recipe with its node statuses (of the named outputs only, if any),
+    in build order."""
     from sdrecipe.assess import assess
     from sdrecipe.build import default_threads
-    from sdrecipe.prepare import prepare
+    from sdrecipe.prepare import prepare_recipe
+    from sdrecipe.recipe_set import planned_statuses
 
     cache = None if options.no_cache else _existing_cache(options.cache_dir)
     threads = options.threads or default_threads()
 
-    def assess_one(path: Path, selected: tuple[str, ...] = ()) -> tuple[Recipe, list[NodeStatus]]:
-        prepared = prepare(path, selected or None, options.force, options.cache_dir)
+    def assess_one(recipe: Recipe) -> list[NodeStatus]:
+        prepared = prepare_recipe(recipe, outputs or None, options.force, options.cache_dir)
         with cache.locked() if cache else contextlib.nullcontext():
-            statuses = assess(prepared, cache, threads, options.force).statuses
-        return prepared.recipe, statuses
+            return assess(prepared, cache, threads, options.force).statuses
 
-    if _is_one_recipe(recipes):
-        return [assess_one(recipes[0], outputs)]
-    from sdrecipe.recipe_set import load_recipe_set, planned_statuses, recipe_files
-
-    recipe_set = load_recipe_set(recipe_files(recipes))
-    planned = planned_statuses(recipe_set, lambda recipe: assess_one(recipe.path)[1])
+    planned = planned_statuses(recipe_set, assess_one)
     return [(recipe, planned[recipe.path]) for recipe in recipe_set.recipes]
 
 
 def _show_plan(recipes: list[Path], outputs: tuple[str, ...], options: BuildOptions) -> None:
-    plans = _plans(recipes, outputs, options)
+    plans = _plans(_load_set(recipes), outputs, options)
     if options.as_json:
         nodes = [
             {**vars(status), **({} if len(plans) == 1 else {"recipe": str(recipe.path)})}
@@ -710,22 +711,17 @@ def graph(
     another's output."""
     from sdrecipe.errors import RecipeError
     from sdrecipe.graph import build_graph
-    from sdrecipe.recipe import load_recipe
-    from sdrecipe.recipe_set import load_recipe_set, recipe_files
     from sdrecipe.views import recipe_graph as views
 
     kind = _format_of(chosen_format, output, "mermaid")
     recipes, outputs = _recipes_and_outputs(targets)
-    if _is_one_recipe(recipes):
-        loaded, links = [load_recipe(recipes[0])], []
-    else:
-        recipe_set = load_recipe_set(recipe_files(recipes))
-        loaded = list(recipe_set.recipes)
-        links = [(up, recipe) for recipe in loaded for up in recipe_set.needs(recipe)]
+    recipe_set = _load_set(recipes)
+    loaded = list(recipe_set.recipes)
+    links = [(up, recipe) for recipe in loaded for up in recipe_set.needs(recipe)]
     statuses: dict[Path, list[NodeStatus]] = {}
     try:
         options = BuildOptions(threads=threads, cache_dir=cache_dir)
-        statuses = {recipe.path: found for recipe, found in _plans(recipes, outputs, options)}
+        statuses = {recipe.path: found for recipe, found in _plans(recipe_set, outputs, options)}
     except RecipeError as exc:
         _note(f"status unknown: {exc}")
     parts = [
@@ -915,11 +911,7 @@ def verify(recipes: tuple[Path, ...], options: BuildOptions) -> None:
     from sdrecipe.verify import verify as run_verify
 
     threads = options.threads or default_threads()
-    paths = list(recipes)
-    if not _is_one_recipe(paths):
-        from sdrecipe.recipe_set import load_recipe_set, recipe_files
-
-        paths = [recipe.path for recipe in load_recipe_set(recipe_files(paths)).recipes]
+    paths = [recipe.path for recipe in _load_set(list(recipes)).recipes]
     results = [
         result
         for path in paths

@@ -108,12 +108,15 @@ def _expand_matrix(text: str, document: YamlDocument, path: Path) -> Recipe:
     nodes: dict[str, Node] = {}
     outputs: dict[str, Output] = {}
     written: dict[Path, str] = {}
+    declared: dict[str, Input] | None = None  # inputs take no variables: made once
     for combination in matrix.combinations:
         described = ", ".join(f"{name}={value}" for name, value in combination.items())
         try:
-            variant = _make_recipe(text, substitute(data, combination), document, path)
+            variant = _make_recipe(text, substitute(data, combination), document, path, declared)
         except RecipeError as exc:
             raise RecipeError(f"{exc.message} (with {described})", path, exc.line) from None
+        if declared is None:
+            declared = {name: variant.inputs[name] for name in data["inputs"]}
         expressions = {name: node.expr for name, node in variant.nodes.items()}
         used = node_variables(own["nodes"], expressions)
         names = {name: variant_name(name, used(name), matrix, combination) for name in expressions}
@@ -142,17 +145,28 @@ def _expand_matrix(text: str, document: YamlDocument, path: Path) -> Recipe:
     return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
 
 
-def _make_recipe(text: str, data: dict, document: YamlDocument, path: Path) -> Recipe:
-    """The recipe that `data` (one YAML document's data, without a matrix) describes."""
+def _make_recipe(
+    text: str,
+    data: dict,
+    document: YamlDocument,
+    path: Path,
+    declared: dict[str, Input] | None = None,
+) -> Recipe:
+    """The recipe that `data` (one YAML document's data, without a matrix)
+    describes; `declared`, its `inputs:` already made (they read file headers)."""
     try:
         schema = RecipeDocument.model_validate(data)
     except pydantic.ValidationError as exc:
         raise _schema_error(exc, document, path) from None
     folder = path.parent
-    inputs = {
-        name: _make_input(name, entry, folder, document, path)
-        for name, entry in schema.inputs.items()
-    }
+    inputs = (
+        dict(declared)
+        if declared is not None
+        else {
+            name: _make_input(name, entry, folder, document, path)
+            for name, entry in schema.inputs.items()
+        }
+    )
     nodes = {name: _make_node(name, entry, document, path) for name, entry in schema.nodes.items()}
     for name in [*inputs, *nodes]:
         if not _IDENTIFIER.match(name):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrecipe.cache import Cache, file_sha256
@@ -33,9 +33,13 @@ class Ancestor:
         return self.sha256[:10] if self.sha256 else None
 
     def to_dict(self) -> dict[str, object]:
-        data = asdict(self)
-        del data["inputs"]
-        return {**data, "autov2": self.autov2, "inputs": [i.to_dict() for i in self.inputs]}
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "operation": self.operation,
+            "autov2": self.autov2,
+            "inputs": [ancestor.to_dict() for ancestor in self.inputs],
+        }
 
 
 def model_lineage(path: Path, cache: Cache | None) -> Ancestor:

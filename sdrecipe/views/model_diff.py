@@ -118,12 +118,16 @@ class Comparison:
 
 @dataclass(frozen=True)
 class ModelDiff:
-    """The reference, its family's block order, and one comparison per model."""
+    """The reference, its family, and one comparison per model."""
 
     reference: Path
     family: str
-    block_order: tuple[str, ...]
     comparisons: tuple[Comparison, ...]
+
+    @property
+    def block_order(self) -> tuple[str, ...]:
+        """The family's block IDs in table order (empty without a block table)."""
+        return block_ids(self.family)
 
     def to_dict(self, by_key: bool = False) -> dict[str, object]:
         return {
@@ -171,7 +175,7 @@ def diff_models(
     ids = block_ids(family)
     for comparison in comparisons:
         comparison.blocks = {b: comparison.blocks[b] for b in ids if b in comparison.blocks}
-    return ModelDiff(reference, family, ids, tuple(comparisons))
+    return ModelDiff(reference, family, tuple(comparisons))
 
 
 # A sequential colour scale (viridis' anchors), from the smallest value to the largest.
