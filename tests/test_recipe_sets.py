@@ -319,3 +319,14 @@ def test_a_sweep_too_large_is_refused_before_it_expands(tmp_path, models):
     )
     result = invoke("validate", str(write_recipe(tmp_path, text)))
     assert result.exit_code == 2 and "make 2,662 combinations; at most 1,000" in result.stderr
+
+
+def test_an_output_variable_its_node_does_not_use_is_refused(tmp_path, models):
+    text = SWEEP.format(base=models["base"], finetune=models["finetune"], other=models["other"])
+    text = text.replace("  strength: [0.5, 1.0]\n", "  strength: [0.5, 1.0]\n  tag: [a, b]\n")
+    text = text.replace("strength: 0.5}]", "strength: 0.5, tag: a}]")
+    text = text.replace('"out/v-${alpha}-${strength}', '"out/v-${alpha}-${strength}-${tag}')
+    result = invoke("build", str(write_recipe(tmp_path, text)))
+    assert result.exit_code == 2, result.stderr
+    assert "output 'out' uses ${tag}, which its node 'out' does not" in result.stderr
+    assert not (tmp_path / "out").exists()

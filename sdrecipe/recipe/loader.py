@@ -128,7 +128,17 @@ def _expand_matrix(text: str, document: YamlDocument, path: Path) -> Recipe:
             )
             nodes.setdefault(names[name], renamed)
         for name, output in variant.outputs.items():
-            varies = used(output.node) | own["outputs"].get(name, set())
+            varies = used(output.node)
+            unused = sorted(own["outputs"].get(name, set()) - varies)
+            if unused:
+                # An output is its node written to a file: one file per node variant.
+                raise RecipeError(
+                    f"output {name!r} uses ${{{unused[0]}}}, which its node {output.node!r} "
+                    "does not: every variant would hold the same tensors; use the variable "
+                    "in the node, or leave it out of the output",
+                    path,
+                    output.line,
+                )
             output_name = variant_name(name, varies, matrix, combination)
             if output_name in outputs:
                 continue
