@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sdrecipe.cache import Cache, Location, file_sha256
+from sdrecipe.cache import Cache, Location, output_digest
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.identity import Identities, tensor_identities
@@ -155,7 +155,7 @@ def _output_facts(
         and exists
         and locked is not None
         and locked.key == output_id
-        and file_sha256(path, cache) == locked.sha256
+        and output_digest(path, cache) == locked.digest
     )
     pack = (
         not force and cache is not None and cache.tensors and cache.find_pack(output_id) is not None

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdrecipe.assess import Assessment, Progress, assess, no_progress
-from sdrecipe.cache import PACK, Cache, Location, file_sha256
+from sdrecipe.cache import PACK, Cache, Location, output_digest
 from sdrecipe.cache_policy import cache_choice
 from sdrecipe.executor import CacheUse, Executor, KeyResult
 from sdrecipe.fingerprint import FileStat
@@ -48,6 +48,7 @@ class OutputSummary:
     state: str
     status: str
     size: int
+    digest: str
     merged: int
     passed_through: dict[str, int]
     dropped: int
@@ -150,8 +151,8 @@ class _Builder:
         self.stats = CacheStats()
         self.warnings: list[str] = list(prepared.plan.warnings)
         self.states: dict[str, str] = {}
-        self.sha256: dict[str, str] = {}
-        self._digests: dict[str, dict[str, str]] = {}
+        self.digests: dict[str, str] = {}  # each output's content digest
+        self._tensor_digests: dict[str, dict[str, str]] = {}
         self._not_from_cache: set[str] = set()
 
     def run(self, started: float, update_lock: bool) -> BuildSummary:
@@ -170,7 +171,7 @@ class _Builder:
             for name in plan.outputs:
                 if planned[name] == UP_TO_DATE:
                     self.states[name] = "up to date"
-                    self.sha256[name] = self.assessment.lock.outputs[name].sha256  # type: ignore[union-attr]
+                    self.digests[name] = self.assessment.lock.outputs[name].digest  # type: ignore[union-attr]
                     self.stats.outputs_up_to_date += 1
                     continue
                 facts = self.assessment.facts[name]
@@ -189,7 +190,7 @@ class _Builder:
             cleanup.pop_all()
         for name in built:
             self.states[name] = "built"
-            self._cache_output(name, self._digests[name])
+            self._cache_output(name, writers[name])
         if update_lock:
             self._write_lock()
         if self.cache is not None:
@@ -207,22 +208,22 @@ class _Builder:
         pack = self.cache.find_pack(self.assessment.output_ids[name])
         if pack is None:
             return None
-        sha256 = pack.name.removesuffix(".safetensors")
-        if file_sha256(pack, None) != sha256:
+        digest = pack.name.removesuffix(".safetensors")
+        if output_digest(pack, None) != digest:
             self.warnings.append(f"cache entry {pack} is corrupt; discarded and rebuilt")
             self.stats.corrupt_entries += 1
-            self.cache.discard(Location(PACK, sha256, "", ""))
+            self.cache.discard(Location(PACK, digest, "", ""))
             return None
         output = self.prepared.recipe.outputs[name].path
         output.parent.mkdir(parents=True, exist_ok=True)
-        self.sha256[name] = sha256
+        self.digests[name] = digest
         return staged_copy(pack, output)
 
     def _publish_restored(self, name: str, staged: Path) -> None:
         assert self.cache is not None
         output = self.prepared.recipe.outputs[name].path
         publish(staged, output)
-        self.cache.remember_file(output, FileStat.of(output), self.sha256[name])
+        self.cache.remember_digest(output, FileStat.of(output), self.digests[name])
         self.states[name] = "restored from cache"
         self.stats.outputs_restored += 1
 
@@ -239,6 +240,7 @@ class _Builder:
                 node for node in plan.graph.order if cache_choice(plan.graph, node).store
             )
             cache_use = CacheUse(self.cache, assessment.identities, assessment.found, stored)
+        total = sum(sum(i.nbytes for i in plan.outputs[n].tensors.values()) for n in names)
         writers: dict[str, OutputWriter] = {}
         for name in names:
             output_plan = plan.outputs[name]
@@ -252,9 +254,8 @@ class _Builder:
             )
             cleanup.callback(writer.abort)
             writers[name] = writer
-        total = sum(sum(i.nbytes for i in plan.outputs[n].tensors.values()) for n in names)
         advance = self.progress("merging", total)
-        self._digests.update({name: {} for name in names})
+        self._tensor_digests.update({name: {} for name in names})
 
         def record(result: KeyResult) -> None:
             advance(result.written)
@@ -262,7 +263,7 @@ class _Builder:
             self.stats.tensors_from_cache += result.hits
             self.stats.tensors_computed += result.computed
             for output, digest in result.output_digests.items():
-                self._digests[output][result.key] = digest
+                self._tensor_digests[output][result.key] = digest
             if self.cache is None:
                 return
             # Forget corrupt entries first: a recomputed tensor may be stored
@@ -281,19 +282,28 @@ class _Builder:
             writer.finish()
         return writers
 
-    def _cache_output(self, name: str, digests: dict[str, str]) -> None:
-        """Link the new output into the cache as a pack, with refs to its tensors."""
+    def _cache_output(self, name: str, writer: OutputWriter) -> None:
+        """Take the new output's content digest (from its tensors' digests when
+        the writer can) and link the output into the cache as a pack, with refs
+        to its computed tensors."""
         output = self.prepared.recipe.outputs[name].path
-        sha256 = self.sha256[name] = file_sha256(output, self.cache)
+        digests = self._tensor_digests[name]
+        digest = writer.content_digest(digests)
+        if digest is None:
+            digest = output_digest(output, self.cache)
+        elif self.cache is not None:
+            self.cache.remember_digest(output, FileStat.of(output), digest)
+        self.digests[name] = digest
         if self.cache is None or not self.cache.tensors or output.is_dir():
             return  # folders are not kept as packs
-        self.cache.add_pack(output, sha256, self.assessment.output_ids[name])
+        self.cache.add_pack(output, digest, self.assessment.output_ids[name])
         if self.prepared.recipe.outputs[name].lora is not None:
             return  # a LoRA's tensors are factors, not the node's values
         identities = self.assessment.identities.outputs[name]
         self.cache.add_refs(
-            (identities[key], Location(PACK, sha256, key, digest))
-            for key, digest in digests.items()
+            (identities[key], Location(PACK, digest, key, tensor))
+            for key, tensor in digests.items()
+            if key in identities  # copied from an input: no ref needed
         )
 
     def _write_lock(self) -> None:
@@ -306,7 +316,7 @@ class _Builder:
             {node: assessment.identities.node_id(node) for node in graph.order},
             {
                 name: BuiltOutput(
-                    self.sha256[name], assessment.output_ids[name], graph.output_inputs(name)
+                    self.digests[name], assessment.output_ids[name], graph.output_inputs(name)
                 )
                 for name in self.prepared.plan.outputs
             },
@@ -328,6 +338,7 @@ class _Builder:
             state=state,
             status=status,
             size=FileStat.of(output_plan.output.path).size,
+            digest=self.digests[name],
             merged=merged,
             passed_through=dict(sorted(counts.items())),
             dropped=output_plan.dropped,

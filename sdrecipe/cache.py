@@ -3,11 +3,11 @@
 Layout:
 - `objects/ab/<digest>.safetensors`: one computed intermediate tensor each,
   named by its blake3 digest, so identical tensors are stored once.
-- `packs/<sha256>.safetensors`: finished outputs, hard-linked (copied only
-  across file systems), so caching an output costs no extra write.
+- `packs/<content digest>.safetensors`: finished outputs, hard-linked (copied
+  only across file systems), so caching an output costs no extra write.
 - `index.sqlite`: what each tensor identity maps to, the remembered
-  fingerprints of input files and the stat of outputs, use times, and the
-  statistics of the last build.
+  fingerprints of input files and content digests of outputs (by stat), use
+  times, and the statistics of the last build.
 
 Every entry is written to a temporary file and renamed into place, and every
 read is checked against its digest: a corrupt entry is reported, discarded and
@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT
 );
 CREATE TABLE IF NOT EXISTS fingerprints (sha256 TEXT PRIMARY KEY, legacy TEXT, tensors TEXT);
+CREATE TABLE IF NOT EXISTS content_digests (
+    path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, digest TEXT
+);
 CREATE TABLE IF NOT EXISTS refs (
     identity TEXT PRIMARY KEY, kind TEXT, entry TEXT, key TEXT, digest TEXT
 );
@@ -171,11 +174,26 @@ class Cache:
 
     def known_sha256(self, path: Path, stat: FileStat) -> str | None:
         """The sha256 recorded for `path` if its stat is unchanged."""
+        return self._known("files", "sha256", path, stat)
+
+    def known_digest(self, path: Path, stat: FileStat) -> str | None:
+        """The content digest recorded for `path` if its stat is unchanged."""
+        return self._known("content_digests", "digest", path, stat)
+
+    def _known(self, table: str, column: str, path: Path, stat: FileStat) -> str | None:
         row = self.db.execute(
-            "SELECT sha256 FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+            f"SELECT {column} FROM {table} WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
             (str(path.resolve()), stat.size, stat.mtime_ns, stat.inode),
         ).fetchone()
         return row[0] if row else None
+
+    def remember_digest(self, path: Path, stat: FileStat, digest: str) -> None:
+        """Record `path`'s content digest against its stat."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO content_digests VALUES (?, ?, ?, ?, ?)",
+                (str(path.resolve()), stat.size, stat.mtime_ns, stat.inode, digest),
+            )
 
     def known_fingerprint(self, path: Path, stat: FileStat) -> Fingerprint | None:
         """The fingerprint of `path` if it was taken with the same stat."""
@@ -303,17 +321,18 @@ class Cache:
 
     # --- packs: whole outputs ----------------------------------------------------------
 
-    def add_pack(self, output: Path, sha256: str, output_id: str) -> str:
-        """Link a finished output into the cache (copy across file systems)."""
-        target = self.entry_path(PACK, sha256)
+    def add_pack(self, output: Path, digest: str, output_id: str) -> str:
+        """Link a finished output, whose content digest is `digest`, into the
+        cache (copy across file systems)."""
+        target = self.entry_path(PACK, digest)
         if not target.exists():
             publish(staged_copy(output, target), target)
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?)",
-                (PACK, sha256, target.stat().st_size, time.time(), output_id),
+                (PACK, digest, target.stat().st_size, time.time(), output_id),
             )
-        return sha256
+        return digest
 
     def find_pack(self, output_id: str) -> Path | None:
         """A cached output whose key is `output_id`, if there is one."""
@@ -430,6 +449,20 @@ def file_sha256(path: Path, cache: Cache | None) -> str:
         known = sha256_of(path)
         if cache is not None:
             cache.remember_file(path, stat, known)
+    return known
+
+
+def output_digest(path: Path, cache: Cache | None) -> str:
+    """An output's content digest, read from the file (torch is imported to read
+    it) unless the cache remembers it for the file's stat."""
+    stat = FileStat.of(path)
+    known = cache.known_digest(path, stat) if cache else None
+    if known is None:
+        from sdrecipe.io.safetensors_reader import output_digest as read_digest
+
+        known = read_digest(path)
+        if cache is not None:
+            cache.remember_digest(path, stat, known)
     return known
 
 

@@ -928,7 +928,7 @@ def verify(recipes: tuple[Path, ...], options: BuildOptions) -> None:
     else:
         for result in results:
             if result.reproducible:
-                click.echo(f"{result.name}: reproducible (sha256 {result.actual[:16]}…)")
+                click.echo(f"{result.name}: reproducible (content digest {result.actual[:16]}…)")
             else:
                 click.echo(
                     f"{result.name}: DIFFERS: the lock has {result.expected}, "

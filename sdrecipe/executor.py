@@ -22,7 +22,7 @@ import torch
 from sdrecipe.cache import Cache, CorruptEntry, Location, ObjectWriter
 from sdrecipe.errors import BuildError
 from sdrecipe.evaluate import evaluate
-from sdrecipe.fingerprint import tensor_hasher
+from sdrecipe.fingerprint import tensor_digest, tensor_hasher
 from sdrecipe.identity import Identities
 from sdrecipe.io.readers import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
@@ -188,12 +188,15 @@ class _KeyTask:
         if cached is None:
             return False
         reader, key, location = cached
-        self._write_all(output, reader.raw(key))
-        self.result.output_digests[output] = location.digest
+        self._write_all(output, reader.raw(key), location.digest)
         return True
 
-    def _write_all(self, output: str, data: memoryview) -> None:
-        self.executor.writers[output].write(self.key, data)
+    def _write_all(self, output: str, data: memoryview, digest: str | None = None) -> None:
+        """Write a whole tensor into `output` and record its digest, hashing
+        the bytes unless the `digest` is known."""
+        writer = self.executor.writers[output]
+        writer.write(self.key, data)
+        self.result.output_digests[output] = digest or tensor_digest(writer.info(self.key), [data])
         self.result.written += len(data)
 
     def _resolve(self, name: str) -> None:

@@ -3,6 +3,10 @@
 One sequential read of a file gives both its sha256 (what people, Civitai and
 the WebUI know a model by) and a blake3 digest of every tensor (what the cache
 keys on). Digests cover dtype and shape as well as the bytes.
+
+An output is known by its *content digest* (`content_digest`), made from its
+header and its tensors' digests: a build has those digests already, so the
+file it wrote is never read back to be hashed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import blake3
 
@@ -75,11 +80,48 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
+def folder_listing(file_digests: dict[str, str]) -> bytes:
+    """A `sha256sum`-style listing: one `<digest>  <relative path>` line per file,
+    sorted by path."""
+    return "".join(f"{file_digests[name]}  {name}\n" for name in sorted(file_digests)).encode()
+
+
 def folder_sha256(file_sha256s: dict[str, str]) -> str:
-    """A folder's sha256: that of its `sha256sum`-style listing, one
-    `<sha256>  <relative path>` line per file, sorted by path."""
-    listing = "".join(f"{file_sha256s[name]}  {name}\n" for name in sorted(file_sha256s))
-    return hashlib.sha256(listing.encode()).hexdigest()
+    """A folder's sha256: that of its listing of file sha256s."""
+    return hashlib.sha256(folder_listing(file_sha256s)).hexdigest()
+
+
+# Domain prefixes of content digests: no file's digest of one kind can be
+# forged from another kind's hashed bytes.
+_SAFETENSORS_DOMAIN = b"sdrecipe content digest: safetensors\0"
+_BYTES_DOMAIN = b"sdrecipe content digest: bytes\0"
+_FOLDER_DOMAIN = b"sdrecipe content digest: folder\0"
+
+
+def content_digest(header: bytes, tensor_digests: Iterable[str]) -> str:
+    """The content digest of a safetensors file: blake3 of its header bytes
+    (length prefix included) and of its tensors' digests (`tensor_digest`) in
+    storage order, the tensors filling the rest of the file without gaps.
+
+    The header fixes every tensor's dtype, shape and place, so equal digests
+    mean equal files, as a hash of the whole file would."""
+    hasher = blake3.blake3(_SAFETENSORS_DOMAIN)
+    hasher.update(header)
+    for digest in tensor_digests:
+        hasher.update(bytes.fromhex(digest))
+    return hasher.hexdigest()
+
+
+def bytes_digest(path: Path) -> str:
+    """The content digest of a file that is not gap-free safetensors: blake3 of its bytes."""
+    hasher = blake3.blake3(_BYTES_DOMAIN)
+    hasher.update_mmap(path)
+    return hasher.hexdigest()
+
+
+def folder_digest(file_digests: dict[str, str]) -> str:
+    """The content digest of a folder: blake3 of its listing of file content digests."""
+    return blake3.blake3(_FOLDER_DOMAIN + folder_listing(file_digests)).hexdigest()
 
 
 def sha256_of(path: Path) -> str:
@@ -125,14 +167,24 @@ def tensor_digest(info: TensorInfo, data: Iterable[memoryview | bytes]) -> str:
 
 
 def fingerprint_file(path: Path, spans: dict[str, tuple[int, int, TensorInfo]]) -> Fingerprint:
-    """Read `path` once: sha256 of everything, and blake3 of each tensor's byte span.
+    """Read `path` once: sha256 of everything, and blake3 of each tensor's byte span."""
+    sha256 = hashlib.sha256()
+    digests = span_digests(path, spans, sha256)
+    return Fingerprint(sha256=sha256.hexdigest(), legacy=legacy_hash_of(path), tensors=digests)
+
+
+def span_digests(
+    path: Path, spans: dict[str, tuple[int, int, TensorInfo]], whole: _Hasher | None = None
+) -> dict[str, str]:
+    """The `tensor_digest` of each tensor's byte span in `path`, from one read;
+    `whole`, if given, is fed every byte of the file as well.
 
     `spans` maps each key to its (start, end) absolute byte offsets and info; the
     spans must not overlap. The file is read through a memory map, block by
-    block, feeding both hashes from the same bytes.
+    block, feeding every hash from the same bytes.
     """
-    sha256 = hashlib.sha256()
     digests: dict[str, str] = {}
+    feed = whole.update if whole is not None else _ignore
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         end = max((span[1] for span in spans.values()), default=0)
@@ -142,14 +194,22 @@ def fingerprint_file(path: Path, spans: dict[str, tuple[int, int, TensorInfo]]) 
             view = memoryview(mapped)
             position = 0
             for key, (start, end, info) in sorted(spans.items(), key=lambda item: item[1][0]):
-                sha256.update(view[position:start])
+                feed(view[position:start])
                 hasher = tensor_hasher(info)
                 for block in range(start, end, _BLOCK):
                     with view[block : min(end, block + _BLOCK)] as piece:
-                        sha256.update(piece)
+                        feed(piece)
                         hasher.update(piece)
                 digests[key] = hasher.hexdigest()
                 position = end
-            sha256.update(view[position:size])
+            feed(view[position:size])
             view.release()
-    return Fingerprint(sha256=sha256.hexdigest(), legacy=legacy_hash_of(path), tensors=digests)
+    return digests
+
+
+class _Hasher(Protocol):
+    def update(self, data: memoryview, /) -> None: ...
+
+
+def _ignore(data: memoryview) -> None:
+    """A `whole` hash that is not wanted."""

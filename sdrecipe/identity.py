@@ -36,6 +36,9 @@ from sdrecipe.plan import BuildPlan, Compute
 from sdrecipe.recipe.expr import Expr, format_expression, rename_references
 
 IDENTITY_VERSION = f"sdrecipe-identity-{OUTPUT_FORMAT}"
+# Part of every output id: cached outputs (packs, local and remote) are named by
+# content digest, and an id must not find a pack named the older way, by sha256.
+PACK_NAMING = "content-digest"
 
 
 def _hash(*parts: object) -> str:
@@ -67,6 +70,7 @@ class Identities:
         written (format, and any files copied in)."""
         return _hash(
             IDENTITY_VERSION,
+            PACK_NAMING,
             dict(metadata),
             dict(written_as),
             sorted(self.outputs[output].items()),

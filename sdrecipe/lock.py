@@ -2,8 +2,8 @@
 
 It is YAML in a stable order, meant to be committed beside the recipe: each
 input's size and sha256, each node's expression and key, each output's size,
-sha256 and key, and the versions that built them. `sdrecipe verify` rebuilds
-the outputs and compares them with it.
+content digest (`fingerprint.content_digest`) and key, and the versions that
+built them. `sdrecipe verify` rebuilds the outputs and compares them with it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.atomic import write_text_atomically
 from sdrecipe.recipe import Recipe
 
-LOCK_FORMAT = 1
+LOCK_FORMAT = 2
+# Format 1 recorded each output's sha256 instead of its content digest.
+_SHA256_LOCK_FORMAT = 1
 _HEADER = (
     "# sdrecipe lock file: what the last successful build used and produced.\n"
     "# Commit it with the recipe; `sdrecipe verify` checks that the outputs reproduce.\n"
@@ -54,7 +56,7 @@ class LockedOutput:
 
     path: str
     size: int
-    sha256: str
+    digest: str
     key: str
     built_from: str
 
@@ -114,14 +116,21 @@ def read_lock(recipe: Path) -> Lock | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise RecipeError(f"cannot read the lock file: {exc}", path) from None
     try:
-        if data.get("format") != LOCK_FORMAT:
-            raise ValueError(f"unknown lock format {data.get('format')!r}")
+        lock_format = data.get("format")
+        if lock_format not in (LOCK_FORMAT, _SHA256_LOCK_FORMAT):
+            raise ValueError(f"unknown lock format {lock_format!r}")
+        outputs = {k: dict(v) for k, v in (data.get("outputs") or {}).items()}
+        if lock_format == _SHA256_LOCK_FORMAT:
+            # A sha256 is no content digest: these outputs are built afresh once.
+            for entry in outputs.values():
+                del entry["sha256"]
+                entry["digest"] = ""
         return Lock(
             recipe_sha256=data["recipe_sha256"],
             versions=dict(data.get("versions") or {}),
             inputs={k: LockedInput(**v) for k, v in (data.get("inputs") or {}).items()},
             nodes={k: LockedNode(**v) for k, v in (data.get("nodes") or {}).items()},
-            outputs={k: LockedOutput(**v) for k, v in (data.get("outputs") or {}).items()},
+            outputs={k: LockedOutput(**v) for k, v in outputs.items()},
         )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise RecipeError(
@@ -147,9 +156,9 @@ def write_lock(recipe: Path, lock: Lock) -> Path:
 
 @dataclass(frozen=True)
 class BuiltOutput:
-    """An output as a build left it: its sha256, its id and the inputs it is made from."""
+    """An output as a build left it: its content digest, its id and the inputs it is made from."""
 
-    sha256: str
+    digest: str
     output_id: str
     inputs: list[str]
 
@@ -178,7 +187,7 @@ def updated_lock(
         outputs[name] = LockedOutput(
             path=relative_to_recipe(path, recipe.path),
             size=FileStat.of(path).size,
-            sha256=output.sha256,
+            digest=output.digest,
             key=output.output_id,
             built_from=built_from(
                 recipe.text, {leaf: input_sha256[leaf] for leaf in output.inputs}

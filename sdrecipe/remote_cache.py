@@ -7,8 +7,8 @@ immutable and concurrent builds write identical bytes to a name:
 - `objects/ab/<blake3>.safetensors`: cached intermediate tensors, as locally;
 - `refs/<sha256>.json`: one per push, JSON `{identity: [entry, key, digest]}`,
   the object each tensor identity is in (named by its own content's hash);
-- `packs/<sha256>.safetensors`: finished outputs;
-- `outputs/<output id>`: JSON `{"sha256": ...}`, the pack an output id built.
+- `packs/<content digest>.safetensors`: finished outputs;
+- `outputs/<output id>`: JSON `{"digest": ...}`, the pack an output id built.
 
 `pull` downloads what a build needs and the local cache lacks, checking every
 file against the digest in its name before the local cache takes it (a corrupt
@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdrecipe.cache import OBJECT, Cache, Location
-from sdrecipe.fingerprint import sha256_of
+from sdrecipe.cache import OBJECT, Cache, Location, output_digest
 from sdrecipe.io.atomic import publish, temporary_path
 
 # fsspec protocols of object stores, where one PUT is atomic.
@@ -165,15 +164,15 @@ class RemoteCache:
         return refs
 
     def _pull_output(self, cache: Cache, output_id: str, transfer: Transfer) -> None:
-        sha256 = json.loads(self.fs.cat_file(self._path("outputs", output_id)))["sha256"]
-        remote = self._path("packs", f"{sha256}.safetensors")
-        local = cache.entry_path("pack", sha256)
+        digest = json.loads(self.fs.cat_file(self._path("outputs", output_id)))["digest"]
+        remote = self._path("packs", f"{digest}.safetensors")
+        local = cache.entry_path("pack", digest)
         (temporary,) = self._download([(remote, local)])
         try:
-            if sha256_of(temporary) != sha256:
-                self._reject(f"packs/{sha256}.safetensors", remote, transfer)
+            if output_digest(temporary, None) != digest:
+                self._reject(f"packs/{digest}.safetensors", remote, transfer)
                 return
-            cache.add_pack(temporary, sha256, output_id)
+            cache.add_pack(temporary, digest, output_id)
             transfer.outputs += 1
             transfer.bytes += local.stat().st_size
         finally:
@@ -219,7 +218,7 @@ class RemoteCache:
                 transfer.bytes += pack.stat().st_size
                 transfer.outputs += 1
             if output_id not in outputs:
-                record = json.dumps({"sha256": pack.name.removesuffix(".safetensors")})
+                record = json.dumps({"digest": pack.name.removesuffix(".safetensors")})
                 uploads.append((record.encode(), self._path("outputs", output_id)))
         self._upload(uploads)
         known, objects = self._refs(), self._names("objects")

@@ -6,7 +6,7 @@ returns at once. Anything it cannot prove current goes to the full build.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sdrecipe.cache import Cache
@@ -41,22 +41,23 @@ def current_outputs(
         shas = {}
         for leaf in graph.output_inputs(name):
             spec = recipe.inputs[leaf]
-            sha = _known_sha256(spec.path, cache)
+            sha = _known(cache.known_sha256, spec.path)
             if sha is None or (spec.sha256 and spec.sha256 != sha):
                 return None
             shas[leaf] = sha
         path = recipe.outputs[name].path
         if built_from(recipe.text, shas) != entry.built_from:
             return None
-        if _known_sha256(path, cache) != entry.sha256:
+        if _known(cache.known_digest, path) != entry.digest:
             return None
         current[name] = path
     return current
 
 
-def _known_sha256(path: Path, cache: Cache) -> str | None:
+def _known(known: Callable[[Path, FileStat], str | None], path: Path) -> str | None:
+    """What the cache remembers of `path` (a sha256 or a digest) for its current stat."""
     try:
         stat = FileStat.of(path)
     except OSError:
         return None
-    return cache.known_sha256(path, stat)
+    return known(path, stat)

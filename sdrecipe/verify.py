@@ -11,7 +11,6 @@ from pathlib import Path
 
 from sdrecipe.assess import Progress, no_progress
 from sdrecipe.build import build
-from sdrecipe.cache import file_sha256
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.atomic import remove_stale_temporaries
 from sdrecipe.lock import read_lock
@@ -38,6 +37,12 @@ def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) ->
     lock = read_lock(recipe_path)
     if lock is None or not lock.outputs:
         raise RecipeError("there is no lock file to verify against; build first", recipe_path)
+    if any(not entry.digest for entry in lock.outputs.values()):
+        raise RecipeError(
+            "the lock was written by an older sdrecipe and records no content digests; "
+            "build to rewrite it, then verify",
+            recipe_path,
+        )
     recipe = load_recipe(recipe_path)
     names = [name for name in recipe.outputs if name in lock.outputs]
     first = recipe.outputs[names[0]].path
@@ -53,8 +58,8 @@ def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) ->
         }
         elsewhere = dataclasses.replace(recipe, outputs=moved)
         prepared = prepare_recipe(elsewhere, names, force=True)
-        build(prepared, threads, cache=None, force=True, progress=progress, update_lock=False)
-        return [
-            VerifyResult(name, lock.outputs[name].sha256, file_sha256(moved[name].path, None))
-            for name in names
-        ]
+        summary = build(
+            prepared, threads, cache=None, force=True, progress=progress, update_lock=False
+        )
+        rebuilt = {output.name: output.digest for output in summary.outputs}
+        return [VerifyResult(name, lock.outputs[name].digest, rebuilt[name]) for name in names]

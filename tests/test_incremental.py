@@ -201,8 +201,8 @@ def test_verify_reports_reproducible_and_catches_a_wrong_lock(project):
     assert ok.stdout.strip().endswith("reproducible")
     lock = project.with_suffix(".lock")
     text = lock.read_text()
-    locked = text.split("soft:")[-1].split("sha256: ")[1][:64]
-    lock.write_text(text.replace(locked, "0" * 64))
+    locked = text.split("soft:")[-1].split("digest: ")[1][:64]
+    lock.write_text(text.replace(locked, "f" * 64))
     bad = run_in_process("verify", "--json", str(project))
     assert bad.returncode == 1
     report = json.loads(bad.stdout)

@@ -179,6 +179,10 @@ class DiffusersWriter:
             writer.write_tensor(source.keys[0], whole.t().contiguous())
             del self._pending[key]
 
+    def content_digest(self, tensor_digests: Mapping[str, str]) -> None:
+        """None: the folder is read back to be digested (its files hold the keys
+        renamed and reshaped)."""
+
     def finish(self) -> None:
         """Finish the weights, write the configs and copy the tokenizers;
         `publish` then puts the folder in place."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,10 @@ class LoraWriter:
         with self._lock:
             self._factors.update(factors)
             self._text_encoder_peak = max(self._text_encoder_peak, peak)
+
+    def content_digest(self, tensor_digests: Mapping[str, str]) -> None:
+        """None: the file is read back to be digested (its tensors are factors of
+        the keys written)."""
 
     def finish(self) -> None:
         """Write the factors into the temporary file (text encoders dropped when

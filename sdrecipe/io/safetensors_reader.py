@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import Fingerprint, fingerprint_file
+from sdrecipe.fingerprint import (
+    Fingerprint,
+    bytes_digest,
+    content_digest,
+    fingerprint_file,
+    folder_digest,
+    folder_files,
+    span_digests,
+)
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import CODE_TO_DTYPE
 from sdrecipe.io.mapped_files import require_regular_file, watch_mapping
@@ -58,6 +66,7 @@ class SafetensorsReader:
         if not isinstance(metadata, dict):
             raise self._error("the __metadata__ entry is not a mapping")
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in metadata.items()}
+        self._header = prefix + header_bytes
         self.data_start = 8 + header_size
         self.file_size = size
         self._infos: dict[str, TensorInfo] = {}
@@ -117,6 +126,19 @@ class SafetensorsReader:
         """The file's sha256 and each tensor's digest, from one read of the file."""
         return fingerprint_file(self.path, self.spans())
 
+    def content_digest(self) -> str:
+        """The file's content digest (see `fingerprint.content_digest`), from one
+        read; a file whose tensors leave gaps gets the digest of its bytes."""
+        position = self.data_start
+        for key, offset in self._offsets.items():
+            if offset != position:
+                return bytes_digest(self.path)
+            position += self._infos[key].nbytes
+        if position != self.file_size:
+            return bytes_digest(self.path)
+        digests = span_digests(self.path, self.spans())
+        return content_digest(self._header, (digests[key] for key in self._offsets))
+
     def spans(self) -> dict[str, tuple[int, int, TensorInfo]]:
         """Each tensor's absolute (start, end) byte offsets in the file, and its info."""
         return {
@@ -145,3 +167,15 @@ def _start(entry: object) -> int:
         return int(entry["data_offsets"][0])  # type: ignore[index]
     except (KeyError, TypeError, ValueError, IndexError):
         return -1
+
+
+def output_digest(path: Path) -> str:
+    """The content digest of an output: a safetensors file's (`content_digest`),
+    a folder's (`folder_digest` of its files'), or any other file's bytes'."""
+    if path.is_dir():
+        return folder_digest({name: output_digest(path / name) for name in folder_files(path)})
+    try:
+        reader = SafetensorsReader(path)
+    except RecipeError:
+        return bytes_digest(path)
+    return reader.content_digest()

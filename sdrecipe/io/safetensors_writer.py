@@ -12,12 +12,14 @@ import contextlib
 import json
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdrecipe.errors import BuildError, describe_os_error
+from sdrecipe.fingerprint import content_digest
 from sdrecipe.io.atomic import publish, temporary_path
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.tensor_info import TensorInfo
@@ -83,7 +85,8 @@ class SafetensorsWriter:
         self.error_path = error_path or path
         self.temporary = temporary_path(path, unique_temporary)
         header, offsets = encode_header(tensors, metadata)
-        self.slots = {key: Slot(tensors[key], offsets[key]) for key in tensors}
+        self._header = header
+        self.slots = {key: Slot(tensors[key], offsets[key]) for key in offsets}
         self.size = len(header) + sum(info.nbytes for info in tensors.values())
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +130,13 @@ class SafetensorsWriter:
     def write_tensor(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
         """Write a contiguous tensor's bytes into `key`'s data at byte `start`."""
         self.write(key, tensor.reshape(-1).view(torch.uint8).numpy().data, start)
+
+    def content_digest(self, tensor_digests: Mapping[str, str]) -> str | None:
+        """The file's content digest from its tensors' digests, without reading
+        it back; None when a tensor's digest is missing."""
+        if tensor_digests.keys() != self.slots.keys():
+            return None
+        return content_digest(self._header, (tensor_digests[key] for key in self.slots))
 
     def finish(self) -> None:
         """Close the complete temporary file; `publish` then puts it in place."""
