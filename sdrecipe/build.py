@@ -23,6 +23,7 @@ from sdrecipe.cache_policy import cache_choice
 from sdrecipe.executor import CacheUse, Executor, KeyResult
 from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy
+from sdrecipe.io.page_cache import memory_is_short
 from sdrecipe.io.writers import OutputWriter, open_writer
 from sdrecipe.lock import BuiltOutput, updated_lock, write_lock
 from sdrecipe.plan import MERGED
@@ -241,6 +242,11 @@ class _Builder:
             )
             cache_use = CacheUse(self.cache, assessment.identities, assessment.found, stored)
         total = sum(sum(i.nbytes for i in plan.outputs[n].tensors.values()) for n in names)
+        inputs = self.prepared.recipe.inputs
+        read = sum(FileStat.of(inputs[name].path).size for name in self.prepared.readers)
+        # When the inputs and outputs do not fit in memory together, the outputs
+        # leave the page cache as they are written, so the inputs stay cached.
+        drop_written = memory_is_short(read + total)
         writers: dict[str, OutputWriter] = {}
         for name in names:
             output_plan = plan.outputs[name]
@@ -251,6 +257,7 @@ class _Builder:
                 assessment.metadata[name],
                 self.prepared.architectures[plan.graph.base_input(output.node)],
                 tokenizer_folders(self.prepared, name),
+                drop_written,
             )
             cleanup.callback(writer.abort)
             writers[name] = writer

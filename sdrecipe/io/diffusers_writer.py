@@ -101,6 +101,7 @@ class DiffusersWriter:
         metadata: dict[str, str],
         architecture: Architecture,
         tokenizers: Mapping[str, Path],
+        drop_written: bool = False,
     ):
         self.path = path
         self.temporary = temporary_path(path)
@@ -127,6 +128,7 @@ class DiffusersWriter:
                     {**COMPONENT_METADATA, **metadata}
                     if component == "unet"
                     else COMPONENT_METADATA,
+                    drop_written=drop_written,
                 )
         except BaseException:
             self.abort()

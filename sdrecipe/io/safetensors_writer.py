@@ -22,6 +22,7 @@ from sdrecipe.errors import BuildError, describe_os_error
 from sdrecipe.fingerprint import content_digest
 from sdrecipe.io.atomic import publish, temporary_path
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.io.page_cache import SUPPORTED, WrittenBehind
 from sdrecipe.io.tensor_info import TensorInfo
 
 _ALIGNMENT = 8
@@ -69,6 +70,8 @@ class SafetensorsWriter:
     it and `publish()` renames it into place. Errors name `role` and `error_path`.
 
     Tensors may be written in any order, from any thread.
+    With `drop_written`, each finished tensor leaves the page cache once it is
+    on disk (see `sdrecipe.io.page_cache`).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class SafetensorsWriter:
         unique_temporary: bool = False,
         role: str = "the output",
         error_path: Path | None = None,
+        drop_written: bool = False,
     ):
         self.path = path
         self.role = role
@@ -97,6 +101,10 @@ class SafetensorsWriter:
             )
         except OSError as exc:
             raise self._error("create", exc) from None
+        self._behind = None
+        if drop_written and SUPPORTED:
+            spans = {key: (slot.offset, slot.info.nbytes) for key, slot in self.slots.items()}
+            self._behind = WrittenBehind(self._fd, spans)
         try:
             self._write_at(header, 0)
         except BaseException:
@@ -123,9 +131,12 @@ class SafetensorsWriter:
     def write(self, key: str, data: memoryview | bytes, start: int = 0) -> None:
         """Write bytes of tensor `key`, beginning `start` bytes into its data."""
         slot = self.slots[key]
-        if start + memoryview(data).nbytes > slot.info.nbytes:
+        size = memoryview(data).nbytes
+        if start + size > slot.info.nbytes:
             raise BuildError(f"internal error: {key} written past its end", self.path)
         self._write_at(data, slot.offset + start)
+        if self._behind is not None:
+            self._behind.wrote(key, size)
 
     def write_tensor(self, key: str, tensor: torch.Tensor, start: int = 0) -> None:
         """Write a contiguous tensor's bytes into `key`'s data at byte `start`."""

@@ -42,10 +42,14 @@ def open_writer(
     metadata: dict[str, str],
     architecture: Architecture,
     tokenizers: Mapping[str, Path],
+    drop_written: bool = False,
 ) -> OutputWriter:
-    """A writer for one output: a safetensors file, a diffusers folder, or a LoRA."""
+    """A writer for one output: a safetensors file, a diffusers folder, or a LoRA
+    (see `SafetensorsWriter` for `drop_written`; a LoRA is small and kept)."""
     if output.format == "diffusers":
-        return DiffusersWriter(output.path, tensors, metadata, architecture, tokenizers)
+        return DiffusersWriter(
+            output.path, tensors, metadata, architecture, tokenizers, drop_written
+        )
     if output.lora is not None:
         return LoraWriter(output.path, tensors, metadata, architecture.family, output.lora)
-    return SafetensorsWriter(output.path, tensors, metadata)
+    return SafetensorsWriter(output.path, tensors, metadata, drop_written=drop_written)
