@@ -78,9 +78,7 @@ def fingerprint_inputs(
             for name, result in zip(missing, pool.map(take, missing), strict=True):
                 known[name] = result
                 if cache is not None:
-                    cache.remember_file(
-                        recipe.inputs[name].path, stats[name], result.sha256, result
-                    )
+                    cache.remember_fingerprint(recipe.inputs[name].path, stats[name], result)
     for name, result in known.items():
         pinned = recipe.inputs[name].sha256
         if pinned and pinned != result.sha256:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdrecipe.assess import Assessment, Progress, assess, no_progress
-from sdrecipe.cache import PACK, Cache, Location, output_digest
+from sdrecipe.cache import DIGEST, PACK, Cache, Location, output_digest
 from sdrecipe.cache_policy import cache_choice
 from sdrecipe.executor import CacheUse, Executor, KeyResult
 from sdrecipe.fingerprint import FileStat
@@ -224,7 +224,7 @@ class _Builder:
         assert self.cache is not None
         output = self.prepared.recipe.outputs[name].path
         publish(staged, output)
-        self.cache.remember_digest(output, FileStat.of(output), self.digests[name])
+        self.cache.remember(DIGEST, output, FileStat.of(output), self.digests[name])
         self.states[name] = "restored from cache"
         self.stats.outputs_restored += 1
 
@@ -299,7 +299,7 @@ class _Builder:
         if digest is None:
             digest = output_digest(output, self.cache)
         elif self.cache is not None:
-            self.cache.remember_digest(output, FileStat.of(output), digest)
+            self.cache.remember(DIGEST, output, FileStat.of(output), digest)
         self.digests[name] = digest
         if self.cache is None or not self.cache.tensors or output.is_dir():
             return  # folders are not kept as packs

@@ -65,6 +65,10 @@ DEFAULT_MAX_SIZE = 20_000_000_000
 
 OBJECT = "object"
 PACK = "pack"
+# What the index remembers of a file by its stat: each memo's table and column.
+SHA256 = "sha256"
+DIGEST = "content digest"
+_MEMOS = {SHA256: ("files", "sha256"), DIGEST: ("content_digests", "digest")}
 
 
 @dataclass(frozen=True)
@@ -172,32 +176,26 @@ class Cache:
 
     # --- files: input fingerprints and output hashes, remembered by stat -----------
 
-    def known_sha256(self, path: Path, stat: FileStat) -> str | None:
-        """The sha256 recorded for `path` if its stat is unchanged."""
-        return self._known("files", "sha256", path, stat)
-
-    def known_digest(self, path: Path, stat: FileStat) -> str | None:
-        """The content digest recorded for `path` if its stat is unchanged."""
-        return self._known("content_digests", "digest", path, stat)
-
-    def _known(self, table: str, column: str, path: Path, stat: FileStat) -> str | None:
+    def known(self, memo: str, path: Path, stat: FileStat) -> str | None:
+        """The `memo` (SHA256 or DIGEST) recorded for `path` if its stat is unchanged."""
+        table, column = _MEMOS[memo]
         row = self.db.execute(
             f"SELECT {column} FROM {table} WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
             (str(path.resolve()), stat.size, stat.mtime_ns, stat.inode),
         ).fetchone()
         return row[0] if row else None
 
-    def remember_digest(self, path: Path, stat: FileStat, digest: str) -> None:
-        """Record `path`'s content digest against its stat."""
+    def remember(self, memo: str, path: Path, stat: FileStat, value: str) -> None:
+        """Record `path`'s `memo` (SHA256 or DIGEST) against its stat."""
         with self.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO content_digests VALUES (?, ?, ?, ?, ?)",
-                (str(path.resolve()), stat.size, stat.mtime_ns, stat.inode, digest),
+                f"INSERT OR REPLACE INTO {_MEMOS[memo][0]} VALUES (?, ?, ?, ?, ?)",
+                (str(path.resolve()), stat.size, stat.mtime_ns, stat.inode, value),
             )
 
     def known_fingerprint(self, path: Path, stat: FileStat) -> Fingerprint | None:
         """The fingerprint of `path` if it was taken with the same stat."""
-        sha256 = self.known_sha256(path, stat)
+        sha256 = self.known(SHA256, path, stat)
         row = (
             sha256
             and self.db.execute(
@@ -208,20 +206,14 @@ class Cache:
             return None
         return Fingerprint(sha256=sha256, legacy=row[0], tensors=json.loads(row[1]))
 
-    def remember_file(
-        self, path: Path, stat: FileStat, sha256: str, fingerprint: Fingerprint | None = None
-    ) -> None:
-        """Record `path`'s hash (and fingerprint) against its stat."""
+    def remember_fingerprint(self, path: Path, stat: FileStat, fingerprint: Fingerprint) -> None:
+        """Record `path`'s fingerprint (and so its sha256) against its stat."""
         with self.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                (str(path.resolve()), stat.size, stat.mtime_ns, stat.inode, sha256),
+                "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?)",
+                (fingerprint.sha256, fingerprint.legacy, json.dumps(fingerprint.tensors)),
             )
-            if fingerprint is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?)",
-                    (sha256, fingerprint.legacy, json.dumps(fingerprint.tensors)),
-                )
+        self.remember(SHA256, path, stat, fingerprint.sha256)
 
     # --- tensors ------------------------------------------------------------------------
 
@@ -443,26 +435,28 @@ class Cache:
 
 def file_sha256(path: Path, cache: Cache | None) -> str:
     """The sha256 of a file, remembered by stat in the cache (when there is one)."""
-    stat = FileStat.of(path)
-    known = cache.known_sha256(path, stat) if cache else None
-    if known is None:
-        known = sha256_of(path)
-        if cache is not None:
-            cache.remember_file(path, stat, known)
-    return known
+    return _remembered(SHA256, sha256_of, path, cache)
 
 
 def output_digest(path: Path, cache: Cache | None) -> str:
-    """An output's content digest, read from the file (torch is imported to read
-    it) unless the cache remembers it for the file's stat."""
-    stat = FileStat.of(path)
-    known = cache.known_digest(path, stat) if cache else None
-    if known is None:
-        from sdrecipe.io.safetensors_reader import output_digest as read_digest
+    """An output's content digest, remembered by stat in the cache (when there is
+    one); reading the file imports torch."""
+    return _remembered(DIGEST, _read_output_digest, path, cache)
 
-        known = read_digest(path)
+
+def _read_output_digest(path: Path) -> str:
+    from sdrecipe.io.safetensors_reader import output_digest as read_digest
+
+    return read_digest(path)
+
+
+def _remembered(memo: str, compute: Callable[[Path], str], path: Path, cache: Cache | None) -> str:
+    stat = FileStat.of(path)
+    known = cache.known(memo, path, stat) if cache else None
+    if known is None:
+        known = compute(path)
         if cache is not None:
-            cache.remember_digest(path, stat, known)
+            cache.remember(memo, path, stat, known)
     return known
 
 

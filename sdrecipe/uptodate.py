@@ -6,10 +6,10 @@ returns at once. Anything it cannot prove current goes to the full build.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
-from sdrecipe.cache import Cache
+from sdrecipe.cache import DIGEST, SHA256, Cache
 from sdrecipe.fingerprint import FileStat
 from sdrecipe.graph import build_graph
 from sdrecipe.guard import check_outputs
@@ -41,23 +41,23 @@ def current_outputs(
         shas = {}
         for leaf in graph.output_inputs(name):
             spec = recipe.inputs[leaf]
-            sha = _known(cache.known_sha256, spec.path)
+            sha = _known(cache, SHA256, spec.path)
             if sha is None or (spec.sha256 and spec.sha256 != sha):
                 return None
             shas[leaf] = sha
         path = recipe.outputs[name].path
         if built_from(recipe.text, shas) != entry.built_from:
             return None
-        if _known(cache.known_digest, path) != entry.digest:
+        if _known(cache, DIGEST, path) != entry.digest:
             return None
         current[name] = path
     return current
 
 
-def _known(known: Callable[[Path, FileStat], str | None], path: Path) -> str | None:
-    """What the cache remembers of `path` (a sha256 or a digest) for its current stat."""
+def _known(cache: Cache, memo: str, path: Path) -> str | None:
+    """What the cache remembers of `path` (its `memo`) for its current stat."""
     try:
         stat = FileStat.of(path)
     except OSError:
         return None
-    return known(path, stat)
+    return cache.known(memo, path, stat)
