@@ -7,7 +7,7 @@ build/bench/ and reused. Each peer lives in its own virtualenv there, with
 torch==2.13.0 installed first and pinned; a peer that fails to install or run is
 reported with its error.
 
-Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=1 adds the SDXL scenario)
+Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=0 leaves out the SDXL scenarios)
        python -m bench.run --report-only      (re-render from build/bench/results.json)
 """
 
@@ -382,15 +382,21 @@ def tool_commands(method: str) -> dict[str, list[str]]:
 
 
 def side_by_side(
-    name: str, commands: dict[str, list[str]], rounds: int, skip: dict[str, str]
+    name: str,
+    commands: dict[str, list[str]],
+    rounds: int,
+    skip: dict[str, str],
+    before: Callable[[], None] = lambda: None,
 ) -> dict[str, Result]:
-    """Every tool once per round, in turn, on the same files."""
+    """Every tool once per round, in turn, on the same files; `before` runs
+    before each tool (to give every run the same page cache, say)."""
     results = {tool: Result() for tool in commands}
     for round_ in range(rounds):
         for tool, command in commands.items():
             if tool in skip:
                 continue
             remove_outputs()
+            before()
             run = measure(command, WORK / "logs" / f"{name}-{tool.split()[0]}-{round_}.log")
             results[tool].runs.append(run)
             status = run.error or f"{run.wall:.1f} s, {run.peak_anon / 1024:.0f} MB anon"
@@ -580,12 +586,34 @@ def sdxl_commands() -> dict[str, list[str]]:
     }
 
 
+def page_cache_state(cached: list[str]) -> Callable[[], None]:
+    """A `before` for `side_by_side`: the last run's output is written back
+    (sync), every model file and cached output leaves the page cache
+    (posix_fadvise; no root needed), then `cached` are read once. Without it a
+    run inherits the writeback and the page cache the tool before it left, and
+    which tool pays for that depends on the order."""
+
+    def reset() -> None:
+        os.sync()
+        for path in [*WORK.glob("*.safetensors"), *(WORK / "cache" / "packs").glob("*")]:
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(descriptor)
+        for name in cached:
+            subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
+
+    return reset
+
+
 def sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
     """Scenarios 7, 8 and 11 on full-size SDXL."""
     print("scenario 7: SDXL A + (B - C), side by side with sd-meh and the floor", flush=True)
-    for name in SDXL_MODELS:
-        subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
-    report["sdxl"] = side_by_side("sdxl", sdxl_commands(), rounds, skip)
+    commands = sdxl_commands()
+    inputs = list(SDXL_MODELS)
+    report["sdxl"] = side_by_side("sdxl", commands, rounds, skip, page_cache_state(inputs))
+    report["sdxl_cold"] = side_by_side("sdxl-cold", commands, rounds, skip, page_cache_state([]))
     free_cache()
     report.update(sdxl_block_weights(rounds))
     free_cache()
@@ -594,10 +622,10 @@ def sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object])
 
 
 def lora_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
-    """Scenario 12 (with BENCH_SDXL=1): a rank-64 LoRA baked into full-size SDXL,
+    """Scenario 12 (unless BENCH_SDXL=0): a rank-64 LoRA baked into full-size SDXL,
     beside a plain conversion build of the same checkpoint and sd-mecha's bake.
     Scenario 13: a rank-64 LoRA extracted from full-size SD1.5 B - C."""
-    if os.environ.get("BENCH_SDXL") == "1":
+    if with_sdxl():
         print("scenario 12: SDXL + a rank-64 LoRA, beside a plain conversion", flush=True)
         ensure_adapter(SDXL_LORA, SDXL_LORA_SPEC)
         for name in ("sdxl-A.safetensors", SDXL_LORA):
@@ -678,6 +706,11 @@ SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] =
 }
 
 
+def with_sdxl() -> bool:
+    """Whether the SDXL scenarios run: unless BENCH_SDXL=0 (they need ~21 GB more disk)."""
+    return os.environ.get("BENCH_SDXL", "1") != "0"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -695,7 +728,7 @@ def main() -> None:
         write_report(ROOT / "BENCHMARKS.md", _restore(saved["report"]), saved["machine"])
         return
     rounds = args.rounds
-    sdxl = os.environ.get("BENCH_SDXL") == "1"
+    sdxl = with_sdxl()
     groups = args.only.split(",") if args.only else [g for g in SCENARIOS if sdxl or g != "sdxl"]
     unknown = [group for group in groups if group not in SCENARIOS]
     if unknown:
@@ -708,9 +741,9 @@ def main() -> None:
     write_recipes()
     for name in SD15_MODELS:  # warm the page cache for every tool alike
         subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
-    report: dict[str, object] = {"rounds": rounds}
+    report: dict[str, object] = {}
     if args.only and RESULTS.exists():
-        report = {**_restore(json.loads(RESULTS.read_text())["report"]), "rounds": rounds}
+        report = _restore(json.loads(RESULTS.read_text())["report"])
     try:
         shutil.rmtree(WORK / "cache", ignore_errors=True)
         for group in groups:
