@@ -155,6 +155,7 @@ class _Builder:
         self.digests: dict[str, str] = {}  # each output's content digest
         self._tensor_digests: dict[str, dict[str, str]] = {}
         self._not_from_cache: set[str] = set()
+        self._discarded_packs: set[str] = set()
 
     def run(self, started: float, update_lock: bool) -> BuildSummary:
         """Stage every output that is not up to date (restored from the cache or
@@ -214,6 +215,7 @@ class _Builder:
             self.warnings.append(f"cache entry {pack} is corrupt; discarded and rebuilt")
             self.stats.corrupt_entries += 1
             self.cache.discard(Location(PACK, digest, "", ""))
+            self._discarded_packs.add(digest)
             return None
         output = self.prepared.recipe.outputs[name].path
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +242,13 @@ class _Builder:
             stored = frozenset(
                 node for node in plan.graph.order if cache_choice(plan.graph, node).store
             )
-            cache_use = CacheUse(self.cache, assessment.identities, assessment.found, stored)
+            # Tensors in a pack found corrupt above are gone with it: one warning is enough.
+            found = {
+                identity: location
+                for identity, location in assessment.found.items()
+                if location.entry not in self._discarded_packs
+            }
+            cache_use = CacheUse(self.cache, assessment.identities, found, stored)
         total = sum(sum(i.nbytes for i in plan.outputs[n].tensors.values()) for n in names)
         inputs = self.prepared.recipe.inputs
         read = sum(FileStat.of(inputs[name].path).size for name in self.prepared.readers)
