@@ -15,10 +15,9 @@ import hashlib
 import mmap
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import blake3
 
@@ -169,22 +168,23 @@ def tensor_digest(info: TensorInfo, data: Iterable[memoryview | bytes]) -> str:
 def fingerprint_file(path: Path, spans: dict[str, tuple[int, int, TensorInfo]]) -> Fingerprint:
     """Read `path` once: sha256 of everything, and blake3 of each tensor's byte span."""
     sha256 = hashlib.sha256()
-    digests = span_digests(path, spans, sha256)
+    digests = span_digests(path, spans, sha256.update)
     return Fingerprint(sha256=sha256.hexdigest(), legacy=legacy_hash_of(path), tensors=digests)
 
 
 def span_digests(
-    path: Path, spans: dict[str, tuple[int, int, TensorInfo]], whole: _Hasher | None = None
+    path: Path,
+    spans: dict[str, tuple[int, int, TensorInfo]],
+    feed: Callable[[memoryview], object] = lambda data: None,
 ) -> dict[str, str]:
     """The `tensor_digest` of each tensor's byte span in `path`, from one read;
-    `whole`, if given, is fed every byte of the file as well.
+    `feed` is given every byte of the file as well (to hash the whole file).
 
     `spans` maps each key to its (start, end) absolute byte offsets and info; the
     spans must not overlap. The file is read through a memory map, block by
     block, feeding every hash from the same bytes.
     """
     digests: dict[str, str] = {}
-    feed = whole.update if whole is not None else _ignore
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         end = max((span[1] for span in spans.values()), default=0)
@@ -205,11 +205,3 @@ def span_digests(
             feed(view[position:size])
             view.release()
     return digests
-
-
-class _Hasher(Protocol):
-    def update(self, data: memoryview, /) -> None: ...
-
-
-def _ignore(data: memoryview) -> None:
-    """A `whole` hash that is not wanted."""
