@@ -8,6 +8,14 @@ Layout:
 - `index.sqlite`: what each tensor identity maps to, the remembered
   fingerprints of input files and content digests of outputs (by stat), use
   times, and the statistics of the last build.
+- `CACHEDIR.TAG`: the marker that says sdrecipe made this folder its cache.
+
+A cache folder is one sdrecipe made and marked, or a new or empty one (an
+unmarked folder of an earlier version is adopted when every name in it, in
+`objects/` and in `packs/` is of the cache's own naming); anything else, and
+any folder inside a `.git`, is refused. Names read from the index or from a
+remote are untrusted: only 64-digit hex digests become file names, and cleanup
+deletes only files of the cache's own naming in its object and pack folders.
 
 Every entry is written to a temporary file and renamed into place, and every
 read is checked against its digest: a corrupt entry is reported, discarded and
@@ -23,7 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
+import re
 import sqlite3
 import sys
 import time
@@ -32,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sdrecipe.errors import BuildError
+from sdrecipe.errors import BuildError, RecipeError
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of, tensor_digest
-from sdrecipe.io.atomic import is_stale_temporary, publish, staged_copy
+from sdrecipe.io.atomic import is_stale_temporary, publish, staged_copy, write_text_atomically
 from sdrecipe.io.tensor_info import TensorInfo
 
 if TYPE_CHECKING:
@@ -69,6 +77,107 @@ PACK = "pack"
 SHA256 = "sha256"
 DIGEST = "content digest"
 _MEMOS = {SHA256: ("files", "sha256"), DIGEST: ("content_digests", "digest")}
+
+# Every digest the cache names a file by (blake3 or sha256) is 64 hex digits.
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+# The files the cache writes in its object and pack folders: entries, and the
+# temporaries they are written through (see `temporary_path`).
+_PREFIX = re.compile(r"[0-9a-f]{2}")
+_ENTRY_FILE = re.compile(r"([0-9a-f]{64})\.safetensors")
+_ENTRY_TEMPORARY = re.compile(
+    r"\.(?:[0-9a-f]{64}\.safetensors|object)-[0-9a-f]{32}\.sdrecipe-\d+\.tmp"
+)
+# What an unmarked folder may hold to be adopted as a cache of an earlier version
+# (a repository may keep the empty cache folder with a .gitkeep or .gitignore).
+_ANY_TEMPORARY = r"\.[^/]+\.sdrecipe-\d+\.tmp"
+_OWN_NAMES = {
+    "": re.compile(
+        r"index\.sqlite(?:\.damaged-[0-9-]+)?(?:-wal|-shm)?|\.lock|\.open\.lock|objects|packs"
+        rf"|inputs|CACHEDIR\.TAG|\.gitkeep|\.gitignore|{_ANY_TEMPORARY}"
+    ),
+    "objects": re.compile(rf"[0-9a-f]{{2}}|{_ANY_TEMPORARY}"),
+    "packs": re.compile(rf"[0-9a-f]{{64}}\.safetensors|{_ANY_TEMPORARY}"),
+    "inputs": re.compile(rf"[0-9a-f]{{64}}(?:\.[^/]*)?|sources\.json|{_ANY_TEMPORARY}"),
+}
+# The marker of a folder sdrecipe made its cache: a standard cache directory
+# tag (backup tools skip the folder), with a line that names sdrecipe.
+MARKER = "CACHEDIR.TAG"
+_MARKER_TEXT = """Signature: 8a477f597d28d172789f06886806bc55
+# This file is a cache directory tag created by sdrecipe: this folder is its
+# tensor cache. For information about cache directory tags see
+# https://bford.info/cachedir/
+"""
+
+
+def is_digest(value: object) -> bool:
+    """True for 64 lowercase hex digits: the only names of cache entries."""
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
+
+
+def is_location(location: Location) -> bool:
+    """True if `location`, read from an index or a remote, is one the cache could
+    have written: a known kind, digests for names, a key that is a string."""
+    return (
+        location.kind in (OBJECT, PACK)
+        and is_digest(location.entry)
+        and is_digest(location.digest)
+        and isinstance(location.key, str)
+    )
+
+
+def check_cache_root(root: Path) -> None:
+    """Raise RecipeError (exit 2) unless `root` may be a cache folder: it is not
+    in a `.git`, and it is new, empty, marked as sdrecipe's cache, or holds only
+    names of the cache's own (a cache made before folders were marked)."""
+    where = f"the cache folder {root} (--cache-dir, or SDRECIPE_CACHE_DIR)"
+    if ".git" in Path(os.path.realpath(root)).parts:
+        raise RecipeError(
+            f"{where} is inside a git repository's .git folder; choose a folder outside it"
+        )
+    if _is_marked(root):
+        return
+    try:
+        foreign = sorted(
+            f"{folder}/{name}".lstrip("/")
+            for folder, names in _listings(root).items()
+            for name in names
+            if not _OWN_NAMES[folder].fullmatch(name)
+        )
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise RecipeError(f"{where} cannot be used: {exc.strerror or exc}") from None
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise RecipeError(
+            f"{where} holds files that are not sdrecipe's ({shown}) and no {MARKER} of "
+            "sdrecipe's; the cache deletes what it no longer needs, so it only takes a new or "
+            "empty folder, or one it made: choose another"
+        )
+
+
+def _is_marked(root: Path) -> bool:
+    """True if `root` holds sdrecipe's cache marker (a regular file)."""
+    if not (root / MARKER).is_file():
+        return False
+    try:
+        with open(root / MARKER, encoding="utf-8", errors="replace") as handle:
+            text = handle.read(4096)
+    except OSError:
+        return False
+    return text.startswith(_MARKER_TEXT.splitlines()[0]) and "created by sdrecipe" in text
+
+
+def _listings(root: Path) -> dict[str, list[str]]:
+    """The names in `root` and in those of its own subfolders that exist."""
+    names = os.listdir(root)
+    listings = {"": names}
+    for folder in ("objects", "packs", "inputs"):
+        if folder in names:
+            listings[folder] = os.listdir(root / folder)
+    return listings
 
 
 @dataclass(frozen=True)
@@ -105,9 +214,13 @@ class Cache:
         self.packs = root / "packs"
         self.tensors = tensors
         self.notify = notify
+        check_cache_root(root)
         try:
+            root.mkdir(parents=True, exist_ok=True)
+            if not _is_marked(root):
+                write_text_atomically(root / MARKER, _MARKER_TEXT)
             for folder in (self.objects, self.packs):
-                folder.mkdir(parents=True, exist_ok=True)
+                folder.mkdir(exist_ok=True)
             # Switching to WAL can fail at once when two processes open a new
             # index together, so opening is serialised by its own short lock.
             with _file_lock(root / ".open.lock"):
@@ -118,10 +231,10 @@ class Cache:
 
     @classmethod
     def existing(
-        cls, root: Path, notify: Callable[[str], None] = lambda text: None
+        cls, root: Path, tensors: bool = True, notify: Callable[[str], None] = lambda text: None
     ) -> Cache | None:
         """The cache at `root` if there is one; read-only commands create none."""
-        return cls(root, notify=notify) if (root / "index.sqlite").is_file() else None
+        return cls(root, tensors, notify) if (root / "index.sqlite").is_file() else None
 
     def _open_index(self) -> sqlite3.Connection:
         """Open the index; a damaged one is only a memo, so it is moved aside
@@ -177,13 +290,14 @@ class Cache:
     # --- files: input fingerprints and output hashes, remembered by stat -----------
 
     def known(self, memo: str, path: Path, stat: FileStat) -> str | None:
-        """The `memo` (SHA256 or DIGEST) recorded for `path` if its stat is unchanged."""
+        """The `memo` (SHA256 or DIGEST) recorded for `path` if its stat is unchanged
+        (and it is a digest: the index is not trusted to name files)."""
         table, column = _MEMOS[memo]
         row = self.db.execute(
             f"SELECT {column} FROM {table} WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
             (str(path.resolve()), stat.size, stat.mtime_ns, stat.inode),
         ).fetchone()
-        return row[0] if row else None
+        return row[0] if row and is_digest(row[0]) else None
 
     def remember(self, memo: str, path: Path, stat: FileStat, value: str) -> None:
         """Record `path`'s `memo` (SHA256 or DIGEST) against its stat."""
@@ -218,7 +332,8 @@ class Cache:
     # --- tensors ------------------------------------------------------------------------
 
     def lookup(self, identities: Iterable[str]) -> dict[str, Location]:
-        """The cached location of each identity that has one."""
+        """The cached location of each identity that has one (rows that name no
+        entry the cache could have written are not locations)."""
         found: dict[str, Location] = {}
         pending = list(identities)
         for start in range(0, len(pending), 500):
@@ -228,10 +343,15 @@ class Cache:
                 f"SELECT identity, kind, entry, key, digest FROM refs WHERE identity IN ({marks})",
                 batch,
             ):
-                found[row[0]] = Location(*row[1:])
+                location = Location(*row[1:])
+                if is_location(location):
+                    found[row[0]] = location
         return found
 
     def entry_path(self, kind: str, name: str) -> Path:
+        """The file of entry `name`; ValueError unless `name` is a digest."""
+        if not is_digest(name):
+            raise ValueError(f"{name!r} is not the name of a cache entry")
         if kind == OBJECT:
             return self.objects / name[:2] / f"{name}.safetensors"
         return self.packs / f"{name}.safetensors"
@@ -331,7 +451,7 @@ class Cache:
         row = self.db.execute(
             "SELECT name FROM entries WHERE kind=? AND output_key=?", (PACK, output_id)
         ).fetchone()
-        path = row and self.entry_path(PACK, row[0])
+        path = row and is_digest(row[0]) and self.entry_path(PACK, row[0])
         return path if path and path.exists() else None
 
     # --- statistics and maintenance ---------------------------------------------------
@@ -358,12 +478,15 @@ class Cache:
         """(kind, name, size, own bytes) of every entry, most recently used first.
 
         A pack that is still hard-linked as an output costs the cache nothing of
-        its own: deleting it would free no space."""
+        its own: deleting it would free no space. Rows that name no entry the
+        cache could have written are left out."""
         rows = self.db.execute(
             "SELECT kind, name, size FROM entries ORDER BY last_used DESC"
         ).fetchall()
         sized = []
         for kind, name, size in rows:
+            if kind not in (OBJECT, PACK) or not is_digest(name) or not isinstance(size, int):
+                continue
             own = size
             if kind == PACK:
                 try:
@@ -412,25 +535,45 @@ class Cache:
         return self.gc() if total > self.max_size else None
 
     def _remove_orphans(self) -> None:
-        """Delete files the index does not know (e.g. left by a killed build)."""
-        known = {
-            self.entry_path(kind, name)
-            for kind, name in self.db.execute("SELECT kind, name FROM entries")
-        }
-        for path in [*self.objects.glob("*"), *self.objects.glob("*/*"), *self.packs.glob("*")]:
-            temporary = path.name.endswith(".tmp")
-            if path.is_file() and path not in known and (not temporary or is_stale_temporary(path)):
+        """Delete the cache's own files that the index does not know (e.g. left by
+        a killed build), and temporaries whose writer no longer runs."""
+        known = set(self.db.execute("SELECT kind, name FROM entries"))
+        for path, entry in self._own_files():
+            orphan = entry not in known if entry else is_stale_temporary(path)
+            if orphan:
                 path.unlink(missing_ok=True)
+
+    def _own_files(self) -> Iterator[tuple[Path, tuple[str, str] | None]]:
+        """Each file of the cache's own naming in its object and pack folders:
+        with its (kind, name) for an entry, None for a temporary. Nothing else in
+        those folders is the cache's to delete."""
+        prefixes = [
+            p
+            for p in self.objects.iterdir()
+            if _PREFIX.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+        ]
+        folders = [(self.objects, None), (self.packs, PACK), *((p, OBJECT) for p in prefixes)]
+        for folder, kind in folders:
+            for path in folder.iterdir():
+                entry = _ENTRY_FILE.fullmatch(path.name)
+                if not path.is_file() or path.is_symlink():
+                    continue
+                if entry and kind and (kind == PACK or entry[1][:2] == folder.name):
+                    yield path, (kind, entry[1])
+                elif _ENTRY_TEMPORARY.fullmatch(path.name):
+                    yield path, None
 
     def clear(self) -> None:
         """Delete every entry and forget every remembered hash."""
         with self.transaction() as db:
             for table in ("files", "fingerprints", "refs", "entries", "stats"):
                 db.execute(f"DELETE FROM {table}")
-        shutil.rmtree(self.objects, ignore_errors=True)
-        shutil.rmtree(self.packs, ignore_errors=True)
-        self.objects.mkdir()
-        self.packs.mkdir()
+        for path, _entry in self._own_files():
+            path.unlink(missing_ok=True)
+        for prefix in self.objects.iterdir():
+            if _PREFIX.fullmatch(prefix.name):
+                with contextlib.suppress(OSError):
+                    prefix.rmdir()  # only when empty
 
 
 def file_sha256(path: Path, cache: Cache | None) -> str:

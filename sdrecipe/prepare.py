@@ -10,7 +10,7 @@ from pathlib import Path
 from sdrecipe.arch.detect import Architecture, detect
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph, build_graph
-from sdrecipe.guard import check_outputs
+from sdrecipe.guard import check_cache_folder, check_outputs
 from sdrecipe.io.adapter_reader import AdapterReader, guess_family
 from sdrecipe.io.diffusers_writer import TOKENIZERS
 from sdrecipe.io.readers import ModelReader, open_adapter, open_model
@@ -115,6 +115,8 @@ def prepare_recipe(
     cache_root: Path | None = None,
 ) -> Prepared:
     """`prepare` for a recipe already loaded; remote inputs are fetched first."""
+    if cache_root is not None:
+        check_cache_folder(recipe, cache_root)
     if any(spec.url for spec in recipe.inputs.values()):
         recipe = fetch_inputs(recipe, (cache_root or DEFAULT_CACHE) / "inputs")
     graph = build_graph(recipe, selected)

@@ -11,9 +11,11 @@ immutable and concurrent builds write identical bytes to a name:
 - `outputs/<output id>`: JSON `{"digest": ...}`, the pack an output id built.
 
 `pull` downloads what a build needs and the local cache lacks, checking every
-file against the digest in its name before the local cache takes it (a corrupt
-or partial remote file is reported, deleted remotely, and left to the build to
-recompute and `push` again). `push` uploads what the local cache holds and the
+file against the digest in its name before the local cache takes it. Nothing
+read from the remote is trusted: a record or ref file must name entries by
+64-digit hex digests, or it is corrupt. A corrupt or partial remote file is
+reported, counted, deleted remotely, and left to the build to recompute and
+`push` again. `push` uploads what the local cache holds and the
 remote lacks. On an object store a PUT is atomic, and many go at once; on a
 file system each file is written under a temporary name, then moved to its own.
 Credentials and endpoints come from each fsspec backend's usual places (for
@@ -32,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdrecipe.cache import OBJECT, Cache, Location, output_digest
+from sdrecipe.cache import OBJECT, PACK, Cache, Location, is_digest, is_location, output_digest
 from sdrecipe.io.atomic import publish, temporary_path
+from sdrecipe.io.bounded_json import load_json
 
 # fsspec protocols of object stores, where one PUT is atomic.
 OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
@@ -129,9 +132,15 @@ class RemoteCache:
                 self._pull_output(cache, output_id, transfer)
         identities = set(identities)
         wanted = identities - set(cache.lookup(identities))
-        found = {i: location for i, location in self._refs().items() if i in wanted}
+        found = {i: location for i, location in self._refs(transfer).items() if i in wanted}
         digests = {location.entry: location for location in found.values()}
-        missing = [d for d in sorted(digests) if not cache.entry_path(OBJECT, d).exists()]
+        # An object that a ref names and the remote lost (as corrupt) waits for a push.
+        held = self._names("objects")
+        missing = [
+            d
+            for d in sorted(digests)
+            if f"{d}.safetensors" in held and not cache.entry_path(OBJECT, d).exists()
+        ]
         names = [f"objects/{digest[:2]}/{digest}.safetensors" for digest in missing]
         temporaries = self._download(
             [
@@ -150,31 +159,61 @@ class RemoteCache:
         transfer.refs += len(local)
         return transfer
 
-    def _refs(self) -> dict[str, Location]:
-        """Every tensor identity the remote holds, from all the pushes' ref files."""
+    def _refs(self, transfer: Transfer) -> dict[str, Location]:
+        """Every tensor identity the remote holds, from all the pushes' ref files
+        (one that is not a manifest sdrecipe wrote is rejected as corrupt)."""
         names = sorted(self._names("refs"))
-        contents = self.fs.cat([self._path("refs", name) for name in names]) if names else {}
+        paths = [self._path("refs", name) for name in names]
+        # A file rejected by another build between the listing and the read is omitted.
+        contents = self.fs.cat(paths, on_error="omit") if names else {}
         refs: dict[str, Location] = {}
         for path, data in sorted(contents.items()):
-            try:
-                entries = json.loads(data)
-                refs.update({i: Location(OBJECT, *entry) for i, entry in entries.items()})
-            except (ValueError, TypeError, AttributeError):
-                self._reject(f"refs/{path.rsplit('/', 1)[-1]}", path, Transfer())
+            name = path.rsplit("/", 1)[-1]
+            manifest = (
+                _manifest(data) if name == f"{hashlib.sha256(data).hexdigest()}.json" else None
+            )
+            if manifest is None:
+                self._reject(f"refs/{name}", path, transfer)
+            else:
+                refs.update(manifest)
         return refs
 
-    def _pull_output(self, cache: Cache, output_id: str, transfer: Transfer) -> None:
-        digest = json.loads(self.fs.cat_file(self._path("outputs", output_id)))["digest"]
-        remote = self._path("packs", f"{digest}.safetensors")
-        local = cache.entry_path("pack", digest)
-        (temporary,) = self._download([(remote, local)])
+    def _record_digest(self, output_id: str, transfer: Transfer) -> str | None:
+        """The pack digest that `outputs/<output_id>` names; a record that is not
+        `{"digest": <64 hex digits>}` is rejected as corrupt (None)."""
+        record = self._path("outputs", output_id)
         try:
-            if output_digest(temporary, None) != digest:
+            digest = load_json(self.fs.cat_file(record)).get("digest")
+        except FileNotFoundError:
+            return None
+        except (ValueError, AttributeError):
+            digest = None
+        if not is_digest(digest):
+            self._reject(f"outputs/{output_id}", record, transfer)
+            return None
+        return digest
+
+    def _pull_output(self, cache: Cache, output_id: str, transfer: Transfer) -> None:
+        digest = self._record_digest(output_id, transfer)
+        if digest is None:
+            return
+        remote = self._path("packs", f"{digest}.safetensors")
+        try:
+            (temporary,) = self._download([(remote, cache.entry_path(PACK, digest))])
+        except FileNotFoundError:  # a record naming a pack the remote lacks
+            self._reject(f"outputs/{output_id}", self._path("outputs", output_id), transfer)
+            return
+        try:
+            try:
+                good = output_digest(temporary, None) == digest
+            except Exception:
+                good = False
+            if not good:
                 self._reject(f"packs/{digest}.safetensors", remote, transfer)
                 return
             cache.add_pack(temporary, digest, output_id)
             transfer.outputs += 1
-            transfer.bytes += local.stat().st_size
+            transfer.bytes += temporary.stat().st_size
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -217,20 +256,18 @@ class RemoteCache:
                 uploads.append((pack, self._path("packs", pack.name)))
                 transfer.bytes += pack.stat().st_size
                 transfer.outputs += 1
-            if output_id not in outputs:
+            if output_id not in outputs or self._record_digest(output_id, transfer) is None:
                 record = json.dumps({"digest": pack.name.removesuffix(".safetensors")})
                 uploads.append((record.encode(), self._path("outputs", output_id)))
         self._upload(uploads)
-        known, objects = self._refs(), self._names("objects")
-        new = {
-            identity: location
-            for identity, location in cache.lookup(identities).items()
-            if location.kind == OBJECT and identity not in known
-        }
+        known, objects = self._refs(transfer), self._names("objects")
+        held = {i: loc for i, loc in cache.lookup(identities).items() if loc.kind == OBJECT}
+        new = {identity: location for identity, location in held.items() if identity not in known}
         files = []
-        for digest in sorted({location.entry for location in new.values()}):
-            if f"{digest}.safetensors" not in objects:
-                local = cache.entry_path(OBJECT, digest)
+        # Every object the remote lacks, also one it lost as corrupt that a ref still names.
+        for digest in sorted({location.entry for location in held.values()}):
+            local = cache.entry_path(OBJECT, digest)
+            if f"{digest}.safetensors" not in objects and local.exists():
                 files.append((local, self._path("objects", digest[:2], f"{digest}.safetensors")))
                 transfer.objects += 1
                 transfer.bytes += local.stat().st_size
@@ -260,3 +297,15 @@ class RemoteCache:
             "tensors": len(self._names("refs")),
             "size": sum(sizes.values()),
         }
+
+
+def _manifest(data: bytes) -> dict[str, Location] | None:
+    """The object locations a ref file gives tensor identities, or None unless
+    it is JSON `{identity: [entry, key, digest]}` with digests for names."""
+    try:
+        entries = load_json(data)
+        refs = {identity: Location(OBJECT, *entry) for identity, entry in entries.items()}
+    except (ValueError, TypeError, AttributeError):
+        return None
+    valid = all(is_digest(identity) and is_location(loc) for identity, loc in refs.items())
+    return refs if valid else None

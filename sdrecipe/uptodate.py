@@ -12,7 +12,7 @@ from pathlib import Path
 from sdrecipe.cache import DIGEST, SHA256, Cache
 from sdrecipe.fingerprint import FileStat
 from sdrecipe.graph import build_graph
-from sdrecipe.guard import check_outputs
+from sdrecipe.guard import check_cache_folder, check_outputs
 from sdrecipe.io.atomic import remove_stale_temporaries
 from sdrecipe.lock import built_from, read_lock
 from sdrecipe.recipe import load_recipe
@@ -27,6 +27,7 @@ def current_outputs(
     builds left beside the outputs are removed."""
     recipe = load_recipe(recipe_path)
     graph = build_graph(recipe, selected)
+    check_cache_folder(recipe, cache.root)
     check_outputs(recipe, cache.root, graph.outputs)
     for name in graph.outputs:
         remove_stale_temporaries(recipe.outputs[name].path.parent)

@@ -50,10 +50,32 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Paths of small SD1.5-layout models (real key names, widths / 32)."""
-    folder = tmp_path_factory.mktemp("models")
+    return write_models(tmp_path_factory.mktemp("models"))
+
+
+def write_models(folder: Path) -> dict[str, Path]:
+    """The `models` fixture's files, written into `folder`."""
     return {
         name: write_model(folder / f"{name}.safetensors", spec) for name, spec in MODELS.items()
     }
+
+
+# The keys `small_models` keeps: one UNet block, the text encoder's last layer
+# norm and the position ids (39 of 1131).
+SMALL_KEYS = ("model.diffusion_model.input_blocks.1.", "final_layer_norm", POSITION_IDS)
+
+
+@pytest.fixture(scope="session")
+def small_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The `models` cut to the same 39 keys: for tests of what moves between
+    caches, where each tensor is a file or a request of its own."""
+    folder = tmp_path_factory.mktemp("small-models")
+    small = {}
+    for name, path in write_models(tmp_path_factory.mktemp("full-models")).items():
+        kept = {k: v for k, v in load_torch(path).items() if any(s in k for s in SMALL_KEYS)}
+        small[name] = folder / path.name
+        save_file(kept, small[name])
+    return small
 
 
 @pytest.fixture(scope="session")
