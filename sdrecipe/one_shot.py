@@ -8,15 +8,18 @@ content is never replaced.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from sdrecipe.errors import RecipeError
+from sdrecipe.errors import RecipeError, SdrecipeError
+from sdrecipe.io.adapter_files import is_adapter_path
 from sdrecipe.io.atomic import write_text_atomically
 
 RECIPE_SUFFIX = ".recipe.yaml"
@@ -30,19 +33,66 @@ def recipe_path_for(output: Path) -> Path:
 
 
 def parse_adapter(argument: str) -> tuple[Path, float]:
-    """`PATH` or `PATH=STRENGTH` (default strength 1)."""
+    """`PATH` or `PATH=STRENGTH` (default strength 1); RecipeError for a strength
+    that is not a finite number."""
     path, _, strength = argument.rpartition("=")
     if path:
         try:
-            return Path(path), float(strength)
+            value = float(strength)
         except ValueError:
-            pass
+            return Path(argument), 1.0
+        if not math.isfinite(value):
+            raise RecipeError(f"the strength {strength!r} of {path} is not a finite number")
+        return Path(path), value
     return Path(argument), 1.0
 
 
+def check_bake_inputs(base: Path, adapters: list[Path]) -> None:
+    """RecipeError unless `base` is a model and each of `adapters` an adapter."""
+    _require_model(base, "the model to bake into (BASE)")
+    for path in adapters:
+        if not path.exists():
+            raise RecipeError("does not exist", path)
+        if not is_adapter_path(path):
+            raise RecipeError(
+                f"is not an adapter: {_described(path)}; bake adds adapters (LoRA, "
+                "LyCORIS) to BASE",
+                path,
+            )
+
+
+def check_extract_inputs(tuned: Path, base: Path) -> None:
+    """RecipeError unless `tuned` and `base` are both models."""
+    _require_model(tuned, "the fine-tuned model (TUNED)")
+    _require_model(base, "the model it was tuned from (BASE)")
+
+
+def _require_model(path: Path, role: str) -> None:
+    if is_adapter_path(path):
+        raise RecipeError(f"is an adapter (LoRA or LyCORIS), not {role}", path)
+
+
+def _described(path: Path) -> str:
+    """What a file that is not an adapter holds, in words (RecipeError if it is
+    no model file either)."""
+    from sdrecipe.arch.detect import detect
+    from sdrecipe.io.readers import open_model
+
+    reader = open_model(path)
+    infos = reader.infos()
+    if not infos:
+        return "it holds no tensors, so no adapter modules"
+    architecture = detect(infos, reader.metadata)
+    if architecture.family == "unknown":
+        return f"none of its {len(infos)} tensors is a LoRA's or LyCORIS module's factor"
+    return f"it is a full model ({architecture.describe()})"
+
+
 def input_name(path: Path, taken: set[str]) -> str:
-    """A recipe name for an input file: its stem as an identifier, made unique."""
-    stem = path.name.split(".")[0]
+    """A recipe name for an input file: its stem as an ASCII identifier (accents
+    dropped, other characters `_`), made unique."""
+    stem = unicodedata.normalize("NFKD", path.name.split(".")[0])
+    stem = stem.encode("ascii", "ignore").decode()
     name = re.sub(r"\W", "_", stem) or "input"
     if name[0].isdigit():
         name = "_" + name
@@ -98,6 +148,12 @@ def write_recipe(recipe: Path, document: dict, comment: str) -> bool:
     }
     text = f"# {comment}\n" + yaml.safe_dump(document, sort_keys=False)
     if recipe.exists():
+        if _is_binary(recipe):
+            raise RecipeError(
+                "is not a recipe (it holds binary data: a model?), and sdrecipe does not "
+                "replace it; pass --recipe a new .yaml path",
+                recipe,
+            )
         if recipe.read_text(encoding="utf-8", errors="replace") == text:
             return False
         raise RecipeError(
@@ -118,13 +174,26 @@ def write_recipe(recipe: Path, document: dict, comment: str) -> bool:
     return True
 
 
+def _is_binary(path: Path) -> bool:
+    """True when the file's first 8 KiB hold a NUL byte (no text, so no recipe)."""
+    with open(path, "rb") as handle:
+        return b"\0" in handle.read(8192)
+
+
 @contextmanager
-def kept_only_if_built(recipe: Path, created: bool) -> Iterator[None]:
+def kept_only_if_built(recipe: Path, created: bool, command: str) -> Iterator[None]:
     """Remove a recipe this command just wrote if its build fails, so that a
-    corrected rerun is not refused as "other settings"."""
+    corrected rerun is not refused as "other settings"; an error that cites the
+    removed recipe cites the command instead."""
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         if created:
             recipe.unlink(missing_ok=True)
+            if (
+                isinstance(exc, SdrecipeError)
+                and exc.file is not None
+                and Path(exc.file).resolve() == recipe.resolve()
+            ):
+                exc.file, exc.line = f"sdrecipe {command}", None
         raise

@@ -7,9 +7,10 @@ the parameter says which factor of which algorithm it is. Imports no torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from math import prod
+from typing import NoReturn
 
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -127,6 +128,140 @@ class AdapterModule:
             return rows, rows * first[1] * prod(second[1:]), second[2:]
         whole = shape.get("diff") or shape["w_norm"]
         return whole[0], prod(whole), whole[2:]
+
+
+def check_factor_shapes(module: AdapterModule, infos: Mapping[str, TensorInfo]) -> None:
+    """AdapterError unless `module`'s factors fit together, from the header alone:
+    none empty, `alpha` one number, ranks and sides that agree, and each rank at
+    most the rows plus the columns of the delta it makes (a rank above
+    min(rows, columns) adds nothing; one far above it only promises work)."""
+    factors = _Factors(module.stem, {p: infos[key].shape for p, key in module.keys.items()})
+    factors.check_sizes()
+    CHECKS[module.algorithm](factors)
+
+
+class _Factors:
+    """One module's factor shapes, and the checks that they fit together."""
+
+    def __init__(self, stem: str, shapes: Mapping[str, tuple[int, ...]]):
+        self.stem = stem
+        self.shapes = shapes
+
+    def fail(self, text: str) -> NoReturn:
+        raise AdapterError(f"module {self.stem}: {text}")
+
+    def check_sizes(self) -> None:
+        """No empty factor; one number as alpha."""
+        for parameter, shape in self.shapes.items():
+            if parameter == "alpha" and prod(shape) != 1:
+                self.fail(f"alpha has shape {list(shape)}; it must be one number")
+            if parameter != "alpha" and 0 in shape:
+                self.fail(f"{parameter} has shape {list(shape)}, which holds nothing (rank 0?)")
+
+    def shape(self, parameter: str, dims: int, exact: bool = False) -> tuple[int, ...]:
+        """The shape of `parameter`, which must have `dims` dimensions (or more unless `exact`)."""
+        shape = self.shapes[parameter]
+        if len(shape) < dims or (exact and len(shape) != dims):
+            needed = f"{dims}" if exact else f"{dims} or more"
+            self.fail(f"{parameter} has shape {list(shape)}; it needs {needed} dimensions")
+        return shape
+
+    def agree(self, first: str, first_size: object, second: str, second_size: object) -> None:
+        """`first` and `second` must give the same size (of the rank, a side, a kernel)."""
+        if first_size != second_size:
+            self.fail(
+                f"{first} (shape {list(self.shapes[first])}) and {second} (shape "
+                f"{list(self.shapes[second])}) do not fit together: {first_size} against "
+                f"{second_size}"
+            )
+
+    def bounded(self, parameter: str, rank: int, rows: int, columns: int) -> None:
+        """A rank above rows + columns of the delta is refused before any data is read."""
+        if rank > rows + columns:
+            self.fail(
+                f"{parameter} (shape {list(self.shapes[parameter])}) declares rank {rank} for "
+                f"a {rows}x{columns} delta; sdrecipe refuses a rank above its rows plus its "
+                f"columns ({rows + columns}; rank {min(rows, columns)} is already full)"
+            )
+
+
+def _check_lora(factors: _Factors) -> None:
+    up_name = "lora_up.weight" if "lora_up.weight" in factors.shapes else "lora_B.weight"
+    down_name = "lora_down.weight" if "lora_down.weight" in factors.shapes else "lora_A.weight"
+    up, down = factors.shape(up_name, 2), factors.shape(down_name, 2)
+    columns = prod(down[1:])
+    if "lora_mid.weight" in factors.shapes:
+        mid = factors.shape("lora_mid.weight", 2)
+        factors.agree(up_name, prod(up[1:]), "lora_mid.weight", mid[0])
+        factors.agree(down_name, down[0], "lora_mid.weight", mid[1])
+        columns *= prod(mid[2:])
+        factors.bounded("lora_mid.weight", mid[0], up[0], columns)
+    else:
+        factors.agree(up_name, prod(up[1:]), down_name, down[0])
+    factors.bounded(down_name, down[0], up[0], columns)
+
+
+def _check_loha(factors: _Factors) -> None:
+    sides = []
+    for half in "12":
+        a_name, b_name = f"hada_w{half}_a", f"hada_w{half}_b"
+        a = factors.shape(a_name, 2, exact=True)
+        if "hada_t1" in factors.shapes:  # CP form: t [r, r', *kernel], a [r, out], b [r', in]
+            t_name = f"hada_t{half}"
+            core, b = factors.shape(t_name, 2), factors.shape(b_name, 2, exact=True)
+            factors.agree(a_name, a[0], t_name, core[0])
+            factors.agree(b_name, b[0], t_name, core[1])
+            rows, columns = a[1], b[1] * prod(core[2:])
+            factors.bounded(t_name, max(core[:2]), rows, columns)
+            sides.append((a_name, rows, t_name, columns, core[2:]))
+        else:
+            b = factors.shape(b_name, 2)
+            factors.agree(a_name, a[1], b_name, b[0])
+            rows, columns = a[0], prod(b[1:])
+            factors.bounded(b_name, b[0], rows, columns)
+            sides.append((a_name, rows, b_name, columns, ()))
+    (a1, rows1, b1, columns1, kernel1), (a2, rows2, b2, columns2, kernel2) = sides
+    factors.agree(a1, rows1, a2, rows2)
+    factors.agree(b1, (columns1, kernel1), b2, (columns2, kernel2))
+
+
+def _check_lokr(factors: _Factors) -> None:
+    if "lokr_w1" in factors.shapes:
+        factors.shape("lokr_w1", 2, exact=True)
+    else:
+        a = factors.shape("lokr_w1_a", 2, exact=True)
+        b = factors.shape("lokr_w1_b", 2, exact=True)
+        factors.agree("lokr_w1_a", a[1], "lokr_w1_b", b[0])
+        factors.bounded("lokr_w1_b", b[0], a[0], b[1])
+    if "lokr_w2" in factors.shapes:
+        factors.shape("lokr_w2", 2)
+    elif "lokr_t2" in factors.shapes:  # CP form: t [r, r', *kernel], a [r, out], b [r', in]
+        core = factors.shape("lokr_t2", 2)
+        a = factors.shape("lokr_w2_a", 2, exact=True)
+        b = factors.shape("lokr_w2_b", 2, exact=True)
+        factors.agree("lokr_w2_a", a[0], "lokr_t2", core[0])
+        factors.agree("lokr_w2_b", b[0], "lokr_t2", core[1])
+        factors.bounded("lokr_t2", max(core[:2]), a[1], b[1] * prod(core[2:]))
+    else:
+        a = factors.shape("lokr_w2_a", 2, exact=True)
+        b = factors.shape("lokr_w2_b", 2)
+        factors.agree("lokr_w2_a", a[1], "lokr_w2_b", b[0])
+        factors.bounded("lokr_w2_b", b[0], a[0], prod(b[1:]))
+
+
+def _check_whole(factors: _Factors) -> None:
+    for parameter in ("diff", "w_norm", "diff_b", "b_norm"):
+        if parameter in factors.shapes:
+            factors.shape(parameter, 1)
+
+
+CHECKS: dict[str, Callable[[_Factors], None]] = {
+    "lora": _check_lora,
+    "loha": _check_loha,
+    "lokr": _check_lokr,
+    "full": _check_whole,
+    "norm": _check_whole,
+}
 
 
 def _lokr_second_shape(shape: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:

@@ -9,20 +9,29 @@ adapter patches and whose tensors are the weight deltas, computed when read
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from math import prod
 from pathlib import Path
 
 import blake3
 import torch
 
-from sdrecipe.adapters.deltas import bias_delta, dora_delta, weight_delta
-from sdrecipe.adapters.modules import AdapterError, AdapterModule, adapter_modules
+from sdrecipe.adapters.deltas import bias_delta, dora_axis, dora_delta, weight_delta
+from sdrecipe.adapters.modules import (
+    AdapterError,
+    AdapterModule,
+    adapter_modules,
+    check_factor_shapes,
+)
 from sdrecipe.adapters.naming import module_names
 from sdrecipe.arch import layout
-from sdrecipe.errors import RecipeError
+from sdrecipe.errors import BuildError, RecipeError
 from sdrecipe.fingerprint import Fingerprint
+from sdrecipe.finite import is_finite
+from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -30,36 +39,50 @@ ADAPTER_FAMILIES = ("sd1", "sd2", "sdxl")
 # diffusers writes the PEFT config (lora_alpha, r) into the file's metadata under this name.
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 DELTA_VERSION = "sdrecipe-adapter-delta-1"
+# An alpha beyond this is infinite once the deltas are computed in float32.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class AdapterFile:
-    """An adapter's safetensors file and its modules, from the header alone."""
+    """An adapter's safetensors file and its modules, from the header (and the
+    alphas, one number per module): RecipeError for factors that do not fit
+    together and for an alpha that is not a finite float32 number."""
 
     def __init__(self, reader: SafetensorsReader):
         self.reader = reader
         self.path = reader.path
         self.metadata = reader.metadata
+        self.infos = reader.infos()
         try:
             self.modules = adapter_modules(reader.keys())
+            for module in self.modules.values():
+                check_factor_shapes(module, self.infos)
         except AdapterError as exc:
             raise RecipeError(f"cannot apply this adapter: {exc}", reader.path) from None
-        self.infos = reader.infos()
-        self.peft_alpha = _peft_alpha(reader.metadata)
+        self.peft_alpha = _peft_alpha(reader.metadata, reader.path)
+        self.alphas = self._alphas()
+
+    def _alphas(self) -> dict[str, torch.Tensor]:
+        """Each module's alpha: its own, or a PEFT LoRA's from the metadata."""
+        alphas = {}
+        for stem, module in self.modules.items():
+            key = module.keys.get("alpha")
+            if key is not None:
+                alphas[stem] = self.reader.tensor(key).clone()  # one number, not a view
+                _check_alpha(float(alphas[stem]), f"module {stem}: alpha", self.path)
+            elif self.peft_alpha is not None and "lora_A.weight" in module.keys:
+                alphas[stem] = torch.tensor(self.peft_alpha)
+        return alphas
 
     def factor(
         self, module: AdapterModule, parameter: str, dtype: torch.dtype
     ) -> torch.Tensor | None:
         """`module`'s `parameter` in `dtype`, or None where the module lacks it."""
+        if parameter == "alpha":
+            alpha = self.alphas.get(module.stem)
+            return None if alpha is None else alpha.to(dtype)
         key = module.keys.get(parameter)
-        if key is None:
-            if (
-                parameter == "alpha"
-                and self.peft_alpha is not None
-                and "lora_A.weight" in module.keys
-            ):
-                return torch.tensor(self.peft_alpha)
-            return None
-        return self.reader.tensor(key).to(dtype)
+        return None if key is None else self.reader.tensor(key).to(dtype)
 
     def compute_dtype(self, modules: list[AdapterModule]) -> torch.dtype:
         """float64 where any factor of `modules` is, else float32."""
@@ -81,11 +104,7 @@ class AdapterFile:
             if rank is not None:
                 ranks.add(rank)
         alphas = sorted(
-            {
-                float(self.reader.tensor(m.keys["alpha"]))
-                for m in self.modules.values()
-                if "alpha" in m.keys
-            }
+            {float(self.alphas[m.stem]) for m in self.modules.values() if "alpha" in m.keys}
         )
         return {
             "modules": len(self.modules),
@@ -96,17 +115,35 @@ class AdapterFile:
         }
 
 
-def _peft_alpha(metadata: Mapping[str, str]) -> float | None:
-    """lora_alpha / r · r as PEFT configures it, from diffusers' metadata entry."""
+def _peft_alpha(metadata: Mapping[str, str], path: Path) -> float | None:
+    """lora_alpha / r · r as PEFT configures it, from diffusers' metadata entry
+    (JSON nested at most 32 levels)."""
     text = metadata.get(PEFT_METADATA_KEY)
     if not text:
         return None
     try:
-        config = json.loads(text)
-    except ValueError:
-        return None
+        config = load_json(text)
+    except ValueError as exc:
+        raise RecipeError(
+            f"cannot apply this adapter: its metadata's {PEFT_METADATA_KEY} is no readable "
+            f"JSON ({exc})",
+            path,
+        ) from None
     alpha = config.get("lora_alpha") if isinstance(config, dict) else None
-    return float(alpha) if isinstance(alpha, int | float) else None
+    if not isinstance(alpha, int | float):
+        return None
+    _check_alpha(float(alpha), f"lora_alpha in its metadata's {PEFT_METADATA_KEY}", path)
+    return float(alpha)
+
+
+def _check_alpha(value: float, what: str, path: Path) -> None:
+    """RecipeError unless `value` is finite in float32, where deltas are computed."""
+    if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+        raise RecipeError(
+            f"cannot apply this adapter: {what} is {value:g}, which is not a finite "
+            "number in float32",
+            path,
+        )
 
 
 @dataclass(frozen=True)
@@ -156,6 +193,9 @@ class AdapterReader:
             if patches:
                 self._patches[key] = patches
                 shape = self._delta_shape(key, info, patches)
+                for patch in patches:
+                    if patch.parameter == "weight" and patch.module.dora:
+                        self._check_dora(key, patch.module, (shape[0] // patch.parts, *shape[1:]))
                 dtype = adapter.compute_dtype([p.module for p in patches])
                 self._infos[key] = TensorInfo(dtype, shape)
         self.unmatched = [stem for stem in modules if stem not in used]
@@ -187,6 +227,22 @@ class AdapterReader:
                 return (rows, numel // (rows * shape[2] * shape[3]), *shape[2:])
             raise self._misfit(module.stem, numel, key, shape, patch.parts)
         return target.shape
+
+    def _check_dora(self, key: str, module: AdapterModule, shape: tuple[int, ...]) -> None:
+        """RecipeError unless `dora_scale` holds one value per row (or per input
+        column) of the delta of `shape` that `module` makes at `key`."""
+        magnitude = self.adapter.infos[module.keys["dora_scale"]].shape
+        axis = dora_axis(magnitude)
+        if axis < len(shape) and prod(magnitude) == shape[axis]:
+            return
+        what = "input columns" if axis else "rows"
+        size = shape[axis] if axis < len(shape) else 1
+        raise RecipeError(
+            f"cannot apply this adapter: module {module.stem}: dora_scale (shape "
+            f"{list(magnitude)}) holds {prod(magnitude)} values, and the delta it scales at "
+            f"{key} has {size} {what}",
+            self.path,
+        )
 
     def _misfit(
         self, stem: str, numel: int, key: str, shape: tuple[int, ...], parts: int
@@ -222,13 +278,37 @@ class AdapterReader:
         info = self._infos[key]
         patches = self._patches[key]
         if len(patches) == 1 and patches[0].parts == 1:
-            return self._part(key, patches[0], info.dtype, info.shape, None)
-        delta = torch.zeros(info.shape, dtype=info.dtype)
-        for patch in patches:  # a missing slice of a fused key stays zero
-            size = info.shape[0] // patch.parts
-            rows = slice(patch.index * size, (patch.index + 1) * size)
-            delta[rows] = self._part(key, patch, info.dtype, delta[rows].shape, rows)
+            delta = self._part(key, patches[0], info.dtype, info.shape, None)
+        else:
+            delta = torch.zeros(info.shape, dtype=info.dtype)
+            for patch in patches:  # a missing slice of a fused key stays zero
+                size = info.shape[0] // patch.parts
+                rows = slice(patch.index * size, (patch.index + 1) * size)
+                delta[rows] = self._part(key, patch, info.dtype, delta[rows].shape, rows)
+        if not is_finite(delta):
+            raise self._not_finite(key, [patch.module for patch in patches], info.dtype)
         return delta
+
+    def _not_finite(
+        self, key: str, modules: list[AdapterModule], dtype: torch.dtype
+    ) -> RecipeError | BuildError:
+        """The error for a delta at `key` with infinities or NaN: RecipeError naming
+        the factor that holds them, else BuildError (finite factors that overflow)."""
+        for module in modules:
+            for parameter, file_key in module.keys.items():
+                if not bool(torch.isfinite(self.adapter.reader.tensor(file_key)).all()):
+                    return RecipeError(
+                        f"cannot apply this adapter: module {module.stem}: {parameter} holds "
+                        "infinite or NaN values",
+                        self.path,
+                    )
+        stems = ", ".join(module.stem for module in modules)
+        return BuildError(
+            f"module {stems} gives infinite or NaN values at {key} from finite factors (they "
+            f"overflow {str(dtype).removeprefix('torch.')}, or DoRA's weights do); no output "
+            "was written",
+            self.path,
+        )
 
     def _part(
         self,

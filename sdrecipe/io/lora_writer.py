@@ -24,6 +24,7 @@ from sdrecipe.adapters.extract import (
     layer_rank,
 )
 from sdrecipe.adapters.naming import kohya_name, module_names
+from sdrecipe.errors import BuildError
 from sdrecipe.io.dtypes import NAME_TO_DTYPE
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
@@ -38,19 +39,21 @@ MODELSPEC_ARCHITECTURE = {
 }
 
 
-def lora_metadata(family: str, options: LoraOptions) -> dict[str, str]:
-    """The training metadata A1111, ComfyUI and kohya's tools read from a LoRA."""
+def lora_metadata(family: str, rank: int, conv_rank: int | None) -> dict[str, str]:
+    """The training metadata A1111, ComfyUI and kohya's tools read from a LoRA
+    whose largest rank is `rank` (`conv_rank` for 3x3 convolutions, if any)."""
     metadata = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(options.rank),
-        "ss_network_alpha": str(float(options.rank)),
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(rank)),
         "ss_v2": str(family == "sd2"),
         "ss_base_model_version": BASE_MODEL_VERSION.get(family, family),
         "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(family, family),
     }
-    if options.conv_rank:
-        rank = options.conv_rank
-        metadata["ss_network_args"] = f'{{"conv_dim": "{rank}", "conv_alpha": "{float(rank)}"}}'
+    if conv_rank:
+        metadata["ss_network_args"] = (
+            f'{{"conv_dim": "{conv_rank}", "conv_alpha": "{float(conv_rank)}"}}'
+        )
     return metadata
 
 
@@ -68,12 +71,14 @@ class LoraWriter:
     ):
         self.path = path
         self._differences = differences
-        self._metadata = {**metadata, **lora_metadata(family, options)}
+        self._metadata = metadata
         self._family = family
         self._options = options
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[np.ndarray, int]] = {}
         self._factors: dict[str, torch.Tensor] = {}
+        # The rank each module got (capped by its layer's sizes), and whether it is a 3x3 conv.
+        self._ranks: dict[str, tuple[int, bool]] = {}
         self._text_encoder_peak = 0.0
         self._writer: SafetensorsWriter | None = None
 
@@ -114,17 +119,28 @@ class LoraWriter:
                 for part in parts
             ]
         factors = {}
+        ranks = {}
+        dtype = NAME_TO_DTYPE[self._options.dtype]
         for name, piece in pieces:
             rank = layer_rank(tuple(piece.shape), self._options)
             seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
             up, down = extract(piece, rank, self._options.clamp_quantile, seed >> 1)
-            dtype = NAME_TO_DTYPE[self._options.dtype]
-            factors[f"{name}.lora_up.weight"] = up.to(dtype)
-            factors[f"{name}.lora_down.weight"] = down.to(dtype)
+            up, down = up.to(dtype), down.to(dtype)
+            if not bool(torch.isfinite(up).all() and torch.isfinite(down).all()):
+                raise BuildError(
+                    f"the LoRA factors extracted at {key} are infinite or NaN in "
+                    f"{str(dtype).removeprefix('torch.')} (the difference there reaches "
+                    f"{float(difference.abs().max()):g}); use a wider dtype, or check the "
+                    "models; no output was written"
+                )
+            factors[f"{name}.lora_up.weight"] = up
+            factors[f"{name}.lora_down.weight"] = down
             factors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+            ranks[name] = (rank, piece.dim() == 4 and tuple(piece.shape[2:]) != (1, 1))
         peak = float(difference.abs().max()) if is_text_encoder(key) else 0.0
         with self._lock:
             self._factors.update(factors)
+            self._ranks.update(ranks)
             self._text_encoder_peak = max(self._text_encoder_peak, peak)
 
     def content_digest(self, tensor_digests: Mapping[str, str]) -> None:
@@ -138,8 +154,12 @@ class LoraWriter:
         unchanged = self._text_encoder_peak <= TEXT_ENCODER_MIN_DIFFERENCE
         if self._options.text_encoder == "auto" and unchanged:
             factors = {k: v for k, v in factors.items() if not k.startswith("lora_te")}
+        kept = [ranked for name, ranked in self._ranks.items() if f"{name}.alpha" in factors]
+        rank = max((r for r, conv in kept if not conv), default=self._options.rank)
+        conv_rank = max((r for r, conv in kept if conv), default=self._options.conv_rank)
+        metadata = {**self._metadata, **lora_metadata(self._family, rank, conv_rank)}
         infos = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in sorted(factors.items())}
-        self._writer = SafetensorsWriter(self.path, infos, self._metadata)
+        self._writer = SafetensorsWriter(self.path, infos, metadata)
         try:
             for key in infos:
                 self._writer.write_tensor(key, factors[key])
