@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import networkx as nx
 
@@ -22,19 +23,32 @@ class MergeGraph:
     order: tuple[str, ...]
     outputs: tuple[str, ...]
 
-    def operands(self, node: str) -> list[str]:
+    def operands(self, node: str) -> tuple[str, ...]:
         """Inputs and nodes that `node` uses directly, leftmost (the base) first."""
-        return references(self.recipe.nodes[node].expr)
+        return self._operands[node]
 
     def base(self, node: str) -> str:
         """The leftmost operand of `node`, whose keys and dtypes the node keeps."""
-        return self.operands(node)[0]
+        return self._operands[node][0]
 
     def base_input(self, name: str) -> str:
         """The input at the end of `name`'s chain of bases."""
-        while name in self.recipe.nodes:
-            name = self.base(name)
-        return name
+        return self._base_inputs.get(name, name)
+
+    # Asked for every key of every node while planning: worked out once.
+    @cached_property
+    def _operands(self) -> dict[str, tuple[str, ...]]:
+        return {name: tuple(references(node.expr)) for name, node in self.recipe.nodes.items()}
+
+    @cached_property
+    def _base_inputs(self) -> dict[str, str]:
+        found = {}
+        for name in self.recipe.nodes:
+            base = name
+            while base in self.recipe.nodes:
+                base = self.base(base)
+            found[name] = base
+        return found
 
     def inputs_of(self, name: str) -> list[str]:
         """Every input that `name` depends on, in left-to-right order of first use."""

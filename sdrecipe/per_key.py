@@ -4,7 +4,7 @@ A numeric method parameter may be a `PerKey` mapping. At plan time it is
 resolved for each key, most specific first:
 
 1. the first `re:REGEX` entry, in the order written, whose regex the key
-   contains (`re.search`);
+   contains (`re.search`'s sense, matched by RE2: `sdrecipe.key_regex`);
 2. the key's block: its ID, else the first range (`IN04-IN08`) or glob
    (`OUT*`) that covers it, in the order written (`sdrecipe.arch.blocks`);
 3. the key's component (`unet`, `vae`, `text_encoder`, `text_encoder_2`,
@@ -16,7 +16,7 @@ Imports no torch.
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,8 +27,10 @@ from sdrecipe.arch.blocks import (
     block_matches,
     block_of,
     is_block_label,
+    is_reversed_range,
     listed_block_ids,
 )
+from sdrecipe.key_regex import key_regex
 from sdrecipe.recipe.expr import Call, Expr, ExprTransformer, ParamValue, PerKey, walk
 
 REGEX_PREFIX = "re:"
@@ -46,6 +48,7 @@ class KeyContext:
     family: str = "unknown"
 
 
+@lru_cache(maxsize=1 << 16)  # asked for every key of every node while planning
 def key_context(key: str, family: str) -> KeyContext:
     """The context of `key` in a model of `family`."""
     return KeyContext(key, component_of(key), block_of(family, key), family)
@@ -59,15 +62,32 @@ def per_block(value: str | tuple[float | int, ...]) -> PerKey:
     if isinstance(value, str):
         preset = PRESETS.get(value) or LBW_PRESETS.get(value)
         if preset:
-            return per_block(preset)
-        try:
-            numbers = tuple(float(part) for part in value.split(","))
-        except ValueError:
-            raise ValueError(
-                f"{value!r} is not a number, a list of block values or a preset "
-                f"({', '.join(sorted([*PRESETS, *LBW_PRESETS]))})"
-            ) from None
-        return per_block(numbers)
+            return _listed(preset, preset=value)
+        parts = value.split(",")
+        numbers = []
+        for position, part in enumerate(parts, 1):
+            try:
+                numbers.append(float(part))
+            except ValueError:
+                if len(parts) == 1:
+                    raise ValueError(
+                        f"{value!r} is not a number, a list of block values or a preset "
+                        f"({', '.join(sorted([*PRESETS, *LBW_PRESETS]))})"
+                    ) from None
+                raise ValueError(
+                    f"value {position} of the {len(parts)} in the list, {part.strip()!r}, "
+                    "is not a number"
+                ) from None
+        value = tuple(numbers)
+    return _listed(value)
+
+
+def _listed(value: tuple[float | int, ...], preset: str | None = None) -> PerKey:
+    """The mapping by block ID of a list of block values (or of the preset
+    named `preset`), which says what was written and which family it fits."""
+    for position, number in enumerate(value, 1):
+        if not math.isfinite(number):
+            raise ValueError(f"value {position} of the {len(value)} in the list is {number}")
     lengths = {26: listed_block_ids("sd1"), 25: listed_block_ids("sd1")[1:]}
     lengths[20] = listed_block_ids("sdxl")
     ids = lengths.get(len(value)) or LBW_BLOCKS.get(len(value))
@@ -83,7 +103,13 @@ def per_block(value: str | tuple[float | int, ...]) -> PerKey:
         entries += [(block, 0.0) for block in left_out if block not in ids]
     if len(value) in (20, 12):
         entries.append(("VAE", value[0]))
-    return PerKey(tuple(entries))
+    fits = "SDXL" if len(value) in (20, 12) else "SD1/SD2"
+    if preset:
+        source = f"the preset {preset} ({len(value)} values, for {fits})"
+    else:
+        lbw = " (LoRA block weights)" if len(value) in LBW_FAMILY else ""
+        source = f"a list of {len(value)} values, which fits {fits}{lbw}"
+    return PerKey(tuple(entries), source)
 
 
 def check_labels(value: PerKey) -> str | None:
@@ -94,10 +120,15 @@ def check_labels(value: PerKey) -> str | None:
             continue
         if label.startswith(REGEX_PREFIX):
             try:
-                _compiled(label.removeprefix(REGEX_PREFIX))
-            except re.error as exc:
-                return f"{label!r} is not a valid regex ({exc})"
+                key_regex(label.removeprefix(REGEX_PREFIX))
+            except ValueError as exc:
+                return str(exc)
             continue
+        if is_reversed_range(label):
+            first, _, last = label.partition("-")
+            return (
+                f"the range {label!r} is reversed: write {last}-{first} (ranges go in table order)"
+            )
         return (
             f"{label!r} is not default, a component ({', '.join(COMPONENTS)}), a block "
             "(BASE, IN00, M00, OUT11, a range IN04-IN08 or a glob OUT*) or re:REGEX"
@@ -122,7 +153,7 @@ def resolve(value: PerKey, context: KeyContext) -> float | int:
     """The number `value` gives the key of `context` (see the module's precedence)."""
     entries = dict(value.entries)
     for label, number in value.entries:
-        if label.startswith(REGEX_PREFIX) and _compiled(label[len(REGEX_PREFIX) :]).search(
+        if label.startswith(REGEX_PREFIX) and key_regex(label[len(REGEX_PREFIX) :]).search(
             context.key
         ):
             return number
@@ -165,8 +196,3 @@ def has_per_key(expr: Expr) -> bool:
         if isinstance(node, Call)
         for _, value in node.params
     )
-
-
-@lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)

@@ -16,7 +16,7 @@ import torch
 
 from sdrecipe.adapters.extract import extracted_keys
 from sdrecipe.arch import EMA_PREFIX, VAE_PREFIX, never_merged_reason
-from sdrecipe.arch.blocks import listed_block_ids
+from sdrecipe.arch.blocks import block_values_taken, listed_block_ids
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
@@ -175,6 +175,7 @@ class _Planner:
             for node in graph.order
         }
         self.conflicts: list[tuple[str, str]] = []
+        self.shared_steps: dict[tuple[str, torch.dtype, frozenset[str]], Compute] = {}
         self.selecting: set[str] = set()
         self.baked: dict[str, frozenset[str]] = {}
         self.written: dict[str, dict[str, TensorInfo]] = {}
@@ -186,6 +187,13 @@ class _Planner:
         for call in (n for n in walk(spec.expr) if isinstance(n, Call)):
             for name, value in call.params:
                 unknown = unknown_blocks(value, family) if isinstance(value, PerKey) else []
+                if unknown and value.source:
+                    raise RecipeError(
+                        f"node {node!r}: {call.method}() parameter {name!r} is {value.source}, "
+                        f"and its base model is {family}, which takes {block_values_taken(family)}",
+                        self.graph.recipe.path,
+                        spec.line,
+                    )
                 if unknown:
                     ids = listed_block_ids(family)
                     known = (
@@ -261,6 +269,9 @@ class _Planner:
         compute = Compute(
             expr, dtype, context=context if self.key_aware[node] else None, absent=frozenset(absent)
         )
+        if expr is self.graph.recipe.nodes[node].expr and compute.context is None:
+            # The same step at most keys: one object (a sweep plans a million steps).
+            compute = self.shared_steps.setdefault((node, dtype, compute.absent), compute)
         shapes = [info.shape for info in infos]
         present = [operand for operand in operands if operand not in absent]
         if all(shape == base.shape for shape in shapes):

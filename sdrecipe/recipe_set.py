@@ -6,7 +6,7 @@ Imports no torch, so an up-to-date folder build returns at once."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,10 +33,12 @@ class Upstream:
 
 @dataclass(frozen=True)
 class RecipeSet:
-    """Recipes in build order, and for each, the inputs other recipes write."""
+    """Recipes in build order, for each the inputs other recipes write, and
+    (when loaded to keep going) the recipes that could not be loaded, with why."""
 
     recipes: tuple[Recipe, ...]
     upstream: dict[Path, tuple[Upstream, ...]]
+    broken: dict[Path, RecipeError] = field(default_factory=dict)
 
     def needs(self, recipe: Recipe) -> tuple[Upstream, ...]:
         return self.upstream[recipe.path]
@@ -57,10 +59,20 @@ def recipe_files(arguments: Sequence[Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def load_recipe_set(paths: Sequence[Path]) -> RecipeSet:
+def load_recipe_set(paths: Sequence[Path], keep_going: bool = False) -> RecipeSet:
     """Load every recipe and order them so that each comes after the recipes
-    whose outputs it reads; a cycle names the files and nodes in it."""
-    recipes = [load_recipe(path) for path in paths]
+    whose outputs it reads; a cycle names the files and nodes in it. With
+    `keep_going`, a recipe that cannot be loaded is set aside in `broken`
+    instead of stopping the rest."""
+    recipes = []
+    broken: dict[Path, RecipeError] = {}
+    for path in paths:
+        try:
+            recipes.append(load_recipe(path))
+        except RecipeError as exc:
+            if not keep_going:
+                raise
+            broken[path] = exc
     writers: dict[Path, tuple[Recipe, str]] = {}
     for recipe in recipes:
         for name, output in recipe.outputs.items():
@@ -99,7 +111,7 @@ def load_recipe_set(paths: Sequence[Path]) -> RecipeSet:
     position = {recipe.path: index for index, recipe in enumerate(recipes)}
     by_path = {recipe.path: recipe for recipe in recipes}
     order = nx.lexicographical_topological_sort(dependencies, key=position.__getitem__)
-    return RecipeSet(tuple(by_path[path] for path in order), upstream)
+    return RecipeSet(tuple(by_path[path] for path in order), upstream, broken)
 
 
 def planned_statuses(

@@ -13,7 +13,6 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import as32, invoke, write_recipe
-from sdrecipe.arch import layout
 from sdrecipe.arch.block_presets import PRESETS
 from sdrecipe.arch.blocks import block_ids, block_of
 
@@ -45,7 +44,10 @@ SDXL_COUNTS = {
 )
 def test_every_key_of_the_real_layouts_is_in_exactly_one_block(reference, family, expected):
     path = REFERENCE_KEYS / reference
-    keys = list(json.loads(path.read_text())["keys"]) if path.exists() else list(layout(family)[0])
+    if not path.exists():
+        # The package's own key tables would only check the code against itself.
+        pytest.skip(f"the reference key list {path} is missing: the real layouts are unchecked")
+    keys = list(json.loads(path.read_text())["keys"])
     counts = Counter(block_of(family, key) for key in keys)
     assert set(counts) == set(block_ids(family)) and counts == Counter(expected)
     assert len(block_ids(family)) == (21 if family == "sdxl" else 26)
@@ -133,7 +135,8 @@ def test_a_preset_works_inside_an_expression(tmp_path, models):
     ("alpha", "message"),
     [
         ("[0.1, 0.2, 0.3]", "has 26 numbers for SD1/SD2 (BASE first), 25 without BASE, or 20"),
-        ('"' + ",".join(["0.5"] * 20) + '"', "which sd1 has no block for"),
+        ('"' + ",".join(["0.5"] * 20) + '"', "a list of 20 values, which fits SDXL"),
+        ("{default: 0.5, VAE: 0.1}", "which sd1 has no block for"),
         ("{default: 0.5, IN12: 0.1}", "'IN12' is not default, a component"),
         ("NOT_A_PRESET", "is not a number, a list of block values or a preset"),
     ],

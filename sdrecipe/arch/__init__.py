@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 
 UNET_PREFIX = "model.diffusion_model."
@@ -47,6 +47,7 @@ COMPONENT_PREFIXES = (
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "ema", "other")
 
 
+@lru_cache(maxsize=1 << 16)  # asked for every key of every node while planning
 def component_of(key: str) -> str:
     """`unet`, `vae`, `text_encoder`, `text_encoder_2`, `ema` or `other`."""
     return next((name for prefix, name in COMPONENT_PREFIXES if key.startswith(prefix)), "other")
@@ -68,6 +69,7 @@ def normalise_key(key: str) -> str:
     return key
 
 
+@lru_cache(maxsize=1 << 16)
 def never_merged_reason(key: str) -> str | None:
     """Why `key` always keeps the base model's value, or None if it may be merged.
 

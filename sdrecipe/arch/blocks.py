@@ -43,6 +43,15 @@ def listed_block_ids(family: str) -> tuple[str, ...]:
     return tuple(block for block in block_ids(family) if block != "VAE")
 
 
+def block_values_taken(family: str) -> str:
+    """What a list of block values for `family` may be, in words."""
+    if family in ("sd1", "sd2"):
+        return "26 values (BASE first), 25 (without BASE), 17 (LoRA block weights) or a preset"
+    if family == "sdxl":
+        return "20 values (BASE first) or 12 (LoRA block weights); no tool defines SDXL presets"
+    return "no list: it has no block table"
+
+
 _NUMBERED = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 
 
@@ -74,6 +83,15 @@ def is_block_label(label: str) -> bool:
     (`IN04-IN08`) or a glob (`OUT*`)."""
     return any(
         block_matches(label, block, family) for family in _LEVELS for block in block_ids(family)
+    )
+
+
+def is_reversed_range(label: str) -> bool:
+    """True for a range whose ends are in the wrong order (`IN08-IN04`)."""
+    first, dash, last = label.partition("-")
+    return bool(dash) and any(
+        first in ids and last in ids and ids.index(first) > ids.index(last)
+        for ids in map(block_ids, _LEVELS)
     )
 
 

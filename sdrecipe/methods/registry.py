@@ -121,7 +121,7 @@ class MergeMethod:
             ]
             if "default" not in dict(entries):
                 entries.insert(0, ("default", checked[name]))
-            checked[name] = PerKey(tuple(entries))
+            checked[name] = PerKey(tuple(entries), value.source)
         return {name: checked[name] for name in self.parameters.model_fields}
 
     def _validated(self, values: Mapping[str, Any]) -> dict[str, Any]:

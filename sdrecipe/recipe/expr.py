@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 
@@ -60,9 +60,12 @@ class Neg:
 class PerKey:
     """A numeric parameter whose value depends on the tensor key: `default`, and
     overrides named by component (`unet`, `vae`, `text_encoder`, ...), block ID
-    or `re:REGEX`, in the order written. `sdrecipe.keyed` resolves it per key."""
+    or `re:REGEX`, in the order written. `sdrecipe.keyed` resolves it per key.
+    `source` says what was written when it was not a mapping (a pasted list, a
+    preset), for messages; it is not part of the value."""
 
     entries: tuple[tuple[str, float | int], ...]
+    source: str | None = field(default=None, compare=False)
 
 
 # A method parameter's value: a number, a flag, a choice, a list of numbers, or

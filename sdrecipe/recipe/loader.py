@@ -6,14 +6,18 @@ import dataclasses
 import math
 import os
 import re
+import stat
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pydantic
 
-from sdrecipe.errors import RecipeError
+from sdrecipe.errors import RecipeError, describe_os_error
 from sdrecipe.io.adapter_files import is_adapter_path
 from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.io.remote_inputs import is_adapter_url, is_url, remote_placeholder
+from sdrecipe.key_regex import key_regex
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE, MODEL
 from sdrecipe.recipe.expr import (
@@ -47,19 +51,60 @@ from sdrecipe.recipe.spaces import SpaceError, coefficient_sum, space_named
 from sdrecipe.recipe.yaml_source import YamlDocument, load_yaml
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Recipes are a few KB; a larger file is refused before it is parsed.
+MAX_RECIPE_BYTES = 4 << 20
+_FILE_KINDS = {
+    stat.S_IFDIR: "folder",
+    stat.S_IFIFO: "named pipe (FIFO)",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+}
 _UNSET_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 
 def load_recipe(path: Path | str) -> Recipe:
     """Read, parse and validate the recipe at `path` (names, expressions, methods)."""
     path = Path(path)
+    return parse_recipe(read_recipe_text(path), path)
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of the recipe file at `path`: a regular file (never a pipe or a
+    device, which could block or never end) of at most `MAX_RECIPE_BYTES`, in UTF-8."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # Non-blocking, so that opening a FIFO returns at once and is refused below.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise RecipeError("recipe file not found", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read the recipe: {exc}", path) from None
-    return parse_recipe(text, path)
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe: {describe_os_error(exc)}", path) from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "special file")
+        raise RecipeError(f"the recipe is a {kind}, not a file of YAML text", path)
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise RecipeError(f"cannot read the recipe: {describe_os_error(exc)}", path) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"the recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB; recipes are small YAML "
+            "files (is this a model?)",
+            path,
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError(
+            f"the recipe is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); "
+            "is this a model or another binary file?",
+            path,
+            line,
+        ) from None
 
 
 def parse_recipe(text: str, path: Path) -> Recipe:
@@ -334,12 +379,27 @@ def _relevant_error(errors: list, document: YamlDocument) -> dict:
 
 
 def resolve_path(raw: str, folder: Path) -> Path:
-    """Expand `~` and environment variables; make relative paths relative to `folder`."""
+    """Expand `~` and environment variables; make relative paths relative to
+    `folder`; a `file://` URL is the local path it names."""
     expanded = os.path.expanduser(os.path.expandvars(raw))
     unset = _UNSET_VARIABLE.search(expanded)
     if unset:
         raise ValueError(f"environment variable {unset.group(1)} is not set (in {raw!r})")
+    if expanded.lower().startswith("file://"):
+        expanded = _file_url_path(expanded)
     return Path(os.path.normpath(folder / expanded))
+
+
+def _file_url_path(url: str) -> str:
+    """The absolute local path of a `file://` URL (`file:///models/a.safetensors`,
+    %-escapes undone); ValueError for another host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(
+            f"{url} names the host {parts.netloc!r}; a file:// URL names a local file "
+            "(file:///path/to/file)"
+        )
+    return urllib.request.url2pathname(parts.path)
 
 
 def _make_input(
@@ -409,12 +469,10 @@ def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: 
     patterns = {}
     for option in ("include_keys", "exclude_keys"):
         try:
-            patterns[option] = tuple(re.compile(p) for p in getattr(entry, option) or ())
-        except re.error as exc:
+            patterns[option] = tuple(key_regex(p) for p in getattr(entry, option) or ())
+        except ValueError as exc:
             raise RecipeError(
-                f"node {name!r}: {option}: {exc.pattern!r} is not a valid regex ({exc})",
-                path,
-                document.line_of(("nodes", name, option)),
+                f"node {name!r}: {option}: {exc}", path, document.line_of(("nodes", name, option))
             ) from None
     selection = KeySelection(
         only=frozenset(entry.only or ()), exclude=frozenset(entry.exclude or ()), **patterns
@@ -436,7 +494,16 @@ def _param_value(value: object) -> ParamValue:
     if isinstance(value, bool | str):
         return value
     if isinstance(value, list):
-        return tuple(_number(item) for item in value)
+        numbers = []
+        for position, item in enumerate(value, 1):
+            try:
+                numbers.append(_number(item))
+            except ValueError:
+                raise ValueError(
+                    f"has {item!r} as value {position} of the {len(value)} in its list; "
+                    "each must be a finite number"
+                ) from None
+        return tuple(numbers)
     if isinstance(value, dict):
         return PerKey(tuple((str(label), _number(number)) for label, number in value.items()))
     return _number(value)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from sdrecipe.arch import component_of
+from sdrecipe.key_regex import KeyRegex
 from sdrecipe.recipe.expr import Expr, format_expression
 
 
@@ -42,8 +42,8 @@ class KeySelection:
 
     only: frozenset[str] = frozenset()
     exclude: frozenset[str] = frozenset()
-    include_keys: tuple[re.Pattern[str], ...] = ()
-    exclude_keys: tuple[re.Pattern[str], ...] = ()
+    include_keys: tuple[KeyRegex, ...] = ()
+    exclude_keys: tuple[KeyRegex, ...] = ()
 
     def selects(self, key: str) -> bool:
         """True when the node merges `key`."""

@@ -80,7 +80,11 @@ def load_yaml(
     Unquoted scalars at paths where `keep_text` is true stay the text as written,
     so a hash such as 0123... or a file named `1.safetensors` is not read as a number.
     """
-    loader = _RecipeLoader(text)
+    try:
+        loader = _RecipeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise RecipeError(_unprintable(text, exc.position), file, line) from None
     try:
         root = loader.get_single_node()
         if root is None:
@@ -98,6 +102,16 @@ def load_yaml(
     finally:
         loader.dispose()
     return YamlDocument(data, lines)
+
+
+def _unprintable(text: str, position: int) -> str:
+    """Why YAML refuses the character at `position` of `text`, in words."""
+    line_start = text.rfind("\n", 0, position) + 1
+    return (
+        f"the recipe holds the control character U+{ord(text[position]):04X} at column "
+        f"{position - line_start + 1}; a recipe is YAML text without control characters "
+        "(is this a model or another binary file?)"
+    )
 
 
 class _Constructor:
