@@ -11,7 +11,8 @@ time, so memory stays bounded whatever the model's size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,8 +142,10 @@ def diff_models(
     reference: Path,
     models: Sequence[Path],
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    force: bool = False,
 ) -> ModelDiff:
-    """Compare each of `models` with `reference`, reading each key once per file."""
+    """Compare each of `models` with `reference`, reading each key once per file;
+    models of another family than the reference's are refused unless `force`."""
     for path in (reference, *models):
         if is_adapter_path(path):
             raise RecipeError(
@@ -154,28 +157,50 @@ def diff_models(
     family = detect(infos, base.metadata).family
     readers = [open_model(path) for path in models]
     others = [reader.infos() for reader in readers]
+    for path, reader, other in zip(models, readers, others, strict=True):
+        theirs = detect(other, reader.metadata).family
+        if theirs != family and not force:
+            raise RecipeError(
+                f"{path} is {theirs} and the reference {reference} is {family}: models of "
+                "different families share few keys, so a measure over them means little; "
+                "pass --force to compare them anyway"
+            )
     comparisons = [Comparison(path) for path in models]
     for comparison, other in zip(comparisons, others, strict=True):
         comparison.only_in_reference = [key for key in infos if key not in other]
         comparison.only_in_model = [key for key in other if key not in infos]
     advance = progress("diff", len(infos)) if progress else lambda done: None
-    for key, info in infos.items():
-        reference_tensor = None
-        for reader, other, comparison in zip(readers, others, comparisons, strict=True):
-            theirs = other.get(key)
-            if not info.is_floating or theirs is None or not theirs.is_floating:
-                continue
-            if theirs.shape != info.shape:
-                comparison.shape_differs.append(key)
-                continue
-            if reference_tensor is None:
-                reference_tensor = base.tensor(key)
-            comparison.add(key, family, tensor_sums(reference_tensor, reader.tensor(key)))
-        advance(1)
+    with _one_thread():
+        for key, info in infos.items():
+            reference_tensor = None
+            for reader, other, comparison in zip(readers, others, comparisons, strict=True):
+                theirs = other.get(key)
+                if not info.is_floating or theirs is None or not theirs.is_floating:
+                    continue
+                if theirs.shape != info.shape:
+                    comparison.shape_differs.append(key)
+                    continue
+                if reference_tensor is None:
+                    reference_tensor = base.tensor(key)
+                comparison.add(key, family, tensor_sums(reference_tensor, reader.tensor(key)))
+            advance(1)
     ids = block_ids(family)
     for comparison in comparisons:
         comparison.blocks = {b: comparison.blocks[b] for b in ids if b in comparison.blocks}
     return ModelDiff(reference, family, tuple(comparisons))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch's operations on this thread alone, as a build's workers do: each
+    is one pass over a tensor, too short to share, and handing it to other
+    threads cost ten times the arithmetic once other processes held the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # A sequential colour scale (viridis' anchors), from the smallest value to the largest.

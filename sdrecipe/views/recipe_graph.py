@@ -4,7 +4,6 @@ status from the one status rule, as Mermaid, Graphviz dot, JSON, SVG or PNG."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -51,12 +50,11 @@ class RecipeGraph:
     vertices: tuple[Vertex, ...]
     edges: tuple[tuple[str, str], ...]
 
-    def to_json(self) -> str:
-        data = {
+    def to_dict(self) -> dict[str, object]:
+        return {
             "vertices": [asdict(vertex) for vertex in self.vertices],
             "edges": [list(edge) for edge in self.edges],
         }
-        return json.dumps(data, indent=2)
 
 
 def recipe_graph(graph: MergeGraph, statuses: Sequence[NodeStatus] | None) -> RecipeGraph:

@@ -8,6 +8,7 @@ the SVG.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -83,9 +84,10 @@ class Scene:
         parts.append("</svg>")
         return "\n".join(parts) + "\n"
 
-    def to_png(self, path: Path) -> None:
-        """Render the scene to a PNG file at `path`."""
+    def to_png(self, path: Path, text: Mapping[str, str] | None = None) -> None:
+        """Render the scene to a PNG file at `path`, with `text` as its text chunks."""
         from PIL import Image, ImageDraw
+        from PIL.PngImagePlugin import PngInfo
 
         image = Image.new("RGB", (self.width, self.height), "#ffffff")
         draw = ImageDraw.Draw(image)
@@ -104,7 +106,10 @@ class Scene:
                 draw.text(
                     (item.x, item.y), item.text, fill=item.fill, font=font(item.size), anchor=anchor
                 )
-        image.save(path, format="PNG")
+        chunks = PngInfo()
+        for key, value in (text or {}).items():
+            chunks.add_text(key, value)
+        image.save(path, format="PNG", pnginfo=chunks)
 
 
 def _svg_item(item: Box | Line | Text) -> str:
