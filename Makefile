@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Two stamps: what sdrecipe needs to run (`make demo`), and that plus the test
+# tools and oracles (`make install`, `make test` and the rest).
+RUNTIME_STAMP := $(VENV)/.runtime-installed
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench check-diffusers clean
@@ -9,13 +12,17 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # torch==2.13.0 first: the CPU wheel is local, and a bare `torch` would pull CUDA.
-$(STAMP): pyproject.toml
+$(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,oracles]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/python -m sdrecipe.synthetic demo build/demo
 	$(BIN)/sdrecipe build recipes/demo_inpaint.yaml
 

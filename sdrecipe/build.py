@@ -22,7 +22,7 @@ from sdrecipe.cache import DIGEST, PACK, Cache, Location, output_digest
 from sdrecipe.cache_policy import cache_choice
 from sdrecipe.executor import CacheUse, Executor, KeyResult
 from sdrecipe.fingerprint import FileStat
-from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy
+from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy, uninterrupted
 from sdrecipe.io.page_cache import memory_is_short
 from sdrecipe.io.writers import OutputWriter, open_writer
 from sdrecipe.lock import BuiltOutput, updated_lock, write_lock
@@ -93,20 +93,24 @@ def build(
     """Bring every selected output up to date; on failure no output is touched.
 
     With a `remote` cache tier, what the local cache lacks is pulled from it
-    first, and what the build stored is pushed to it after; a remote that fails
-    is reported and the build goes on with the local cache alone."""
+    first, and what the build stored is pushed to it after; the remote's corrupt
+    entries count with the local ones, and a remote that fails (e.g. cannot be
+    reached) is reported and the build goes on with the local cache alone."""
     started = time.perf_counter()
     with cache.locked() if cache else nullcontext():
         assessment = assess(prepared, cache, threads, force, progress)
         shared = remote is not None and cache is not None and cache.tensors
+        pulled = None
         if shared and not force:
             pulled = _exchange(remote, "pull", cache, assessment)
             if pulled is not None and (pulled.outputs or pulled.refs):
                 assessment = assess(prepared, cache, threads, force, progress)
         builder = _Builder(prepared, assessment, cache, threads, progress)
+        builder.stats.corrupt_entries += len(pulled.corrupt) if pulled else 0
         summary = builder.run(started, update_lock)
         if shared:
-            _exchange(remote, "push", cache, assessment)
+            pushed = _exchange(remote, "push", cache, assessment)
+            summary.cache.corrupt_entries += len(pushed.corrupt) if pushed else 0
         return summary
 
 
@@ -185,16 +189,19 @@ class _Builder:
                     cleanup.callback(staged.unlink, missing_ok=True)
                     restored[name] = staged
             writers = self._build(built, cleanup) if built else {}
-            for name, staged in restored.items():
-                self._publish_restored(name, staged)
-            for writer in writers.values():
-                writer.publish()
-            cleanup.pop_all()
-        for name in built:
-            self.states[name] = "built"
-            self._cache_output(name, writers[name])
-        if update_lock:
-            self._write_lock()
+            # From the first rename to the lock, a Ctrl-C or SIGTERM waits: the
+            # outputs and their lock are all published, or none.
+            with uninterrupted():
+                for name, staged in restored.items():
+                    self._publish_restored(name, staged)
+                for writer in writers.values():
+                    writer.publish()
+                cleanup.pop_all()
+                for name in built:
+                    self.states[name] = "built"
+                    self._cache_output(name, writers[name])
+                if update_lock:
+                    self._write_lock()
         if self.cache is not None:
             self.cache.record_stats(vars(self.stats))
         return BuildSummary(

@@ -17,11 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.recipe_set import RecipeSet
 
 RETRIES = 2
+# Seconds to connect to a scheduler and hear Dask's handshake from it.
+CONNECT_SECONDS = 10
+SCHEMES = frozenset({"tcp", "tls", "ws", "wss", "ucx"})
 
 
 @dataclass(frozen=True)
@@ -52,16 +56,59 @@ def connect(scheduler: str) -> Any:
         raise RecipeError("--scheduler needs Dask: pip install 'sdrecipe[cluster]'") from None
     if scheduler.startswith("local:"):
         count = scheduler.removeprefix("local:")
-        if not count.isdigit() or int(count) < 1:
+        if not (count.isascii() and count.isdecimal()) or int(count) < 1:
             raise RecipeError(f"--scheduler {scheduler}: local:N takes a number of workers")
         cluster = LocalCluster(
             n_workers=int(count), threads_per_worker=1, processes=True, dashboard_address=None
         )
         return Client(cluster)
+    _check_address(scheduler)
+    _handshake(scheduler)
     try:
-        return Client(scheduler, timeout="10s")
+        return Client(scheduler, timeout=f"{CONNECT_SECONDS}s")
     except OSError as exc:
         raise RecipeError(f"--scheduler {scheduler}: cannot reach it ({exc})") from None
+
+
+def _check_address(scheduler: str) -> None:
+    """Refuse what is neither `local:N` nor a scheduler address, SCHEME://HOST[:PORT]."""
+    address = urlsplit(scheduler)
+    try:
+        port_ok = address.port is None or address.port > 0
+    except ValueError:
+        port_ok = False
+    if address.scheme not in SCHEMES or not address.hostname or not port_ok:
+        raise RecipeError(
+            f"--scheduler {scheduler}: give a Dask scheduler's address "
+            "(tcp://HOST:8786, or tls://, ws://, wss://, ucx://) or local:N"
+        )
+
+
+def _handshake(scheduler: str) -> None:
+    """Fail unless a Dask endpoint at `scheduler` completes Dask's handshake within
+    CONNECT_SECONDS: Dask's own wait for it has no limit, so a server that
+    accepts the connection and says nothing would hold the build for ever."""
+    import asyncio
+
+    from distributed.comm import connect as dask_connect
+
+    async def shake() -> None:
+        comm = await dask_connect(scheduler, timeout=CONNECT_SECONDS)
+        await comm.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(shake(), CONNECT_SECONDS))
+    except asyncio.TimeoutError:
+        raise RecipeError(
+            f"--scheduler {scheduler}: no Dask scheduler answered within {CONNECT_SECONDS} s "
+            "(something accepted the connection but does not speak Dask's protocol)"
+        ) from None
+    except OSError as exc:
+        raise RecipeError(f"--scheduler {scheduler}: cannot reach it ({exc})") from None
+    except Exception:  # Dask's comms raise their own kinds (even MemoryError) on a foreign reply
+        raise RecipeError(
+            f"--scheduler {scheduler}: the server there answered, but not as a Dask scheduler"
+        ) from None
 
 
 def build_on_cluster(

@@ -11,7 +11,7 @@ intermediate values into cache objects, hashing everything in order.
 
 from __future__ import annotations
 
-import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +23,9 @@ from sdrecipe.cache import Cache, CorruptEntry, Location, ObjectWriter
 from sdrecipe.errors import BuildError
 from sdrecipe.evaluate import evaluate
 from sdrecipe.fingerprint import tensor_digest, tensor_hasher
+from sdrecipe.finite import is_finite
 from sdrecipe.identity import Identities
+from sdrecipe.io.atomic import uninterrupted
 from sdrecipe.io.readers import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
@@ -90,6 +92,7 @@ class Executor:
         self.writers = writers
         self.threads = max(1, threads)
         self.cache_use = cache_use
+        self.stopping = threading.Event()
 
     def run(self, progress: Callable[[KeyResult], None]) -> None:
         """Process every key; `progress` gets each finished key's result, in key order.
@@ -105,23 +108,32 @@ class Executor:
         ]
         # OpenMP's thread count is per thread: each worker sets its own, or BLAS and
         # LAPACK calls would split work (and vary their rounding) across threads.
-        with ThreadPoolExecutor(
+        pool = ThreadPoolExecutor(
             self.threads,
             thread_name_prefix="sdrecipe",
             initializer=torch.set_num_threads,
             initargs=(1,),
-        ) as pool:
+        )
+        try:
             futures = [pool.submit(self.run_key, key_plan) for key_plan in key_plans]
-            try:
-                for future in futures:
-                    progress(future.result())
-            finally:
-                for future in futures:
-                    future.cancel()
+            for future in futures:
+                progress(future.result())
+        except BaseException:
+            self.stopping.set()  # a failure or Ctrl-C: running tasks stop at their next range
+            raise
+        finally:
+            # No worker may still write when the caller removes the outputs' temporaries,
+            # so a second Ctrl-C waits for this short join.
+            with uninterrupted():
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def run_key(self, key_plan: KeyPlan) -> KeyResult:
         """Produce one key in every output; return what was done."""
         return _KeyTask(self, key_plan).run()
+
+
+class _Stopped(Exception):
+    """Ends a key task once the build has failed or was interrupted."""
 
 
 class _KeyTask:
@@ -140,6 +152,8 @@ class _KeyTask:
 
     def run(self) -> KeyResult:
         executor = self.executor
+        if executor.stopping.is_set():
+            raise _Stopped
         computed: list[str] = []
         for output in self.plan.computed_outputs:
             if output in executor.writers and not self._copy_cached_output(output):
@@ -232,6 +246,8 @@ class _KeyTask:
         writers = self.executor.writers
         hashers = {output: tensor_hasher(writers[output].info(self.key)) for output in outputs}
         for rows in row_ranges(self.plan):
+            if self.executor.stopping.is_set():
+                raise _Stopped
             values: dict[str, torch.Tensor] = {}
             for output in outputs:
                 info = writers[output].info(self.key)
@@ -316,28 +332,6 @@ class _KeyTask:
         if is_finite(tensor):
             cause = f"they overflow {str(dtype).removeprefix('torch.')}, the output's dtype"
             raise _non_finite_error(f"output {output!r}", self.key, cause)
-
-
-_ZEROS: dict[torch.dtype, torch.Tensor] = {}
-
-
-def is_finite(tensor: torch.Tensor) -> bool:
-    """True when no element is NaN or infinite.
-
-    A dot product with zeros is NaN exactly when an element is not finite
-    (finite·0 = 0 cannot overflow), and runs about 20 times faster than
-    `isfinite().all()` (0.2 against 4 ns an element, measured here)."""
-    flat = tensor.reshape(-1)
-    if flat.dtype.itemsize == 1:
-        flat = flat.float()  # no dot product for float8
-    zeros = _ZEROS.get(flat.dtype)
-    if zeros is None:
-        zeros = _ZEROS.setdefault(flat.dtype, torch.zeros(UNIT_ELEMENTS, dtype=flat.dtype))
-    for start in range(0, flat.numel(), UNIT_ELEMENTS):
-        piece = flat[start : start + UNIT_ELEMENTS]
-        if not math.isfinite(torch.dot(piece, zeros[: piece.numel()]).item()):
-            return False
-    return True
 
 
 def _non_finite_error(where: str, key: str, cause: str) -> BuildError:

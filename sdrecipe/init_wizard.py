@@ -228,7 +228,7 @@ def run_init(
     """Ask for what `answers` (flag -> value) lacks, when a terminal is attached;
     check the models, write the recipe, and validate it (`validate` returns a
     one-line description, or raises). Returns the recipe's path."""
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()  # None: fd 0 closed
 
     def ask(flag: str, question: str, default: object = None, kind: object = None) -> object:
         """The answer given by flag, else asked at the terminal, else the default."""
@@ -281,6 +281,14 @@ def run_init(
     write_text_atomically(recipe, text)
     try:
         say(validate(recipe))
+    except RecipeError as exc:
+        recipe.unlink(missing_ok=True)
+        # The recipe is gone: the message must not send the reader to a line of it.
+        elsewhere = exc.file is not None and Path(exc.file) != recipe
+        raise RecipeError(
+            f"the recipe for these answers is invalid, so {recipe} was not kept: "
+            f"{exc if elsewhere else exc.message}"
+        ) from None
     except BaseException:
         recipe.unlink(missing_ok=True)
         raise

@@ -60,15 +60,19 @@ def test_finished_parts_are_dropped_once_lag_more_bytes_are_finished(tmp_path, a
     assert named == ["a", "b", "a", "d", "b", "c", "d"]
 
 
-def test_a_refused_hint_stops_the_dropping_not_the_writing():
+def test_a_refused_hint_stops_the_dropping_not_the_writing(advice):
     read, write = os.pipe()  # posix_fadvise on a pipe fails with ESPIPE
+    parts = {"a": b"first part", "b": b"then more."}
     try:
         behind = WrittenBehind(write, {"a": (0, 10), "b": (10, 10)}, lag=0)
-        behind.wrote("a", 10)
-        behind.wrote("b", 10)  # no exception: the hint is given up
+        for name, data in parts.items():
+            os.write(write, data)
+            behind.wrote(name, len(data))  # no exception: the hint is given up
+        assert os.read(read, 100) == b"".join(parts.values())
     finally:
         os.close(read)
         os.close(write)
+    assert advice == [(0, 10, os.POSIX_FADV_DONTNEED)], "one refusal ends the hints"
 
 
 @pytest.mark.parametrize("short", [True, False])

@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+# The signals that stop a build (Ctrl-C, `kill`): both end it with exit 130.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def temporary_path(path: Path, unique: bool = False) -> Path:
@@ -25,6 +30,30 @@ def publish(temporary: Path, target: Path) -> None:
     rename(2) does nothing, so the temporary name is removed here."""
     os.replace(temporary, target)
     temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs, then pass one that came on to
+    the handler in place before: for steps that must all happen or none, such as
+    publishing several outputs and their lock, or waiting for worker threads
+    before their files are removed. Signals reach Python code in the main
+    thread only, so elsewhere (a Dask worker) there is nothing to hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {
+        number: signal.signal(number, lambda number, frame: held.append(number))
+        for number in STOP_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 def staged_copy(source: Path, target: Path) -> Path:
