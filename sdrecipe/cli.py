@@ -24,6 +24,7 @@ import click
 from sdrecipe import __version__
 from sdrecipe.errors import SdrecipeError, describe_os_error
 from sdrecipe.io.mapped_files import install_sigbus_handler
+from sdrecipe.text import printable
 
 if TYPE_CHECKING:
     from sdrecipe.build import BuildSummary
@@ -32,19 +33,9 @@ if TYPE_CHECKING:
     from sdrecipe.recipe_set import RecipeSet
     from sdrecipe.remote_cache import RemoteCache
     from sdrecipe.staleness import NodeStatus
+    from sdrecipe.views.files import ViewFile
 
 RECIPE = click.Path(dir_okay=False, path_type=Path)
-
-
-# Characters that a terminal interprets: C0 and C1 controls, and the bidi overrides.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """`text` with every control character escaped (`\\x1b`), so that names and
-    metadata from a downloaded file cannot move the cursor, recolour or retitle
-    the terminal, or break a one-line message."""
-    return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,7 +44,6 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         install_sigbus_handler()
         options = kwargs.get("options")
         as_json = bool(kwargs.get("as_json") or (options and options.as_json))
@@ -71,7 +61,7 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             where = f"{exc.filename}: " if exc.filename else ""
             _fail("error", f"{where}{describe_os_error(exc)}", 1, as_json)
         except KeyboardInterrupt:
-            _fail("interrupted", "no output was written", 130, as_json)
+            _interrupted(as_json)
         except Exception as exc:
             if os.environ.get("SDRECIPE_DEBUG"):
                 raise
@@ -100,6 +90,46 @@ def _note(text: str) -> None:
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _interrupted(as_json: bool) -> None:
+    """Exit 130 after Ctrl-C or SIGTERM. An interrupt during publishing waits until
+    the outputs and lock are all in place, so none is ever half-written."""
+    _fail("interrupted", "stopped; no output is left half-written", 130, as_json)
+
+
+class _Commands(click.Group):
+    """The `sdrecipe` group: what every command shares, done once here.
+
+    Ctrl-C and SIGTERM both stop a command with exit 130, even where the shell
+    started it with SIGINT ignored (a background job); click's own usage errors
+    also print the JSON error object when `--json` is among the arguments."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["sdrecipe.json"] = "--json" in args
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sdrecipe.io.atomic import STOP_SIGNALS
+
+        as_json = ctx.meta.get("sdrecipe.json", False)
+        previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            if as_json:
+                kind = "usage" if isinstance(exc, click.UsageError) else "error"
+                _emit_json(
+                    {"error": exc.format_message(), "kind": kind, "exit_code": exc.exit_code}
+                )
+            raise
+        except KeyboardInterrupt:
+            _interrupted(as_json)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def _emit_json(data: object) -> None:
@@ -210,11 +240,11 @@ def _open_cache(cache_dir: Path, tensors: bool = True) -> Cache:
     return Cache(cache_dir, tensors=tensors, notify=_note)
 
 
-def _existing_cache(cache_dir: Path) -> Cache | None:
+def _existing_cache(cache_dir: Path, tensors: bool = True) -> Cache | None:
     """The cache if there is one: read-only commands create nothing."""
     from sdrecipe.cache import Cache
 
-    return Cache.existing(cache_dir, notify=_note)
+    return Cache.existing(cache_dir, tensors, notify=_note)
 
 
 def _progress(enabled: bool) -> Callable[[str, int], Callable[[int], None]]:
@@ -236,7 +266,7 @@ def _progress(enabled: bool) -> Callable[[str, int], Callable[[int], None]]:
     return start
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sdrecipe")
 def main() -> None:
     """Declarative, streaming, reproducible Stable Diffusion checkpoint merges."""
@@ -271,11 +301,12 @@ def _is_one_recipe(recipes: list[Path]) -> bool:
     return len(recipes) == 1 and not recipes[0].is_dir()
 
 
-def _load_set(paths: list[Path]) -> RecipeSet:
-    """The recipes that PATHS (files, folders) name, in build order."""
+def _load_set(paths: list[Path], keep_going: bool = False) -> RecipeSet:
+    """The recipes that PATHS (files, folders) name, in build order; with
+    `keep_going`, those that cannot be loaded are set aside in `broken`."""
     from sdrecipe.recipe_set import load_recipe_set, recipe_files
 
-    return load_recipe_set(recipe_files(paths))
+    return load_recipe_set(recipe_files(paths), keep_going)
 
 
 @main.command()
@@ -329,9 +360,9 @@ def _build_on_cluster(
 ) -> None:
     """Build every recipe as a Dask task on the cluster at `scheduler`; show
     each as it ends; exit as a local build would."""
-    from sdrecipe.cluster import build_on_cluster, close, connect
+    from sdrecipe.cluster import TaskResult, build_on_cluster, close, connect
 
-    recipe_set = _load_set(paths)
+    recipe_set = _load_set(paths, keep_going)
     client = connect(scheduler)
 
     def show(result: Any) -> None:
@@ -343,8 +374,14 @@ def _build_on_cluster(
         for output in result.report["outputs"]:
             click.echo(f"{output['state']} {output['name']} -> {output['path']} on {result.worker}")
 
+    results = [
+        TaskResult(str(path), "the client", error=str(exc), exit_code=exc.exit_code)
+        for path, exc in recipe_set.broken.items()
+    ]
+    for result in results:
+        show(result)
     try:
-        results = build_on_cluster(recipe_set, client, _build_on_worker, options, keep_going, show)
+        results += build_on_cluster(recipe_set, client, _build_on_worker, options, keep_going, show)
     finally:
         close(client)
     failed = [result for result in results if result.error]
@@ -357,8 +394,10 @@ def _build_on_cluster(
 def _build_set(paths: list[Path], options: BuildOptions, keep_going: bool) -> None:
     """Build every recipe in dependency order; with `keep_going`, a failure skips
     only the recipes that need it, and the exit code is 1."""
-    recipe_set = _load_set(paths)
-    failed: dict[Path, str] = {}
+    recipe_set = _load_set(paths, keep_going)
+    failed = {path: str(exc) for path, exc in recipe_set.broken.items()}
+    for message in failed.values():
+        click.echo(f"error: {printable(message)}", err=True)
     reports = []
     for recipe in recipe_set.recipes:
         blocked = [up for up in recipe_set.needs(recipe) if up.recipe.path in failed]
@@ -377,7 +416,8 @@ def _build_set(paths: list[Path], options: BuildOptions, keep_going: bool) -> No
     if options.as_json:
         _emit_json({"recipes": reports, "failed": {str(p): m for p, m in failed.items()}})
     elif failed:
-        click.echo(f"{len(failed)} of {len(recipe_set.recipes)} recipes failed:")
+        total = len(recipe_set.recipes) + len(recipe_set.broken)
+        click.echo(f"{len(failed)} of {total} recipes failed:")
         for path, message in failed.items():
             click.echo(f"  {path}: {printable(message)}")
     if failed:
@@ -386,9 +426,10 @@ def _build_set(paths: list[Path], options: BuildOptions, keep_going: bool) -> No
 
 def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions) -> dict[str, Any]:
     """`build`'s work: bring the outputs up to date, print the summary (unless
-    --json), and return it as JSON data."""
-    cache = _open_cache(options.cache_dir, tensors=not options.no_cache)
-    if not options.force:
+    --json), and return it as JSON data. A new cache is made only once the
+    recipe and the cache folder have passed every check."""
+    cache = _existing_cache(options.cache_dir, tensors=not options.no_cache)
+    if cache is not None and not options.force:
         from sdrecipe.uptodate import current_outputs
 
         current = current_outputs(recipe, outputs or None, cache)
@@ -399,6 +440,7 @@ def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions)
     from sdrecipe.prepare import prepare
 
     prepared = prepare(recipe, outputs or None, options.force, options.cache_dir)
+    cache = cache or _open_cache(options.cache_dir, tensors=not options.no_cache)
     summary = run_build(
         prepared,
         options.threads or default_threads(),
@@ -461,6 +503,7 @@ def bake(
     merge can be rebuilt, changed and kept in git like any other."""
     from sdrecipe.one_shot import (
         bake_recipe,
+        check_bake_inputs,
         kept_only_if_built,
         parse_adapter,
         recipe_path_for,
@@ -468,10 +511,12 @@ def bake(
     )
 
     spec = {"path": output, **({"dtype": dtype} if dtype else {})}
-    document = bake_recipe(base, [parse_adapter(a) for a in adapters], spec)
+    parsed = [parse_adapter(a) for a in adapters]
+    check_bake_inputs(base, [path for path, _ in parsed])
+    document = bake_recipe(base, parsed, spec)
     recipe = recipe_path_for(output) if recipe_path is None else recipe_path
     comment = "Written by `sdrecipe bake`; `sdrecipe build` on this file rebuilds it."
-    with kept_only_if_built(recipe, write_recipe(recipe, document, comment)):
+    with kept_only_if_built(recipe, write_recipe(recipe, document, comment), "bake"):
         _emit_report(_build_recipe(recipe, (), options), options.as_json)
 
 
@@ -510,11 +555,14 @@ def extract(
 
     Writes a recipe beside the output (see --recipe) and builds it."""
     from sdrecipe.one_shot import (
+        check_extract_inputs,
         extract_recipe,
         kept_only_if_built,
         recipe_path_for,
         write_recipe,
     )
+
+    check_extract_inputs(tuned, base)
 
     spec: dict[str, object] = {"path": output, "format": "lora", "rank": rank}
     if conv_rank:
@@ -526,7 +574,7 @@ def extract(
     recipe = recipe_path_for(output) if recipe_path is None else recipe_path
     comment = "Written by `sdrecipe extract`; `sdrecipe build` on this file rebuilds it."
     with kept_only_if_built(
-        recipe, write_recipe(recipe, extract_recipe(tuned, base, spec), comment)
+        recipe, write_recipe(recipe, extract_recipe(tuned, base, spec), comment), "extract"
     ):
         _emit_report(_build_recipe(recipe, (), options), options.as_json)
 
@@ -676,14 +724,23 @@ def _format_of(chosen: str | None, output: Path | None, default: str) -> str:
     return kind
 
 
-def _emit_view(kind: str, content: object, output: Path | None) -> None:
-    """Print a text view, or write the view to `output`."""
-    if output is None:
-        click.echo(content, nl=False)
+def _emit_view(content: Any, target: ViewFile | None) -> None:
+    """Print a text view (a JSON object as JSON), or write the view to `target`."""
+    if target is None:
+        text = json.dumps(content, indent=2) + "\n" if isinstance(content, dict) else content
+        click.echo(text, nl=False)
         return
     from sdrecipe.views.files import write_view
 
-    write_view(output, kind, content)  # type: ignore[arg-type]
+    write_view(target, content)
+
+
+_FORCE_VIEW = click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing file that is not a view sdrecipe wrote (never an input, "
+    "a recipe, a lock file or the cache).",
+)
 
 
 @main.command()
@@ -695,6 +752,7 @@ def _emit_view(kind: str, content: object, output: Path | None) -> None:
     help="What to draw [default: by --output's suffix, else mermaid].",
 )
 @_PICTURE_OUTPUT
+@_FORCE_VIEW
 @_cache_dir_option
 @_threads_option
 @_reports_errors
@@ -702,6 +760,7 @@ def graph(
     targets: tuple[str, ...],
     chosen_format: str | None,
     output: Path | None,
+    force: bool,
     cache_dir: Path,
     threads: int | None,
 ) -> None:
@@ -711,12 +770,21 @@ def graph(
     another's output."""
     from sdrecipe.errors import RecipeError
     from sdrecipe.graph import build_graph
+    from sdrecipe.guard import protected_paths
     from sdrecipe.views import recipe_graph as views
+    from sdrecipe.views.files import view_file
 
     kind = _format_of(chosen_format, output, "mermaid")
     recipes, outputs = _recipes_and_outputs(targets)
     recipe_set = _load_set(recipes)
     loaded = list(recipe_set.recipes)
+    protected = [pair for recipe in loaded for pair in protected_paths(recipe, cache_dir)]
+    protected += [
+        (f"output {name!r}", spec.path)
+        for recipe in loaded
+        for name, spec in recipe.outputs.items()
+    ]
+    target = view_file(output, kind, protected, force) if output else None
     links = [(up, recipe) for recipe in loaded for up in recipe_set.needs(recipe)]
     statuses: dict[Path, list[NodeStatus]] = {}
     try:
@@ -732,11 +800,11 @@ def graph(
     render = {
         "mermaid": views.to_mermaid,
         "dot": views.to_dot,
-        "json": views.RecipeGraph.to_json,
+        "json": views.RecipeGraph.to_dict,
         "svg": views.to_scene,
         "png": views.to_scene,
     }
-    _emit_view(kind, render[kind](view), output)
+    _emit_view(render[kind](view), target)
 
 
 @main.command()
@@ -758,6 +826,12 @@ def graph(
 )
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap.")
 @click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), help="Write a heatmap.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Compare models of different families, and let a heatmap replace an existing "
+    "file that is not a view sdrecipe wrote (never one of the models).",
+)
 @_json_option
 @_reports_errors
 def diff(
@@ -767,18 +841,27 @@ def diff(
     measure: str,
     png: Path | None,
     svg: Path | None,
+    force: bool,
     as_json: bool,
 ) -> None:
     """How much each of MODELS differs from REFERENCE, per block and component:
     relative L2 change ||B - A|| / ||A||, cosine similarity, largest absolute
-    change, and keys only one model has. Streams one tensor at a time."""
-    from sdrecipe.views.files import write_view
+    change, and keys only one model has. Streams one tensor at a time. Models
+    of different families are refused unless --force."""
+    from sdrecipe.views.files import view_file, write_view
     from sdrecipe.views.model_diff import diff_models, heatmap
 
-    result = diff_models(reference, models, _progress(not as_json and sys.stderr.isatty()))
-    for kind, path in (("png", png), ("svg", svg)):
-        if path is not None:
-            write_view(path, kind, heatmap(result, measure))
+    protected = [("the reference model", reference)]
+    protected += [("a compared model", model) for model in models]
+    targets = [
+        view_file(path, kind, protected, force)
+        for kind, path in (("png", png), ("svg", svg))
+        if path is not None
+    ]
+    progress = _progress(not as_json and sys.stderr.isatty())
+    result = diff_models(reference, models, progress, force)
+    for target in targets:
+        write_view(target, heatmap(result, measure))
     if as_json:
         _emit_json(result.to_dict(by_key=by == "key"))
         return
@@ -822,21 +905,25 @@ def _describe_measures(measures: dict[str, Any]) -> str:
     "--format",
     "chosen_format",
     type=click.Choice(["text", "json", "mermaid"]),
-    default="text",
-    show_default=True,
+    help="What to print [default: text; --json is --format json].",
 )
 @_cache_dir_option
+@_json_option
 @_reports_errors
-def lineage(model: Path, chosen_format: str, cache_dir: Path) -> None:
+def lineage(model: Path, chosen_format: str | None, cache_dir: Path, as_json: bool) -> None:
     """Show how MODEL was made, as a tree: each ancestor's name, AutoV2 hash and
-    operation, from sdrecipe's record and A1111's merge metadata, recursively."""
+    operation, from sdrecipe's record and A1111's merge metadata, recursively.
+    An ancestor met again refers to its first appearance; the tree stops at 64
+    generations and 1000 ancestors, and says where."""
     from sdrecipe.views import lineage as views
 
+    if as_json and chosen_format not in (None, "json"):
+        raise click.UsageError(f"--json and --format {chosen_format} ask for different things")
+    kind = "json" if as_json else chosen_format or "text"
     tree = views.model_lineage(model, _existing_cache(cache_dir))
     render = {"text": views.to_text, "json": views.to_json, "mermaid": views.to_mermaid}
-    # Names come from the files' metadata: escape them, line by line.
-    for line in render[chosen_format](tree).splitlines():
-        click.echo(printable(line))
+    # Each view escapes what came from the files' metadata.
+    click.echo(render[kind](tree), nl=False)
 
 
 def _init_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -1079,7 +1166,7 @@ def methods(as_json: bool) -> None:
             "min_models": method.min_models,
             "spaces": dict(method.spaces),
             "parameters": {
-                name: {"type": repr(info.annotation), "default": info.default}
+                name: {"type": _type_name(info.annotation), "default": info.default}
                 for name, info in method.parameters.model_fields.items()
             },
             "elementwise": method.elementwise,
@@ -1093,6 +1180,13 @@ def methods(as_json: bool) -> None:
         return
     for entry in listed:
         click.echo(f"{entry['signature']}\n    {entry['summary']}")
+
+
+def _type_name(annotation: Any) -> str:
+    """A parameter's type as people write it: `float`, `Literal['sum', 'count']`."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
 
 
 @main.command()
@@ -1244,8 +1338,8 @@ def _exchange_command(direction: str) -> Callable[..., Any]:
         remote = _open_remote(cache_url)
         if remote is None:
             raise click.UsageError("--cache-url (or SDRECIPE_CACHE_URL) names the remote cache")
-        store = _open_cache(cache_dir)
         prepared = prepare(recipe, cache_root=cache_dir)
+        store = _open_cache(cache_dir)
         with store.locked():
             assessment = assess(prepared, store, threads or default_threads())
             move = remote.pull if direction == "pull" else remote.push

@@ -1,12 +1,14 @@
-"""Refuse outputs that would destroy what sdrecipe did not write.
+"""Refuse outputs and view files that would destroy what sdrecipe did not write.
 
 An output may not be, contain or lie inside an input (a baked VAE included),
 the recipe, its lock file, another output or the cache folder; an existing
 output path must be a regular file, or for a diffusers output a folder that
-sdrecipe wrote. Paths are compared after resolving symlinks, and existing
-files also by identity, so `out/../x`, a symlink or a hard link to an input is
-caught. Everything here reads file-system metadata and at most a few header
-bytes, before anything is written, and imports no torch.
+sdrecipe wrote. A view file (`graph -o`, `diff --svg`) follows the same rule
+over what its command reads, and may replace only a view that sdrecipe wrote
+(see `sdrecipe.views.marks`) unless forced. Paths are compared after resolving
+symlinks, and existing files also by identity, so `out/../x`, a symlink or a
+hard link to an input is caught. Everything here reads file-system metadata and
+at most a few header bytes, before anything is written, and imports no torch.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from sdrecipe.cache import check_cache_root
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.lock import lock_path
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.schema import LEGACY_PROVENANCE_FIELD, RECIPE_FIELD
+from sdrecipe.views.marks import VIEW_KINDS, carries_mark
 
 # A diffusers folder that sdrecipe wrote carries its provenance in this file's header.
 MARKED_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -31,18 +35,11 @@ _MAX_MARKER_HEADER = 100 * 1024 * 1024
 def check_outputs(recipe: Recipe, cache_root: Path | None, names: Iterable[str]) -> None:
     """Raise RecipeError (exit 2) if writing any of the outputs `names` could
     replace or delete a file that sdrecipe did not write."""
-    protected = {f"input {name!r}": spec.path for name, spec in recipe.inputs.items()}
-    protected["the recipe"] = recipe.path
-    protected["the recipe's lock file"] = lock_path(recipe.path)
-    if cache_root is not None:
-        protected["the cache folder"] = cache_root
+    protected = protected_paths(recipe, cache_root)
+    places = _OutputPlaces(recipe)
     for name in names:
         spec = recipe.outputs[name]
-        problem = _unwritable_target(spec.path, spec.format)
-        for what, path in protected.items():
-            relation = _overlap(spec.path, path)
-            if relation:
-                problem = f"{relation} {what} ({path})"
+        problem = target_problem(spec.path, spec.format, protected)
         if problem:
             raise RecipeError(
                 f"output {name!r}: {spec.path} {problem}; sdrecipe never replaces what it did "
@@ -50,15 +47,96 @@ def check_outputs(recipe: Recipe, cache_root: Path | None, names: Iterable[str])
                 recipe.path,
                 spec.line,
             )
-        for other, other_spec in recipe.outputs.items():
-            relation = other != name and _overlap(spec.path, other_spec.path)
-            if relation:
-                raise RecipeError(
-                    f"outputs {name!r} and {other!r} would write the same place: {spec.path} "
-                    f"{relation} {other_spec.path}",
-                    recipe.path,
-                    spec.line,
-                )
+        clash = places.clash(name)
+        if clash:
+            relation, other = clash
+            raise RecipeError(
+                f"outputs {name!r} and {other!r} would write the same place: {spec.path} "
+                f"{relation} {recipe.outputs[other].path}",
+                recipe.path,
+                spec.line,
+            )
+
+
+class _OutputPlaces:
+    """Every output by resolved path, by each folder above it, and (if it
+    exists) by file identity, so that finding an output's clash with another
+    costs the depth of its path: a sweep has up to 1,000 outputs, and comparing
+    every pair took minutes."""
+
+    def __init__(self, recipe: Recipe):
+        self.real: dict[str, Path] = {}
+        self.places: dict[str, list[object]] = {}  # real path, and (device, inode)
+        self.at: dict[object, list[str]] = {}
+        self.under: dict[Path, list[str]] = {}
+        for name, spec in recipe.outputs.items():
+            real = self.real[name] = Path(os.path.realpath(spec.path))
+            places = self.places[name] = [real]
+            try:
+                found = os.stat(spec.path)
+            except OSError:
+                pass
+            else:
+                places.append((found.st_dev, found.st_ino))
+            for place in places:
+                self.at.setdefault(place, []).append(name)
+            for folder in real.parents:
+                self.under.setdefault(folder, []).append(name)
+
+    def clash(self, name: str) -> tuple[str, str] | None:
+        """How output `name` would touch another output (`is`, `contains`, `lies
+        inside`) and which, or None."""
+        real = self.real[name]
+        for place in self.places[name]:
+            for other in self.at[place]:
+                if other != name:
+                    return "is", other
+        if real in self.under:
+            return "contains", self.under[real][0]
+        for folder in real.parents:
+            if folder in self.at:
+                return "lies inside", self.at[folder][0]
+        return None
+
+
+def protected_paths(recipe: Recipe, cache_root: Path | None) -> list[tuple[str, Path]]:
+    """What writing for `recipe` must not touch, each with its description: the
+    inputs, the recipe, its lock file and the cache folder."""
+    protected = [(f"input {name!r}", spec.path) for name, spec in recipe.inputs.items()]
+    protected += [("the recipe", recipe.path), ("the recipe's lock file", lock_path(recipe.path))]
+    if cache_root is not None:
+        protected.append(("the cache folder", cache_root))
+    return protected
+
+
+def target_problem(
+    path: Path, target_format: str, protected: Sequence[tuple[str, Path]], force: bool = False
+) -> str | None:
+    """Why writing `path` (an output's format, or a view's kind) could replace or
+    delete what sdrecipe did not write, or None; `force` lets a view replace an
+    existing file without sdrecipe's mark, never anything in `protected`."""
+    for what, other in protected:
+        relation = _overlap(path, other)
+        if relation:
+            return f"{relation} {what} ({other})"
+    return _unwritable_target(path, target_format, force)
+
+
+def check_cache_folder(recipe: Recipe, cache_root: Path) -> None:
+    """Raise RecipeError (exit 2) unless `cache_root` may hold the cache (see
+    `check_cache_root`) and neither is, contains nor lies inside an input: the
+    cache deletes what it no longer needs. (Outputs: `check_outputs`.)"""
+    check_cache_root(cache_root)
+    for name, spec in recipe.inputs.items():
+        relation = spec.url is None and _overlap(cache_root, spec.path)
+        if relation:
+            raise RecipeError(
+                f"the cache folder {cache_root} {relation} input {name!r} ({spec.path}); the "
+                "cache deletes what it no longer needs, so keep it apart from the recipe's "
+                "inputs (--cache-dir, or SDRECIPE_CACHE_DIR)",
+                recipe.path,
+                spec.line,
+            )
 
 
 def _overlap(output: Path, other: Path) -> str | None:
@@ -80,8 +158,8 @@ def _same_file(first: Path, second: Path) -> bool:
         return False
 
 
-def _unwritable_target(path: Path, output_format: str) -> str | None:
-    """Why an existing `path` may not be replaced by an output, or None."""
+def _unwritable_target(path: Path, output_format: str, force: bool) -> str | None:
+    """Why an existing `path` may not be replaced by an output or view, or None."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -96,7 +174,19 @@ def _unwritable_target(path: Path, output_format: str) -> str | None:
         return None
     if not stat.S_ISREG(mode):
         return "exists and is not a regular file"
+    if output_format in VIEW_KINDS and not force and not _marked_view(path, output_format):
+        return (
+            f"exists and is not a {output_format} view that sdrecipe wrote (it has no "
+            "sdrecipe mark; --force replaces it)"
+        )
     return None
+
+
+def _marked_view(path: Path, kind: str) -> bool:
+    try:
+        return carries_mark(path, kind)
+    except OSError:
+        return False
 
 
 def written_by_sdrecipe(folder: Path) -> bool:
