@@ -321,3 +321,47 @@ def test_a_remote_input_is_checked_against_its_pin(tmp_path, models, remote):
     )
     gone = invoke("build", str(missing))
     assert gone.exit_code == 2 and "cannot read" in gone.stderr
+
+
+def test_a_prefix_or_an_empty_object_is_refused_naming_the_url(tmp_path, models, remote):
+    upload_model(models["base"], f"{remote}/models/base.safetensors")
+    s3().pipe(f"{remote}/models/empty.safetensors", b"")
+    for url, says in (
+        (f"{remote}/models/", "is a folder (a prefix), not a model file"),
+        (f"{remote}/models", "is a folder (a prefix), not a model file"),
+        (f"{remote}/models/empty.safetensors", "is empty, not a model file"),
+    ):
+        recipe = remote_inputs_recipe(tmp_path / "r", url, models["finetune"])
+        result = invoke("build", "--cache-dir", str(tmp_path / "cache"), str(recipe))
+        assert result.exit_code == 2, result.output
+        assert f"input 'A': {url} {says}" in result.stderr
+        assert "recipe.yaml:" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "cache" / "inputs").glob("*.safetensors"))
+
+
+def test_a_tampered_sources_file_names_nothing_outside_the_store(tmp_path, models, remote):
+    """The store's sources.json is the cache's: an entry naming a path outside the
+    store, or a damaged file, is forgotten and the input downloaded again."""
+    url = upload_model(models["base"], f"{remote}/models/base.safetensors")
+    recipe = remote_inputs_recipe(tmp_path / "r", url, models["finetune"])
+    cache = tmp_path / "cache"
+    assert invoke("build", "--cache-dir", str(cache), str(recipe)).exit_code == 0
+    expected = (tmp_path / "r" / "mix.safetensors").read_bytes()
+    sources_file = cache / "inputs" / "sources.json"
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(models["other"].read_bytes())
+    stored = cache / "inputs" / f"{sha256_file(models['base'])}.safetensors"
+    escape = str(victim.with_suffix("")).replace(str(stored.parent), "..")
+    for tampered in (
+        {source: f"../../{victim.stem}" for source in json.loads(sources_file.read_text())},
+        {source: escape for source in json.loads(sources_file.read_text())},
+        "{not json",
+    ):
+        sources_file.write_text(tampered if isinstance(tampered, str) else json.dumps(tampered))
+        (tmp_path / "r" / "mix.safetensors").unlink()
+        result = invoke("build", "--no-cache", "--cache-dir", str(cache), str(recipe))
+        assert result.exit_code == 0, result.stderr
+        assert (tmp_path / "r" / "mix.safetensors").read_bytes() == expected
+        assert victim.read_bytes() == models["other"].read_bytes()
+        assert set(json.loads(sources_file.read_text()).values()) == {stored.stem}

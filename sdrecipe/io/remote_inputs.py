@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.adapter_files import has_adapter_header
 from sdrecipe.io.atomic import publish, temporary_path, write_text_atomically
+from sdrecipe.io.bounded_json import load_json
 
 if TYPE_CHECKING:
     from sdrecipe.recipe import Recipe
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 CHUNK = 8 << 20
 SOURCES = "sources.json"
 
@@ -71,9 +73,13 @@ def fetch(url: str, store: Path, pin: str | None) -> Path:
         info = fs.info(path)
     except FileNotFoundError:
         raise RecipeError(f"{url} does not exist") from None
+    if info.get("type") != "file" or url.endswith("/"):
+        raise RecipeError(f"{url} is a folder (a prefix), not a model file")
+    if info.get("size") == 0:
+        raise RecipeError(f"{url} is empty, not a model file")
     source = f"{url} {_version(info)}"
     sources_file = store / SOURCES
-    sources = json.loads(sources_file.read_text()) if sources_file.exists() else {}
+    sources = _sources(sources_file)
     suffix = PurePosixPath(url).suffix.lower()
     known = sources.get(source)
     if known and (store / f"{known}{suffix}").exists() and (pin is None or pin == known):
@@ -96,6 +102,23 @@ def fetch(url: str, store: Path, pin: str | None) -> Path:
     sources[source] = sha256
     write_text_atomically(sources_file, json.dumps(sources, indent=1, sort_keys=True))
     return target
+
+
+def _sources(sources_file: Path) -> dict[str, str]:
+    """Which URL and version gave which stored file (by sha256). The file is the
+    cache's, and untrusted like it: an entry that is not a sha256 is forgotten,
+    so nothing outside the store is ever named; a damaged file is forgotten whole."""
+    try:
+        sources = load_json(sources_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(sources, dict):
+        return {}
+    return {
+        source: sha256
+        for source, sha256 in sources.items()
+        if isinstance(sha256, str) and _SHA256.fullmatch(sha256)
+    }
 
 
 def fetch_inputs(recipe: Recipe, store: Path) -> Recipe:
