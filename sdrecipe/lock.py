@@ -22,9 +22,12 @@ from sdrecipe import OUTPUT_FORMAT, __version__
 from sdrecipe.errors import BuildError, RecipeError, describe_os_error
 from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.atomic import write_text_atomically
+from sdrecipe.io.text_files import read_text_file
 from sdrecipe.recipe import Recipe
 
 LOCK_FORMAT = 2
+# A lock holds a few lines per input, node and output: 1,000 variants stay far below this.
+MAX_LOCK_BYTES = 64 << 20
 # Format 1 recorded each output's sha256 instead of its content digest.
 _SHA256_LOCK_FORMAT = 1
 _HEADER = (
@@ -110,10 +113,10 @@ def read_lock(recipe: Path) -> Lock | None:
     """The recipe's lock, or None if there is none; a malformed lock is an error."""
     path = lock_path(recipe)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_file(path, "the lock file", MAX_LOCK_BYTES))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except yaml.YAMLError as exc:
         raise RecipeError(f"cannot read the lock file: {exc}", path) from None
     try:
         lock_format = data.get("format")

@@ -102,6 +102,26 @@ def test_a_fifo_or_a_device_as_the_recipe_is_refused_without_reading(tmp_path):
         assert f"{name}: the recipe is a {kind}, not a file of YAML text" in result.stderr
 
 
+def test_a_lock_file_that_is_a_fifo_or_a_device_is_refused_without_reading(tmp_path, models):
+    """The lock beside a recipe is read as untrusted as the recipe is."""
+    recipe = write_recipe(tmp_path, weighted(models, "0.5"))
+    lock = recipe.with_suffix(".lock")
+    for kind, make in (
+        ("named pipe (FIFO)", lambda: os.mkfifo(lock)),
+        ("character device", lambda: lock.symlink_to("/dev/zero")),
+    ):
+        make()
+        for command in ("status", "build"):
+            try:
+                result = run_cli(command, str(recipe))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{command} with a {kind} as the lock blocked")
+            assert result.returncode == 2, result.stderr
+            assert f"{lock}: the lock file is a {kind}" in result.stderr
+        assert not (tmp_path / "out.safetensors").exists()
+        lock.unlink()
+
+
 def test_a_recipe_over_the_size_limit_is_refused_before_parsing(tmp_path):
     recipe = tmp_path / "big.yaml"
     recipe.write_text("# padding\n" * 500_000)  # 5 MB of comments: valid YAML

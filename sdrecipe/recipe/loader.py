@@ -6,17 +6,17 @@ import dataclasses
 import math
 import os
 import re
-import stat
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pydantic
 
-from sdrecipe.errors import RecipeError, describe_os_error
+from sdrecipe.errors import RecipeError
 from sdrecipe.io.adapter_files import is_adapter_path
 from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.io.remote_inputs import is_adapter_url, is_url, remote_placeholder
+from sdrecipe.io.text_files import read_text_file
 from sdrecipe.key_regex import key_regex
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE, MODEL
@@ -53,13 +53,6 @@ from sdrecipe.recipe.yaml_source import YamlDocument, load_yaml
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Recipes are a few KB; a larger file is refused before it is parsed.
 MAX_RECIPE_BYTES = 4 << 20
-_FILE_KINDS = {
-    stat.S_IFDIR: "folder",
-    stat.S_IFIFO: "named pipe (FIFO)",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFSOCK: "socket",
-}
 _UNSET_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
 
 
@@ -70,41 +63,12 @@ def load_recipe(path: Path | str) -> Recipe:
 
 
 def read_recipe_text(path: Path) -> str:
-    """The text of the recipe file at `path`: a regular file (never a pipe or a
-    device, which could block or never end) of at most `MAX_RECIPE_BYTES`, in UTF-8."""
+    """The text of the recipe file at `path`: a regular UTF-8 file of at most
+    `MAX_RECIPE_BYTES`."""
     try:
-        # Non-blocking, so that opening a FIFO returns at once and is refused below.
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return read_text_file(path, "the recipe", MAX_RECIPE_BYTES)
     except FileNotFoundError:
         raise RecipeError("recipe file not found", path) from None
-    except OSError as exc:
-        raise RecipeError(f"cannot read the recipe: {describe_os_error(exc)}", path) from None
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(descriptor)
-        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "special file")
-        raise RecipeError(f"the recipe is a {kind}, not a file of YAML text", path)
-    with os.fdopen(descriptor, "rb") as handle:
-        try:
-            data = handle.read(MAX_RECIPE_BYTES + 1)
-        except OSError as exc:
-            raise RecipeError(f"cannot read the recipe: {describe_os_error(exc)}", path) from None
-    if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError(
-            f"the recipe is larger than {MAX_RECIPE_BYTES >> 20} MiB; recipes are small YAML "
-            "files (is this a model?)",
-            path,
-        )
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise RecipeError(
-            f"the recipe is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); "
-            "is this a model or another binary file?",
-            path,
-            line,
-        ) from None
 
 
 def parse_recipe(text: str, path: Path) -> Recipe:
