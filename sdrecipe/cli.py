@@ -1381,7 +1381,10 @@ def cache_gc(cache_dir: Path, max_size: int | None, as_json: bool) -> None:
         with store.locked():
             result = store.gc(max_size)
     if as_json:
-        _emit_json(result)
+        _emit_json({**result, "cache": store is not None})
+        return
+    if store is None:
+        click.echo(f"there is no cache at {cache_dir}: nothing to remove")
         return
     click.echo(
         f"removed {result['removed']} entries, freeing {result['freed'] / 1e6:,.1f} MB; "
@@ -1414,7 +1417,9 @@ def cache_limit(size: int | None, cache_dir: Path) -> None:
 def cache_clear(cache_dir: Path) -> None:
     """Delete every cache entry and every remembered hash."""
     store = _existing_cache(cache_dir)
-    if store is not None:
-        with store.locked():
-            store.clear()
+    if store is None:
+        click.echo(f"there is no cache at {cache_dir}: nothing to clear")
+        return
+    with store.locked():
+        store.clear()
     click.echo(f"cleared {cache_dir}")

@@ -371,3 +371,16 @@ def test_a_pull_refuses_a_remote_output_that_is_another_valid_model(tmp_path, mo
     assert (tmp_path / "two" / "out.safetensors").read_bytes() == (
         tmp_path / "one" / "out.safetensors"
     ).read_bytes()
+
+
+def test_cleaning_where_there_is_no_cache_says_so_and_creates_nothing(tmp_path):
+    nowhere = tmp_path / "no-cache"
+    cleared = invoke("cache", "clear", "--cache-dir", str(nowhere))
+    assert cleared.exit_code == 0
+    assert f"there is no cache at {nowhere}: nothing to clear" in cleared.stdout
+    assert "cleared" not in cleared.stdout
+    collected = invoke("cache", "gc", "--cache-dir", str(nowhere))
+    assert "nothing to remove" in collected.stdout and "removed" not in collected.stdout
+    as_json = json.loads(invoke("cache", "gc", "--json", "--cache-dir", str(nowhere)).stdout)
+    assert as_json["cache"] is False and as_json["removed"] == 0
+    assert not nowhere.exists()
