@@ -22,6 +22,7 @@ from pathlib import Path
 import blake3
 
 from sdrecipe.io.mapped_files import watch_mapping
+from sdrecipe.io.shard_index import index_files, is_shard_index, read_index
 from sdrecipe.io.tensor_info import TensorInfo
 
 _BLOCK = 8 * 1024 * 1024
@@ -40,11 +41,16 @@ class FileStat:
     @classmethod
     def of(cls, path: Path) -> FileStat:
         """The current stat of `path`; for a folder, of all its files together
-        (total size, newest mtime, and a hash of every file's name, inode and mtime)."""
+        (total size, newest mtime, and a hash of every file's name, inode and mtime);
+        for a shard index, of the index and its shards together."""
         result = os.stat(path)
-        if not stat.S_ISDIR(result.st_mode):
+        shards = index_files(path) if is_shard_index(path) else None
+        if shards is not None:
+            files = [(file.name, os.stat(file)) for file in shards]
+        elif not stat.S_ISDIR(result.st_mode):
             return cls(result.st_size, result.st_mtime_ns, result.st_ino)
-        files = [(name, os.stat(path / name)) for name in folder_files(path)]
+        else:
+            files = [(name, os.stat(path / name)) for name in folder_files(path)]
         identity = hashlib.sha256(
             repr([(name, s.st_ino, s.st_mtime_ns, s.st_size) for name, s in files]).encode()
         ).digest()
@@ -125,9 +131,17 @@ def folder_digest(file_digests: dict[str, str]) -> str:
 
 def sha256_of(path: Path) -> str:
     """The sha256 of a whole file, read through a memory map (no copies);
-    for a folder, `folder_sha256` of its files."""
+    for a folder, `folder_sha256` of its files; for a shard index, `folder_sha256`
+    of the index and its shards, by file name."""
     if path.is_dir():
-        return folder_sha256({name: sha256_of(path / name) for name in folder_files(path)})
+        return folder_sha256({name: plain_sha256(path / name) for name in folder_files(path)})
+    if is_shard_index(path):
+        return folder_sha256({file.name: plain_sha256(file) for file in read_index(path).files()})
+    return plain_sha256(path)
+
+
+def plain_sha256(path: Path) -> str:
+    """The sha256 of the file at `path` itself, read through a memory map."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size

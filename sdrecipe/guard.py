@@ -22,6 +22,7 @@ from pathlib import Path
 from sdrecipe.cache import check_cache_root
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.shard_index import index_files, is_shard_index
 from sdrecipe.lock import lock_path
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.schema import LEGACY_PROVENANCE_FIELD, RECIPE_FIELD
@@ -103,6 +104,9 @@ def protected_paths(recipe: Recipe, cache_root: Path | None) -> list[tuple[str, 
     """What writing for `recipe` must not touch, each with its description: the
     inputs, the recipe, its lock file and the cache folder."""
     protected = [(f"input {name!r}", spec.path) for name, spec in recipe.inputs.items()]
+    for name, spec in recipe.inputs.items():
+        shards = index_files(spec.path) if is_shard_index(spec.path) else None
+        protected += [(f"a shard of input {name!r}", shard) for shard in (shards or [])[1:]]
     protected += [("the recipe", recipe.path), ("the recipe's lock file", lock_path(recipe.path))]
     if cache_root is not None:
         protected.append(("the cache folder", cache_root))

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdrecipe.io.shard_index import is_shard_index
+
 # Pickled PyTorch checkpoints: sdrecipe reads them safely but never writes them.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def format_of(path: Path) -> str:
-    """`safetensors`, `checkpoint` (pickled PyTorch) or `diffusers` (a folder)."""
+    """`safetensors`, `checkpoint` (pickled PyTorch), `diffusers` (a folder) or
+    `sharded-safetensors` (an index JSON beside numbered shards)."""
     if path.is_dir():
         return "diffusers"
+    if is_shard_index(path):
+        return "sharded-safetensors"
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return "checkpoint"
     return "safetensors"

@@ -15,6 +15,8 @@ from sdrecipe.io.diffusers_reader import DiffusersReader
 from sdrecipe.io.formats import format_of
 from sdrecipe.io.mapped_files import require_regular_file
 from sdrecipe.io.safetensors_reader import SafetensorsReader
+from sdrecipe.io.shard_index import lone_shard_error
+from sdrecipe.io.sharded_reader import ShardedSafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 
 
@@ -112,6 +114,11 @@ def open_model(path: Path) -> ModelReader:
         reader = CheckpointReader(path)
     elif kind == "diffusers":
         return DiffusersReader(path)
+    elif kind == "sharded-safetensors":
+        reader = ShardedSafetensorsReader(path)
     else:
+        lone_shard = lone_shard_error(path)
+        if lone_shard is not None:
+            raise lone_shard
         reader = SafetensorsReader(path)
     return StandaloneVaeReader(reader) if is_standalone_vae(reader.keys()) else reader
