@@ -1112,6 +1112,8 @@ def inspect(
     say(f"{model}: {report['format']}, {kind}{', with EMA' if report['ema'] else ''}")
     if report["family"] == "unknown":
         say(f"  key prefixes: {', '.join(report['key_prefixes'])}")
+    if report["prediction"]:
+        say(f"  prediction: {report['prediction']}")
     say(
         f"  {report['keys']} keys, {report['parameters']:,} parameters, "
         f"{report['size'] / 1e6:,.1f} MB, dtypes "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from sdrecipe.arch import component_of
+from sdrecipe.arch import PREDICTION_MARKERS, component_of
 from sdrecipe.arch.detect import detect
 from sdrecipe.cache import Cache, file_sha256
 from sdrecipe.fingerprint import FileStat, legacy_hash_of
@@ -15,6 +15,9 @@ from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.formats import format_of
 from sdrecipe.io.readers import open_adapter, open_model
 from sdrecipe.provenance import read_provenance
+
+# Formats of models made of many files, which have no legacy (AutoV1) hash.
+MANY_FILES = ("diffusers", "sharded-safetensors")
 
 # The training metadata `inspect` shows for an adapter (kohya's ss_* fields).
 ADAPTER_METADATA = (
@@ -74,6 +77,9 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
         "variant": architecture.variant,
         "ema": architecture.ema,
         "prediction_type": architecture.prediction,
+        "zero_terminal_snr": architecture.zero_terminal_snr,
+        "prediction": architecture.describe_prediction(),
+        "prediction_markers": [key for key in PREDICTION_MARKERS if key in infos],
         "modelspec_architecture": architecture.modelspec,
         "key_prefixes": list(architecture.prefixes),
         "keys": len(infos),
@@ -83,7 +89,7 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
         "size": FileStat.of(path).size,
         "sha256": sha256,
         "autov2": sha256[:10],
-        "legacy_hash": None if path.is_dir() else legacy_hash_of(path),
+        "legacy_hash": None if format_of(path) in MANY_FILES else legacy_hash_of(path),
         "lineage": _lineage(reader.metadata),
     }
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdrecipe.adapters.extract import extracted_keys
-from sdrecipe.arch import EMA_PREFIX, VAE_PREFIX, never_merged_reason
+from sdrecipe.arch import EMA_PREFIX, PREDICTION_MARKERS, VAE_PREFIX, never_merged_reason
 from sdrecipe.arch.blocks import block_values_taken, listed_block_ids
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
@@ -143,7 +143,7 @@ def make_plan(
         keys=keys,
         outputs=outputs,
         input_infos=input_infos,
-        warnings=planner.empty_selections(),
+        warnings=planner.empty_selections() + planner.markers_not_kept(),
         families=dict(families or {}),
     )
 
@@ -217,6 +217,37 @@ class _Planner:
             for node in self.graph.order
             if nodes[node].selection.describe() and node not in self.selecting
         )
+
+    def markers_not_kept(self) -> tuple[str, ...]:
+        """A warning for each output whose base lacks a prediction marker
+        (`v_pred`, `ztsnr`) that another of its inputs carries: the output keeps
+        its base's keys, so it goes without, and UIs sample it as they would the base."""
+        recipe = self.graph.recipe
+        warnings = []
+        for name in self.graph.outputs:
+            node = recipe.outputs[name].node
+            spec = recipe.nodes.get(node)
+            if recipe.outputs[name].lora is not None or (spec and spec.space == DIFFERENCE):
+                continue  # a file of differences is no model to sample
+            base = self.graph.base_input(node)
+            lacking = [key for key in PREDICTION_MARKERS if key not in self.input_infos[base]]
+            carriers = {
+                leaf: [key for key in lacking if key in self.input_infos[leaf]]
+                for leaf in self.graph.inputs_of(node)
+            }
+            carriers = {leaf: keys for leaf, keys in carriers.items() if keys}
+            if not carriers:
+                continue
+            markers = [key for key in lacking if any(key in keys for keys in carriers.values())]
+            described = ", ".join(f"{key} ({PREDICTION_MARKERS[key]})" for key in markers)
+            first = next(iter(carriers))
+            warnings.append(
+                f"output {name!r}: {', '.join(carriers)} carr{'y' if len(carriers) > 1 else 'ies'} "
+                f"{described} and its base {base} does not; the output keeps its base's keys, "
+                f"so it will carry no such marker and UIs will sample it as they sample {base}. "
+                f"Put {first} first to make it sample as {first} does"
+            )
+        return tuple(warnings)
 
     def value_dtype(self, name: str, key: str) -> torch.dtype:
         """The dtype of `name`'s value at the key being planned (computed nodes: compute dtype)."""
@@ -403,7 +434,9 @@ class _Planner:
         for key, info in found.items():
             if output.prune_ema and key.startswith(EMA_PREFIX):
                 continue
-            dtype = target if target is not None and info.is_floating else info.dtype
+            # A tensor without elements (a prediction marker) has nothing to convert.
+            convert = target is not None and info.is_floating and info.numel > 0
+            dtype = target if convert else info.dtype
             tensors[key] = TensorInfo(dtype, info.shape)
         self.written[name] = tensors
         return tensors

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sdrecipe.adapters.naming import LOCON_LAYERS, LORA_LAYERS
-from sdrecipe.arch import DDPM_SCHEDULE_BUFFERS, UNET_INPUT_CONV, layout
+from sdrecipe.arch import DDPM_SCHEDULE_BUFFERS, PREDICTION_MARKERS, UNET_INPUT_CONV, layout
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -33,8 +33,10 @@ INPUT_CHANNELS = {"normal": None, "inpainting": 9, "instruct-pix2pix": 8}
 @dataclass(frozen=True)
 class ModelSpec:
     """A synthetic model: family layout, variant, value seed, an optional fine-tune
-    delta, and optionally the DDPM schedule buffers of an LDM checkpoint, its
-    scaled-linear betas ending at `beta_end` (SD's is 0.012)."""
+    delta, optionally the DDPM schedule buffers of an LDM checkpoint, its
+    scaled-linear betas ending at `beta_end` (SD's is 0.012), and optionally
+    prediction `markers` (`v_pred`, `ztsnr`: empty float32 tensors, as NoobAI-XL
+    and Illustrious v-prediction checkpoints carry them)."""
 
     family: str = "sd1"
     variant: str = "normal"
@@ -43,6 +45,7 @@ class ModelSpec:
     delta_seed: int | None = None
     dtype: torch.dtype = torch.float16
     beta_end: float | None = None
+    markers: tuple[str, ...] = ()
 
 
 def schedule_buffers(beta_end: float, beta_start: float = 0.00085) -> dict[str, torch.Tensor]:
@@ -80,6 +83,12 @@ def model_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
     tensors = {}
     if spec.beta_end is not None:
         tensors = {key: TensorInfo(torch.float32, (1000,)) for key in DDPM_SCHEDULE_BUFFERS}
+    for key in spec.markers:
+        if key not in PREDICTION_MARKERS:
+            raise ValueError(
+                f"{key!r} is not a prediction marker ({', '.join(PREDICTION_MARKERS)})"
+            )
+        tensors[key] = TensorInfo(torch.float32, (0,))
     for key, shape in shapes.items():
         new_shape = tuple(shrink_dim(dim, spec.shrink) for dim in shape)
         if key == UNET_INPUT_CONV and INPUT_CHANNELS[spec.variant]:

@@ -29,6 +29,16 @@ DDPM_SCHEDULE_BUFFERS = (
     "posterior_mean_coef1",
     "posterior_mean_coef2",
 )
+# Empty top-level tensors that tell a UI how to sample the model, read for their
+# presence only: NoobAI-XL and Illustrious v-prediction SDXL checkpoints carry
+# them (A1111 PR #16567; ComfyUI's SDXL `model_type`). Not weights: never merged,
+# kept from the base as they are. Key -> what it marks.
+V_PREDICTION_MARKER = "v_pred"
+ZERO_TERMINAL_SNR_MARKER = "ztsnr"
+PREDICTION_MARKERS = {
+    V_PREDICTION_MARKER: "v-prediction marker",
+    ZERO_TERMINAL_SNR_MARKER: "zero terminal SNR marker",
+}
 
 # UNet input channels that identify the variants the channel rule is about.
 VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"}
@@ -76,12 +86,14 @@ def never_merged_reason(key: str) -> str | None:
     CLIP's position ids are an index table. The DDPM schedule buffers lie
     outside every network and are constants of the sampler, not weights; A1111
     (which merges only keys containing `model`) and sd-meh keep them from A too.
+    The prediction markers (`v_pred`, `ztsnr`) hold no values: only their
+    presence in the base says anything.
     """
     if key.endswith(CLIP_POSITION_IDS):
         return "CLIP position ids"
     if key in DDPM_SCHEDULE_BUFFERS:
         return "sampler schedule buffer"
-    return None
+    return PREDICTION_MARKERS.get(key)
 
 
 @cache

@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sdrecipe.arch import UNET_INPUT_CONV, UNET_PREFIX, VARIANT_BY_INPUT_CHANNELS
+from sdrecipe.arch import (
+    UNET_INPUT_CONV,
+    UNET_PREFIX,
+    V_PREDICTION_MARKER,
+    VARIANT_BY_INPUT_CHANNELS,
+    ZERO_TERMINAL_SNR_MARKER,
+)
 from sdrecipe.io.tensor_info import TensorInfo
 
 # Text-encoder markers: a key that exists only in that family's checkpoints.
@@ -40,13 +46,26 @@ PREDICTION_METADATA_KEYS = ("modelspec.prediction_type", "prediction_type")
 class Architecture:
     """Family (`sd1`, `sd2`, `sdxl`, `sdxl-refiner` or `unknown`), variant
     (`normal`, `inpainting`, `instruct-pix2pix` or `unknown`), EMA presence,
-    prediction type when the metadata states it, and the key prefixes found."""
+    prediction type when a `v_pred` marker or the metadata states it, and the
+    key prefixes found. `prediction_source` names what stated the prediction
+    type; `zero_terminal_snr` is set by a `ztsnr` marker."""
 
     family: str
     variant: str
     ema: bool
     prediction: str | None
     prefixes: tuple[str, ...]
+    prediction_source: str | None = None
+    zero_terminal_snr: bool = False
+
+    def describe_prediction(self) -> str | None:
+        """e.g. `v (v_pred marker), zero terminal SNR (ztsnr marker)`; None if unknown."""
+        parts = []
+        if self.prediction is not None:
+            parts.append(f"{self.prediction} ({self.prediction_source})")
+        if self.zero_terminal_snr:
+            parts.append(f"zero terminal SNR ({ZERO_TERMINAL_SNR_MARKER} marker)")
+        return ", ".join(parts) or None
 
     def describe(self) -> str:
         """e.g. `sd1 inpainting` or `unknown (keys under: a., b.)`."""
@@ -76,13 +95,19 @@ def detect(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> Arch
         variant = VARIANT_BY_INPUT_CHANNELS.get(conv_in.shape[1], "unknown")
     elif family != "unknown" and not any(key.startswith(UNET_PREFIX) for key in infos):
         variant = "normal"  # no UNet in the file: nothing says otherwise
-    prediction = next((metadata[k] for k in PREDICTION_METADATA_KEYS if k in metadata), None)
+    # The marker wins over metadata: it is what A1111 and ComfyUI sample by.
+    source = next((k for k in PREDICTION_METADATA_KEYS if k in metadata), None)
+    prediction = metadata[source] if source is not None else None
+    if V_PREDICTION_MARKER in infos:
+        prediction, source = "v", f"{V_PREDICTION_MARKER} marker"
     return Architecture(
         family=family,
         variant=variant,
         ema=any(key.startswith("model_ema.") for key in infos),
         prediction=prediction,
         prefixes=key_prefixes(infos),
+        prediction_source=source,
+        zero_terminal_snr=ZERO_TERMINAL_SNR_MARKER in infos,
     )
 
 

@@ -225,16 +225,20 @@ def text_encoder_config(family: str, component: str, shapes: Shapes) -> dict:
     }
 
 
-def scheduler_config(family: str, prediction: str) -> dict:
-    """`scheduler/scheduler_config.json`: the family's usual sampler."""
+def scheduler_config(family: str, prediction: str, zero_terminal_snr: bool = False) -> dict:
+    """`scheduler/scheduler_config.json`: the family's usual sampler; with
+    `zero_terminal_snr` (a `ztsnr` marker), its betas rescaled to zero terminal SNR."""
     name = FAMILIES[family]["scheduler"]
-    return {
+    config = {
         "_class_name": name,
         "_diffusers_version": DIFFUSERS_VERSION,
         **SCHEDULER_BASE,
         **SCHEDULER_EXTRA[name],
         "prediction_type": "v_prediction" if prediction == "v" else "epsilon",
     }
+    if zero_terminal_snr:
+        config["rescale_betas_zero_snr"] = True
+    return config
 
 
 def model_index(family: str, variant: str, present: set[str]) -> dict:

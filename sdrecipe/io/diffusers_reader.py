@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdrecipe.arch import CLIP_POSITION_IDS
+from sdrecipe.arch import CLIP_POSITION_IDS, V_PREDICTION_MARKER, ZERO_TERMINAL_SNR_MARKER
 from sdrecipe.arch.diffusers_names import (
     COMPONENTS,
     Source,
@@ -31,12 +31,14 @@ from sdrecipe.fingerprint import (
     Fingerprint,
     folder_files,
     folder_sha256,
-    sha256_of,
+    plain_sha256,
     tensor_digest,
 )
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.checkpoint_reader import CheckpointReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
+from sdrecipe.io.shard_index import is_shard_index, read_index
+from sdrecipe.io.sharded_reader import ShardedSafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -51,7 +53,8 @@ WeightReader = SafetensorsReader | CheckpointReader
 def weight_files(folder: Path) -> list[Path]:
     """A component folder's weight files, in diffusers' order of preference:
     safetensors before `.bin`, full precision before the `.fp16` variant; a
-    sharded component gives every shard its index names."""
+    sharded component gives its index (safetensors, read by
+    `ShardedSafetensorsReader`) or every shard its index names (`.bin`)."""
     preference = itertools.product(("safetensors", "bin"), ("", ".fp16"), WEIGHT_STEMS)
     for extension, variant, stem in preference:
         single = folder / f"{stem}{variant}.{extension}"
@@ -63,21 +66,15 @@ def weight_files(folder: Path) -> list[Path]:
         )
         for index in dict.fromkeys(indexes):
             if (folder / index).is_file():
+                if extension == "safetensors":
+                    return [folder / index]
                 return _shards(folder / index)
     return []
 
 
 def _shards(index: Path) -> list[Path]:
-    try:
-        weight_map = load_json(index.read_text())["weight_map"]  # type: ignore[index]
-        names = list(dict.fromkeys(str(name) for name in weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise RecipeError("the shard index is not a valid `weight_map` file", index) from None
-    shards = [index.parent / name for name in names]
-    for shard in shards:
-        if not shard.is_file():
-            raise RecipeError(f"the shard index names {shard.name}, which is missing", index)
-    return shards
+    """The `.bin` shards an index names (checked: see `read_index`)."""
+    return read_index(index, suffix=".bin").files()[1:]
 
 
 def _read_json(path: Path) -> dict:
@@ -119,7 +116,8 @@ class DiffusersReader:
     Most tensors are the stored ones, zero-copy. OpenCLIP's q/k/v projections
     are concatenated into `in_proj`, its text projection is transposed, the
     VAE's linear attention weights are seen as 1x1 convolutions, and CLIP's
-    position ids (not saved by recent transformers) are recreated.
+    position ids (not saved by recent transformers) are recreated, as are the
+    `v_pred` / `ztsnr` markers of a v-prediction SDXL folder (from its scheduler).
     """
 
     def __init__(self, path: Path):
@@ -129,6 +127,11 @@ class DiffusersReader:
         for folder in self._component_folders():
             stored[folder] = {}
             for file in weight_files(path / folder):
+                if is_shard_index(file):
+                    sharded = ShardedSafetensorsReader(file)
+                    self._readers.update(sharded.readers)
+                    stored[folder].update(sharded.owners())
+                    continue
                 reader: WeightReader = (
                     SafetensorsReader(file)
                     if file.suffix == ".safetensors"
@@ -151,6 +154,7 @@ class DiffusersReader:
             if folder in stored:
                 self._map_component(prefix, folder, scheme)
         self.metadata = self._metadata()
+        self._add_markers()
 
     # --- structure ----------------------------------------------------------------
 
@@ -245,12 +249,28 @@ class DiffusersReader:
         unet = self._stored.get("unet")
         if unet:
             metadata.update(next(iter(unet.values())).metadata)
-        scheduler = self.path / "scheduler" / "scheduler_config.json"
-        if scheduler.is_file():
-            prediction = _read_json(scheduler).get("prediction_type")
-            if prediction in PREDICTION_TYPES:
-                metadata["prediction_type"] = PREDICTION_TYPES[prediction]
+        prediction = self._scheduler().get("prediction_type")
+        if prediction in PREDICTION_TYPES:
+            metadata["prediction_type"] = PREDICTION_TYPES[prediction]
         return metadata
+
+    def _scheduler(self) -> dict:
+        """The scheduler's config, or {} when the folder has none."""
+        scheduler = self.path / "scheduler" / "scheduler_config.json"
+        return _read_json(scheduler) if scheduler.is_file() else {}
+
+    def _add_markers(self) -> None:
+        """An SDXL folder whose scheduler samples v-prediction reads with the
+        `v_pred` marker a single file carries for it, and with `ztsnr` too when
+        the betas are rescaled to zero terminal SNR (empty float32 tensors)."""
+        scheduler = self._scheduler()
+        if self.family != "sdxl" or scheduler.get("prediction_type") != "v_prediction":
+            return
+        markers = [V_PREDICTION_MARKER]
+        if scheduler.get("rescale_betas_zero_snr") is True:
+            markers.append(ZERO_TERMINAL_SNR_MARKER)
+        for key in markers:
+            self._add(key, Source("scheduler", (), "marker"), TensorInfo(torch.float32, (0,)))
 
     # --- the ModelReader interface ---------------------------------------------------
 
@@ -272,6 +292,8 @@ class DiffusersReader:
         info = self._infos[key]
         if source.kind == "position_ids":
             return torch.arange(info.shape[1], dtype=info.dtype).reshape(info.shape)
+        if source.kind == "marker":
+            return torch.empty(info.shape, dtype=info.dtype)
         stored = self._stored[source.component]
         parts = [stored[name].tensor(name) for name in source.keys]
         if source.kind == "qkv":
@@ -304,7 +326,7 @@ class DiffusersReader:
                 stored_digests[(folder, name)] = digest
         for name in folder_files(self.path):
             if name not in file_sha256s:
-                file_sha256s[name] = sha256_of(self.path / name)
+                file_sha256s[name] = plain_sha256(self.path / name)
         digests = {}
         for key, source in self._sources.items():
             if source.kind == "same":

@@ -67,7 +67,8 @@ def diffusers_layout(
     Not kept, as in diffusers' own conversion: EMA weights, OpenCLIP's
     `logit_scale`, CLIP's position ids (recreated on load), and SD2's last
     text-encoder layer (SD2 conditions on the penultimate layer, so its
-    diffusers text encoder has one layer fewer).
+    diffusers text encoder has one layer fewer). The prediction markers
+    (`v_pred`, `ztsnr`) have no place either: the scheduler config says it.
     """
     sd2_layers = [int(m[1]) for key in tensors if (m := _OPEN_CLIP_LAYER.match(key))]
     sd2_unused = max(sd2_layers) if family == "sd2" and sd2_layers else None
@@ -212,7 +213,9 @@ class DiffusersWriter:
             "model_index.json": model_index(
                 family, self.architecture.variant, {*self.components, *self.tokenizers}
             ),
-            "scheduler/scheduler_config.json": scheduler_config(family, prediction),
+            "scheduler/scheduler_config.json": scheduler_config(
+                family, prediction, self.architecture.zero_terminal_snr
+            ),
         }
         if "unet" in shapes:
             configs["unet/config.json"] = unet_config(family, shapes["unet"], pooled, prediction)
