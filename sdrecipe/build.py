@@ -98,6 +98,8 @@ def build(
     reached) is reported and the build goes on with the local cache alone."""
     started = time.perf_counter()
     with cache.locked() if cache else nullcontext():
+        if cache is not None and cache.tensors:
+            cache.remove_stale_temporaries()  # of a killed build or pull
         assessment = assess(prepared, cache, threads, force, progress)
         shared = remote is not None and cache is not None and cache.tensors
         pulled = None

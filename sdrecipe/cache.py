@@ -543,6 +543,13 @@ class Cache:
             if orphan:
                 path.unlink(missing_ok=True)
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporaries in the object and pack folders whose writing
+        process no longer runs (a killed build or pull); call with the lock held."""
+        for path, entry in self._own_files():
+            if entry is None and is_stale_temporary(path):
+                path.unlink(missing_ok=True)
+
     def _own_files(self) -> Iterator[tuple[Path, tuple[str, str] | None]]:
         """Each file of the cache's own naming in its object and pack folders:
         with its (kind, name) for an entry, None for a temporary. Nothing else in

@@ -10,6 +10,16 @@ immutable and concurrent builds write identical bytes to a name:
 - `packs/<content digest>.safetensors`: finished outputs;
 - `outputs/<output id>`: JSON `{"digest": ...}`, the pack an output id built.
 
+Only names of the tier's own form are read, and only those are ever deleted
+or replaced (a 64-digit hex digest with the folder's suffix; `tmp/` names are
+32 hex digits): any other file under the URL is ignored and left as it is. A
+record or ref is read only if it is a regular file of at most 16 MiB, never
+waiting on it (a FIFO is a corrupt entry, not a hang). For a local folder
+(`file://`), a symlinked `outputs/ packs/ objects/ refs/ tmp/` folder is refused,
+and a symlinked or special entry is counted as corrupt but never deleted.
+A push removes the temporaries in `tmp/` older than 6 hours (others may be
+uploads going on now), and an interrupted upload removes its own.
+
 `pull` downloads what a build needs and the local cache lacks, checking every
 file against the digest in its name before the local cache takes it. Nothing
 read from the remote is trusted: a record or ref file must name entries by
@@ -28,6 +38,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import re
+import stat
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,6 +54,24 @@ from sdrecipe.io.bounded_json import load_json
 
 # fsspec protocols of object stores, where one PUT is atomic.
 OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
+# Records and refs are small JSON files; anything larger is corrupt, not read.
+MAX_RECORD_SIZE = 16 * 2**20
+# An upload temporary in `tmp/` this old is one whose pusher was stopped.
+STALE_UPLOAD_SECONDS = 6 * 3600
+# The names the tier writes in each folder (paths relative to it); nothing else
+# there is its to read, replace or delete.
+FOLDERS = ("outputs", "packs", "objects", "refs", "tmp")
+_OWN_NAME = {
+    "outputs": re.compile(r"[0-9a-f]{64}"),
+    "packs": re.compile(r"[0-9a-f]{64}\.safetensors"),
+    "objects": re.compile(r"([0-9a-f]{2})/\1[0-9a-f]{62}\.safetensors"),
+    "refs": re.compile(r"[0-9a-f]{64}\.json"),
+    "tmp": re.compile(r"[0-9a-f]{32}"),
+}
+
+
+class UnsafeRemote(ValueError):
+    """A local remote whose own folders are symbolic links: refused."""
 
 
 @dataclass
@@ -65,27 +97,165 @@ class RemoteCache:
         # other machines' uploads make stale.
         self.fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)
         self.root = root.rstrip("/")
+        self._noted: set[str] = set()
+        self._rejected: set[str] = set()
+        self._check_folders()
+
+    @property
+    def local_root(self) -> Path | None:
+        """The folder a `file://` (or plain path) remote is, else None."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        return Path(self.root) if isinstance(self.fs, LocalFileSystem) else None
+
+    def _check_folders(self) -> None:
+        """Refuse a local remote whose own folders are symbolic links: nothing is
+        read, written or deleted through one."""
+        if self.local_root is None:
+            return
+        for folder in FOLDERS:
+            if (self.local_root / folder).is_symlink():
+                raise UnsafeRemote(
+                    f"{self.local_root / folder} is a symbolic link; the remote cache's "
+                    "folders must be real folders"
+                )
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def _names(self, folder: str) -> set[str]:
-        """The file names under `folder` (one listing, not a request per name)."""
-        self.fs.invalidate_cache()
+    def _names(self, folder: str) -> dict[str, dict[str, Any]]:
+        """The tier's own files under `folder`, by file name, with their fsspec
+        info (one listing, not a request per name). Files of other names are
+        ignored, with one note."""
+        base = self._path(folder)
+        listing: dict[str, dict[str, Any]] = {}
+        if self.local_root is not None:
+            self._check_folders()
+            for top, dirs, files in os.walk(base):  # symlinked folders are not entered
+                links = [d for d in dirs if os.path.islink(os.path.join(top, d))]
+                for name in [*files, *links]:
+                    path = os.path.join(top, name)
+                    with contextlib.suppress(FileNotFoundError):
+                        found = os.lstat(path)
+                        regular = stat.S_ISREG(found.st_mode)
+                        listing[path] = {
+                            "type": "file" if regular else "other",
+                            "size": found.st_size,
+                            "mtime": found.st_mtime,
+                        }
+        else:
+            self.fs.invalidate_cache()
+            try:
+                listing = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+        own: dict[str, dict[str, Any]] = {}
+        foreign = 0
+        for path, info in listing.items():
+            relative = path[len(base) + 1 :]
+            if _OWN_NAME[folder].fullmatch(relative):
+                own[relative.rsplit("/", 1)[-1]] = {**info, "name": path}
+            else:
+                foreign += 1
+        if foreign and folder not in self._noted:
+            self._noted.add(folder)
+            self.notify(
+                f"the remote cache {self.url}/{folder} holds {foreign} files that are not "
+                "sdrecipe's; ignored and left as they are"
+            )
+        return own
+
+    def _is_object_store(self) -> bool:
+        protocols = self.fs.protocol
+        protocols = {protocols} if isinstance(protocols, str) else set(protocols)
+        return bool(protocols & set(OBJECT_STORES))
+
+    def _is_special(self, remote: str) -> bool:
+        """On a local remote: whether `remote` is there and not a regular file (a
+        FIFO would block a copy, a link leads elsewhere)."""
+        if self.local_root is None:
+            return False
         try:
-            found = self.fs.find(self._path(folder))
-        except FileNotFoundError:
-            return set()
-        return {path.rsplit("/", 1)[-1] for path in found}
+            return not stat.S_ISREG(os.lstat(remote).st_mode)
+        except OSError:
+            return False
+
+    def _read_small(self, path: str) -> bytes:
+        """A record or ref file's bytes: a regular file of at most MAX_RECORD_SIZE,
+        read without ever waiting on it; ValueError for anything else."""
+        too_large = ValueError(f"larger than {MAX_RECORD_SIZE} bytes")
+        if self.local_root is not None:
+            try:
+                # O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOFOLLOW:
+                # a symlinked entry is refused.
+                handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise ValueError(f"cannot be opened ({exc})") from None
+            try:
+                found = os.fstat(handle)
+                if not stat.S_ISREG(found.st_mode):
+                    raise ValueError("not a regular file")
+                if found.st_size > MAX_RECORD_SIZE:
+                    raise too_large
+                chunks, left = [], MAX_RECORD_SIZE + 1
+                while left > 0 and (chunk := os.read(handle, min(left, 2**20))):
+                    chunks.append(chunk)
+                    left -= len(chunk)
+                data = b"".join(chunks)
+            finally:
+                os.close(handle)
+        else:
+            info = self.fs.info(path)
+            if info.get("type") != "file":
+                raise ValueError("not a file")
+            if (info.get("size") or 0) > MAX_RECORD_SIZE:
+                raise too_large
+            data = self.fs.cat_file(path, start=0, end=MAX_RECORD_SIZE + 1)
+        if len(data) > MAX_RECORD_SIZE:
+            raise too_large
+        return data
+
+    def _removable(self, remote: str) -> bool:
+        """Whether `remote` may be deleted: on a local remote, a regular file
+        reached through no symbolic link below the remote's root."""
+        if self.local_root is None:
+            return True
+        root = os.path.realpath(self.root)
+        relative = os.path.relpath(remote, self.root)
+        if relative.startswith(".."):
+            return False
+        if os.path.realpath(os.path.dirname(remote)) != os.path.dirname(
+            os.path.join(root, relative)
+        ):
+            return False
+        try:
+            return stat.S_ISREG(os.lstat(remote).st_mode)
+        except OSError:
+            return False
+
+    def _remove_stale_uploads(self) -> None:
+        """Delete the upload temporaries in `tmp/` older than STALE_UPLOAD_SECONDS:
+        left by a pusher that was stopped (younger ones may be uploads going on)."""
+        now = time.time()
+        for info in self._names("tmp").values():
+            path = info["name"]
+            try:
+                modified = info.get("mtime")
+                if modified is None:
+                    modified = self.fs.modified(path).timestamp()
+                if now - float(modified) > STALE_UPLOAD_SECONDS and self._removable(path):
+                    self.fs.rm_file(path)
+            except (OSError, ValueError, NotImplementedError):
+                continue
 
     def _upload(self, pairs: list[tuple[Path | bytes, str]]) -> None:
         """Write each (local file or bytes, remote name) so that no reader ever
         sees part of a file under its real name."""
         if not pairs:
             return
-        protocols = self.fs.protocol
-        protocols = {protocols} if isinstance(protocols, str) else set(protocols)
-        if protocols & set(OBJECT_STORES):
+        if self._is_object_store():
             files = [(str(s), t) for s, t in pairs if isinstance(s, Path)]
             if files:
                 self.fs.put([s for s, _ in files], [t for _, t in files])
@@ -97,11 +267,18 @@ class RemoteCache:
             temporary = self._path("tmp", uuid.uuid4().hex)
             for folder in (self._path("tmp"), target.rsplit("/", 1)[0]):
                 self.fs.makedirs(folder, exist_ok=True)
-            if isinstance(source, bytes):
-                self.fs.pipe_file(temporary, source)
-            else:
-                self.fs.put_file(str(source), temporary)
-            self.fs.mv(temporary, target)
+            moved = False
+            try:
+                if isinstance(source, bytes):
+                    self.fs.pipe_file(temporary, source)
+                else:
+                    self.fs.put_file(str(source), temporary)
+                self.fs.mv(temporary, target)
+                moved = True
+            finally:
+                if not moved:  # stopped or failed (Ctrl-C too): remove our temporary
+                    with contextlib.suppress(Exception):
+                        self.fs.rm_file(temporary)
 
     def _download(self, pairs: list[tuple[str, Path]]) -> list[Path]:
         """Copy each remote name beside its local target (many at once where the
@@ -110,16 +287,29 @@ class RemoteCache:
         for _, target in pairs:
             target.parent.mkdir(parents=True, exist_ok=True)
         if pairs:
-            self.fs.get([source for source, _ in pairs], [str(t) for t in temporaries])
+            try:
+                self.fs.get([source for source, _ in pairs], [str(t) for t in temporaries])
+            except BaseException:  # Ctrl-C too: leave no partial download behind
+                for temporary in temporaries:
+                    temporary.unlink(missing_ok=True)
+                raise
         return temporaries
 
     def _reject(self, name: str, remote: str, transfer: Transfer) -> None:
-        """A remote file that fails its check: say so, and delete it so that the
-        next push replaces it."""
-        self.notify(f"remote cache entry {self.url}/{name} is corrupt; ignored and removed")
+        """A remote file of the tier's own naming that fails its check: say so, and
+        delete it so that the next push replaces it (one that is not a regular
+        file, or is reached through a symbolic link, is left in place)."""
+        if name in self._rejected:  # left in place, and reported once already
+            return
+        removable = self._removable(remote)
+        if not removable:
+            self._rejected.add(name)
+        outcome = "ignored and removed" if removable else "ignored (not a regular file; left)"
+        self.notify(f"remote cache entry {self.url}/{name} is corrupt; {outcome}")
         transfer.corrupt.append(name)
-        with contextlib.suppress(OSError):
-            self.fs.rm_file(remote)
+        if removable:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(remote)
 
     # --- pull ---------------------------------------------------------------------------
 
@@ -141,6 +331,10 @@ class RemoteCache:
             for d in sorted(digests)
             if f"{d}.safetensors" in held and not cache.entry_path(OBJECT, d).exists()
         ]
+        for digest in [d for d in missing if held[f"{d}.safetensors"].get("type") != "file"]:
+            name = f"objects/{digest[:2]}/{digest}.safetensors"
+            self._reject(name, self._path(name), transfer)
+            missing.remove(digest)
         names = [f"objects/{digest[:2]}/{digest}.safetensors" for digest in missing]
         temporaries = self._download(
             [
@@ -148,8 +342,12 @@ class RemoteCache:
                 for n, d in zip(names, missing, strict=True)
             ]
         )
-        for name, digest, temporary in zip(names, missing, temporaries, strict=True):
-            self._take_object(cache, digests[digest], name, temporary, transfer)
+        try:
+            for name, digest, temporary in zip(names, missing, temporaries, strict=True):
+                self._take_object(cache, digests[digest], name, temporary, transfer)
+        finally:  # stopped part way (Ctrl-C): the rest are not left behind
+            for temporary in temporaries:
+                temporary.unlink(missing_ok=True)
         local = [
             (i, loc, cache.entry_path(OBJECT, loc.entry))
             for i, loc in found.items()
@@ -162,16 +360,39 @@ class RemoteCache:
     def _refs(self, transfer: Transfer) -> dict[str, Location]:
         """Every tensor identity the remote holds, from all the pushes' ref files
         (one that is not a manifest sdrecipe wrote is rejected as corrupt)."""
-        names = sorted(self._names("refs"))
+        listing = self._names("refs")
+        names = sorted(listing)
         paths = [self._path("refs", name) for name in names]
-        # A file rejected by another build between the listing and the read is omitted.
-        contents = self.fs.cat(paths, on_error="omit") if names else {}
+        contents: dict[str, bytes | None] = {}
+        if self.local_root is not None:
+            for path in paths:
+                try:
+                    contents[path] = self._read_small(path)
+                except FileNotFoundError:  # rejected by another build since the listing
+                    continue
+                except ValueError:
+                    contents[path] = None
+        else:
+            # Only listed files within the bound, and at most the bound of each.
+            small = [
+                p
+                for p, n in zip(paths, names, strict=True)
+                if (listing[n].get("size") or 0) <= MAX_RECORD_SIZE
+            ]
+            contents = dict.fromkeys(paths)
+            if small:
+                ends = [MAX_RECORD_SIZE + 1] * len(small)
+                read = self.fs.cat_ranges(small, [0] * len(small), ends, on_error="return")
+                for path, data in zip(small, read, strict=True):
+                    if isinstance(data, FileNotFoundError):
+                        del contents[path]
+                    elif isinstance(data, bytes) and len(data) <= MAX_RECORD_SIZE:
+                        contents[path] = data
         refs: dict[str, Location] = {}
         for path, data in sorted(contents.items()):
             name = path.rsplit("/", 1)[-1]
-            manifest = (
-                _manifest(data) if name == f"{hashlib.sha256(data).hexdigest()}.json" else None
-            )
+            good = data is not None and name == f"{hashlib.sha256(data).hexdigest()}.json"
+            manifest = _manifest(data) if good and data is not None else None
             if manifest is None:
                 self._reject(f"refs/{name}", path, transfer)
             else:
@@ -183,7 +404,7 @@ class RemoteCache:
         `{"digest": <64 hex digits>}` is rejected as corrupt (None)."""
         record = self._path("outputs", output_id)
         try:
-            digest = load_json(self.fs.cat_file(record)).get("digest")
+            digest = load_json(self._read_small(record)).get("digest")  # type: ignore[union-attr]
         except FileNotFoundError:
             return None
         except (ValueError, AttributeError):
@@ -198,6 +419,9 @@ class RemoteCache:
         if digest is None:
             return
         remote = self._path("packs", f"{digest}.safetensors")
+        if self._is_special(remote):
+            self._reject(f"packs/{digest}.safetensors", remote, transfer)
+            return
         try:
             (temporary,) = self._download([(remote, cache.entry_path(PACK, digest))])
         except FileNotFoundError:  # a record naming a pack the remote lacks
@@ -246,6 +470,8 @@ class RemoteCache:
         """Upload the outputs and tensors among these that the local cache holds
         and the remote lacks."""
         transfer = Transfer()
+        if not self._is_object_store():
+            self._remove_stale_uploads()
         outputs, packs = self._names("outputs"), self._names("packs")
         uploads: list[tuple[Path | bytes, str]] = []
         for output_id in output_ids:

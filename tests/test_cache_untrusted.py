@@ -384,3 +384,170 @@ def test_cleaning_where_there_is_no_cache_says_so_and_creates_nothing(tmp_path):
     as_json = json.loads(invoke("cache", "gc", "--json", "--cache-dir", str(nowhere)).stdout)
     assert as_json["cache"] is False and as_json["removed"] == 0
     assert not nowhere.exists()
+
+
+# --- audit: the remote deletes only its own names, never hangs, leaves no temporaries
+
+
+def test_files_in_a_remote_that_are_not_sdrecipes_are_ignored_never_removed(tmp_path, models):
+    remote = tmp_path / "remote"
+    foreign = {
+        "refs/face.png": b"img",
+        "outputs/notes.txt": b"notes",
+        "packs/readme.md": b"readme",
+        "objects/ab/holiday.jpg": b"photo",
+        "tmp/keep.txt": b"keep",
+    }
+    for name, data in foreign.items():
+        (remote / name).parent.mkdir(parents=True, exist_ok=True)
+        (remote / name).write_bytes(data)
+    recipe = machine(tmp_path / "one", models)
+    report = build(recipe, remote)
+    assert report["cache"]["corrupt_entries"] == 0 and "is corrupt" not in report["stderr"]
+    assert "not sdrecipe's; ignored and left as they are" in report["stderr"]
+    pushed = invoke("cache", "push", "--cache-dir", str(recipe.parent / "cache"),
+                    "--cache-url", remote.as_uri(), str(recipe))  # fmt: skip
+    assert pushed.exit_code == 0, pushed.stderr
+    assert {name: (remote / name).read_bytes() for name in foreign} == foreign
+    third = build(machine(tmp_path / "two", models), remote)
+    assert third["outputs"][0]["state"] == "restored from cache"
+
+
+def test_a_symlinked_remote_folder_is_refused_and_a_symlinked_entry_kept(tmp_path, models):
+    remote = tmp_path / "remote"
+    (planted,) = victims(tmp_path / "victims")
+    remote.mkdir()
+    (remote / "refs").symlink_to(tmp_path / "victims")
+    recipe = machine(tmp_path / "one", models)
+    refused = invoke("build", "--cache-dir", str(tmp_path / "one" / "cache"),
+                     "--cache-url", remote.as_uri(), str(recipe))  # fmt: skip
+    assert refused.exit_code == 2
+    assert f"{remote / 'refs'} is a symbolic link" in refused.stderr
+    assert planted.read_bytes() == b"precious"
+    # A symlinked entry of the tier's own name is corrupt, never deleted or followed.
+    (remote / "refs").unlink()
+    (remote / "refs").mkdir()
+    link = remote / "refs" / f"{'0' * 64}.json"
+    link.symlink_to(planted)
+    report = build(recipe, remote)
+    assert report["cache"]["corrupt_entries"] == 1
+    assert "refs/" in report["stderr"] and "not a regular file; left" in report["stderr"]
+    assert link.is_symlink() and planted.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("entry", ["outputs record", "ref file"])
+def test_a_fifo_in_the_remote_is_a_corrupt_entry_not_a_hang(tmp_path, models, entry):
+    import os
+
+    from conftest import run_cli
+
+    remote = tmp_path / "remote"
+    build(machine(tmp_path / "one", models), remote)
+    if entry == "outputs record":
+        (fifo,) = (remote / "outputs").iterdir()
+        fifo.unlink()
+    else:
+        fifo = remote / "refs" / f"{'f' * 64}.json"
+    os.mkfifo(fifo)
+    second = machine(tmp_path / "two", models)
+    done = run_cli("build", "--json", "--cache-dir", str(tmp_path / "two" / "cache"),
+                   "--cache-url", remote.as_uri(), str(second))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["cache"]["corrupt_entries"] == 1
+    assert f"{fifo.relative_to(remote)} is corrupt" in done.stderr
+
+
+def test_an_oversized_remote_record_is_corrupt_and_not_read_whole(tmp_path, models):
+    from sdrecipe.remote_cache import MAX_RECORD_SIZE
+
+    remote = tmp_path / "remote"
+    build(machine(tmp_path / "one", models), remote)
+    (record,) = (remote / "outputs").iterdir()
+    digest = json.loads(record.read_bytes())["digest"]
+    record.write_text(json.dumps({"digest": digest, "pad": "x" * MAX_RECORD_SIZE}))
+    second = build(machine(tmp_path / "two", models), remote)
+    assert second["cache"]["corrupt_entries"] == 1
+    assert json.loads(record.read_bytes()) == {"digest": digest}, "the push replaced it"
+
+
+def test_an_interrupted_push_or_pull_leaves_no_temporaries(tmp_path, models, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from sdrecipe.remote_cache import RemoteCache
+
+    remote = tmp_path / "remote"
+    recipe = machine(tmp_path / "one", models)
+    build(recipe)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    args = ("--cache-url", remote.as_uri(), str(recipe))
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalFileSystem, "mv", stopped)
+        pushed = invoke("cache", "push", "--cache-dir", str(tmp_path / "one" / "cache"), *args)
+    assert pushed.exit_code == 130
+    assert not list((remote / "tmp").iterdir())
+    assert invoke("cache", "push", "--cache-dir", str(tmp_path / "one" / "cache"), *args)
+    second = tmp_path / "two" / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(RemoteCache, "_take_object", stopped)
+        pulled = invoke("cache", "pull", "--cache-dir", str(second), *args)
+    assert pulled.exit_code == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalFileSystem, "get", stopped)
+        pulled = invoke("cache", "pull", "--cache-dir", str(second), *args)
+    assert pulled.exit_code == 130
+    assert not [p for p in second.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_when_the_cache_opens(tmp_path, models):
+    import os
+    import sys
+    import time
+
+    remote = tmp_path / "remote"
+    recipe = machine(tmp_path / "one", models)
+    build(recipe, remote)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    cache = tmp_path / "one" / "cache"
+    prefix = next(p for p in (cache / "objects").iterdir() if p.is_dir())
+    stale = [
+        cache / "objects" / f".object-{'a' * 32}.sdrecipe-{dead}.tmp",
+        prefix / f".{prefix.name}{'b' * 62}.safetensors-{'c' * 32}.sdrecipe-{dead}.tmp",
+        cache / "packs" / f".{'d' * 64}.safetensors-{'e' * 32}.sdrecipe-{dead}.tmp",
+    ]
+    live = cache / "objects" / f".object-{'f' * 32}.sdrecipe-{os.getpid()}.tmp"
+    for path in [*stale, live]:
+        path.write_bytes(b"partial")
+    build(machine(tmp_path / "one", models, factor=0.5))
+    assert not any(path.exists() for path in stale) and live.exists()
+    stale[0].write_bytes(b"partial")
+    cache_pull(recipe, remote)
+    assert not stale[0].exists()
+    # The remote's upload temporaries: an old one goes on push, a young one or
+    # another name stays (another machine may be pushing now).
+    old, young, other = (
+        remote / "tmp" / ("1" * 32),
+        remote / "tmp" / ("2" * 32),
+        remote / "tmp" / "x",
+    )
+    for path in (old, young, other):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7 * 3600,) * 2)
+    build(machine(tmp_path / "one", models, factor=0.25), remote)
+    assert not old.exists() and young.exists() and other.exists()
+
+
+@pytest.mark.parametrize("where", ["itself", "inside", "holding"])
+def test_a_cache_url_that_is_the_local_cache_folder_is_refused(tmp_path, models, where):
+    recipe = machine(tmp_path / "one", models)
+    cache = tmp_path / "one" / "cache"
+    url = {"itself": cache, "inside": cache / "remote", "holding": tmp_path}[where].as_uri()
+    for command in (["build"], ["cache", "push"], ["cache", "pull"]):
+        result = invoke(*command, "--cache-dir", str(cache), "--cache-url", url, str(recipe))
+        assert result.exit_code == 2, (command, result.stderr)
+        assert f"--cache-url {url} is the local cache folder {cache}" in result.stderr
+    assert not any((cache / name).exists() for name in ("outputs", "refs", "tmp"))
