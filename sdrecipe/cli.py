@@ -156,19 +156,31 @@ def _cache_url_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def _open_remote(url: str | None) -> RemoteCache | None:
-    """The remote cache tier at `url`, if one is given."""
+def _open_remote(url: str | None, cache_dir: Path | None = None) -> RemoteCache | None:
+    """The remote cache tier at `url`, if one is given; a local folder that is the
+    local cache `cache_dir`, or inside it, or holds it, is refused (usage)."""
     if not url:
         return None
     from sdrecipe.errors import RecipeError
-    from sdrecipe.remote_cache import RemoteCache
+    from sdrecipe.remote_cache import RemoteCache, UnsafeRemote
 
     try:
-        return RemoteCache(url, notify=_note)
+        remote = RemoteCache(url, notify=_note)
+    except UnsafeRemote as exc:
+        raise RecipeError(f"--cache-url {url}: {exc}") from None
     except (ImportError, ValueError) as exc:
         raise RecipeError(
             f"--cache-url {url}: {exc} (s3:// needs the s3fs package, gs:// gcsfs, az:// adlfs)"
         ) from None
+    folder = remote.local_root
+    if folder is not None and cache_dir is not None:
+        here, there = cache_dir.resolve(), folder.resolve()
+        if here == there or here.is_relative_to(there) or there.is_relative_to(here):
+            raise click.UsageError(
+                f"--cache-url {url} is the local cache folder {cache_dir}, or inside it or "
+                "holds it: the remote cache must be another folder"
+            )
+    return remote
 
 
 def _threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -332,10 +344,14 @@ def build(
     Several recipes, or a folder of them, build as one graph: a recipe that reads
     another's output is built after it; with --scheduler, as tasks on a Dask
     cluster."""
+    if scheduler is not None:
+        from sdrecipe.cluster import check_scheduler
+
+        check_scheduler(scheduler)
     recipes, outputs = _recipes_and_outputs(targets)
     if dry_run:
         _show_plan(recipes, outputs, options)
-    elif scheduler:
+    elif scheduler is not None:
         if outputs:
             raise click.UsageError("--scheduler builds whole recipes: name no outputs")
         _build_on_cluster(recipes, options, keep_going, scheduler)
@@ -447,7 +463,7 @@ def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions)
         cache,
         options.force,
         _progress(not options.as_json and sys.stderr.isatty()),
-        remote=None if options.no_cache else _open_remote(options.cache_url),
+        remote=None if options.no_cache else _open_remote(options.cache_url, options.cache_dir),
     )
     if cache.tensors:
         with cache.locked():
@@ -832,6 +848,7 @@ def graph(
     help="Compare models of different families, and let a heatmap replace an existing "
     "file that is not a view sdrecipe wrote (never one of the models).",
 )
+@_cache_dir_option
 @_json_option
 @_reports_errors
 def diff(
@@ -842,6 +859,7 @@ def diff(
     png: Path | None,
     svg: Path | None,
     force: bool,
+    cache_dir: Path,
     as_json: bool,
 ) -> None:
     """How much each of MODELS differs from REFERENCE, per block and component:
@@ -853,6 +871,7 @@ def diff(
 
     protected = [("the reference model", reference)]
     protected += [("a compared model", model) for model in models]
+    protected.append(("the cache folder", cache_dir))
     targets = [
         view_file(path, kind, protected, force)
         for kind, path in (("png", png), ("svg", svg))
@@ -1271,7 +1290,7 @@ def cache_info(cache_dir: Path, cache_url: str | None, as_json: bool) -> None:
     Outputs are hard-linked into the cache, so their bytes are shared with the
     output files: `size` counts only the cache's own bytes (what `gc` can free),
     `shared_with_outputs` the rest."""
-    remote = _open_remote(cache_url)
+    remote = _open_remote(cache_url, cache_dir)
     shared = remote.info() if remote else None
     if shared and not as_json:
         click.echo(
@@ -1337,12 +1356,13 @@ def _exchange_command(direction: str) -> Callable[..., Any]:
         from sdrecipe.build import default_threads
         from sdrecipe.prepare import prepare
 
-        remote = _open_remote(cache_url)
+        remote = _open_remote(cache_url, cache_dir)
         if remote is None:
             raise click.UsageError("--cache-url (or SDRECIPE_CACHE_URL) names the remote cache")
         prepared = prepare(recipe, cache_root=cache_dir)
         store = _open_cache(cache_dir)
         with store.locked():
+            store.remove_stale_temporaries()  # of a killed build or pull
             assessment = assess(prepared, store, threads or default_threads())
             move = remote.pull if direction == "pull" else remote.push
             moved = move(store, assessment.identities.every(), list(assessment.output_ids.values()))

@@ -12,6 +12,7 @@ also reuse each other's outputs and intermediates. A recipe's variants
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,6 +27,40 @@ RETRIES = 2
 # Seconds to connect to a scheduler and hear Dask's handshake from it.
 CONNECT_SECONDS = 10
 SCHEMES = frozenset({"tcp", "tls", "ws", "wss", "ucx"})
+# local:N runs N worker processes of one thread each on this machine: more than
+# a few per core only adds start-up time and memory (local:200 took over a
+# minute to start on 2 cores, local:100000 exhausted the machine), so N is at
+# most WORKERS_PER_CORE workers for each of this machine's cores.
+WORKERS_PER_CORE = 4
+
+
+def most_local_workers() -> int:
+    """The largest N that `local:N` accepts on this machine."""
+    return WORKERS_PER_CORE * (os.cpu_count() or 1)
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Raise RecipeError (exit 2) unless `scheduler` is `local:N` with
+    1 <= N <= most_local_workers(), or a scheduler address SCHEME://HOST[:PORT];
+    checked before any work, and without Dask."""
+    if not scheduler.strip():
+        raise RecipeError(
+            "--scheduler is empty: give a Dask scheduler's address (tcp://HOST:8786) or "
+            "local:N, or leave --scheduler out to build here"
+        )
+    if not scheduler.startswith("local:"):
+        _check_address(scheduler)
+        return
+    count = scheduler.removeprefix("local:")
+    if not (count.isascii() and count.isdecimal()) or int(count) < 1:
+        raise RecipeError(f"--scheduler {scheduler}: local:N takes a number of workers")
+    if int(count) > most_local_workers():
+        raise RecipeError(
+            f"--scheduler {scheduler}: local:N starts N worker processes on this machine, "
+            f"at most {most_local_workers()} here ({WORKERS_PER_CORE} for each of its "
+            f"{os.cpu_count() or 1} cores); for more, start a Dask cluster and give its "
+            "scheduler's address (tcp://HOST:8786)"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,15 +89,14 @@ def connect(scheduler: str) -> Any:
         from dask.distributed import Client, LocalCluster
     except ImportError:
         raise RecipeError("--scheduler needs Dask: pip install 'sdrecipe[cluster]'") from None
+    check_scheduler(scheduler)
     if scheduler.startswith("local:"):
         count = scheduler.removeprefix("local:")
-        if not (count.isascii() and count.isdecimal()) or int(count) < 1:
-            raise RecipeError(f"--scheduler {scheduler}: local:N takes a number of workers")
         cluster = LocalCluster(
             n_workers=int(count), threads_per_worker=1, processes=True, dashboard_address=None
         )
         return Client(cluster)
-    _check_address(scheduler)
+    _check_reachable(scheduler)
     _handshake(scheduler)
     try:
         return Client(scheduler, timeout=f"{CONNECT_SECONDS}s")
@@ -82,6 +116,25 @@ def _check_address(scheduler: str) -> None:
             f"--scheduler {scheduler}: give a Dask scheduler's address "
             "(tcp://HOST:8786, or tls://, ws://, wss://, ucx://) or local:N"
         )
+
+
+def _check_reachable(scheduler: str) -> None:
+    """Fail at once where a tcp:// scheduler's port refuses the connection (or
+    its host cannot be found): Dask would retry for CONNECT_SECONDS, then blame
+    the server for its silence."""
+    address = urlsplit(scheduler)
+    if address.scheme != "tcp" or address.port is None:
+        return
+    try:
+        with socket.create_connection((address.hostname, address.port), CONNECT_SECONDS):
+            pass
+    except ConnectionRefusedError:
+        raise RecipeError(
+            f"--scheduler {scheduler}: the connection was refused (no scheduler listens "
+            f"on port {address.port} there)"
+        ) from None
+    except OSError as exc:
+        raise RecipeError(f"--scheduler {scheduler}: cannot reach it ({exc})") from None
 
 
 def _handshake(scheduler: str) -> None:

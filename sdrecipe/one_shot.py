@@ -132,6 +132,10 @@ def extract_recipe(tuned: Path, base: Path, output: dict) -> dict:
     }
 
 
+# How the recipes that bake and extract write begin (their `comment`).
+ONE_SHOT_HEADS = ("# Written by `sdrecipe bake`", "# Written by `sdrecipe extract`")
+
+
 def write_recipe(recipe: Path, document: dict, comment: str) -> bool:
     """Write `document` to `recipe` (paths relative to its folder); True if the
     file is new. An existing recipe with the same text is kept, one with other
@@ -154,8 +158,15 @@ def write_recipe(recipe: Path, document: dict, comment: str) -> bool:
                 "replace it; pass --recipe a new .yaml path",
                 recipe,
             )
-        if recipe.read_text(encoding="utf-8", errors="replace") == text:
+        existing = recipe.read_text(encoding="utf-8", errors="replace")
+        if existing == text:
             return False
+        if not existing.startswith(ONE_SHOT_HEADS):
+            raise RecipeError(
+                "is not a recipe that `sdrecipe bake` or `sdrecipe extract` wrote, and "
+                "sdrecipe does not replace it; pass --recipe a new .yaml path",
+                recipe,
+            )
         raise RecipeError(
             "a recipe with other settings is already there, and sdrecipe does not replace "
             "it; build it with `sdrecipe build`, or pass --recipe to keep this one elsewhere",

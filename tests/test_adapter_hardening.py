@@ -415,3 +415,48 @@ def test_a_lora_of_the_second_text_encoder_changes_only_its_keys(tmp_path: Path)
     expected = expected_bake("sdxl", original, adapter, 0.7)
     for key in touched:
         np.testing.assert_allclose(built[key], expected[key], rtol=2e-5, atol=2e-6, err_msg=key)
+
+
+# --- CLI audit: PEFT metadata that is not a LoRA's, and --recipe at a text file ------------
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"lora_alpha": "eight", "r": 4}, ("lora_alpha", '"eight"', "not a number")),
+        ({"lora_alpha": True, "r": 4}, ("lora_alpha", "true", "not a number")),
+        ({"lora_alpha": 8, "r": 0}, ("r in", "0", "not a positive whole number")),
+        ({"lora_alpha": 8, "r": 2.5}, ("r in", "2.5", "not a positive whole number")),
+        ({"lora_alpha": 8, "r": True}, ("r in", "true", "not a positive whole number")),
+    ],
+    ids=["alpha-text", "alpha-bool", "r-zero", "r-fraction", "r-bool"],
+)
+def test_peft_metadata_with_a_bad_alpha_or_rank_is_refused(
+    models: dict[str, Path], tmp_path: Path, config: dict, named: tuple[str, ...]
+) -> None:
+    spec = AdapterSpec("sd1", SHRINK, naming="peft", alpha=None)
+    metadata = {"lora_adapter_metadata": json.dumps(config)}
+    adapter = broken_adapter(tmp_path, spec, {}, metadata)
+    recipe = bake_recipe(tmp_path, models["base"], adapter)
+    for command in ("validate", "build"):
+        assert_refused(run_in_process(command, str(recipe)), str(adapter), *named)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_recipe_option_at_a_text_file_says_bake_did_not_write_it(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    style = write_adapter(tmp_path / "style.safetensors", AdapterSpec("sd1", SHRINK))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my shopping list\n")
+    args = ["bake", str(models["base"]), str(style), "-o", str(tmp_path / "out.safetensors")]
+    result = run_in_process(*args, "--recipe", str(notes))
+    assert_refused(result, str(notes), "is not a recipe that `sdrecipe bake` or")
+    assert "other settings" not in result.stderr
+    assert notes.read_text() == "my shopping list\n"
+    assert not (tmp_path / "out.safetensors").exists()
+    # A recipe bake wrote, with other settings, is still described as such.
+    recipe = tmp_path / "mine.recipe.yaml"
+    assert run_in_process(*args, "--recipe", str(recipe)).returncode == 0
+    result = run_in_process(*args[:2], f"{style}=0.3", *args[3:], "--recipe", str(recipe))
+    assert_refused(result, str(recipe), "other settings")

@@ -328,3 +328,77 @@ def test_a_usage_error_under_json_prints_the_error_object(arguments):
     assert error["kind"] == "usage" and error["exit_code"] == 2
     assert error["error"] and error["error"] in result.stderr
     assert run_in_process(*arguments).stdout == "", "without --json, stdout stays empty"
+
+
+# --- --scheduler bounds (CLI audit, item 1)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "message"),
+    [
+        ("local:100000", "local:N starts N worker processes on this machine, at most"),
+        ("", "--scheduler is empty"),
+        ("   ", "--scheduler is empty"),
+    ],
+    ids=["too-many-workers", "empty", "blank"],
+)
+def test_an_unbounded_or_empty_scheduler_is_a_usage_error(
+    tmp_path, small_recipe, scheduler, message
+):
+    """local:N above 4 workers a core would take minutes to start (or exhaust the
+    machine), and an empty --scheduler is a mistake, not a request to build here."""
+    result = run_in_process("build", "--scheduler", scheduler, str(small_recipe))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "internal error" not in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+    result = run_in_process("build", "--json", "--scheduler", scheduler, str(small_recipe))
+    assert result.returncode == 2 and message in json.loads(result.stdout)["error"]
+
+
+def test_local_n_is_bounded_by_the_cores(monkeypatch):
+    from sdrecipe import cluster
+    from sdrecipe.errors import RecipeError
+
+    monkeypatch.setattr(cluster.os, "cpu_count", lambda: 3)
+    cluster.check_scheduler("local:12")
+    with pytest.raises(RecipeError, match="at most 12 here"):
+        cluster.check_scheduler("local:13")
+
+
+def test_a_scheduler_port_that_refuses_says_so_at_once(tmp_path, small_recipe):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+        started = time.monotonic()
+        result = run_in_process("build", "--scheduler", address, str(small_recipe))
+    assert result.returncode == 2, result.stderr
+    assert "the connection was refused" in result.stderr, result.stderr
+    assert "accepted the connection" not in result.stderr
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+# --- cache clear / gc at a folder that is no cache (CLI audit, item 7)
+
+
+@pytest.mark.parametrize("command", ["clear", "gc"])
+def test_cache_clear_and_gc_leave_a_folder_that_is_no_cache_alone(tmp_path, command):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("mine")
+    result = run_in_process("cache", command, "--cache-dir", str(plain))
+    assert "cleared" not in result.stdout + result.stderr
+    assert "there is no cache" in (result.stdout + result.stderr).lower()
+    assert sorted(p.name for p in plain.iterdir()) == ["notes.txt"]
+    posing = tmp_path / "posing"
+    posing.mkdir()
+    (posing / "notes.txt").write_text("mine")
+    (posing / "index.sqlite").write_bytes(b"")
+    result = run_in_process("cache", command, "--cache-dir", str(posing))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "notes.txt" in result.stderr and "not sdrecipe's" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in posing.iterdir()) == ["index.sqlite", "notes.txt"]
+    assert (posing / "notes.txt").read_text() == "mine"

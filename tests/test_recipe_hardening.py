@@ -494,3 +494,58 @@ def test_GRAD_V_weights_each_block_by_its_distance_from_the_middle(tmp_path, mod
         alpha = np.float32(abs(12 - block_index) / 12)
         expected = (np.float32(1) - alpha) * as32(a[key]) + alpha * as32(b[key])
         np.testing.assert_allclose(out[key], expected, rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+# --- NUL bytes and malformed file: URLs in paths (CLI audit, items 2 and 4)
+
+
+def _one_input_recipe(models, a_path: str, out_path: str = "out.safetensors") -> str:
+    """A recipe whose input A and output are the given YAML scalars."""
+    return (
+        f"inputs: {{A: {a_path}, B: {models['other']}}}\n"
+        "nodes:\n  out:\n    method: weighted_sum\n    models: [A, B]\n    alpha: 0.5\n"
+        f"outputs:\n  out: {{path: {out_path}, dtype: fp32}}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("a_path", "out_path", "line", "expected"),
+    [
+        ('"a\\0b.safetensors"', "out.safetensors", 1, "NUL character"),
+        ('"file:///tmp/a%00b.safetensors"', "out.safetensors", 1, "NUL character"),
+        ("{base}", '"out\\0.safetensors"', 8, "NUL character"),
+        ('"file://"', "out.safetensors", 1, "names no file"),
+        ('"FILE://"', "out.safetensors", 1, "names no file"),
+        ('"File://elsewhere/a.safetensors"', "out.safetensors", 1, "names the host"),
+    ],
+)
+def test_a_bad_path_is_a_usage_error_naming_the_file_and_line(
+    tmp_path, models, a_path, out_path, line, expected
+):
+    """A NUL byte (written or %-escaped), an empty file:// URL, or one with
+    another host, in any case of the scheme: exit 2 at the YAML line, no traceback."""
+    text = _one_input_recipe(models, a_path.format(base=models["base"]), out_path)
+    recipe = write_recipe(tmp_path, text)
+    result = invoke("validate", str(recipe))
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
+    assert f"{recipe}:{line}" in result.stderr or f"line {line}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    result = invoke("validate", "--json", str(recipe))
+    assert result.exit_code == 2
+    assert expected in json.loads(result.stdout)["error"]
+
+
+def test_file_colon_one_slash_and_upper_case_scheme_name_the_absolute_path(tmp_path, models):
+    """`file:/abs` is the absolute path /abs (as urllib reads it), and the scheme
+    is matched in any case: the build reads the model there."""
+    (tmp_path / "sub").mkdir()
+    text = _one_input_recipe(
+        models, f'"file:{models["base"]}"', f'"FILE://{tmp_path}/url-out.safetensors"'
+    )
+    recipe = write_recipe(tmp_path / "sub", text)
+    result = invoke("build", str(recipe))
+    assert result.exit_code == 0, result.stderr
+    out, a = load_file(tmp_path / "url-out.safetensors"), load_file(models["base"])
+    b = load_file(models["other"])
+    np.testing.assert_allclose(out[IN04_KEY], 0.5 * as32(a[IN04_KEY]) + 0.5 * as32(b[IN04_KEY]))

@@ -263,3 +263,26 @@ def test_methods_json_names_parameter_types(tmp_path):
     assert not any("<class" in kind for kind in types)
     weighted = next(m for m in listed if m["name"] == "weighted_sum")
     assert weighted["parameters"]["alpha"]["type"] == "float"
+
+
+def test_diff_never_writes_a_heatmap_into_the_cache(tmp_path, models, monkeypatch):
+    """The cache folder (--cache-dir, SDRECIPE_CACHE_DIR, default ./cache) is off
+    limits to diff's heatmaps as to graph's views, forced or not."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SDRECIPE_CACHE_DIR", raising=False)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "mine").mkdir()
+    pair = (str(models["base"]), str(models["finetune"]))
+    cases = [
+        (("--png", "cache/h.png"), {}),
+        (("--svg", "mine/h.svg", "--cache-dir", "mine", "--force"), {}),
+        (("--png", "mine/h.png", "--json"), {"SDRECIPE_CACHE_DIR": str(tmp_path / "mine")}),
+    ]
+    for options, env in cases:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        result = invoke("diff", *pair, *options)
+        assert result.exit_code == 2, (options, result.output)
+        assert "lies inside the cache folder" in result.stderr, result.stderr
+        assert not (tmp_path / options[1]).exists()
+    assert list((tmp_path / "cache").iterdir()) == list((tmp_path / "mine").iterdir()) == []

@@ -129,9 +129,25 @@ def _peft_alpha(metadata: Mapping[str, str], path: Path) -> float | None:
             f"JSON ({exc})",
             path,
         ) from None
-    alpha = config.get("lora_alpha") if isinstance(config, dict) else None
-    if not isinstance(alpha, int | float):
+    if not isinstance(config, dict):
         return None
+    where = f"its metadata's {PEFT_METADATA_KEY}"
+    rank = config.get("r")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise RecipeError(
+            f"cannot apply this adapter: r in {where} is {json.dumps(rank)}, "
+            "not a positive whole number (a LoRA's rank)",
+            path,
+        )
+    alpha = config.get("lora_alpha")
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise RecipeError(
+            f"cannot apply this adapter: lora_alpha in {where} is {json.dumps(alpha)}, "
+            "not a number",
+            path,
+        )
     _check_alpha(float(alpha), f"lora_alpha in its metadata's {PEFT_METADATA_KEY}", path)
     return float(alpha)
 

@@ -33,8 +33,9 @@ SOURCES = "sources.json"
 
 
 def is_url(text: str) -> bool:
-    """True for `scheme://...` other than `file://` (a local path by another name)."""
-    return bool(_SCHEME.match(text)) and not text.startswith("file://")
+    """True for `scheme://...` other than `file://`, in any case (a local path by
+    another name)."""
+    return bool(_SCHEME.match(text)) and text[:7].lower() != "file://"
 
 
 def remote_placeholder(url: str) -> Path:

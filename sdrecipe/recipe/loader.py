@@ -345,25 +345,37 @@ def _relevant_error(errors: list, document: YamlDocument) -> dict:
 def resolve_path(raw: str, folder: Path) -> Path:
     """Expand `~` and environment variables; make relative paths relative to
     `folder`; a `file://` URL is the local path it names."""
+    _check_no_nul(raw, raw)
     expanded = os.path.expanduser(os.path.expandvars(raw))
     unset = _UNSET_VARIABLE.search(expanded)
     if unset:
         raise ValueError(f"environment variable {unset.group(1)} is not set (in {raw!r})")
-    if expanded.lower().startswith("file://"):
+    if expanded[:5].lower() == "file:" and expanded[5:6] == "/":
         expanded = _file_url_path(expanded)
     return Path(os.path.normpath(folder / expanded))
 
 
+def _check_no_nul(path: str, raw: str) -> None:
+    """ValueError for a path with a NUL character, which no file name can hold."""
+    if "\0" in path:
+        raise ValueError(f"the path {raw!r} holds a NUL character (\\0), which no file name can")
+
+
 def _file_url_path(url: str) -> str:
-    """The absolute local path of a `file://` URL (`file:///models/a.safetensors`,
-    %-escapes undone); ValueError for another host."""
+    """The absolute local path of a `file:` URL (`file:///models/a.safetensors`,
+    or `file:/models/a.safetensors` as urllib reads it; %-escapes undone);
+    ValueError for another host, or for no path."""
     parts = urllib.parse.urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise ValueError(
             f"{url} names the host {parts.netloc!r}; a file:// URL names a local file "
             "(file:///path/to/file)"
         )
-    return urllib.request.url2pathname(parts.path)
+    local = urllib.request.url2pathname(parts.path)
+    if local in ("", "/"):
+        raise ValueError(f"{url} names no file; a file:// URL names one (file:///path/to/file)")
+    _check_no_nul(local, url)
+    return local
 
 
 def _make_input(
@@ -373,6 +385,10 @@ def _make_input(
     spec = InputEntry(path=entry) if isinstance(entry, str) else entry
     sha256 = spec.sha256.lower() if spec.sha256 else None
     if is_url(spec.path):
+        if "\0" in spec.path:
+            raise RecipeError(
+                f"input {name!r}: the URL {spec.path!r} holds a NUL character", path, line
+            )
         try:
             adapter = is_adapter_url(spec.path)
         except Exception as exc:  # each fsspec backend raises its own kinds
