@@ -404,11 +404,12 @@ class RemoteCache:
         `{"digest": <64 hex digits>}` is rejected as corrupt (None)."""
         record = self._path("outputs", output_id)
         try:
-            digest = load_json(self._read_small(record)).get("digest")  # type: ignore[union-attr]
+            content = load_json(self._read_small(record))
         except FileNotFoundError:
             return None
-        except (ValueError, AttributeError):
-            digest = None
+        except ValueError:
+            content = None
+        digest = content.get("digest") if isinstance(content, dict) else None
         if not is_digest(digest):
             self._reject(f"outputs/{output_id}", record, transfer)
             return None
