@@ -51,6 +51,7 @@ from typing import Any
 from sdrecipe.cache import OBJECT, PACK, Cache, Location, is_digest, is_location, output_digest
 from sdrecipe.io.atomic import publish, temporary_path
 from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.text_files import read_small_file
 
 # fsspec protocols of object stores, where one PUT is atomic.
 OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
@@ -183,38 +184,22 @@ class RemoteCache:
     def _read_small(self, path: str) -> bytes:
         """A record or ref file's bytes: a regular file of at most MAX_RECORD_SIZE,
         read without ever waiting on it; ValueError for anything else."""
-        too_large = ValueError(f"larger than {MAX_RECORD_SIZE} bytes")
         if self.local_root is not None:
             try:
-                # O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOFOLLOW:
-                # a symlinked entry is refused.
-                handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+                # A symlinked entry is refused: it could lead anywhere.
+                return read_small_file(path, MAX_RECORD_SIZE, follow_symlinks=False)
             except FileNotFoundError:
                 raise
             except OSError as exc:
                 raise ValueError(f"cannot be opened ({exc})") from None
-            try:
-                found = os.fstat(handle)
-                if not stat.S_ISREG(found.st_mode):
-                    raise ValueError("not a regular file")
-                if found.st_size > MAX_RECORD_SIZE:
-                    raise too_large
-                chunks, left = [], MAX_RECORD_SIZE + 1
-                while left > 0 and (chunk := os.read(handle, min(left, 2**20))):
-                    chunks.append(chunk)
-                    left -= len(chunk)
-                data = b"".join(chunks)
-            finally:
-                os.close(handle)
-        else:
-            info = self.fs.info(path)
-            if info.get("type") != "file":
-                raise ValueError("not a file")
-            if (info.get("size") or 0) > MAX_RECORD_SIZE:
-                raise too_large
-            data = self.fs.cat_file(path, start=0, end=MAX_RECORD_SIZE + 1)
+        info = self.fs.info(path)
+        if info.get("type") != "file":
+            raise ValueError("not a file")
+        if (info.get("size") or 0) > MAX_RECORD_SIZE:
+            raise ValueError(f"larger than {MAX_RECORD_SIZE} bytes")
+        data = self.fs.cat_file(path, start=0, end=MAX_RECORD_SIZE + 1)
         if len(data) > MAX_RECORD_SIZE:
-            raise too_large
+            raise ValueError(f"larger than {MAX_RECORD_SIZE} bytes")
         return data
 
     def _removable(self, remote: str) -> bool:

@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrecipe.errors import RecipeError
+from sdrecipe.errors import RecipeError, describe_os_error
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.mapped_files import require_regular_file
+from sdrecipe.io.text_files import FileTooLarge, NotRegularFile, read_small_file
 
 # `model.safetensors.index.json`, `x.safetensors.index.fp16.json` (diffusers' old variant
 # naming), `pytorch_model.bin.index.json` (refused as an input, with a reason).
@@ -55,14 +56,15 @@ def read_index(path: Path, suffix: str = ".safetensors") -> ShardIndex:
     files. RecipeError (exit 2), naming the file and the key, for anything else."""
     require_regular_file(path)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_INDEX_BYTES + 1)
+        data = read_small_file(path, MAX_INDEX_BYTES)
     except OSError as exc:
-        raise RecipeError(f"cannot read the shard index: {exc.strerror or exc}", path) from None
-    if len(data) > MAX_INDEX_BYTES:
+        raise RecipeError(f"cannot read the shard index: {describe_os_error(exc)}", path) from None
+    except NotRegularFile as exc:  # replaced since the check above
+        raise RecipeError(f"the shard index is a {exc}, not a file", path) from None
+    except FileTooLarge:
         raise RecipeError(
             f"the shard index is larger than {MAX_INDEX_BYTES // 2**20} MiB: not an index", path
-        )
+        ) from None
     try:
         document = load_json(data, max_depth=MAX_INDEX_DEPTH)
     except ValueError as exc:
