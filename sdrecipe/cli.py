@@ -1123,11 +1123,8 @@ def inspect(
         _describe_adapter(report, say)
         return
 
-    kind = (
-        report["family"]
-        if report["variant"] == "normal"
-        else (f"{report['family']} {report['variant']}")
-    )
+    words = [report["family"], report["kind"], report["variant"]]
+    kind = " ".join(str(word) for word in words if word not in (None, "normal"))
     say(f"{model}: {report['format']}, {kind}{', with EMA' if report['ema'] else ''}")
     if report["family"] == "unknown":
         say(f"  key prefixes: {', '.join(report['key_prefixes'])}")
@@ -1216,12 +1213,14 @@ def _type_name(annotation: Any) -> str:
 @_json_option
 @_reports_errors
 def blocks(model_or_family: str, with_keys: bool, as_json: bool) -> None:
-    """List the merge blocks of a family (sd1, sd2, sdxl) or of a model file:
-    each block's key and parameter counts, in the order pasted lists use."""
+    """List the merge blocks of a family (sd1, sd2, sdxl, flux1, sd3, sd35-medium,
+    sd35-large, ...) or of a model file: each block's key and parameter counts,
+    in the order pasted lists use."""
     import math
 
     from sdrecipe.arch import layout
     from sdrecipe.arch.blocks import block_ids, block_of
+    from sdrecipe.arch.family import family_by_name, family_names
     from sdrecipe.errors import RecipeError
 
     path = Path(model_or_family)
@@ -1234,20 +1233,26 @@ def blocks(model_or_family: str, with_keys: bool, as_json: bool) -> None:
         family = detect(infos, reader.metadata).family
         sizes = {key: info.numel for key, info in infos.items()}
     else:
-        family = model_or_family
-        try:
-            shapes, _ = layout(family)
-        except FileNotFoundError:
+        data = family_by_name(model_or_family)
+        if data is None:
             raise RecipeError(
-                f"{family!r} is neither a model file nor a family (sd1, sd2, sdxl)"
-            ) from None
-        sizes = {key: math.prod(shape) for key, shape in shapes.items()}
+                f"{model_or_family!r} is neither a model file nor a family "
+                f"({', '.join(family_names())})"
+            )
+        family = data.name
+        sizes = {}
+        if data.layout is not None:
+            shapes, _ = layout(data.layout)
+            sizes = {key: math.prod(shape) for key, shape in shapes.items()}
     ids = block_ids(family)
     if not ids:
         raise RecipeError(f"{family} has no block table (no merging tool defines one)")
     table: dict[str, dict[str, Any]] = {block: {"keys": [], "parameters": 0} for block in ids}
     for key, size in sizes.items():
-        entry = table[block_of(family, key)]  # type: ignore[index]
+        block = block_of(family, key)
+        if block is None:
+            continue
+        entry = table[block]
         entry["keys"].append(key)
         entry["parameters"] += size
     if as_json:

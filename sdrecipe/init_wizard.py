@@ -84,6 +84,17 @@ TEMPLATES = {
             "A + (B - C)",
         ),
         Template(
+            "flux-fill",
+            "Flux Fill transplant: your Flux.1 fine-tune with Fill's conditioning "
+            "columns, A + (B - C)",
+            (
+                Role("A", "fill", "The official FLUX.1 Fill [dev] model", "fill"),
+                FINETUNE,
+                BASE_OF_B,
+            ),
+            "A + (B - C)",
+        ),
+        Template(
             "weighted",
             "weighted blend of two models, (1 - alpha) A + alpha B",
             (Role("A", "base", "The first model", None), Role("B", "other", "The second model")),
@@ -99,13 +110,14 @@ TEMPLATES = {
         ),
         Template(
             "block",
-            "block-weighted blend: one alpha per UNet block (a preset or pasted values)",
+            "block-weighted blend: one alpha per block (a preset or pasted values)",
             (Role("A", "base", "The first model", None), Role("B", "other", "The second model")),
             '{{method: weighted_sum, models: [A, B], alpha: "{blocks}"}}',
             (
                 Parameter(
                     "blocks",
-                    "Block weights: a preset (GRAD_V, FLAT_25, ...) or 26 / 20 numbers",
+                    "Block weights: a preset (GRAD_V, FLAT_25, ...) or 26 / 20 / 61 / 28 / 42 "
+                    "numbers",
                     "GRAD_V",
                     str,
                 ),
@@ -158,6 +170,10 @@ def detect_file(path: Path, adapter: bool) -> Detected:
     return Detected(architecture.family, architecture.variant)
 
 
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def check_combination(template: Template, found: Mapping[str, Detected]) -> None:
     """Refuse models that cannot work together: an inpainting or pix2pix model
     anywhere but as the base (A), a base of the wrong variant, or models of
@@ -168,12 +184,13 @@ def check_combination(template: Template, found: Mapping[str, Detected]) -> None
         variant = found[role.name].variant
         if not role.adapter and variant not in (NORMAL, base_variant):
             raise RecipeError(
-                f"{role.name} (--{role.flag}) is an {variant} model; the {variant} model "
-                f"must be the base, A (--{base.flag})"
+                f"{role.name} (--{role.flag}) is {_a(variant)} {variant} model; the {variant} "
+                f"model must be the base, A (--{base.flag})"
             )
     if base.variant is not None and base_variant != base.variant:
         raise RecipeError(
-            f"A (--{base.flag}) is {found[base.name].describe()}, not an {base.variant} model"
+            f"A (--{base.flag}) is {found[base.name].describe()}, not "
+            f"{_a(base.variant)} {base.variant} model"
         )
     families = {role.name: found[role.name].family for role in template.roles}
     if len(set(families.values())) > 1:

@@ -66,7 +66,9 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
     architecture = detect(infos, reader.metadata)
     components: dict[str, dict[str, int]] = {}
     for key, info in infos.items():
-        entry = components.setdefault(component_of(key), {"keys": 0, "parameters": 0})
+        entry = components.setdefault(
+            component_of(key, architecture.family), {"keys": 0, "parameters": 0}
+        )
         entry["keys"] += 1
         entry["parameters"] += info.numel
     sha256 = file_sha256(path, cache)
@@ -75,6 +77,7 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
         "format": format_of(path),
         "family": architecture.family,
         "variant": architecture.variant,
+        "kind": architecture.kind,
         "ema": architecture.ema,
         "prediction_type": architecture.prediction,
         "zero_terminal_snr": architecture.zero_terminal_snr,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from sdrecipe.arch import COMPONENTS, component_of
 from sdrecipe.arch.block_presets import LBW_BLOCKS, LBW_FAMILY, LBW_PRESETS, PRESETS
@@ -30,6 +30,7 @@ from sdrecipe.arch.blocks import (
     is_reversed_range,
     listed_block_ids,
 )
+from sdrecipe.arch.family import BlockList, families
 from sdrecipe.key_regex import key_regex
 from sdrecipe.recipe.expr import Call, Expr, ExprTransformer, ParamValue, PerKey, walk
 
@@ -51,7 +52,7 @@ class KeyContext:
 @lru_cache(maxsize=1 << 16)  # asked for every key of every node while planning
 def key_context(key: str, family: str) -> KeyContext:
     """The context of `key` in a model of `family`."""
-    return KeyContext(key, component_of(key), block_of(family, key), family)
+    return KeyContext(key, component_of(key, family), block_of(family, key), family)
 
 
 def per_block(value: str | tuple[float | int, ...]) -> PerKey:
@@ -82,28 +83,50 @@ def per_block(value: str | tuple[float | int, ...]) -> PerKey:
     return _listed(value)
 
 
+@cache
+def _pasted_lists() -> dict[int, BlockList]:
+    """The lists of block values the family files define, by length."""
+    lists: dict[int, BlockList] = {}
+    for data in families():
+        for entry in data.blocks.lists if data.blocks else ():
+            known_list = lists.setdefault(entry.length, entry)
+            if known_list.ids != entry.ids:
+                raise ValueError(f"two families define different {entry.length}-value lists")
+    return lists
+
+
 def _listed(value: tuple[float | int, ...], preset: str | None = None) -> PerKey:
     """The mapping by block ID of a list of block values (or of the preset
     named `preset`), which says what was written and which family it fits."""
     for position, number in enumerate(value, 1):
         if not math.isfinite(number):
             raise ValueError(f"value {position} of the {len(value)} in the list is {number}")
-    lengths = {26: listed_block_ids("sd1"), 25: listed_block_ids("sd1")[1:]}
-    lengths[20] = listed_block_ids("sdxl")
-    ids = lengths.get(len(value)) or LBW_BLOCKS.get(len(value))
+    pasted = _pasted_lists().get(len(value))
+    ids = pasted.ids if pasted else LBW_BLOCKS.get(len(value))
     if ids is None:
+        others = ", ".join(
+            f"{length} for {entry.fits}"
+            for length, entry in _pasted_lists().items()
+            if length not in (26, 25, 20)
+        )
         raise ValueError(
             f"a list of block values has 26 numbers for SD1/SD2 (BASE first), 25 without "
-            f"BASE, or 20 for SDXL; or, as LoRA block weights, 17 (SD1/SD2) or 12 (SDXL); "
-            f"got {len(value)}"
+            f"BASE, or 20 for SDXL; {others}; or, as LoRA block weights, 17 (SD1/SD2) or 12 "
+            f"(SDXL); got {len(value)}"
         )
     entries = list(zip(ids, value, strict=True))
     if len(value) in LBW_FAMILY:
         left_out = listed_block_ids(LBW_FAMILY[len(value)])
         entries += [(block, 0.0) for block in left_out if block not in ids]
-    if len(value) in (20, 12):
-        entries.append(("VAE", value[0]))
-    fits = "SDXL" if len(value) in (20, 12) else "SD1/SD2"
+        if LBW_FAMILY[len(value)] == "sdxl":
+            entries.append(("VAE", value[0]))
+        fits = "SDXL" if LBW_FAMILY[len(value)] == "sdxl" else "SD1/SD2"
+    else:
+        assert pasted is not None
+        named = dict(entries)
+        for block, source in pasted.unlisted.items():
+            entries.append((block, named[source] if isinstance(source, str) else float(source)))
+        fits = pasted.fits
     if preset:
         source = f"the preset {preset} ({len(value)} values, for {fits})"
     else:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sdrecipe.adapters.extract import extracted_keys
-from sdrecipe.arch import EMA_PREFIX, PREDICTION_MARKERS, VAE_PREFIX, never_merged_reason
+from sdrecipe.arch import EMA_PREFIX, PREDICTION_MARKERS, never_merged_reason, vae_prefix
 from sdrecipe.arch.blocks import block_values_taken, listed_block_ids
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
@@ -271,7 +271,8 @@ class _Planner:
         operands = self.graph.operands(node)
         base = self.info(operands[0], key)
         assert base is not None
-        if not self.graph.recipe.nodes[node].selection.selects(key):
+        family = self.families.get(self.graph.base_input(node), "unknown")
+        if not self.graph.recipe.nodes[node].selection.selects(key, family):
             return Passthrough("outside the node's selection")
         self.selecting.add(node)
         never_merged = never_merged_reason(key)
@@ -295,7 +296,7 @@ class _Planner:
             return Passthrough(f"missing from {', '.join(absent)}")
         dtypes = {self.value_dtype(o, key) for o in operands if o not in absent}
         dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-        context = key_context(key, self.families.get(self.graph.base_input(node), "unknown"))
+        context = key_context(key, family)
         expr = for_key(self.graph.recipe.nodes[node].expr, context)
         compute = Compute(
             expr, dtype, context=context if self.key_aware[node] else None, absent=frozenset(absent)
@@ -316,8 +317,8 @@ class _Planner:
                 (
                     node,
                     f"{key}: {other} has {widest} input channels and the base "
-                    f"{operands[0]} only {base.shape[1]}; the inpainting / instruct-pix2pix "
-                    "model must be the first (base) model",
+                    f"{operands[0]} only {base.shape[1]}; the inpainting / instruct-pix2pix / "
+                    "Fill model must be the first (base) model",
                 )
             )
         else:
@@ -426,7 +427,8 @@ class _Planner:
             return self.written[name]
         found = dict(base)
         if output.vae is not None:
-            found = {key: info for key, info in found.items() if not key.startswith(VAE_PREFIX)}
+            prefix = vae_prefix(self.families.get(base_name, "unknown"))
+            found = {key: info for key, info in found.items() if not key.startswith(prefix)}
             baked = self._baked_vae(name, base)
             self.baked[name] = frozenset(baked)
             found.update(baked)
@@ -448,11 +450,12 @@ class _Planner:
         output = recipe.outputs[name]
         vae = recipe.inputs[output.vae]  # type: ignore[index]
         infos = self.input_infos[vae.name]
-        baked = {key: info for key, info in infos.items() if key.startswith(VAE_PREFIX)}
+        prefix = vae_prefix(self.families.get(self.graph.base_input(output.node), "unknown"))
+        baked = {key: info for key, info in infos.items() if key.startswith(prefix)}
         problem = None
         if not baked:
             problem = f"{vae.path} holds no VAE tensors"
-        missing = sorted(key for key in base if key.startswith(VAE_PREFIX) and key not in baked)
+        missing = sorted(key for key in base if key.startswith(prefix) and key not in baked)
         if missing:
             problem = f"{vae.path} lacks {len(missing)} VAE tensor(s), e.g. {missing[0]}"
         for key, info in baked.items():

@@ -7,13 +7,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdrecipe.arch import VAE_PREFIX, vae_prefix
 from sdrecipe.arch.detect import Architecture, detect
+from sdrecipe.arch.diffusers_names import COMPONENTS
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph, build_graph
 from sdrecipe.guard import check_cache_folder, check_outputs
 from sdrecipe.io.adapter_reader import AdapterReader, guess_family
 from sdrecipe.io.diffusers_writer import TOKENIZERS
-from sdrecipe.io.readers import ModelReader, open_adapter, open_model
+from sdrecipe.io.readers import ModelReader, StandaloneVaeReader, open_adapter, open_model
 from sdrecipe.io.remote_inputs import fetch_inputs
 from sdrecipe.methods.registry import DIFFERENCE
 from sdrecipe.plan import BuildPlan, make_plan
@@ -133,6 +135,7 @@ def prepare_recipe(
             check_unmatched(graph, name, reader)
     if not force:
         check_architectures(graph, architectures)
+    _place_standalone_vaes(graph, readers, architectures)
     for name in graph.outputs:
         output = recipe.outputs[name]
         base = graph.base_input(output.node)
@@ -143,12 +146,34 @@ def prepare_recipe(
                 recipe.path,
                 output.line,
             )
+        if output.format == "diffusers" and architectures[base].family not in COMPONENTS:
+            raise RecipeError(
+                f"output {name!r}: {base} is {architectures[base].describe()}, which has "
+                "no diffusers folder layout",
+                recipe.path,
+                output.line,
+            )
     plan = make_plan(
         graph,
         {name: reader.infos() for name, reader in readers.items()},
         {name: architecture.family for name, architecture in architectures.items()},
     )
     return Prepared(recipe, graph, readers, plan, architectures)
+
+
+def _place_standalone_vaes(
+    graph: MergeGraph, readers: dict[str, ModelReader], architectures: Mapping[str, Architecture]
+) -> None:
+    """A bare VAE file baked into an output (`vae:`) is seen under the prefix
+    where the output's base family keeps its VAE (`vae.` for Flux.1)."""
+    for name in graph.outputs:
+        output = graph.recipe.outputs[name]
+        reader = readers.get(output.vae) if output.vae else None
+        if not isinstance(reader, StandaloneVaeReader):
+            continue
+        prefix = vae_prefix(architectures[graph.base_input(output.node)].family)
+        if prefix != VAE_PREFIX:
+            readers[output.vae] = StandaloneVaeReader(reader.inner, prefix)  # type: ignore[index]
 
 
 def check_unmatched(graph: MergeGraph, name: str, adapter: AdapterReader) -> None:

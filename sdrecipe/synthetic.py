@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 
 from sdrecipe.adapters.naming import LOCON_LAYERS, LORA_LAYERS
-from sdrecipe.arch import DDPM_SCHEDULE_BUFFERS, PREDICTION_MARKERS, UNET_INPUT_CONV, layout
+from sdrecipe.arch import DDPM_SCHEDULE_BUFFERS, PREDICTION_MARKERS, layout
+from sdrecipe.arch.family import family
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
-
-INPUT_CHANNELS = {"normal": None, "inpainting": 9, "instruct-pix2pix": 8}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A synthetic model: family layout, variant, value seed, an optional fine-tune
+    """A synthetic model: family, variant (the input layer's width, from the
+    family file), `layout` (the family's own when None: e.g. `flux1-schnell` or
+    `flux1-dev-aio` for family `flux1`), value seed, an optional fine-tune
     delta, optionally the DDPM schedule buffers of an LDM checkpoint, its
     scaled-linear betas ending at `beta_end` (SD's is 0.012), and optionally
     prediction `markers` (`v_pred`, `ztsnr`: empty float32 tensors, as NoobAI-XL
@@ -46,6 +47,7 @@ class ModelSpec:
     dtype: torch.dtype = torch.float16
     beta_end: float | None = None
     markers: tuple[str, ...] = ()
+    layout: str | None = None
 
 
 def schedule_buffers(beta_end: float, beta_start: float = 0.00085) -> dict[str, torch.Tensor]:
@@ -78,8 +80,21 @@ def shrink_dim(dim: int, shrink: int) -> int:
 
 
 def model_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
-    """Key → dtype and shape of the synthetic model, in the real checkpoint's key order."""
-    shapes, integer_keys = layout(spec.family)
+    """Key → dtype and shape of the synthetic model, in the real checkpoint's key order.
+
+    Widths shrink; the dims a family file keeps (channel counts, patch
+    positions) and the variant's input width do not."""
+    data = family(spec.family)
+    name = spec.layout or data.layout
+    if name is None:
+        raise ValueError(f"family {spec.family} has no reference layout")
+    shapes, integer_keys = layout(name)
+    prefixes = ("", data.model_prefix) if data.model_prefix else ("",)
+    kept = {prefix + key: dims for key, dims in data.keep_dims.items() for prefix in prefixes}
+    widths = {name: width for width, name in data.variants.values.items()} if data.variants else {}
+    if data.variants and spec.variant not in widths:
+        raise ValueError(f"{spec.family} has no variant {spec.variant!r} ({', '.join(widths)})")
+    variant_keys = {prefix + data.variants.key for prefix in prefixes} if data.variants else set()
     tensors = {}
     if spec.beta_end is not None:
         tensors = {key: TensorInfo(torch.float32, (1000,)) for key in DDPM_SCHEDULE_BUFFERS}
@@ -90,9 +105,14 @@ def model_layout(spec: ModelSpec) -> dict[str, TensorInfo]:
             )
         tensors[key] = TensorInfo(torch.float32, (0,))
     for key, shape in shapes.items():
-        new_shape = tuple(shrink_dim(dim, spec.shrink) for dim in shape)
-        if key == UNET_INPUT_CONV and INPUT_CHANNELS[spec.variant]:
-            new_shape = (new_shape[0], INPUT_CHANNELS[spec.variant], *new_shape[2:])
+        keep = kept.get(key, ())
+        new_shape = tuple(
+            dim if index in keep else shrink_dim(dim, spec.shrink)
+            for index, dim in enumerate(shape)
+        )
+        if key in variant_keys and spec.variant != "normal":
+            dim = data.variants.dim  # type: ignore[union-attr]
+            new_shape = (*new_shape[:dim], widths[spec.variant], *new_shape[dim + 1 :])
         dtype = torch.int64 if key in integer_keys else spec.dtype
         tensors[key] = TensorInfo(dtype, new_shape)
     return tensors
@@ -306,18 +326,23 @@ EXTRA_DEMO_MODELS = {
     "sd15-noise-offset.safetensors": ModelSpec(seed=1, delta_seed=5),
     "sd15-instruct-pix2pix.safetensors": ModelSpec(variant="instruct-pix2pix", seed=6),
     "sd15-style-lora.safetensors": AdapterSpec(rank=8, alpha=4.0, seed=7, convs=True),
+    # Flux.1 at a 32nd of its width (23 MB a file): the Fill transplant's demo.
+    "flux1-fill.safetensors": ModelSpec(family="flux1", variant="fill", seed=11, shrink=32),
+    "flux1-dev.safetensors": ModelSpec(family="flux1", seed=12, shrink=32),
+    "flux1-my-finetune.safetensors": ModelSpec(family="flux1", seed=12, delta_seed=13, shrink=32),
 }
 
 
 def write_model_set(
     folder: Path, models: Mapping[str, ModelSpec | AdapterSpec], shrink: int
 ) -> list[Path]:
-    """Write each model or adapter of `models` into `folder` unless it is already there."""
+    """Write each model or adapter of `models` into `folder` unless it is already
+    there, with widths divided by `shrink` or by the spec's own, if larger."""
     paths = []
     for name, spec in models.items():
         path = folder / name
         if not path.exists():
-            sized = dataclasses.replace(spec, shrink=shrink)
+            sized = dataclasses.replace(spec, shrink=max(shrink, spec.shrink))
             if isinstance(sized, AdapterSpec):
                 write_adapter(path, sized)
             else:

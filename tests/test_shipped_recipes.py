@@ -31,8 +31,9 @@ def test_there_are_demo_twins_for_every_user_template():
         "mymodel_pix2pix.yaml",
         "blend.yaml",
         "lora.yaml",
+        "flux_fill.yaml",
     }
-    assert len(DEMOS) == 4
+    assert len(DEMOS) == 5
 
 
 @pytest.mark.parametrize("recipe", DEMOS, ids=lambda p: p.name)

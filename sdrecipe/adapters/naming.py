@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from sdrecipe.arch.diffusers_names import diffusers_source
+from sdrecipe.arch.family import known
 
 # The layers kohya's trainers patch: attention and feed-forward layers of the
 # UNet's transformers and of the text encoders (OpenCLIP's fused q/k/v too) ...
@@ -33,7 +34,6 @@ LOCON_LAYERS = re.compile(
     r"^model\.diffusion_model\..*\.(in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1"
     r"|op|\d\.conv)\.weight$"
 )
-KOHYA_TEXT_ENCODER = {("sdxl", "text_encoder"): "te1", ("sdxl", "text_encoder_2"): "te2"}
 PEFT_PREFIXES = {
     "unet": ("unet.", ""),
     "text_encoder": ("text_encoder.",),
@@ -62,7 +62,8 @@ def module_names(family: str, key: str) -> tuple[KeyPart, ...]:
         parameter = "bias"
     else:
         return ()
-    if family not in ("sd1", "sd2", "sdxl", "sdxl-refiner"):
+    data = known(family)
+    if data is None or not data.adapters.patchable:
         return ()
     source = diffusers_source(family, key)
     if source is None or source.component == "vae":
@@ -82,7 +83,9 @@ def module_names(family: str, key: str) -> tuple[KeyPart, ...]:
 
 def _kohya_names(family: str, component: str, path: str) -> list[str]:
     flat = path.replace(".", "_")
-    kind = "unet" if component == "unet" else KOHYA_TEXT_ENCODER.get((family, component), "te")
+    data = known(family)
+    names = data.adapters.kohya_text_encoders if data is not None else {}
+    kind = "unet" if component == "unet" else names.get(component, "te")
     return [f"{prefix}_{kind}_{flat}" for prefix in KOHYA_PREFIXES]
 
 
@@ -94,6 +97,8 @@ def kohya_name(family: str, key: str) -> str | None:
         return None
     names = parts[0].names
     # SDXL trainers use single-file UNet paths; SD1/SD2 trainers diffusers paths.
-    if family.startswith("sdxl") and key.startswith("model.diffusion_model."):
+    data = known(family)
+    single_file = data is not None and data.adapters.kohya_unet_paths == "single_file"
+    if single_file and key.startswith("model.diffusion_model."):
         return names[2] if len(names) > 2 and names[2].startswith("lora_unet_") else names[0]
     return names[0]

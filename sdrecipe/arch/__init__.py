@@ -6,7 +6,6 @@ import json
 from functools import cache, lru_cache
 from importlib import resources
 
-UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 VAE_PREFIX = "first_stage_model."
 UNET_INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
@@ -40,10 +39,10 @@ PREDICTION_MARKERS = {
     ZERO_TERMINAL_SNR_MARKER: "zero terminal SNR marker",
 }
 
-# UNet input channels that identify the variants the channel rule is about.
-VARIANT_BY_INPUT_CHANNELS = {4: "normal", 9: "inpainting", 8: "instruct-pix2pix"}
 
-# The component each key prefix belongs to, most specific first.
+# The component each key prefix belongs to, most specific first, where the
+# family is not known (the SD families' prefixes); a family's own file says it
+# for its models (`sdrecipe.arch.family`).
 COMPONENT_PREFIXES = (
     ("model.diffusion_model.", "unet"),
     (VAE_PREFIX, "vae"),
@@ -54,13 +53,37 @@ COMPONENT_PREFIXES = (
 )
 
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "ema", "other")
+COMPONENTS = (
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "ema",
+    "other",
+)
 
 
 @lru_cache(maxsize=1 << 16)  # asked for every key of every node while planning
-def component_of(key: str) -> str:
-    """`unet`, `vae`, `text_encoder`, `text_encoder_2`, `ema` or `other`."""
+def component_of(key: str, family: str = "unknown") -> str:
+    """The component of `key` in a model of `family`: one of `COMPONENTS`."""
+    from sdrecipe.arch.family import known
+
+    data = known(family)
+    if data is not None and data.components:
+        return data.component_of(key)
     return next((name for prefix, name in COMPONENT_PREFIXES if key.startswith(prefix)), "other")
+
+
+def vae_prefix(family: str) -> str:
+    """Where a checkpoint of `family` keeps its VAE (`first_stage_model.`, or
+    `vae.` in ComfyUI's Flux.1 checkpoints)."""
+    from sdrecipe.arch.family import known
+
+    data = known(family)
+    prefix = next((c.prefix for c in data.components if c.name == "vae"), None) if data else None
+    return prefix or VAE_PREFIX
 
 
 # Old SD1 checkpoints name the CLIP text model without `text_model.`.

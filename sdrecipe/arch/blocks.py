@@ -1,88 +1,79 @@
-"""UNet block tables for block-weighted merging (MBW), as data and one rule.
+"""Block tables for block-weighted merging (MBW), read from the family files.
 
-The IDs and their order are supermerger's, which users paste lists in:
-- SD1 and SD2: `BASE`, `IN00`..`IN11`, `M00`, `OUT00`..`OUT11` (26 IDs);
-- SDXL: `BASE`, `IN00`..`IN08`, `M00`, `OUT00`..`OUT08` (20 IDs), and `VAE`.
-
-Where a key goes follows the majority convention (supermerger, sd-meh and the
-original MBW extension): `time_embed` and `label_emb` are IN00, the final
-`out.` layers are the last OUT block, `input_blocks.N` is INnn,
-`middle_block` is M00, `output_blocks.N` is OUTnn; the text encoders, EMA and
-every other key are BASE. The VAE is BASE for SD1/SD2 and `VAE` for SDXL
-(supermerger's XL slot). No tool defines blocks for the SDXL refiner, so it
-has none. Imports no torch.
+Each family file's `blocks:` lists the IDs in the order users paste lists in
+(supermerger's: `BASE`, `IN00`..`IN11`, `M00`, `OUT00`..`OUT11` for SD1/SD2;
+`CLIP`, `T5`, `IN`, `D00`..`D18`, `S00`..`S37`, `OUT` for Flux.1, ...) and
+the rules that put a key in a block: regexes tried in order, the first that
+finds a match wins, else the family's default block. A family without a
+table (the SDXL refiner: no tool defines one) has no blocks. Imports no torch.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from functools import cache, lru_cache
 
-from sdrecipe.arch import UNET_PREFIX, VAE_PREFIX
+from sdrecipe.arch.family import Blocks, families, known
 
 BASE = "BASE"
-_LEVELS = {"sd1": 12, "sd2": 12, "sdxl": 9}
+
+
+def _table(family: str) -> Blocks | None:
+    data = known(family)
+    return data.blocks if data is not None else None
 
 
 def block_ids(family: str) -> tuple[str, ...]:
-    """The family's block IDs in supermerger's order; empty when it has none."""
-    count = _LEVELS.get(family)
-    if count is None:
-        return ()
-    ids = (
-        BASE,
-        *(f"IN{n:02}" for n in range(count)),
-        "M00",
-        *(f"OUT{n:02}" for n in range(count)),
-    )
-    return (*ids, "VAE") if family == "sdxl" else ids
+    """The family's block IDs in table order; empty when it has none."""
+    table = _table(family)
+    return table.ids if table is not None else ()
 
 
 def listed_block_ids(family: str) -> tuple[str, ...]:
-    """The IDs a pasted list of values covers, in order (SDXL's VAE is not listed)."""
-    return tuple(block for block in block_ids(family) if block != "VAE")
+    """The IDs the family's longest pasted list covers, in order (SDXL's VAE is not listed)."""
+    table = _table(family)
+    if table is None or not table.lists:
+        return ()
+    return max(table.lists, key=lambda entry: entry.length).ids
 
 
 def block_values_taken(family: str) -> str:
     """What a list of block values for `family` may be, in words."""
-    if family in ("sd1", "sd2"):
-        return "26 values (BASE first), 25 (without BASE), 17 (LoRA block weights) or a preset"
-    if family == "sdxl":
-        return "20 values (BASE first) or 12 (LoRA block weights); no tool defines SDXL presets"
-    return "no list: it has no block table"
+    table = _table(family)
+    return table.taken if table is not None else "no list: it has no block table"
 
 
-_NUMBERED = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
-
-
+@lru_cache(maxsize=1 << 16)
 def block_of(family: str, key: str) -> str | None:
-    """The block of `key` in `family`, or None for a family without a table."""
-    count = _LEVELS.get(family)
-    if count is None:
+    """The block of `key` in `family`, or None for a family without a table
+    (or a key no rule places, where the family has no default)."""
+    table = _table(family)
+    if table is None:
         return None
-    if key.startswith(VAE_PREFIX):
-        return "VAE" if family == "sdxl" else BASE
-    if not key.startswith(UNET_PREFIX):
-        return BASE
-    rest = key[len(UNET_PREFIX) :]
-    if rest.startswith(("time_embed.", "label_emb.")):
-        return "IN00"
-    if rest.startswith("out."):
-        return f"OUT{count - 1:02}"
-    match = _NUMBERED.match(rest)
-    if match is None:
-        return BASE
-    kind, index = match[1], int(match[2])
-    if kind == "middle_block":
-        return "M00"
-    return f"{'IN' if kind == 'input_blocks' else 'OUT'}{index:02}"
+    for rule in table.rules:
+        match = _pattern(rule.match).search(key)
+        if match is not None:
+            groups = [int(g) if g.isdigit() else g for g in match.groups()]
+            return rule.block.format(*groups)
+    return table.default
+
+
+@cache
+def _pattern(text: str) -> re.Pattern[str]:
+    return re.compile(text)
+
+
+@cache
+def _all_tables() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple((f.name, f.blocks.ids) for f in families() if f.blocks is not None)
 
 
 def is_block_label(label: str) -> bool:
     """True for a label that names blocks of some family: an ID, a range
     (`IN04-IN08`) or a glob (`OUT*`)."""
     return any(
-        block_matches(label, block, family) for family in _LEVELS for block in block_ids(family)
+        block_matches(label, block, family) for family, ids in _all_tables() for block in ids
     )
 
 
@@ -91,7 +82,7 @@ def is_reversed_range(label: str) -> bool:
     first, dash, last = label.partition("-")
     return bool(dash) and any(
         first in ids and last in ids and ids.index(first) > ids.index(last)
-        for ids in map(block_ids, _LEVELS)
+        for _, ids in _all_tables()
     )
 
 

@@ -28,6 +28,7 @@ from sdrecipe.adapters.modules import (
 )
 from sdrecipe.adapters.naming import module_names
 from sdrecipe.arch import layout
+from sdrecipe.arch.family import families
 from sdrecipe.errors import BuildError, RecipeError
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.finite import is_finite
@@ -35,7 +36,8 @@ from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 
-ADAPTER_FAMILIES = ("sd1", "sd2", "sdxl")
+# The families adapters are made for (those whose files say how kohya names LoRA outputs).
+ADAPTER_FAMILIES = tuple(data.name for data in families() if data.adapters.lora is not None)
 # diffusers writes the PEFT config (lora_alpha, r) into the file's metadata under this name.
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 DELTA_VERSION = "sdrecipe-adapter-delta-1"

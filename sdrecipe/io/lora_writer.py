@@ -24,31 +24,27 @@ from sdrecipe.adapters.extract import (
     layer_rank,
 )
 from sdrecipe.adapters.naming import kohya_name, module_names
+from sdrecipe.arch.family import known
 from sdrecipe.errors import BuildError
 from sdrecipe.io.dtypes import NAME_TO_DTYPE
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.recipe.model import LoraOptions
 
-# kohya's `ss_base_model_version` and the modelspec architecture, per family.
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {
-    "sd1": "stable-diffusion-v1/lora",
-    "sd2": "stable-diffusion-v2-512/lora",
-    "sdxl": "stable-diffusion-xl-v1-base/lora",
-}
-
 
 def lora_metadata(family: str, rank: int, conv_rank: int | None) -> dict[str, str]:
     """The training metadata A1111, ComfyUI and kohya's tools read from a LoRA
-    whose largest rank is `rank` (`conv_rank` for 3x3 convolutions, if any)."""
+    whose largest rank is `rank` (`conv_rank` for 3x3 convolutions, if any);
+    kohya's `ss_base_model_version` and the modelspec architecture are the family file's."""
+    data = known(family)
+    lora = data.adapters.lora if data is not None else None
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
-        "ss_v2": str(family == "sd2"),
-        "ss_base_model_version": BASE_MODEL_VERSION.get(family, family),
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE.get(family, family),
+        "ss_v2": str(lora is not None and lora.v2),
+        "ss_base_model_version": lora.base_model_version if lora else family,
+        "modelspec.architecture": lora.modelspec if lora else family,
     }
     if conv_rank:
         metadata["ss_network_args"] = (

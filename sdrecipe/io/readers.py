@@ -44,17 +44,17 @@ STANDALONE_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_co
 
 
 class StandaloneVaeReader:
-    """A VAE file whose keys lack `first_stage_model.`, as VAEs are distributed,
-    seen under that prefix; other tensors (a training loss's) are left out."""
+    """A VAE file whose keys lack `first_stage_model.` (or `prefix`), as VAEs
+    are distributed, seen under that prefix; other tensors (a training loss's)
+    are left out."""
 
-    def __init__(self, reader: ModelReader):
+    def __init__(self, reader: ModelReader, prefix: str = VAE_PREFIX):
         self._reader = reader
         self.path = reader.path
         self.metadata = reader.metadata
+        self.inner = reader
         self._names = {
-            VAE_PREFIX + key: key
-            for key in reader.infos()
-            if key.startswith(STANDALONE_VAE_PREFIXES)
+            prefix + key: key for key in reader.infos() if key.startswith(STANDALONE_VAE_PREFIXES)
         }
 
     def keys(self) -> list[str]:

@@ -97,7 +97,7 @@ class Comparison:
         """Count one key's sums in its key, component, block and the total."""
         self.keys[key] = sums
         self.total.add(sums)
-        self.components.setdefault(component_of(key), Sums()).add(sums)
+        self.components.setdefault(component_of(key, family), Sums()).add(sums)
         block = block_of(family, key)
         if block is not None:
             self.blocks.setdefault(block, Sums()).add(sums)
