@@ -12,6 +12,7 @@ from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.identity import Identities, tensor_identities
 from sdrecipe.io.readers import tensor_digests
+from sdrecipe.io.shard_layout import written_path
 from sdrecipe.lock import Lock, read_lock
 from sdrecipe.prepare import Prepared, tokenizer_folders
 from sdrecipe.provenance import output_metadata
@@ -42,14 +43,15 @@ class Assessment:
 
 def _written_as(prepared: Prepared, output: str) -> dict[str, str]:
     """What decides an output's bytes besides its tensors and metadata: the
-    format, and for a diffusers folder the tokenizer files it copies."""
+    format, the shard size, and for a diffusers folder the tokenizer files it copies."""
     spec = prepared.recipe.outputs[output]
     if spec.lora is not None:
         return {"format": spec.format, "lora": repr(spec.lora), "extraction": LORA_EXTRACTION}
+    shards = {} if spec.max_shard_size is None else {"max_shard_size": str(spec.max_shard_size)}
     if spec.format != "diffusers":
-        return {"format": spec.format}
+        return {"format": spec.format, **shards}
     tokenizers = tokenizer_folders(prepared, output)
-    return {"format": spec.format, **{n: sha256_of(f) for n, f in tokenizers.items()}}
+    return {"format": spec.format, **shards, **{n: sha256_of(f) for n, f in tokenizers.items()}}
 
 
 def fingerprint_inputs(
@@ -145,7 +147,7 @@ def _output_facts(
     cache: Cache | None,
     force: bool,
 ) -> OutputFacts:
-    path = prepared.recipe.outputs[name].path
+    path = written_path(prepared.recipe.outputs[name])
     exists = path.exists()
     locked = lock.outputs.get(name) if lock else None
     current = (

@@ -24,6 +24,8 @@ from sdrecipe.executor import CacheUse, Executor, KeyResult
 from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy, uninterrupted
 from sdrecipe.io.page_cache import memory_is_short
+from sdrecipe.io.shard_layout import index_path, shards_apply, written_path
+from sdrecipe.io.sharded_writer import remove_superseded
 from sdrecipe.io.writers import OutputWriter, open_writer
 from sdrecipe.lock import BuiltOutput, updated_lock, write_lock
 from sdrecipe.plan import MERGED
@@ -233,8 +235,11 @@ class _Builder:
 
     def _publish_restored(self, name: str, staged: Path) -> None:
         assert self.cache is not None
-        output = self.prepared.recipe.outputs[name].path
+        spec = self.prepared.recipe.outputs[name]
+        output = spec.path
         publish(staged, output)
+        if shards_apply(spec):  # one shard: the index of an earlier, sharded build goes
+            remove_superseded(index_path(output))
         self.cache.remember(DIGEST, output, FileStat.of(output), self.digests[name])
         self.states[name] = "restored from cache"
         self.stats.outputs_restored += 1
@@ -310,7 +315,8 @@ class _Builder:
         """Take the new output's content digest (from its tensors' digests when
         the writer can) and link the output into the cache as a pack, with refs
         to its computed tensors."""
-        output = self.prepared.recipe.outputs[name].path
+        spec = self.prepared.recipe.outputs[name]
+        output = written_path(spec)  # the index, for an output written as shards
         digests = self._tensor_digests[name]
         digest = writer.content_digest(digests)
         if digest is None:
@@ -318,8 +324,8 @@ class _Builder:
         elif self.cache is not None:
             self.cache.remember(DIGEST, output, FileStat.of(output), digest)
         self.digests[name] = digest
-        if self.cache is None or not self.cache.tensors or output.is_dir():
-            return  # folders are not kept as packs
+        if self.cache is None or not self.cache.tensors or output.is_dir() or output != spec.path:
+            return  # folders and shards are not kept as packs
         self.cache.add_pack(output, digest, self.assessment.output_ids[name])
         if self.prepared.recipe.outputs[name].lora is not None:
             return  # a LoRA's tensors are factors, not the node's values
@@ -356,12 +362,13 @@ class _Builder:
             status = REBUILD if name in self._not_from_cache else FROM_CACHE
         else:
             status = UP_TO_DATE if state == "up to date" else FROM_CACHE
+        path = written_path(output_plan.output)
         return OutputSummary(
             name=name,
-            path=output_plan.output.path,
+            path=path,
             state=state,
             status=status,
-            size=FileStat.of(output_plan.output.path).size,
+            size=FileStat.of(path).size,
             digest=self.digests[name],
             merged=merged,
             passed_through=dict(sorted(counts.items())),

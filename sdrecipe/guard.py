@@ -23,13 +23,21 @@ from sdrecipe.cache import check_cache_root
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.shard_index import index_files, is_shard_index
+from sdrecipe.io.shard_layout import (
+    index_path,
+    shard_family,
+    shard_pattern,
+    shards_apply,
+)
 from sdrecipe.lock import lock_path
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.schema import LEGACY_PROVENANCE_FIELD, RECIPE_FIELD
 from sdrecipe.views.marks import VIEW_KINDS, carries_mark
 
-# A diffusers folder that sdrecipe wrote carries its provenance in this file's header.
+# A diffusers folder that sdrecipe wrote carries its provenance in this file's
+# header: the UNet's, or the transformer's (Flux.1, SD3).
 MARKED_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+MARKED_TRANSFORMER_WEIGHTS = Path("transformer") / "diffusion_pytorch_model.safetensors"
 _MAX_MARKER_HEADER = 100 * 1024 * 1024
 
 
@@ -41,6 +49,8 @@ def check_outputs(recipe: Recipe, cache_root: Path | None, names: Iterable[str])
     for name in names:
         spec = recipe.outputs[name]
         problem = target_problem(spec.path, spec.format, protected)
+        if problem is None and shards_apply(spec):
+            problem = _shards_problem(spec.path, protected)
         if problem:
             raise RecipeError(
                 f"output {name!r}: {spec.path} {problem}; sdrecipe never replaces what it did "
@@ -59,27 +69,65 @@ def check_outputs(recipe: Recipe, cache_root: Path | None, names: Iterable[str])
             )
 
 
+def _shards_problem(path: Path, protected: Sequence[tuple[str, Path]]) -> str | None:
+    """Why writing the shards and index of the output at `path` could replace or
+    delete what sdrecipe did not write, or None: the index is checked as the
+    output's path is, and so is every file in its folder named as one of its
+    shards would be, of any count (an input among them, or a link to one)."""
+    index = index_path(path)
+    problem = target_problem(index, "safetensors", protected)
+    if problem:
+        return f"has the shard index {index.name}, which {problem}"
+    folder = Path(os.path.realpath(path.parent))
+    pattern = shard_pattern(path)
+    named = [(what, other) for what, other in protected if pattern.fullmatch(other.name)]
+    for what, other in named:
+        if Path(os.path.realpath(other.parent)) == folder:
+            return f"would have {other.name} as a shard, which is {what}"
+    try:
+        existing = [found for found in folder.iterdir() if pattern.fullmatch(found.name)]
+    except OSError:
+        existing = []
+    for shard in existing:
+        problem = target_problem(shard, "safetensors", protected)
+        if problem:
+            return f"would have {shard.name} as a shard, which {problem}"
+    return None
+
+
 class _OutputPlaces:
     """Every output by resolved path, by each folder above it, and (if it
     exists) by file identity, so that finding an output's clash with another
     costs the depth of its path: a sweep has up to 1,000 outputs, and comparing
-    every pair took minutes."""
+    every pair took minutes. A sharded output is also at its index, and
+    clashes with an output named as one of its shards would be."""
 
     def __init__(self, recipe: Recipe):
         self.real: dict[str, Path] = {}
         self.places: dict[str, list[object]] = {}  # real path, and (device, inode)
+        self.seeks: dict[str, list[object]] = {}  # marks of others it clashes with
         self.at: dict[object, list[str]] = {}
         self.under: dict[Path, list[str]] = {}
         for name, spec in recipe.outputs.items():
             real = self.real[name] = Path(os.path.realpath(spec.path))
             places = self.places[name] = [real]
+            marks: list[object] = []
+            seeks = self.seeks[name] = []
+            if shards_apply(spec):
+                places.append(index_path(real))
+                marks.append(("shards of", real.parent, real.name))
+                seeks.append(("a shard of", real.parent, real.name))
+            family = shard_family(real)
+            if family is not None:
+                marks.append(("a shard of", *family))
+                seeks.append(("shards of", *family))
             try:
                 found = os.stat(spec.path)
             except OSError:
                 pass
             else:
                 places.append((found.st_dev, found.st_ino))
-            for place in places:
+            for place in [*places, *marks]:
                 self.at.setdefault(place, []).append(name)
             for folder in real.parents:
                 self.under.setdefault(folder, []).append(name)
@@ -88,8 +136,8 @@ class _OutputPlaces:
         """How output `name` would touch another output (`is`, `contains`, `lies
         inside`) and which, or None."""
         real = self.real[name]
-        for place in self.places[name]:
-            for other in self.at[place]:
+        for place in [*self.places[name], *self.seeks[name]]:
+            for other in self.at.get(place, ()):
                 if other != name:
                     return "is", other
         if real in self.under:
@@ -194,12 +242,22 @@ def _marked_view(path: Path, kind: str) -> bool:
 
 
 def written_by_sdrecipe(folder: Path) -> bool:
-    """True for an empty folder, or a diffusers folder whose UNet file's header
-    holds sdrecipe's provenance."""
+    """True for an empty folder, or a diffusers folder whose UNet (or
+    transformer) file's header (or its first shard's) holds sdrecipe's provenance."""
     if not any(folder.iterdir()):
         return True
+    return any(
+        _carries_provenance(folder / weights)
+        for weights in (MARKED_WEIGHTS, MARKED_TRANSFORMER_WEIGHTS)
+    )
+
+
+def _carries_provenance(marked: Path) -> bool:
+    shards = None if marked.exists() else index_files(index_path(marked))
+    if shards:  # written with `max_shard_size`: every shard carries the provenance
+        marked = shards[1]
     try:
-        with open(folder / MARKED_WEIGHTS, "rb") as handle:
+        with open(marked, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             if length > _MAX_MARKER_HEADER:
                 return False

@@ -22,6 +22,7 @@ from sdrecipe import OUTPUT_FORMAT, __version__
 from sdrecipe.errors import BuildError, RecipeError, describe_os_error
 from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.atomic import write_text_atomically
+from sdrecipe.io.shard_layout import written_path
 from sdrecipe.io.text_files import read_text_file
 from sdrecipe.recipe import Recipe
 
@@ -186,7 +187,7 @@ def updated_lock(
     for node, node_id in node_ids.items():
         nodes[node] = LockedNode(recipe.nodes[node].signature, node_id)
     for name, output in built.items():
-        path = recipe.outputs[name].path
+        path = written_path(recipe.outputs[name])  # the index, for an output written as shards
         outputs[name] = LockedOutput(
             path=relative_to_recipe(path, recipe.path),
             size=FileStat.of(path).size,

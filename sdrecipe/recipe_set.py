@@ -14,6 +14,7 @@ import networkx as nx
 
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import build_graph
+from sdrecipe.io.shard_layout import output_places
 from sdrecipe.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def load_recipe_set(paths: Sequence[Path], keep_going: bool = False) -> RecipeSe
                     output.line,
                 )
             writers[target] = (recipe, name)
+            for place in output_places(output)[1:]:  # a sharded output's index
+                writers.setdefault(place.resolve(), (recipe, name))
     dependencies = nx.DiGraph()
     dependencies.add_nodes_from(recipe.path for recipe in recipes)
     upstream: dict[Path, tuple[Upstream, ...]] = {}
@@ -148,6 +151,7 @@ def planned_statuses(
                 )
         for status in found:
             if status.output is not None and status.state != UP_TO_DATE:
-                changing[recipe.outputs[status.output].path.resolve()] = status.node
+                for place in output_places(recipe.outputs[status.output]):
+                    changing[place.resolve()] = status.node
         statuses[recipe.path] = found
     return statuses

@@ -14,6 +14,7 @@ from sdrecipe.fingerprint import FileStat
 from sdrecipe.graph import build_graph
 from sdrecipe.guard import check_cache_folder, check_outputs
 from sdrecipe.io.atomic import remove_stale_temporaries
+from sdrecipe.io.shard_layout import written_path
 from sdrecipe.lock import built_from, read_lock
 from sdrecipe.recipe import load_recipe
 
@@ -46,7 +47,7 @@ def current_outputs(
             if sha is None or (spec.sha256 and spec.sha256 != sha):
                 return None
             shas[leaf] = sha
-        path = recipe.outputs[name].path
+        path = written_path(recipe.outputs[name])
         if built_from(recipe.text, shas) != entry.built_from:
             return None
         if _known(cache, DIGEST, path) != entry.digest:

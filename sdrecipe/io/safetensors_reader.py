@@ -21,6 +21,7 @@ from sdrecipe.fingerprint import (
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import CODE_TO_DTYPE
 from sdrecipe.io.mapped_files import require_regular_file, watch_mapping
+from sdrecipe.io.shard_index import index_files, is_shard_index
 from sdrecipe.io.tensor_info import TensorInfo
 
 _MAX_HEADER = 100 * 1024 * 1024
@@ -175,9 +176,21 @@ def _start(entry: object) -> int:
 
 def output_digest(path: Path) -> str:
     """The content digest of an output: a safetensors file's (`content_digest`),
-    a folder's (`folder_digest` of its files'), or any other file's bytes'."""
+    a folder's (`folder_digest` of its files'), a sharded model's (the
+    `folder_digest` of its index and shards, by file name), or any other file's
+    bytes'."""
     if path.is_dir():
-        return folder_digest({name: output_digest(path / name) for name in folder_files(path)})
+        return folder_digest({name: file_digest(path / name) for name in folder_files(path)})
+    files = index_files(path) if is_shard_index(path) else None
+    if files is not None:
+        index, *shards = files
+        digests = {index.name: bytes_digest(index)}
+        return folder_digest({**digests, **{shard.name: file_digest(shard) for shard in shards}})
+    return file_digest(path)
+
+
+def file_digest(path: Path) -> str:
+    """The content digest of one file: a safetensors file's, or its bytes'."""
     try:
         reader = SafetensorsReader(path)
     except RecipeError:

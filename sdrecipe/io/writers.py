@@ -9,7 +9,7 @@ from typing import Protocol
 from sdrecipe.arch.detect import Architecture
 from sdrecipe.io.diffusers_writer import DiffusersWriter
 from sdrecipe.io.lora_writer import LoraWriter
-from sdrecipe.io.safetensors_writer import SafetensorsWriter
+from sdrecipe.io.sharded_writer import open_safetensors_writer
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.recipe.model import Output
 
@@ -44,12 +44,21 @@ def open_writer(
     tokenizers: Mapping[str, Path],
     drop_written: bool = False,
 ) -> OutputWriter:
-    """A writer for one output: a safetensors file, a diffusers folder, or a LoRA
-    (see `SafetensorsWriter` for `drop_written`; a LoRA is small and kept)."""
+    """A writer for one output: a safetensors file (or its shards, with
+    `max_shard_size`), a diffusers folder, or a LoRA (see `SafetensorsWriter`
+    for `drop_written`; a LoRA is small and kept)."""
     if output.format == "diffusers":
         return DiffusersWriter(
-            output.path, tensors, metadata, architecture, tokenizers, drop_written
+            output.path,
+            tensors,
+            metadata,
+            architecture,
+            tokenizers,
+            drop_written,
+            output.max_shard_size,
         )
     if output.lora is not None:
         return LoraWriter(output.path, tensors, metadata, architecture.family, output.lora)
-    return SafetensorsWriter(output.path, tensors, metadata, drop_written=drop_written)
+    return open_safetensors_writer(
+        output.path, tensors, metadata, output.max_shard_size, drop_written
+    )

@@ -16,6 +16,7 @@ from sdrecipe.errors import RecipeError
 from sdrecipe.io.adapter_files import is_adapter_path
 from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.io.remote_inputs import is_adapter_url, is_url, remote_placeholder
+from sdrecipe.io.shard_layout import SUFFIX as SHARDED_SUFFIX
 from sdrecipe.io.text_files import read_text_file
 from sdrecipe.key_regex import key_regex
 from sdrecipe.methods import get_method
@@ -540,6 +541,17 @@ def _make_output(
             path,
             document.line_of(("outputs", name)),
         )
+    if (
+        spec.max_shard_size is not None
+        and spec.format == "safetensors"
+        and not resolved.name.lower().endswith(SHARDED_SUFFIX)
+    ):
+        raise RecipeError(
+            f"output {name!r}: max_shard_size names shards after the output's file, which must "
+            f"end in {SHARDED_SUFFIX} (e.g. model.safetensors → model-00001-of-00002.safetensors)",
+            path,
+            document.line_of(("outputs", name, "max_shard_size")),
+        )
     # `vae` names an input, or a file that becomes the input `<output>.vae`.
     vae = spec.vae if spec.vae is None or spec.vae in inputs else f"{name}.vae"
     lora = None
@@ -560,4 +572,5 @@ def _make_output(
         vae=vae,
         metadata=dict(spec.metadata),
         lora=lora,
+        max_shard_size=spec.max_shard_size,
     )

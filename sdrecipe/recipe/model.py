@@ -45,9 +45,9 @@ class KeySelection:
     include_keys: tuple[KeyRegex, ...] = ()
     exclude_keys: tuple[KeyRegex, ...] = ()
 
-    def selects(self, key: str) -> bool:
-        """True when the node merges `key`."""
-        component = component_of(key)
+    def selects(self, key: str, family: str = "unknown") -> bool:
+        """True when the node merges `key` of a model of `family`."""
+        component = component_of(key, family)
         return (
             (not self.only or component in self.only)
             and component not in self.exclude
@@ -130,7 +130,9 @@ class Output:
     `prune_ema` drops `model_ema.*`; `vae` names the input whose VAE
     replaces the node's (`first_stage_model.*`); `metadata` adds header fields;
     `space` is `model`, or `difference` for a file of deltas; `origin` is the
-    output a matrix variant was made from.
+    output a matrix variant was made from. `max_shard_size` (bytes of tensor
+    data) writes a safetensors model, or each weights file of a diffusers
+    folder, as shards behind an index (see `sdrecipe.io.shard_layout`).
     """
 
     node: str
@@ -144,6 +146,7 @@ class Output:
     space: str = "model"
     lora: LoraOptions | None = None
     origin: str | None = None
+    max_shard_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sdrecipe.io.shard_layout import parse_shard_size
+
 DTYPE_ALIASES = {
     "float16": "float16",
     "fp16": "float16",
@@ -18,7 +20,16 @@ DTYPE_ALIASES = {
 }
 
 OutputDtype = Literal["float16", "bfloat16", "float32"]
-Component = Literal["unet", "vae", "text_encoder", "text_encoder_2", "ema", "other"]
+Component = Literal[
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "ema",
+    "other",
+]
 # sdrecipe's own provenance fields (see sdrecipe.provenance). Earlier outputs held
 # one JSON object under LEGACY_PROVENANCE_FIELD instead.
 VERSION_FIELD = "sdrecipe.version"
@@ -111,6 +122,8 @@ class OutputEntry(_Strict):
     space: Literal["model", "difference"] | None = None
     vae: str | None = Field(default=None, min_length=1)
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Bytes of tensor data per shard (`5GB`, `2GiB`, or an int): see `sdrecipe.io.shard_layout`.
+    max_shard_size: int | None = None
     # `format: lora` only: the extracted LoRA's ranks, clamp, and text encoders.
     rank: int | None = Field(default=None, ge=1)
     conv_rank: int | None = Field(default=None, ge=1)
@@ -127,6 +140,8 @@ class OutputEntry(_Strict):
                 raise ValueError("a LoRA holds a difference, not a model (drop `space`)")
             if self.vae is not None or self.prune_ema:
                 raise ValueError("`vae` and `prune_ema` do not apply to a LoRA")
+            if self.max_shard_size is not None:
+                raise ValueError("`max_shard_size` does not apply to a LoRA (it is one small file)")
         return self
 
     @field_validator("metadata")
@@ -136,6 +151,11 @@ class OutputEntry(_Strict):
         if reserved:
             raise ValueError(f"sdrecipe writes {', '.join(reserved)} itself")
         return value
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _shard_size(cls, value: Any) -> Any:
+        return value if value is None else parse_shard_size(value)
 
     @field_validator("dtype", mode="before")
     @classmethod
