@@ -1,19 +1,29 @@
 """Do diffusers and transformers load the folders sdrecipe writes?
 
 `make check-diffusers` runs this twice. `prepare FOLDER` (sdrecipe's venv)
-writes a synthetic model of each family (widths / 8) and converts it to a
+writes a synthetic model of each family (widths / 8; Flux.1's / 16) and converts it to a
 diffusers folder with sdrecipe. `check FOLDER` (a venv with diffusers) loads
 each folder with `DiffusionPipeline.from_pretrained`, compares the UNet and
 VAE weights with diffusers' own conversion of the single file and the text
 encoders with the single file, and runs the UNet and the VAE decoder once.
 For SD1 and SDXL it also loads a LoRA that sdrecipe extracted from a
 fine-tune (`format: lora`) with `load_lora_weights`, fuses it, and compares
-the weights with sdrecipe's own bake of that LoRA. It exits non-zero on any
-difference.
+the weights with sdrecipe's own bake of that LoRA.
+
+Flux.1 (ComfyUI's all-in-one dev, BFL's schnell, Fill) and SD3 / SD3.5
+(Medium, 3.5 Medium, 3.5 Large) go the same way: their transformers are
+loaded with `FluxTransformer2DModel.from_pretrained` /
+`SD3Transformer2DModel.from_pretrained` (the rest with the pipeline) and
+every tensor is compared with diffusers' own single-file converters
+(`convert_flux_transformer_checkpoint_to_diffusers`,
+`convert_sd3_transformer_checkpoint_to_diffusers`, and its VAE, CLIP and T5
+conversions); the transformer, the VAE decoder and the text encoders run
+once. It exits non-zero on any difference.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,6 +47,19 @@ inputs: {{A: {family}.safetensors, L: {family}-lora.safetensors}}
 nodes: {{baked: A + L}}
 outputs: {{baked: {{path: {family}-baked.safetensors, dtype: fp32}}}}
 """
+# Flux.1 and SD3 / SD3.5: name → (family, layout or None, variant, shrink).
+DIT_MODELS = {
+    "flux1-dev-aio": ("flux1", "flux1-dev-aio", "normal", 16),
+    "flux1-schnell": ("flux1", "flux1-schnell", "normal", 16),
+    "flux1-fill": ("flux1", None, "fill", 16),
+    "sd3": ("sd3", None, "normal", 8),
+    "sd35-medium": ("sd35-medium", None, "normal", 8),
+    "sd35-large": ("sd35-large", None, "normal", 8),
+}
+DIT_CLASSES = {"flux1": "FluxTransformer2DModel"}  # the SD3 families: SD3Transformer2DModel
+MODEL_PREFIX = "model.diffusion_model."
+VAE_PREFIXES = ("vae.", "first_stage_model.")
+CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 
 
 def prepare(folder: Path) -> None:
@@ -61,6 +84,25 @@ def prepare(folder: Path) -> None:
                 text = recipe.format(family=family)
                 recipe_path = folder / f"{family}-{name}.yaml"
                 build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
+    prepare_dit(folder)
+
+
+def prepare_dit(folder: Path) -> None:
+    """The Flux.1 and SD3 / SD3.5 single files and their diffusers folders."""
+    from sdrecipe.build import build
+    from sdrecipe.prepare import prepare_recipe
+    from sdrecipe.recipe.loader import parse_recipe
+    from sdrecipe.synthetic import ModelSpec, write_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (family, layout, variant, shrink) in DIT_MODELS.items():
+        spec = ModelSpec(family, variant=variant, shrink=shrink, seed=1, layout=layout)
+        single = write_model(folder / f"{name}.safetensors", spec)
+        text = (
+            f"inputs: {{A: {single.name}}}\nnodes: {{model: A}}\n"
+            f"outputs: {{model: {{path: {name}-diffusers, format: diffusers}}}}\n"
+        )
+        build(prepare_recipe(parse_recipe(text, folder / f"{name}.yaml")), threads=2)
 
 
 def check_lora(folder: Path, family: str, pipe: object, single: dict) -> list[str]:
@@ -161,6 +203,128 @@ def _differences(ours: dict, theirs: dict) -> list[str]:
     return problems
 
 
+def _flux_converter(hidden: int) -> object:
+    """diffusers' Flux converter. It takes the hidden width as the constant
+    3072 (`inner_dim`) to split `linear1`; for a shrunken model, its own source
+    runs with that one constant replaced by the model's width."""
+    import inspect
+
+    import diffusers.loaders.single_file_utils as conversion
+
+    converter = conversion.convert_flux_transformer_checkpoint_to_diffusers
+    if hidden == 3072:
+        return converter
+    source = inspect.getsource(converter)
+    if source.count("inner_dim = 3072") != 1:
+        raise RuntimeError("diffusers' Flux converter no longer sets inner_dim = 3072")
+    namespace = dict(vars(conversion))
+    exec(source.replace("inner_dim = 3072", f"inner_dim = {hidden}"), namespace)
+    return namespace[converter.__name__]
+
+
+def _run_dit(family: str, transformer: object) -> tuple[int, ...]:
+    """One step of the transformer on random inputs; the output's shape."""
+    import torch
+
+    config = transformer.config
+    with torch.no_grad():
+        if family == "flux1":
+            tokens, words = 16, 8
+            guidance = torch.tensor([3.5]) if config.guidance_embeds else None
+            return tuple(
+                transformer.float()(
+                    hidden_states=torch.randn(1, tokens, config.in_channels),
+                    encoder_hidden_states=torch.randn(1, words, config.joint_attention_dim),
+                    pooled_projections=torch.randn(1, config.pooled_projection_dim),
+                    timestep=torch.tensor([0.5]),
+                    img_ids=torch.zeros(tokens, 3),
+                    txt_ids=torch.zeros(words, 3),
+                    guidance=guidance,
+                ).sample.shape
+            )
+        return tuple(
+            transformer.float()(
+                hidden_states=torch.randn(1, config.in_channels, 16, 16),
+                encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim),
+                timestep=torch.tensor([500.0]),
+            ).sample.shape
+        )
+
+
+def _matching(state: dict, expected: dict) -> dict:
+    """`expected` cut to the keys the model has (text_model. prefixes ignored):
+    e.g. a CLIPTextModel has no text projection, which ComfyUI's CLIP-L keeps."""
+    names = {key.replace("text_model.", "") for key in state}
+    return {
+        key: value for key, value in expected.items() if key.replace("text_model.", "") in names
+    }
+
+
+def check_dit(folder: Path) -> int:
+    """Load each Flux.1 / SD3 folder with diffusers; return the number of problems."""
+    import diffusers
+    import diffusers.loaders.single_file_utils as conversion
+    import torch
+    from safetensors.torch import load_file
+
+    failures = 0
+    for name, (family, _, _, _) in DIT_MODELS.items():
+        single = load_file(folder / f"{name}.safetensors")
+        target = folder / f"{name}-diffusers"
+        model_class = getattr(diffusers, DIT_CLASSES.get(family, "SD3Transformer2DModel"))
+        transformer = model_class.from_pretrained(target, subfolder="transformer")
+        index = json.loads((target / "model_index.json").read_text())
+        absent = {key: None for key, value in index.items() if value == [None, None]}
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            target, transformer=transformer, **absent
+        )
+        bare = not any(key.startswith(MODEL_PREFIX) for key in single)
+        model = {
+            key.removeprefix(MODEL_PREFIX): value
+            for key, value in single.items()
+            if (bare and not key.startswith(VAE_PREFIXES)) or key.startswith(MODEL_PREFIX)
+        }
+        if family == "flux1":
+            expected = _flux_converter(model["img_in.weight"].shape[0])(dict(model))
+        else:
+            expected = conversion.convert_sd3_transformer_checkpoint_to_diffusers(dict(model))
+        problems = _differences(transformer.state_dict(), expected)
+        parts = [f"{len(expected)} transformer tensors", f"out {_run_dit(family, transformer)}"]
+        if pipe.vae is not None:
+            vae = {key: value for key, value in single.items() if key.startswith(VAE_PREFIXES)}
+            converted = conversion.convert_ldm_vae_checkpoint(vae, pipe.vae.config)
+            problems += _differences(pipe.vae.state_dict(), converted)
+            with torch.no_grad():
+                latents = torch.randn(1, pipe.vae.config.latent_channels, 8, 8)
+                image = pipe.vae.float().decode(latents).sample
+            parts.append(f"vae {tuple(image.shape)}")
+        if getattr(pipe, "text_encoder", None) is not None:
+            clip = conversion.convert_ldm_clip_checkpoint(single, CLIP_L_PREFIX)
+            state = pipe.text_encoder.state_dict()
+            problems += _differences(state, _matching(state, clip))
+            vocabulary = pipe.text_encoder.config.vocab_size
+            with torch.no_grad():
+                pipe.text_encoder(torch.randint(0, vocabulary, (1, 77)))
+            parts.append(f"CLIP-L {len(state)} tensors")
+        t5 = getattr(pipe, "text_encoder_2", None) if family == "flux1" else None
+        if t5 is not None:
+            converted = conversion.convert_sd3_t5_checkpoint_to_diffusers(single)
+            converted["encoder.embed_tokens.weight"] = converted["shared.weight"]  # tied
+            problems += _differences(t5.state_dict(), converted)
+            with torch.no_grad():
+                t5(torch.randint(0, t5.config.vocab_size, (1, 16)))
+            parts.append(f"T5 {len(converted)} tensors")
+        scheduler = pipe.scheduler
+        if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            problems.append(f"scheduler is {type(scheduler).__name__}")
+        parts.append(f"shift {scheduler.config.shift}")
+        status = "ok" if not problems else f"{len(problems)} problem(s): {problems[:3]}"
+        print(f"{name:13} {type(pipe).__name__:34} {', '.join(parts)}  {status}")
+        failures += len(problems)
+    return failures
+
+
 def check(folder: Path) -> int:
     """Load every folder with diffusers; return the number of problems found."""
     import diffusers
@@ -232,7 +396,7 @@ def check(folder: Path) -> int:
         shapes = f"unet {tuple(noise.shape)} vae {tuple(image.shape)}"
         print(f"{family:13} {type(pipe).__name__:34} {shapes}  {status}")
         failures += len(problems)
-    return failures
+    return failures + check_dit(folder)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,24 @@ import pytest
 from sdrecipe.arch import layout
 from sdrecipe.arch.diffusers_names import (
     COMPONENTS,
+    DiffusersNaming,
     Source,
     diffusers_source,
     unet_from_diffusers,
     up_levels_with_attention,
     vae_from_diffusers,
 )
+from sdrecipe.arch.family import family as family_data
 
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model."}
 
 
 @pytest.mark.parametrize("family", list(COMPONENTS))
 def test_names_are_unique_and_round_trip(family):
-    shapes, _ = layout(family)
-    sources = {key: diffusers_source(family, key) for key in shapes}
+    shapes, _ = layout(family_data(family).layout)
+    # model_prefix "": Flux.1's reference layout is BFL's file, without prefixes.
+    naming = DiffusersNaming(family, shapes, model_prefix="")
+    sources = {key: naming.source(key) for key in shapes}
     seen: dict[tuple[str, str], str] = {}
     for key, source in sources.items():
         if source is None:

@@ -3,39 +3,51 @@
 The mapping is mechanical: tables of renamed parts, plus a few rules for the
 block numbering (`input_blocks.{3i+j+1}` ↔ `down_blocks.i.resnets.j`) and for
 tensors whose layout differs (OpenCLIP's fused q/k/v projection, its
-transposed text projection, the VAE's 1x1 attention convolutions). This module
-only names things; which tensor operation each name needs is `Source.kind`.
+transposed text projection, the VAE's 1x1 attention convolutions). The
+transformers of Flux.1 and SD3 are named by tables in their family files
+(`sdrecipe.arch.diffusers_tables`). This module only names things; which
+tensor operation each name needs is `Source.kind`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-# Per family: (single-file prefix, diffusers component folder, naming scheme).
-COMPONENTS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "sd1": (
-        ("model.diffusion_model.", "unet", "unet"),
-        ("first_stage_model.", "vae", "vae"),
-        ("cond_stage_model.transformer.", "text_encoder", "hf_clip"),
-    ),
-    "sd2": (
-        ("model.diffusion_model.", "unet", "unet"),
-        ("first_stage_model.", "vae", "vae"),
-        ("cond_stage_model.model.", "text_encoder", "open_clip"),
-    ),
-    "sdxl": (
-        ("model.diffusion_model.", "unet", "unet"),
-        ("first_stage_model.", "vae", "vae"),
-        ("conditioner.embedders.0.transformer.", "text_encoder", "hf_clip"),
-        ("conditioner.embedders.1.model.", "text_encoder_2", "open_clip"),
-    ),
-    "sdxl-refiner": (
-        ("model.diffusion_model.", "unet", "unet"),
-        ("first_stage_model.", "vae", "vae"),
-        ("conditioner.embedders.0.model.", "text_encoder_2", "open_clip"),
-    ),
+from sdrecipe.arch.diffusers_tables import Table, has_table, table
+from sdrecipe.arch.family import families
+
+
+def _components() -> dict[str, tuple[tuple[str, str, str], ...]]:
+    return {
+        data.name: tuple((c.prefix, c.folder, c.naming) for c in data.diffusers.components)
+        for data in families()
+        if data.diffusers is not None
+    }
+
+
+# Per family with a diffusers layout: (single-file prefix, diffusers component
+# folder, naming scheme), from the family files.
+COMPONENTS: dict[str, tuple[tuple[str, str, str], ...]] = _components()
+
+# Per family: the (prefix, folder) of the component a file without prefixes is
+# (Flux.1 as BFL ships it), and that a folder holding it alone reads back as.
+BARE_WHEN_ALONE: dict[str, tuple[str, str]] = {
+    data.name: (c.prefix, c.folder)
+    for data in families()
+    if data.diffusers is not None
+    for c in data.diffusers.components
+    if c.bare_when_alone
 }
+# (family, folder) of the CLIP text encoders whose single-file form has no position ids.
+WITHOUT_POSITION_IDS: frozenset[tuple[str, str]] = frozenset(
+    (data.name, c.folder)
+    for data in families()
+    if data.diffusers is not None
+    for c in data.diffusers.components
+    if not c.position_ids
+)
 
 UNET_FIXED = {
     "time_embed.0.": "time_embedding.linear_1.",
@@ -96,13 +108,17 @@ class Source:
     """Where a single-file tensor comes from in a diffusers component.
 
     kind is `same` (the tensor as stored), `conv1x1` (a linear weight seen as
-    a 1x1 convolution), `transpose` (OpenCLIP's text projection) or `qkv` (three
-    tensors concatenated along dim 0, in `keys` order).
+    a 1x1 convolution), `transpose` (OpenCLIP's text projection), `qkv` (three
+    tensors concatenated along dim 0, in `keys` order), `split` (tensors
+    concatenated along dim 0, in `keys` order, their rows in the proportions
+    `parts`: Flux's `linear1` is q, k, v and the MLP's input, 1:1:1:4) or `swap`
+    (the stored tensor with the two halves of its rows exchanged).
     """
 
     component: str
     keys: tuple[str, ...]
     kind: str = "same"
+    parts: tuple[int, ...] = ()
 
 
 def _replace_parts(name: str, parts: dict[str, str], reverse: bool = False) -> str:
@@ -286,22 +302,93 @@ def open_clip_from_diffusers(name: str) -> tuple[str, str] | None:
     return _replace_parts(name, OPEN_CLIP_PARTS, reverse=True), "same"
 
 
-def diffusers_source(family: str, ldm_key: str) -> Source | None:
-    """Where a single-file key's tensor lives in a diffusers folder (None: nowhere)."""
-    for prefix, component, scheme in COMPONENTS[family]:
-        if not ldm_key.startswith(prefix):
-            continue
-        name = ldm_key[len(prefix) :]
-        if scheme == "unet":
-            return Source(component, (unet_to_diffusers(name),))
-        if scheme == "vae":
-            kind = "conv1x1" if is_vae_attention_weight(name) else "same"
-            return Source(component, (vae_to_diffusers(name),), kind)
-        if scheme == "hf_clip":
-            return Source(component, (name,))
-        keys = open_clip_to_diffusers(name)
-        if not keys:
-            return None
-        kind = "qkv" if len(keys) == 3 else "transpose" if name == "text_projection" else "same"
-        return Source(component, keys, kind)
-    return None
+# transformers' T5EncoderModel ties this to `shared.weight`; diffusers folders may store both.
+T5_EMBEDDING_ALIAS = "encoder.embed_tokens.weight"
+T5_SHARED = "shared.weight"
+
+
+def t5_from_diffusers(name: str, stored: Iterable[str]) -> str | None:
+    """A T5 encoder's stored name → its single-file name (the same: both are
+    transformers' names); None for the embedding's alias beside `shared.weight`."""
+    if name == T5_EMBEDDING_ALIAS and T5_SHARED in stored:
+        return None
+    return T5_SHARED if name == T5_EMBEDDING_ALIAS else name
+
+
+class DiffusersNaming:
+    """Where the single-file keys of one file go in a diffusers folder of `family`.
+
+    `keys` are every key of the file: a table rule for a file's last block
+    needs them (without them, naming such a key raises `UnknownLastBlock`).
+    `model_prefix` is the prefix detection found the model's keys under: when
+    it is empty, keys under no component's prefix belong to the family's
+    `bare_when_alone` component.
+    """
+
+    def __init__(
+        self, family: str, keys: Iterable[str] | None = None, model_prefix: str | None = None
+    ):
+        self.family = family
+        self.components = COMPONENTS[family]
+        bare = BARE_WHEN_ALONE.get(family)
+        self._bare_prefix = bare[0] if bare is not None and model_prefix == "" else None
+        self._last: dict[str, dict[int, str]] | None = None
+        if keys is not None:
+            canonical = [self.canonical(key) for key in keys]
+            self._last = {
+                prefix: self._table(scheme).last_blocks(
+                    key[len(prefix) :] for key in canonical if key.startswith(prefix)
+                )
+                for prefix, _, scheme in self.components
+                if has_table(family, scheme)
+            }
+
+    def _table(self, scheme: str) -> Table:
+        return table(self.family, scheme)
+
+    def canonical(self, key: str) -> str:
+        """`key` under its component's prefix (a bare model key gains it)."""
+        if self._bare_prefix is None or any(
+            key.startswith(prefix) for prefix, _, _ in self.components
+        ):
+            return key
+        return self._bare_prefix + key
+
+    def source(self, ldm_key: str) -> Source | None:
+        """Where a single-file key's tensor lives in the folder (None: nowhere)."""
+        ldm_key = self.canonical(ldm_key)
+        for prefix, component, scheme in self.components:
+            if not ldm_key.startswith(prefix):
+                continue
+            name = ldm_key[len(prefix) :]
+            if scheme == "unet":
+                return Source(component, (unet_to_diffusers(name),))
+            if scheme == "vae":
+                kind = "conv1x1" if is_vae_attention_weight(name) else "same"
+                return Source(component, (vae_to_diffusers(name),), kind)
+            if scheme in ("hf_clip", "t5"):
+                return Source(component, (name,))
+            if scheme == "open_clip":
+                keys = open_clip_to_diffusers(name)
+                if not keys:
+                    return None
+                kind = (
+                    "qkv"
+                    if len(keys) == 3
+                    else "transpose"
+                    if name == "text_projection"
+                    else "same"
+                )
+                return Source(component, keys, kind)
+            last = None if self._last is None else self._last.get(prefix, {})
+            mapped = self._table(scheme).to_diffusers(name, last)
+            return Source(component, mapped.names, mapped.kind, mapped.parts)
+        return None
+
+
+def diffusers_source(family: str, ldm_key: str, keys: Iterable[str] | None = None) -> Source | None:
+    """Where a single-file key's tensor lives in a diffusers folder (None: nowhere).
+
+    `keys` (every key of the file) is needed where a family names its last block
+    apart (SD3); for many keys, `DiffusersNaming` reads them once."""
+    return DiffusersNaming(family, keys).source(ldm_key)

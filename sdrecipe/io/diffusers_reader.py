@@ -1,12 +1,14 @@
 """Diffusers folders, read as single-file (LDM/SGM) models.
 
 A diffusers pipeline folder keeps each component in a folder of its own
-(`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`), with a config and its
-weights: safetensors or pickled `.bin`, optionally the `.fp16` variant,
-optionally sharded behind an index file. This reader presents all of it
-under single-file key names and tensor layouts, so that a folder can be any
-input of a recipe. A standalone VAE folder (`AutoencoderKL`) reads as
-`first_stage_model.*`.
+(`unet/` or `transformer/`, `vae/`, `text_encoder/` to `text_encoder_3/`),
+with a config and its weights: safetensors or pickled `.bin`, optionally the
+`.fp16` variant, optionally sharded behind an index file. This reader
+presents all of it under single-file key names and tensor layouts, so that a
+folder can be any input of a recipe. A standalone VAE folder
+(`AutoencoderKL`) reads as `first_stage_model.*`. A Flux.1 or SD3 folder
+reads as ComfyUI's all-in-one checkpoint, or, when it holds the transformer
+alone, as the bare transformer file BFL ships.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ from pathlib import Path
 import torch
 
 from sdrecipe.arch import CLIP_POSITION_IDS, V_PREDICTION_MARKER, ZERO_TERMINAL_SNR_MARKER
+from sdrecipe.arch.detect import detect
 from sdrecipe.arch.diffusers_names import (
+    BARE_WHEN_ALONE,
     COMPONENTS,
+    WITHOUT_POSITION_IDS,
     Source,
     is_vae_attention_weight,
     open_clip_from_diffusers,
+    t5_from_diffusers,
     unet_from_diffusers,
     up_levels_with_attention,
     vae_from_diffusers,
 )
+from sdrecipe.arch.diffusers_tables import Table, has_table, table
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import (
     Fingerprint,
@@ -41,7 +48,14 @@ from sdrecipe.io.shard_index import is_shard_index, read_index
 from sdrecipe.io.sharded_reader import ShardedSafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 
-PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PIPELINE_COMPONENTS = (
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+)
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 STANDALONE_VAE = (("first_stage_model.", ".", "vae"),)
 HF_CLIP_POSITION_EMBEDDING = "text_model.embeddings.position_embedding.weight"
@@ -99,7 +113,7 @@ def _single_file_form(
         if is_vae_attention_weight(key) and len(info.shape) == 2:
             return key, "conv1x1", TensorInfo(info.dtype, (*info.shape, 1, 1))
         return key, "same", info
-    if scheme == "hf_clip":
+    if scheme in ("hf_clip", "t5"):
         return name, "same", info
     mapped = open_clip_from_diffusers(name)
     if mapped is None:
@@ -114,7 +128,10 @@ class DiffusersReader:
     """A diffusers folder's tensors under single-file names and layouts.
 
     Most tensors are the stored ones, zero-copy. OpenCLIP's q/k/v projections
-    are concatenated into `in_proj`, its text projection is transposed, the
+    are concatenated into `in_proj`, as Flux's and SD3's split projections are
+    into theirs, modulations diffusers keeps as (scale, shift) are swapped back
+    to (shift, scale), T5's `encoder.embed_tokens` alias is left out, the
+    text projection of OpenCLIP is transposed, the
     VAE's linear attention weights are seen as 1x1 convolutions, and CLIP's
     position ids (not saved by recent transformers) are recreated, as are the
     `v_pred` / `ztsnr` markers of a v-prediction SDXL folder (from its scheduler).
@@ -150,8 +167,15 @@ class DiffusersReader:
         self._sources: dict[str, Source] = {}
         self._infos: dict[str, TensorInfo] = {}
         layout = STANDALONE_VAE if self.family == "vae" else COMPONENTS[self.family]
+        bare = BARE_WHEN_ALONE.get(self.family)
         for prefix, folder, scheme in layout:
-            if folder in stored:
+            if folder not in stored:
+                continue
+            if bare is not None and bare[1] == folder and list(stored) == [folder]:
+                prefix = ""  # the transformer alone: a bare file, as BFL ships Flux.1
+            if has_table(self.family, scheme):
+                self._map_table(prefix, folder, table(self.family, scheme))
+            else:
                 self._map_component(prefix, folder, scheme)
         self.metadata = self._metadata()
         self._add_markers()
@@ -166,18 +190,22 @@ class DiffusersReader:
         if config.is_file() and _read_json(config).get("_class_name") == "AutoencoderKL":
             return ["."]
         raise RecipeError(
-            "not a diffusers folder: it has none of unet/, vae/, text_encoder/, "
-            "text_encoder_2/ and is not an AutoencoderKL folder",
+            "not a diffusers folder: it has none of unet/, transformer/, vae/, "
+            "text_encoder/, text_encoder_2/, text_encoder_3/ and is not an AutoencoderKL folder",
             self.path,
         )
 
     def _family(self) -> str:
         """From the components present; SD1 and SD2 differ in the UNet's `proj_in`
         (a 1x1 convolution or a linear layer) or else in the text encoder's
-        activation (CLIP's quick_gelu, OpenCLIP's gelu)."""
+        activation (CLIP's quick_gelu, OpenCLIP's gelu). A transformer is named
+        by the tables of the families that have one, and detected as a single
+        file is."""
         stored = self._stored
         if "." in stored:
             return "vae"
+        if "transformer" in stored:
+            return self._transformer_family()
         if "text_encoder_2" in stored:
             return "sdxl" if "text_encoder" in stored else "sdxl-refiner"
         for key, reader in stored.get("unet", {}).items():
@@ -187,6 +215,35 @@ class DiffusersReader:
         if config.is_file() and _read_json(config).get("hidden_act") == "gelu":
             return "sd2"
         return "sd1"
+
+    def _transformer_family(self) -> str:
+        """The family whose table names every tensor of `transformer/` and whose
+        detection the names it gives then pass (SD3 and SD3.5 share a table)."""
+        stored = self._stored["transformer"]
+        candidates = {
+            family: (prefix, scheme)
+            for family, components in COMPONENTS.items()
+            for prefix, folder, scheme in components
+            if folder == "transformer" and has_table(family, scheme)
+        }
+        for family, (prefix, scheme) in candidates.items():
+            named = table(family, scheme)
+            last = named.last_blocks(stored, diffusers=True)
+            try:
+                infos = {
+                    prefix + named.from_diffusers(name, last).names[0]: reader.info(name)
+                    for name, reader in stored.items()
+                }
+            except KeyError:
+                continue
+            found = detect(infos, {}).family
+            if found in candidates:
+                return found
+        raise RecipeError(
+            "transformer/ holds a transformer of no family sdrecipe knows "
+            f"({', '.join(candidates)} were tried)",
+            self.path,
+        )
 
     def _add(self, key: str, source: Source, info: TensorInfo) -> None:
         if key in self._sources:
@@ -203,6 +260,8 @@ class DiffusersReader:
         levels = up_levels_with_attention(stored) if scheme == "unet" else frozenset()
         fused: dict[str, dict[str, str]] = {}
         for name, reader in stored.items():
+            if scheme == "t5" and t5_from_diffusers(name, stored) is None:
+                continue
             try:
                 mapped = _single_file_form(scheme, name, reader.info(name), levels)
             except KeyError:
@@ -218,12 +277,65 @@ class DiffusersReader:
                 self._add(prefix + key, Source(folder, (name,), kind), info)
         for key, parts in fused.items():
             self._add_fused(key, folder, parts)
-        if scheme == "hf_clip" and CLIP_POSITION_IDS not in stored:
+        recreate = (self.family, folder) not in WITHOUT_POSITION_IDS
+        if scheme == "hf_clip" and CLIP_POSITION_IDS not in stored and recreate:
             embedding = stored.get(HF_CLIP_POSITION_EMBEDDING)
             if embedding is not None:
                 positions = embedding.info(HF_CLIP_POSITION_EMBEDDING).shape[0]
                 info = TensorInfo(torch.int64, (1, positions))
                 self._add(prefix + CLIP_POSITION_IDS, Source(folder, (), "position_ids"), info)
+
+    def _map_table(self, prefix: str, folder: str, named: Table) -> None:
+        """A component named by a table: split tensors are concatenated back,
+        swapped halves swapped back."""
+        stored = self._stored[folder]
+        last = named.last_blocks(stored, diffusers=True)
+        splits: dict[str, tuple[tuple[int, ...], dict[int, str]]] = {}
+        for name, reader in stored.items():
+            try:
+                mapped = named.from_diffusers(name, last)
+            except KeyError:
+                raise RecipeError(
+                    f"{folder}/ holds {name}, which has no single-file name", self.path
+                ) from None
+            key = prefix + mapped.names[0]
+            info = reader.info(name)
+            if mapped.kind == "swap" and (not info.shape or info.shape[0] % 2):
+                raise RecipeError(
+                    f"{folder}/ holds {name} of shape {list(info.shape)}, whose rows "
+                    f"cannot be halves (of {key})",
+                    self.path,
+                )
+            if mapped.kind == "split":
+                splits.setdefault(key, (mapped.parts, {}))[1][mapped.index] = name
+            else:
+                self._add(key, Source(folder, (name,), mapped.kind), info)
+        for key, (proportions, parts) in splits.items():
+            if set(parts) != set(range(len(proportions))):
+                raise RecipeError(
+                    f"{folder}/ lacks part of {key}'s fused projection "
+                    f"(has {', '.join(parts[i] for i in sorted(parts))})",
+                    self.path,
+                )
+            names = tuple(parts[i] for i in range(len(proportions)))
+            infos = [stored[name].info(name) for name in names]
+            rows = [info.shape[0] for info in infos if info.shape]
+            unit = rows[0] // proportions[0] if len(rows) == len(names) else 0
+            if (
+                len({(info.dtype, info.shape[1:]) for info in infos}) != 1
+                or not unit
+                or rows != [unit * part for part in proportions]
+            ):
+                raise RecipeError(
+                    f"{folder}/: the parts of {key} ({', '.join(names)}) do not fit together",
+                    self.path,
+                )
+            shape = (sum(rows), *infos[0].shape[1:])
+            self._add(
+                key,
+                Source(folder, names, "split", proportions),
+                TensorInfo(infos[0].dtype, shape),
+            )
 
     def _add_fused(self, key: str, folder: str, parts: dict[str, str]) -> None:
         if set(parts) != {"q", "k", "v"}:
@@ -246,9 +358,9 @@ class DiffusersReader:
         """The UNet file's header metadata (sdrecipe lineage), and the scheduler's
         prediction type."""
         metadata: dict[str, str] = {}
-        unet = self._stored.get("unet")
-        if unet:
-            metadata.update(next(iter(unet.values())).metadata)
+        model = self._stored.get("unet") or self._stored.get("transformer")
+        if model:
+            metadata.update(next(iter(model.values())).metadata)
         prediction = self._scheduler().get("prediction_type")
         if prediction in PREDICTION_TYPES:
             metadata["prediction_type"] = PREDICTION_TYPES[prediction]
@@ -296,8 +408,11 @@ class DiffusersReader:
             return torch.empty(info.shape, dtype=info.dtype)
         stored = self._stored[source.component]
         parts = [stored[name].tensor(name) for name in source.keys]
-        if source.kind == "qkv":
+        if source.kind in ("qkv", "split"):
             return torch.cat(parts)
+        if source.kind == "swap":
+            half = parts[0].shape[0] // 2
+            return torch.cat((parts[0][half:], parts[0][:half]))
         if source.kind == "transpose":
             return parts[0].t().contiguous()
         return parts[0].view(info.shape)
