@@ -2,8 +2,10 @@
 
 No recipe, cache, hashing, checks or metadata: memory-mapped inputs, float32
 arithmetic per tensor, two threads, and positional writes into one output.
-Usage: python bench/floor.py add_difference A B C OUT
-       python bench/floor.py weighted_sum A B OUT ALPHA
+Usage: python bench/floor.py [--dtype BF16] add_difference A B C OUT
+       python bench/floor.py [--dtype BF16] weighted_sum A B OUT ALPHA
+The output keeps the first input's dtypes, or writes its floating tensors as
+--dtype (a safetensors code: F16, BF16, F32); float8 inputs are upcast first.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-DTYPES = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64}
+DTYPES = {
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "F8_E4M3": torch.float8_e4m3fn,
+}
+FLOAT8 = (torch.float8_e4m3fn,)  # torch does no arithmetic promotion with these
 
 
 def open_model(path: str) -> tuple[dict, mmap.mmap, int]:
@@ -40,14 +49,41 @@ def view(model: tuple[dict, mmap.mmap, int], key: str) -> torch.Tensor:
     return flat.view(entry["shape"])
 
 
-def main(method: str, *args: str) -> None:
+def operand(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in FLOAT8 else tensor
+
+
+def output_header(header: dict, code: str | None) -> dict:
+    """`header` with its floating tensors as `code`, the data offsets redone."""
+    if code is None:
+        return header
+    out, offset = {}, 0
+    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        dtype = entry["dtype"] if not DTYPES[entry["dtype"]].is_floating_point else code
+        size = DTYPES[dtype].itemsize * (
+            (entry["data_offsets"][1] - entry["data_offsets"][0]) // DTYPES[entry["dtype"]].itemsize
+        )
+        out[key] = {
+            "dtype": dtype,
+            "shape": entry["shape"],
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    return out
+
+
+def main(*args: str) -> None:
     torch.set_num_threads(1)
+    code = None
+    if args[0] == "--dtype":
+        code, args = args[1], args[2:]
+    method, *args = args
     if method == "add_difference":
         paths, out, alpha = args[:3], args[3], 1.0
     else:
         paths, out, alpha = args[:2], args[2], float(args[3])
     models = [open_model(path) for path in paths]
-    header = models[0][0]
+    header = output_header(models[0][0], code)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -58,10 +94,11 @@ def main(method: str, *args: str) -> None:
         left = view(models[0], key)
         if left.dtype.is_floating_point and "position_ids" not in key:
             if len(models) == 3:
-                result = view(models[1], key).float().sub_(view(models[2], key)).add_(left)
+                result = view(models[1], key).float().sub_(operand(view(models[2], key)))
+                left = result.add_(operand(left))
             else:
-                result = left.float().mul_(1 - alpha).add_(view(models[1], key).float().mul_(alpha))
-            left = result.to(left.dtype)
+                left = left.float().mul_(1 - alpha).add_(view(models[1], key).float().mul_(alpha))
+        left = left.to(DTYPES[header[key]["dtype"]])
         data = left.contiguous().reshape(-1).view(torch.uint8).numpy()
         os.pwrite(fd, data, base + header[key]["data_offsets"][0])
 

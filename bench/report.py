@@ -228,8 +228,129 @@ def sweep_section(report: dict) -> list[str]:
     ]
 
 
+DIT_HEADING = "## Scenario 15: full-size DiT checkpoints, fp8 in, bf16 out"
+DIT_FAMILIES = {
+    "flux": ("15a", "Flux.1-dev", "BFL transformer file, `weighted_sum(A, B, alpha=0.3)`"),
+    "sd35": ("15b", "SD3.5 Large", "single file, `A + (B − C)`"),
+}
+DIT_ABOUT = (
+    "Synthetic full-size checkpoints from `sdrecipe.synthetic` (real key names and shapes, seeded"
+    " noise): Flux.1-dev's transformer in BFL's layout (780 tensors, 11.9 G parameters, no key "
+    "prefix), two of them merged with `weighted_sum`, and SD3.5 Large as one file "
+    "(`model.diffusion_model.` and `first_stage_model.`, 1167 tensors, 8.23 G parameters), three "
+    "of them merged as `A + (B − C)`. Two bf16 Flux files and a bf16 output (23.8 GB each) come "
+    "to 72 GB, more than the bench disk holds (about 70 GB free), so every input is in the fp8 "
+    "layout (`float8_e4m3fn`: 11.9 GB a Flux file, 8.2 GB an SD3.5 Large one) and the output is "
+    "bf16 (23.8 GB and 16.5 GB): each tool upcasts to float32, computes and writes bf16 "
+    "(sdrecipe's recipe says `dtype: bfloat16`, the floor runs with `--dtype BF16`). The two "
+    "families run one after the other: the first's fixtures are deleted before the second's are "
+    "made. Before every run the last output is written back and deleted, the tensor cache emptied"
+    " and every model file evicted from the page cache (inputs and output outweigh the bench "
+    "machine's memory anyway): each tool starts with nothing cached, and `read from disk` is its "
+    "process tree's block input."
+)
+DIT_MECHA = (
+    "sd-mecha 1.1.8 reads the fp8 files (it merges in float32) and is asked for bf16. It takes "
+    "the BFL Flux file for its own `flux-flux` config, and writes the keys behind "
+    "`model.diffusion_model.` (ComfyUI's naming; the inputs, sdrecipe and the floor keep "
+    "BFL's). It has no SD3.5 Large config: its detection picks SD3 Medium's `sd3-comfyui` "
+    "and would leave 432 of the 1167 tensors out of the output (joint blocks 24–37 and the "
+    "q/k norms), and an explicit `StructuralModelConfig(...)` fails in `merge` "
+    "(`ValueError: the 'structural' model config is not a unique object`), so "
+    "`bench/peer_sd_mecha.py --own-config` registers a config listing the input's tensors "
+    "and gives it to all three models."
+)
+
+
+def _failed(result: Result) -> bool:
+    return all(run.error for run in result.runs)
+
+
+def _dit_targets(report: dict) -> list[str]:
+    """Issue 15's targets, for each family that ran."""
+    rows: list[tuple] = []
+    for family, (_, name, _) in DIT_FAMILIES.items():
+        if f"dit_{family}" not in report:
+            continue
+        results = report[f"dit_{family}"]
+        ours = results["sdrecipe"]
+        wall = ours.median("wall")
+        for tool in ("sd-mecha", "floor (minimal loop)"):
+            theirs = results.get(tool)
+            if theirs is None or _failed(ours) or _failed(theirs):
+                failed = ours.error if _failed(ours) else (theirs.error if theirs else "not run")
+                rows.append((f"{name}: sdrecipe vs {tool}", "faster", failed[:120], None))
+                continue
+            ratio = theirs.median("wall") / wall
+            rows.append((f"{name}: sdrecipe vs {tool}", "faster", f"{ratio:.2f}×", ratio > 1))
+        anon = ours.median("peak_anon")
+        rows.append(
+            (
+                f"{name}: sdrecipe's peak anonymous memory",
+                "≤ 1.5 GB",
+                _mb(anon),
+                anon <= 1536 * 1024,
+            )
+        )
+        read = ", ".join(
+            f"{tool} {result.median('disk_read') / 1e9:.1f} GB"
+            for tool, result in results.items()
+            if not _failed(result)
+        )
+        rows.append((f"{name}: read from disk", "reported", read, None))
+    lines = ["| measure | target | measured | met |", "|---|---|---|---|"]
+    for measure, target, measured, met in rows:
+        verdict = "–" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {measure} | {target} | {measured} | {verdict} |")
+    return lines if rows else []
+
+
+def dit_section(report: dict) -> list[str]:
+    """Scenario 15's section: `python -m bench.run --only dit`."""
+    shrink = report.get("dit_shrink", 1)
+    lines = [
+        DIT_HEADING
+        + (f" (a validation run, widths / {shrink}: not the benchmark)" if shrink > 1 else ""),
+        "",
+    ]
+    if "dit_machine" in report:
+        machine = report["dit_machine"]
+        lines += [
+            f"Measured by `python -m bench.run --only dit` on {machine['date']}: "
+            f"{machine['cores']} cores ({machine['cpu']}), {machine['memory']} RAM, "
+            f"torch {machine['torch']}.",
+            "",
+        ]
+    lines += [DIT_ABOUT, "", DIT_MECHA, ""]
+    targets = _dit_targets(report)
+    lines += [*targets, ""] if targets else []
+    for family, (number, name, what) in DIT_FAMILIES.items():
+        lines += [f"### {number}: {name}, {what}", ""]
+        if f"dit_{family}" not in report:
+            lines += ["Not measured yet: `python -m bench.run --only dit`.", ""]
+            continue
+        sizes = report[f"dit_{family}_bytes"]
+        lines += [
+            f"{sizes['parameters'] / 1e9:.2f} G parameters: {sizes['inputs'] / 1e9:.1f} GB of fp8 "
+            f"inputs, a {sizes['parameters'] * 2 / 1e9:.1f} GB bf16 output.",
+            "",
+            *_side_by_side(report[f"dit_{family}"]),
+            "",
+        ]
+        checks = report.get(f"dit_{family}_check")
+        if checks:
+            lines += ["Outputs against sdrecipe's:", ""]
+            lines += [f"- {tool}: {verdict}" for tool, verdict in checks.items()] + [""]
+    return lines
+
+
 def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
-    """Write BENCHMARKS.md from a finished run."""
+    """Write BENCHMARKS.md from a finished run. A report with scenario 15 alone (`--only
+    dit` with no earlier full run's figures) replaces that section of the file, the last."""
+    if "io_floor" not in report:
+        kept = path.read_text().split(DIT_HEADING)[0].rstrip() + "\n\n" if path.exists() else ""
+        path.write_text(kept + "\n".join(dit_section(report)))
+        return
     io = report["io_floor"]
     lines = [
         "# Benchmarks",
@@ -373,4 +494,6 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
         )
     if "sweep" in report:
         lines += sweep_section(report)
+    if any(f"dit_{family}" in report for family in DIT_FAMILIES):
+        lines += dit_section(report)
     path.write_text("\n".join(lines))

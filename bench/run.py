@@ -8,12 +8,18 @@ torch==2.13.0 installed first and pinned; a peer that fails to install or run is
 reported with its error.
 
 Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=0 leaves out the SDXL scenarios)
+       python -m bench.run --only dit         (scenario 15, full-size Flux.1-dev and SD3.5
+                                               Large: only when named, it needs ~50 GB of disk)
        python -m bench.run --report-only      (re-render from build/bench/results.json)
+BENCH_DIT_SHRINK=16 python -m bench.run --only dit: the same at a 16th of the widths, to
+check that every tool runs and that their outputs agree; it writes
+build/bench/BENCHMARKS-dit-shrink16.md, not BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -28,8 +34,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from bench.report import write_report
-from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model_set
+from sdrecipe.synthetic import (
+    AdapterSpec,
+    ModelSpec,
+    model_layout,
+    write_adapter,
+    write_model_set,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "bench"
@@ -152,15 +166,23 @@ def measure(command: list[str], log: Path, cwd: Path = WORK) -> Run:
 # --- setup ---------------------------------------------------------------------------
 
 
+def stale(name: str, spec: ModelSpec | AdapterSpec) -> bool:
+    """Whether the checkpoint `name` is missing or was made from another spec."""
+    manifest = WORK / "models.json"
+    known = json.loads(manifest.read_text()) if manifest.exists() else {}
+    return known.get(name) != f"{MODEL_SPEC_VERSION}:{spec}" or not (WORK / name).exists()
+
+
 def ensure_models(models: dict[str, ModelSpec]) -> None:
     """Generate the full-size checkpoints once; regenerate if their spec changed."""
     manifest = WORK / "models.json"
     known = json.loads(manifest.read_text()) if manifest.exists() else {}
     for name, spec in models.items():
         wanted = f"{MODEL_SPEC_VERSION}:{spec}"
-        if known.get(name) != wanted or not (WORK / name).exists():
+        if stale(name, spec):
             (WORK / name).unlink(missing_ok=True)
-            print(f"generating {name} (full size)", flush=True)
+            size = "full size" if spec.shrink == 1 else f"widths / {spec.shrink}"
+            print(f"generating {name} ({size})", flush=True)
             write_model_set(WORK, {name: spec}, shrink=1)
             known[name] = wanted
             manifest.write_text(json.dumps(known, indent=1))
@@ -697,13 +719,188 @@ def sweep_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
     free_cache()
 
 
+# --- scenario 15: full-size DiT checkpoints ------------------------------------------------
+
+# Two bf16 Flux.1-dev transformers and a bf16 output (23.8 GB each, 72 GB) do not fit
+# the bench disk, so the inputs are fp8 (float8_e4m3fn, 11.9 GB a Flux file, 8.2 GB an
+# SD3.5 Large one) and the output bf16; every tool upcasts to float32 to compute. Flux and
+# SD3.5 run one after the other: one family's fixtures are deleted before the other's are made.
+FP8 = torch.float8_e4m3fn
+DIT_MODELS = {
+    "flux": {
+        "A": ModelSpec(family="flux1", dtype=FP8, seed=61, delta_seed=71),
+        "B": ModelSpec(family="flux1", dtype=FP8, seed=61, delta_seed=72),
+    },
+    "sd35": {
+        "A": ModelSpec(family="sd35-large", dtype=FP8, seed=91, delta_seed=81),
+        "B": ModelSpec(family="sd35-large", dtype=FP8, seed=91, delta_seed=82),
+        "C": ModelSpec(family="sd35-large", dtype=FP8, seed=91),
+    },
+}
+DIT_METHODS = {"flux": "weighted_sum", "sd35": "add_difference"}
+DIT_NODES = {"flux": '"weighted_sum(A, B, alpha=0.3)"', "sd35": "A + (B - C)"}
+DIT_DISK_MARGIN = 15e9  # bytes the dit group leaves free on the bench disk
+DIT_OUTPUTS = {
+    "sdrecipe": "out-dit.safetensors",
+    "floor (minimal loop)": "out-floor.safetensors",
+    "sd-mecha": "out-sd-mecha.safetensors",
+}
+
+
+def dit_shrink() -> int:
+    """BENCH_DIT_SHRINK: divide the dit fixtures' widths (validation runs only)."""
+    return int(os.environ.get("BENCH_DIT_SHRINK", "1"))
+
+
+def dit_models(family: str) -> dict[str, ModelSpec]:
+    """File name → spec of `family`'s fixtures, at the size BENCH_DIT_SHRINK asks for."""
+    shrink = dit_shrink()
+    suffix = f"-shrink{shrink}" if shrink > 1 else ""
+    return {
+        f"dit-{family}-{letter}{suffix}.safetensors": dataclasses.replace(spec, shrink=shrink)
+        for letter, spec in DIT_MODELS[family].items()
+    }
+
+
+def _parameters(spec: ModelSpec) -> int:
+    return sum(info.numel for info in model_layout(spec).values())
+
+
+def dit_fixtures(family: str) -> dict[str, ModelSpec]:
+    """Delete the other dit fixtures, check the disk, and make `family`'s if needed."""
+    models = dit_models(family)
+    for path in WORK.glob("dit-*.safetensors"):
+        if path.name not in models:
+            print(f"deleting {path.name}", flush=True)
+            path.unlink()
+    free_cache()
+    missing = [name for name, spec in models.items() if stale(name, spec)]
+    parameters = _parameters(next(iter(models.values())))
+    needed = parameters * (FP8.itemsize * len(missing) + torch.bfloat16.itemsize)
+    free = shutil.disk_usage(WORK).free
+    if free - needed < DIT_DISK_MARGIN:
+        raise SystemExit(
+            f"scenario 15 ({family}) needs {needed / 1e9:.1f} GB for its fixtures and output, "
+            f"and {DIT_DISK_MARGIN / 1e9:.0f} GB left over; {free / 1e9:.1f} GB are free"
+        )
+    for name in missing:
+        started = time.perf_counter()
+        ensure_models({name: models[name]})
+        print(f"  made {name} in {time.perf_counter() - started:.0f} s", flush=True)
+    return models
+
+
+def dit_commands(family: str, inputs: list[str]) -> dict[str, list[str]]:
+    """sdrecipe, the floor and sd-mecha on `family`'s fixtures, bf16 out."""
+    method = DIT_METHODS[family]
+    alpha = ["0.3"] if method == "weighted_sum" else []
+    recipe = f"dit-{family}.yaml"
+    letters = ", ".join(
+        f"{letter}: {name}" for letter, name in zip(DIT_MODELS[family], inputs, strict=True)
+    )
+    (WORK / recipe).write_text(
+        f"inputs: {{{letters}}}\n"
+        f"nodes: {{merged: {DIT_NODES[family]}}}\n"
+        f"outputs: {{merged: {{path: {DIT_OUTPUTS['sdrecipe']}, dtype: bfloat16}}}}\n"
+    )
+    # sd-mecha 1.1.8 has no SD3.5 Large config: see peer_sd_mecha.py's --own-config.
+    mecha = ["--bf16", *(["--own-config"] if family == "sd35" else [])]
+    floor_output = DIT_OUTPUTS["floor (minimal loop)"]
+    return {
+        "sdrecipe": [*SDRECIPE, "build", "--force", "--cache-dir", "cache", recipe],
+        "floor (minimal loop)": [
+            *(PYTHON, str(BENCH / "floor.py"), "--dtype", "BF16", method),
+            *(*inputs, floor_output, *alpha),
+        ],
+        "sd-mecha": [
+            *(f"{_venv_bin('sd-mecha')}/python", str(BENCH / "peer_sd_mecha.py"), *mecha),
+            *(method, DIT_OUTPUTS["sd-mecha"], *inputs, *alpha),
+        ],
+    }
+
+
+def compare_outputs(commands: dict[str, list[str]], skip: dict[str, str]) -> dict[str, str]:
+    """Each tool once more, all outputs kept; each output against sdrecipe's, tensor by
+    tensor (sd-mecha writes Flux's keys behind `model.diffusion_model.`)."""
+    from safetensors import safe_open
+
+    remove_outputs()
+    for tool, command in commands.items():
+        if tool not in skip:
+            subprocess.run(command, cwd=WORK, capture_output=True)
+    if not (WORK / DIT_OUTPUTS["sdrecipe"]).exists():
+        return {"sdrecipe": "wrote no output"}
+    with safe_open(WORK / DIT_OUTPUTS["sdrecipe"], "pt") as handle:
+        reference = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    verdicts = {}
+    for tool in commands:
+        if tool == "sdrecipe" or tool in skip:
+            continue
+        if not (WORK / DIT_OUTPUTS[tool]).exists():
+            verdicts[tool] = "wrote no output"
+            continue
+        with safe_open(WORK / DIT_OUTPUTS[tool], "pt") as handle:
+            other = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        other = {
+            key if key in reference else key.removeprefix("model.diffusion_model."): value
+            for key, value in other.items()
+        }
+        common = reference.keys() & other.keys()
+        same = sum(torch.equal(reference[key], other[key]) for key in common)
+        worst = max(
+            ((reference[key].float() - other[key].float()).abs().max().item() for key in common),
+            default=float("nan"),
+        )
+        dtypes = sorted({str(other[key].dtype).removeprefix("torch.") for key in common})
+        verdicts[tool] = (
+            f"{len(common)} of sdrecipe's {len(reference)} tensors ({len(other)} written), "
+            f"{same} bit-identical, max |difference| {worst:.3g}, {', '.join(dtypes)}"
+        )
+        print(f"  {tool} against sdrecipe: {verdicts[tool]}", flush=True)
+    remove_outputs()
+    return verdicts
+
+
+def dit_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenario 15: full-size Flux.1-dev weighted_sum(A, B) and SD3.5 Large A + (B - C),
+    fp8 inputs and a bf16 output, against sd-mecha and the floor, nothing cached at the
+    start. The family whose fixtures are already there runs first."""
+    shrink = dit_shrink()
+    report["dit_shrink"] = shrink
+    report["dit_machine"] = machine()
+    evict = page_cache_state([])
+
+    def before() -> None:
+        free_cache()  # a cached output is a hard link: two outputs do not fit beside the inputs
+        evict()
+
+    ready = [f for f in DIT_MODELS if all((WORK / name).exists() for name in dit_models(f))]
+    for family in [*ready, *(f for f in DIT_MODELS if f not in ready)]:
+        print(f"scenario 15: {family}, {DIT_METHODS[family]}, fp8 in, bf16 out", flush=True)
+        inputs = list(dit_fixtures(family))
+        commands = dit_commands(family, inputs)
+        hash_inputs(f"dit-{family}.yaml")
+        tools = {tool: reason for tool, reason in skip.items() if tool in commands}
+        report[f"dit_{family}"] = side_by_side(f"dit-{family}", commands, rounds, tools, before)
+        report[f"dit_{family}_bytes"] = {
+            "inputs": sum((WORK / name).stat().st_size for name in inputs),
+            "parameters": _parameters(dit_models(family)[inputs[0]]),
+        }
+        if shrink > 1:
+            report[f"dit_{family}_check"] = compare_outputs(commands, tools)
+        free_cache()
+
+
 SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] = {
     "classic": classic_scenarios,
     "advanced": advanced_scenarios,
     "lora": lora_scenarios,
     "sweep": sweep_scenarios,
     "sdxl": sdxl_scenarios,
+    "dit": dit_scenarios,
 }
+OPT_IN = {"dit"}  # groups that run only when `--only` names them
+GROUP_PEERS = {"dit": ["sd-mecha"]}  # the peers a group runs; the others run them all
 
 
 def with_sdxl() -> bool:
@@ -729,29 +926,41 @@ def main() -> None:
         return
     rounds = args.rounds
     sdxl = with_sdxl()
-    groups = args.only.split(",") if args.only else [g for g in SCENARIOS if sdxl or g != "sdxl"]
+    groups = (
+        args.only.split(",")
+        if args.only
+        else [g for g in SCENARIOS if (sdxl or g != "sdxl") and g not in OPT_IN]
+    )
     unknown = [group for group in groups if group not in SCENARIOS]
     if unknown:
         parser.error(f"unknown group(s) {', '.join(unknown)}; groups: {', '.join(SCENARIOS)}")
+    # A shrunken dit run only checks the tools: its figures go beside, not into, the report.
+    validating = "dit" in groups and dit_shrink() > 1
+    results, benchmarks = RESULTS, ROOT / "BENCHMARKS.md"
+    if validating:
+        results = WORK / f"results-dit-shrink{dit_shrink()}.json"
+        benchmarks = WORK / f"BENCHMARKS-dit-shrink{dit_shrink()}.md"
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "logs").mkdir(exist_ok=True)
     needs_sdxl = "sdxl" in groups or ("lora" in groups and sdxl)
-    ensure_models(SD15_MODELS | (SDXL_MODELS if needs_sdxl else {}))
-    skip = {name: error for name in PEERS if (error := ensure_peer(name))}
+    needs_sd15 = any(group not in OPT_IN for group in groups)
+    ensure_models((SD15_MODELS if needs_sd15 else {}) | (SDXL_MODELS if needs_sdxl else {}))
+    peers = {peer for group in groups for peer in GROUP_PEERS.get(group, PEERS)}
+    skip = {name: error for name in PEERS if name in peers and (error := ensure_peer(name))}
     write_recipes()
-    for name in SD15_MODELS:  # warm the page cache for every tool alike
+    for name in SD15_MODELS if needs_sd15 else ():  # warm the page cache for every tool alike
         subprocess.run(["cat", str(WORK / name)], stdout=subprocess.DEVNULL, check=True)
     report: dict[str, object] = {}
-    if args.only and RESULTS.exists():
-        report = _restore(json.loads(RESULTS.read_text())["report"])
+    if args.only and results.exists():
+        report = _restore(json.loads(results.read_text())["report"])
     try:
         shutil.rmtree(WORK / "cache", ignore_errors=True)
         for group in groups:
             SCENARIOS[group](rounds, skip, report)
     finally:  # a crash late in the run keeps the figures measured so far
-        RESULTS.write_text(json.dumps({"report": _save(report), "machine": machine()}, indent=1))
-    write_report(ROOT / "BENCHMARKS.md", report, machine())
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+        results.write_text(json.dumps({"report": _save(report), "machine": machine()}, indent=1))
+    write_report(benchmarks, report, machine())
+    print(f"wrote {benchmarks}")
 
 
 def sdxl_block_weights(rounds: int) -> dict[str, object]:
