@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from sdrecipe.adapters.extract import extracted_keys
-from sdrecipe.arch import EMA_PREFIX, PREDICTION_MARKERS, never_merged_reason, vae_prefix
+from sdrecipe.arch import (
+    COMPONENTS,
+    EMA_PREFIX,
+    PREDICTION_MARKERS,
+    family_components,
+    never_merged_reason,
+    vae_prefix,
+)
 from sdrecipe.arch.blocks import block_values_taken, listed_block_ids
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
@@ -166,6 +173,7 @@ class _Planner:
         }
         for node in graph.order:
             self.check_blocks(node)
+            self.check_components(node)
         self.status: dict[str, dict[str, str]] = {node: {} for node in graph.order}
         self.value_dtypes: dict[str, torch.dtype] = {}
         self.elementwise = {
@@ -207,6 +215,29 @@ class _Planner:
                         self.graph.recipe.path,
                         spec.line,
                     )
+
+    def check_components(self, node: str) -> None:
+        """Refuse components (in `only`, `exclude` or a per-key mapping) that the
+        family of the node's base does not have: `unet` selects nothing of Flux.1."""
+        family = self.families.get(self.graph.base_input(node), "unknown")
+        has = family_components(family)
+        if has is None:
+            return
+        spec = self.graph.recipe.nodes[node]
+        named = set(spec.selection.only | spec.selection.exclude)
+        for call in (n for n in walk(spec.expr) if isinstance(n, Call)):
+            for _, value in call.params:
+                if isinstance(value, PerKey):
+                    named.update(label for label, _ in value.entries if label in COMPONENTS)
+        foreign = sorted(named - has)
+        if foreign:
+            raise RecipeError(
+                f"node {node!r} names the component(s) {', '.join(foreign)}, which its base "
+                f"model's family, {family}, does not have; its components are "
+                f"{', '.join(sorted(has))}",
+                self.graph.recipe.path,
+                spec.line,
+            )
 
     def empty_selections(self) -> tuple[str, ...]:
         """A warning for each node whose key selection matched no key."""

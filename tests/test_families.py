@@ -508,3 +508,28 @@ def test_a_text_encoder_file_merges_on_its_own(tmp_path, encoder):
     inspected = json.loads(run_in_process("inspect", "--json", str(a)).stdout)
     assert inspected["family"] == encoder
     assert set(inspected["components"]) == {"text_encoder"}
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        "{method: weighted_sum, models: [A, B], alpha: 0.5, only: [unet]}",
+        "{method: weighted_sum, models: [A, B], alpha: {unet: 1.0, default: 0.5}}",
+    ],
+)
+def test_a_component_the_family_lacks_is_refused(flux_models, tmp_path, node):
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {flux_models["dev"]}, B: {flux_models["mine"]}}}
+        nodes:
+          blend: {node}
+        outputs:
+          blend: out.safetensors
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 2
+    assert "unet, which its base model's family, flux1, does not have" in result.stderr
+    assert "transformer" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()

@@ -76,6 +76,16 @@ def component_of(key: str, family: str = "unknown") -> str:
     return next((name for prefix, name in COMPONENT_PREFIXES if key.startswith(prefix)), "other")
 
 
+def family_components(family: str) -> frozenset[str] | None:
+    """The components a model of `family` has (None for an unknown family)."""
+    from sdrecipe.arch.family import known
+
+    data = known(family)
+    if data is None or not data.components:
+        return None
+    return frozenset({c.name for c in data.components} | {data.unprefixed})
+
+
 def vae_prefix(family: str) -> str:
     """Where a checkpoint of `family` keeps its VAE (`first_stage_model.`, or
     `vae.` in ComfyUI's Flux.1 checkpoints)."""

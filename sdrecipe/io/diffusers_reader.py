@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sdrecipe.arch import CLIP_POSITION_IDS, V_PREDICTION_MARKER, ZERO_TERMINAL_SNR_MARKER
+from sdrecipe.arch import COMPONENTS as MODEL_COMPONENTS
 from sdrecipe.arch.detect import detect
 from sdrecipe.arch.diffusers_names import (
     BARE_WHEN_ALONE,
@@ -48,14 +49,8 @@ from sdrecipe.io.shard_index import is_shard_index, read_index
 from sdrecipe.io.sharded_reader import ShardedSafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 
-PIPELINE_COMPONENTS = (
-    "unet",
-    "transformer",
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-)
+# The components a diffusers folder keeps in folders of their own.
+PIPELINE_COMPONENTS = tuple(name for name in MODEL_COMPONENTS if name not in ("ema", "other"))
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 STANDALONE_VAE = (("first_stage_model.", ".", "vae"),)
 HF_CLIP_POSITION_EMBEDDING = "text_model.embeddings.position_embedding.weight"

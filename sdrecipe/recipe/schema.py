@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sdrecipe.arch import COMPONENTS
 from sdrecipe.io.shard_layout import parse_shard_size
 
 DTYPE_ALIASES = {
@@ -20,16 +21,8 @@ DTYPE_ALIASES = {
 }
 
 OutputDtype = Literal["float16", "bfloat16", "float32"]
-Component = Literal[
-    "unet",
-    "transformer",
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "ema",
-    "other",
-]
+# The components a node selects: every family's (sdrecipe.arch.COMPONENTS).
+Component = Literal[COMPONENTS]  # type: ignore[valid-type]
 # sdrecipe's own provenance fields (see sdrecipe.provenance). Earlier outputs held
 # one JSON object under LEGACY_PROVENANCE_FIELD instead.
 VERSION_FIELD = "sdrecipe.version"
