@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SHRINK, run_cli, write_recipe
+from conftest import SHRINK, run_in_process, write_recipe
 from sdrecipe.arch import layout
 from sdrecipe.arch.detect import detect
 from sdrecipe.arch.diffusers_names import DiffusersNaming, Source, diffusers_source
@@ -524,7 +524,7 @@ def test_cli_builds_flux_and_sd35_diffusers_outputs(tmp_path, dit_models):
             max_shard_size: 4000000
         """,
     )
-    first = run_cli("build", str(recipe))
+    first = run_in_process("build", str(recipe))
     assert first.returncode == 0, first.stderr
     flux, sd35 = tmp_path / "flux-diffusers", tmp_path / "sd35-diffusers"
     assert (flux / "transformer/diffusion_pytorch_model.safetensors").is_file()
@@ -535,15 +535,15 @@ def test_cli_builds_flux_and_sd35_diffusers_outputs(tmp_path, dit_models):
     assert len(set(index["weight_map"].values())) > 1
     assert len(index["weight_map"]) == TRANSFORMER_COUNTS["sd35-medium"][1]
     for folder, family in ((flux, "flux1"), (sd35, "sd35-medium")):
-        reported = json.loads(run_cli("inspect", str(folder), "--json").stdout)
+        reported = json.loads(run_in_process("inspect", str(folder), "--json").stdout)
         assert (reported["format"], reported["family"]) == ("diffusers", family)
-    again = run_cli("build", str(recipe), "--json")
+    again = run_in_process("build", str(recipe), "--json")
     assert [o["state"] for o in json.loads(again.stdout)["outputs"]] == ["up to date"] * 2
     # The folders carry sdrecipe's provenance, so a rebuild may replace them.
-    rebuilt = run_cli("build", str(recipe), "--force", "--json")
+    rebuilt = run_in_process("build", str(recipe), "--force", "--json")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert [o["state"] for o in json.loads(rebuilt.stdout)["outputs"]] == ["built"] * 2
-    verified = run_cli("verify", str(recipe))
+    verified = run_in_process("verify", str(recipe))
     assert verified.returncode == 0, verified.stderr
 
 
@@ -562,7 +562,7 @@ def test_families_without_a_diffusers_layout_are_refused(tmp_path):
             format: diffusers
         """,
     )
-    result = run_cli("build", str(recipe))
+    result = run_in_process("build", str(recipe))
     assert result.returncode == 2
     assert "no diffusers folder layout" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
