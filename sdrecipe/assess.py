@@ -11,7 +11,7 @@ from sdrecipe.cache import Cache, Location, output_digest
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.identity import Identities, tensor_identities
-from sdrecipe.io.readers import tensor_digests
+from sdrecipe.io.readers import RenamedReader, file_reader, tensor_digests
 from sdrecipe.io.shard_layout import written_path
 from sdrecipe.lock import Lock, read_lock
 from sdrecipe.prepare import Prepared, tokenizer_folders
@@ -64,6 +64,10 @@ def fingerprint_inputs(
     stats = {name: FileStat.of(recipe.inputs[name].path) for name in prepared.readers}
     for name in prepared.readers:
         found = cache.known_fingerprint(recipe.inputs[name].path, stats[name]) if cache else None
+        reader = prepared.readers[name]
+        if found is not None and isinstance(reader, RenamedReader):
+            # Earlier versions remembered a renamed view's names: read the file again.
+            found = found if set(found.tensors) == set(reader.inner.keys()) else None
         if found is None:
             missing.append(name)
         else:
@@ -72,7 +76,7 @@ def fingerprint_inputs(
         advance = progress("hashing", sum(stats[name].size for name in missing))
 
         def take(name: str) -> Fingerprint:
-            result = prepared.readers[name].fingerprint()
+            result = file_reader(prepared.readers[name]).fingerprint()
             advance(stats[name].size)
             return result
 
@@ -81,6 +85,10 @@ def fingerprint_inputs(
                 known[name] = result
                 if cache is not None:
                     cache.remember_fingerprint(recipe.inputs[name].path, stats[name], result)
+    # What is remembered is the file's own; a renamed view names its tensors anew.
+    for name, reader in prepared.readers.items():
+        if isinstance(reader, RenamedReader):
+            known[name] = reader.renamed(known[name])
     for name, result in known.items():
         pinned = recipe.inputs[name].sha256
         if pinned and pinned != result.sha256:

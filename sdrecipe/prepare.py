@@ -3,6 +3,7 @@ inputs' headers, architectures, output safety and the per-key plan (`validate`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,13 @@ from sdrecipe.graph import MergeGraph, build_graph
 from sdrecipe.guard import check_cache_folder, check_outputs
 from sdrecipe.io.adapter_reader import AdapterReader, guess_family
 from sdrecipe.io.diffusers_writer import TOKENIZERS
-from sdrecipe.io.readers import ModelReader, StandaloneVaeReader, open_adapter, open_model
+from sdrecipe.io.readers import (
+    ModelReader,
+    StandaloneVaeReader,
+    open_adapter,
+    open_model,
+    with_model_prefix,
+)
 from sdrecipe.io.remote_inputs import fetch_inputs
 from sdrecipe.methods.registry import DIFFERENCE
 from sdrecipe.plan import BuildPlan, make_plan
@@ -136,6 +143,7 @@ def prepare_recipe(
     if not force:
         check_architectures(graph, architectures)
     _place_standalone_vaes(graph, readers, architectures)
+    _align_model_prefixes(graph, readers, architectures)
     for name in graph.outputs:
         output = recipe.outputs[name]
         base = graph.base_input(output.node)
@@ -174,6 +182,32 @@ def _place_standalone_vaes(
         prefix = vae_prefix(architectures[graph.base_input(output.node)].family)
         if prefix != VAE_PREFIX:
             readers[output.vae] = StandaloneVaeReader(reader.inner, prefix)  # type: ignore[index]
+
+
+def _align_model_prefixes(
+    graph: MergeGraph, readers: dict[str, ModelReader], architectures: dict[str, Architecture]
+) -> None:
+    """A transformer file without prefix (BFL's Flux.1, a bare SD3) and a
+    checkpoint with `model.diffusion_model.` merge key by key: an input that is
+    no node's base is seen under the prefix of the bases it is merged into,
+    where they are of its family and agree on one prefix."""
+    bases = {graph.base_input(node) for node in graph.order}
+    for name, reader in list(readers.items()):
+        if name in bases or isinstance(reader, AdapterReader):
+            continue
+        found = architectures[name]
+        targets = {
+            architectures[graph.base_input(node)]
+            for node in graph.order
+            if name in graph.inputs_of(node)
+        }
+        prefixes = {t.model_prefix for t in targets if t.family == found.family}
+        if found.family == "unknown" or len(prefixes) != 1 or len(targets) != 1:
+            continue
+        (prefix,) = prefixes
+        if prefix != found.model_prefix:
+            readers[name] = with_model_prefix(reader, found.model_prefix, prefix)
+            architectures[name] = dataclasses.replace(found, model_prefix=prefix)
 
 
 def check_unmatched(graph: MergeGraph, name: str, adapter: AdapterReader) -> None:

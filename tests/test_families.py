@@ -533,3 +533,38 @@ def test_a_component_the_family_lacks_is_refused(flux_models, tmp_path, node):
     assert "unet, which its base model's family, flux1, does not have" in result.stderr
     assert "transformer" in result.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("base", ["aio", "bare"])
+def test_a_bfl_file_and_an_all_in_one_checkpoint_merge_key_by_key(flux_models, tmp_path, base):
+    bare = flux_models["mine"]
+    aio = write_model(
+        tmp_path / "aio.safetensors",
+        ModelSpec(family="flux1", layout="flux1-dev-aio", seed=12, shrink=SHRINK),
+    )
+    a, b = (aio, bare) if base == "aio" else (bare, aio)
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {a}, B: {b}}}
+        nodes:
+          blend: {{method: weighted_sum, models: [A, B], alpha: 1.0}}
+        outputs:
+          blend: out.safetensors
+        """,
+    )
+    for _ in range(2):  # the second time, the inputs' fingerprints come from the cache
+        result = run_in_process("build", "--force", str(recipe))
+        assert result.returncode == 0, result.stderr
+        out = load_file(tmp_path / "out.safetensors")
+        prefix = FLUX if base == "aio" else ""
+        assert len(out) == (1442 if base == "aio" else 780)
+        # alpha 1: every transformer key is the second model's, whatever its prefix.
+        source = load_file(b)
+        for key in (
+            "img_in.weight",
+            "double_blocks.0.img_attn.qkv.weight",
+            "final_layer.linear.bias",
+        ):
+            stored = FLUX + key if base == "bare" else key
+            np.testing.assert_array_equal(out[prefix + key], source[stored])

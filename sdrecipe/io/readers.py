@@ -43,22 +43,19 @@ class ModelReader(Protocol):
 STANDALONE_VAE_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 
 
-class StandaloneVaeReader:
-    """A VAE file whose keys lack `first_stage_model.` (or `prefix`), as VAEs
-    are distributed, seen under that prefix; other tensors (a training loss's)
-    are left out."""
+class RenamedReader:
+    """A model file seen under other key names (`names`: new name → the file's),
+    holding only the named tensors."""
 
-    def __init__(self, reader: ModelReader, prefix: str = VAE_PREFIX):
+    def __init__(self, reader: ModelReader, names: dict[str, str]):
         self._reader = reader
         self.path = reader.path
         self.metadata = reader.metadata
         self.inner = reader
-        self._names = {
-            prefix + key: key for key in reader.infos() if key.startswith(STANDALONE_VAE_PREFIXES)
-        }
+        self._names = names
 
     def keys(self) -> list[str]:
-        """Tensor names, prefixed."""
+        """Tensor names, as renamed."""
         return list(self._names)
 
     def info(self, key: str) -> TensorInfo:
@@ -78,10 +75,44 @@ class StandaloneVaeReader:
         return self._reader.raw(self._names[key])
 
     def fingerprint(self) -> Fingerprint:
-        """The file's fingerprint, under the prefixed names."""
-        found = self._reader.fingerprint()
+        """The file's fingerprint, under the new names."""
+        return self.renamed(self._reader.fingerprint())
+
+    def renamed(self, found: Fingerprint) -> Fingerprint:
+        """The file's own fingerprint `found` under the new names."""
         tensors = {key: found.tensors[name] for key, name in self._names.items()}
         return Fingerprint(found.sha256, found.legacy, tensors)
+
+
+class StandaloneVaeReader(RenamedReader):
+    """A VAE file whose keys lack `first_stage_model.` (or `prefix`), as VAEs
+    are distributed, seen under that prefix; other tensors (a training loss's)
+    are left out."""
+
+    def __init__(self, reader: ModelReader, prefix: str = VAE_PREFIX):
+        names = {
+            prefix + key: key for key in reader.infos() if key.startswith(STANDALONE_VAE_PREFIXES)
+        }
+        super().__init__(reader, names)
+
+
+def file_reader(reader: ModelReader) -> ModelReader:
+    """The reader of the file itself under a renamed view."""
+    return reader.inner if isinstance(reader, RenamedReader) else reader
+
+
+def with_model_prefix(reader: ModelReader, old: str, new: str) -> RenamedReader:
+    """`reader` with the keys of its diffusion model (those under `old`, every
+    key when `old` is empty) moved under `new`; the other keys as they are."""
+    names = {}
+    for key in reader.infos():
+        if old == "":
+            names[new + key] = key
+        elif key.startswith(old):
+            names[new + key[len(old) :]] = key
+        else:
+            names[key] = key
+    return RenamedReader(reader, names)
 
 
 def is_standalone_vae(keys: list[str]) -> bool:
