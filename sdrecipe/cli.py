@@ -1224,7 +1224,11 @@ def blocks(model_or_family: str, with_keys: bool, as_json: bool) -> None:
     from sdrecipe.errors import RecipeError
 
     path = Path(model_or_family)
-    if path.exists():
+    try:
+        is_file = bool(model_or_family) and path.exists()
+    except OSError:  # a name too long for a path is no file
+        is_file = False
+    if is_file:
         from sdrecipe.arch.detect import detect
         from sdrecipe.io.readers import open_model
 

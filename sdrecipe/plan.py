@@ -24,6 +24,7 @@ from sdrecipe.arch import (
     vae_prefix,
 )
 from sdrecipe.arch.blocks import block_values_taken, listed_block_ids
+from sdrecipe.arch.family import families
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
@@ -341,8 +342,26 @@ class _Planner:
             return compute
         if _differ_only_in_channels(shapes):
             widest = max(shape[1] for shape in shapes)
+            narrowest = min(shape[1] for shape in shapes)
+            wide_others = [
+                (operand, shape[1])
+                for operand, shape in zip(present[1:], shapes[1:], strict=True)
+                if shape[1] > narrowest
+            ]
+            if base.shape[1] == widest and not wide_others:
+                return dataclasses.replace(compute, channels=narrowest)
             if base.shape[1] == widest:
-                return dataclasses.replace(compute, channels=min(shape[1] for shape in shapes))
+                other, width = wide_others[0]
+                self.conflicts.append(
+                    (
+                        node,
+                        f"{key}: {other} has {width} input channels and another operand "
+                        f"{narrowest}; the merge takes the first {narrowest} of each, so "
+                        f"{other}'s other {width - narrowest} would be dropped: only the base "
+                        "may have more input channels than the others",
+                    )
+                )
+                return Passthrough("shape conflict")
             other = present[next(i for i, s in enumerate(shapes) if s[1] == widest)]
             self.conflicts.append(
                 (
@@ -454,6 +473,15 @@ class _Planner:
         if output.lora is not None:  # the writer takes each layer's difference
             family = self.families.get(base_name, "unknown")
             keys = extracted_keys(family, list(base), output.lora)
+            if not keys:
+                named = [f.name for f in families() if f.adapters.patchable]
+                raise RecipeError(
+                    f"output {name!r}: no layer of {base_name} ({family}) has a LoRA module "
+                    f"name, so a LoRA extracted from it would be empty; sdrecipe names LoRA "
+                    f"modules for {', '.join(named)}",
+                    self.graph.recipe.path,
+                    output.line,
+                )
             self.written[name] = {key: TensorInfo(torch.float32, base[key].shape) for key in keys}
             return self.written[name]
         found = dict(base)
@@ -484,11 +512,18 @@ class _Planner:
         prefix = vae_prefix(self.families.get(self.graph.base_input(output.node), "unknown"))
         baked = {key: info for key, info in infos.items() if key.startswith(prefix)}
         problem = None
+        base_family = self.families.get(self.graph.base_input(output.node), "unknown")
+        vae_family = self.families.get(vae.name, "unknown")
         if not baked:
-            problem = f"{vae.path} holds no VAE tensors"
+            problem = f"{vae.path} holds no VAE tensors under {prefix}"
         missing = sorted(key for key in base if key.startswith(prefix) and key not in baked)
         if missing:
             problem = f"{vae.path} lacks {len(missing)} VAE tensor(s), e.g. {missing[0]}"
+        if problem and vae_family not in ("unknown", "vae16", base_family):
+            problem += (
+                f" (it is a model of family {vae_family}, and {base_family} keeps its VAE under "
+                f"{prefix}: use a VAE file of the base's kind)"
+            )
         for key, info in baked.items():
             if key in base and base[key].shape != info.shape:
                 problem = (

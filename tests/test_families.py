@@ -568,3 +568,51 @@ def test_a_bfl_file_and_an_all_in_one_checkpoint_merge_key_by_key(flux_models, t
         ):
             stored = FLUX + key if base == "bare" else key
             np.testing.assert_array_equal(out[prefix + key], source[stored])
+
+
+def test_a_second_fill_model_is_refused_rather_than_cut(flux_models, tmp_path):
+    other_fill = write_model(
+        tmp_path / "fill2.safetensors",
+        ModelSpec(family="flux1", variant="fill", seed=21, shrink=SHRINK),
+    )
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {flux_models["fill"]}, B: {other_fill}, C: {flux_models["dev"]}}}
+        nodes:
+          fill: A + (B - C)
+        outputs:
+          fill: out.safetensors
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 2
+    assert "img_in.weight: B has 384 input channels" in result.stderr
+    assert "320 would be dropped" in result.stderr
+
+
+def test_a_lora_is_not_extracted_from_a_family_without_module_names(flux_models, tmp_path):
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {flux_models["mine"]}, B: {flux_models["dev"]}}}
+        nodes:
+          learned: A - B
+        outputs:
+          learned: {{path: lora.safetensors, format: lora, rank: 4}}
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 2
+    assert "no layer of A (flux1) has a LoRA module name" in result.stderr
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
+def test_diff_lines_up_a_bfl_file_with_an_all_in_one_checkpoint(flux_models, tmp_path):
+    result = run_in_process(
+        "diff", "--json", "--cache-dir", str(tmp_path / "c"),
+        str(flux_models["dev"]), str(flux_models["aio"]),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    compared = json.loads(result.stdout)["models"][0]
+    assert compared["total"]["keys"] == 780

@@ -23,7 +23,7 @@ from sdrecipe.arch.blocks import block_ids, block_of
 from sdrecipe.arch.detect import detect
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.adapter_files import is_adapter_path
-from sdrecipe.io.readers import open_model
+from sdrecipe.io.readers import ModelReader, open_model, with_model_prefix
 from sdrecipe.views.scene import Box, Scene, Text, text_width
 
 CHUNK_ELEMENTS = 1 << 22
@@ -154,17 +154,21 @@ def diff_models(
             )
     base = open_model(reference)
     infos = base.infos()
-    family = detect(infos, base.metadata).family
-    readers = [open_model(path) for path in models]
-    others = [reader.infos() for reader in readers]
-    for path, reader, other in zip(models, readers, others, strict=True):
-        theirs = detect(other, reader.metadata).family
-        if theirs != family and not force:
+    found = detect(infos, base.metadata)
+    family = found.family
+    readers: list[ModelReader] = [open_model(path) for path in models]
+    for index, (path, reader) in enumerate(zip(models, readers, strict=True)):
+        theirs = detect(reader.infos(), reader.metadata)
+        if theirs.family != family and not force:
             raise RecipeError(
-                f"{path} is {theirs} and the reference {reference} is {family}: models of "
-                "different families share few keys, so a measure over them means little; "
+                f"{path} is {theirs.family} and the reference {reference} is {family}: models "
+                "of different families share few keys, so a measure over them means little; "
                 "pass --force to compare them anyway"
             )
+        if theirs.family == family and theirs.model_prefix != found.model_prefix:
+            # A bare transformer file (BFL's Flux.1) against a prefixed checkpoint.
+            readers[index] = with_model_prefix(reader, theirs.model_prefix, found.model_prefix)
+    others = [reader.infos() for reader in readers]
     comparisons = [Comparison(path) for path in models]
     for comparison, other in zip(comparisons, others, strict=True):
         comparison.only_in_reference = [key for key in infos if key not in other]
