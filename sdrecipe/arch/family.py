@@ -213,7 +213,8 @@ def _expand_ids(ids: list[str]) -> list[str]:
 
 def _read(name: str) -> dict[str, Any]:
     path = resources.files(__package__).joinpath("families", f"{name}.yaml")
-    data = yaml.safe_load(path.read_text())
+    # libyaml's loader where PyYAML has it: every command reads every family file.
+    data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     if not isinstance(data, dict) or data.get("name") != name:
         raise ValueError(f"family file {name}.yaml must be a mapping with `name: {name}`")
     parent = data.get("extends")
