@@ -19,7 +19,9 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
+from sdrecipe.build import build
 from sdrecipe.cli import main
+from sdrecipe.prepare import prepare
 from sdrecipe.synthetic import ModelSpec, write_model
 
 # Two test processes share two cores: a time limit per example would only flake.
@@ -103,6 +105,28 @@ def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text).lstrip())
     return path
+
+
+def convert(source: Path, target: Path, output_format: str = "diffusers", extra: str = "") -> Path:
+    """Write `source` to `target` through a one-input recipe (node `model: A`);
+    `extra` is more of the output's options, one YAML line."""
+    recipe = write_recipe(
+        target.parent,
+        f"""
+        inputs:
+          A: {source}
+        nodes:
+          model: A
+        outputs:
+          model:
+            path: {target}
+            format: {output_format}
+            {extra}
+        """,
+        name=f"{target.name}.yaml",
+    )
+    build(prepare(recipe), threads=2)
+    return target
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
-from conftest import SHRINK, as32, run_cli, write_recipe
+from conftest import SHRINK, as32, convert, run_cli, write_recipe
 from sdrecipe.build import build
 from sdrecipe.io.readers import open_model
 from sdrecipe.prepare import prepare
@@ -21,26 +21,6 @@ from sdrecipe.synthetic import ModelSpec, write_model
 
 FAMILIES = ["sd1", "sd2", "sdxl", "sdxl-refiner"]
 VAE_KEY = "first_stage_model.decoder.conv_in.weight"
-
-
-def convert(source: Path, target: Path, output_format: str = "diffusers") -> Path:
-    """Write `source` to `target` through a one-input recipe (node `model: A`)."""
-    recipe = write_recipe(
-        target.parent,
-        f"""
-        inputs:
-          A: {source}
-        nodes:
-          model: A
-        outputs:
-          model:
-            path: {target}
-            format: {output_format}
-        """,
-        name=f"{target.name}.yaml",
-    )
-    build(prepare(recipe), threads=2)
-    return target
 
 
 def tensors_of(path: Path) -> dict[str, torch.Tensor]:

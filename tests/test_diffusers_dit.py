@@ -17,16 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SHRINK, run_in_process, write_recipe
+from conftest import SHRINK, convert, run_in_process, write_recipe
 from sdrecipe.arch import layout
 from sdrecipe.arch.detect import detect
 from sdrecipe.arch.diffusers_names import DiffusersNaming, Source, diffusers_source
 from sdrecipe.arch.diffusers_tables import UnknownLastBlock
-from sdrecipe.build import build
 from sdrecipe.io.diffusers_writer import DiffusersWriter
 from sdrecipe.io.readers import open_model
 from sdrecipe.io.tensor_info import TensorInfo
-from sdrecipe.prepare import prepare
 from sdrecipe.synthetic import ModelSpec, write_model
 
 # name → (synthetic model, the family detected)
@@ -310,27 +308,6 @@ def dit_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         name: write_model(folder / f"{name}.safetensors", spec)
         for name, (spec, _) in MODELS.items()
     }
-
-
-def convert(source: Path, target: Path, output_format: str = "diffusers", extra: str = "") -> Path:
-    """Write `source` to `target` through a one-input recipe."""
-    recipe = write_recipe(
-        target.parent,
-        f"""
-        inputs:
-          A: {source}
-        nodes:
-          model: A
-        outputs:
-          model:
-            path: {target}
-            format: {output_format}
-            {extra}
-        """,
-        name=f"{target.name}.yaml",
-    )
-    build(prepare(recipe), threads=2)
-    return target
 
 
 @pytest.mark.parametrize("name", list(MODELS))

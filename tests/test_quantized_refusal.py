@@ -50,17 +50,7 @@ def _flux_fp8(path, extra: dict[str, torch.Tensor], metadata: dict[str, str] | N
 )
 def test_a_quantized_input_is_refused_by_name(tmp_path, extra, metadata, said):
     quantized = _flux_fp8(tmp_path / "q.safetensors", extra, metadata)
-    other = write_model(tmp_path / "b.safetensors", ModelSpec(family="flux1", shrink=SHRINK))
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{Q: {quantized}, B: {other}}}
-        nodes:
-          blend: {{method: weighted_sum, models: [Q, B], alpha: 0.5}}
-        outputs:
-          blend: out.safetensors
-        """,
-    )
+    recipe = _blend_recipe(tmp_path, quantized)
     result = run_in_process("build", str(recipe))
     assert result.returncode == 2
     assert f"{recipe}:1: input 'Q'" in result.stderr
@@ -69,17 +59,21 @@ def test_a_quantized_input_is_refused_by_name(tmp_path, extra, metadata, said):
 
 
 def test_a_plain_fp8_input_merges(tmp_path):
-    plain = _flux_fp8(tmp_path / "fp8.safetensors", {})
-    other = write_model(tmp_path / "b.safetensors", ModelSpec(family="flux1", shrink=SHRINK))
-    recipe = write_recipe(
-        tmp_path,
+    recipe = _blend_recipe(tmp_path, _flux_fp8(tmp_path / "fp8.safetensors", {}))
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 0, result.stderr
+
+
+def _blend_recipe(folder, first):
+    """A recipe blending `first` (input Q) with a Flux.1 file into a bf16 out.safetensors."""
+    other = write_model(folder / "b.safetensors", ModelSpec(family="flux1", shrink=SHRINK))
+    return write_recipe(
+        folder,
         f"""
-        inputs: {{Q: {plain}, B: {other}}}
+        inputs: {{Q: {first}, B: {other}}}
         nodes:
           blend: {{method: weighted_sum, models: [Q, B], alpha: 0.5}}
         outputs:
           blend: {{path: out.safetensors, dtype: bfloat16}}
         """,
     )
-    result = run_in_process("build", str(recipe))
-    assert result.returncode == 0, result.stderr
