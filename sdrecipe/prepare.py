@@ -202,21 +202,20 @@ def _align_model_prefixes(
     no node's base is seen under the prefix of the bases it is merged into,
     where they are of its family and agree on one prefix."""
     bases = {graph.base_input(node) for node in graph.order}
-    for name, reader in list(readers.items()):
-        if name in bases or isinstance(reader, AdapterReader):
-            continue
+    targets: dict[str, set[Architecture]] = {}
+    for node in graph.order:
+        base = architectures[graph.base_input(node)]
+        for operand in graph.operands(node)[1:]:
+            if operand in readers and operand not in bases:
+                targets.setdefault(operand, set()).add(base)
+    for name, merged_into in targets.items():
         found = architectures[name]
-        targets = {
-            architectures[graph.base_input(node)]
-            for node in graph.order
-            if name in graph.inputs_of(node)
-        }
-        prefixes = {t.model_prefix for t in targets if t.family == found.family}
-        if found.family == "unknown" or len(prefixes) != 1 or len(targets) != 1:
+        if len(merged_into) != 1 or isinstance(readers[name], AdapterReader):
             continue
-        (prefix,) = prefixes
-        if prefix != found.model_prefix:
-            readers[name] = with_model_prefix(reader, found.model_prefix, prefix)
+        (target,) = merged_into
+        prefix = target.model_prefix
+        if target.family == found.family != "unknown" and prefix != found.model_prefix:
+            readers[name] = with_model_prefix(readers[name], found.model_prefix, prefix)
             architectures[name] = dataclasses.replace(found, model_prefix=prefix)
 
 

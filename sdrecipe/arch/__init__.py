@@ -79,9 +79,9 @@ def component_of(key: str, family: str = "unknown") -> str:
 # Tensors that give other tensors their meaning in quantized checkpoints:
 # ComfyUI's scaled fp8 (`scaled_fp8`, per-layer `scale_weight`/`scale_input`,
 # and the newer `weight_scale`/`input_scale`/`comfy_quant`) and bitsandbytes'
-# NF4/FP4 (`absmax`, `quant_map`, `quant_state`). Key ending -> what it is.
+# NF4/FP4 (`absmax`, `quant_map`, `quant_state`). Name ending -> what it is.
 QUANTIZATION_KEYS = {
-    "scaled_fp8": "ComfyUI scaled fp8",
+    ".scaled_fp8": "ComfyUI scaled fp8",
     ".scale_weight": "ComfyUI scaled fp8",
     ".scale_input": "ComfyUI scaled fp8",
     ".weight_scale": "ComfyUI fp8 with per-layer scales",
@@ -103,7 +103,7 @@ def quantization_of(keys: object, metadata: dict[str, str]) -> tuple[str, str] |
         return "ComfyUI quantized layers", QUANTIZATION_METADATA
     for key in keys:  # type: ignore[attr-defined]
         for ending, what in QUANTIZATION_KEYS.items():
-            if key == ending or key.endswith(ending if ending.startswith(".") else "." + ending):
+            if ("." + key).endswith(ending):  # `scaled_fp8` at the top level too
                 return what, key
     return None
 
