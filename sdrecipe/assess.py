@@ -11,6 +11,7 @@ from sdrecipe.cache import Cache, Location, output_digest
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.identity import Identities, tensor_identities
+from sdrecipe.io.quantized import quantization_of
 from sdrecipe.io.readers import RenamedReader, file_reader, tensor_digests
 from sdrecipe.io.shard_layout import written_path
 from sdrecipe.lock import Lock, read_lock
@@ -39,6 +40,8 @@ class Assessment:
     found: dict[str, Location]
     facts: dict[str, OutputFacts]
     statuses: list[NodeStatus]
+    # Each input's quantized storage, in words (None: none).
+    quantization: dict[str, str | None]
 
 
 def _written_as(prepared: Prepared, output: str) -> dict[str, str]:
@@ -48,6 +51,10 @@ def _written_as(prepared: Prepared, output: str) -> dict[str, str]:
     if spec.lora is not None:
         return {"format": spec.format, "lora": repr(spec.lora), "extraction": LORA_EXTRACTION}
     shards = {} if spec.max_shard_size is None else {"max_shard_size": str(spec.max_shard_size)}
+    if spec.scaled:
+        shards["scaled"] = "true"
+    if spec.quant is not None:
+        shards["quant"] = spec.quant
     if spec.format != "diffusers":
         return {"format": spec.format, **shards}
     tokenizers = tokenizer_folders(prepared, output)
@@ -113,6 +120,7 @@ def assess(
     fingerprints = fingerprint_inputs(prepared, cache, threads, progress)
     digests = {n: tensor_digests(prepared.readers[n], f) for n, f in fingerprints.items()}
     identities = tensor_identities(plan, digests)
+    quantization = {name: quantization_of(reader) for name, reader in prepared.readers.items()}
     metadata = {
         name: output_metadata(
             prepared.graph,
@@ -121,6 +129,7 @@ def assess(
             fingerprints,
             {n: r.metadata for n, r in prepared.readers.items()},
             prepared.architectures[prepared.graph.base_input(output_plan.output.node)],
+            quantization,
         )
         for name, output_plan in plan.outputs.items()
     }
@@ -144,7 +153,9 @@ def assess(
         facts,
         force,
     )
-    return Assessment(fingerprints, identities, metadata, output_ids, lock, found, facts, statuses)
+    return Assessment(
+        fingerprints, identities, metadata, output_ids, lock, found, facts, statuses, quantization
+    )
 
 
 def _output_facts(

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from sdrecipe.assess import Assessment, Progress, assess, no_progress
 from sdrecipe.cache import DIGEST, PACK, Cache, Location, output_digest
 from sdrecipe.cache_policy import cache_choice
 from sdrecipe.executor import CacheUse, Executor, KeyResult
-from sdrecipe.fingerprint import FileStat
+from sdrecipe.fingerprint import FileStat, tensor_digest
 from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy, uninterrupted
 from sdrecipe.io.page_cache import memory_is_short
 from sdrecipe.io.shard_layout import index_path, shards_apply, written_path
@@ -280,6 +282,7 @@ class _Builder:
                 self.prepared.architectures[plan.graph.base_input(output.node)],
                 tokenizer_folders(self.prepared, name),
                 drop_written,
+                output_plan.encodings,
             )
             cleanup.callback(writer.abort)
             writers[name] = writer
@@ -293,6 +296,8 @@ class _Builder:
             self.stats.tensors_computed += result.computed
             for output, digest in result.output_digests.items():
                 self._tensor_digests[output][result.key] = digest
+            for output, digests in result.companion_digests.items():
+                self._tensor_digests[output].update(digests)
             if self.cache is None:
                 return
             # Forget corrupt entries first: a recomputed tensor may be stored
@@ -306,6 +311,11 @@ class _Builder:
             if result.used:
                 self.cache.touch(result.used)
 
+        for name, writer in writers.items():
+            for key, tensor in plan.outputs[name].constants.items():
+                data = tensor.reshape(-1).view(torch.uint8).numpy().data
+                writer.write(key, data)
+                self._tensor_digests[name][key] = tensor_digest(writer.info(key), [data])
         Executor(plan, self.prepared.readers, writers, self.threads, cache_use).run(record)
         for writer in writers.values():
             writer.finish()
@@ -326,14 +336,18 @@ class _Builder:
         self.digests[name] = digest
         if self.cache is None or not self.cache.tensors or output.is_dir() or output != spec.path:
             return  # folders and shards are not kept as packs
+        if spec.format == "gguf":
+            return  # nor GGUF files: the cache reads tensors back as safetensors
         self.cache.add_pack(output, digest, self.assessment.output_ids[name])
         if self.prepared.recipe.outputs[name].lora is not None:
             return  # a LoRA's tensors are factors, not the node's values
         identities = self.assessment.identities.outputs[name]
+        encoded = self.prepared.plan.outputs[name].encodings
         self.cache.add_refs(
             (identities[key], Location(PACK, digest, key, tensor))
             for key, tensor in digests.items()
-            if key in identities  # copied from an input: no ref needed
+            # copied from an input: no ref needed; an encoded one needs what goes with it
+            if key in identities and key not in encoded
         )
 
     def _write_lock(self) -> None:
@@ -350,6 +364,7 @@ class _Builder:
                 )
                 for name in self.prepared.plan.outputs
             },
+            assessment.quantization,
         )
         write_lock(self.prepared.recipe.path, lock)
 

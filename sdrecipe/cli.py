@@ -1136,7 +1136,16 @@ def inspect(
         + ", ".join(f"{code} {count}" for code, count in report["dtypes"].items())
     )
     for name, counts in report["components"].items():
-        say(f"  {name:15} {counts['keys']:5} keys {counts['parameters']:>15,} parameters")
+        stored = ", ".join(
+            f"{kind} {entry['keys']}" for kind, entry in report["storage"][name].items()
+        )
+        say(
+            f"  {name:15} {counts['keys']:5} keys {counts['parameters']:>15,} parameters"
+            f"  ({stored})"
+        )
+    if report["quantization"]:
+        share = report["quantized_share"]
+        say(f"  quantized: {report['quantization']}; {share:.1%} of the bytes")
     legacy = f"  AutoV1 {report['legacy_hash']}" if report["legacy_hash"] else ""
     say(f"  sha256 {report['sha256']}  AutoV2 {report['autov2']}{legacy}")
     lineage = report["lineage"]

@@ -26,6 +26,7 @@ from sdrecipe.fingerprint import tensor_digest, tensor_hasher
 from sdrecipe.finite import is_finite
 from sdrecipe.identity import Identities
 from sdrecipe.io.atomic import uninterrupted
+from sdrecipe.io.encodings import FP8_MAX, Encoding
 from sdrecipe.io.readers import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
@@ -56,6 +57,8 @@ class KeyResult:
     key: str
     written: int = 0
     output_digests: dict[str, str] = field(default_factory=dict)
+    # Digests of tensors written beside the key (its scale), by output and key.
+    companion_digests: dict[str, dict[str, str]] = field(default_factory=dict)
     new_objects: list[tuple[str, Location, int]] = field(default_factory=list)
     used: list[Location] = field(default_factory=list)
     hits: int = 0
@@ -196,8 +199,8 @@ class _KeyTask:
 
     def _copy_cached_output(self, output: str) -> bool:
         use = self.executor.cache_use
-        if use is None:
-            return False
+        if use is None or self._encoding(output) is not None:
+            return False  # an encoded tensor's cached bytes may lack what goes with them
         cached = self._cached(use.identities.outputs[output][self.key])
         if cached is None:
             return False
@@ -242,22 +245,31 @@ class _KeyTask:
 
     # --- streaming ----------------------------------------------------------------
 
+    def _encoding(self, output: str) -> Encoding | None:
+        return self.executor.plan.outputs[output].encodings.get(self.key)
+
     def _stream(self, outputs: list[str]) -> None:
         writers = self.executor.writers
         hashers = {output: tensor_hasher(writers[output].info(self.key)) for output in outputs}
+        scales = self._scales(outputs)
         for rows in row_ranges(self.plan):
             if self.executor.stopping.is_set():
                 raise _Stopped
             values: dict[str, torch.Tensor] = {}
             for output in outputs:
                 info = writers[output].info(self.key)
-                source = self.plan.sources[output]
-                tensor = self._value(source, rows, values)
-                stored = tensor.to(info.dtype)
-                # float8 cannot be checked (nor hold infinity): check what it came from.
-                checked = stored if info.dtype.itemsize > 1 else tensor
+                tensor = self._value(self.plan.sources[output], rows, values)
+                encoding = self._encoding(output)
+                if encoding is not None:
+                    stored = encoding.encode(tensor, scales.get(output))
+                else:
+                    stored = tensor.to(info.dtype)
+                # float8 and encoded bytes cannot be checked: check what they came from.
+                checked = stored if encoding is None and info.dtype.itemsize > 1 else tensor
                 if checked.is_floating_point() and not is_finite(checked):
                     self._explain_non_finite(output, values, tensor)
+                if encoding is None:
+                    self._check_range(output, tensor, info.dtype)
                 data = stored.contiguous().reshape(-1).view(torch.uint8).numpy()
                 writers[output].write(self.key, data.data, self._offset(rows, info))
                 hashers[output].update(data.data)
@@ -269,6 +281,42 @@ class _KeyTask:
                 hasher.update(data.data)
         for output, hasher in hashers.items():
             self.result.output_digests[output] = hasher.hexdigest()
+        for output, scale in scales.items():
+            for key, tensor in self._encoding(output).companions(scale).items():  # type: ignore[union-attr]
+                data = tensor.reshape(-1).view(torch.uint8).numpy().data
+                writers[output].write(key, data)
+                digest = tensor_digest(writers[output].info(key), [data])
+                self.result.companion_digests.setdefault(output, {})[key] = digest
+
+    def _scales(self, outputs: list[str]) -> dict[str, float]:
+        """The scale of each output whose encoding needs the whole tensor's largest
+        magnitude first: a pass over the row ranges before the one that writes."""
+        scales = {}
+        for output in outputs:
+            encoding = self._encoding(output)
+            if encoding is None or not encoding.whole:
+                continue
+            largest = 0.0
+            for rows in row_ranges(self.plan):
+                value = self._value(self.plan.sources[output], rows, {})
+                if value.numel():
+                    largest = max(largest, float(value.abs().max()))
+            scales[output] = encoding.scale(largest)  # type: ignore[union-attr]
+        return scales
+
+    def _check_range(self, output: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+        """Refuse values an fp8 output cannot hold (torch would clip them)."""
+        limit = FP8_MAX.get(dtype)
+        if limit is None or not tensor.numel():
+            return
+        largest = float(tensor.abs().max())
+        if largest > limit:  # NaN compares false: the finiteness check names it
+            name = str(dtype).removeprefix("torch.")
+            raise BuildError(
+                f"output {output!r}: {self.key} has values up to {largest:.6g}, past "
+                f"{name}'s largest ({limit:g}), which fp8 would clip; write it with "
+                "`scaled: true` or a wider dtype; no output was written"
+            )
 
     def _offset(self, rows: slice | None, info: TensorInfo) -> int:
         if rows is None:

@@ -114,6 +114,9 @@ def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]])
     for key_plan in plan.keys:
         key = key_plan.key
         for name, source in key_plan.sources.items():
-            dtype = plan.outputs[name].tensors[key].dtype
-            outputs[name][key] = _hash(values[source][key], DTYPE_TO_CODE[dtype])
+            output_plan = plan.outputs[name]
+            stored = DTYPE_TO_CODE[output_plan.tensors[key].dtype]
+            encoding = output_plan.encodings.get(key)
+            stored = stored if encoding is None else f"{stored} {encoding!r}"
+            outputs[name][key] = _hash(values[source][key], stored)
     return Identities(values=values, outputs=outputs)

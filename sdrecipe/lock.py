@@ -39,11 +39,13 @@ _HEADER = (
 
 @dataclass(frozen=True)
 class LockedInput:
-    """An input as it was when the outputs were built."""
+    """An input as it was when the outputs were built; `quantization` says how
+    a quantized input stores its tensors (see `sdrecipe.io.quantized`)."""
 
     path: str
     size: int
     sha256: str
+    quantization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,9 @@ def write_lock(recipe: Path, lock: Lock) -> Path:
     """Write the lock atomically beside the recipe."""
     path = lock_path(recipe)
     data = {"format": LOCK_FORMAT, **asdict(lock)}
+    for entry in data["inputs"].values():
+        if entry["quantization"] is None:
+            del entry["quantization"]
     text = _HEADER + yaml.safe_dump(data, sort_keys=False, width=1000)
     try:
         write_text_atomically(path, text)
@@ -173,6 +178,7 @@ def updated_lock(
     input_sha256: Mapping[str, str],
     node_ids: Mapping[str, str],
     built: Mapping[str, BuiltOutput],
+    quantization: Mapping[str, str | None] | None = None,
 ) -> Lock:
     """The lock after a build of some of `recipe`'s outputs: what the build used
     and made replaces the previous entries; entries of names the recipe no
@@ -183,7 +189,9 @@ def updated_lock(
     for name, sha256 in input_sha256.items():
         spec = recipe.inputs[name]
         where = spec.url or relative_to_recipe(spec.path, recipe.path)
-        inputs[name] = LockedInput(where, FileStat.of(spec.path).size, sha256)
+        inputs[name] = LockedInput(
+            where, FileStat.of(spec.path).size, sha256, (quantization or {}).get(name)
+        )
     for node, node_id in node_ids.items():
         nodes[node] = LockedNode(recipe.nodes[node].signature, node_id)
     for name, output in built.items():

@@ -13,8 +13,12 @@ from sdrecipe.io.adapter_reader import AdapterReader
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.formats import format_of
-from sdrecipe.io.readers import open_adapter, open_model
+from sdrecipe.io.quantized import quantization_of
+from sdrecipe.io.readers import open_adapter, open_model, stored_as
 from sdrecipe.provenance import read_provenance
+
+# Stored types that are not quantized (the share `inspect` reports counts the others).
+FULL_PRECISION = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
 
 # Formats of models made of many files, which have no legacy (AutoV1) hash.
 MANY_FILES = ("diffusers", "sharded-safetensors")
@@ -65,12 +69,23 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
     infos = reader.infos()
     architecture = detect(infos, reader.metadata)
     components: dict[str, dict[str, int]] = {}
+    storage: dict[str, dict[str, dict[str, int]]] = {}
     for key, info in infos.items():
-        entry = components.setdefault(
-            component_of(key, architecture.family), {"keys": 0, "parameters": 0}
-        )
+        component = component_of(key, architecture.family)
+        entry = components.setdefault(component, {"keys": 0, "parameters": 0})
         entry["keys"] += 1
         entry["parameters"] += info.numel
+        stored, size = stored_as(reader, key)
+        kind = storage.setdefault(component, {}).setdefault(stored, {"keys": 0, "bytes": 0})
+        kind["keys"] += 1
+        kind["bytes"] += size
+    total = sum(k["bytes"] for types in storage.values() for k in types.values())
+    quantized = sum(
+        k["bytes"]
+        for types in storage.values()
+        for name, k in types.items()
+        if name not in FULL_PRECISION
+    )
     sha256 = file_sha256(path, cache)
     return {
         "path": str(path),
@@ -89,6 +104,9 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
         "parameters": sum(info.numel for info in infos.values()),
         "components": components,
         "dtypes": dict(Counter(DTYPE_TO_CODE[info.dtype] for info in infos.values())),
+        "quantization": quantization_of(reader),
+        "storage": storage,
+        "quantized_share": round(quantized / total, 4) if total else 0.0,
         "size": FileStat.of(path).size,
         "sha256": sha256,
         "autov2": sha256[:10],

@@ -19,15 +19,26 @@ from sdrecipe.arch import (
     COMPONENTS,
     EMA_PREFIX,
     PREDICTION_MARKERS,
+    component_of,
     family_components,
     never_merged_reason,
     vae_prefix,
 )
 from sdrecipe.arch.blocks import block_values_taken, listed_block_ids
-from sdrecipe.arch.family import families
+from sdrecipe.arch.family import families, known
 from sdrecipe.errors import RecipeError
 from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
+from sdrecipe.io.encodings import (
+    FP8_MAX,
+    SCALED_MARKER,
+    Encoding,
+    GgmlType,
+    ScaledFp8,
+    fp8_dtype,
+    gguf_type,
+    scale_key,
+)
 from sdrecipe.io.safetensors_writer import layout_order
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.methods import get_method
@@ -95,13 +106,19 @@ class KeyPlan:
 
 @dataclass(frozen=True)
 class OutputPlan:
-    """The tensors one output file will hold, and how each key came to be."""
+    """The tensors one output file will hold, and how each key came to be.
+
+    `encodings` names the keys stored otherwise than as their dtype's values
+    (scaled fp8, GGUF blocks: see `sdrecipe.io.encodings`); `constants` holds
+    tensors whose bytes the plan fixes (the scaled-fp8 marker)."""
 
     name: str
     output: Output
     tensors: dict[str, TensorInfo]
     status: dict[str, str]
     dropped: int
+    encodings: Mapping[str, Encoding] = field(default_factory=dict)
+    constants: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def counts(self) -> Counter[str]:
         """How many keys were merged, and passed through for each reason."""
@@ -151,7 +168,7 @@ def make_plan(
         keys=keys,
         outputs=outputs,
         input_infos=input_infos,
-        warnings=planner.empty_selections() + planner.markers_not_kept(),
+        warnings=planner.empty_selections() + planner.markers_not_kept() + tuple(planner.notes),
         families=dict(families or {}),
     )
 
@@ -188,6 +205,9 @@ class _Planner:
         self.selecting: set[str] = set()
         self.baked: dict[str, frozenset[str]] = {}
         self.written: dict[str, dict[str, TensorInfo]] = {}
+        self.encodings: dict[str, dict[str, Encoding]] = {}
+        self.constants: dict[str, dict[str, torch.Tensor]] = {}
+        self.notes: list[str] = []
 
     def check_blocks(self, node: str) -> None:
         """Refuse block labels that the family of the node's base has no block for."""
@@ -421,7 +441,10 @@ class _Planner:
 
     def _copy_source(self, output: str, name: str, key: str, steps: dict[str, Step]) -> str | None:
         """The input whose bytes the output can take from `name` as they are, if any:
-        nothing on the way computes, and the dtype is the one the output holds."""
+        nothing on the way computes, and the dtype is the one the output holds
+        (and no encoding of the output's stores it otherwise)."""
+        if key in self.encodings.get(output, {}):
+            return None
         while name in steps:
             if isinstance(steps[name], Compute):
                 return None
@@ -491,6 +514,9 @@ class _Planner:
             baked = self._baked_vae(name, base)
             self.baked[name] = frozenset(baked)
             found.update(baked)
+        family = self.families.get(base_name, "unknown")
+        if output.format == "gguf":
+            found = self._gguf_tensors(name, family, found)
         tensors = {}
         for key, info in found.items():
             if output.prune_ema and key.startswith(EMA_PREFIX):
@@ -498,9 +524,75 @@ class _Planner:
             # A tensor without elements (a prediction marker) has nothing to convert.
             convert = target is not None and info.is_floating and info.numel > 0
             dtype = target if convert else info.dtype
+            if convert and target in FP8_MAX:
+                dtype = fp8_dtype(key, info, family, target, output.scaled)  # type: ignore[arg-type]
             tensors[key] = TensorInfo(dtype, info.shape)
+        if output.scaled:
+            self._scaled_fp8(name, family, tensors)
         self.written[name] = tensors
         return tensors
+
+    def _gguf_tensors(
+        self, name: str, family: str, found: dict[str, TensorInfo]
+    ) -> dict[str, TensorInfo]:
+        """The tensors a GGUF output holds: the diffusion model's, in float32,
+        each encoded as `gguf_type` says."""
+        output = self.graph.recipe.outputs[name]
+        data = known(family)
+        if data is None or data.gguf is None:
+            named = ", ".join(f.name for f in families() if f.gguf)
+            raise RecipeError(
+                f"output {name!r}: ComfyUI-GGUF has no architecture for {family} models, so a "
+                f"GGUF of one would not load (GGUF outputs are written for {named})",
+                self.graph.recipe.path,
+                output.line,
+            )
+        kept = {
+            key: TensorInfo(torch.float32, info.shape)
+            for key, info in found.items()
+            if component_of(key, family) == data.gguf.component and info.is_floating
+        }
+        if not kept:
+            raise RecipeError(
+                f"output {name!r}: the model has no {data.gguf.component} tensors to write",
+                self.graph.recipe.path,
+                output.line,
+            )
+        left = len(found) - len(kept)
+        if left:
+            self.notes.append(
+                f"output {name!r}: a GGUF holds the {data.gguf.component} alone (as "
+                f"ComfyUI-GGUF loads it); {left} other tensor(s) are not written"
+            )
+        assert output.quant is not None
+        self.encodings[name] = {
+            key: GgmlType(gguf_type(info, output.quant)) for key, info in kept.items()
+        }
+        return kept
+
+    def _scaled_fp8(self, name: str, family: str, tensors: dict[str, TensorInfo]) -> None:
+        """A scale for each fp8 matrix, and the marker beside the model's keys."""
+        output = self.graph.recipe.outputs[name]
+        target = NAME_TO_DTYPE[output.dtype]  # type: ignore[index]
+        scaled = {
+            key: ScaledFp8(target, scale_key(key))
+            for key, i in tensors.items()
+            if i.dtype == target
+        }
+        taken = [e.scale_key for e in scaled.values() if e.scale_key in tensors]
+        prefix = next(
+            (p for p in _model_prefixes(family) if any(k.startswith(p) for k in tensors)), ""
+        )
+        marker = prefix + SCALED_MARKER
+        if taken or marker in tensors:
+            raise RecipeError(
+                f"output {name!r}: the model already has a tensor named {(taken or [marker])[0]}, "
+                "which a scaled-fp8 file uses for its scales",
+                self.graph.recipe.path,
+                output.line,
+            )
+        self.encodings[name] = dict(scaled)
+        self.constants[name] = {marker: torch.empty(0, dtype=target)}
 
     def _baked_vae(self, name: str, base: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
         """The VAE tensors output `name` takes from its `vae` input (in the base's
@@ -549,13 +641,31 @@ class _Planner:
         status.update(dict.fromkeys(self.baked.get(name, ()), "from the baked VAE"))
         if output.lora is not None:
             tensors = {key: info for key, info in tensors.items() if status.get(key) == MERGED}
+        encodings = self.encodings.get(name, {})
+        constants = self.constants.get(name, {})
+        companions = {
+            e.scale_key: TensorInfo(torch.float32, ())
+            for e in encodings.values()
+            if isinstance(e, ScaledFp8)
+        }
+        constant_infos = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in constants.items()}
         return OutputPlan(
             name=name,
             output=output,
-            tensors=tensors,
+            tensors={**tensors, **companions, **constant_infos},
             status=status,
             dropped=0 if output.lora is not None else len(others - set(tensors)),
+            encodings=encodings,
+            constants=constants,
         )
+
+
+def _model_prefixes(family: str) -> list[str]:
+    """The prefixes of the family's diffusion model (`model.diffusion_model.`)."""
+    data = known(family)
+    if data is None:
+        return []
+    return [c.prefix for c in data.components if c.name in ("unet", "transformer") and c.prefix]
 
 
 def _differ_only_in_channels(shapes: list[tuple[int, ...]]) -> bool:

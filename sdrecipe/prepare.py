@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrecipe.arch import VAE_PREFIX, quantization_of, vae_prefix
+from sdrecipe.arch import VAE_PREFIX, vae_prefix
 from sdrecipe.arch.detect import Architecture, detect
 from sdrecipe.arch.diffusers_names import COMPONENTS
 from sdrecipe.errors import RecipeError
@@ -64,16 +64,6 @@ def open_inputs(graph: MergeGraph) -> dict[str, ModelReader]:
             )
         except RecipeError as exc:
             raise RecipeError(f"input {name!r}: {exc}", recipe.path, spec.line) from None
-        quantized = quantization_of(readers[name].keys(), readers[name].metadata)
-        if quantized is not None and name not in adapters:
-            what, key = quantized
-            raise RecipeError(
-                f"input {name!r}: {spec.path} stores {what} weights ({key}): their values mean "
-                "something only with their scales, which sdrecipe does not apply yet, so a "
-                "merge would give a wrong model. Use a bf16, fp16, fp32 or plain fp8 file",
-                recipe.path,
-                spec.line,
-            )
     return readers
 
 
@@ -191,7 +181,7 @@ def _place_standalone_vaes(
             continue
         prefix = vae_prefix(architectures[graph.base_input(output.node)].family)
         if prefix != VAE_PREFIX:
-            readers[output.vae] = StandaloneVaeReader(reader.inner, prefix)  # type: ignore[index]
+            readers[output.vae] = StandaloneVaeReader(reader.wrapped, prefix)  # type: ignore[index]
 
 
 def _align_model_prefixes(

@@ -38,6 +38,7 @@ from sdrecipe.recipe.schema import (
     EXPRESSION_FIELD,
     LEGACY_PROVENANCE_FIELD,
     NODE_FIELD,
+    QUANTIZATION_FIELD,
     RECIPE_FIELD,
     VERSION_FIELD,
 )
@@ -75,9 +76,11 @@ def output_metadata(
     hashes: Mapping[str, Fingerprint],
     input_metadata: Mapping[str, Mapping[str, str]],
     architecture: Architecture,
+    quantization: Mapping[str, str | None] | None = None,
 ) -> dict[str, str]:
     """The `__metadata__` entries for `output`: the output's own `metadata`, the
-    SAI model spec fields, sdrecipe's entry and A1111's lineage fields."""
+    SAI model spec fields, sdrecipe's entry and A1111's lineage fields; with
+    `quantization` (each input's, in words), what is stored quantized."""
     recipe = graph.recipe
     node = recipe.nodes[recipe.outputs[output].node]
     leaves = graph.inputs_of(node.name)
@@ -89,9 +92,15 @@ def output_metadata(
         "modelspec.title": spec.path.stem,
         "modelspec.prediction_type": architecture.prediction,
     }
+    stored = {
+        name: quantization[name] for name in leaves if quantization and quantization.get(name)
+    }
+    written = output_quantization(spec)
+    quantized = {"inputs": stored, **({"output": written} if written else {})}
     return {
         **{key: value for key, value in modelspec.items() if value is not None},
         **spec.metadata,
+        **({QUANTIZATION_FIELD: json.dumps(quantized)} if stored or written else {}),
         "format": "pt",
         VERSION_FIELD: __version__,
         NODE_FIELD: node.written_name,
@@ -192,12 +201,25 @@ def _node_entry(graph: MergeGraph, node: Node) -> str | dict[str, object]:
     return {"expression": expression, **options} if options else expression
 
 
+def output_quantization(spec: Output) -> str | None:
+    """How an output stores its tensors quantized, in words (None: it does not)."""
+    if spec.format == "gguf":
+        return f"GGUF {spec.quant}"
+    if spec.dtype and spec.dtype.startswith("fp8"):
+        return f"{spec.dtype}{' scaled (ComfyUI)' if spec.scaled else ''}"
+    return None
+
+
 def _output_entry(spec: Output, vae: str | None) -> dict[str, object]:
     entry: dict[str, object] = {"path": spec.path.name}
     if spec.format != "safetensors":
         entry["format"] = spec.format
     if spec.dtype:
         entry["dtype"] = spec.dtype
+    if spec.scaled:
+        entry["scaled"] = True
+    if spec.quant:
+        entry["quant"] = spec.quant
     if spec.prune_ema:
         entry["prune_ema"] = True
     if spec.space != "model":

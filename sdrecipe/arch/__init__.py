@@ -76,38 +76,6 @@ def component_of(key: str, family: str = "unknown") -> str:
     return next((name for prefix, name in COMPONENT_PREFIXES if key.startswith(prefix)), "other")
 
 
-# Tensors that give other tensors their meaning in quantized checkpoints:
-# ComfyUI's scaled fp8 (`scaled_fp8`, per-layer `scale_weight`/`scale_input`,
-# and the newer `weight_scale`/`input_scale`/`comfy_quant`) and bitsandbytes'
-# NF4/FP4 (`absmax`, `quant_map`, `quant_state`). Name ending -> what it is.
-QUANTIZATION_KEYS = {
-    ".scaled_fp8": "ComfyUI scaled fp8",
-    ".scale_weight": "ComfyUI scaled fp8",
-    ".scale_input": "ComfyUI scaled fp8",
-    ".weight_scale": "ComfyUI fp8 with per-layer scales",
-    ".input_scale": "ComfyUI fp8 with per-layer scales",
-    ".comfy_quant": "ComfyUI quantized layers",
-    ".absmax": "bitsandbytes 4-bit",
-    ".quant_map": "bitsandbytes 4-bit",
-    ".quant_state.bitsandbytes__nf4": "bitsandbytes NF4",
-    ".quant_state.bitsandbytes__fp4": "bitsandbytes FP4",
-}
-QUANTIZATION_METADATA = "_quantization_metadata"
-
-
-def quantization_of(keys: object, metadata: dict[str, str]) -> tuple[str, str] | None:
-    """(what, an example key) when the file stores quantized weights whose
-    values mean something only with other tensors (scales, code books); None
-    for full-precision and plain fp8 files."""
-    if QUANTIZATION_METADATA in metadata:
-        return "ComfyUI quantized layers", QUANTIZATION_METADATA
-    for key in keys:  # type: ignore[attr-defined]
-        for ending, what in QUANTIZATION_KEYS.items():
-            if ("." + key).endswith(ending):  # `scaled_fp8` at the top level too
-                return what, key
-    return None
-
-
 def family_components(family: str) -> frozenset[str] | None:
     """The components a model of `family` has (None for an unknown family)."""
     from sdrecipe.arch.family import known

@@ -162,6 +162,14 @@ class Adapters(_Strict):
     lora: LoraOutput | None = None
 
 
+class Gguf(_Strict):
+    """How ComfyUI-GGUF knows the family: its `general.architecture`, and the
+    component a GGUF holds (its keys stored without the component's prefix)."""
+
+    architecture: str
+    component: str
+
+
 class Family(_Strict):
     """Everything sdrecipe knows about one model family."""
 
@@ -182,6 +190,7 @@ class Family(_Strict):
     blocks: Blocks | None = None
     diffusers: Diffusers | None = None
     adapters: Adapters = Adapters()
+    gguf: Gguf | None = None
 
     @field_validator("name")
     @classmethod

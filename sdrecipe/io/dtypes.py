@@ -23,4 +23,10 @@ CODE_TO_DTYPE: dict[str, torch.dtype] = {
 }
 DTYPE_TO_CODE = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
 
-NAME_TO_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+NAME_TO_DTYPE = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}

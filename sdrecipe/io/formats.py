@@ -11,12 +11,14 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def format_of(path: Path) -> str:
-    """`safetensors`, `checkpoint` (pickled PyTorch), `diffusers` (a folder) or
-    `sharded-safetensors` (an index JSON beside numbered shards)."""
+    """`safetensors`, `checkpoint` (pickled PyTorch), `diffusers` (a folder),
+    `sharded-safetensors` (an index JSON beside numbered shards) or `gguf`."""
     if path.is_dir():
         return "diffusers"
     if is_shard_index(path):
         return "sharded-safetensors"
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return "checkpoint"
+    if path.suffix.lower() == ".gguf":
+        return "gguf"
     return "safetensors"

@@ -12,6 +12,7 @@ from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.io.adapter_reader import AdapterFile, AdapterReader
 from sdrecipe.io.checkpoint_reader import CheckpointReader
 from sdrecipe.io.diffusers_reader import DiffusersReader
+from sdrecipe.io.dtypes import DTYPE_TO_CODE
 from sdrecipe.io.formats import format_of
 from sdrecipe.io.mapped_files import require_regular_file
 from sdrecipe.io.safetensors_reader import SafetensorsReader
@@ -48,10 +49,10 @@ class RenamedReader:
     holding only the named tensors."""
 
     def __init__(self, reader: ModelReader, names: dict[str, str]):
-        self._reader = reader
+        self.wrapped = reader
         self.path = reader.path
         self.metadata = reader.metadata
-        self.inner = reader
+        self.inner = file_reader(reader)  # the file itself, under any number of views
         self._names = names
 
     def keys(self) -> list[str]:
@@ -60,7 +61,7 @@ class RenamedReader:
 
     def info(self, key: str) -> TensorInfo:
         """Dtype and shape of `key`."""
-        return self._reader.info(self._names[key])
+        return self.wrapped.info(self._names[key])
 
     def infos(self) -> dict[str, TensorInfo]:
         """Dtype and shape of every tensor."""
@@ -68,18 +69,24 @@ class RenamedReader:
 
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor, as the file's reader gives it."""
-        return self._reader.tensor(self._names[key])
+        return self.wrapped.tensor(self._names[key])
 
     def raw(self, key: str) -> memoryview:
         """The tensor's bytes."""
-        return self._reader.raw(self._names[key])
+        return self.wrapped.raw(self._names[key])
+
+    def stored(self, key: str) -> tuple[str, int]:
+        """How `key` is stored in the file (see `stored_as`)."""
+        return stored_as(self.wrapped, self._names[key])
 
     def fingerprint(self) -> Fingerprint:
         """The file's fingerprint, under the new names."""
-        return self.renamed(self._reader.fingerprint())
+        return self.renamed(self.inner.fingerprint())
 
     def renamed(self, found: Fingerprint) -> Fingerprint:
         """The file's own fingerprint `found` under the new names."""
+        if isinstance(self.wrapped, RenamedReader):
+            found = self.wrapped.renamed(found)
         tensors = {key: found.tensors[name] for key, name in self._names.items()}
         return Fingerprint(found.sha256, found.legacy, tensors)
 
@@ -96,8 +103,18 @@ class StandaloneVaeReader(RenamedReader):
         super().__init__(reader, names)
 
 
+def stored_as(reader: ModelReader, key: str) -> tuple[str, int]:
+    """The type `key` is stored as (a safetensors dtype code, a GGML type, or a
+    quantized format) and the bytes it takes in the file, scales included."""
+    stored = getattr(reader, "stored", None)
+    if stored is not None:
+        return stored(key)
+    info = reader.info(key)
+    return DTYPE_TO_CODE[info.dtype], info.nbytes
+
+
 def file_reader(reader: ModelReader) -> ModelReader:
-    """The reader of the file itself under a renamed view."""
+    """The reader of the file itself under any renamed view."""
     return reader.inner if isinstance(reader, RenamedReader) else reader
 
 
@@ -136,11 +153,17 @@ def open_adapter(path: Path) -> AdapterFile:
 
 
 def open_model(path: Path) -> ModelReader:
-    """A reader for the model at `path`; headers only are read here."""
+    """A reader for the model at `path`, quantized weights seen dequantized
+    (`sdrecipe.io.quantized`, `sdrecipe.io.gguf_reader`); headers only are read here."""
+    from sdrecipe.io.gguf_reader import open_gguf
+    from sdrecipe.io.quantized import dequantized
+
     kind = format_of(path)
     reader: ModelReader
     if kind != "diffusers":
         require_regular_file(path)
+    if kind == "gguf":
+        return open_gguf(path)
     if kind == "checkpoint":
         reader = CheckpointReader(path)
     elif kind == "diffusers":
@@ -152,4 +175,5 @@ def open_model(path: Path) -> ModelReader:
         if lone_shard is not None:
             raise lone_shard
         reader = SafetensorsReader(path)
+    reader = dequantized(reader)
     return StandaloneVaeReader(reader) if is_standalone_vae(reader.keys()) else reader

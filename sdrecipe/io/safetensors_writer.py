@@ -83,15 +83,19 @@ class SafetensorsWriter:
         role: str = "the output",
         error_path: Path | None = None,
         drop_written: bool = False,
+        layout: tuple[bytes, dict[str, int]] | None = None,
     ):
         self.path = path
         self.role = role
         self.error_path = error_path or path
         self.temporary = temporary_path(path, unique_temporary)
-        header, offsets = encode_header(tensors, metadata)
+        # `layout`: another format's header and data offsets (see GgufWriter).
+        header, offsets = layout or encode_header(tensors, metadata)
         self._header = header
         self.slots = {key: Slot(tensors[key], offsets[key]) for key in offsets}
-        self.size = len(header) + sum(info.nbytes for info in tensors.values())
+        self.size = max(
+            (slot.offset + slot.info.nbytes for slot in self.slots.values()), default=len(header)
+        )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():

@@ -541,6 +541,13 @@ def _make_output(
             path,
             document.line_of(("outputs", name)),
         )
+    if (spec.format == "gguf") != (resolved.suffix.lower() == ".gguf"):
+        raise RecipeError(
+            f"output {name!r}: a GGUF output's file ends in .gguf, and only a GGUF output's "
+            f"(set `format: gguf` with a .gguf path, or name {resolved.name} otherwise)",
+            path,
+            document.line_of(("outputs", name)),
+        )
     if (
         spec.max_shard_size is not None
         and spec.format == "safetensors"
@@ -573,4 +580,6 @@ def _make_output(
         metadata=dict(spec.metadata),
         lora=lora,
         max_shard_size=spec.max_shard_size,
+        scaled=spec.scaled,
+        quant=spec.quant or ("Q8_0" if spec.format == "gguf" else None),
     )

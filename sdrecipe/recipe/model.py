@@ -147,6 +147,8 @@ class Output:
     lora: LoraOptions | None = None
     origin: str | None = None
     max_shard_size: int | None = None
+    scaled: bool = False
+    quant: str | None = None
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,16 @@ DTYPE_ALIASES = {
     "float32": "float32",
     "fp32": "float32",
     "float": "float32",
+    "fp8_e4m3fn": "fp8_e4m3fn",
+    "float8_e4m3fn": "fp8_e4m3fn",
+    "fp8": "fp8_e4m3fn",
+    "fp8_e5m2": "fp8_e5m2",
+    "float8_e5m2": "fp8_e5m2",
 }
 
-OutputDtype = Literal["float16", "bfloat16", "float32"]
+OutputDtype = Literal["float16", "bfloat16", "float32", "fp8_e4m3fn", "fp8_e5m2"]
+# What a `format: gguf` output stores its matrices as (see sdrecipe.io.gguf_writer).
+GgufQuant = Literal["F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"]
 # The components a node selects: every family's (sdrecipe.arch.COMPONENTS).
 Component = Literal[COMPONENTS]  # type: ignore[valid-type]
 # sdrecipe's own provenance fields (see sdrecipe.provenance). Earlier outputs held
@@ -29,7 +36,15 @@ VERSION_FIELD = "sdrecipe.version"
 NODE_FIELD = "sdrecipe.node"
 EXPRESSION_FIELD = "sdrecipe.expression"
 RECIPE_FIELD = "sdrecipe.recipe"
-PROVENANCE_FIELDS = (VERSION_FIELD, NODE_FIELD, EXPRESSION_FIELD, RECIPE_FIELD)
+# Each input's quantized storage and the output's, as JSON (see sdrecipe.provenance).
+QUANTIZATION_FIELD = "sdrecipe.quantization"
+PROVENANCE_FIELDS = (
+    VERSION_FIELD,
+    NODE_FIELD,
+    EXPRESSION_FIELD,
+    RECIPE_FIELD,
+    QUANTIZATION_FIELD,
+)
 LEGACY_PROVENANCE_FIELD = "sdrecipe"
 # Metadata keys that sdrecipe writes itself.
 RESERVED_METADATA = (
@@ -109,8 +124,12 @@ class OutputEntry(_Strict):
     """An output file written from a node."""
 
     path: str = Field(min_length=1)
-    format: Literal["safetensors", "diffusers", "lora"] = "safetensors"
+    format: Literal["safetensors", "diffusers", "lora", "gguf"] = "safetensors"
     dtype: OutputDtype | None = None
+    # fp8 dtypes only: ComfyUI's scaled fp8 (a scale per matrix, and the marker).
+    scaled: bool = False
+    # `format: gguf` only: the GGML type of the matrices.
+    quant: GgufQuant | None = None
     prune_ema: bool = False
     space: Literal["model", "difference"] | None = None
     vae: str | None = Field(default=None, min_length=1)
@@ -122,6 +141,24 @@ class OutputEntry(_Strict):
     conv_rank: int | None = Field(default=None, ge=1)
     clamp_quantile: float | None = Field(default=None, gt=0.0, le=1.0)
     text_encoder: bool | Literal["auto"] | None = None
+
+    @model_validator(mode="after")
+    def _quantized_options(self) -> OutputEntry:
+        fp8 = self.dtype is not None and self.dtype.startswith("fp8")
+        if self.scaled and not fp8:
+            raise ValueError("`scaled: true` applies to an fp8 dtype (fp8_e4m3fn, fp8_e5m2)")
+        if fp8 and self.format not in ("safetensors",):
+            raise ValueError(
+                f"an fp8 dtype applies to a safetensors model, not `format: {self.format}`"
+            )
+        if self.quant is not None and self.format != "gguf":
+            raise ValueError("`quant` applies to `format: gguf` outputs only")
+        if self.format == "gguf":
+            if self.dtype is not None:
+                raise ValueError("a GGUF output's types come from `quant`, not `dtype`")
+            if self.vae is not None or self.max_shard_size is not None:
+                raise ValueError("`vae` and `max_shard_size` do not apply to a GGUF output")
+        return self
 
     @model_validator(mode="after")
     def _lora_options(self) -> OutputEntry:
@@ -156,6 +193,11 @@ class OutputEntry(_Strict):
         if isinstance(value, str):
             return DTYPE_ALIASES.get(value.lower(), value)
         return value
+
+    @field_validator("quant", mode="before")
+    @classmethod
+    def _normalise_quant(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
 
 class RecipeDocument(_Strict):
