@@ -39,6 +39,7 @@ from sdrecipe.io.encodings import (
     gguf_type,
     scale_key,
 )
+from sdrecipe.io.gguf_reader import gguf_prefix
 from sdrecipe.io.safetensors_writer import layout_order
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.methods import get_method
@@ -558,6 +559,17 @@ class _Planner:
                 self.graph.recipe.path,
                 output.line,
             )
+        prefix = gguf_prefix(data)
+        names: dict[str, str] = {}
+        for key in kept:
+            clash = names.setdefault(key.removeprefix(prefix), key)
+            if clash != key:
+                raise RecipeError(
+                    f"output {name!r}: {clash} and {key} would both be named "
+                    f"{key.removeprefix(prefix)} in the GGUF",
+                    self.graph.recipe.path,
+                    output.line,
+                )
         left = len(found) - len(kept)
         if left:
             self.notes.append(

@@ -4,7 +4,7 @@ inputs' headers, architectures, output safety and the per-key plan (`validate`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from sdrecipe.graph import MergeGraph, build_graph
 from sdrecipe.guard import check_cache_folder, check_outputs
 from sdrecipe.io.adapter_reader import AdapterReader, guess_family
 from sdrecipe.io.diffusers_writer import TOKENIZERS
+from sdrecipe.io.quantized import dequantized_keys
 from sdrecipe.io.readers import (
     ModelReader,
     StandaloneVaeReader,
@@ -166,7 +167,25 @@ def prepare_recipe(
         {name: reader.infos() for name, reader in readers.items()},
         {name: architecture.family for name, architecture in architectures.items()},
     )
+    notes = tuple(_float32_outputs(graph, readers))
+    if notes:
+        plan = dataclasses.replace(plan, warnings=plan.warnings + notes)
     return Prepared(recipe, graph, readers, plan, architectures)
+
+
+def _float32_outputs(graph: MergeGraph, readers: Mapping[str, ModelReader]) -> Iterator[str]:
+    """A note for each output without `dtype` whose base is quantized: its
+    dequantized tensors keep float32, four times an fp8 file's size."""
+    for name in graph.outputs:
+        output = graph.recipe.outputs[name]
+        base = graph.base_input(output.node)
+        count = dequantized_keys(readers[base])
+        if output.dtype is None and output.format in ("safetensors", "diffusers") and count:
+            yield (
+                f"output {name!r} has no `dtype`, and {count} tensor(s) of its base {base} are "
+                "stored quantized and read as float32, so it is written in float32; set "
+                "`dtype:` (bfloat16, fp8_e4m3fn) for a smaller file"
+            )
 
 
 def _place_standalone_vaes(

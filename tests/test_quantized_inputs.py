@@ -431,3 +431,37 @@ def test_a_mislabelled_gguf_is_refused(tmp_path, flux):
     write_gguf(tmp_path / "q.gguf", values, "Q8_0", architecture="sdxl")
     said = refused(tmp_path, flux, tmp_path / "q.gguf")
     assert "general.architecture is 'sdxl', and its tensors are a flux1 model's" in said
+
+
+def test_an_output_without_dtype_over_a_quantized_base_is_pointed_out(tmp_path, flux):
+    values, b_path, _ = flux
+    write_gguf(tmp_path / "q.gguf", values, "Q8_0")
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{Q: {tmp_path / "q.gguf"}, B: {b_path}}}
+        nodes:
+          blend: {{method: weighted_sum, models: [Q, B], alpha: 0.5}}
+        outputs:
+          blend: {{path: out.safetensors}}
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "output 'blend' has no `dtype`, and 42 tensor(s) of its base Q are" in result.stderr
+    assert {t.dtype for t in load_file(str(tmp_path / "out.safetensors")).values()} == {
+        torch.float32
+    }
+
+
+def test_a_gguf_header_that_reads_on_without_end_is_refused(tmp_path, flux, monkeypatch):
+    """A damaged count keeps gguf's parser reading item by item: it stops at a cap."""
+    monkeypatch.setattr("sdrecipe.io.gguf_reader.MAX_HEADER_READS", 1000)
+    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), arch="flux")
+    writer.add_array("padding", list(range(2000)))
+    writer.add_tensor("img_in.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert "the header holds more than 1,000 values" in refused(tmp_path, flux, tmp_path / "q.gguf")

@@ -44,6 +44,9 @@ PLAIN_TYPES = {
 }
 ORIG_SHAPE_FIELD = "comfy.gguf.orig_shape."
 ARCHITECTURE_FIELD = "general.architecture"
+# The header values gguf's parser reads one by one: a language model's tokenizer holds
+# a few hundred thousand; a damaged count must not keep it reading for hours.
+MAX_HEADER_READS = 4_000_000
 # Header fields kept as metadata: short scalars and strings.
 _MAX_METADATA_VALUE = 4096
 
@@ -62,6 +65,10 @@ class _Truncated(Exception):
     pass
 
 
+class _TooLong(Exception):
+    pass
+
+
 def _checked_reader_class() -> type:
     """gguf's reader, failing on any read past the end of the file instead of
     reading on (a damaged length would otherwise loop for as long as it says),
@@ -69,9 +76,14 @@ def _checked_reader_class() -> type:
     import gguf
 
     class CheckedReader(gguf.GGUFReader):  # type: ignore[misc]
+        reads = 0
+
         def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None):
             if offset + np.dtype(dtype).itemsize * int(count) > self.data.shape[0]:
                 raise _Truncated
+            self.reads += 1
+            if self.reads > MAX_HEADER_READS:
+                raise _TooLong
             return super()._get(offset, dtype, count, override_order)
 
         def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
@@ -89,6 +101,11 @@ class GgufReader:
         require_regular_file(path)
         try:
             parsed = _checked_reader_class()(path, "r")
+        except _TooLong:
+            raise self._error(
+                f"the header holds more than {MAX_HEADER_READS:,} values (fields, array "
+                "items, tensors): not a model sdrecipe reads"
+            ) from None
         except _Truncated:
             raise self._error(
                 "the file is truncated inside its header (incomplete download?)"

@@ -200,6 +200,21 @@ def quantization_of(reader: ModelReader) -> str | None:
     return f"fp8 ({found} of {len(infos)} tensors)"
 
 
+def dequantized_keys(reader: ModelReader) -> int:
+    """How many of `reader`'s tensors are quantized and read as float32."""
+    while isinstance(reader, RenamedReader) and not isinstance(reader, DequantizedReader):
+        reader = reader.wrapped
+    if isinstance(reader, DequantizedReader):
+        return len(reader.schemes)
+    stored = getattr(reader, "stored", None)
+    if stored is None:
+        return 0
+    plain = ("F64", "F32", "F16", "BF16")
+    return sum(
+        info.is_floating and stored(key)[0] not in plain for key, info in reader.infos().items()
+    )
+
+
 def blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
     """`values` (flat) times one scale per block of `blocksize`; the last block may be short."""
     whole = values.numel() // blocksize * blocksize
