@@ -344,12 +344,119 @@ def dit_section(report: dict) -> list[str]:
     return lines
 
 
+QUANT_HEADING = "## Scenario 16: quantized Flux.1-dev inputs and outputs"
+QUANT_RUNS = {
+    "fp8": "16a: fp8 (e4m3fn) A and B, fp8 out",
+    "gguf": "16b: fp8 A and B, GGUF Q8_0 out",
+    "gguf_in": "16c: GGUF Q8_0 A and bf16 B, fp8 out",
+    "bf16": "16d (the baseline): bf16 A and B, fp8 out",
+}
+QUANT_ABOUT = (
+    "`weighted_sum(A, B, alpha=0.3)` of two full-size Flux.1-dev transformers (scenario "
+    "15's fixtures), nothing cached at the start (`--force`, page cache emptied), each "
+    "tool in turn. The targets compare each quantized merge with the same merge of bf16 "
+    "files (16d); 16b has no peer that writes GGUF. The fp8 output keeps 1-D tensors in "
+    "bf16; the minimal loop writes every floating tensor as fp8."
+)
+PRECISION_ABOUT = (
+    "The rounding each output format adds, against the float32 merge of the same bf16 "
+    "inputs (Flux.1-dev at a quarter of the widths, {parameters:.2f} G parameters of "
+    "synthetic values, Gaussian with σ 0.05): `rms` = √(Σ error² / Σ value²) over the "
+    'tensors, `max` = the largest max|error| / max|value| of any tensor; "matrices" are '
+    "the tensors of two or more dimensions, the ones the fp8 and GGUF formats quantize."
+)
+
+
+def _quant_targets(report: dict) -> list[str]:
+    baseline = report.get("quant_bf16", {}).get("sdrecipe")
+    rows = []
+    for name, title in QUANT_RUNS.items():
+        results = report.get(f"quant_{name}")
+        if results is None:
+            continue
+        ours = results["sdrecipe"]
+        label = title.split(":")[0]
+        if _failed(ours):
+            rows.append(f"| {label}: sdrecipe | runs | {ours.error[:120]} | **no** |")
+            continue
+        if name != "bf16" and baseline is not None and not _failed(baseline):
+            ratio = ours.median("wall") / baseline.median("wall")
+            met = "yes" if ratio <= 1.3 else "**no**"
+            rows.append(f"| {label}: wall against 16d | ≤ 1.3× | {ratio:.2f}× | {met} |")
+        anon = ours.median("peak_anon")
+        met = "yes" if anon <= 1536 * 1024 else "**no**"
+        rows.append(f"| {label}: peak anonymous memory | ≤ 1.5 GB | {_mb(anon)} | {met} |")
+    if "quant_gguf" in report and not _failed(report["quant_gguf"]["sdrecipe"]):
+        rate = report["quant_gguf_bytes"] / report["quant_gguf"]["sdrecipe"].median("wall")
+        rows.append(f"| 16b: GGUF Q8_0 written | reported | {rate / 1e6:,.0f} MB/s | – |")
+    header = ["| measure | target | measured | met |", "|---|---|---|---|"]
+    return header + rows if rows else []
+
+
+def quant_section(report: dict) -> list[str]:
+    """Scenario 16's section: `python -m bench.run --only quant`."""
+    lines = [QUANT_HEADING, ""]
+    if "quant_machine" in report:
+        machine = report["quant_machine"]
+        lines += [
+            f"Measured by `python -m bench.run --only quant --rounds 1` on {machine['date']}: "
+            f"{machine['cores']} cores ({machine['cpu']}), {machine['memory']} RAM, "
+            f"torch {machine['torch']}.",
+            "",
+        ]
+    lines += [QUANT_ABOUT, ""]
+    targets = _quant_targets(report)
+    lines += [*targets, ""] if targets else []
+    for name, title in QUANT_RUNS.items():
+        lines += [f"### {title}", ""]
+        if f"quant_{name}" not in report:
+            lines += ["Not measured yet: `python -m bench.run --only quant`.", ""]
+            continue
+        lines += [*_side_by_side(report[f"quant_{name}"]), ""]
+    if "quant_precision" in report:
+        parameters = report["quant_precision_parameters"] / 1e9
+        lines += [
+            "### 16e: the rounding of each output format",
+            "",
+            PRECISION_ABOUT.format(parameters=parameters),
+            "",
+            "| output | rms, all | max, all | rms, matrices | max, matrices |",
+            "|---|---|---|---|---|",
+        ]
+        for fmt, row in report["quant_precision"].items():
+            lines.append(
+                f"| {fmt} | {row['all_rms']:.2e} | {row['all_max']:.2e} "
+                f"| {row['matrices_rms']:.2e} | {row['matrices_max']:.2e} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _opt_in_sections(text: str, report: dict) -> str:
+    """`text` (BENCHMARKS.md) with the sections of scenarios 15 and 16 replaced by
+    those `report` has; they are the file's last, in that order."""
+    head, _, rest = text.partition(DIT_HEADING)
+    dit, _, quant = rest.partition(QUANT_HEADING)
+    if QUANT_HEADING in head:
+        head, _, quant = head.partition(QUANT_HEADING)
+    parts = [head.rstrip() + "\n\n"]
+    if "dit_machine" in report:
+        parts.append("\n".join(dit_section(report)))
+    elif dit:
+        parts.append(DIT_HEADING + dit)
+    if "quant_machine" in report:
+        parts.append("\n".join(quant_section(report)))
+    elif quant:
+        parts.append(QUANT_HEADING + quant)
+    return "".join(parts)
+
+
 def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
-    """Write BENCHMARKS.md from a finished run. A report with scenario 15 alone (`--only
-    dit` with no earlier full run's figures) replaces that section of the file, the last."""
+    """Write BENCHMARKS.md from a finished run. A report with scenarios 15 or 16 alone
+    (`--only dit,quant` with no earlier full run's figures) replaces their sections of
+    the file, the last two."""
     if "io_floor" not in report:
-        kept = path.read_text().split(DIT_HEADING)[0].rstrip() + "\n\n" if path.exists() else ""
-        path.write_text(kept + "\n".join(dit_section(report)))
+        path.write_text(_opt_in_sections(path.read_text() if path.exists() else "", report))
         return
     io = report["io_floor"]
     lines = [
@@ -496,4 +603,6 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
         lines += sweep_section(report)
     if any(f"dit_{family}" in report for family in DIT_FAMILIES):
         lines += dit_section(report)
+    if "quant_machine" in report:
+        lines += quant_section(report)
     path.write_text("\n".join(lines))

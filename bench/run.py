@@ -10,6 +10,8 @@ reported with its error.
 Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=0 leaves out the SDXL scenarios)
        python -m bench.run --only dit         (scenario 15, full-size Flux.1-dev and SD3.5
                                                Large: only when named, it needs ~50 GB of disk)
+       python -m bench.run --only quant --rounds 1  (scenario 16, quantized Flux.1-dev inputs
+                                               and outputs: only when named, ~60 GB of disk)
        python -m bench.run --report-only      (re-render from build/bench/results.json)
 BENCH_DIT_SHRINK=16 python -m bench.run --only dit: the same at a 16th of the widths, to
 check that every tool runs and that their outputs agree; it writes
@@ -617,7 +619,8 @@ def page_cache_state(cached: list[str]) -> Callable[[], None]:
 
     def reset() -> None:
         os.sync()
-        for path in [*WORK.glob("*.safetensors"), *(WORK / "cache" / "packs").glob("*")]:
+        models = [*WORK.glob("*.safetensors"), *WORK.glob("*.gguf")]
+        for path in [*models, *(WORK / "cache" / "packs").glob("*")]:
             descriptor = os.open(path, os.O_RDONLY)
             try:
                 os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -891,6 +894,156 @@ def dit_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) 
         free_cache()
 
 
+# --- scenario 16: quantized inputs and outputs, full-size Flux.1-dev -----------------------
+
+# Every merge is weighted_sum(A, B, alpha=0.3) of the Flux.1-dev transformers of scenario
+# 15 (A and B differ by their fine-tune deltas), nothing cached at the start. Bf16 inputs
+# and the GGUF made from the fp8 ones do not fit the disk beside the fp8 pair: the fp8
+# pair goes first, then the GGUF with B in bf16, then A and B in bf16.
+QUANT_ALPHA = 0.3
+QUANT_MARGIN = 10e9  # bytes scenario 16 leaves free on the bench disk
+QUANT_GGUF = "dit-flux-G.gguf"
+QUANT_BF16 = {
+    f"dit-flux-{letter}16.safetensors": dataclasses.replace(spec, dtype=torch.bfloat16)
+    for letter, spec in DIT_MODELS["flux"].items()
+}
+# The precision check's models: Flux.1-dev at a quarter of the widths, in bf16, and every
+# output format merged from them.
+PRECISION_SHRINK = 4
+PRECISION_OUTPUTS = {
+    "float32": "dtype: float32",
+    "bfloat16": "dtype: bfloat16",
+    "float16": "dtype: float16",
+    "fp8_e4m3fn": "dtype: fp8_e4m3fn",
+    "fp8_e5m2": "dtype: fp8_e5m2",
+    "fp8_e4m3fn scaled": "dtype: fp8_e4m3fn, scaled: true",
+    "GGUF Q8_0": "format: gguf, quant: Q8_0",
+    "GGUF Q5_1": "format: gguf, quant: Q5_1",
+    "GGUF Q4_0": "format: gguf, quant: Q4_0",
+}
+
+
+def quant_recipe(name: str, inputs: list[str], output: str) -> list[str]:
+    """Write `quant-NAME.yaml` (weighted_sum of the two `inputs` into `output`, a
+    YAML mapping's body) and return the command that builds it."""
+    recipe = f"quant-{name}.yaml"
+    (WORK / recipe).write_text(
+        f"inputs: {{A: {inputs[0]}, B: {inputs[1]}}}\n"
+        f'nodes: {{merged: "weighted_sum(A, B, alpha={QUANT_ALPHA})"}}\n'
+        f"outputs: {{merged: {{{output}}}}}\n"
+    )
+    hash_inputs(recipe)
+    return [*SDRECIPE, "build", "--force", "--cache-dir", "cache", recipe]
+
+
+def quant_floor(inputs: list[str]) -> list[str]:
+    """The minimal loop on two safetensors inputs, fp8 (e4m3fn) out."""
+    out = "out-floor.safetensors"
+    return [PYTHON, str(BENCH / "floor.py"), "--dtype", "F8_E4M3", "weighted_sum", *inputs, out]
+
+
+def quant_disk(needed: float, what: str) -> None:
+    free = shutil.disk_usage(WORK).free
+    if free - needed < QUANT_MARGIN:
+        raise SystemExit(
+            f"scenario 16 ({what}) needs {needed / 1e9:.1f} GB more, and {QUANT_MARGIN / 1e9:.0f}"
+            f" GB left over; {free / 1e9:.1f} GB are free"
+        )
+
+
+def precision(report: dict[str, object]) -> None:
+    """Each output format's rounding against the float32 merge (bench/precision.py)."""
+    shrink = PRECISION_SHRINK * dit_shrink()
+    models = {
+        name.replace("dit-flux", "precision"): dataclasses.replace(spec, shrink=shrink)
+        for name, spec in QUANT_BF16.items()
+    }
+    ensure_models(models)
+    inputs = list(models)
+    outputs = {}
+    for index, (fmt, options) in enumerate(PRECISION_OUTPUTS.items()):
+        suffix = "gguf" if "gguf" in options else "safetensors"
+        outputs[fmt] = f"out-precision-{index}.{suffix}"
+        command = quant_recipe(f"precision-{index}", inputs, f"path: {outputs[fmt]}, {options}")
+        subprocess.run(command, cwd=WORK, check=True, capture_output=True)
+    found = subprocess.run(
+        [PYTHON, str(BENCH / "precision.py"), str(QUANT_ALPHA), *inputs, *outputs.values()],
+        cwd=WORK,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    rows = [json.loads(line) for line in found.stdout.splitlines()]
+    report["quant_precision"] = {fmt: row for fmt, row in zip(outputs, rows, strict=True)}
+    report["quant_precision_parameters"] = _parameters(models[inputs[0]])
+    remove_outputs()
+    for name in models:
+        (WORK / name).unlink()
+
+
+def quant_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenario 16: full-size Flux.1-dev merges with quantized inputs and outputs,
+    against the same merge of bf16 files and the minimal loop."""
+    report["quant_machine"] = machine()
+    report["quant_shrink"] = dit_shrink()
+    print("scenario 16: the rounding of each output format", flush=True)
+    precision(report)
+    evict = page_cache_state([])
+
+    def before() -> None:
+        free_cache()
+        evict()
+
+    def run(name: str, commands: dict[str, list[str]]) -> None:
+        report[f"quant_{name}"] = side_by_side(f"quant-{name}", commands, rounds, {}, before)
+
+    print("scenario 16a/b: fp8 A and B, into fp8 and into GGUF Q8_0", flush=True)
+    fp8 = list(dit_fixtures("flux"))
+    parameters = _parameters(dit_models("flux")[fp8[0]])
+    quant_disk(parameters * 2.2, "an fp8 output and a GGUF one")
+    run(
+        "fp8",
+        {
+            "sdrecipe": quant_recipe("fp8", fp8, "path: out-quant.safetensors, dtype: fp8"),
+            "floor (minimal loop)": quant_floor(fp8),
+        },
+    )
+    gguf = quant_recipe("gguf", fp8, "path: out-quant.gguf, format: gguf, quant: Q8_0")
+    run("gguf", {"sdrecipe": gguf})
+    report["quant_gguf_bytes"] = (WORK / "out-quant.gguf").stat().st_size
+    (WORK / "out-quant.gguf").rename(WORK / QUANT_GGUF)
+    for name in fp8:
+        (WORK / name).unlink()
+    print("scenario 16c: GGUF Q8_0 A and bf16 B, into fp8", flush=True)
+    b16, a16 = sorted(QUANT_BF16, reverse=True)  # B first: it goes beside the GGUF
+    quant_disk(parameters * 3, "a bf16 input and an fp8 output")
+    ensure_models({b16: QUANT_BF16[b16]})
+    run(
+        "gguf_in",
+        {
+            "sdrecipe": quant_recipe(
+                "gguf-in", [QUANT_GGUF, b16], "path: out-quant.safetensors, dtype: fp8"
+            )
+        },
+    )
+    (WORK / QUANT_GGUF).unlink()
+    print("scenario 16d: bf16 A and B, into fp8 (the baseline)", flush=True)
+    quant_disk(parameters * 3, "a bf16 input and an fp8 output")
+    ensure_models({a16: QUANT_BF16[a16]})
+    bf16 = [a16, b16]
+    run(
+        "bf16",
+        {
+            "sdrecipe": quant_recipe("bf16", bf16, "path: out-quant.safetensors, dtype: fp8"),
+            "floor (minimal loop)": quant_floor(bf16),
+        },
+    )
+    report["quant_parameters"] = parameters
+    free_cache()
+    for name in bf16:
+        (WORK / name).unlink()
+
+
 SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] = {
     "classic": classic_scenarios,
     "advanced": advanced_scenarios,
@@ -898,9 +1051,10 @@ SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] =
     "sweep": sweep_scenarios,
     "sdxl": sdxl_scenarios,
     "dit": dit_scenarios,
+    "quant": quant_scenarios,
 }
-OPT_IN = {"dit"}  # groups that run only when `--only` names them
-GROUP_PEERS = {"dit": ["sd-mecha"]}  # the peers a group runs; the others run them all
+OPT_IN = {"dit", "quant"}  # groups that run only when `--only` names them
+GROUP_PEERS = {"dit": ["sd-mecha"], "quant": []}  # the peers a group runs; the others run them all
 
 
 def with_sdxl() -> bool:
@@ -935,7 +1089,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown group(s) {', '.join(unknown)}; groups: {', '.join(SCENARIOS)}")
     # A shrunken dit run only checks the tools: its figures go beside, not into, the report.
-    validating = "dit" in groups and dit_shrink() > 1
+    validating = bool({"dit", "quant"} & set(groups)) and dit_shrink() > 1
     results, benchmarks = RESULTS, ROOT / "BENCHMARKS.md"
     if validating:
         results = WORK / f"results-dit-shrink{dit_shrink()}.json"
