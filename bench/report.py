@@ -360,7 +360,7 @@ QUANT_ABOUT = (
 )
 PRECISION_ABOUT = (
     "The rounding each output format adds, against the float32 merge of the same bf16 "
-    "inputs (Flux.1-dev at a quarter of the widths, {parameters:.2f} G parameters of "
+    "inputs (Flux.1-dev at a quarter of the widths, {parameters:,.0f} M parameters of "
     "synthetic values, Gaussian with σ 0.05): `rms` = √(Σ error² / Σ value²) over the "
     'tensors, `max` = the largest max|error| / max|value| of any tensor; "matrices" are '
     "the tensors of two or more dimensions, the ones the fp8 and GGUF formats quantize."
@@ -414,7 +414,7 @@ def quant_section(report: dict) -> list[str]:
             continue
         lines += [*_side_by_side(report[f"quant_{name}"]), ""]
     if "quant_precision" in report:
-        parameters = report["quant_precision_parameters"] / 1e9
+        parameters = report["quant_precision_parameters"] / 1e6
         lines += [
             "### 16e: the rounding of each output format",
             "",

@@ -903,10 +903,20 @@ def dit_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) 
 QUANT_ALPHA = 0.3
 QUANT_MARGIN = 10e9  # bytes scenario 16 leaves free on the bench disk
 QUANT_GGUF = "dit-flux-G.gguf"
-QUANT_BF16 = {
-    f"dit-flux-{letter}16.safetensors": dataclasses.replace(spec, dtype=torch.bfloat16)
-    for letter, spec in DIT_MODELS["flux"].items()
-}
+
+
+def quant_bf16() -> dict[str, ModelSpec]:
+    """The bf16 fixtures of scenario 16 (dit-flux-A16, B16), shrunk as BENCH_DIT_SHRINK says."""
+    shrink = dit_shrink()
+    suffix = f"-shrink{shrink}" if shrink > 1 else ""
+    return {
+        f"dit-flux-{letter}16{suffix}.safetensors": dataclasses.replace(
+            spec, dtype=torch.bfloat16, shrink=shrink
+        )
+        for letter, spec in DIT_MODELS["flux"].items()
+    }
+
+
 # The precision check's models: Flux.1-dev at a quarter of the widths, in bf16, and every
 # output format merged from them.
 PRECISION_SHRINK = 4
@@ -939,7 +949,8 @@ def quant_recipe(name: str, inputs: list[str], output: str) -> list[str]:
 def quant_floor(inputs: list[str]) -> list[str]:
     """The minimal loop on two safetensors inputs, fp8 (e4m3fn) out."""
     out = "out-floor.safetensors"
-    return [PYTHON, str(BENCH / "floor.py"), "--dtype", "F8_E4M3", "weighted_sum", *inputs, out]
+    command = [PYTHON, str(BENCH / "floor.py"), "--dtype", "F8_E4M3", "weighted_sum"]
+    return [*command, *inputs, out, str(QUANT_ALPHA)]
 
 
 def quant_disk(needed: float, what: str) -> None:
@@ -953,10 +964,10 @@ def quant_disk(needed: float, what: str) -> None:
 
 def precision(report: dict[str, object]) -> None:
     """Each output format's rounding against the float32 merge (bench/precision.py)."""
-    shrink = PRECISION_SHRINK * dit_shrink()
+    shrink = PRECISION_SHRINK * dit_shrink()  # quant_bf16's specs carry dit_shrink: replaced
     models = {
         name.replace("dit-flux", "precision"): dataclasses.replace(spec, shrink=shrink)
-        for name, spec in QUANT_BF16.items()
+        for name, spec in quant_bf16().items()
     }
     ensure_models(models)
     inputs = list(models)
@@ -1015,9 +1026,10 @@ def quant_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
     for name in fp8:
         (WORK / name).unlink()
     print("scenario 16c: GGUF Q8_0 A and bf16 B, into fp8", flush=True)
-    b16, a16 = sorted(QUANT_BF16, reverse=True)  # B first: it goes beside the GGUF
+    bf16_models = quant_bf16()
+    b16, a16 = sorted(bf16_models, reverse=True)  # B first: it goes beside the GGUF
     quant_disk(parameters * 3, "a bf16 input and an fp8 output")
-    ensure_models({b16: QUANT_BF16[b16]})
+    ensure_models({b16: bf16_models[b16]})
     run(
         "gguf_in",
         {
@@ -1029,7 +1041,7 @@ def quant_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
     (WORK / QUANT_GGUF).unlink()
     print("scenario 16d: bf16 A and B, into fp8 (the baseline)", flush=True)
     quant_disk(parameters * 3, "a bf16 input and an fp8 output")
-    ensure_models({a16: QUANT_BF16[a16]})
+    ensure_models({a16: bf16_models[a16]})
     bf16 = [a16, b16]
     run(
         "bf16",
