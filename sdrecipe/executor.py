@@ -261,14 +261,20 @@ class _KeyTask:
                 tensor = self._value(self.plan.sources[output], rows, values)
                 encoding = self._encoding(output)
                 if encoding is not None:
+                    if not is_finite(tensor):
+                        self._explain_non_finite(output, values, tensor)
+                    if not encoding.holds_non_finite and not is_finite(tensor):
+                        raise BuildError(
+                            f"output {output!r}: {self.key} has infinite or NaN values from an "
+                            f"input, which {encoding.describe()} cannot hold; no output was written"
+                        )
                     stored = encoding.encode(tensor, scales.get(output))
                 else:
                     stored = tensor.to(info.dtype)
-                # float8 and encoded bytes cannot be checked: check what they came from.
-                checked = stored if encoding is None and info.dtype.itemsize > 1 else tensor
-                if checked.is_floating_point() and not is_finite(checked):
-                    self._explain_non_finite(output, values, tensor)
-                if encoding is None:
+                    # float8 cannot be checked (nor hold infinity): check what it came from.
+                    checked = stored if info.dtype.itemsize > 1 else tensor
+                    if checked.is_floating_point() and not is_finite(checked):
+                        self._explain_non_finite(output, values, tensor)
                     self._check_range(output, tensor, info.dtype)
                 data = stored.contiguous().reshape(-1).view(torch.uint8).numpy()
                 writers[output].write(self.key, data.data, self._offset(rows, info))

@@ -307,3 +307,22 @@ def test_the_embedded_recipe_records_the_quantized_output(tmp_path, pair):
         "inputs": {},
         "output": "fp8_e4m3fn scaled (ComfyUI)",
     }
+
+
+@pytest.mark.parametrize(
+    ("output", "said"),
+    [
+        ("{path: out.gguf, format: gguf}", "GGUF Q8_0 cannot hold"),
+        ("{path: out.safetensors, dtype: fp8, scaled: true}", "scaled float8_e4m3fn cannot hold"),
+    ],
+)
+def test_an_input_nan_fails_an_encoded_output(tmp_path, pair, output, said):
+    key = "model.diffusion_model.img_in.weight"  # Q8_0 in the GGUF: 64 columns
+    tensors = load_file(str(pair["a"]))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "nan.safetensors"))
+    inputs = f"{{A: {tmp_path / 'nan.safetensors'}, B: {pair['b']}}}"
+    _, result = build(tmp_path, pair, output, inputs=inputs)
+    assert result.returncode == 1
+    assert f"{key} has infinite or NaN values from an input, which {said}" in result.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []

@@ -40,6 +40,10 @@ class ScaledFp8:
     scale_key: str
 
     whole = True  # the scale needs the whole tensor's largest magnitude
+    holds_non_finite = False
+
+    def describe(self) -> str:
+        return f"scaled {str(self.dtype).removeprefix('torch.')}"
 
     def scale(self, largest: float) -> float:
         """The scale for a tensor whose largest magnitude is `largest`."""
@@ -63,6 +67,14 @@ class GgmlType:
     type_name: str
 
     whole = False
+
+    @property
+    def holds_non_finite(self) -> bool:
+        """F32, F16 and BF16 hold NaN and infinity; blocks' scales do not."""
+        return self.type_name in ("F32", "F16", "BF16")
+
+    def describe(self) -> str:
+        return f"GGUF {self.type_name}"
 
     def encode(self, values: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """`values` (whole rows) as GGML blocks."""
