@@ -73,19 +73,24 @@ def flux(tmp_path_factory):
     return values, b, load_file(str(b))
 
 
-def blend(folder, quantized, b, dtype="float32", alpha=0.5):
-    """Build weighted_sum(Q, B, alpha) into out.safetensors; the result's tensors."""
+def build_blend(folder, quantized, b, output="{path: out.safetensors}"):
+    """Build weighted_sum(Q, B, alpha=0.5) into `output`: the recipe and the result."""
     recipe = write_recipe(
         folder,
         f"""
         inputs: {{Q: {quantized}, B: {b}}}
         nodes:
-          blend: {{method: weighted_sum, models: [Q, B], alpha: {alpha}}}
+          blend: {{method: weighted_sum, models: [Q, B], alpha: 0.5}}
         outputs:
-          blend: {{path: out.safetensors, dtype: {dtype}}}
+          blend: {output}
         """,
     )
-    result = run_in_process("build", str(recipe))
+    return recipe, run_in_process("build", str(recipe))
+
+
+def blend(folder, quantized, b):
+    """weighted_sum(Q, B, alpha=0.5) in float32: the output's tensors, and the recipe."""
+    recipe, result = build_blend(folder, quantized, b, "{path: out.safetensors, dtype: float32}")
     assert result.returncode == 0, result.stderr
     return load_file(str(folder / "out.safetensors")), recipe
 
@@ -349,18 +354,7 @@ def test_inspect_reports_the_stored_types(tmp_path, flux):
 
 
 def refused(tmp_path, flux, quantized) -> str:
-    _, b_path, _ = flux
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{Q: {quantized}, B: {b_path}}}
-        nodes:
-          blend: {{method: weighted_sum, models: [Q, B], alpha: 0.5}}
-        outputs:
-          blend: {{path: out.safetensors}}
-        """,
-    )
-    result = run_in_process("build", str(recipe))
+    recipe, result = build_blend(tmp_path, quantized, flux[1])
     assert result.returncode == 2, result.stderr
     assert f"{recipe}:1: input 'Q': {quantized}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -436,17 +430,7 @@ def test_a_mislabelled_gguf_is_refused(tmp_path, flux):
 def test_an_output_without_dtype_over_a_quantized_base_is_pointed_out(tmp_path, flux):
     values, b_path, _ = flux
     write_gguf(tmp_path / "q.gguf", values, "Q8_0")
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{Q: {tmp_path / "q.gguf"}, B: {b_path}}}
-        nodes:
-          blend: {{method: weighted_sum, models: [Q, B], alpha: 0.5}}
-        outputs:
-          blend: {{path: out.safetensors}}
-        """,
-    )
-    result = run_in_process("build", str(recipe))
+    _, result = build_blend(tmp_path, tmp_path / "q.gguf", b_path)
     assert result.returncode == 0, result.stderr
     assert "output 'blend' has no `dtype`, and 42 tensor(s) of its base Q are" in result.stderr
     assert {t.dtype for t in load_file(str(tmp_path / "out.safetensors")).values()} == {

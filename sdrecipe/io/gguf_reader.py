@@ -26,7 +26,7 @@ from sdrecipe.arch.family import Family
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import Fingerprint, fingerprint_file
 from sdrecipe.io import ggml_quants
-from sdrecipe.io.mapped_files import require_regular_file, watch_mapping
+from sdrecipe.io.mapped_files import map_file, require_regular_file
 from sdrecipe.io.quantized import DEQUANTIZATION_VERSION
 from sdrecipe.io.readers import ModelReader, with_model_prefix
 from sdrecipe.io.tensor_info import TensorInfo
@@ -201,9 +201,7 @@ class GgufReader:
 
     def _mapped(self) -> mmap.mmap:
         if self._mmap is None:
-            watch_mapping(self.path, self.file_size)
-            with open(self.path, "rb") as handle:
-                self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._mmap = map_file(self.path, self.file_size)
         return self._mmap
 
     def tensor(self, key: str) -> torch.Tensor:

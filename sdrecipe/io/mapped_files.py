@@ -12,6 +12,7 @@ removes the temporaries.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import signal
 import stat
@@ -42,6 +43,20 @@ def watch_mapping(path: Path, expected_size: int) -> None:
     if size < expected_size:
         raise shrank_error(path, expected_size, size)
     _mapped[path] = expected_size
+
+
+def map_file(path: Path, expected_size: int) -> mmap.mmap:
+    """A private, copy-on-write map of the whole file, watched (`watch_mapping`).
+
+    ACCESS_COPY: writable, so torch accepts the buffer; nothing is ever written,
+    so no page is copied. No MADV_SEQUENTIAL: the kernel ignores page references
+    made through such a mapping, so inputs that every build reads never stay in
+    the page cache ahead of the outputs written. Measured on full-size SDXL
+    (28 GB of inputs and output through 22 GB of page cache): with it, each
+    rebuild read one 6.9 GB input back from disk."""
+    watch_mapping(path, expected_size)
+    with open(path, "rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 def shrank_error(path: Path, expected: int, actual: int) -> BuildError:

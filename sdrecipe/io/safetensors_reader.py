@@ -20,7 +20,7 @@ from sdrecipe.fingerprint import (
 )
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import CODE_TO_DTYPE
-from sdrecipe.io.mapped_files import require_regular_file, watch_mapping
+from sdrecipe.io.mapped_files import map_file, require_regular_file
 from sdrecipe.io.shard_index import index_files, is_shard_index
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -115,16 +115,7 @@ class SafetensorsReader:
 
     def _mapped(self) -> mmap.mmap:
         if self._mmap is None:
-            watch_mapping(self.path, self.file_size)
-            with open(self.path, "rb") as handle:
-                # ACCESS_COPY: private and writable, so torch accepts the buffer;
-                # nothing is ever written, so no page is copied.
-                self._mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            # No MADV_SEQUENTIAL: the kernel ignores page references made through
-            # such a mapping, so inputs that every build reads never stay in the
-            # page cache ahead of the outputs written. Measured on full-size SDXL
-            # (28 GB of inputs and output through 22 GB of page cache): with it,
-            # each rebuild read one 6.9 GB input back from disk.
+            self._mmap = map_file(self.path, self.file_size)
         return self._mmap
 
     def fingerprint(self) -> Fingerprint:
