@@ -326,3 +326,38 @@ def test_an_input_nan_fails_an_encoded_output(tmp_path, pair, output, said):
     assert result.returncode == 1
     assert f"{key} has infinite or NaN values from an input, which {said}" in result.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
+
+
+@pytest.mark.parametrize(("family", "architecture"), [("sd35-medium", "sd3"), ("sdxl", "sdxl")])
+def test_sd35_and_sdxl_quantize_and_read_back(tmp_path, family, architecture):
+    """fp8 and GGUF outputs of other families read back as that family, with
+    the architecture ComfyUI-GGUF knows it by."""
+    paths = {
+        n: write_model(
+            tmp_path / f"{n}.safetensors", ModelSpec(family=family, shrink=SHRINK, seed=s)
+        )
+        for n, s in (("a", 1), ("b", 2))
+    }
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {paths["a"]}, B: {paths["b"]}}}
+        nodes:
+          merged: "weighted_sum(A, B, alpha=0.5)"
+          again: merged
+        outputs:
+          merged: {{path: out.safetensors, dtype: fp8}}
+          again: {{path: out.gguf, format: gguf, quant: Q8_0}}
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 0, result.stderr
+    for name in ("out.safetensors", "out.gguf"):
+        report = json.loads(run_in_process("inspect", "--json", str(tmp_path / name)).stdout)
+        assert report["family"] == family, name
+    fp8 = load_file(str(tmp_path / "out.safetensors"))
+    vae = [k for k in fp8 if k.startswith("first_stage_model.")]
+    assert vae and all(fp8[k].dtype == torch.bfloat16 for k in vae)
+    architecture_found, state = comfy_gguf_load(tmp_path / "out.gguf")
+    assert architecture_found == architecture
+    assert not [name for name in state if name.startswith(("model.", "first_stage_model."))]
