@@ -101,6 +101,7 @@ def folder_sha256(file_sha256s: dict[str, str]) -> str:
 _SAFETENSORS_DOMAIN = b"sdrecipe content digest: safetensors\0"
 _BYTES_DOMAIN = b"sdrecipe content digest: bytes\0"
 _FOLDER_DOMAIN = b"sdrecipe content digest: folder\0"
+_GGUF_DOMAIN = b"sdrecipe content digest: gguf\0"
 
 
 def content_digest(header: bytes, tensor_digests: Iterable[str]) -> str:
@@ -113,6 +114,17 @@ def content_digest(header: bytes, tensor_digests: Iterable[str]) -> str:
     hasher = blake3.blake3(_SAFETENSORS_DOMAIN)
     hasher.update(header)
     for digest in tensor_digests:
+        hasher.update(bytes.fromhex(digest))
+    return hasher.hexdigest()
+
+
+def gguf_content_digest(header: bytes, span_digests: Iterable[str]) -> str:
+    """The content digest of a GGUF file: blake3 of its header (up to its data)
+    and of the `tensor_digest` (as uint8) of each tensor's blocks and of the
+    bytes between and after them, in file order."""
+    hasher = blake3.blake3(_GGUF_DOMAIN)
+    hasher.update(header)
+    for digest in span_digests:
         hasher.update(bytes.fromhex(digest))
     return hasher.hexdigest()
 

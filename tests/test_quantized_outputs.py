@@ -10,12 +10,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_quantized_inputs import fp8_decode, write_gguf
 
 from conftest import run_in_process, write_recipe
 from sdrecipe.io.readers import open_model
+from sdrecipe.io.safetensors_reader import file_digest
 from sdrecipe.synthetic import ModelSpec, write_model
 
 SHRINK = 64
@@ -245,6 +247,10 @@ def test_the_output_identity_includes_its_quantization(tmp_path, pair):
     recipe, result = build(tmp_path, pair, "{path: out.gguf, format: gguf, quant: Q8_0}")
     assert result.returncode == 0, result.stderr
     first = (tmp_path / "out.gguf").read_bytes()
+    # The digest the build took from its tensors is the one read from the file.
+    locked = yaml.safe_load(recipe.with_suffix(".lock").read_text())["outputs"]["merged"]
+    assert locked["digest"] == file_digest(tmp_path / "out.gguf")
+    assert file_digest(tmp_path / "out.gguf") != file_digest(pair["a"])
     again = run_in_process("build", str(recipe))
     assert "up to date" in again.stdout
     recipe.write_text(recipe.read_text().replace("Q8_0", "Q4_0"))

@@ -24,7 +24,12 @@ import torch
 
 from sdrecipe.arch.family import Family
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import Fingerprint, fingerprint_file
+from sdrecipe.fingerprint import (
+    Fingerprint,
+    fingerprint_file,
+    gguf_content_digest,
+    span_digests,
+)
 from sdrecipe.io import ggml_quants
 from sdrecipe.io.mapped_files import map_file, require_regular_file
 from sdrecipe.io.quantized import DEQUANTIZATION_VERSION
@@ -122,6 +127,7 @@ class GgufReader:
         except OSError as exc:
             raise RecipeError(f"cannot read the model: {exc.strerror or exc}", path) from None
         self.file_size = int(parsed.data.shape[0])
+        self.data_start = int(parsed.data_offset)
         fields = parsed.fields
         self.metadata = _metadata(fields)
         self._tensors: dict[str, GgufTensor] = {}
@@ -239,6 +245,21 @@ class GgufReader:
                 ).hexdigest()
         return Fingerprint(found.sha256, found.legacy, tensors)
 
+    def content_digest(self) -> str:
+        """The file's `gguf_content_digest`, from one read."""
+        spans: dict[str, tuple[int, int, TensorInfo]] = {}
+        position = self.data_start
+        for key, stored in sorted(self._tensors.items(), key=lambda item: item[1].offset):
+            spans[f"\0gap {position}"] = _uint8_span(position, stored.offset)
+            spans[key] = _uint8_span(stored.offset, stored.offset + stored.nbytes)
+            position = stored.offset + stored.nbytes
+        spans[f"\0gap {position}"] = _uint8_span(position, self.file_size)
+        digests = span_digests(self.path, {k: v for k, v in spans.items() if v[1] > v[0]})
+        with open(self.path, "rb") as handle:
+            header = handle.read(self.data_start)
+        ordered = sorted(digests, key=lambda key: spans[key][0])
+        return gguf_content_digest(header, (digests[key] for key in ordered))
+
     def quantization(self) -> str | None:
         """What the file stores, e.g. `GGUF Q8_0 in 300 of 780 tensors (F32 480)`; None
         when no tensor is quantized."""
@@ -284,6 +305,10 @@ def gguf_prefix(family: Family) -> str:
     """The prefix of the component a GGUF of `family` holds (stored without it)."""
     assert family.gguf is not None
     return next(c.prefix for c in family.components if c.name == family.gguf.component)
+
+
+def _uint8_span(start: int, end: int) -> tuple[int, int, TensorInfo]:
+    return start, end, TensorInfo(torch.uint8, (end - start,))
 
 
 def _metadata(fields: dict) -> dict[str, str]:

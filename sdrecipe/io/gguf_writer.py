@@ -18,6 +18,9 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
+from sdrecipe.fingerprint import gguf_content_digest, tensor_digest
 from sdrecipe.io.encodings import GgmlType
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
@@ -105,5 +108,20 @@ class GgufWriter(SafetensorsWriter):
         super().__init__(path, stored, {}, drop_written=drop_written, layout=layout)
 
     def content_digest(self, tensor_digests: Mapping[str, str]) -> str | None:
-        """None: a GGUF's digest is that of its bytes, read back."""
-        return None
+        """The file's `gguf_content_digest` from its tensors' digests (the padding
+        between them is zeros), without reading it back; None when one is missing."""
+        if tensor_digests.keys() != self.slots.keys():
+            return None
+        digests = []
+        position = len(self._header)
+        for key, slot in sorted(self.slots.items(), key=lambda item: item[1].offset):
+            if slot.offset > position:
+                digests.append(padding_digest(slot.offset - position))
+            digests.append(tensor_digests[key])
+            position = slot.offset + slot.info.nbytes
+        return gguf_content_digest(self._header, digests)
+
+
+def padding_digest(size: int) -> str:
+    """The digest of `size` zero bytes between tensors."""
+    return tensor_digest(TensorInfo(torch.uint8, (size,)), [bytes(size)])

@@ -181,9 +181,12 @@ def output_digest(path: Path) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """The content digest of one file: a safetensors file's, or its bytes'."""
+    """The content digest of one file: a safetensors file's, a GGUF file's
+    (`gguf_content_digest`), or its bytes'."""
+    from sdrecipe.io.gguf_reader import GgufReader
+
     try:
-        reader = SafetensorsReader(path)
+        reader = GgufReader(path) if path.suffix.lower() == ".gguf" else SafetensorsReader(path)
     except RecipeError:
         return bytes_digest(path)
     return reader.content_digest()
