@@ -490,10 +490,17 @@ _RECIPE_OPTION = click.option(
     type=RECIPE,
     help="Where to keep the recipe (default: beside the output, OUTPUT.recipe.yaml).",
 )
+_FLOAT_DTYPES = ["float16", "bfloat16", "float32"]
+_MODEL_DTYPES = [*_FLOAT_DTYPES, "fp8_e4m3fn", "fp8_e5m2"]
 _DTYPE = click.option(
     "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
-    help="The output's dtype (default: the base's; float16 for a LoRA).",
+    type=click.Choice(_FLOAT_DTYPES),
+    help="The LoRA's dtype (default: float16).",
+)
+_MODEL_DTYPE = click.option(
+    "--dtype",
+    type=click.Choice(_MODEL_DTYPES),
+    help="The output's dtype (default: the base's; fp8 as `dtype:` in a recipe).",
 )
 
 
@@ -501,7 +508,7 @@ _DTYPE = click.option(
 @click.argument("base", type=click.Path(exists=True, path_type=Path))
 @click.argument("adapters", nargs=-1, required=True)
 @_OUTPUT
-@_DTYPE
+@_MODEL_DTYPE
 @_RECIPE_OPTION
 @_build_options()
 @_reports_errors
@@ -980,7 +987,7 @@ def _init_options(command: Callable[..., Any]) -> Callable[..., Any]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where the recipe builds the merged model.",
 )
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]))
+@click.option("--dtype", type=click.Choice(_MODEL_DTYPES))
 @_cache_dir_option
 @_reports_errors
 def init(cache_dir: Path, **answers: Any) -> None:

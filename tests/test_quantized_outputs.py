@@ -18,7 +18,7 @@ from test_quantized_inputs import fp8_decode, write_gguf
 from conftest import run_in_process, write_recipe
 from sdrecipe.io.readers import open_model
 from sdrecipe.io.safetensors_reader import file_digest
-from sdrecipe.synthetic import ModelSpec, write_model
+from sdrecipe.synthetic import ModelSpec, model_layout, tensor_value, write_model
 
 SHRINK = 64
 FP8_BITS = {torch.float8_e4m3fn: 4, torch.float8_e5m2: 5}
@@ -367,3 +367,43 @@ def test_sd35_and_sdxl_quantize_and_read_back(tmp_path, family, architecture):
     architecture_found, state = comfy_gguf_load(tmp_path / "out.gguf")
     assert architecture_found == architecture
     assert not [name for name in state if name.startswith(("model.", "first_stage_model."))]
+
+
+def test_a_lora_bakes_into_a_scaled_fp8_base_in_float32(tmp_path):
+    """`bake --dtype fp8_e4m3fn` over a scaled-fp8 SDXL base: the base is
+    dequantized, the LoRA added in float32, the sum rounded once to fp8."""
+    from test_quantized_inputs import scaled_fp8
+
+    from sdrecipe.synthetic import AdapterSpec, write_adapter
+
+    spec = ModelSpec(family="sdxl", shrink=SHRINK, seed=1, dtype=torch.float32)
+    values = {key: tensor_value(spec, key, info) for key, info in model_layout(spec).items()}
+    tensors, meant = scaled_fp8(values)
+    save_file(tensors, str(tmp_path / "base.safetensors"))
+    save_file(
+        {k: torch.from_numpy(v) for k, v in meant.items()}, str(tmp_path / "plain.safetensors")
+    )
+    lora = write_adapter(tmp_path / "lora.safetensors", AdapterSpec(family="sdxl", shrink=SHRINK))
+    for base, dtype, out in (("base", "fp8_e4m3fn", "fp8"), ("plain", "float32", "f32")):
+        result = run_in_process(
+            "bake",
+            str(tmp_path / f"{base}.safetensors"),
+            str(lora),
+            "-o",
+            str(tmp_path / f"{out}.safetensors"),
+            "--dtype",
+            dtype,
+        )
+        assert result.returncode == 0, result.stderr
+    fp8, wanted = (
+        load_file(str(tmp_path / "fp8.safetensors")),
+        load_file(str(tmp_path / "f32.safetensors")),
+    )
+    patched = 0
+    for key, stored in fp8.items():
+        if stored.dtype != torch.float8_e4m3fn:
+            continue
+        rounded = nearest_fp8(wanted[key].numpy(), torch.float8_e4m3fn)
+        assert np.array_equal(fp8_decode(stored.view(torch.uint8).numpy(), 4), rounded), key
+        patched += not np.array_equal(wanted[key].numpy(), meant[key])
+    assert patched > 0
