@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from sdrecipe.io.dtypes import widened
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import CONTEXT_PARAMETER, DTYPE_PARAMETER
 from sdrecipe.per_key import KeyContext
@@ -48,7 +49,7 @@ class _Evaluator(ExprVisitor[tuple[torch.Tensor, bool]]):
         operand = self.operands[expr.name]
         if operand.dtype.itemsize == 1:
             # torch does no arithmetic that mixes float8 with wider types.
-            return operand.to(self.dtype), True
+            return widened(operand, self.dtype), True
         return operand, False
 
     def visit_neg(self, expr: Neg) -> tuple[torch.Tensor, bool]:

@@ -26,6 +26,7 @@ from sdrecipe.fingerprint import tensor_digest, tensor_hasher
 from sdrecipe.finite import is_finite
 from sdrecipe.identity import Identities
 from sdrecipe.io.atomic import uninterrupted
+from sdrecipe.io.dtypes import widened
 from sdrecipe.io.encodings import FP8_MAX, Encoding
 from sdrecipe.io.readers import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
@@ -270,7 +271,7 @@ class _KeyTask:
                         )
                     stored = encoding.encode(tensor, scales.get(output))
                 else:
-                    stored = tensor.to(info.dtype)
+                    stored = widened(tensor, info.dtype)
                     # float8 cannot be checked (nor hold infinity): check what it came from.
                     checked = stored if info.dtype.itemsize > 1 else tensor
                     if checked.is_floating_point() and not is_finite(checked):

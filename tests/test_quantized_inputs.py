@@ -449,3 +449,20 @@ def test_a_gguf_header_that_reads_on_without_end_is_refused(tmp_path, flux, monk
     writer.write_tensors_to_file()
     writer.close()
     assert "the header holds more than 1,000 values" in refused(tmp_path, flux, tmp_path / "q.gguf")
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("target", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fp8_widens_by_table_exactly(fp8, target):
+    from sdrecipe.io.dtypes import widened
+
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8)
+    found, wanted = widened(codes, target), codes.to(target)
+    assert found.dtype == target
+    assert torch.equal(found.isnan(), wanted.isnan())
+    assert torch.equal(found[~wanted.isnan()], wanted[~wanted.isnan()])
+    rows = torch.randn(64, 32).to(fp8)[10:20]  # a row range of a larger tensor
+    assert torch.equal(widened(rows, target), rows.to(target))
+    decoded = fp8_decode(codes.view(torch.uint8).numpy(), 4 if fp8 == torch.float8_e4m3fn else 5)
+    finite = ~wanted.isnan() & ~wanted.isinf()
+    assert np.array_equal(widened(codes, torch.float32)[finite].numpy(), decoded[finite.numpy()])

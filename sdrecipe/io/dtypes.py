@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 CODE_TO_DTYPE: dict[str, torch.dtype] = {
@@ -30,3 +31,20 @@ NAME_TO_DTYPE = {
     "fp8_e4m3fn": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
+
+# Every fp8 value by its byte: torch converts fp8 element by element (~0.15 G values/s
+# a core), a table lookup is three times as fast, and exact.
+_FP8_VALUES = {
+    dtype: torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32).numpy()
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+}
+
+
+def widened(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype` (a new tensor when it converts), fp8 by table lookup."""
+    table = _FP8_VALUES.get(tensor.dtype)
+    if table is None or not dtype.is_floating_point or dtype.itemsize == 1:
+        return tensor.to(dtype)
+    codes = tensor.contiguous().view(torch.uint8).numpy()
+    values = torch.from_numpy(np.take(table, codes))
+    return values if dtype == torch.float32 else values.to(dtype)

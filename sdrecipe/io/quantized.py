@@ -33,6 +33,7 @@ import torch
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.dtypes import widened
 from sdrecipe.io.readers import ModelReader, RenamedReader, stored_as
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -116,7 +117,7 @@ class DequantizedReader(RenamedReader):
         if scheme is None:
             return self.wrapped.tensor(key)
         if isinstance(scheme, ScaledFp8):
-            weight = self.wrapped.tensor(scheme.weight).to(torch.float32)
+            weight = widened(self.wrapped.tensor(scheme.weight), torch.float32)
             scale = self.wrapped.tensor(scheme.scale).to(torch.float32)
             return weight.mul_(scale.reshape(_scale_shape(scale, weight.shape)))
         return self._bnb4(scheme)
