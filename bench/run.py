@@ -997,8 +997,9 @@ def quant_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
     against the same merge of bf16 files and the minimal loop."""
     report["quant_machine"] = machine()
     report["quant_shrink"] = dit_shrink()
-    print("scenario 16: the rounding of each output format", flush=True)
-    precision(report)
+    if os.environ.get("BENCH_QUANT_PRECISION", "1") != "0":  # 0 keeps the last run's 16e
+        print("scenario 16: the rounding of each output format", flush=True)
+        precision(report)
     evict = page_cache_state([])
 
     def before() -> None:
