@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import blake3
+import numpy as np
 import torch
 
 from sdrecipe.errors import RecipeError
@@ -132,13 +133,12 @@ class DequantizedReader(RenamedReader):
             absmax += scheme.nested_offset
         else:
             absmax = absmax.reshape(-1).to(torch.float32)
-        packed = read(scheme.weight).reshape(-1)
-        codes = torch.empty(packed.numel() * 2, dtype=torch.long)
+        packed = read(scheme.weight).reshape(-1).numpy()
+        codes = np.empty(packed.size * 2, dtype=np.uint8)  # byte codes: no int64 index copy
         codes[0::2] = packed >> 4
         codes[1::2] = packed & 0xF
-        table = read(f"{scheme.weight}.quant_map").to(torch.float32)
-        numel = math.prod(scheme.shape)
-        values = table[codes[:numel]]
+        table = read(f"{scheme.weight}.quant_map").to(torch.float32).numpy()
+        values = torch.from_numpy(np.take(table, codes[: math.prod(scheme.shape)]))
         return blockwise(values, absmax, scheme.blocksize).reshape(scheme.shape)
 
     def stored(self, key: str) -> tuple[str, int]:
@@ -217,13 +217,13 @@ def dequantized_keys(reader: ModelReader) -> int:
 
 
 def blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """`values` (flat) times one scale per block of `blocksize`; the last block may be short."""
+    """`values` (flat, modified in place) times one scale per block of `blocksize`;
+    the last block may be short."""
     whole = values.numel() // blocksize * blocksize
-    out = torch.empty_like(values)
-    out[:whole] = (values[:whole].view(-1, blocksize) * scales[: whole // blocksize, None]).view(-1)
+    values[:whole].view(-1, blocksize).mul_(scales[: whole // blocksize, None])
     if whole < values.numel():
-        out[whole:] = values[whole:] * scales[whole // blocksize]
-    return out
+        values[whole:].mul_(scales[whole // blocksize])
+    return values
 
 
 def _scale_shape(scale: torch.Tensor, shape: torch.Size) -> tuple[int, ...]:
