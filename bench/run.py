@@ -1029,6 +1029,7 @@ def quant_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
     print("scenario 16c: GGUF Q8_0 A and bf16 B, into fp8", flush=True)
     bf16_models = quant_bf16()
     b16, a16 = sorted(bf16_models, reverse=True)  # B first: it goes beside the GGUF
+    free_cache()
     quant_disk(parameters * 3, "a bf16 input and an fp8 output")
     ensure_models({b16: bf16_models[b16]})
     run(
@@ -1041,6 +1042,7 @@ def quant_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
     )
     (WORK / QUANT_GGUF).unlink()
     print("scenario 16d: bf16 A and B, into fp8 (the baseline)", flush=True)
+    free_cache()  # 16c's output and its cached pack
     quant_disk(parameters * 3, "a bf16 input and an fp8 output")
     ensure_models({a16: bf16_models[a16]})
     bf16 = [a16, b16]
