@@ -93,7 +93,9 @@ class GgmlType:
 Encoding = ScaledFp8 | GgmlType
 
 
-def fp8_dtype(key: str, info: TensorInfo, family: str, target: torch.dtype, scaled: bool):
+def fp8_dtype(
+    key: str, info: TensorInfo, family: str, target: torch.dtype, scaled: bool
+) -> torch.dtype:
     """The dtype `key` is written in by an fp8 output."""
     component = component_of(key, family)
     if component in _KEPT_WIDE or len(info.shape) < 2:

@@ -55,7 +55,7 @@ QUANTIZATION_METADATA = "_quantization_metadata"
 
 
 @dataclass(frozen=True)
-class ScaledFp8:
+class ScaledFp8Weight:
     """An fp8 weight times its scale (one number, or one a row)."""
 
     weight: str
@@ -67,7 +67,7 @@ class ScaledFp8:
 
 
 @dataclass(frozen=True)
-class Bnb4:
+class Bnb4Weight:
     """A bitsandbytes 4-bit weight and what its state says."""
 
     weight: str
@@ -92,7 +92,7 @@ class Bnb4:
         return names
 
 
-Scheme = ScaledFp8 | Bnb4
+Scheme = ScaledFp8Weight | Bnb4Weight
 
 
 class DequantizedReader(RenamedReader):
@@ -109,7 +109,7 @@ class DequantizedReader(RenamedReader):
         scheme = self.schemes.get(key)
         if scheme is None:
             return self.wrapped.info(key)
-        shape = scheme.shape if isinstance(scheme, Bnb4) else self.wrapped.info(key).shape
+        shape = scheme.shape if isinstance(scheme, Bnb4Weight) else self.wrapped.info(key).shape
         return TensorInfo(torch.float32, shape)
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -117,13 +117,13 @@ class DequantizedReader(RenamedReader):
         scheme = self.schemes.get(key)
         if scheme is None:
             return self.wrapped.tensor(key)
-        if isinstance(scheme, ScaledFp8):
+        if isinstance(scheme, ScaledFp8Weight):
             weight = widened(self.wrapped.tensor(scheme.weight), torch.float32)
             scale = self.wrapped.tensor(scheme.scale).to(torch.float32)
             return weight.mul_(scale.reshape(_scale_shape(scale, weight.shape)))
         return self._bnb4(scheme)
 
-    def _bnb4(self, scheme: Bnb4) -> torch.Tensor:
+    def _bnb4(self, scheme: Bnb4Weight) -> torch.Tensor:
         read = self.wrapped.tensor
         absmax = read(f"{scheme.weight}.absmax")
         if scheme.nested_blocksize is not None:
@@ -147,7 +147,7 @@ class DequantizedReader(RenamedReader):
         if scheme is None:
             return stored_as(self.wrapped, key)
         size = sum(self.wrapped.info(name).nbytes for name in scheme.parts().values())
-        if isinstance(scheme, Bnb4):
+        if isinstance(scheme, Bnb4Weight):
             return scheme.quant_type.upper(), size
         return f"{stored_as(self.wrapped, scheme.weight)[0]} scaled", size
 
@@ -322,7 +322,7 @@ def _scaled_fp8(
     stem: str,
     scale: str,
     layer_formats: dict[str, str],
-) -> ScaledFp8:
+) -> ScaledFp8Weight:
     weight = f"{stem}.weight"
     if weight not in infos:
         raise RecipeError(
@@ -351,10 +351,10 @@ def _scaled_fp8(
             reader.path,
         )
     code = "F8_E4M3" if info.dtype == torch.float8_e4m3fn else "F8_E5M2"
-    return ScaledFp8(weight, scale, f"ComfyUI scaled fp8 ({code})")
+    return ScaledFp8Weight(weight, scale, f"ComfyUI scaled fp8 ({code})")
 
 
-def _bnb4(reader: ModelReader, infos: dict[str, TensorInfo], weight: str, key: str) -> Bnb4:
+def _bnb4(reader: ModelReader, infos: dict[str, TensorInfo], weight: str, key: str) -> Bnb4Weight:
     def damaged(problem: str) -> RecipeError:
         return RecipeError(f"bitsandbytes 4-bit weight {weight!r}: {problem}", reader.path)
 
@@ -399,4 +399,6 @@ def _bnb4(reader: ModelReader, infos: dict[str, TensorInfo], weight: str, key: s
                 f"a {dtype} weight of shape {list(shape)} in blocks of {blocksize} needs "
                 f"{count} {str(part_dtype).removeprefix('torch.')} values"
             )
-    return Bnb4(weight, key, quant_type, blocksize, dtype, shape, nested_blocksize, nested_offset)
+    return Bnb4Weight(
+        weight, key, quant_type, blocksize, dtype, shape, nested_blocksize, nested_offset
+    )
