@@ -11,14 +11,11 @@ from sdrecipe.cache import Cache, file_sha256
 from sdrecipe.fingerprint import FileStat, legacy_hash_of
 from sdrecipe.io.adapter_reader import AdapterReader
 from sdrecipe.io.bounded_json import load_json
-from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.io.dtypes import DTYPE_TO_CODE, UNQUANTIZED
 from sdrecipe.io.formats import format_of
 from sdrecipe.io.quantized import quantization_of
 from sdrecipe.io.readers import open_adapter, open_model, stored_as
 from sdrecipe.provenance import read_provenance
-
-# Stored types that are not quantized (the share `inspect` reports counts the others).
-FULL_PRECISION = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
 
 # Formats of models made of many files, which have no legacy (AutoV1) hash.
 MANY_FILES = ("diffusers", "sharded-safetensors")
@@ -84,7 +81,7 @@ def inspect_model(path: Path, cache: Cache | None) -> dict[str, object]:
         k["bytes"]
         for types in storage.values()
         for name, k in types.items()
-        if name not in FULL_PRECISION
+        if name not in UNQUANTIZED
     )
     sha256 = file_sha256(path, cache)
     return {

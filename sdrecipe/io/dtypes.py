@@ -23,6 +23,9 @@ CODE_TO_DTYPE: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_TO_CODE = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
+# Stored types that hold plain numbers (safetensors codes; GGML's plain types share
+# the names): anything else a reader reports (`stored_as`) is quantized.
+UNQUANTIZED = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
 
 NAME_TO_DTYPE = {
     "float16": torch.float16,

@@ -34,7 +34,7 @@ import torch
 from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.io.bounded_json import load_json
-from sdrecipe.io.dtypes import widened
+from sdrecipe.io.dtypes import UNQUANTIZED, widened
 from sdrecipe.io.readers import ModelReader, RenamedReader, stored_as
 from sdrecipe.io.tensor_info import TensorInfo
 
@@ -210,9 +210,9 @@ def dequantized_keys(reader: ModelReader) -> int:
     stored = getattr(reader, "stored", None)
     if stored is None:
         return 0
-    plain = ("F64", "F32", "F16", "BF16")
     return sum(
-        info.is_floating and stored(key)[0] not in plain for key, info in reader.infos().items()
+        info.is_floating and stored(key)[0] not in UNQUANTIZED
+        for key, info in reader.infos().items()
     )
 
 
@@ -306,6 +306,8 @@ def _comfy_layer_formats(
     for key in infos:
         if key.endswith(".comfy_quant"):
             consumed.add(key)
+            if infos[key].nbytes > _MAX_STATE_BYTES:
+                raise RecipeError(f"tensor {key!r} is too large to be a layer format", reader.path)
             data = bytes(reader.tensor(key).reshape(-1).to(torch.uint8).numpy())
             try:
                 formats[key.removesuffix(".comfy_quant")] = str(load_json(data)["format"])  # type: ignore[index]
