@@ -162,7 +162,9 @@ class AdapterSpec:
     `algorithm` is lora, loha, lokr or full; `convs` adds the UNet's resnet
     layers (LoCon); `tucker` stores 3x3 layers in CP form; `dora` adds DoRA
     magnitudes (per output row, per input column on every other layer);
-    `naming` is kohya or peft (diffusers' `lora_A`/`lora_B`, LoRA only).
+    `naming` is kohya, peft (diffusers' `lora_A`/`lora_B` by diffusers tensor,
+    LoRA only), xlabs (XLabs' Flux modules, LoRA only) or split (kohya's, with
+    sd-scripts' split LoRA for fused layers); `layout` as `ModelSpec`'s.
     """
 
     family: str = "sd1"
@@ -176,15 +178,17 @@ class AdapterSpec:
     dora: bool = False
     naming: str = "kohya"
     dtype: torch.dtype = torch.float16
+    layout: str | None = None
 
 
 def adapter_tensors(spec: AdapterSpec) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, by file key: one module per patched layer (three
-    for OpenCLIP's fused q/k/v), factors seeded by (seed, module name)."""
-    from sdrecipe.adapters.naming import kohya_name, module_names
+    """The adapter's tensors, by file key: one module per patched layer or part
+    of one (see `AdapterSpec.naming`), factors seeded by (seed, module name)."""
+    from sdrecipe.adapters.naming import ModuleNames, extraction_parts
 
     tensors: dict[str, torch.Tensor] = {}
-    model = model_layout(ModelSpec(family=spec.family, shrink=spec.shrink))
+    model = model_layout(ModelSpec(family=spec.family, shrink=spec.shrink, layout=spec.layout))
+    names = ModuleNames(spec.family, model)
     patched = [
         key
         for key in model
@@ -194,25 +198,56 @@ def adapter_tensors(spec: AdapterSpec) -> dict[str, torch.Tensor]:
     ]
     for index, key in enumerate(patched):
         shape = model[key].shape
-        parts = module_names(spec.family, key)
+        bias = key.removesuffix("weight") + "bias" in model
+        if spec.naming == "xlabs":
+            parts = [p for p in names(key) if ".processor." in p.names[0]]
+        else:
+            style = "peft" if spec.naming == "peft" else "kohya"
+            parts = extraction_parts(names, key, style)
         for part in parts:
-            if spec.naming == "peft":
-                name = next(n for n in part.names if "." in n)
+            name = part.names[0]
+            rows = part.rows(shape[0])
+            split = spec.naming == "split" and [
+                p.rows(shape[0])
+                for p in extraction_parts(names, key, "peft")
+                if not p.whole and not p.swapped
+            ]
+            if split and part.whole:
+                factors = _split_factors(spec, shape, name, split)
             else:
-                name = kohya_name(spec.family, key) if len(parts) == 1 else part.names[0]
-            rows = shape[0] // len(parts)
-            bias = key.removesuffix("weight") + "bias" in model
-            factors = _module_factors(spec, (rows, *shape[1:]), name, index, bias)
-            if spec.naming == "peft":
-                factors = {
-                    {"lora_up.weight": "lora_B.weight", "lora_down.weight": "lora_A.weight"}.get(
-                        p, p
-                    ): t
-                    for p, t in factors.items()
-                    if p != "alpha"
-                }
+                factors = _module_factors(
+                    spec, (rows.stop - rows.start, *shape[1:]), name, index, bias
+                )
+            renamed = ADAPTER_PARAMETERS.get(spec.naming, {})
+            if renamed:
+                factors = {renamed.get(p, p): t for p, t in factors.items() if p != "alpha"}
             tensors.update({f"{name}.{parameter}": t for parameter, t in factors.items()})
     return tensors
+
+
+# Factor names by `AdapterSpec.naming`, where they are not kohya's (which also
+# stores alpha; these do not).
+ADAPTER_PARAMETERS = {
+    "peft": {"lora_up.weight": "lora_B.weight", "lora_down.weight": "lora_A.weight"},
+    "xlabs": {"lora_up.weight": "up.weight", "lora_down.weight": "down.weight"},
+}
+
+
+def _split_factors(
+    spec: AdapterSpec, shape: tuple[int, ...], name: str, parts: list[slice]
+) -> dict[str, torch.Tensor]:
+    """sd-scripts' split LoRA of a fused layer: a down and an up per part, one alpha."""
+    rank = max(1, min(spec.rank, shape[1]))
+    factors = {}
+    for index, rows in enumerate(parts):
+        for side, dims in (("down", (rank, shape[1])), ("up", (rows.stop - rows.start, rank))):
+            seed = f"{name}:{side}:{index}"
+            factors[f"lora_{side}.{index}.weight"] = (
+                _random(seed, spec.seed, dims).mul_(0.1).to(spec.dtype)
+            )
+    if spec.alpha is not None:
+        factors["alpha"] = torch.tensor(spec.alpha)
+    return factors
 
 
 def _module_factors(

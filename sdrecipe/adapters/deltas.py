@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from sdrecipe.adapters.modules import AdapterModule
+from sdrecipe.adapters.modules import LORA_DOWN, LORA_UP, AdapterModule
 
 # Added to DoRA's norm, as LyCORIS does, so that an all-zero row stays finite.
 DORA_EPSILON = torch.finfo(torch.float32).eps
@@ -32,13 +32,8 @@ def _scale(alpha: torch.Tensor | None, rank: int) -> float:
 
 def lora_delta(factor: Factor) -> torch.Tensor:
     """LoRA/LoCon: (alpha/r)·up·down, or through the CP core `lora_mid`."""
-    up = factor("lora_up.weight")
-    if up is None:
-        up = factor("lora_B.weight")
-    down = factor("lora_down.weight")
-    if down is None:
-        down = factor("lora_A.weight")
-    assert up is not None and down is not None
+    up = next(u for name in LORA_UP if (u := factor(name)) is not None)
+    down = next(d for name in LORA_DOWN if (d := factor(name)) is not None)
     rank = down.shape[0]
     # The scale goes on the small factor, not the product: one pass fewer.
     up = up.reshape(up.shape[0], -1) * _scale(factor("alpha"), rank)
@@ -46,6 +41,18 @@ def lora_delta(factor: Factor) -> torch.Tensor:
     mid = factor("lora_mid.weight")
     delta = up @ down if mid is None else rebuild_tucker(mid, up.T, down)
     return delta.reshape(up.shape[0], -1)
+
+
+def split_lora_delta(factor: Factor) -> torch.Tensor:
+    """sd-scripts' split LoRA: (alpha/r)·up_i·down_i for each part i, stacked by rows."""
+    pieces = []
+    index = 0
+    while (up := factor(f"lora_up.{index}.weight")) is not None:
+        down = factor(f"lora_down.{index}.weight")
+        assert down is not None
+        pieces.append((up * _scale(factor("alpha"), down.shape[0])) @ down)
+        index += 1
+    return torch.cat(pieces)
 
 
 def loha_delta(factor: Factor) -> torch.Tensor:
@@ -102,6 +109,7 @@ def whole_delta(factor: Factor) -> torch.Tensor:
 
 WEIGHT_DELTAS: dict[str, Callable[[Factor], torch.Tensor]] = {
     "lora": lora_delta,
+    "split_lora": split_lora_delta,
     "loha": loha_delta,
     "lokr": lokr_delta,
     "full": whole_delta,

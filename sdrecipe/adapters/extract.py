@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sdrecipe.adapters.naming import LOCON_LAYERS, LORA_LAYERS, module_names
+from sdrecipe.adapters.naming import LOCON_LAYERS, LORA_LAYERS, ModuleNames
 from sdrecipe.recipe.model import LoraOptions
 
 # kohya: a text encoder whose differences all stay within this is left out ("auto").
 TEXT_ENCODER_MIN_DIFFERENCE = 0.01
-TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.")
+TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")
 POWER_ITERATIONS = 4
 # Below this many elements the exact SVD takes under a tenth of a second here.
 RANDOMISED_SVD_ELEMENTS = 1 << 19
@@ -28,10 +28,11 @@ def is_text_encoder(key: str) -> bool:
 def extracted_keys(family: str, keys: list[str], options: LoraOptions) -> list[str]:
     """The checkpoint keys a LoRA is extracted for: kohya's attention layers, the
     UNet's resnet layers with `conv_rank`, the text encoders unless excluded."""
+    names = ModuleNames(family, keys)
     return [
         key
         for key in keys
-        if module_names(family, key)
+        if names(key)
         and (LORA_LAYERS.search(key) or (options.conv_rank and LOCON_LAYERS.search(key)))
         and not (options.text_encoder is False and is_text_encoder(key))
     ]

@@ -7,6 +7,7 @@ the parameter says which factor of which algorithm it is. Imports no torch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from math import prod
@@ -21,6 +22,8 @@ ALGORITHM_OF_PARAMETER = {
     "lora_mid.weight": "lora",
     "lora_B.weight": "lora",
     "lora_A.weight": "lora",
+    "up.weight": "lora",  # XLabs
+    "down.weight": "lora",
     "hada_w1_a": "loha",
     "hada_w1_b": "loha",
     "hada_w2_a": "loha",
@@ -39,6 +42,12 @@ ALGORITHM_OF_PARAMETER = {
     "w_norm": "norm",
     "b_norm": "norm",
 }
+# A LoRA's factors by convention: kohya, PEFT, XLabs.
+LORA_UP = ("lora_up.weight", "lora_B.weight", "up.weight")
+LORA_DOWN = ("lora_down.weight", "lora_A.weight", "down.weight")
+# sd-scripts' split q/k/v (and MLP) LoRA of a fused layer: one pair per part,
+# `lora_up.{i}.weight` and `lora_down.{i}.weight`, one alpha.
+SPLIT_PARAMETER = re.compile(r"lora_(up|down)\.(\d+)\.weight")
 SHARED_PARAMETERS = ("alpha", "dora_scale")
 # Parameters of algorithms sdrecipe does not apply, so that a file holding them
 # is refused by name rather than half applied.
@@ -96,7 +105,7 @@ class AdapterModule:
     def rank(self, infos: Mapping[str, TensorInfo]) -> int | None:
         """The rank of a low-rank module (None for full and norm deltas, and a
         LoKr whose two halves are both stored whole)."""
-        for parameter in ("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b"):
+        for parameter in (*LORA_DOWN, "lora_down.0.weight", "hada_w1_b", "lokr_w1_b"):
             if parameter in self.keys:
                 return infos[self.keys[parameter]].shape[0]
         if "lokr_w2_b" in self.keys:
@@ -107,9 +116,14 @@ class AdapterModule:
         """(rows, elements, kernel) of the weight delta, from the factors' shapes alone;
         kernel is the trailing spatial shape where the factors fix it, else ()."""
         shape = {parameter: infos[key].shape for parameter, key in self.keys.items()}
+        if self.algorithm == "split_lora":
+            ups = [shape[f"lora_up.{i}.weight"] for i in range(split_count(self.keys))]
+            rows = sum(up[0] for up in ups)
+            down = shape["lora_down.0.weight"]
+            return rows, rows * prod(down[1:]), ()
         if self.algorithm == "lora":
-            up = shape.get("lora_up.weight") or shape["lora_B.weight"]
-            down = shape.get("lora_down.weight") or shape["lora_A.weight"]
+            up = shape[first_of(LORA_UP, shape)]
+            down = shape[first_of(LORA_DOWN, shape)]
             if "lora_mid.weight" in shape:
                 kernel = shape["lora_mid.weight"][2:]
                 return up[0], up[0] * down[1] * prod(kernel), kernel
@@ -186,8 +200,8 @@ class _Factors:
 
 
 def _check_lora(factors: _Factors) -> None:
-    up_name = "lora_up.weight" if "lora_up.weight" in factors.shapes else "lora_B.weight"
-    down_name = "lora_down.weight" if "lora_down.weight" in factors.shapes else "lora_A.weight"
+    up_name = first_of(LORA_UP, factors.shapes)
+    down_name = first_of(LORA_DOWN, factors.shapes)
     up, down = factors.shape(up_name, 2), factors.shape(down_name, 2)
     columns = prod(down[1:])
     if "lora_mid.weight" in factors.shapes:
@@ -199,6 +213,20 @@ def _check_lora(factors: _Factors) -> None:
     else:
         factors.agree(up_name, prod(up[1:]), down_name, down[0])
     factors.bounded(down_name, down[0], up[0], columns)
+
+
+def _check_split_lora(factors: _Factors) -> None:
+    """Each part's pair fits together, every part of one rank and one input width."""
+    first = factors.shape("lora_down.0.weight", 2, exact=True)
+    rows = 0
+    for index in range(split_count(factors.shapes)):
+        up_name, down_name = f"lora_up.{index}.weight", f"lora_down.{index}.weight"
+        up = factors.shape(up_name, 2, exact=True)
+        down = factors.shape(down_name, 2, exact=True)
+        factors.agree(up_name, up[1], down_name, down[0])
+        factors.agree(down_name, down, "lora_down.0.weight", first)
+        rows += up[0]
+    factors.bounded("lora_down.0.weight", first[0], rows, first[1])
 
 
 def _check_loha(factors: _Factors) -> None:
@@ -257,6 +285,7 @@ def _check_whole(factors: _Factors) -> None:
 
 CHECKS: dict[str, Callable[[_Factors], None]] = {
     "lora": _check_lora,
+    "split_lora": _check_split_lora,
     "loha": _check_loha,
     "lokr": _check_lokr,
     "full": _check_whole,
@@ -273,8 +302,28 @@ def _lokr_second_shape(shape: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
     return (shape["lokr_w2_a"][0], *shape["lokr_w2_b"][1:])
 
 
+def first_of(names: tuple[str, ...], found: Mapping[str, object]) -> str:
+    """The first of `names` in `found` (the factor convention a module uses)."""
+    return next(name for name in names if name in found)
+
+
+def split_count(found: Mapping[str, object]) -> int:
+    """How many parts a split LoRA module has (its highest part number + 1)."""
+    return 1 + max(int(m[2]) for p in found if (m := SPLIT_PARAMETER.fullmatch(p)))
+
+
+def algorithm_of(parameter: str) -> str | None:
+    """The algorithm a factor belongs to (None for shared ones: alpha, DoRA)."""
+    if SPLIT_PARAMETER.fullmatch(parameter):
+        return "split_lora"
+    return ALGORITHM_OF_PARAMETER.get(parameter)
+
+
 def split_key(key: str) -> tuple[str, str] | None:
     """(stem, parameter) of an adapter key, or None if it is none."""
+    stem, _, rest = key.rpartition(".lora_")
+    if stem and SPLIT_PARAMETER.fullmatch("lora_" + rest):
+        return stem, "lora_" + rest
     for parameter in _KNOWN:
         if key.endswith("." + parameter):
             return key[: -len(parameter) - 1], parameter
@@ -309,7 +358,7 @@ def adapter_modules(keys: list[str]) -> dict[str, AdapterModule]:
         if named:
             unsupported.setdefault(stem, ", ".join(sorted(named)))
             continue
-        algorithms = {ALGORITHM_OF_PARAMETER[p] for p in found if p in ALGORITHM_OF_PARAMETER}
+        algorithms = {a for p in found if (a := algorithm_of(p)) is not None}
         if len(algorithms) != 1:
             what = " and ".join(sorted(algorithms)) if algorithms else "only " + ", ".join(found)
             raise AdapterError(f"module {stem} has {what}, which is no single algorithm")
@@ -331,9 +380,14 @@ def adapter_modules(keys: list[str]) -> dict[str, AdapterModule]:
 def _missing_factors(algorithm: str, found: Mapping[str, str]) -> list[str]:
     """The parameters `algorithm` needs that `found` lacks."""
     if algorithm == "lora":
-        kohya = {"lora_up.weight", "lora_down.weight"}
-        peft = {"lora_B.weight", "lora_A.weight"}
-        return [] if kohya <= set(found) or peft <= set(found) else sorted(kohya - set(found))
+        pairs = [{up, down} for up, down in zip(LORA_UP, LORA_DOWN, strict=True)]
+        if any(pair <= set(found) for pair in pairs):
+            return []
+        return sorted(next((p for p in pairs if p & set(found)), pairs[0]) - set(found))
+    if algorithm == "split_lora":
+        parts = range(split_count(found))
+        needed = [f"lora_{side}.{i}.weight" for i in parts for side in ("up", "down")]
+        return [p for p in needed if p not in found]
     if algorithm == "loha":
         needed = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
         if ("hada_t1" in found) != ("hada_t2" in found):

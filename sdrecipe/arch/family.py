@@ -145,21 +145,36 @@ class Diffusers(_Strict):
 
 
 class LoraOutput(_Strict):
+    """What a LoRA extracted from the family says it is for (kohya's metadata)."""
+
     base_model_version: str
     modelspec: str
+    network_module: str = "networks.lora"
     v2: bool = False
+
+
+class ModuleName(_Strict):
+    """A trainer's own name for a module (XLabs' `processor.qkv_lora1`): `name`
+    patches rows `rows` = [start, stop, of total] of the single-file `module`
+    (all of it when None), each written under every prefix of `prefixes`."""
+
+    module: str
+    name: str
+    rows: tuple[int, int, int] | None = None
+    prefixes: tuple[str, ...] = ("",)
 
 
 class Adapters(_Strict):
     """How adapters name this family's modules: `patchable` when names are
     computed from the diffusers layout, kohya's text-encoder names, whether
-    kohya's UNet names follow diffusers or single-file paths, and what a LoRA
-    extracted from it says it is for."""
+    kohya's UNet names follow diffusers or single-file paths, what a LoRA
+    extracted from it says it is for, and trainers' own names (`names`)."""
 
     patchable: bool = False
     kohya_text_encoders: dict[str, str] = Field(default_factory=dict)
     kohya_unet_paths: Literal["diffusers", "single_file"] = "diffusers"
     lora: LoraOutput | None = None
+    names: tuple[ModuleName, ...] = ()
 
 
 class Gguf(_Strict):

@@ -26,9 +26,9 @@ from sdrecipe.adapters.modules import (
     adapter_modules,
     check_factor_shapes,
 )
-from sdrecipe.adapters.naming import module_names
+from sdrecipe.adapters.naming import KeyPart, ModuleNames
 from sdrecipe.arch import layout
-from sdrecipe.arch.family import families
+from sdrecipe.arch.family import families, known
 from sdrecipe.errors import BuildError, RecipeError
 from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.finite import is_finite
@@ -108,13 +108,34 @@ class AdapterFile:
         alphas = sorted(
             {float(self.alphas[m.stem]) for m in self.modules.values() if "alpha" in m.keys}
         )
+        namings = sorted({naming_of(module) for module in self.modules.values()})
         return {
             "modules": len(self.modules),
+            "naming": " and ".join(namings),
             "algorithms": dict(sorted(algorithms.items())),
             "ranks": sorted(ranks),
             "alphas": alphas,
             "family": guess_family(self),
         }
+
+
+def naming_of(module: AdapterModule) -> str:
+    """The convention a module's names follow: kohya (sd-scripts, also with its
+    split q/k/v), lycoris, onetrainer, xlabs, comfyui or peft (diffusers)."""
+    stem = module.stem
+    if module.algorithm == "split_lora":
+        return "kohya-split"
+    if stem.startswith(("lora_unet_", "lora_te")):
+        return "kohya"
+    if stem.startswith("lycoris_"):
+        return "lycoris"
+    if stem.startswith("lora_transformer_"):
+        return "onetrainer"
+    if ".processor." in stem:
+        return "xlabs"
+    if "lora_A.weight" in module.keys:
+        return "peft"
+    return "comfyui" if stem.startswith("diffusion_model.") else "other"
 
 
 def _peft_alpha(metadata: Mapping[str, str], path: Path) -> float | None:
@@ -166,12 +187,14 @@ def _check_alpha(value: float, what: str, path: Path) -> None:
 
 @dataclass(frozen=True)
 class _Patch:
-    """Module `module` patches part `index` of `parts` equal row blocks of a key."""
+    """Module `module` patches `part` of a key."""
 
-    index: int
-    parts: int
+    part: KeyPart
     module: AdapterModule
-    parameter: str
+
+    @property
+    def parameter(self) -> str:
+        return self.part.parameter
 
 
 class AdapterReader:
@@ -194,11 +217,12 @@ class AdapterReader:
         self._infos: dict[str, TensorInfo] = {}
         used: set[str] = set()
         modules = adapter.modules
+        names = ModuleNames(family, base_infos)
         for key, info in base_infos.items():
             if not info.is_floating:
                 continue
             patches = []
-            for part in module_names(family, key):
+            for part in names(key):
                 module = next((modules[n] for n in part.names if n in modules), None)
                 if module is None:
                     continue
@@ -206,14 +230,15 @@ class AdapterReader:
                     module.changes_weight if part.parameter == "weight" else module.changes_bias
                 )
                 if wanted:
-                    patches.append(_Patch(part.index, part.parts, module, part.parameter))
+                    patches.append(_Patch(part, module))
                     used.add(module.stem)
             if patches:
                 self._patches[key] = patches
                 shape = self._delta_shape(key, info, patches)
                 for patch in patches:
                     if patch.parameter == "weight" and patch.module.dora:
-                        self._check_dora(key, patch.module, (shape[0] // patch.parts, *shape[1:]))
+                        rows = patch.part.rows(shape[0])
+                        self._check_dora(key, patch.module, (rows.stop - rows.start, *shape[1:]))
                 dtype = adapter.compute_dtype([p.module for p in patches])
                 self._infos[key] = TensorInfo(dtype, shape)
         self.unmatched = [stem for stem in modules if stem not in used]
@@ -229,12 +254,12 @@ class AdapterReader:
                 rows, numel, kernel = infos[bias_key].shape[0], infos[bias_key].numel, ()
             else:
                 rows, numel, kernel = module.weight_size(infos)
-            expected = target.numel // patch.parts
+            expected = patch.part.share(target.numel)
             if numel == expected:
                 continue
             shape = target.shape
             channels_differ = (
-                patch.parts == 1
+                patch.part.whole
                 and len(shape) == 4
                 and rows == shape[0]
                 and numel % (rows * shape[2] * shape[3]) == 0
@@ -243,7 +268,7 @@ class AdapterReader:
             )
             if channels_differ:
                 return (rows, numel // (rows * shape[2] * shape[3]), *shape[2:])
-            raise self._misfit(module.stem, numel, key, shape, patch.parts)
+            raise self._misfit(module.stem, numel, key, shape, patch.part, expected)
         return target.shape
 
     def _check_dora(self, key: str, module: AdapterModule, shape: tuple[int, ...]) -> None:
@@ -263,13 +288,18 @@ class AdapterReader:
         )
 
     def _misfit(
-        self, stem: str, numel: int, key: str, shape: tuple[int, ...], parts: int
+        self, stem: str, numel: int, key: str, shape: tuple[int, ...], part: KeyPart, expected: int
     ) -> RecipeError:
         guessed = guess_family(self.adapter)
-        part = f" (a third of it, {numel} elements expected per slice)" if parts == 3 else ""
+        rows = part.rows(shape[0])
+        where = (
+            ""
+            if part.whole
+            else f" (its slice, rows {rows.start}-{rows.stop - 1}, takes {expected} elements)"
+        )
         return RecipeError(
             f"this adapter does not fit a {self.family} model: module {stem} makes a "
-            f"delta of {numel} elements for {key} of shape {list(shape)}{part}; its "
+            f"delta of {numel} elements for {key} of shape {list(shape)}{where}; its "
             f"modules look like a {guessed} adapter",
             self.path,
         )
@@ -295,14 +325,19 @@ class AdapterReader:
         """The delta at `key` (a new tensor), computed from the modules that patch it."""
         info = self._infos[key]
         patches = self._patches[key]
-        if len(patches) == 1 and patches[0].parts == 1:
+        if len(patches) == 1 and patches[0].part.whole:
             delta = self._part(key, patches[0], info.dtype, info.shape, None)
         else:
             delta = torch.zeros(info.shape, dtype=info.dtype)
-            for patch in patches:  # a missing slice of a fused key stays zero
-                size = info.shape[0] // patch.parts
-                rows = slice(patch.index * size, (patch.index + 1) * size)
-                delta[rows] = self._part(key, patch, info.dtype, delta[rows].shape, rows)
+            done: list[slice] = []
+            for patch in patches:  # a slice no module patches stays zero
+                rows = patch.part.rows(info.shape[0])
+                part = self._part(key, patch, info.dtype, delta[rows].shape, rows)
+                if any(r.start < rows.stop and rows.start < r.stop for r in done):
+                    delta[rows] += part  # a whole-key module and a slice's both patch it
+                else:
+                    delta[rows] = part
+                done.append(rows)
         if not is_finite(delta):
             raise self._not_finite(key, [patch.module for patch in patches], info.dtype)
         return delta
@@ -342,15 +377,15 @@ class AdapterReader:
             return self.adapter.factor(module, parameter, dtype)
 
         if patch.parameter == "bias":
-            return bias_delta(factor).reshape(shape)
+            return _in_order(bias_delta(factor).reshape(shape), patch.part)
         delta = weight_delta(module, factor).reshape(shape)
         if module.dora:
             base = self._base.tensor(key)
-            base = (base if rows is None else base[rows]).to(dtype)
+            base = _in_order(base if rows is None else base[rows], patch.part).to(dtype)
             magnitude = factor("dora_scale")
             assert magnitude is not None
             delta = dora_delta(base[:, : shape[1]] if base.dim() > 1 else base, delta, magnitude)
-        return delta
+        return _in_order(delta, patch.part)
 
     def raw(self, key: str) -> memoryview:
         """The delta's bytes."""
@@ -366,8 +401,7 @@ class AdapterReader:
         for key, patches in self._patches.items():
             parts = [
                 (
-                    p.index,
-                    p.parts,
+                    *_described(p.part),
                     p.parameter,
                     p.module.algorithm,
                     sorted(
@@ -389,18 +423,33 @@ class AdapterReader:
         return digests
 
 
+def _described(part: KeyPart) -> tuple[object, ...]:
+    """A part in a delta's digest: (index, count) for one of equal row blocks, as
+    digests have always said it; (start, stop, total, swapped) for any other."""
+    if part.stop - part.start == 1 and not part.swapped:
+        return part.start, part.total
+    return part.start, part.stop, part.total, part.swapped
+
+
+def _in_order(delta: torch.Tensor, part: KeyPart) -> torch.Tensor:
+    """A delta in the key's row order: a swapped part's row halves exchanged."""
+    if not part.swapped:
+        return delta
+    half = delta.shape[0] // 2
+    return torch.cat([delta[half:], delta[:half]])
+
+
 @cache
-def _layout_names(family: str) -> dict[str, tuple[int, int]]:
-    """Module name → (parts, elements per part) over a real `family` layout."""
-    shapes, _ = layout(family)
+def _layout_names(family: str) -> dict[str, int]:
+    """Module name → elements of its delta, over a real `family` layout."""
+    data = known(family)
+    shapes, _ = layout(data.layout if data is not None and data.layout else family)
+    names = ModuleNames(family, shapes)
     found = {}
     for key, shape in shapes.items():
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        for part in module_names(family, key):
+        for part in names(key):
             for name in part.names:
-                found[name] = (part.parts, numel // part.parts)
+                found[name] = part.share(prod(shape))
     return found
 
 
@@ -415,7 +464,7 @@ def guess_family(adapter: AdapterFile) -> str:
             if stem not in names or not module.changes_weight:
                 continue
             named += 1
-            fitting += module.weight_size(adapter.infos)[1] == names[stem][1]
+            fitting += module.weight_size(adapter.infos)[1] == names[stem]
         if (fitting, named) > best_score:
             best, best_score = family, (fitting, named)
     return best

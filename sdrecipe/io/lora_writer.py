@@ -23,7 +23,7 @@ from sdrecipe.adapters.extract import (
     is_text_encoder,
     layer_rank,
 )
-from sdrecipe.adapters.naming import kohya_name, module_names
+from sdrecipe.adapters.naming import ModuleNames, extraction_parts
 from sdrecipe.arch.family import known
 from sdrecipe.errors import BuildError
 from sdrecipe.io.dtypes import NAME_TO_DTYPE
@@ -39,7 +39,7 @@ def lora_metadata(family: str, rank: int, conv_rank: int | None) -> dict[str, st
     data = known(family)
     lora = data.adapters.lora if data is not None else None
     metadata = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": lora.network_module if lora else "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
         "ss_v2": str(lora is not None and lora.v2),
@@ -69,6 +69,7 @@ class LoraWriter:
         self._differences = differences
         self._metadata = metadata
         self._family = family
+        self._names = ModuleNames(family, differences)
         self._options = options
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[np.ndarray, int]] = {}
@@ -104,16 +105,12 @@ class LoraWriter:
         self._factor(key, difference)
 
     def _factor(self, key: str, difference: torch.Tensor) -> None:
-        """Factor one layer (each third of a fused q/k/v projection on its own)."""
-        parts = module_names(self._family, key)
-        if len(parts) == 1:
-            pieces = [(kohya_name(self._family, key), difference)]
-        else:
-            size = difference.shape[0] // len(parts)
-            pieces = [
-                (part.names[0], difference[part.index * size : (part.index + 1) * size])
-                for part in parts
-            ]
+        """Factor one layer: whole, or by the parts kohya's names patch (the
+        thirds of OpenCLIP's fused q/k/v projection)."""
+        pieces = [
+            (part.names[0], difference[part.rows(difference.shape[0])])
+            for part in extraction_parts(self._names, key)
+        ]
         factors = {}
         ranks = {}
         dtype = NAME_TO_DTYPE[self._options.dtype]

@@ -1,0 +1,433 @@
+"""Flux.1 and SD3.5 adapters (kohya, sd-scripts' split, PEFT, XLabs, LyCORIS)
+baked into every layout and checked against numpy; Flux LoRA extraction.
+
+The reference maps each adapter name *backward* to a single-file key and its
+rows with tables written here from diffusers' conversion scripts and XLabs'
+processors (kohya's names are the single-file path flattened, so they are
+matched in the flattened space); the formulas are `tests.test_adapters`'.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file
+
+from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model
+from tests.conftest import SHRINK, convert, run_in_process, write_recipe
+from tests.test_adapters import numpy_delta
+
+STRENGTH = 0.7
+MODEL_PREFIX = "model.diffusion_model."
+ENCODERS = {
+    "flux1": {
+        "te1": "text_encoders.clip_l.transformer.",
+        "te3": "text_encoders.t5xxl.transformer.",
+    },
+    "sd35-medium": {
+        "te1": "text_encoders.clip_l.transformer.",
+        "te2": "text_encoders.clip_g.transformer.",
+        "te3": "text_encoders.t5xxl.transformer.",
+    },
+}
+PEFT_ENCODERS = {"text_encoder": "te1", "text_encoder_2": "te3"}
+# diffusers' Flux transformer names → (single-file module, part, parts); part
+# None: all rows. parts 7: linear1's rows, q, k, v (one each) and the MLP (four).
+FLUX_PEFT = [
+    (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])$", "double_blocks.{0}.img_attn.qkv", 3),
+    (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj$", "double_blocks.{0}.txt_attn.qkv", 3),
+    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0$", "double_blocks.{0}.img_attn.proj", 1),
+    (r"transformer_blocks\.(\d+)\.attn\.to_add_out$", "double_blocks.{0}.txt_attn.proj", 1),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj$", "double_blocks.{0}.img_mlp.0", 1),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.2$", "double_blocks.{0}.img_mlp.2", 1),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj$", "double_blocks.{0}.txt_mlp.0", 1),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2$", "double_blocks.{0}.txt_mlp.2", 1),
+    (r"transformer_blocks\.(\d+)\.norm1\.linear$", "double_blocks.{0}.img_mod.lin", 1),
+    (r"transformer_blocks\.(\d+)\.norm1_context\.linear$", "double_blocks.{0}.txt_mod.lin", 1),
+    (r"single_transformer_blocks\.(\d+)\.attn\.to_([qkv])$", "single_blocks.{0}.linear1", 7),
+    (r"single_transformer_blocks\.(\d+)\.proj_mlp$", "single_blocks.{0}.linear1", "mlp"),
+    (r"single_transformer_blocks\.(\d+)\.proj_out$", "single_blocks.{0}.linear2", 1),
+    (r"single_transformer_blocks\.(\d+)\.norm\.linear$", "single_blocks.{0}.modulation.lin", 1),
+]
+J = "joint_blocks.{0}."
+SD3_PEFT = [
+    (r"transformer_blocks\.(\d+)\.attn\.to_([qkv])$", J + "x_block.attn.qkv", 3),
+    (r"transformer_blocks\.(\d+)\.attn2\.to_([qkv])$", J + "x_block.attn2.qkv", 3),
+    (r"transformer_blocks\.(\d+)\.attn\.add_([qkv])_proj$", J + "context_block.attn.qkv", 3),
+    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0$", J + "x_block.attn.proj", 1),
+    (r"transformer_blocks\.(\d+)\.attn2\.to_out\.0$", J + "x_block.attn2.proj", 1),
+    (r"transformer_blocks\.(\d+)\.attn\.to_add_out$", J + "context_block.attn.proj", 1),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj$", J + "x_block.mlp.fc1", 1),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.2$", J + "x_block.mlp.fc2", 1),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.0\.proj$", J + "context_block.mlp.fc1", 1),
+    (r"transformer_blocks\.(\d+)\.ff_context\.net\.2$", J + "context_block.mlp.fc2", 1),
+    (r"transformer_blocks\.(\d+)\.norm1\.linear$", J + "x_block.adaLN_modulation.1", 1),
+    (r"transformer_blocks\.(\d+)\.norm1_context\.linear$", J + "context_block.adaLN_modulation.1",
+     "context"),
+]  # fmt: skip
+# XLabs' processors (x-flux): module → (single-file module, rows as sevenths or None).
+XLABS = [
+    (r"double_blocks\.(\d+)\.processor\.qkv_lora1$", "double_blocks.{0}.img_attn.qkv"),
+    (r"double_blocks\.(\d+)\.processor\.qkv_lora2$", "double_blocks.{0}.txt_attn.qkv"),
+    (r"double_blocks\.(\d+)\.processor\.proj_lora1$", "double_blocks.{0}.img_attn.proj"),
+    (r"double_blocks\.(\d+)\.processor\.proj_lora2$", "double_blocks.{0}.txt_attn.proj"),
+    (r"single_blocks\.(\d+)\.processor\.qkv_lora$", "single_blocks.{0}.linear1"),
+    (r"single_blocks\.(\d+)\.processor\.proj_lora$", "single_blocks.{0}.linear2"),
+]
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    """A file's tensors in float64 (bf16 and fp8 too), integers as they are."""
+    return {
+        key: value.double().numpy() if value.is_floating_point() else value.numpy()
+        for key, value in load_torch(path).items()
+    }
+
+
+def _target(
+    family: str, stem: str, base: dict[str, np.ndarray], last: int
+) -> tuple[str, slice | None, bool]:
+    """(the single-file weight key, its rows or None, whether the row halves are
+    exchanged) that the module `stem` patches."""
+    prefix = MODEL_PREFIX if any(k.startswith(MODEL_PREFIX) for k in base) else ""
+    flat = {key.replace(".", "_"): key for key in base}
+    if match := re.fullmatch(r"lora_unet_(.*)", stem):
+        return flat[(prefix + match[1]).replace(".", "_") + "_weight"], None, False
+    if match := re.fullmatch(r"lora_(te\d)_(.*)", stem):
+        return (
+            flat[(ENCODERS[family][match[1]] + match[2]).replace(".", "_") + "_weight"],
+            None,
+            False,
+        )
+    if match := re.fullmatch(r"(text_encoder(?:_2)?)\.(.*)", stem):
+        encoder = ENCODERS[family][PEFT_ENCODERS[match[1]]]
+        return encoder + match[2] + ".weight", None, False
+    stem = stem.removeprefix("diffusion_model.")
+    for pattern, module in XLABS:
+        if match := re.fullmatch(pattern, stem):
+            key = prefix + module.format(match[1]) + ".weight"
+            rows = base[key].shape[0]
+            return key, slice(0, 3 * rows // 7) if "linear1" in module else None, False
+    stem = stem.removeprefix("transformer.")
+    for pattern, module, parts in FLUX_PEFT if family == "flux1" else SD3_PEFT:
+        if not (match := re.fullmatch(pattern, stem)):
+            continue
+        key = prefix + module.format(match[1]) + ".weight"
+        rows = base[key].shape[0]
+        if parts == "mlp":
+            return key, slice(3 * rows // 7, rows), False
+        if parts == "context":
+            return key, None, int(match[1]) == last
+        if parts == 1:
+            return key, None, False
+        index = "qkv".index(match[2])
+        return key, slice(index * rows // parts, (index + 1) * rows // parts), False
+    raise AssertionError(f"the reference does not know module {stem}")
+
+
+def expected_bake(family: str, base: dict[str, np.ndarray], adapter: dict[str, np.ndarray],
+                  strength: float) -> dict[str, np.ndarray]:  # fmt: skip
+    """The baked model in float64: each module's delta added to its rows."""
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in adapter.items():
+        stem, parameter = re.fullmatch(
+            r"(.*?)\.(lora_\w+(?:\.\d+)?\.weight|up\.weight|down\.weight|alpha|hada_\w+|lokr_\w+)",
+            key,
+        ).groups()
+        parameter = {"up.weight": "lora_up.weight", "down.weight": "lora_down.weight"}.get(
+            parameter, parameter
+        )
+        modules.setdefault(stem, {})[parameter] = value
+    blocks = [int(m[1]) for k in base if (m := re.search(r"joint_blocks\.(\d+)\.", k))]
+    result = {key: value.copy() for key, value in base.items()}
+    for stem, module in modules.items():
+        key, rows, swapped = _target(family, stem, base, max(blocks, default=-1))
+        weight = base[key] if rows is None else base[key][rows]
+        if "lora_up.0.weight" in module:  # sd-scripts' split LoRA: one pair per part
+            ups = sorted(p for p in module if p.startswith("lora_up."))
+            delta = np.concatenate([
+                module[up] @ module[up.replace("up", "down")] for up in ups
+            ]) * (float(module["alpha"]) / module["lora_down.0.weight"].shape[0])  # fmt: skip
+        else:
+            delta = numpy_delta(module, weight)["weight"]
+        if swapped:
+            delta = np.concatenate([delta[len(delta) // 2 :], delta[: len(delta) // 2]])
+        result[key][slice(None) if rows is None else rows] += strength * delta
+    return result
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small Flux.1 (BFL file, ComfyUI all-in-one, diffusers folder) and SD3.5 models."""
+    folder = tmp_path_factory.mktemp("dit_adapters")
+    specs = {
+        "flux1": ModelSpec(family="flux1", seed=21, shrink=SHRINK),
+        "flux1-aio": ModelSpec(family="flux1", layout="flux1-dev-aio", seed=22, shrink=SHRINK),
+        "flux1-tuned": ModelSpec(family="flux1", seed=21, delta_seed=23, shrink=SHRINK),
+        "sd35-medium": ModelSpec(family="sd35-medium", seed=24, shrink=SHRINK),
+    }
+    paths = {
+        name: write_model(folder / f"{name}.safetensors", spec) for name, spec in specs.items()
+    }
+    paths["flux1-diffusers"] = convert(paths["flux1"], folder / "flux1-diffusers")
+    return paths
+
+
+def bake(
+    folder: Path, base: Path, adapter: Path, expression: str = f"A + {STRENGTH} * L"
+) -> tuple[dict[str, np.ndarray], str]:
+    """Build `expression` over A and L into a float32 file: (its tensors, stderr)."""
+    recipe = write_recipe(
+        folder,
+        f"""
+        inputs: {{A: {base}, L: {adapter}}}
+        nodes: {{baked: "{expression}"}}
+        outputs: {{baked: {{path: out.safetensors, dtype: fp32}}}}
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 0, result.stderr
+    return load(folder / "out.safetensors"), result.stderr
+
+
+def assert_baked(built: dict, expected: dict, base: dict, least: int) -> None:
+    changed = 0
+    for key, value in built.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        np.testing.assert_allclose(value, expected[key], rtol=2e-5, atol=2e-6, err_msg=key)
+        changed += not np.array_equal(value, base[key])
+    assert changed >= least  # the adapter reached the model
+
+
+# --- baking ------------------------------------------------------------------------------
+
+VARIANTS = {
+    # name: (model, adapter spec, keys changed at least)
+    "flux-kohya": ("flux1", AdapterSpec("flux1", SHRINK, "lora"), 304),
+    "flux-kohya-aio": (
+        "flux1-aio",
+        AdapterSpec("flux1", SHRINK, "lora", alpha=8.0, layout="flux1-dev-aio"),
+        544,
+    ),
+    "flux-split-qkv": ("flux1", AdapterSpec("flux1", SHRINK, "lora", naming="split"), 304),
+    "flux-peft": ("flux1", AdapterSpec("flux1", SHRINK, "lora", naming="peft", alpha=None), 304),
+    "flux-peft-diffusers": (
+        "flux1-diffusers",
+        AdapterSpec("flux1", SHRINK, "lora", naming="peft", alpha=None),
+        304,
+    ),
+    "flux-xlabs": ("flux1", AdapterSpec("flux1", SHRINK, "lora", naming="xlabs", alpha=None), 152),
+    "flux-loha": ("flux1", AdapterSpec("flux1", SHRINK, "loha"), 304),
+    "flux-lokr": ("flux1", AdapterSpec("flux1", SHRINK, "lokr"), 304),
+    "flux-bf16-factors": ("flux1", AdapterSpec("flux1", SHRINK, "lora", dtype=torch.bfloat16), 304),
+    "flux-fp8-factors": (
+        "flux1",
+        AdapterSpec("flux1", SHRINK, "lora", dtype=torch.float8_e4m3fn),
+        304,
+    ),
+    "sd35-kohya": ("sd35-medium", AdapterSpec("sd35-medium", SHRINK, "lora"), 100),
+    "sd35-peft": (
+        "sd35-medium",
+        AdapterSpec("sd35-medium", SHRINK, "lora", naming="peft", alpha=None),
+        100,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_baking_matches_numpy(variant: str, models: dict[str, Path], tmp_path: Path) -> None:
+    model, spec, least = VARIANTS[variant]
+    adapter = write_adapter(tmp_path / "adapter.safetensors", spec)
+    built, _ = bake(tmp_path, models[model], adapter)
+    # A diffusers folder reads back as the BFL file it was made from.
+    base = load(models["flux1" if model == "flux1-diffusers" else model])
+    family = "flux1" if model.startswith("flux1") else model
+    expected = expected_bake(family, base, load(adapter), STRENGTH)
+    assert_baked(built, expected, base, least)
+
+
+def test_a_slice_no_module_patches_is_unchanged(models: dict[str, Path], tmp_path: Path) -> None:
+    """A PEFT file patching only q of a single block's linear1 changes those rows alone."""
+    spec = AdapterSpec("flux1", SHRINK, "lora", naming="peft", alpha=None)
+    tensors = write_adapter(tmp_path / "full.safetensors", spec)
+    kept = {
+        key: value
+        for key, value in load_torch(tensors).items()
+        if key.startswith("transformer.single_transformer_blocks.0.attn.to_q.")
+    }
+    save_file(kept, tmp_path / "q.safetensors")
+    built, _ = bake(tmp_path, models["flux1"], tmp_path / "q.safetensors")
+    base = load(models["flux1"])
+    key = "single_blocks.0.linear1.weight"
+    third = base[key].shape[0] // 7
+    assert not np.array_equal(built[key][:third], base[key][:third])
+    np.testing.assert_array_equal(built[key][third:], base[key][third:])
+    assert sum(not np.array_equal(built[k], base[k]) for k in built) == 1
+
+
+def test_flux_block_strengths(models: dict[str, Path], tmp_path: Path) -> None:
+    """`scale(L, alpha={...})` by Flux's block IDs: D00 full, S* half, the rest 0."""
+    adapter = write_adapter(tmp_path / "a.safetensors", AdapterSpec("flux1", SHRINK, "lora"))
+    strengths = "{D00: 1, 'D01-D18': 0, 'S*': 0.5, IN: 0, OUT: 0}"
+    built, _ = bake(tmp_path, models["flux1"], adapter, f"A + scale(L, alpha={strengths})")
+    base = load(models["flux1"])
+    full = expected_bake("flux1", base, load(adapter), 1.0)
+    half = expected_bake("flux1", base, load(adapter), 0.5)
+    checks = {
+        "double_blocks.0.img_attn.qkv.weight": full,
+        "double_blocks.1.img_attn.qkv.weight": base,
+        "single_blocks.5.linear1.weight": half,
+    }
+    for key, expected in checks.items():
+        np.testing.assert_allclose(built[key], expected[key], rtol=2e-5, atol=2e-6, err_msg=key)
+
+
+def test_lora_into_a_quantized_base(models: dict[str, Path], tmp_path: Path) -> None:
+    """An fp8 base is read as its float values; the bake happens in float32."""
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    quantized = convert(models["flux1"], fp8 / "flux-fp8.safetensors", "safetensors", "dtype: fp8")
+    adapter = write_adapter(tmp_path / "a.safetensors", AdapterSpec("flux1", SHRINK, "lora"))
+    built, _ = bake(tmp_path, quantized, adapter)
+    base = load(quantized)
+    assert_baked(built, expected_bake("flux1", base, load(adapter), STRENGTH), base, 304)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_an_sdxl_lora_on_flux_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    adapter = write_adapter(tmp_path / "a.safetensors", AdapterSpec("sdxl", SHRINK, "lora"))
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["flux1"]}, L: {adapter}}}
+        nodes: {{baked: A + L}}
+        outputs: {{baked: out.safetensors}}
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 2
+    assert "match no key of A (flux1)" in result.stderr
+    assert "look like a sdxl adapter" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_slice_of_the_wrong_width_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    """A PEFT module for `proj_mlp` that is as wide as `to_q` does not fit its slice."""
+    rank = 4
+    hidden = load(models["flux1"])["single_blocks.0.linear2.weight"].shape[0]
+    stem = "transformer.single_transformer_blocks.0.proj_mlp"
+    save_file(
+        {
+            f"{stem}.lora_A.weight": torch.ones(rank, hidden),
+            f"{stem}.lora_B.weight": torch.ones(hidden, rank),
+        },
+        tmp_path / "a.safetensors",
+    )
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["flux1"]}, L: {tmp_path / "a.safetensors"}}}
+        nodes: {{baked: A + L}}
+        outputs: {{baked: out.safetensors}}
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 2
+    assert f"module {stem}" in result.stderr
+    assert "single_blocks.0.linear1.weight" in result.stderr
+    assert f"its slice, rows {3 * hidden}-{7 * hidden - 1}" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_split_module_missing_a_part_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    spec = AdapterSpec("flux1", SHRINK, "lora", naming="split")
+    tensors = load_torch(write_adapter(tmp_path / "full.safetensors", spec))
+    del tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.1.weight"]
+    save_file(tensors, tmp_path / "a.safetensors")
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["flux1"]}, L: {tmp_path / "a.safetensors"}}}
+        nodes: {{baked: A + L}}
+        outputs: {{baked: out.safetensors}}
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 2
+    assert "lora_unet_double_blocks_0_img_attn_qkv (split_lora) lacks lora_up.1.weight" in (
+        result.stderr
+    )
+
+
+# --- extraction and inspect --------------------------------------------------------------
+
+
+def test_a_full_rank_flux_lora_bakes_back_to_the_tuned_model(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Extracted at full rank (the layers are at most 96 wide here), the LoRA is
+    the difference; kohya's Flux names and metadata."""
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["flux1-tuned"]}, B: {models["flux1"]}}}
+        nodes: {{learned: A - B}}
+        outputs:
+          learned: {{path: lora.safetensors, format: lora, rank: 512, dtype: fp32,
+                     clamp_quantile: 1.0}}
+        """,
+    )
+    result = run_in_process("build", str(recipe))
+    assert result.returncode == 0, result.stderr
+    lora = tmp_path / "lora.safetensors"
+    keys = set(load_file(lora))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in keys
+    assert "lora_unet_single_blocks_37_linear1.lora_down.weight" in keys
+    from safetensors import safe_open
+
+    with safe_open(lora, "np") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_module"] == "networks.lora_flux"
+    assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+    (tmp_path / "back").mkdir()
+    built, _ = bake(tmp_path / "back", models["flux1"], lora, "A + L")
+    tuned, base = load(models["flux1-tuned"]), load(models["flux1"])
+    patched = 0
+    for key, value in built.items():
+        if key.startswith(("double_blocks", "single_blocks")) and key.endswith("weight"):
+            if re.search(r"(qkv|proj|mlp\.[02]|lin|linear[12])\.weight$", key):
+                np.testing.assert_allclose(value, tuned[key], atol=2e-3, err_msg=key)
+                patched += 1
+            else:
+                np.testing.assert_array_equal(value, base[key], err_msg=key)
+    assert patched == 19 * 10 + 38 * 3
+
+
+def test_inspect_against_a_flux_model(models: dict[str, Path], tmp_path: Path) -> None:
+    adapter = write_adapter(
+        tmp_path / "a.safetensors", AdapterSpec("flux1", SHRINK, "lora", naming="peft")
+    )
+    result = run_in_process("inspect", "--json", str(adapter), "--against", str(models["flux1"]))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["adapter"]
+    assert report["family"] == "flux1"
+    assert report["naming"] == "peft"
+    assert report["ranks"] == [4]
+    assert report["against"]["family"] == "flux1"
+    assert report["unmatched"] == []
+    assert report["matched"] == report["modules"]
