@@ -3,7 +3,9 @@
 Operands may be stored in any floating dtype; arithmetic runs in the compute
 dtype and the result is a new tensor of that dtype. Operands are never modified.
 Temporaries that the evaluation itself created are reused in place, so
-``A + (B - C)`` allocates a single result tensor.
+``A + (B - C)`` allocates a single result tensor. An operand may be a LoRA's
+`LowRankDelta`: scaled as a number and added (or subtracted) as factors,
+made whole for anything else.
 """
 
 from __future__ import annotations
@@ -12,53 +14,71 @@ from collections.abc import Mapping
 
 import torch
 
+from sdrecipe.adapters.low_rank import LowRankDelta
 from sdrecipe.io.dtypes import widened
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import CONTEXT_PARAMETER, DTYPE_PARAMETER
 from sdrecipe.per_key import KeyContext
 from sdrecipe.recipe.expr import BinOp, Call, Expr, ExprVisitor, Neg, Num, Ref
 
+Operand = torch.Tensor | LowRankDelta
+
 
 def evaluate(
     expr: Expr,
-    operands: Mapping[str, torch.Tensor],
+    operands: Mapping[str, Operand],
     dtype: torch.dtype,
     context: KeyContext | None = None,
 ) -> torch.Tensor:
     """The value of model expression `expr` (its per-key parameters resolved),
     computed in `dtype`; key-aware methods are given `context`."""
-    value, owned = _Evaluator(operands, dtype, context).visit(expr)
-    return value if owned else value.to(dtype, copy=True)
+    evaluator = _Evaluator(operands, dtype, context)
+    return evaluator.fresh(*evaluator.visit(expr))
 
 
-class _Evaluator(ExprVisitor[tuple[torch.Tensor, bool]]):
+class _Evaluator(ExprVisitor[tuple[Operand, bool]]):
     """Visits to (value, owned): owned values were created here and may be modified."""
 
     def __init__(
-        self, operands: Mapping[str, torch.Tensor], dtype: torch.dtype, context: KeyContext | None
+        self, operands: Mapping[str, Operand], dtype: torch.dtype, context: KeyContext | None
     ):
         self.operands = operands
         self.dtype = dtype
         self.context = context
 
-    def fresh(self, value: torch.Tensor, owned: bool) -> torch.Tensor:
+    def fresh(self, value: Operand, owned: bool) -> torch.Tensor:
         """`value` as a tensor this evaluation may modify."""
+        if isinstance(value, LowRankDelta):
+            return value.dense(self.dtype)
         return value if owned else value.to(self.dtype, copy=True)
 
-    def visit_ref(self, expr: Ref) -> tuple[torch.Tensor, bool]:
+    def tensor(self, value: Operand) -> torch.Tensor:
+        """`value` as a tensor (a low-rank delta made whole)."""
+        return value.dense(self.dtype) if isinstance(value, LowRankDelta) else value
+
+    def visit_ref(self, expr: Ref) -> tuple[Operand, bool]:
         operand = self.operands[expr.name]
+        if isinstance(operand, LowRankDelta):
+            return operand, False
         if operand.dtype.itemsize == 1:
             # torch does no arithmetic that mixes float8 with wider types.
             return widened(operand, self.dtype), True
         return operand, False
 
-    def visit_neg(self, expr: Neg) -> tuple[torch.Tensor, bool]:
-        return self.fresh(*self.visit(expr.operand)).neg_(), True
+    def visit_neg(self, expr: Neg) -> tuple[Operand, bool]:
+        value, owned = self.visit(expr.operand)
+        if isinstance(value, LowRankDelta):
+            return value.scaled(-1.0), True
+        return self.fresh(value, owned).neg_(), True
 
-    def visit_call(self, expr: Call) -> tuple[torch.Tensor, bool]:
+    def visit_call(self, expr: Call) -> tuple[Operand, bool]:
         method = get_method(expr.method)
-        args = [self.visit(arg)[0] for arg in expr.args]
+        found = [self.visit(arg)[0] for arg in expr.args]
         params = dict(expr.params)
+        if method.scales_by is not None and isinstance(found[0], LowRankDelta):
+            default = method.parameters.model_fields[method.scales_by].default
+            return found[0].scaled(float(params.get(method.scales_by, default))), True
+        args = [self.tensor(arg) for arg in found]
         if method.takes_dtype:
             params[DTYPE_PARAMETER] = self.dtype
         else:
@@ -67,16 +87,29 @@ class _Evaluator(ExprVisitor[tuple[torch.Tensor, bool]]):
             params[CONTEXT_PARAMETER] = self.context
         return method.function(*args, **params), True
 
-    def visit_binop(self, expr: BinOp) -> tuple[torch.Tensor, bool]:
+    def visit_binop(self, expr: BinOp) -> tuple[Operand, bool]:
         if expr.op in "*/":
             model, scalar = (
                 (expr.right, expr.left) if isinstance(expr.left, Num) else (expr.left, expr.right)
             )
             assert isinstance(scalar, Num)
-            value = self.fresh(*self.visit(model))
+            found, owned = self.visit(model)
+            if isinstance(found, LowRankDelta):
+                factor = scalar.value if expr.op == "*" else 1.0 / scalar.value
+                return found.scaled(factor), True
+            value = self.fresh(found, owned)
             return (value.mul_ if expr.op == "*" else value.div_)(scalar.value), True
         left, left_owned = self.visit(expr.left)
         right, right_owned = self.visit(expr.right)
+        if isinstance(right, LowRankDelta) and not isinstance(left, LowRankDelta):
+            delta = right if expr.op == "+" else right.scaled(-1.0)
+            return delta.add_to(self.fresh(left, left_owned)), True
+        if isinstance(left, LowRankDelta) and expr.op == "+":
+            return left.add_to(self.fresh(right, right_owned)), True
+        if isinstance(left, LowRankDelta):
+            left, left_owned = left.dense(self.dtype), True
+        if isinstance(right, LowRankDelta):
+            right, right_owned = right.dense(self.dtype), True
         if expr.op == "+":
             if right_owned and not left_owned:
                 return right.add_(left), True

@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 import blake3
 import torch
 
+from sdrecipe.adapters.low_rank import LowRankDelta
 from sdrecipe.cache import Cache, CorruptEntry, Location, ObjectWriter
 from sdrecipe.errors import BuildError
-from sdrecipe.evaluate import evaluate
+from sdrecipe.evaluate import Operand, evaluate
 from sdrecipe.fingerprint import tensor_digest, tensor_hasher
 from sdrecipe.finite import is_finite
 from sdrecipe.identity import Identities
+from sdrecipe.io.adapter_reader import AdapterReader
 from sdrecipe.io.atomic import uninterrupted
 from sdrecipe.io.dtypes import widened
 from sdrecipe.io.encodings import FP8_MAX, Encoding
@@ -151,7 +153,7 @@ class _KeyTask:
         self.result = KeyResult(self.key)
         self.loaded: dict[str, torch.Tensor] = {}
         # Each input's tensor, read once per key (an adapter computes its delta on read).
-        self.read: dict[str, torch.Tensor] = {}
+        self.read: dict[str, Operand] = {}
         self.objects: dict[str, tuple[ObjectWriter, blake3.blake3, str]] = {}
 
     def run(self) -> KeyResult:
@@ -259,7 +261,7 @@ class _KeyTask:
             values: dict[str, torch.Tensor] = {}
             for output in outputs:
                 info = writers[output].info(self.key)
-                tensor = self._value(self.plan.sources[output], rows, values)
+                tensor = self._tensor(self.plan.sources[output], rows, values)
                 encoding = self._encoding(output)
                 if encoding is not None:
                     if not is_finite(tensor):
@@ -282,7 +284,7 @@ class _KeyTask:
                 hashers[output].update(data.data)
                 self.result.written += data.nbytes
             for node, (writer, hasher, _) in self.objects.items():
-                tensor = self._value(node, rows, values).contiguous()
+                tensor = self._tensor(node, rows, values).contiguous()
                 data = tensor.reshape(-1).view(torch.uint8).numpy()
                 writer.write(data.data, self._offset(rows, writer.info))
                 hasher.update(data.data)
@@ -305,7 +307,7 @@ class _KeyTask:
                 continue
             largest = 0.0
             for rows in row_ranges(self.plan):
-                value = self._value(self.plan.sources[output], rows, {})
+                value = self._tensor(self.plan.sources[output], rows, {})
                 if value.numel():
                     largest = max(largest, float(value.abs().max()))
             scales[output] = encoding.scale(largest)  # type: ignore[union-attr]
@@ -330,14 +332,19 @@ class _KeyTask:
             return 0
         return rows.start * (info.nbytes // self.plan.rows)  # type: ignore[operator]
 
-    def _value(
-        self, name: str, rows: slice | None, values: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """`name`'s value on `rows`, computed once per row range."""
+    def _tensor(self, name: str, rows: slice | None, values: dict[str, Operand]) -> torch.Tensor:
+        """`name`'s value on `rows` as a tensor."""
+        value = self._value(name, rows, values)
+        return value.dense() if isinstance(value, LowRankDelta) else value
+
+    def _value(self, name: str, rows: slice | None, values: dict[str, Operand]) -> Operand:
+        """`name`'s value on `rows`, computed once per row range (a LoRA input's
+        as its factors: see `sdrecipe.adapters.low_rank`)."""
         if name in values:
             return values[name]
         step = self.plan.steps.get(name)
         operands = self.graph.operands(name) if step is not None else []
+        value: Operand
         if step is None or name in self.loaded:
             whole = self.loaded[name] if step is not None else self._input(name)
             value = whole if rows is None else whole[rows]
@@ -349,37 +356,38 @@ class _KeyTask:
                 for operand in operands
                 if operand not in step.absent
             }
-            base = env[operands[0]]
-            env.update(
-                {operand: torch.zeros_like(base, dtype=step.dtype) for operand in step.absent}
-            )
+            shape = env[operands[0]].shape
+            env.update({operand: torch.zeros(shape, dtype=step.dtype) for operand in step.absent})
             if step.channels is None:
                 value = evaluate(step.expr, env, step.dtype, step.context)
             else:
-                shared = {operand: t[:, : step.channels] for operand, t in env.items()}
-                value = env[operands[0]].to(step.dtype, copy=True)
+                dense = {o: v.dense() if isinstance(v, LowRankDelta) else v for o, v in env.items()}
+                shared = {operand: t[:, : step.channels] for operand, t in dense.items()}
+                value = dense[operands[0]].to(step.dtype, copy=True)
                 value[:, : step.channels] = evaluate(step.expr, shared, step.dtype, step.context)
         values[name] = value
         return value
 
-    def _input(self, name: str) -> torch.Tensor:
-        """Input `name`'s tensor at this key, read once."""
+    def _input(self, name: str) -> Operand:
+        """Input `name`'s tensor at this key, read once; a LoRA's delta as factors."""
         tensor = self.read.get(name)
         if tensor is None:
-            tensor = self.read[name] = self.executor.readers[name].tensor(self.key)
+            reader = self.executor.readers[name]
+            low_rank = reader.low_rank(self.key) if isinstance(reader, AdapterReader) else None
+            tensor = self.read[name] = low_rank if low_rank is not None else reader.tensor(self.key)
         return tensor
 
     def _explain_non_finite(
-        self, output: str, values: dict[str, torch.Tensor], tensor: torch.Tensor
+        self, output: str, values: dict[str, Operand], tensor: torch.Tensor
     ) -> None:
         """Fail with the node (or the output's dtype) that turned finite values into
         infinities or NaN in this row range; return if an input already had them."""
         dtype = self.executor.writers[output].info(self.key).dtype
         for node in self.graph.order:
             step = self.plan.steps.get(node)
-            if node not in values or not isinstance(step, Compute) or is_finite(values[node]):
+            if node not in values or not isinstance(step, Compute) or _finite(values[node]):
                 continue
-            if all(is_finite(values[operand]) for operand in self.graph.operands(node)):
+            if all(_finite(values[operand]) for operand in self.graph.operands(node)):
                 raise _non_finite_error(
                     f"node {node!r}", self.key, "check its factors and parameters"
                 )
@@ -387,6 +395,10 @@ class _KeyTask:
         if is_finite(tensor):
             cause = f"they overflow {str(dtype).removeprefix('torch.')}, the output's dtype"
             raise _non_finite_error(f"output {output!r}", self.key, cause)
+
+
+def _finite(value: Operand) -> bool:
+    return value.finite() if isinstance(value, LowRankDelta) else is_finite(value)
 
 
 def _non_finite_error(where: str, key: str, cause: str) -> BuildError:

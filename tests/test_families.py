@@ -595,7 +595,7 @@ def test_a_lora_is_not_extracted_from_a_family_without_module_names(flux_models,
     recipe = write_recipe(
         tmp_path,
         f"""
-        inputs: {{A: {flux_models["mine"]}, B: {flux_models["dev"]}}}
+        inputs: {{A: {flux_models["ae"]}, B: {flux_models["ae"]}}}
         nodes:
           learned: A - B
         outputs:
@@ -604,7 +604,7 @@ def test_a_lora_is_not_extracted_from_a_family_without_module_names(flux_models,
     )
     result = run_in_process("build", str(recipe))
     assert result.returncode == 2
-    assert "no layer of A (flux1) has a LoRA module name" in result.stderr
+    assert "no layer of A (vae16) has a LoRA module name" in result.stderr
     assert not (tmp_path / "lora.safetensors").exists()
 
 

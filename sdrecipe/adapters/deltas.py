@@ -24,7 +24,7 @@ def rebuild_tucker(core: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor
     return torch.einsum("i j ..., i p, j q -> p q ...", core, rows, columns)
 
 
-def _scale(alpha: torch.Tensor | None, rank: int) -> float:
+def lora_scale(alpha: torch.Tensor | None, rank: int) -> float:
     """alpha / rank; 1 where the file stores no alpha (kohya, A1111, ComfyUI), and 0
     where it stores 0, as kohya's merge_lora, A1111 and ComfyUI apply it."""
     return 1.0 if alpha is None else float(alpha) / rank
@@ -36,7 +36,7 @@ def lora_delta(factor: Factor) -> torch.Tensor:
     down = next(d for name in LORA_DOWN if (d := factor(name)) is not None)
     rank = down.shape[0]
     # The scale goes on the small factor, not the product: one pass fewer.
-    up = up.reshape(up.shape[0], -1) * _scale(factor("alpha"), rank)
+    up = up.reshape(up.shape[0], -1) * lora_scale(factor("alpha"), rank)
     down = down.reshape(rank, -1)
     mid = factor("lora_mid.weight")
     delta = up @ down if mid is None else rebuild_tucker(mid, up.T, down)
@@ -50,7 +50,7 @@ def split_lora_delta(factor: Factor) -> torch.Tensor:
     while (up := factor(f"lora_up.{index}.weight")) is not None:
         down = factor(f"lora_down.{index}.weight")
         assert down is not None
-        pieces.append((up * _scale(factor("alpha"), down.shape[0])) @ down)
+        pieces.append((up * lora_scale(factor("alpha"), down.shape[0])) @ down)
         index += 1
     return torch.cat(pieces)
 
@@ -61,7 +61,7 @@ def loha_delta(factor: Factor) -> torch.Tensor:
     assert w1a is not None and w1b is not None and w2a is not None and w2b is not None
     t1, t2 = factor("hada_t1"), factor("hada_t2")
     rank = w1b.shape[0]
-    w1a = w1a * _scale(factor("alpha"), rank)
+    w1a = w1a * lora_scale(factor("alpha"), rank)
     if t1 is not None and t2 is not None:
         first, second = rebuild_tucker(t1, w1a, w1b), rebuild_tucker(t2, w2a, w2b)
     else:
@@ -89,7 +89,7 @@ def lokr_delta(factor: Factor) -> torch.Tensor:
             w2 = rebuild_tucker(t2, w2a, w2b)
         else:
             w2 = (w2a @ w2b.reshape(rank, -1)).reshape(w2a.shape[0], *w2b.shape[1:])
-    scale = 1.0 if rank is None else _scale(factor("alpha"), rank)
+    scale = 1.0 if rank is None else lora_scale(factor("alpha"), rank)
     w1 = w1 * scale
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)

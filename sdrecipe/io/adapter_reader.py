@@ -19,12 +19,23 @@ from pathlib import Path
 import blake3
 import torch
 
-from sdrecipe.adapters.deltas import bias_delta, dora_axis, dora_delta, weight_delta
+from sdrecipe.adapters.deltas import (
+    bias_delta,
+    dora_axis,
+    dora_delta,
+    lora_scale,
+    weight_delta,
+)
+from sdrecipe.adapters.low_rank import LowRankDelta, Piece
 from sdrecipe.adapters.modules import (
+    LORA_DOWN,
+    LORA_UP,
     AdapterError,
     AdapterModule,
     adapter_modules,
     check_factor_shapes,
+    first_of,
+    split_count,
 )
 from sdrecipe.adapters.naming import KeyPart, ModuleNames
 from sdrecipe.arch import layout
@@ -40,7 +51,8 @@ from sdrecipe.io.tensor_info import TensorInfo
 ADAPTER_FAMILIES = tuple(data.name for data in families() if data.adapters.lora is not None)
 # diffusers writes the PEFT config (lora_alpha, r) into the file's metadata under this name.
 PEFT_METADATA_KEY = "lora_adapter_metadata"
-DELTA_VERSION = "sdrecipe-adapter-delta-1"
+# 2: a LoRA's delta is added to the model as `addmm` (one rounding fewer than before).
+DELTA_VERSION = "sdrecipe-adapter-delta-2"
 # An alpha beyond this is infinite once the deltas are computed in float32.
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -215,6 +227,7 @@ class AdapterReader:
         self._base = base
         self._patches: dict[str, list[_Patch]] = {}
         self._infos: dict[str, TensorInfo] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         used: set[str] = set()
         modules = adapter.modules
         names = ModuleNames(family, base_infos)
@@ -241,6 +254,7 @@ class AdapterReader:
                         self._check_dora(key, patch.module, (rows.stop - rows.start, *shape[1:]))
                 dtype = adapter.compute_dtype([p.module for p in patches])
                 self._infos[key] = TensorInfo(dtype, shape)
+                self._shapes[key] = info.shape
         self.unmatched = [stem for stem in modules if stem not in used]
 
     def _delta_shape(self, key: str, target: TensorInfo, patches: list[_Patch]) -> tuple[int, ...]:
@@ -320,6 +334,41 @@ class AdapterReader:
     def has_dora(self) -> bool:
         """True when some module's delta depends on the base's weights."""
         return any(p.module.dora for patches in self._patches.values() for p in patches)
+
+    def low_rank(self, key: str) -> LowRankDelta | None:
+        """The delta at `key` as factors, where every module patching it is a
+        plain LoRA (no CP core, no DoRA) of finite factors and the delta is the
+        key's shape; None otherwise (`tensor` then makes it whole)."""
+        info = self._infos[key]
+        if info.shape != self._shapes[key]:
+            return None
+        pieces = []
+        for patch in self._patches[key]:
+            module = patch.module
+            if patch.parameter != "weight" or module.dora or "lora_mid.weight" in module.keys:
+                return None
+            rows = patch.part.rows(info.shape[0])
+            if module.algorithm == "lora" and not patch.part.swapped:
+                pairs = [(first_of(LORA_UP, module.keys), first_of(LORA_DOWN, module.keys))]
+            elif module.algorithm == "split_lora" and patch.part.whole:
+                count = split_count(module.keys)
+                pairs = [(f"lora_up.{i}.weight", f"lora_down.{i}.weight") for i in range(count)]
+            else:
+                return None
+            start = rows.start
+            for up_name, down_name in pairs:
+                up = self.adapter.factor(module, up_name, info.dtype)
+                down = self.adapter.factor(module, down_name, info.dtype)
+                assert up is not None and down is not None
+                rank = down.shape[0]
+                up = up.reshape(up.shape[0], -1) * lora_scale(
+                    self.adapter.factor(module, "alpha", info.dtype), rank
+                )
+                piece = Piece(slice(start, start + up.shape[0]), up, down.reshape(rank, -1))
+                pieces.append(piece)
+                start += up.shape[0]
+        delta = LowRankDelta(info.shape, info.dtype, tuple(pieces))
+        return delta if delta.finite() else None
 
     def tensor(self, key: str) -> torch.Tensor:
         """The delta at `key` (a new tensor), computed from the modules that patch it."""

@@ -34,7 +34,7 @@ def add_difference(
     return difference.add_(a)
 
 
-@merge_method(spaces={"difference": DIFFERENCE, "return": DIFFERENCE})
+@merge_method(spaces={"difference": DIFFERENCE, "return": DIFFERENCE}, scales_by="alpha")
 def scale(difference: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
     """alpha·D: a difference at a strength that may vary by block, as LoRA block
     weights do (`A + scale(L, alpha="INALL")`)."""

@@ -59,6 +59,9 @@ class MergeMethod:
     key_aware: bool
     takes_dtype: bool = False
     spaces: Mapping[str, str] = field(default_factory=dict)
+    # The parameter a method of one model multiplies it by, where that is all it
+    # does (`scale`): a LoRA's factors are then scaled instead of its whole delta.
+    scales_by: str | None = None
 
     @property
     def signature(self) -> str:
@@ -150,12 +153,14 @@ def merge_method(
     elementwise: bool = True,
     spaces: Mapping[str, str] | None = None,
     min_models: int | None = None,
+    scales_by: str | None = None,
 ) -> Callable[[MethodFunction], MethodFunction]:
     """Register a function as a merge method (see the module's docstring).
 
     `spaces` declares the operands' and result's spaces (default: all the same,
     as for an affine blend); `min_models` the fewest models a variadic method takes
-    (default: its named models and one more).
+    (default: its named models and one more); `scales_by` the parameter a
+    method of one model multiplies it by, when that is all it does.
     """
 
     def register(function: MethodFunction) -> MethodFunction:
@@ -190,6 +195,7 @@ def merge_method(
             key_aware=CONTEXT_PARAMETER in signature.parameters,
             takes_dtype=DTYPE_PARAMETER in signature.parameters,
             spaces=dict(spaces or {}),
+            scales_by=scales_by,
         )
         return function
 
