@@ -19,6 +19,14 @@ every tensor is compared with diffusers' own single-file converters
 `convert_sd3_transformer_checkpoint_to_diffusers`, and its VAE, CLIP and T5
 conversions); the transformer, the VAE decoder and the text encoders run
 once. It exits non-zero on any difference.
+
+Flux.1 LoRAs: one synthetic Flux.1 model (unbaked, converted to a diffusers
+folder by sdrecipe) and three LoRAs for it, in PEFT, kohya and XLabs names;
+sdrecipe bakes each into the single file. diffusers loads each LoRA with
+`FluxPipeline.load_lora_weights` (converting the kohya and XLabs names itself),
+fuses it into the transformer, and every transformer tensor must match
+sdrecipe's bake converted to diffusers' names: the same layers changed on both
+sides, each within a small relative error of its change.
 """
 
 from __future__ import annotations
@@ -60,6 +68,17 @@ DIT_CLASSES = {"flux1": "FluxTransformer2DModel"}  # the SD3 families: SD3Transf
 MODEL_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("vae.", "first_stage_model.")
 CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+# Flux.1 LoRA baking: one synthetic model (widths / 16), one LoRA per naming.
+FLUX_LORA_MODEL = "flux1-lora"
+FLUX_LORA_SHRINK = 16
+FLUX_LORA_NAMINGS = ("peft", "kohya", "xlabs")
+# kohya's alpha (dropped by the PEFT and XLabs files, which have none): scale alpha / rank.
+FLUX_LORA_RANK, FLUX_LORA_ALPHA = 4, 2.0
+FLUX_BAKE_RECIPE = """
+inputs: {{A: {model}.safetensors, L: {model}-{naming}.safetensors}}
+nodes: {{baked: A + L}}
+outputs: {{baked: {{path: {model}-{naming}-baked.safetensors, dtype: fp32}}}}
+"""
 
 
 def prepare(folder: Path) -> None:
@@ -85,6 +104,7 @@ def prepare(folder: Path) -> None:
                 recipe_path = folder / f"{family}-{name}.yaml"
                 build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
     prepare_dit(folder)
+    prepare_flux_lora(folder)
 
 
 def prepare_dit(folder: Path) -> None:
@@ -103,6 +123,40 @@ def prepare_dit(folder: Path) -> None:
             f"outputs: {{model: {{path: {name}-diffusers, format: diffusers}}}}\n"
         )
         build(prepare_recipe(parse_recipe(text, folder / f"{name}.yaml")), threads=2)
+
+
+def prepare_flux_lora(folder: Path) -> None:
+    """A synthetic Flux.1 model, its diffusers folder, and one LoRA per naming
+    with sdrecipe's bake of it into the single file."""
+    from sdrecipe.build import build
+    from sdrecipe.prepare import prepare_recipe
+    from sdrecipe.recipe.loader import parse_recipe
+    from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = FLUX_LORA_MODEL
+    single = write_model(
+        folder / f"{model}.safetensors", ModelSpec("flux1", shrink=FLUX_LORA_SHRINK, seed=1)
+    )
+    text = (
+        f"inputs: {{A: {single.name}}}\nnodes: {{model: A}}\n"
+        f"outputs: {{model: {{path: {model}-diffusers, format: diffusers}}}}\n"
+    )
+    build(prepare_recipe(parse_recipe(text, folder / f"{model}.yaml")), threads=2)
+    for naming in FLUX_LORA_NAMINGS:
+        spec = AdapterSpec(
+            family="flux1",
+            shrink=FLUX_LORA_SHRINK,
+            algorithm="lora",
+            rank=FLUX_LORA_RANK,
+            alpha=FLUX_LORA_ALPHA,
+            seed=3,
+            naming=naming,
+        )
+        write_adapter(folder / f"{model}-{naming}.safetensors", spec)
+        text = FLUX_BAKE_RECIPE.format(model=model, naming=naming)
+        recipe_path = folder / f"{model}-{naming}-bake.yaml"
+        build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
 
 
 def check_lora(folder: Path, family: str, pipe: object, single: dict) -> list[str]:
@@ -325,6 +379,98 @@ def check_dit(folder: Path) -> int:
     return failures
 
 
+def _kohya_flux_converter(hidden: int) -> object:
+    """diffusers' kohya Flux LoRA converter. It splits single blocks' `linear1`
+    LoRA by the constant rows [3072, 3072, 3072, 12288] (q, k, v, MLP); for a
+    shrunken model, its own source runs with those rows scaled to the width."""
+    import inspect
+
+    import diffusers.loaders.lora_conversion_utils as conversion
+
+    converter = conversion._convert_kohya_flux_lora_to_diffusers
+    if hidden == 3072:
+        return converter
+    source = inspect.getsource(converter)
+    rows = "dims=[3072, 3072, 3072, 12288]"
+    if source.count(rows) != 1:
+        raise RuntimeError(f"diffusers' kohya Flux LoRA converter no longer has {rows}")
+    namespace = dict(vars(conversion))
+    scaled = f"dims=[{hidden}, {hidden}, {hidden}, {4 * hidden}]"
+    exec(source.replace(rows, scaled), namespace)
+    return namespace[converter.__name__]
+
+
+def check_flux_lora(folder: Path) -> int:
+    """Bake each Flux.1 LoRA with diffusers (`load_lora_weights`, `fuse_lora`)
+    and compare the transformer with sdrecipe's bake; return the number of problems."""
+    import diffusers
+    import diffusers.loaders.lora_pipeline as lora_pipeline
+    import torch
+    from safetensors.torch import load_file
+
+    model = FLUX_LORA_MODEL
+    single = load_file(folder / f"{model}.safetensors")
+    hidden = single["img_in.weight"].shape[0]
+    convert = _flux_converter(hidden)
+    base = convert(dict(single))
+    kohya = lora_pipeline._convert_kohya_flux_lora_to_diffusers
+    failures = 0
+    for naming in FLUX_LORA_NAMINGS:
+        transformer = diffusers.FluxTransformer2DModel.from_pretrained(
+            folder / f"{model}-diffusers", subfolder="transformer", torch_dtype=torch.float32
+        )
+        before = {key: value.clone() for key, value in transformer.state_dict().items()}
+        pipe = diffusers.FluxPipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=transformer,
+        )
+        lora_pipeline._convert_kohya_flux_lora_to_diffusers = _kohya_flux_converter(hidden)
+        try:
+            pipe.load_lora_weights(folder, weight_name=f"{model}-{naming}.safetensors")
+        finally:
+            lora_pipeline._convert_kohya_flux_lora_to_diffusers = kohya
+        pipe.fuse_lora(lora_scale=1.0)
+        # Unloading after fusing keeps the fused weights and removes PEFT's wrappers.
+        pipe.unload_lora_weights()
+        fused = transformer.state_dict()
+        expected = convert(load_file(folder / f"{model}-{naming}-baked.safetensors"))
+        problems = [f"only in sdrecipe's: {key}" for key in expected.keys() - fused.keys()]
+        problems += [f"only in diffusers': {key}" for key in fused.keys() - expected.keys()]
+        ours, theirs, worst = set(), set(), 0.0
+        for key in sorted(expected.keys() & fused.keys()):
+            want, got, was = expected[key].float(), fused[key].float(), before[key].float()
+            if not torch.equal(was, base[key].float()):
+                problems.append(f"the diffusers folder differs from the single file: {key}")
+                continue
+            if not torch.equal(want, was):
+                ours.add(key)
+            if not torch.equal(got, was):
+                theirs.add(key)
+            if key in ours | theirs:
+                change = (want - was).norm() if key in ours else (got - was).norm()
+                error = ((got - want).norm() / change).item()
+                worst = max(worst, error)
+                if error > 1e-3:
+                    problems.append(f"{key}: relative error {error:.3g}")
+        problems += [f"only sdrecipe changed {key}" for key in sorted(ours - theirs)]
+        problems += [f"only diffusers changed {key}" for key in sorted(theirs - ours)]
+        if not ours:
+            problems.append("the LoRA changed nothing")
+        status = "ok" if not problems else f"{len(problems)} problem(s): {problems[:3]}"
+        print(
+            f"{model + '-' + naming:16} {type(pipe).__name__:31} {len(fused)} transformer tensors, "
+            f"{len(ours)} changed (diffusers {len(theirs)}), "
+            f"max relative error {worst:.2g}  {status}"
+        )
+        failures += len(problems)
+    return failures
+
+
 def check(folder: Path) -> int:
     """Load every folder with diffusers; return the number of problems found."""
     import diffusers
@@ -396,7 +542,7 @@ def check(folder: Path) -> int:
         shapes = f"unet {tuple(noise.shape)} vae {tuple(image.shape)}"
         print(f"{family:13} {type(pipe).__name__:34} {shapes}  {status}")
         failures += len(problems)
-    return failures + check_dit(folder)
+    return failures + check_dit(folder) + check_flux_lora(folder)
 
 
 if __name__ == "__main__":
