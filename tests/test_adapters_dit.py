@@ -431,3 +431,25 @@ def test_inspect_against_a_flux_model(models: dict[str, Path], tmp_path: Path) -
     assert report["against"]["family"] == "flux1"
     assert report["unmatched"] == []
     assert report["matched"] == report["modules"]
+
+
+@pytest.mark.parametrize(
+    ("expression", "strength"),
+    [
+        ("A - 0.5 * L", -0.5),
+        ("A + (L - 0.5 * L)", 0.5),
+        ("A + L / 4", 0.25),
+        ("A + -L", -1.0),
+        ("A + scale(L, alpha=0.3)", 0.3),
+        ("weighted_sum(A, A + L, alpha=0.5)", 0.5),
+    ],
+)
+def test_every_way_of_adding_a_lora(
+    expression: str, strength: float, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The factors are added, scaled or made whole as the expression needs."""
+    spec = AdapterSpec("flux1", SHRINK, "lora", naming="split")
+    adapter = write_adapter(tmp_path / "a.safetensors", spec)
+    built, _ = bake(tmp_path, models["flux1"], adapter, expression)
+    base = load(models["flux1"])
+    assert_baked(built, expected_bake("flux1", base, load(adapter), strength), base, 304)
