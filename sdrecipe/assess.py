@@ -49,7 +49,9 @@ def _written_as(prepared: Prepared, output: str) -> dict[str, str]:
     format, the shard size, and for a diffusers folder the tokenizer files it copies."""
     spec = prepared.recipe.outputs[output]
     if spec.lora is not None:
-        return {"format": spec.format, "lora": repr(spec.lora), "extraction": LORA_EXTRACTION}
+        naming = {} if spec.lora.naming == "kohya" else {"naming": spec.lora.naming}
+        lora = {"format": spec.format, "lora": repr(spec.lora), **naming}
+        return {**lora, "extraction": LORA_EXTRACTION}
     shards = {} if spec.max_shard_size is None else {"max_shard_size": str(spec.max_shard_size)}
     if spec.scaled:
         shards["scaled"] = "true"

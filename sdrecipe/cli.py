@@ -558,6 +558,14 @@ def bake(
     default="auto",
     show_default=True,
 )
+@click.option(
+    "--format",
+    "naming",
+    type=click.Choice(["kohya", "peft"]),
+    default="kohya",
+    show_default=True,
+    help="Module names: kohya's (A1111, ComfyUI, sd-scripts), or diffusers' PEFT ones.",
+)
 @_DTYPE
 @_RECIPE_OPTION
 @_build_options()
@@ -570,6 +578,7 @@ def extract(
     conv_rank: int | None,
     clamp_quantile: float,
     text_encoder: str,
+    naming: str,
     dtype: str | None,
     recipe_path: Path | None,
     options: BuildOptions,
@@ -592,6 +601,8 @@ def extract(
         spec["conv_rank"] = conv_rank
     spec["clamp_quantile"] = clamp_quantile
     spec["text_encoder"] = {"true": True, "false": False}.get(text_encoder, text_encoder)
+    if naming != "kohya":
+        spec["naming"] = naming
     if dtype:
         spec["dtype"] = dtype
     recipe = recipe_path_for(output) if recipe_path is None else recipe_path

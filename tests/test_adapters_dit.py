@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
+from sdrecipe.adapters.naming import LORA_LAYERS
 from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model
 from tests.conftest import SHRINK, convert, run_in_process, write_recipe
 from tests.test_adapters import numpy_delta
@@ -175,6 +177,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "flux1-aio": ModelSpec(family="flux1", layout="flux1-dev-aio", seed=22, shrink=SHRINK),
         "flux1-tuned": ModelSpec(family="flux1", seed=21, delta_seed=23, shrink=SHRINK),
         "sd35-medium": ModelSpec(family="sd35-medium", seed=24, shrink=SHRINK),
+        "sd35-medium-tuned": ModelSpec(family="sd35-medium", seed=24, delta_seed=25, shrink=SHRINK),
     }
     paths = {
         name: write_model(folder / f"{name}.safetensors", spec) for name, spec in specs.items()
@@ -376,46 +379,70 @@ def test_a_split_module_missing_a_part_is_refused(models: dict[str, Path], tmp_p
 # --- extraction and inspect --------------------------------------------------------------
 
 
-def test_a_full_rank_flux_lora_bakes_back_to_the_tuned_model(
-    models: dict[str, Path], tmp_path: Path
+EXTRACTED = {
+    # (model, naming): (modules the file must hold, metadata it must say)
+    ("flux1", "kohya"): (
+        ["lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_37_linear1"],
+        {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
+         "modelspec.architecture": "flux-1-dev/lora"},
+    ),
+    ("flux1", "peft"): (
+        [
+            "transformer.transformer_blocks.0.attn.to_q",
+            "transformer.single_transformer_blocks.3.proj_mlp",
+        ],
+        {},
+    ),
+    ("sd35-medium", "kohya"): (
+        ["lora_unet_joint_blocks_23_context_block_adaLN_modulation_1"],
+        {"ss_network_module": "networks.lora_sd3",
+         "modelspec.architecture": "stable-diffusion-3.5-medium/lora"},
+    ),
+    ("sd35-medium", "peft"): (["transformer.transformer_blocks.23.norm1_context.linear"], {}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "naming"), list(EXTRACTED))
+def test_a_full_rank_lora_bakes_back_to_the_tuned_model(
+    model: str, naming: str, models: dict[str, Path], tmp_path: Path
 ) -> None:
     """Extracted at full rank (the layers are at most 96 wide here), the LoRA is
-    the difference; kohya's Flux names and metadata."""
+    the difference, in kohya's names and metadata or in diffusers'."""
     recipe = write_recipe(
         tmp_path,
         f"""
-        inputs: {{A: {models["flux1-tuned"]}, B: {models["flux1"]}}}
+        inputs: {{A: {models[model + "-tuned"]}, B: {models[model]}}}
         nodes: {{learned: A - B}}
         outputs:
           learned: {{path: lora.safetensors, format: lora, rank: 512, dtype: fp32,
-                     clamp_quantile: 1.0}}
+                     clamp_quantile: 1.0, naming: {naming}}}
         """,
     )
     result = run_in_process("build", str(recipe))
     assert result.returncode == 0, result.stderr
     lora = tmp_path / "lora.safetensors"
+    names, wanted = EXTRACTED[model, naming]
+    down = "lora_down" if naming == "kohya" else "lora_A"
     keys = set(load_file(lora))
-    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in keys
-    assert "lora_unet_single_blocks_37_linear1.lora_down.weight" in keys
-    from safetensors import safe_open
-
+    assert {f"{name}.{down}.weight" for name in names} <= keys
     with safe_open(lora, "np") as handle:
         metadata = handle.metadata()
-    assert metadata["ss_network_module"] == "networks.lora_flux"
-    assert metadata["ss_base_model_version"] == "flux1"
-    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+    assert wanted.items() <= metadata.items()
+    if naming == "peft":
+        config = json.loads(metadata["lora_adapter_metadata"])
+        assert config["transformer.lora_alpha"] == config["transformer.r"]
     (tmp_path / "back").mkdir()
-    built, _ = bake(tmp_path / "back", models["flux1"], lora, "A + L")
-    tuned, base = load(models["flux1-tuned"]), load(models["flux1"])
+    built, _ = bake(tmp_path / "back", models[model], lora, "A + L")
+    tuned, base = load(models[model + "-tuned"]), load(models[model])
     patched = 0
     for key, value in built.items():
-        if key.startswith(("double_blocks", "single_blocks")) and key.endswith("weight"):
-            if re.search(r"(qkv|proj|mlp\.[02]|lin|linear[12])\.weight$", key):
-                np.testing.assert_allclose(value, tuned[key], atol=2e-3, err_msg=key)
-                patched += 1
-            else:
-                np.testing.assert_array_equal(value, base[key], err_msg=key)
-    assert patched == 19 * 10 + 38 * 3
+        vae = key.startswith("first_stage_model.")
+        if key.endswith("weight") and LORA_LAYERS.search(key) and not vae:
+            np.testing.assert_allclose(value, tuned[key], atol=2e-3, err_msg=key)
+            patched += 1
+        else:
+            np.testing.assert_array_equal(value, base[key], err_msg=key)
+    assert patched == 304 if model == "flux1" else patched > 100
 
 
 def test_inspect_against_a_flux_model(models: dict[str, Path], tmp_path: Path) -> None:

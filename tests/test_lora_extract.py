@@ -194,3 +194,38 @@ def test_randomised_svd_of_large_layers_is_near_optimal_and_seeded() -> None:
     best = np.sqrt(np.sum(values[32:] ** 2))
     residual = np.linalg.norm(matrix - (up @ down).double().numpy())
     assert residual == pytest.approx(best, rel=1e-4)
+
+
+def test_peft_names_bake_to_what_kohya_names_bake(
+    models: dict[str, Path], arrays: dict[str, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """`naming: peft` writes diffusers' names (`unet.`, `text_encoder.`, lora_A and
+    lora_B, its config in the metadata) for the same factors as kohya's."""
+    options = f"rank: {RANK}, conv_rank: 2, dtype: fp32, text_encoder: true"
+    kohya = extract(tmp_path, models, options, "kohya")
+    peft = extract(tmp_path, models, options + ", naming: peft", "peft")
+    with safe_open(peft, "np") as handle:
+        keys = set(handle.keys())
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight" in keys
+    assert "text_encoder.text_model.encoder.layers.11.mlp.fc2.lora_B.weight" in keys
+    assert config["unet.lora_alpha"] == config["unet.r"] == RANK
+    assert "down_blocks.0.resnets.0.conv1" in config["unet.rank_pattern"]  # conv_rank 2
+    baked = {}
+    for name, lora in (("kohya", kohya), ("peft", peft)):
+        recipe = write_recipe(
+            tmp_path,
+            f"""
+            inputs: {{C: {models["base"]}, L: {lora}}}
+            nodes: {{baked: C + L}}
+            outputs: {{baked: {{path: {name}-baked.safetensors, dtype: fp32}}}}
+            """,
+            name=f"{name}-bake.yaml",
+        )
+        assert run_in_process("build", str(recipe)).returncode == 0, name
+        baked[name] = load_file(tmp_path / f"{name}-baked.safetensors")
+    changed = 0
+    for key, value in baked["kohya"].items():
+        np.testing.assert_allclose(baked["peft"][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+        changed += not np.array_equal(value, arrays["base"][key].astype(np.float32))
+    assert changed == 350  # the UNet's layers and the text encoder's, as kohya's file

@@ -25,10 +25,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 from sdrecipe.arch.diffusers_names import DiffusersNaming
 from sdrecipe.arch.diffusers_tables import BLOCK, UnknownLastBlock, has_table
 from sdrecipe.arch.family import Family, known
+
+if TYPE_CHECKING:
+    import torch
 
 # The layers kohya's trainers patch: attention and feed-forward layers of the
 # UNet's transformers and of the text encoders (OpenCLIP's fused q/k/v, T5's
@@ -83,6 +87,11 @@ class KeyPart:
     def rows(self, count: int) -> slice:
         """The part's rows of a key with `count` rows."""
         return slice(count * self.start // self.total, count * self.stop // self.total)
+
+    def in_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """The part's rows as its modules see them: a swapped part's two halves
+        (shift and scale: an even count) exchanged, which undoes itself."""
+        return rows.roll(rows.shape[0] // 2, 0) if self.swapped else rows
 
     def share(self, numel: int) -> int:
         """The part's elements of a key of `numel` elements."""

@@ -73,7 +73,7 @@ class AdapterFile:
                 check_factor_shapes(module, self.infos)
         except AdapterError as exc:
             raise RecipeError(f"cannot apply this adapter: {exc}", reader.path) from None
-        self.peft_alpha = _peft_alpha(reader.metadata, reader.path)
+        self.peft_alphas = _peft_alphas(reader.metadata, reader.path)
         self.alphas = self._alphas()
 
     def _alphas(self) -> dict[str, torch.Tensor]:
@@ -84,8 +84,11 @@ class AdapterFile:
             if key is not None:
                 alphas[stem] = self.reader.tensor(key).clone()  # one number, not a view
                 _check_alpha(float(alphas[stem]), f"module {stem}: alpha", self.path)
-            elif self.peft_alpha is not None and "lora_A.weight" in module.keys:
-                alphas[stem] = torch.tensor(self.peft_alpha)
+            elif "lora_A.weight" in module.keys:
+                component = stem.split(".", 1)[0] if "." in stem else ""
+                alpha = self.peft_alphas.get(component, self.peft_alphas.get(""))
+                if alpha is not None:
+                    alphas[stem] = torch.tensor(alpha)
         return alphas
 
     def factor(
@@ -150,12 +153,14 @@ def naming_of(module: AdapterModule) -> str:
     return "comfyui" if stem.startswith("diffusion_model.") else "other"
 
 
-def _peft_alpha(metadata: Mapping[str, str], path: Path) -> float | None:
-    """lora_alpha / r · r as PEFT configures it, from diffusers' metadata entry
-    (JSON nested at most 32 levels)."""
+def _peft_alphas(metadata: Mapping[str, str], path: Path) -> dict[str, float]:
+    """PEFT's lora_alpha from diffusers' metadata entry (JSON nested at most 32
+    levels), by component: diffusers writes `{"transformer.lora_alpha": 8,
+    "transformer.r": 4, ...}`, one prefix per component, older files
+    `{"lora_alpha": 8, "r": 4}` (component "" here: every PEFT module)."""
     text = metadata.get(PEFT_METADATA_KEY)
     if not text:
-        return None
+        return {}
     try:
         config = load_json(text)
     except ValueError as exc:
@@ -165,26 +170,32 @@ def _peft_alpha(metadata: Mapping[str, str], path: Path) -> float | None:
             path,
         ) from None
     if not isinstance(config, dict):
-        return None
+        return {}
     where = f"its metadata's {PEFT_METADATA_KEY}"
-    rank = config.get("r")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise RecipeError(
-            f"cannot apply this adapter: r in {where} is {json.dumps(rank)}, "
-            "not a positive whole number (a LoRA's rank)",
-            path,
-        )
-    alpha = config.get("lora_alpha")
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise RecipeError(
-            f"cannot apply this adapter: lora_alpha in {where} is {json.dumps(alpha)}, "
-            "not a number",
-            path,
-        )
-    _check_alpha(float(alpha), f"lora_alpha in its metadata's {PEFT_METADATA_KEY}", path)
-    return float(alpha)
+    alphas = {}
+    for name, value in config.items():
+        component, _, field = name.rpartition(".")
+        if (
+            field == "r"
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
+        ):
+            raise RecipeError(
+                f"cannot apply this adapter: {name} in {where} is {json.dumps(value)}, "
+                "not a positive whole number (a LoRA's rank)",
+                path,
+            )
+        if field != "lora_alpha" or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RecipeError(
+                f"cannot apply this adapter: {name} in {where} is {json.dumps(value)}, "
+                "not a number",
+                path,
+            )
+        _check_alpha(float(value), f"{name} in {where}", path)
+        alphas[component] = float(value)
+    return alphas
 
 
 def _check_alpha(value: float, what: str, path: Path) -> None:
@@ -426,15 +437,15 @@ class AdapterReader:
             return self.adapter.factor(module, parameter, dtype)
 
         if patch.parameter == "bias":
-            return _in_order(bias_delta(factor).reshape(shape), patch.part)
+            return patch.part.in_order(bias_delta(factor).reshape(shape))
         delta = weight_delta(module, factor).reshape(shape)
         if module.dora:
             base = self._base.tensor(key)
-            base = _in_order(base if rows is None else base[rows], patch.part).to(dtype)
+            base = patch.part.in_order(base if rows is None else base[rows]).to(dtype)
             magnitude = factor("dora_scale")
             assert magnitude is not None
             delta = dora_delta(base[:, : shape[1]] if base.dim() > 1 else base, delta, magnitude)
-        return _in_order(delta, patch.part)
+        return patch.part.in_order(delta)
 
     def raw(self, key: str) -> memoryview:
         """The delta's bytes."""
@@ -466,7 +477,7 @@ class AdapterReader:
                 str(info.dtype),
                 list(info.shape),
                 parts,
-                self.adapter.peft_alpha,
+                sorted(self.adapter.peft_alphas.items()),
             ]
             digests[key] = blake3.blake3(json.dumps(described).encode()).hexdigest()
         return digests
@@ -478,14 +489,6 @@ def _described(part: KeyPart) -> tuple[object, ...]:
     if part.stop - part.start == 1 and not part.swapped:
         return part.start, part.total
     return part.start, part.stop, part.total, part.swapped
-
-
-def _in_order(delta: torch.Tensor, part: KeyPart) -> torch.Tensor:
-    """A delta in the key's row order: a swapped part's row halves exchanged."""
-    if not part.swapped:
-        return delta
-    half = delta.shape[0] // 2
-    return torch.cat([delta[half:], delta[:half]])
 
 
 @cache

@@ -1,4 +1,5 @@
-"""The `format: lora` output: a LoRA extracted from a difference, in kohya's layout.
+"""The `format: lora` output: a LoRA extracted from a difference, in kohya's
+layout or (`naming: peft`) diffusers'.
 
 The executor streams each layer's difference into the writer like into any
 output; once a layer's bytes are complete the writer factors it (see
@@ -10,6 +11,7 @@ file, whose size is known only then: the text encoders are left out when
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +28,7 @@ from sdrecipe.adapters.extract import (
 from sdrecipe.adapters.naming import ModuleNames, extraction_parts
 from sdrecipe.arch.family import known
 from sdrecipe.errors import BuildError
+from sdrecipe.io.adapter_reader import PEFT_METADATA_KEY
 from sdrecipe.io.dtypes import NAME_TO_DTYPE
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
@@ -53,6 +56,33 @@ def lora_metadata(family: str, rank: int, conv_rank: int | None) -> dict[str, st
     return metadata
 
 
+def peft_file(
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """diffusers' tensors (`lora_A`, `lora_B`) and its PEFT config, by component
+    as diffusers writes it (`{"transformer.r": 64, "transformer.lora_alpha": 64,
+    ...}`). PEFT scales a module of rank r by lora_alpha / r, lora_alpha being
+    the component's largest rank: a module whose rank is capped below it (by its
+    layer's size) has `lora_B` divided by that scale, and is in `rank_pattern`."""
+    components: dict[str, dict[str, int]] = {}
+    for name in modules:
+        component, _, path = name.partition(".")
+        components.setdefault(component, {})[path] = modules[name][1].shape[0]
+    factors = {}
+    config: dict[str, object] = {}
+    for component, ranks in sorted(components.items()):
+        largest = max(ranks.values())
+        for path, rank in ranks.items():
+            up, down = modules[f"{component}.{path}"]
+            factors[f"{component}.{path}.lora_B.weight"] = (up * (rank / largest)).to(up.dtype)
+            factors[f"{component}.{path}.lora_A.weight"] = down
+        config[f"{component}.r"] = largest
+        config[f"{component}.lora_alpha"] = largest
+        config[f"{component}.target_modules"] = sorted(ranks)
+        config[f"{component}.rank_pattern"] = {p: r for p, r in ranks.items() if r != largest}
+    return factors, {PEFT_METADATA_KEY: json.dumps(config, sort_keys=True)}
+
+
 class LoraWriter:
     """Receives each layer's difference (float32, in row pieces, one thread per
     layer), extracts its factors, and writes them at `finish`."""
@@ -73,9 +103,9 @@ class LoraWriter:
         self._options = options
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[np.ndarray, int]] = {}
-        self._factors: dict[str, torch.Tensor] = {}
-        # The rank each module got (capped by its layer's sizes), and whether it is a 3x3 conv.
-        self._ranks: dict[str, tuple[int, bool]] = {}
+        # Each module's (up, down), by its name, and the names made from text encoders' keys.
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_encoder_modules: set[str] = set()
         self._text_encoder_peak = 0.0
         self._writer: SafetensorsWriter | None = None
 
@@ -105,14 +135,13 @@ class LoraWriter:
         self._factor(key, difference)
 
     def _factor(self, key: str, difference: torch.Tensor) -> None:
-        """Factor one layer: whole, or by the parts kohya's names patch (the
-        thirds of OpenCLIP's fused q/k/v projection)."""
+        """Factor one layer: whole, or by the parts its names patch (the thirds of
+        OpenCLIP's fused q/k/v projection; with PEFT's names, each diffusers tensor)."""
         pieces = [
-            (part.names[0], difference[part.rows(difference.shape[0])])
-            for part in extraction_parts(self._names, key)
+            (part.names[0], part.in_order(difference[part.rows(difference.shape[0])]))
+            for part in extraction_parts(self._names, key, self._options.naming)
         ]
         factors = {}
-        ranks = {}
         dtype = NAME_TO_DTYPE[self._options.dtype]
         for name, piece in pieces:
             rank = layer_rank(tuple(piece.shape), self._options)
@@ -126,14 +155,12 @@ class LoraWriter:
                     f"{float(difference.abs().max()):g}); use a wider dtype, or check the "
                     "models; no output was written"
                 )
-            factors[f"{name}.lora_up.weight"] = up
-            factors[f"{name}.lora_down.weight"] = down
-            factors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)
-            ranks[name] = (rank, piece.dim() == 4 and tuple(piece.shape[2:]) != (1, 1))
+            factors[name] = (up, down)
         peak = float(difference.abs().max()) if is_text_encoder(key) else 0.0
         with self._lock:
             self._factors.update(factors)
-            self._ranks.update(ranks)
+            if is_text_encoder(key):
+                self._text_encoder_modules.update(factors)
             self._text_encoder_peak = max(self._text_encoder_peak, peak)
 
     def content_digest(self, tensor_digests: Mapping[str, str]) -> None:
@@ -143,14 +170,15 @@ class LoraWriter:
     def finish(self) -> None:
         """Write the factors into the temporary file (text encoders dropped when
         `auto` finds their differences all within kohya's 0.01)."""
-        factors = self._factors
+        modules = self._factors
         unchanged = self._text_encoder_peak <= TEXT_ENCODER_MIN_DIFFERENCE
         if self._options.text_encoder == "auto" and unchanged:
-            factors = {k: v for k, v in factors.items() if not k.startswith("lora_te")}
-        kept = [ranked for name, ranked in self._ranks.items() if f"{name}.alpha" in factors]
-        rank = max((r for r, conv in kept if not conv), default=self._options.rank)
-        conv_rank = max((r for r, conv in kept if conv), default=self._options.conv_rank)
-        metadata = {**self._metadata, **lora_metadata(self._family, rank, conv_rank)}
+            modules = {n: f for n, f in modules.items() if n not in self._text_encoder_modules}
+        if self._options.naming == "peft":
+            factors, metadata = peft_file(modules)
+        else:
+            factors, metadata = self._kohya_file(modules)
+        metadata = {**self._metadata, **metadata}
         infos = {key: TensorInfo(t.dtype, tuple(t.shape)) for key, t in sorted(factors.items())}
         self._writer = SafetensorsWriter(self.path, infos, metadata)
         try:
@@ -160,6 +188,22 @@ class LoraWriter:
         except BaseException:
             self._writer.abort()
             raise
+
+    def _kohya_file(
+        self, modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """kohya's tensors (alpha = rank: scale 1) and training metadata."""
+        factors = {}
+        ranks = []
+        for name, (up, down) in modules.items():
+            rank = down.shape[0]
+            factors[f"{name}.lora_up.weight"] = up
+            factors[f"{name}.lora_down.weight"] = down
+            factors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=up.dtype)
+            ranks.append((rank, down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)))
+        rank = max((r for r, conv in ranks if not conv), default=self._options.rank)
+        conv_rank = max((r for r, conv in ranks if conv), default=self._options.conv_rank)
+        return factors, lora_metadata(self._family, rank, conv_rank)
 
     def publish(self) -> None:
         """Rename the finished file into place."""

@@ -112,13 +112,16 @@ class LoraOptions:
     """How a `format: lora` output is extracted: the rank of linear and 1x1
     layers, of 3x3 convolutions (None: those are not extracted), the clamp
     quantile, whether text encoders are included (`auto`: if they changed),
-    and the factors' dtype."""
+    the factors' dtype, and whose names the file uses (`kohya`'s, or `peft`:
+    diffusers' `lora_A`/`lora_B` by diffusers module)."""
 
     rank: int = 64
     conv_rank: int | None = None
     clamp_quantile: float = 0.99
     text_encoder: bool | str = "auto"
     dtype: str = "float16"
+    # Out of the repr, which identifies kohya-named outputs as it always has.
+    naming: str = field(default="kohya", repr=False)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ RESERVED_METADATA = (
 )
 
 
-LORA_OPTIONS = ("rank", "conv_rank", "clamp_quantile", "text_encoder")
+LORA_OPTIONS = ("rank", "conv_rank", "clamp_quantile", "text_encoder", "naming")
 # The node options besides `expression`, `method` and `models`.
 NODE_OPTIONS = (
     "cache",
@@ -141,6 +141,7 @@ class OutputEntry(_Strict):
     conv_rank: int | None = Field(default=None, ge=1)
     clamp_quantile: float | None = Field(default=None, gt=0.0, le=1.0)
     text_encoder: bool | Literal["auto"] | None = None
+    naming: Literal["kohya", "peft"] | None = None
 
     @model_validator(mode="after")
     def _quantized_options(self) -> OutputEntry:
