@@ -221,6 +221,7 @@ def bake(tmp_path: Path, base: Path, adapter: Path, expression: str = f"A + {STR
 
 
 VARIANTS = {
+    "sd1-locon": AdapterSpec("sd1", SHRINK, "lora", convs=True),
     "sd1-locon-tucker": AdapterSpec("sd1", SHRINK, "lora", convs=True, tucker=True),
     "sd2-lora": AdapterSpec("sd2", SHRINK, "lora"),
     "sdxl-lora": AdapterSpec("sdxl", SHRINK, "lora", alpha=None),

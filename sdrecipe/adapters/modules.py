@@ -47,7 +47,7 @@ LORA_UP = ("lora_up.weight", "lora_B.weight", "up.weight")
 LORA_DOWN = ("lora_down.weight", "lora_A.weight", "down.weight")
 # sd-scripts' split q/k/v (and MLP) LoRA of a fused layer: one pair per part,
 # `lora_up.{i}.weight` and `lora_down.{i}.weight`, one alpha.
-SPLIT_PARAMETER = re.compile(r"lora_(up|down)\.(\d+)\.weight")
+SPLIT_PARAMETER = re.compile(r"lora_(up|down)\.(\d{1,3})\.weight")
 SHARED_PARAMETERS = ("alpha", "dora_scale")
 # Parameters of algorithms sdrecipe does not apply, so that a file holding them
 # is refused by name rather than half applied.
@@ -308,8 +308,9 @@ def first_of(names: tuple[str, ...], found: Mapping[str, object]) -> str:
 
 
 def split_count(found: Mapping[str, object]) -> int:
-    """How many parts a split LoRA module has (its highest part number + 1)."""
-    return 1 + max(int(m[2]) for p in found if (m := SPLIT_PARAMETER.fullmatch(p)))
+    """How many parts a split LoRA module has (after `_missing_factors` found
+    them numbered 0, 1, ... each with both factors: its pairs)."""
+    return sum(1 for p in found if SPLIT_PARAMETER.fullmatch(p)) // 2
 
 
 def algorithm_of(parameter: str) -> str | None:
@@ -385,8 +386,12 @@ def _missing_factors(algorithm: str, found: Mapping[str, str]) -> list[str]:
             return []
         return sorted(next((p for p in pairs if p & set(found)), pairs[0]) - set(found))
     if algorithm == "split_lora":
-        parts = range(split_count(found))
-        needed = [f"lora_{side}.{i}.weight" for i in parts for side in ("up", "down")]
+        numbers = sorted({int(m[2]) for p in found if (m := SPLIT_PARAMETER.fullmatch(p))})
+        # Parts are numbered 0, 1, ...: the first number out of that order is missing.
+        gap = next((i for i, number in enumerate(numbers) if number != i), None)
+        if gap is not None:
+            return [f"lora_up.{gap}.weight and lora_down.{gap}.weight"]
+        needed = [f"lora_{side}.{i}.weight" for i in numbers for side in ("up", "down")]
         return [p for p in needed if p not in found]
     if algorithm == "loha":
         needed = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
