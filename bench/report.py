@@ -121,6 +121,7 @@ def _targets(report: dict) -> list[str]:
     else:
         rows.append(("peak anonymous memory, SDXL", "≤ 1 GB", "not run (BENCH_SDXL=0)", None))
     rows += _advanced_targets(report, ours)
+    rows += _flux_lora_targets(report) or [FLUX_LORA_NOT_RUN]
     rows.append(("no-op rebuild (with interpreter start)", "≤ 1 s", _s(noop), noop <= 1.0))
     rows.append(("`sdrecipe --help`", "≤ 0.3 s", _s(help_), help_ <= 0.3))
     lines = ["| measure | target | measured | met |", "|---|---|---|---|"]
@@ -469,9 +470,187 @@ def quant_section(report: dict) -> list[str]:
     return lines
 
 
+FLUX_LORA_HEADING = "## Scenario 17: LoRAs on full-size Flux.1-dev, bf16"
+FLUX_LORA_RUNS = {
+    "flux_lora": "17a: Flux.1-dev + a rank-32 LoRA, `A + 0.8 * L`, beside the plain "
+    "conversion `model: A`, bf16 out",
+    "flux_lora_extract": "17b: a rank-32 LoRA extracted from `B − A`",
+}
+FLUX_LORA_ABOUT = (
+    "Scenario 16's bf16 fixtures: two synthetic full-size Flux.1-dev transformers in BFL's "
+    "layout (`sdrecipe.synthetic`, B = A's values with another fine-tune delta), and a "
+    "synthetic rank-32 LoRA (alpha 16, bf16, kohya's names) on every linear layer of every "
+    "double and single block. 17a: `sdrecipe` builds `A + 0.8 * L`, `sdrecipe-convert` "
+    "builds `model: A`, the same file written without the LoRA (the floor a bake can "
+    "approach), both `dtype: bf16`. 17b: `learned: B - A` written with `format: lora, rank: "
+    "32` (a truncated SVD of each layer's difference). Before every run the last output is "
+    "deleted, the tensor cache emptied and every model file evicted from the page cache "
+    "(`posix_fadvise`): each run starts with nothing cached, and `read from disk` is its "
+    "process tree's block input. A bf16 Flux.1-dev file is 23.8 GB, so 17a keeps A and one "
+    "output on the disk, 17b A and B, never three such files at once."
+)
+FLUX_LORA_MECHA = (
+    "sd-mecha 1.1.8 is not compared: it registers LoRA configs only over `sd1-kohya`, "
+    "`sdxl-kohya` and `sdxl-kohya_but_diffusers` (`_register_all_lycoris_configs` in "
+    "`sd_mecha/extensions/builtin/lycoris.py`; its one Flux config, `flux-flux`, is the "
+    "model's), so no config matches a Flux LoRA's keys and `sd_mecha.convert(lora, base)` "
+    "fails (`TypeError: Could not convert recipe from config from candidate configs () to "
+    "config flux-flux`), and it cannot extract one either."
+)
+# The first words of scenario 17's rows in the targets table at the top of BENCHMARKS.md.
+FLUX_LORA_LABELS = ("Flux.1-dev + rank-32 LoRA", "Flux LoRA extraction")
+FLUX_LORA_NOT_RUN = (
+    "Flux.1-dev + rank-32 LoRA vs plain conversion (`model: A`), and the LoRA extraction",
+    "≤ 1.2×; ≤ 1.5 GB; ≤ 3 GB",
+    "not run (opt-in: `python -m bench.run --only flux_lora`)",
+    None,
+)
+
+
+def _flux_lora_targets(report: dict, read: bool = False) -> list[tuple]:
+    """Scenario 17's targets (and, with `read`, what each run read from disk)."""
+    rows: list[tuple] = []
+    results = report.get("flux_lora")
+    if results is not None:
+        bake, convert = results["sdrecipe"], results.get("sdrecipe-convert")
+        label = "Flux.1-dev + rank-32 LoRA vs plain conversion (`model: A`)"
+        if _failed(bake) or convert is None or _failed(convert):
+            failed = bake if _failed(bake) else convert
+            error = failed.error if failed is not None else "not run"
+            rows.append((label, "≤ 1.2×", error[:120], False if _failed(bake) else None))
+        else:
+            wall, floor = bake.median("wall"), convert.median("wall")
+            rows.append(
+                (
+                    label,
+                    "≤ 1.2×",
+                    f"{_s(wall)} vs {_s(floor)} ({wall / floor:.2f}×)",
+                    wall <= 1.2 * floor,
+                )
+            )
+        if not _failed(bake):
+            anon = bake.median("peak_anon")
+            rows.append(
+                (
+                    "Flux.1-dev + rank-32 LoRA: peak anonymous memory",
+                    "≤ 1.5 GB",
+                    _mb(anon),
+                    anon <= 1536 * 1024,
+                )
+            )
+    extract = report.get("flux_lora_extract", {}).get("sdrecipe")
+    if extract is not None:
+        label = "Flux LoRA extraction (rank 32, `B − A`): peak anonymous memory"
+        if _failed(extract):
+            rows.append((label, "≤ 3 GB", extract.error[:120], False))
+        else:
+            anon = extract.median("peak_anon")
+            measured = f"{_mb(anon)} ({_s(extract.median('wall'))})"
+            rows.append((label, "≤ 3 GB", measured, anon <= 3 * 1024 * 1024))
+    if read:
+        for key, title in FLUX_LORA_RUNS.items():
+            shown = ", ".join(
+                f"{tool} {result.median('disk_read') / 1e9:.1f} GB"
+                for tool, result in report.get(key, {}).items()
+                if not _failed(result)
+            )
+            if shown:
+                rows.append((f"{title.split(':')[0]}: read from disk", "reported", shown, None))
+    return rows
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    """Targets as a table: measure, target, measured and whether it was met."""
+    lines = ["| measure | target | measured | met |", "|---|---|---|---|"]
+    for measure, target, measured, met in rows:
+        verdict = "–" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {measure} | {target} | {measured} | {verdict} |")
+    return lines
+
+
+def flux_lora_section(report: dict) -> list[str]:
+    """Scenario 17's section: `python -m bench.run --only flux_lora`."""
+    shrink = report.get("flux_lora_shrink", 1)
+    lines = [
+        FLUX_LORA_HEADING
+        + (f" (a validation run, widths / {shrink}: not the benchmark)" if shrink > 1 else ""),
+        "",
+    ]
+    if "flux_lora_machine" in report:
+        machine = report["flux_lora_machine"]
+        lines += [
+            f"Measured by `python -m bench.run --only flux_lora` on {machine['date']}: "
+            f"{machine['cores']} cores ({machine['cpu']}), {machine['memory']} RAM, "
+            f"torch {machine['torch']}.",
+            "",
+        ]
+    lines += [FLUX_LORA_ABOUT, "", FLUX_LORA_MECHA, ""]
+    targets = _flux_lora_targets(report, read=True)
+    lines += [*_table(targets), ""] if targets else []
+    parameters = report.get("flux_lora_parameters")
+    for key, title in FLUX_LORA_RUNS.items():
+        lines += [f"### {title}", ""]
+        if key not in report:
+            lines += ["Not measured yet: `python -m bench.run --only flux_lora`.", ""]
+            continue
+        facts = report.get("flux_lora_adapter" if key == "flux_lora" else "flux_lora_extracted")
+        if facts and parameters:
+            lora = (
+                f"{facts['bytes'] / 1e6:,.0f} MB LoRA, {facts['modules']} modules of rank "
+                f"{', '.join(str(rank) for rank in facts['ranks'])}"
+            )
+            gigabytes = parameters * 2 / 1e9
+            lines += [
+                f"{parameters / 1e9:.2f} G parameters: bf16 inputs of {gigabytes:.1f} GB each; "
+                + (
+                    f"a {lora}; a {gigabytes:.1f} GB bf16 output."
+                    if key == "flux_lora"
+                    else f"out: a {lora}."
+                ),
+                "",
+            ]
+        lines += [*_side_by_side(report[key]), ""]
+        if key == "flux_lora" and report.get("flux_lora_check"):
+            lines += [f"Outputs: {report['flux_lora_check']}.", ""]
+    return lines
+
+
+def _with_target_rows(text: str, rows: list[tuple]) -> str:
+    """`text` with scenario 17's rows of its `## Targets` table replaced by `rows`
+    (before the no-op rebuild's row, where the full report puts them)."""
+    lines = text.split("\n")
+    if "## Targets" not in lines:
+        return text
+    start = lines.index("## Targets") + 1
+    while start < len(lines) and not lines[start].startswith("|"):
+        start += 1
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    if start == end:
+        return text
+    ours = tuple(f"| {label}" for label in FLUX_LORA_LABELS)
+    table = [line for line in lines[start:end] if not line.startswith(ours)]
+    at = next((i for i, line in enumerate(table) if line.startswith("| no-op rebuild")), len(table))
+    table[at:at] = _table(rows)[2:]
+    return "\n".join(lines[:start] + table + lines[end:])
+
+
 def _opt_in_sections(text: str, report: dict) -> str:
-    """`text` (BENCHMARKS.md) with the sections of scenarios 15 and 16 replaced by
-    those `report` has; they are the file's last, in that order."""
+    """`text` (BENCHMARKS.md) with the sections of scenarios 15, 16 and 17 replaced by
+    those `report` has; they are the file's last, in that order. Scenario 17's rows of
+    the targets table at the top are replaced too."""
+    text, _, flux = text.partition(FLUX_LORA_HEADING)
+    result = _dit_and_quant_sections(text, report)
+    if "flux_lora_machine" in report:
+        result = _with_target_rows(result, _flux_lora_targets(report))
+        section = "\n".join(flux_lora_section(report))
+        return result.rstrip() + "\n\n" + section if result.strip() else section
+    return result + FLUX_LORA_HEADING + flux if flux else result
+
+
+def _dit_and_quant_sections(text: str, report: dict) -> str:
+    """`text` with the sections of scenarios 15 and 16 replaced by those `report` has."""
     head, _, rest = text.partition(DIT_HEADING)
     dit, _, quant = rest.partition(QUANT_HEADING)
     if QUANT_HEADING in head:
@@ -489,9 +668,9 @@ def _opt_in_sections(text: str, report: dict) -> str:
 
 
 def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
-    """Write BENCHMARKS.md from a finished run. A report with scenarios 15 or 16 alone
-    (`--only dit,quant` with no earlier full run's figures) replaces their sections of
-    the file, the last two."""
+    """Write BENCHMARKS.md from a finished run. A report with scenarios 15, 16 or 17
+    alone (`--only dit,quant,flux_lora` with no earlier full run's figures) replaces
+    their sections of the file, the last three."""
     if "io_floor" not in report:
         path.write_text(_opt_in_sections(path.read_text() if path.exists() else "", report))
         return
@@ -642,4 +821,6 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
         lines += dit_section(report)
     if "quant_machine" in report:
         lines += quant_section(report)
+    if "flux_lora_machine" in report:
+        lines += flux_lora_section(report)
     path.write_text("\n".join(lines))

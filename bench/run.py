@@ -12,10 +12,14 @@ Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=0 leaves out the SDXL scen
                                                Large: only when named, it needs ~50 GB of disk)
        python -m bench.run --only quant --rounds 1  (scenario 16, quantized Flux.1-dev inputs
                                                and outputs: only when named, ~60 GB of disk)
+       python -m bench.run --only flux_lora   (scenario 17, a rank-32 LoRA baked into and
+                                               extracted from full-size bf16 Flux.1-dev:
+                                               only when named, 48 GB of files at once and
+                                               10 GB left free: ~59 GB free at the start)
        python -m bench.run --report-only      (re-render from build/bench/results.json)
 BENCH_DIT_SHRINK=16 python -m bench.run --only dit: the same at a 16th of the widths, to
-check that every tool runs and that their outputs agree; it writes
-build/bench/BENCHMARKS-dit-shrink16.md, not BENCHMARKS.md.
+check that every tool runs and that their outputs agree (also for quant and flux_lora); it
+writes build/bench/BENCHMARKS-dit-shrink16.md, not BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -191,12 +195,13 @@ def ensure_models(models: dict[str, ModelSpec]) -> None:
 
 
 def ensure_adapter(name: str, spec: AdapterSpec) -> None:
-    """Generate a full-size synthetic adapter once; regenerate if its spec changed."""
+    """Generate a synthetic adapter once; regenerate if its spec changed."""
     manifest = WORK / "models.json"
     known = json.loads(manifest.read_text()) if manifest.exists() else {}
     wanted = f"{MODEL_SPEC_VERSION}:{spec}"
     if known.get(name) != wanted or not (WORK / name).exists():
-        print(f"generating {name} (full size)", flush=True)
+        size = "full size" if spec.shrink == 1 else f"widths / {spec.shrink}"
+        print(f"generating {name} ({size})", flush=True)
         write_adapter(WORK / name, spec)
         known[name] = wanted
         manifest.write_text(json.dumps(known, indent=1))
@@ -953,12 +958,20 @@ def quant_floor(inputs: list[str]) -> list[str]:
     return [*command, *inputs, out, str(QUANT_ALPHA)]
 
 
-def quant_disk(needed: float, what: str) -> None:
+def quant_disk(needed: float, what: str, scenario: str = "16", keep: tuple[str, ...] = ()) -> None:
+    """Fail unless `needed` bytes more leave QUANT_MARGIN free on the bench disk; the
+    message names the other big files of build/bench (not `keep`) one could delete."""
     free = shutil.disk_usage(WORK).free
     if free - needed < QUANT_MARGIN:
+        others = sorted(
+            f"{path.name} ({path.stat().st_size / 1e9:.1f} GB)"
+            for path in [*WORK.glob("*.safetensors"), *WORK.glob("*.gguf")]
+            if path.name not in keep and path.stat().st_size > 1e9
+        )
         raise SystemExit(
-            f"scenario 16 ({what}) needs {needed / 1e9:.1f} GB more, and {QUANT_MARGIN / 1e9:.0f}"
-            f" GB left over; {free / 1e9:.1f} GB are free"
+            f"scenario {scenario} ({what}) needs {needed / 1e9:.1f} GB more, and "
+            f"{QUANT_MARGIN / 1e9:.0f} GB left over; {free / 1e9:.1f} GB are free"
+            + (f"; other fixtures in {WORK}: {', '.join(others)}" if others else "")
         )
 
 
@@ -1059,6 +1072,167 @@ def quant_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
         (WORK / name).unlink()
 
 
+# --- scenario 17: LoRAs on full-size Flux.1-dev --------------------------------------------
+
+# 17a bakes a rank-32 LoRA (every linear layer of every double and single block, kohya's
+# names) into scenario 16's bf16 Flux.1-dev A, beside the plain conversion of A (`model: A`),
+# both bf16 out; 17b extracts a rank-32 LoRA from B - A. A bf16 Flux.1-dev file is 23.8 GB:
+# 17a holds A and one output, 17b A and B, never three at once. The phase whose fixtures are
+# all there runs first; A and B are deleted at the end (the LoRA, 0.3 GB, is kept).
+FLUX_LORA_STRENGTH = 0.8
+FLUX_LORA_SPEC = AdapterSpec("flux1", rank=32, alpha=16.0, seed=101, dtype=torch.bfloat16)
+FLUX_LORA_OUTPUTS = {
+    "sdrecipe": "out-flux-lora.safetensors",
+    "sdrecipe-convert": "out-flux-convert.safetensors",
+}
+FLUX_LORA_EXTRACTED = "out-lora.safetensors"
+FLUX_LORA_SMALL = 1e9  # bytes a phase needs besides the 23.8 GB files: LoRAs, cache records
+
+
+def flux_lora_adapter() -> tuple[str, AdapterSpec]:
+    """Scenario 17's LoRA: file name and spec, shrunk as BENCH_DIT_SHRINK says."""
+    shrink = dit_shrink()
+    suffix = f"-shrink{shrink}" if shrink > 1 else ""
+    return f"flux-lora32{suffix}.safetensors", dataclasses.replace(FLUX_LORA_SPEC, shrink=shrink)
+
+
+def flux_lora_recipe(name: str, inputs: dict[str, str], node: str, output: str) -> list[str]:
+    """Write `flux-lora-NAME.yaml` (one node, its output a YAML mapping's body), hash its
+    inputs, and return the command that builds it."""
+    recipe = f"flux-lora-{name}.yaml"
+    letters = ", ".join(f"{letter}: {path}" for letter, path in inputs.items())
+    target = node.split(":")[0]
+    (WORK / recipe).write_text(
+        f"inputs: {{{letters}}}\nnodes: {{{node}}}\noutputs: {{{target}: {{{output}}}}}\n"
+    )
+    hash_inputs(recipe)
+    return [*SDRECIPE, "build", "--force", "--cache-dir", "cache", recipe]
+
+
+def adapter_facts(path: Path) -> dict[str, object]:
+    """A LoRA file's size, modules and ranks (from its header)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        downs = [key for key in handle.keys() if key.endswith("lora_down.weight")]  # noqa: SIM118
+        ranks = sorted({handle.get_slice(key).get_shape()[0] for key in downs})
+    return {"bytes": path.stat().st_size, "modules": len(downs), "ranks": ranks}
+
+
+def flux_lora_check(commands: dict[str, list[str]]) -> str:
+    """A shrunken run's check: both builds once more, outputs kept; which of the
+    conversion's tensors the bake changed."""
+    from safetensors import safe_open
+
+    remove_outputs()
+    for command in commands.values():
+        subprocess.run(command, cwd=WORK, capture_output=True)
+    outputs = [WORK / FLUX_LORA_OUTPUTS[tool] for tool in ("sdrecipe", "sdrecipe-convert")]
+    if not all(output.exists() for output in outputs):
+        missing = ", ".join(output.name for output in outputs if not output.exists())
+        remove_outputs()
+        return f"not compared: no {missing}"
+    with safe_open(outputs[0], "pt") as baked, safe_open(outputs[1], "pt") as converted:
+        keys, written = set(converted.keys()), set(baked.keys())
+        changed, dtypes = 0, set()
+        for key in keys & written:
+            left, right = baked.get_tensor(key), converted.get_tensor(key)
+            changed += not torch.equal(left, right)
+            dtypes.add(str(left.dtype).removeprefix("torch."))
+    verdict = (
+        f"the bake wrote {len(written)} tensors, the conversion {len(keys)}; "
+        f"{changed} differ ({', '.join(sorted(dtypes))})"
+    )
+    print(f"  check: {verdict}", flush=True)
+    remove_outputs()
+    return verdict
+
+
+def flux_lora_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenario 17: a rank-32 LoRA baked into full-size bf16 Flux.1-dev beside the plain
+    conversion of the same file (17a), and a rank-32 LoRA extracted from B - A (17b);
+    nothing cached at the start of any run. sd-mecha 1.1.8 has no Flux LoRA config (see
+    report.py's FLUX_LORA_MECHA): no peer."""
+    shrink = dit_shrink()
+    report["flux_lora_machine"] = machine()
+    report["flux_lora_shrink"] = shrink
+    models = quant_bf16()
+    a16, b16 = sorted(models)
+    lora, lora_spec = flux_lora_adapter()
+    parameters = _parameters(models[a16])
+    size = parameters * torch.bfloat16.itemsize  # one bf16 file, or a bf16 output
+    keep = (a16, b16, lora)
+    evict = page_cache_state([])
+
+    def before() -> None:
+        free_cache()  # the last output (and its cache record, a hard link) goes first
+        evict()
+
+    def make(names: list[str]) -> None:
+        for name in names:
+            if stale(name, models[name]):
+                started = time.perf_counter()
+                ensure_models({name: models[name]})
+                print(f"  made {name} in {time.perf_counter() - started:.0f} s", flush=True)
+
+    def bake() -> None:
+        print("scenario 17a: Flux.1-dev + a rank-32 LoRA, beside a plain conversion", flush=True)
+        free_cache()
+        if (WORK / b16).exists():  # 17b's: A, B and an output do not fit
+            print(f"deleting {b16}", flush=True)
+            (WORK / b16).unlink()
+        needed = size * (1 + stale(a16, models[a16])) + FLUX_LORA_SMALL
+        quant_disk(needed, "a bf16 Flux.1-dev file and a bf16 output", "17a", keep)
+        make([a16])
+        ensure_adapter(lora, lora_spec)
+        report["flux_lora_adapter"] = adapter_facts(WORK / lora)
+        strength = f"{FLUX_LORA_STRENGTH} * L"
+        commands = {
+            "sdrecipe": flux_lora_recipe(
+                "bake",
+                {"A": a16, "L": lora},
+                f"baked: A + {strength}",
+                f"path: {FLUX_LORA_OUTPUTS['sdrecipe']}, dtype: bf16",
+            ),
+            "sdrecipe-convert": flux_lora_recipe(
+                "convert",
+                {"A": a16},
+                "model: A",
+                f"path: {FLUX_LORA_OUTPUTS['sdrecipe-convert']}, dtype: bf16",
+            ),
+        }
+        report["flux_lora"] = side_by_side("flux-lora", commands, rounds, {}, before)
+        if shrink > 1:
+            report["flux_lora_check"] = flux_lora_check(commands)
+        free_cache()
+
+    def extract() -> None:
+        print("scenario 17b: a rank-32 LoRA extracted from Flux.1-dev B - A", flush=True)
+        free_cache()
+        missing = sum(stale(name, models[name]) for name in (a16, b16))
+        quant_disk(size * missing + FLUX_LORA_SMALL, "two bf16 Flux.1-dev files", "17b", keep)
+        make([a16, b16])
+        command = flux_lora_recipe(
+            "extract",
+            {"A": a16, "B": b16},
+            "learned: B - A",
+            f"path: {FLUX_LORA_EXTRACTED}, format: lora, rank: 32",
+        )
+        results = side_by_side("flux-lora-extract", {"sdrecipe": command}, rounds, {}, before)
+        report["flux_lora_extract"] = results
+        if (WORK / FLUX_LORA_EXTRACTED).exists():
+            report["flux_lora_extracted"] = adapter_facts(WORK / FLUX_LORA_EXTRACTED)
+        free_cache()
+
+    both = not stale(a16, models[a16]) and not stale(b16, models[b16])
+    for phase in (extract, bake) if both else (bake, extract):
+        phase()
+    report["flux_lora_parameters"] = parameters
+    for name in (a16, b16):
+        print(f"deleting {name}", flush=True)
+        (WORK / name).unlink(missing_ok=True)
+
+
 SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] = {
     "classic": classic_scenarios,
     "advanced": advanced_scenarios,
@@ -1067,9 +1241,11 @@ SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] =
     "sdxl": sdxl_scenarios,
     "dit": dit_scenarios,
     "quant": quant_scenarios,
+    "flux_lora": flux_lora_scenarios,
 }
-OPT_IN = {"dit", "quant"}  # groups that run only when `--only` names them
-GROUP_PEERS = {"dit": ["sd-mecha"], "quant": []}  # the peers a group runs; the others run them all
+OPT_IN = {"dit", "quant", "flux_lora"}  # groups that run only when `--only` names them
+# The peers a group runs; the others run them all.
+GROUP_PEERS: dict[str, list[str]] = {"dit": ["sd-mecha"], "quant": [], "flux_lora": []}
 
 
 def with_sdxl() -> bool:
@@ -1104,7 +1280,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown group(s) {', '.join(unknown)}; groups: {', '.join(SCENARIOS)}")
     # A shrunken dit run only checks the tools: its figures go beside, not into, the report.
-    validating = bool({"dit", "quant"} & set(groups)) and dit_shrink() > 1
+    validating = bool({"dit", "quant", "flux_lora"} & set(groups)) and dit_shrink() > 1
     results, benchmarks = RESULTS, ROOT / "BENCHMARKS.md"
     if validating:
         results = WORK / f"results-dit-shrink{dit_shrink()}.json"
