@@ -27,6 +27,14 @@ sdrecipe bakes each into the single file. diffusers loads each LoRA with
 fuses it into the transformer, and every transformer tensor must match
 sdrecipe's bake converted to diffusers' names: the same layers changed on both
 sides, each within a small relative error of its change.
+
+Extracted Flux.1 LoRAs: sdrecipe extracts LoRAs of a fine-tune of that model
+(`format: lora, naming: peft`: diffusers' names and its per-component PEFT
+config in `lora_adapter_metadata`) at ranks 8 and 200 (above every layer's
+narrower side: each capped to it), and bakes each into the single file;
+diffusers loads and fuses each as above (PEFT's rank and scale of every layer
+must be the file's), compared likewise. A file diffusers refuses is reported
+with its error.
 """
 
 from __future__ import annotations
@@ -74,6 +82,18 @@ FLUX_LORA_SHRINK = 16
 FLUX_LORA_NAMINGS = ("peft", "kohya", "xlabs")
 # kohya's alpha (dropped by the PEFT and XLabs files, which have none): scale alpha / rank.
 FLUX_LORA_RANK, FLUX_LORA_ALPHA = 4, 2.0
+# Extracted Flux.1 LoRAs (PEFT names) of a fine-tune of that model, by rank. Only
+# the blocks' layers are extracted, and each has the hidden width (192 at widths
+# / 16) on one side: 200 caps every module to 192, which is then the file's r, so
+# rank_pattern stays empty (as for the real model, whose layers are all >= 3072).
+FLUX_TUNED = "flux1-lora-tuned"
+FLUX_EXTRACT_RANKS = (8, 200)
+FLUX_EXTRACT_RECIPE = """
+inputs: {{A: {tuned}.safetensors, B: {model}.safetensors}}
+nodes: {{learned: A - B}}
+outputs:
+  learned: {{path: {model}-{naming}.safetensors, format: lora, rank: {rank}, naming: peft}}
+"""
 FLUX_BAKE_RECIPE = """
 inputs: {{A: {model}.safetensors, L: {model}-{naming}.safetensors}}
 nodes: {{baked: A + L}}
@@ -126,8 +146,9 @@ def prepare_dit(folder: Path) -> None:
 
 
 def prepare_flux_lora(folder: Path) -> None:
-    """A synthetic Flux.1 model, its diffusers folder, and one LoRA per naming
-    with sdrecipe's bake of it into the single file."""
+    """A synthetic Flux.1 model, its diffusers folder, one LoRA per naming, and
+    PEFT LoRAs extracted from a fine-tune of it, each with sdrecipe's bake of it
+    into the single file."""
     from sdrecipe.build import build
     from sdrecipe.prepare import prepare_recipe
     from sdrecipe.recipe.loader import parse_recipe
@@ -154,6 +175,15 @@ def prepare_flux_lora(folder: Path) -> None:
             naming=naming,
         )
         write_adapter(folder / f"{model}-{naming}.safetensors", spec)
+        text = FLUX_BAKE_RECIPE.format(model=model, naming=naming)
+        recipe_path = folder / f"{model}-{naming}-bake.yaml"
+        build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
+    spec = ModelSpec("flux1", shrink=FLUX_LORA_SHRINK, seed=1, delta_seed=2)
+    write_model(folder / f"{FLUX_TUNED}.safetensors", spec)
+    for rank in FLUX_EXTRACT_RANKS:
+        naming = f"extracted-r{rank}"
+        text = FLUX_EXTRACT_RECIPE.format(tuned=FLUX_TUNED, model=model, naming=naming, rank=rank)
+        build(prepare_recipe(parse_recipe(text, folder / f"{model}-{naming}.yaml")), threads=2)
         text = FLUX_BAKE_RECIPE.format(model=model, naming=naming)
         recipe_path = folder / f"{model}-{naming}-bake.yaml"
         build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
@@ -403,72 +433,117 @@ def _kohya_flux_converter(hidden: int) -> object:
 def check_flux_lora(folder: Path) -> int:
     """Bake each Flux.1 LoRA with diffusers (`load_lora_weights`, `fuse_lora`)
     and compare the transformer with sdrecipe's bake; return the number of problems."""
-    import diffusers
-    import diffusers.loaders.lora_pipeline as lora_pipeline
-    import torch
     from safetensors.torch import load_file
 
-    model = FLUX_LORA_MODEL
-    single = load_file(folder / f"{model}.safetensors")
+    single = load_file(folder / f"{FLUX_LORA_MODEL}.safetensors")
     hidden = single["img_in.weight"].shape[0]
     convert = _flux_converter(hidden)
     base = convert(dict(single))
+    extracted = tuple(f"extracted-r{rank}" for rank in FLUX_EXTRACT_RANKS)
+    return sum(
+        _check_flux_lora_file(folder, naming, hidden, convert, base)
+        for naming in FLUX_LORA_NAMINGS + extracted
+    )
+
+
+def _check_flux_lora_file(
+    folder: Path, naming: str, hidden: int, convert: object, base: dict
+) -> int:
+    """diffusers' bake of one Flux.1 LoRA against sdrecipe's; print one line,
+    return the number of problems (a file diffusers refuses is one, with its error)."""
+    import diffusers
+    import diffusers.loaders.lora_pipeline as lora_pipeline
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = FLUX_LORA_MODEL
+    name = f"{model}-{naming}"
+    transformer = diffusers.FluxTransformer2DModel.from_pretrained(
+        folder / f"{model}-diffusers", subfolder="transformer", torch_dtype=torch.float32
+    )
+    before = {key: value.clone() for key, value in transformer.state_dict().items()}
+    pipe = diffusers.FluxPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    # The PEFT config sdrecipe wrote (extracted files): rank, and modules below it.
+    with safe_open(folder / f"{name}.safetensors", "pt") as file:
+        config = json.loads((file.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    peft = ""
+    if config:
+        pattern = config.get("transformer.rank_pattern") or {}
+        peft = (
+            f"r {config.get('transformer.r')} alpha {config.get('transformer.lora_alpha')} "
+            f"{len(config.get('transformer.target_modules', []))} modules, "
+            f"rank_pattern {len(pattern)}, "
+        )
     kohya = lora_pipeline._convert_kohya_flux_lora_to_diffusers
-    failures = 0
-    for naming in FLUX_LORA_NAMINGS:
-        transformer = diffusers.FluxTransformer2DModel.from_pretrained(
-            folder / f"{model}-diffusers", subfolder="transformer", torch_dtype=torch.float32
-        )
-        before = {key: value.clone() for key, value in transformer.state_dict().items()}
-        pipe = diffusers.FluxPipeline(
-            scheduler=None,
-            vae=None,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=transformer,
-        )
-        lora_pipeline._convert_kohya_flux_lora_to_diffusers = _kohya_flux_converter(hidden)
-        try:
-            pipe.load_lora_weights(folder, weight_name=f"{model}-{naming}.safetensors")
-        finally:
-            lora_pipeline._convert_kohya_flux_lora_to_diffusers = kohya
-        pipe.fuse_lora(lora_scale=1.0)
-        # Unloading after fusing keeps the fused weights and removes PEFT's wrappers.
-        pipe.unload_lora_weights()
-        fused = transformer.state_dict()
-        expected = convert(load_file(folder / f"{model}-{naming}-baked.safetensors"))
-        problems = [f"only in sdrecipe's: {key}" for key in expected.keys() - fused.keys()]
-        problems += [f"only in diffusers': {key}" for key in fused.keys() - expected.keys()]
-        ours, theirs, worst = set(), set(), 0.0
-        for key in sorted(expected.keys() & fused.keys()):
-            want, got, was = expected[key].float(), fused[key].float(), before[key].float()
-            if not torch.equal(was, base[key].float()):
-                problems.append(f"the diffusers folder differs from the single file: {key}")
-                continue
-            if not torch.equal(want, was):
-                ours.add(key)
-            if not torch.equal(got, was):
-                theirs.add(key)
-            if key in ours | theirs:
-                change = (want - was).norm() if key in ours else (got - was).norm()
-                error = ((got - want).norm() / change).item()
-                worst = max(worst, error)
-                if error > 1e-3:
-                    problems.append(f"{key}: relative error {error:.3g}")
-        problems += [f"only sdrecipe changed {key}" for key in sorted(ours - theirs)]
-        problems += [f"only diffusers changed {key}" for key in sorted(theirs - ours)]
-        if not ours:
-            problems.append("the LoRA changed nothing")
-        status = "ok" if not problems else f"{len(problems)} problem(s): {problems[:3]}"
-        print(
-            f"{model + '-' + naming:16} {type(pipe).__name__:31} {len(fused)} transformer tensors, "
-            f"{len(ours)} changed (diffusers {len(theirs)}), "
-            f"max relative error {worst:.2g}  {status}"
-        )
-        failures += len(problems)
-    return failures
+    lora_pipeline._convert_kohya_flux_lora_to_diffusers = _kohya_flux_converter(hidden)
+    try:
+        pipe.load_lora_weights(folder, weight_name=f"{name}.safetensors")
+    except Exception as error:  # diffusers refusing sdrecipe's file is the finding
+        print(f"{name:25} diffusers refused it: {type(error).__name__}: {error}")
+        return 1
+    finally:
+        lora_pipeline._convert_kohya_flux_lora_to_diffusers = kohya
+    # PEFT's layers as diffusers built them: their rank and scale must be the file's.
+    problems, layers = [], 0
+    for module_name, module in transformer.named_modules():
+        ranks = getattr(module, "r", None)
+        if not isinstance(ranks, dict) or not ranks:
+            continue
+        layers += 1
+        adapter, rank = next(iter(ranks.items()))
+        scale = module.scaling[adapter]
+        up = module.lora_B[adapter].weight.shape[1]
+        if rank != up:
+            problems.append(f"PEFT made {module_name} rank {rank}, the file's is {up}")
+        wanted = config.get("transformer.lora_alpha", rank) / rank if config else None
+        if wanted is not None and abs(scale - wanted) > 1e-6:
+            problems.append(f"PEFT scales {module_name} by {scale:g}, not {wanted:g}")
+    modules = len(config.get("transformer.target_modules", [])) if config else layers
+    if layers != modules:
+        problems.append(f"PEFT made {layers} LoRA layers of the file's {modules} modules")
+    pipe.fuse_lora(lora_scale=1.0)
+    # Unloading after fusing keeps the fused weights and removes PEFT's wrappers.
+    pipe.unload_lora_weights()
+    fused = transformer.state_dict()
+    expected = convert(load_file(folder / f"{name}-baked.safetensors"))
+    problems += [f"only in sdrecipe's: {key}" for key in expected.keys() - fused.keys()]
+    problems += [f"only in diffusers': {key}" for key in fused.keys() - expected.keys()]
+    ours, theirs, worst = set(), set(), 0.0
+    for key in sorted(expected.keys() & fused.keys()):
+        want, got, was = expected[key].float(), fused[key].float(), before[key].float()
+        if not torch.equal(was, base[key].float()):
+            problems.append(f"the diffusers folder differs from the single file: {key}")
+            continue
+        if not torch.equal(want, was):
+            ours.add(key)
+        if not torch.equal(got, was):
+            theirs.add(key)
+        if key in ours | theirs:
+            change = (want - was).norm() if key in ours else (got - was).norm()
+            error = ((got - want).norm() / change).item()
+            worst = max(worst, error)
+            if error > 1e-3:
+                problems.append(f"{key}: relative error {error:.3g}")
+    problems += [f"only sdrecipe changed {key}" for key in sorted(ours - theirs)]
+    problems += [f"only diffusers changed {key}" for key in sorted(theirs - ours)]
+    if not ours:
+        problems.append("the LoRA changed nothing")
+    status = "ok" if not problems else f"{len(problems)} problem(s): {problems[:3]}"
+    print(
+        f"{name:25} {type(pipe).__name__:12} {peft}{len(fused)} transformer tensors, "
+        f"{len(ours)} changed (diffusers {len(theirs)}), "
+        f"max relative error {worst:.2g}  {status}"
+    )
+    return len(problems)
 
 
 def check(folder: Path) -> int:
