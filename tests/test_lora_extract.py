@@ -210,7 +210,8 @@ def test_peft_names_bake_to_what_kohya_names_bake(
     assert "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight" in keys
     assert "text_encoder.text_model.encoder.layers.11.mlp.fc2.lora_B.weight" in keys
     assert config["unet.lora_alpha"] == config["unet.r"] == RANK
-    assert "down_blocks.0.resnets.0.conv1" in config["unet.rank_pattern"]  # conv_rank 2
+    assert "^down_blocks.0.resnets.0.conv1" in config["unet.rank_pattern"]  # conv_rank 2
+    assert "encoder.layers.11.mlp.fc2" in config["text_encoder.target_modules"]
     baked = {}
     for name, lora in (("kohya", kohya), ("peft", peft)):
         recipe = write_recipe(

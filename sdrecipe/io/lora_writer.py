@@ -76,10 +76,18 @@ def peft_file(
             up, down = modules[f"{component}.{path}"]
             factors[f"{component}.{path}.lora_B.weight"] = (up * (rank / largest)).to(up.dtype)
             factors[f"{component}.{path}.lora_A.weight"] = down
+        # PEFT finds modules by the end of their names: a text encoder's without
+        # `text_model.`, which transformers 5's CLIPTextModel no longer has; the
+        # others whole (`^`), as diffusers writes them, lest `proj_out` match
+        # `single_transformer_blocks.0.proj_out` too.
+        encoder = component.startswith("text_encoder")
+        names = {p: p.removeprefix("text_model.") if encoder else p for p in ranks}
         config[f"{component}.r"] = largest
         config[f"{component}.lora_alpha"] = largest
-        config[f"{component}.target_modules"] = sorted(ranks)
-        config[f"{component}.rank_pattern"] = {p: r for p, r in ranks.items() if r != largest}
+        config[f"{component}.target_modules"] = sorted(names.values())
+        config[f"{component}.rank_pattern"] = {
+            names[p] if encoder else "^" + p: r for p, r in ranks.items() if r != largest
+        }
     return factors, {PEFT_METADATA_KEY: json.dumps(config, sort_keys=True)}
 
 
