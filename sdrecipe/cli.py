@@ -509,6 +509,12 @@ _MODEL_DTYPE = click.option(
 @click.argument("adapters", nargs=-1, required=True)
 @_OUTPUT
 @_MODEL_DTYPE
+@click.option(
+    "--allow-unmatched",
+    is_flag=True,
+    help="Apply the modules that match BASE and leave the others out (a Flux LoRA "
+    "with text-encoder modules, baked into a transformer-only file).",
+)
 @_RECIPE_OPTION
 @_build_options()
 @_reports_errors
@@ -517,6 +523,7 @@ def bake(
     adapters: tuple[str, ...],
     output: Path,
     dtype: str | None,
+    allow_unmatched: bool,
     recipe_path: Path | None,
     options: BuildOptions,
 ) -> None:
@@ -536,7 +543,7 @@ def bake(
     spec = {"path": output, **({"dtype": dtype} if dtype else {})}
     parsed = [parse_adapter(a) for a in adapters]
     check_bake_inputs(base, [path for path, _ in parsed])
-    document = bake_recipe(base, parsed, spec)
+    document = bake_recipe(base, parsed, spec, allow_unmatched)
     recipe = recipe_path_for(output) if recipe_path is None else recipe_path
     comment = "Written by `sdrecipe bake`; `sdrecipe build` on this file rebuilds it."
     with kept_only_if_built(recipe, write_recipe(recipe, document, comment), "bake"):
@@ -1179,7 +1186,7 @@ def _describe_adapter(report: dict, say: Callable[[str], None]) -> None:
     """`inspect`'s text for an adapter."""
     adapter = report["adapter"]
     algorithms = ", ".join(f"{name} {count}" for name, count in adapter["algorithms"].items())
-    say(f"{report['path']}: lora ({algorithms}), {adapter['family']}")
+    say(f"{report['path']}: lora ({algorithms}), {adapter['family']}, {adapter['naming']} names")
     say(
         f"  {adapter['modules']} modules, rank {', '.join(map(str, adapter['ranks'])) or '-'}, "
         f"alpha {', '.join(f'{a:g}' for a in adapter['alphas']) or '-'}, "

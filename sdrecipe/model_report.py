@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from sdrecipe.adapters.modules import is_adapter
 from sdrecipe.arch import PREDICTION_MARKERS, component_of
 from sdrecipe.arch.detect import detect
 from sdrecipe.cache import Cache, file_sha256
+from sdrecipe.errors import RecipeError
 from sdrecipe.fingerprint import FileStat, legacy_hash_of
 from sdrecipe.io.adapter_reader import AdapterReader
 from sdrecipe.io.bounded_json import load_json
@@ -40,6 +42,8 @@ def inspect_adapter(path: Path, cache: Cache | None, against: Path | None) -> di
     if against is not None:
         model = open_model(against)
         infos = model.infos()
+        if is_adapter(list(infos)):
+            raise RecipeError("--against names an adapter; it takes the model to apply to", against)
         family = detect(infos, model.metadata).family
         reader = AdapterReader(adapter, infos, model, family)
         summary["against"] = {"path": str(against), "family": family}

@@ -107,8 +107,11 @@ def _relative(path: Path, folder: Path) -> str:
     return os.path.relpath(path.absolute(), folder.absolute())
 
 
-def bake_recipe(base: Path, adapters: list[tuple[Path, float]], output: dict) -> dict:
-    """The recipe of `base + s1 * L1 + s2 * L2 ...`, written as `output`."""
+def bake_recipe(
+    base: Path, adapters: list[tuple[Path, float]], output: dict, allow_unmatched: bool = False
+) -> dict:
+    """The recipe of `base + s1 * L1 + s2 * L2 ...`, written as `output`; with
+    `allow_unmatched`, adapter modules that match no key of `base` are left out."""
     taken: set[str] = set()
     base_name = input_name(base, taken)
     inputs = {base_name: base}
@@ -118,7 +121,8 @@ def bake_recipe(base: Path, adapters: list[tuple[Path, float]], output: dict) ->
         inputs[name] = path
         sign = "-" if strength < 0 else "+"
         expression += f" {sign} {abs(strength):g} * {name}"
-    return {"inputs": inputs, "nodes": {"baked": expression}, "outputs": {"baked": output}}
+    node = {"expression": expression, "allow_unmatched": True} if allow_unmatched else expression
+    return {"inputs": inputs, "nodes": {"baked": node}, "outputs": {"baked": output}}
 
 
 def extract_recipe(tuned: Path, base: Path, output: dict) -> dict:

@@ -167,7 +167,7 @@ def prepare_recipe(
         {name: reader.infos() for name, reader in readers.items()},
         {name: architecture.family for name, architecture in architectures.items()},
     )
-    notes = tuple(_float32_outputs(graph, readers))
+    notes = (*_float32_outputs(graph, readers), *_fp8_outputs(graph, readers))
     if notes:
         plan = dataclasses.replace(plan, warnings=plan.warnings + notes)
     return Prepared(recipe, graph, readers, plan, architectures)
@@ -185,6 +185,25 @@ def _float32_outputs(graph: MergeGraph, readers: Mapping[str, ModelReader]) -> I
                 f"output {name!r} has no `dtype`, and {count} tensor(s) of its base {base} are "
                 "stored quantized and read as float32, so it is written in float32; set "
                 "`dtype:` (bfloat16, fp8_e4m3fn) for a smaller file"
+            )
+
+
+def _fp8_outputs(graph: MergeGraph, readers: Mapping[str, ModelReader]) -> Iterator[str]:
+    """A note for each computed output without `dtype` whose base stores fp8
+    tensors: the merged values are rounded to fp8 (3 or 2 mantissa bits), which
+    loses most of a small change such as a LoRA's."""
+    for name in graph.outputs:
+        output = graph.recipe.outputs[name]
+        base = graph.base_input(output.node)
+        if output.dtype is not None or output.node not in graph.recipe.nodes:
+            continue
+        infos = readers[base].infos().values()
+        fp8 = sum(1 for info in infos if info.is_floating and info.dtype.itemsize == 1)
+        if fp8 and output.format in ("safetensors", "diffusers"):
+            yield (
+                f"output {name!r} has no `dtype`, and {fp8} tensor(s) of its base {base} are "
+                "fp8, so the merged values are rounded to fp8 there, which keeps little of a "
+                "small change such as a LoRA's; set `dtype: bfloat16` to keep it"
             )
 
 
@@ -240,15 +259,16 @@ def check_unmatched(graph: MergeGraph, name: str, adapter: AdapterReader) -> Non
     count, total = len(adapter.unmatched), len(adapter.adapter.modules)
     shown = ", ".join(adapter.unmatched[:3]) + (", ..." if count > 3 else "")
     model = graph.models_under(name)[0]
-    hint = (
-        f"; its modules look like a {guess_family(adapter.adapter)} adapter"
-        if count == total
-        else ""
-    )
+    if count == total:
+        advice = f"; its modules look like a {guess_family(adapter.adapter)} adapter"
+    else:
+        advice = (
+            f". Set `allow_unmatched: true` on node {strict[0]!r} (`sdrecipe bake "
+            "--allow-unmatched`) to apply the modules that match"
+        )
     raise RecipeError(
         f"input {name!r}: {count} of the adapter's {total} modules match no key of "
-        f"{model} ({adapter.family}): {shown}{hint}. Set `allow_unmatched: true` on node "
-        f"{strict[0]!r} to apply the modules that match",
+        f"{model} ({adapter.family}): {shown}{advice}",
         recipe.path,
         spec.line,
     )

@@ -480,3 +480,234 @@ def test_every_way_of_adding_a_lora(
     built, _ = bake(tmp_path, models["flux1"], adapter, expression)
     base = load(models["flux1"])
     assert_baked(built, expected_bake("flux1", base, load(adapter), strength), base, 304)
+
+
+# --- hand-made files: alphas, shapes and names ---------------------------------------------
+
+HIDDEN = 3072 // SHRINK
+
+
+def one_module(tmp_path: Path, tensors: dict, metadata: dict | None = None, name: str = "a"):
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
+    return path
+
+
+def build_with(tmp_path: Path, base: Path, adapter: Path, expression: str = "A + L", *extra):
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {base}, L: {adapter}}}
+        nodes: {{baked: "{expression}"}}
+        outputs: {{baked: {{path: out.safetensors, dtype: fp32}}}}
+        """,
+        name=f"{adapter.stem}.yaml",
+    )
+    return run_in_process("build", *extra, str(recipe))
+
+
+def lora_pair(rows: int, columns: int, rank: int = 4, seed: int = 0) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    up = torch.randn(rows, rank, generator=generator) * 0.01
+    down = torch.randn(rank, columns, generator=generator) * 0.01
+    return up, down
+
+
+def test_peft_alpha_applies_under_every_prefix_and_keys_the_cache(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """diffusers' `transformer.lora_alpha` scales a module named `transformer.`,
+    `diffusion_model.` or bare alike; the cache never mixes files whose alphas differ."""
+    up, down = lora_pair(HIDDEN, HIDDEN)
+    base = load(models["flux1"])
+    key = "double_blocks.0.img_attn.qkv.weight"
+    expected = base[key][:HIDDEN] + 2.0 * (up.double() @ down.double()).numpy()
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    for prefix, alpha in (("diffusion_model.", 8), ("transformer.", 8), ("", 8), ("", 4)):
+        stem = f"{prefix}transformer_blocks.0.attn.to_q"
+        metadata = {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": alpha})}
+        adapter = one_module(
+            tmp_path,
+            {f"{stem}.lora_B.weight": up, f"{stem}.lora_A.weight": down},
+            metadata,
+            f"a{prefix.strip('.')}{alpha}",
+        )
+        result = build_with(tmp_path, models["flux1"], adapter, "A + L", *cache)
+        assert result.returncode == 0, result.stderr
+        built = load(tmp_path / "out.safetensors")[key][:HIDDEN]
+        wanted = (
+            expected if alpha == 8 else base[key][:HIDDEN] + (up.double() @ down.double()).numpy()
+        )
+        np.testing.assert_allclose(built, wanted, rtol=1e-5, atol=1e-7, err_msg=prefix)
+
+
+def test_rslora_scales_by_the_root_of_the_rank_and_alpha_pattern_is_refused(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    up, down = lora_pair(HIDDEN, HIDDEN)
+    stem = "transformer.transformer_blocks.0.attn.to_q"
+    factors = {f"{stem}.lora_B.weight": up, f"{stem}.lora_A.weight": down}
+    config = {"transformer.lora_alpha": 16, "transformer.r": 4, "transformer.use_rslora": True}
+    adapter = one_module(tmp_path, factors, {"lora_adapter_metadata": json.dumps(config)})
+    assert build_with(tmp_path, models["flux1"], adapter).returncode == 0
+    key = "double_blocks.0.img_attn.qkv.weight"
+    base = load(models["flux1"])[key][:HIDDEN]
+    wanted = base + 8.0 * (up.double() @ down.double()).numpy()  # 16 / √4
+    np.testing.assert_allclose(load(tmp_path / "out.safetensors")[key][:HIDDEN], wanted, rtol=1e-5)
+    config = {"transformer.lora_alpha": 4, "transformer.alpha_pattern": {"to_q": 64}}
+    adapter = one_module(tmp_path, factors, {"lora_adapter_metadata": json.dumps(config)}, "b")
+    result = build_with(tmp_path, models["flux1"], adapter)
+    assert result.returncode == 2
+    assert "transformer.alpha_pattern" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("stem", "up_shape", "down_shape"),
+    [
+        ("single_blocks.0.processor.qkv_lora", (HIDDEN * 3 // 2, 4), (4, HIDDEN * 2)),
+        ("transformer.norm_out.linear", (HIDDEN, 4), (4, HIDDEN * 2)),
+        ("lora_unet_double_blocks_0_img_attn_proj", (HIDDEN * 2, 4), (4, HIDDEN // 2)),
+    ],
+    ids=["xlabs-rows", "swapped-rows", "kohya-rows"],
+)
+def test_factors_of_the_right_size_and_wrong_shape_are_refused(
+    stem: str, up_shape: tuple, down_shape: tuple, models: dict[str, Path], tmp_path: Path
+) -> None:
+    up, down = torch.zeros(up_shape), torch.zeros(down_shape)
+    parameters = (
+        ("lora_B", "lora_A")
+        if "lora_" not in stem and "transformer." in stem
+        else (("up", "down") if "processor" in stem else ("lora_up", "lora_down"))
+    )
+    adapter = one_module(
+        tmp_path, {f"{stem}.{parameters[0]}.weight": up, f"{stem}.{parameters[1]}.weight": down}
+    )
+    result = build_with(tmp_path, models["flux1"], adapter)
+    assert result.returncode == 2, result.stderr
+    assert f"module {stem} makes a delta of {up_shape[0]} rows" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "named"),
+    [
+        (
+            {"Q.lora_up.0.weight": (HIDDEN, 4), "Q.lora_down.0.weight": (4, HIDDEN),
+             "Q.lora_up.00.weight": (HIDDEN, 4), "Q.lora_down.00.weight": (4, HIDDEN),
+             "Q.lora_up.1.weight": (HIDDEN, 4), "Q.lora_down.1.weight": (4, HIDDEN)},
+            None,
+            "look like factors sdrecipe does not know (Q.lora_down.00.weight",
+        ),
+        (
+            {"lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": (HIDDEN, 4),
+             "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": (4, HIDDEN),
+             "lora_unet_double_blocks_0_img_attn_proj.lora_B.weight": (HIDDEN, 4),
+             "lora_unet_double_blocks_0_img_attn_proj.lora_A.weight": (4, HIDDEN)},
+            None,
+            "one convention",
+        ),
+        (
+            {"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": (HIDDEN, 4),
+             "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": (4, HIDDEN)},
+            {"lora_adapter_metadata": '{"transformer.lora_alpha": 1' + "0" * 400 + "}"},
+            "not a finite number",
+        ),
+    ],
+    ids=["split-leading-zero", "two-conventions", "huge-alpha"],
+)  # fmt: skip
+def test_malformed_adapters_are_refused_clearly(
+    tensors: dict, metadata: dict | None, named: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    adapter = one_module(tmp_path, {k: torch.zeros(s) for k, s in tensors.items()}, metadata)
+    result = build_with(tmp_path, models["flux1"], adapter)
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr and str(adapter) in result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+
+
+def test_nan_in_an_fp8_factor_is_named(models: dict[str, Path], tmp_path: Path) -> None:
+    up, down = lora_pair(HIDDEN, HIDDEN)
+    up[0, 0] = float("nan")
+    stem = "lora_unet_double_blocks_0_img_attn_proj"
+    factors = {f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down}
+    adapter = one_module(tmp_path, {k: v.to(torch.float8_e4m3fn) for k, v in factors.items()})
+    result = build_with(tmp_path, models["flux1"], adapter)
+    assert result.returncode == 2, result.stderr
+    assert f"module {stem}: lora_up.weight holds infinite or NaN values" in result.stderr
+
+
+def test_a_strength_beyond_float32_fails_the_build_by_name(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    adapter = write_adapter(tmp_path / "a.safetensors", AdapterSpec("flux1", SHRINK, "lora"))
+    result = build_with(tmp_path, models["flux1"], adapter, "A + 1e39 * L")
+    assert result.returncode == 1, result.stderr
+    assert "infinite or NaN values" in result.stderr and "internal error" not in result.stderr
+
+
+def test_modules_of_two_conventions_on_one_layer_both_apply(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A kohya module and a PEFT one patching the same layer add up, as on fused keys."""
+    first, second = lora_pair(4 * HIDDEN, HIDDEN, seed=1), lora_pair(4 * HIDDEN, HIDDEN, seed=2)
+    kohya, peft = (
+        "lora_unet_double_blocks_0_img_mlp_0",
+        "transformer.transformer_blocks.0.ff.net.0.proj",
+    )
+    adapter = one_module(
+        tmp_path,
+        {
+            f"{kohya}.lora_up.weight": first[0], f"{kohya}.lora_down.weight": first[1],
+            f"{peft}.lora_B.weight": second[0], f"{peft}.lora_A.weight": second[1],
+        },
+    )  # fmt: skip
+    assert build_with(tmp_path, models["flux1"], adapter).returncode == 0
+    key = "double_blocks.0.img_mlp.0.weight"
+    wanted = load(models["flux1"])[key] + sum(
+        (up.double() @ down.double()).numpy() for up, down in (first, second)
+    )
+    np.testing.assert_allclose(
+        load(tmp_path / "out.safetensors")[key], wanted, rtol=1e-5, atol=1e-9
+    )
+
+
+def test_simpletuner_lycoris_names_match(models: dict[str, Path], tmp_path: Path) -> None:
+    up, down = lora_pair(HIDDEN, HIDDEN)
+    stem = "lycoris_single_transformer_blocks_0_attn_to_k"
+    adapter = one_module(tmp_path, {f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down})
+    result = run_in_process("inspect", "--json", str(adapter), "--against", str(models["flux1"]))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["adapter"]["matched"] == 1
+
+
+def test_bake_leaves_text_encoder_modules_out_of_a_transformer_file_when_asked(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    spec = AdapterSpec("flux1", SHRINK, "lora", layout="flux1-dev-aio")
+    adapter = write_adapter(tmp_path / "aio.safetensors", spec)
+    out = tmp_path / "baked.safetensors"
+    refused = run_in_process("bake", str(models["flux1"]), str(adapter), "-o", str(out))
+    assert refused.returncode == 2 and "--allow-unmatched" in refused.stderr
+    result = run_in_process(
+        "bake", str(models["flux1"]), str(adapter), "-o", str(out), "--allow-unmatched"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "allow_unmatched: true" in (tmp_path / "baked.recipe.yaml").read_text()
+
+
+def test_an_fp8_base_without_dtype_gets_a_note(models: dict[str, Path], tmp_path: Path) -> None:
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    base = convert(models["flux1"], fp8 / "flux-fp8.safetensors", "safetensors", "dtype: fp8")
+    adapter = write_adapter(tmp_path / "a.safetensors", AdapterSpec("flux1", SHRINK, "lora"))
+    result = run_in_process(
+        "bake", str(base), f"{adapter}=0.8", "-o", str(tmp_path / "o.safetensors")
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rounded to fp8" in result.stderr and "dtype: bfloat16" in result.stderr
+
+
+def test_inspect_against_an_adapter_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    adapter = write_adapter(tmp_path / "a.safetensors", AdapterSpec("flux1", SHRINK, "lora"))
+    result = run_in_process("inspect", str(adapter), "--against", str(adapter))
+    assert result.returncode == 2 and "names an adapter" in result.stderr

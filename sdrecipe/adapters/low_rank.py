@@ -53,8 +53,10 @@ class LowRankDelta:
     def add_to(self, target: torch.Tensor) -> torch.Tensor:
         """`target + delta`, computed in `target` (a tensor of the delta's shape
         the caller owns)."""
-        if not target.is_contiguous():
-            return target.add_(self.dense(target.dtype))
+        if not target.is_contiguous() or abs(self.scale) > torch.finfo(target.dtype).max:
+            # addmm takes no such factor: the product, scaled (to infinities, which
+            # the output's check then names).
+            return target.add_(self.product(target.dtype).mul_(self.scale))
         flat = target.view(target.shape[0], -1)
         for piece in self.pieces:
             up, down = piece.up.to(target.dtype), piece.down.to(target.dtype)
@@ -64,6 +66,14 @@ class LowRankDelta:
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The delta as a tensor."""
         return self.add_to(torch.zeros(self.shape, dtype=dtype or self.dtype))
+
+    def product(self, dtype: torch.dtype) -> torch.Tensor:
+        """The sum of the pieces' products, unscaled."""
+        delta = torch.zeros(self.shape, dtype=dtype)
+        flat = delta.view(delta.shape[0], -1)
+        for piece in self.pieces:
+            flat[piece.rows].addmm_(piece.up.to(dtype), piece.down.to(dtype))
+        return delta
 
     def finite(self) -> bool:
         """True when every factor is finite (their products may still overflow)."""

@@ -47,8 +47,9 @@ LORA_UP = ("lora_up.weight", "lora_B.weight", "up.weight")
 LORA_DOWN = ("lora_down.weight", "lora_A.weight", "down.weight")
 # sd-scripts' split q/k/v (and MLP) LoRA of a fused layer: one pair per part,
 # `lora_up.{i}.weight` and `lora_down.{i}.weight`, one alpha.
-SPLIT_PARAMETER = re.compile(r"lora_(up|down)\.(\d{1,3})\.weight")
+SPLIT_PARAMETER = re.compile(r"lora_(up|down)\.(0|[1-9]\d{0,2})\.weight")
 SHARED_PARAMETERS = ("alpha", "dora_scale")
+FACTOR_LIKE = re.compile(r"\.(lora_|hada_|lokr_)[^.]*(\.[^.]+){0,2}$")
 # Parameters of algorithms sdrecipe does not apply, so that a file holding them
 # is refused by name rather than half applied.
 UNSUPPORTED_PARAMETERS = {
@@ -333,20 +334,37 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 def is_adapter(keys: list[str]) -> bool:
     """True when the keys are an adapter's: no checkpoint prefix, and every key
-    a known adapter parameter ((IA)^3's `weight` beside its `on_input`), a
-    stray key or two tolerated only beside many."""
+    a known adapter parameter ((IA)^3's `weight` beside its `on_input`) or one
+    that looks like a factor (`adapter_modules` then names it), a stray key or
+    two tolerated only beside many."""
     if not keys or any(key.startswith(MODEL_PREFIXES) for key in keys):
         return False
     scaled = {
         key.removesuffix(".on_input") + ".weight" for key in keys if key.endswith(".on_input")
     }
     recognised = sum(1 for key in keys if split_key(key) is not None or key in scaled)
-    return recognised > 0 and recognised >= 0.9 * len(keys)
+    lookalike = sum(1 for key in keys if _unknown_factor(key))
+    return recognised > 0 and recognised + lookalike >= 0.9 * len(keys)
+
+
+def _unknown_factor(key: str) -> bool:
+    """A key named like an adapter's factor (`lora_`, `hada_`, `lokr_` in its last
+    parts) that is none sdrecipe knows: PEFT's `lora_A.default.weight`, its
+    `lora_B.bias`, a split part `lora_up.00.weight`."""
+    return split_key(key) is None and bool(FACTOR_LIKE.search(key))
 
 
 def adapter_modules(keys: list[str]) -> dict[str, AdapterModule]:
     """The modules of an adapter, by stem; AdapterError for unsupported algorithms,
     a module that mixes algorithms, or one missing a factor."""
+    unknown = [key for key in keys if _unknown_factor(key)]
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise AdapterError(
+            f"{len(unknown)} key(s) look like factors sdrecipe does not know ({shown}); "
+            "it applies lora_up/lora_down (numbered parts 0, 1, ...), lora_A/lora_B weights, "
+            "LyCORIS' hada_/lokr_ factors, alpha and dora_scale, and leaves no key unread"
+        )
     parameters: dict[str, dict[str, str]] = {}
     for key in keys:
         split = split_key(key)
@@ -382,6 +400,9 @@ def _missing_factors(algorithm: str, found: Mapping[str, str]) -> list[str]:
     """The parameters `algorithm` needs that `found` lacks."""
     if algorithm == "lora":
         pairs = [{up, down} for up, down in zip(LORA_UP, LORA_DOWN, strict=True)]
+        used = [pair for pair in pairs if pair & set(found)]
+        if len(used) > 1:
+            return [f"one convention: it has {', '.join(sorted(set().union(*used)))}"]
         if any(pair <= set(found) for pair in pairs):
             return []
         return sorted(next((p for p in pairs if p & set(found)), pairs[0]) - set(found))

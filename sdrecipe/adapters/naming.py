@@ -211,9 +211,10 @@ class _Names:
         return tuple(f"{prefix}_{self.kind}_{flat}" for prefix in KOHYA_PREFIXES)
 
     def kohya_diffusers(self, path: str) -> tuple[str, ...]:
-        """OneTrainer's and LyCORIS' names for a diffusers transformer path."""
+        """OneTrainer's and LyCORIS' names for a diffusers transformer path, and
+        SimpleTuner's LyCORIS ones (`lycoris_` + the path, as ComfyUI reads them)."""
         flat = path.replace(".", "_")
-        return tuple(f"{prefix}_transformer_{flat}" for prefix in KOHYA_PREFIXES)
+        return (*(f"{prefix}_transformer_{flat}" for prefix in KOHYA_PREFIXES), f"lycoris_{flat}")
 
     def peft(self, path: str) -> tuple[str, ...]:
         return tuple(prefix + path for prefix in PEFT_PREFIXES.get(self.component, ()))

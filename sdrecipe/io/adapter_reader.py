@@ -49,8 +49,13 @@ from sdrecipe.io.tensor_info import TensorInfo
 
 # The families adapters are made for (those whose files say how kohya names LoRA outputs).
 ADAPTER_FAMILIES = tuple(data.name for data in families() if data.adapters.lora is not None)
-# diffusers writes the PEFT config (lora_alpha, r) into the file's metadata under this name.
+# diffusers writes the PEFT config (lora_alpha, r) into the file's metadata under this name,
+# its fields prefixed by component; PEFT names begin with these.
 PEFT_METADATA_KEY = "lora_adapter_metadata"
+PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+TEXT_ENCODER_STEMS = ("text_encoder", "lora_te")
+# PEFT config fields that would change a module's scale in ways sdrecipe does not apply.
+PEFT_UNSUPPORTED = ("alpha_pattern",)
 # 2: a LoRA's delta is added to the model as `addmm` (one rounding fewer than before).
 DELTA_VERSION = "sdrecipe-adapter-delta-2"
 # An alpha beyond this is infinite once the deltas are computed in float32.
@@ -85,11 +90,28 @@ class AdapterFile:
                 alphas[stem] = self.reader.tensor(key).clone()  # one number, not a view
                 _check_alpha(float(alphas[stem]), f"module {stem}: alpha", self.path)
             elif "lora_A.weight" in module.keys:
-                component = stem.split(".", 1)[0] if "." in stem else ""
-                alpha = self.peft_alphas.get(component, self.peft_alphas.get(""))
+                alpha = self._peft_alpha(module)
                 if alpha is not None:
                     alphas[stem] = torch.tensor(alpha)
         return alphas
+
+    def _peft_alpha(self, module: AdapterModule) -> float | None:
+        """A PEFT module's alpha from the metadata: its component's (`unet.`,
+        `transformer.`, `text_encoder.`... by the name's first part; a bare,
+        `diffusion_model.` or `base_model.model.` name is the denoiser's), else
+        the file's; with rsLoRA the scale is lora_alpha/√r, so alpha·√r here."""
+        first = module.stem.split(".", 1)[0]
+        component = first if first in PEFT_COMPONENTS else None
+        if component is None and not module.stem.startswith(TEXT_ENCODER_STEMS):
+            component = next((c for c in ("transformer", "unet") if c in self.peft_alphas), None)
+        config = self.peft_alphas.get(component or "", self.peft_alphas.get(""))
+        if config is None:
+            return None
+        alpha, rslora = config
+        if not rslora:
+            return alpha
+        rank = module.rank(self.infos) or 1
+        return alpha * math.sqrt(rank)
 
     def factor(
         self, module: AdapterModule, parameter: str, dtype: torch.dtype
@@ -120,9 +142,7 @@ class AdapterFile:
             rank = module.rank(self.infos)
             if rank is not None:
                 ranks.add(rank)
-        alphas = sorted(
-            {float(self.alphas[m.stem]) for m in self.modules.values() if "alpha" in m.keys}
-        )
+        alphas = sorted({float(alpha) for alpha in self.alphas.values()})
         namings = sorted({naming_of(module) for module in self.modules.values()})
         return {
             "modules": len(self.modules),
@@ -153,11 +173,12 @@ def naming_of(module: AdapterModule) -> str:
     return "comfyui" if stem.startswith("diffusion_model.") else "other"
 
 
-def _peft_alphas(metadata: Mapping[str, str], path: Path) -> dict[str, float]:
+def _peft_alphas(metadata: Mapping[str, str], path: Path) -> dict[str, tuple[float, bool]]:
     """PEFT's lora_alpha from diffusers' metadata entry (JSON nested at most 32
     levels), by component: diffusers writes `{"transformer.lora_alpha": 8,
     "transformer.r": 4, ...}`, one prefix per component, older files
-    `{"lora_alpha": 8, "r": 4}` (component "" here: every PEFT module)."""
+    `{"lora_alpha": 8, "r": 4}` (component "" here: every PEFT module); with
+    each, whether it is rsLoRA (`use_rslora`: scale lora_alpha/√r)."""
     text = metadata.get(PEFT_METADATA_KEY)
     if not text:
         return {}
@@ -173,8 +194,17 @@ def _peft_alphas(metadata: Mapping[str, str], path: Path) -> dict[str, float]:
         return {}
     where = f"its metadata's {PEFT_METADATA_KEY}"
     alphas = {}
+    rslora = {}
     for name, value in config.items():
         component, _, field = name.rpartition(".")
+        if field in PEFT_UNSUPPORTED and value:
+            raise RecipeError(
+                f"cannot apply this adapter: {name} in {where} gives some modules alphas of "
+                "their own, which sdrecipe does not apply",
+                path,
+            )
+        if field == "use_rslora":
+            rslora[component] = value is True
         if (
             field == "r"
             and value is not None
@@ -193,9 +223,10 @@ def _peft_alphas(metadata: Mapping[str, str], path: Path) -> dict[str, float]:
                 "not a number",
                 path,
             )
-        _check_alpha(float(value), f"{name} in {where}", path)
-        alphas[component] = float(value)
-    return alphas
+        number = float(value) if isinstance(value, float) or abs(value) < 1 << 128 else math.inf
+        _check_alpha(number, f"{name} in {where}", path)
+        alphas[component] = number
+    return {c: (alpha, rslora.get(c, rslora.get("", False))) for c, alpha in alphas.items()}
 
 
 def _check_alpha(value: float, what: str, path: Path) -> None:
@@ -247,15 +278,13 @@ class AdapterReader:
                 continue
             patches = []
             for part in names(key):
-                module = next((modules[n] for n in part.names if n in modules), None)
-                if module is None:
-                    continue
-                wanted = (
-                    module.changes_weight if part.parameter == "weight" else module.changes_bias
-                )
-                if wanted:
-                    patches.append(_Patch(part, module))
-                    used.add(module.stem)
+                for module in (modules[n] for n in part.names if n in modules):
+                    wanted = (
+                        module.changes_weight if part.parameter == "weight" else module.changes_bias
+                    )
+                    if wanted:
+                        patches.append(_Patch(part, module))
+                        used.add(module.stem)
             if patches:
                 self._patches[key] = patches
                 shape = self._delta_shape(key, info, patches)
@@ -280,7 +309,9 @@ class AdapterReader:
             else:
                 rows, numel, kernel = module.weight_size(infos)
             expected = patch.part.share(target.numel)
-            if numel == expected:
+            part_rows = patch.part.rows(target.shape[0])
+            kernel_fits = kernel in ((), tuple(target.shape[2:])) or all(k == 1 for k in kernel)
+            if numel == expected and rows == part_rows.stop - part_rows.start and kernel_fits:
                 continue
             shape = target.shape
             channels_differ = (
@@ -293,7 +324,7 @@ class AdapterReader:
             )
             if channels_differ:
                 return (rows, numel // (rows * shape[2] * shape[3]), *shape[2:])
-            raise self._misfit(module.stem, numel, key, shape, patch.part, expected)
+            raise self._misfit(module.stem, (rows, numel, kernel), key, shape, patch.part)
         return target.shape
 
     def _check_dora(self, key: str, module: AdapterModule, shape: tuple[int, ...]) -> None:
@@ -313,19 +344,27 @@ class AdapterReader:
         )
 
     def _misfit(
-        self, stem: str, numel: int, key: str, shape: tuple[int, ...], part: KeyPart, expected: int
+        self,
+        stem: str,
+        size: tuple[int, int, tuple[int, ...]],
+        key: str,
+        shape: tuple[int, ...],
+        part: KeyPart,
     ) -> RecipeError:
-        guessed = guess_family(self.adapter)
-        rows = part.rows(shape[0])
+        rows, numel, kernel = size
+        span = part.rows(shape[0])
         where = (
             ""
             if part.whole
-            else f" (its slice, rows {rows.start}-{rows.stop - 1}, takes {expected} elements)"
+            else f" (its slice, rows {span.start}-{span.stop - 1}, takes "
+            f"{part.share(prod(shape))} elements)"
         )
+        made = f"{rows} rows, {numel} elements" + (f", kernel {list(kernel)}" if kernel else "")
+        guessed = guess_family(self.adapter)
+        looks = f"; its modules look like a {guessed} adapter" if guessed != "unknown" else ""
         return RecipeError(
             f"this adapter does not fit a {self.family} model: module {stem} makes a "
-            f"delta of {numel} elements for {key} of shape {list(shape)}{where}; its "
-            f"modules look like a {guessed} adapter",
+            f"delta of {made} for {key} of shape {list(shape)}{where}{looks}",
             self.path,
         )
 
@@ -409,7 +448,7 @@ class AdapterReader:
         the factor that holds them, else BuildError (finite factors that overflow)."""
         for module in modules:
             for parameter, file_key in module.keys.items():
-                if not bool(torch.isfinite(self.adapter.reader.tensor(file_key)).all()):
+                if not is_finite(self.adapter.reader.tensor(file_key)):
                     return RecipeError(
                         f"cannot apply this adapter: module {module.stem}: {parameter} holds "
                         "infinite or NaN values",
@@ -468,6 +507,7 @@ class AdapterReader:
                         (name, fingerprint.tensors[file_key])
                         for name, file_key in p.module.keys.items()
                     ),
+                    _alpha_of(self.adapter, p.module),
                 )
                 for p in patches
             ]
@@ -477,10 +517,17 @@ class AdapterReader:
                 str(info.dtype),
                 list(info.shape),
                 parts,
-                sorted(self.adapter.peft_alphas.items()),
             ]
             digests[key] = blake3.blake3(json.dumps(described).encode()).hexdigest()
         return digests
+
+
+def _alpha_of(adapter: AdapterFile, module: AdapterModule) -> float | None:
+    """The alpha a module's delta is computed with where it is not a tensor of
+    the file (PEFT's, from the metadata), for digests; None otherwise."""
+    if "alpha" in module.keys or module.stem not in adapter.alphas:
+        return None
+    return float(adapter.alphas[module.stem])
 
 
 def _described(part: KeyPart) -> tuple[object, ...]:
