@@ -1224,8 +1224,11 @@ def flux_lora_scenarios(rounds: int, skip: dict[str, str], report: dict[str, obj
             report["flux_lora_extracted"] = adapter_facts(WORK / FLUX_LORA_EXTRACTED)
         free_cache()
 
-    both = not stale(a16, models[a16]) and not stale(b16, models[b16])
-    for phase in (extract, bake) if both else (bake, extract):
+    # BENCH_FLUX_LORA_EXTRACT=0 measures 17a alone and keeps the last run's 17b figures.
+    phases = [bake, extract] if os.environ.get("BENCH_FLUX_LORA_EXTRACT", "1") != "0" else [bake]
+    if len(phases) == 2 and not stale(a16, models[a16]) and not stale(b16, models[b16]):
+        phases.reverse()
+    for phase in phases:
         phase()
     report["flux_lora_parameters"] = parameters
     for name in (a16, b16):
