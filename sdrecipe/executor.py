@@ -258,7 +258,7 @@ class _KeyTask:
         for rows in row_ranges(self.plan):
             if self.executor.stopping.is_set():
                 raise _Stopped
-            values: dict[str, torch.Tensor] = {}
+            values: dict[str, Operand] = {}
             for output in outputs:
                 info = writers[output].info(self.key)
                 tensor = self._tensor(self.plan.sources[output], rows, values)
