@@ -299,29 +299,12 @@ def _dit_targets(report: dict) -> list[str]:
             if not _failed(result)
         )
         rows.append((f"{name}: read from disk", "reported", read, None))
-    lines = ["| measure | target | measured | met |", "|---|---|---|---|"]
-    for measure, target, measured, met in rows:
-        verdict = "–" if met is None else ("yes" if met else "**no**")
-        lines.append(f"| {measure} | {target} | {measured} | {verdict} |")
-    return lines if rows else []
+    return _table(rows) if rows else []
 
 
 def dit_section(report: dict) -> list[str]:
     """Scenario 15's section: `python -m bench.run --only dit`."""
-    shrink = report.get("dit_shrink", 1)
-    lines = [
-        DIT_HEADING
-        + (f" (a validation run, widths / {shrink}: not the benchmark)" if shrink > 1 else ""),
-        "",
-    ]
-    if "dit_machine" in report:
-        machine = report["dit_machine"]
-        lines += [
-            f"Measured by `python -m bench.run --only dit` on {machine['date']}: "
-            f"{machine['cores']} cores ({machine['cpu']}), {machine['memory']} RAM, "
-            f"torch {machine['torch']}.",
-            "",
-        ]
+    lines = _section_head(report, "dit", DIT_HEADING, "--only dit")
     lines += [DIT_ABOUT, "", DIT_MECHA, ""]
     targets = _dit_targets(report)
     lines += [*targets, ""] if targets else []
@@ -433,15 +416,7 @@ def _against_floors(report: dict, name: str) -> tuple[float, str] | None:
 
 def quant_section(report: dict) -> list[str]:
     """Scenario 16's section: `python -m bench.run --only quant`."""
-    lines = [QUANT_HEADING, ""]
-    if "quant_machine" in report:
-        machine = report["quant_machine"]
-        lines += [
-            f"Measured by `python -m bench.run --only quant --rounds 1` on {machine['date']}: "
-            f"{machine['cores']} cores ({machine['cpu']}), {machine['memory']} RAM, "
-            f"torch {machine['torch']}.",
-            "",
-        ]
+    lines = _section_head(report, "quant", QUANT_HEADING, "--only quant --rounds 1")
     lines += [QUANT_ABOUT, ""]
     targets = _quant_targets(report)
     lines += [*targets, ""] if targets else []
@@ -559,6 +534,23 @@ def _flux_lora_targets(report: dict, read: bool = False) -> list[tuple]:
     return rows
 
 
+def _section_head(report: dict, group: str, heading: str, arguments: str) -> list[str]:
+    """An opt-in group's heading (marked when a shrunken validation run made it) and
+    the line saying where and when `python -m bench.run ARGUMENTS` measured it."""
+    shrink = report.get(f"{group}_shrink", 1)
+    validation = f" (a validation run, widths / {shrink}: not the benchmark)" if shrink > 1 else ""
+    lines = [heading + validation, ""]
+    if f"{group}_machine" in report:
+        machine = report[f"{group}_machine"]
+        lines += [
+            f"Measured by `python -m bench.run {arguments}` on {machine['date']}: "
+            f"{machine['cores']} cores ({machine['cpu']}), {machine['memory']} RAM, "
+            f"torch {machine['torch']}.",
+            "",
+        ]
+    return lines
+
+
 def _table(rows: list[tuple]) -> list[str]:
     """Targets as a table: measure, target, measured and whether it was met."""
     lines = ["| measure | target | measured | met |", "|---|---|---|---|"]
@@ -570,20 +562,7 @@ def _table(rows: list[tuple]) -> list[str]:
 
 def flux_lora_section(report: dict) -> list[str]:
     """Scenario 17's section: `python -m bench.run --only flux_lora`."""
-    shrink = report.get("flux_lora_shrink", 1)
-    lines = [
-        FLUX_LORA_HEADING
-        + (f" (a validation run, widths / {shrink}: not the benchmark)" if shrink > 1 else ""),
-        "",
-    ]
-    if "flux_lora_machine" in report:
-        machine = report["flux_lora_machine"]
-        lines += [
-            f"Measured by `python -m bench.run --only flux_lora` on {machine['date']}: "
-            f"{machine['cores']} cores ({machine['cpu']}), {machine['memory']} RAM, "
-            f"torch {machine['torch']}.",
-            "",
-        ]
+    lines = _section_head(report, "flux_lora", FLUX_LORA_HEADING, "--only flux_lora")
     lines += [FLUX_LORA_ABOUT, "", FLUX_LORA_MECHA, ""]
     targets = _flux_lora_targets(report, read=True)
     lines += [*_table(targets), ""] if targets else []
