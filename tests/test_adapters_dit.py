@@ -312,15 +312,7 @@ def test_lora_into_a_quantized_base(models: dict[str, Path], tmp_path: Path) -> 
 
 def test_an_sdxl_lora_on_flux_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
     adapter = write_adapter(tmp_path / "a.safetensors", AdapterSpec("sdxl", SHRINK, "lora"))
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{A: {models["flux1"]}, L: {adapter}}}
-        nodes: {{baked: A + L}}
-        outputs: {{baked: out.safetensors}}
-        """,
-    )
-    result = run_in_process("build", str(recipe))
+    result = build_with(tmp_path, models["flux1"], adapter)
     assert result.returncode == 2
     assert "match no key of A (flux1)" in result.stderr
     assert "look like a sdxl adapter" in result.stderr
@@ -333,22 +325,14 @@ def test_a_slice_of_the_wrong_width_is_refused(models: dict[str, Path], tmp_path
     rank = 4
     hidden = load(models["flux1"])["single_blocks.0.linear2.weight"].shape[0]
     stem = "transformer.single_transformer_blocks.0.proj_mlp"
-    save_file(
+    adapter = one_module(
+        tmp_path,
         {
             f"{stem}.lora_A.weight": torch.ones(rank, hidden),
             f"{stem}.lora_B.weight": torch.ones(hidden, rank),
         },
-        tmp_path / "a.safetensors",
     )
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{A: {models["flux1"]}, L: {tmp_path / "a.safetensors"}}}
-        nodes: {{baked: A + L}}
-        outputs: {{baked: out.safetensors}}
-        """,
-    )
-    result = run_in_process("build", str(recipe))
+    result = build_with(tmp_path, models["flux1"], adapter)
     assert result.returncode == 2
     assert f"module {stem}" in result.stderr
     assert "single_blocks.0.linear1.weight" in result.stderr
@@ -360,16 +344,7 @@ def test_a_split_module_missing_a_part_is_refused(models: dict[str, Path], tmp_p
     spec = AdapterSpec("flux1", SHRINK, "lora", naming="split")
     tensors = load_torch(write_adapter(tmp_path / "full.safetensors", spec))
     del tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.1.weight"]
-    save_file(tensors, tmp_path / "a.safetensors")
-    recipe = write_recipe(
-        tmp_path,
-        f"""
-        inputs: {{A: {models["flux1"]}, L: {tmp_path / "a.safetensors"}}}
-        nodes: {{baked: A + L}}
-        outputs: {{baked: out.safetensors}}
-        """,
-    )
-    result = run_in_process("build", str(recipe))
+    result = build_with(tmp_path, models["flux1"], one_module(tmp_path, tensors))
     assert result.returncode == 2
     assert "lora_unet_double_blocks_0_img_attn_qkv (split_lora) lacks lora_up.1.weight" in (
         result.stderr
