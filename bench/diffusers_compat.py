@@ -103,8 +103,8 @@ outputs: {{baked: {{path: {model}-{naming}-baked.safetensors, dtype: fp32}}}}
 
 def prepare(folder: Path) -> None:
     """Synthetic single files and their diffusers folders, made by sdrecipe."""
-    from sdrecipe.build import build
-    from sdrecipe.prepare import prepare_recipe
+    from sdrecipe.engine.builder import build
+    from sdrecipe.plan.prepare import prepare_recipe
     from sdrecipe.recipe.loader import parse_recipe
     from sdrecipe.synthetic import ModelSpec, write_model
 
@@ -129,8 +129,8 @@ def prepare(folder: Path) -> None:
 
 def prepare_dit(folder: Path) -> None:
     """The Flux.1 and SD3 / SD3.5 single files and their diffusers folders."""
-    from sdrecipe.build import build
-    from sdrecipe.prepare import prepare_recipe
+    from sdrecipe.engine.builder import build
+    from sdrecipe.plan.prepare import prepare_recipe
     from sdrecipe.recipe.loader import parse_recipe
     from sdrecipe.synthetic import ModelSpec, write_model
 
@@ -149,8 +149,8 @@ def prepare_flux_lora(folder: Path) -> None:
     """A synthetic Flux.1 model, its diffusers folder, one LoRA per naming, and
     PEFT LoRAs extracted from a fine-tune of it, each with sdrecipe's bake of it
     into the single file."""
-    from sdrecipe.build import build
-    from sdrecipe.prepare import prepare_recipe
+    from sdrecipe.engine.builder import build
+    from sdrecipe.plan.prepare import prepare_recipe
     from sdrecipe.recipe.loader import parse_recipe
     from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model
 

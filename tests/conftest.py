@@ -19,9 +19,9 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
-from sdrecipe.build import build
 from sdrecipe.cli import main
-from sdrecipe.prepare import prepare
+from sdrecipe.engine.builder import build
+from sdrecipe.plan.prepare import prepare
 from sdrecipe.synthetic import ModelSpec, write_model
 
 # Two test processes share two cores: a time limit per example would only flake.

@@ -19,8 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from sdrecipe import cache, executor
+from sdrecipe.cache import store as cache
 from sdrecipe.cli import main
+from sdrecipe.engine import executor
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 
 

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from conftest import SHRINK, invoke, write_recipe
 from sdrecipe.arch import DDPM_SCHEDULE_BUFFERS
 from sdrecipe.io.readers import open_model
-from sdrecipe.model_report import inspect_model
 from sdrecipe.synthetic import ModelSpec, write_model
+from sdrecipe.views.model_report import inspect_model
 
 UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
 
@@ -121,7 +121,7 @@ def test_inspect_reads_both_forms_and_ignores_a_copied_record(tmp_path, models):
     record = {"version": "0.1.0", "node": "old", "expression": "A", "inputs": {}}
     save_file({"x": torch.zeros(1)}, legacy, metadata={"sdrecipe": json.dumps(record)})
     assert open_model(legacy).metadata["sdrecipe"].startswith("{")
-    from sdrecipe.provenance import read_provenance
+    from sdrecipe.plan.provenance import read_provenance
 
     assert read_provenance(open_model(legacy).metadata).node == "old"
     a1111_remerge([tmp_path / "out.safetensors"], tmp_path / "a1111.safetensors")

@@ -11,11 +11,11 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import POSITION_IDS, UNET_IN, as32, invoke, write_recipe
-from sdrecipe.build import build
+from sdrecipe.engine.builder import build
 from sdrecipe.methods import get_method
 from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, DropMask, magnitude_threshold
-from sdrecipe.per_key import KeyContext
-from sdrecipe.prepare import prepare
+from sdrecipe.plan.prepare import prepare
+from sdrecipe.recipe.per_key import KeyContext
 
 F32 = torch.float32
 

@@ -8,9 +8,9 @@ import signal
 import pytest
 
 from conftest import run_cli, start_paused_build, write_recipe
-from sdrecipe import executor
-from sdrecipe.build import build
-from sdrecipe.prepare import prepare
+from sdrecipe.engine import executor
+from sdrecipe.engine.builder import build
+from sdrecipe.plan.prepare import prepare
 
 
 @pytest.fixture

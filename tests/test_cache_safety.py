@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import run_in_process, start_paused_build, write_recipe
-from sdrecipe.cache import Cache
+from sdrecipe.cache.store import Cache
 
 
 @pytest.fixture

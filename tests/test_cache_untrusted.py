@@ -459,7 +459,7 @@ def test_a_fifo_in_the_remote_is_a_corrupt_entry_not_a_hang(tmp_path, models, en
 
 
 def test_an_oversized_remote_record_is_corrupt_and_not_read_whole(tmp_path, models):
-    from sdrecipe.remote_cache import MAX_RECORD_SIZE
+    from sdrecipe.cache.remote import MAX_RECORD_SIZE
 
     remote = tmp_path / "remote"
     build(machine(tmp_path / "one", models), remote)
@@ -474,7 +474,7 @@ def test_an_oversized_remote_record_is_corrupt_and_not_read_whole(tmp_path, mode
 def test_an_interrupted_push_or_pull_leaves_no_temporaries(tmp_path, models, monkeypatch):
     from fsspec.implementations.local import LocalFileSystem
 
-    from sdrecipe.remote_cache import RemoteCache
+    from sdrecipe.cache.remote import RemoteCache
 
     remote = tmp_path / "remote"
     recipe = machine(tmp_path / "one", models)

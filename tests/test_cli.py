@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from conftest import run_cli, write_recipe
 from sdrecipe import __version__
-from sdrecipe.provenance import read_provenance
+from sdrecipe.plan.provenance import read_provenance
 
 
 @pytest.fixture

@@ -90,7 +90,7 @@ def pause_third_key(folder: Path) -> int:
     import os
     import time
 
-    from sdrecipe.executor import Executor
+    from sdrecipe.engine.executor import Executor
 
     original = Executor.run_key
     calls = 0

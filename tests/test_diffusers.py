@@ -14,9 +14,9 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
 from conftest import SHRINK, as32, convert, run_cli, write_recipe
-from sdrecipe.build import build
+from sdrecipe.engine.builder import build
 from sdrecipe.io.readers import open_model
-from sdrecipe.prepare import prepare
+from sdrecipe.plan.prepare import prepare
 from sdrecipe.synthetic import ModelSpec, write_model
 
 FAMILIES = ["sd1", "sd2", "sdxl", "sdxl-refiner"]

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from conftest import POSITION_IDS, as32, invoke, write_recipe
-from sdrecipe.assess import assess
 from sdrecipe.methods import merge_method, registry
-from sdrecipe.per_key import KeyContext, resolve
-from sdrecipe.prepare import prepare
+from sdrecipe.plan.assess import assess
+from sdrecipe.plan.prepare import prepare
 from sdrecipe.recipe.expr import Call, PerKey, Ref, format_expression, parse_expression
+from sdrecipe.recipe.per_key import KeyContext, resolve
 
 TEXT_ENCODER = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
 UNET = "model.diffusion_model.out.2.weight"

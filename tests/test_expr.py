@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdrecipe.evaluate import evaluate
+from sdrecipe.engine.evaluate import evaluate
 from sdrecipe.recipe.expr import (
     BinOp,
     Call,

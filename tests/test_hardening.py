@@ -23,13 +23,13 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
 from conftest import invoke, run_cli, write_recipe
-from sdrecipe.build import build
-from sdrecipe.cache import Cache, ObjectWriter
+from sdrecipe.cache.store import Cache, ObjectWriter
+from sdrecipe.engine.builder import build
 from sdrecipe.errors import BuildError
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
-from sdrecipe.prepare import prepare
-from sdrecipe.provenance import LINEAGE_TRUNCATED, MAX_LINEAGE_BYTES
+from sdrecipe.plan.prepare import prepare
+from sdrecipe.plan.provenance import LINEAGE_TRUNCATED, MAX_LINEAGE_BYTES
 
 
 def three_inputs(models, nodes="out: A + (B - C)", outputs="out: out/x.safetensors"):

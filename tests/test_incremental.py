@@ -285,13 +285,15 @@ def test_node_mapping_needs_exactly_one_form(tmp_path, models):
 def test_an_output_made_by_another_output_format_is_not_current(
     project, isolated_cache, monkeypatch
 ):
-    import sdrecipe.lock
-    from sdrecipe.cache import Cache
-    from sdrecipe.uptodate import current_outputs
+    import sdrecipe.recipe.lock
+    from sdrecipe.cache.store import Cache
+    from sdrecipe.plan.uptodate import current_outputs
 
     build(project)
     assert current_outputs(project, None, Cache(isolated_cache)) is not None
-    monkeypatch.setattr(sdrecipe.lock, "OUTPUT_FORMAT", sdrecipe.lock.OUTPUT_FORMAT + 1)
+    monkeypatch.setattr(
+        sdrecipe.recipe.lock, "OUTPUT_FORMAT", sdrecipe.recipe.lock.OUTPUT_FORMAT + 1
+    )
     assert current_outputs(project, None, Cache(isolated_cache)) is None
 
 

@@ -9,8 +9,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import POSITION_IDS, UNET_IN, as32, write_recipe
-from sdrecipe.build import build
-from sdrecipe.prepare import prepare
+from sdrecipe.engine.builder import build
+from sdrecipe.plan.prepare import prepare
 
 
 def numpy_reference(method: str, alpha: float, a, b, c=None):

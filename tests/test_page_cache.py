@@ -10,10 +10,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import write_recipe
-from sdrecipe.build import build
+from sdrecipe.engine.builder import build
 from sdrecipe.io import page_cache
 from sdrecipe.io.page_cache import WrittenBehind, memory_is_short
-from sdrecipe.prepare import prepare
+from sdrecipe.plan.prepare import prepare
 
 MB = 1 << 20
 
@@ -79,7 +79,7 @@ def test_a_refused_hint_stops_the_dropping_not_the_writing(advice):
 def test_a_build_drops_its_output_only_when_memory_is_short(
     tmp_path, models, monkeypatch, advice, short
 ):
-    monkeypatch.setattr("sdrecipe.build.memory_is_short", lambda nbytes: short)
+    monkeypatch.setattr("sdrecipe.engine.builder.memory_is_short", lambda nbytes: short)
     monkeypatch.setattr(page_cache, "DROP_LAG", 0)
     recipe = write_recipe(
         tmp_path,

@@ -7,9 +7,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import write_recipe
-from sdrecipe.build import build
+from sdrecipe.engine.builder import build
 from sdrecipe.errors import RecipeError
-from sdrecipe.prepare import prepare
+from sdrecipe.plan.prepare import prepare
 
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 

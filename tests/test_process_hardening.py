@@ -21,11 +21,11 @@ import yaml
 
 from conftest import run_cli, run_in_process, start_paused_build, write_recipe
 from sdrecipe import methods  # noqa: F401  (registers every method)
-from sdrecipe.build import build
-from sdrecipe.cache import OBJECT, Cache, Location
+from sdrecipe.cache.store import OBJECT, Cache, Location
+from sdrecipe.engine.builder import build
 from sdrecipe.methods.registry import MergeMethod, get_method, registered_methods
-from sdrecipe.per_key import KeyContext
-from sdrecipe.prepare import prepare
+from sdrecipe.plan.prepare import prepare
+from sdrecipe.recipe.per_key import KeyContext
 
 STOPS = pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 
@@ -356,7 +356,7 @@ def test_an_unbounded_or_empty_scheduler_is_a_usage_error(
 
 
 def test_local_n_is_bounded_by_the_cores(monkeypatch):
-    from sdrecipe import cluster
+    from sdrecipe.engine import cluster
     from sdrecipe.errors import RecipeError
 
     monkeypatch.setattr(cluster.os, "cpu_count", lambda: 3)

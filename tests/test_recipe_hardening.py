@@ -16,8 +16,8 @@ from safetensors.numpy import load_file
 from conftest import as32, invoke, run_cli, write_recipe
 from sdrecipe.arch.block_presets import LBW_PRESETS, PRESETS
 from sdrecipe.arch.blocks import block_ids
-from sdrecipe.per_key import key_context, per_block, resolve
 from sdrecipe.recipe.expr import PerKey
+from sdrecipe.recipe.per_key import key_context, per_block, resolve
 from sdrecipe.synthetic import ModelSpec, write_model
 
 IN04_KEY = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
@@ -205,8 +205,8 @@ def test_file_urls_are_local_paths(tmp_path, models):
 def test_checking_a_sweep_grows_with_its_outputs_not_their_square(tmp_path, models, monkeypatch):
     """Each output's path is resolved a bounded number of times, and each node's
     operands worked out once, not once per key or per pair of outputs."""
-    import sdrecipe.graph
-    import sdrecipe.guard
+    import sdrecipe.plan.graph
+    import sdrecipe.plan.guard
 
     calls = {"realpath": 0, "references": 0}
 
@@ -217,9 +217,11 @@ def test_checking_a_sweep_grows_with_its_outputs_not_their_square(tmp_path, mode
 
         return wrapper
 
-    monkeypatch.setattr(sdrecipe.guard.os.path, "realpath", counted("realpath", os.path.realpath))
     monkeypatch.setattr(
-        sdrecipe.graph, "references", counted("references", sdrecipe.graph.references)
+        sdrecipe.plan.guard.os.path, "realpath", counted("realpath", os.path.realpath)
+    )
+    monkeypatch.setattr(
+        sdrecipe.plan.graph, "references", counted("references", sdrecipe.plan.graph.references)
     )
     alphas = [round(0.01 * n, 2) for n in range(1, 121)]
     recipe = write_recipe(

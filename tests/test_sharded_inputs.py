@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_in_process, write_recipe
-from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.diffusers_reader import DiffusersReader
+from sdrecipe.io.fingerprint import FileStat
 from sdrecipe.io.readers import open_model
 from sdrecipe.io.sharded_reader import ShardedSafetensorsReader
-from sdrecipe.lock import lock_path
+from sdrecipe.recipe.lock import lock_path
 
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 

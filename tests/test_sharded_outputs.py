@@ -22,7 +22,7 @@ from sdrecipe.io.shard_layout import parse_shard_size
 from sdrecipe.io.sharded_reader import ShardedSafetensorsReader
 from sdrecipe.io.sharded_writer import ShardedSafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
-from sdrecipe.lock import read_lock
+from sdrecipe.recipe.lock import read_lock
 from sdrecipe.synthetic import ModelSpec, write_model
 
 SHARD = 5_000_000  # "5MB": the sd1 model at shrink 8 (33.5 MB of tensors) takes 7 shards

@@ -7,9 +7,9 @@ import hashlib
 import pytest
 
 from conftest import run_cli, write_recipe
-from sdrecipe.build import build
+from sdrecipe.engine.builder import build
 from sdrecipe.errors import RecipeError
-from sdrecipe.prepare import prepare
+from sdrecipe.plan.prepare import prepare
 
 
 def recipe_for(models, nodes: str, outputs: str = "out: out.safetensors", extra: str = "") -> str:

@@ -12,9 +12,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import SHRINK, as32, run_in_process, write_recipe
-from sdrecipe.build import build
+from sdrecipe.engine.builder import build
 from sdrecipe.io.readers import open_model
-from sdrecipe.prepare import prepare
+from sdrecipe.plan.prepare import prepare
 from sdrecipe.synthetic import ModelSpec, write_model
 
 MARKERS = ("v_pred", "ztsnr")

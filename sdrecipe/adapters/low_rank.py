@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from sdrecipe.finite import is_finite
+from sdrecipe.io.finite import is_finite
 
 
 @dataclass(frozen=True)

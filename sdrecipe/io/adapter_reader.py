@@ -41,9 +41,9 @@ from sdrecipe.adapters.naming import KeyPart, ModuleNames
 from sdrecipe.arch import layout
 from sdrecipe.arch.family import families, known
 from sdrecipe.errors import BuildError, RecipeError
-from sdrecipe.fingerprint import Fingerprint
-from sdrecipe.finite import is_finite
 from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.fingerprint import Fingerprint
+from sdrecipe.io.finite import is_finite
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 

@@ -16,7 +16,7 @@ import torch
 
 from sdrecipe.arch import normalise_key
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import Fingerprint, legacy_hash_of, sha256_of, tensor_digest
+from sdrecipe.io.fingerprint import Fingerprint, legacy_hash_of, sha256_of, tensor_digest
 from sdrecipe.io.tensor_info import TensorInfo
 
 

@@ -35,15 +35,15 @@ from sdrecipe.arch.diffusers_names import (
 )
 from sdrecipe.arch.diffusers_tables import Table, has_table, table
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import (
+from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.checkpoint_reader import CheckpointReader
+from sdrecipe.io.fingerprint import (
     Fingerprint,
     folder_files,
     folder_sha256,
     plain_sha256,
     tensor_digest,
 )
-from sdrecipe.io.bounded_json import load_json
-from sdrecipe.io.checkpoint_reader import CheckpointReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.shard_index import is_shard_index, read_index
 from sdrecipe.io.sharded_reader import ShardedSafetensorsReader

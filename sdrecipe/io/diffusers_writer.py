@@ -300,7 +300,7 @@ class DiffusersWriter:
     def publish(self) -> None:
         """Swap the finished folder in; an old output goes only once the new one is there.
 
-        The old folder is one sdrecipe wrote (`sdrecipe.guard` checked it)."""
+        The old folder is one sdrecipe wrote (`sdrecipe.plan.guard` checked it)."""
         old = temporary_path(self.path, unique=True) if self.path.exists() else None
         try:
             if old is not None:

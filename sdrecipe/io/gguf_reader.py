@@ -24,13 +24,13 @@ import torch
 
 from sdrecipe.arch.family import Family
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import (
+from sdrecipe.io import ggml_quants
+from sdrecipe.io.fingerprint import (
     Fingerprint,
     fingerprint_file,
     gguf_content_digest,
     span_digests,
 )
-from sdrecipe.io import ggml_quants
 from sdrecipe.io.mapped_files import map_file, require_regular_file
 from sdrecipe.io.quantized import DEQUANTIZATION_VERSION
 from sdrecipe.io.readers import ModelReader, with_model_prefix

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from sdrecipe.fingerprint import gguf_content_digest, tensor_digest
 from sdrecipe.io.encodings import GgmlType
+from sdrecipe.io.fingerprint import gguf_content_digest, tensor_digest
 from sdrecipe.io.safetensors_writer import SafetensorsWriter
 from sdrecipe.io.tensor_info import TensorInfo
 

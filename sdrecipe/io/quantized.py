@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import UNQUANTIZED, widened
+from sdrecipe.io.fingerprint import Fingerprint
 from sdrecipe.io.readers import ModelReader, RenamedReader, stored_as
 from sdrecipe.io.tensor_info import TensorInfo
 

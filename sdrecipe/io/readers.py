@@ -8,11 +8,11 @@ from typing import Protocol
 import torch
 
 from sdrecipe.arch import VAE_PREFIX
-from sdrecipe.fingerprint import Fingerprint
 from sdrecipe.io.adapter_reader import AdapterFile, AdapterReader
 from sdrecipe.io.checkpoint_reader import CheckpointReader
 from sdrecipe.io.diffusers_reader import DiffusersReader
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.io.fingerprint import Fingerprint
 from sdrecipe.io.formats import format_of
 from sdrecipe.io.mapped_files import require_regular_file
 from sdrecipe.io.safetensors_reader import SafetensorsReader

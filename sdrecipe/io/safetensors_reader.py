@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import (
+from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.dtypes import CODE_TO_DTYPE
+from sdrecipe.io.fingerprint import (
     Fingerprint,
     bytes_digest,
     content_digest,
@@ -18,8 +20,6 @@ from sdrecipe.fingerprint import (
     folder_files,
     span_digests,
 )
-from sdrecipe.io.bounded_json import load_json
-from sdrecipe.io.dtypes import CODE_TO_DTYPE
 from sdrecipe.io.mapped_files import map_file, require_regular_file
 from sdrecipe.io.shard_index import index_files, is_shard_index
 from sdrecipe.io.tensor_info import TensorInfo

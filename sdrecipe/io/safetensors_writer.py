@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from sdrecipe.errors import BuildError, describe_os_error
-from sdrecipe.fingerprint import content_digest
 from sdrecipe.io.atomic import publish, temporary_path
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.io.fingerprint import content_digest
 from sdrecipe.io.page_cache import SUPPORTED, WrittenBehind
 from sdrecipe.io.tensor_info import TensorInfo
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import Fingerprint, folder_sha256, plain_sha256
+from sdrecipe.io.fingerprint import Fingerprint, folder_sha256, plain_sha256
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.shard_index import read_index
 from sdrecipe.io.tensor_info import TensorInfo

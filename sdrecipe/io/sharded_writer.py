@@ -10,7 +10,7 @@ at the output's path, with no index.
 Publishing one form removes the other form a previous build of the same
 output left (the plain file at the output's path when shards are written, the
 index when a plain file is): both are the output's own paths (see
-`sdrecipe.guard`). Shards that the new index does not name, such as those of
+`sdrecipe.plan.guard`). Shards that the new index does not name, such as those of
 an earlier split into another number of shards, are left alone.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from sdrecipe.errors import BuildError, describe_os_error
-from sdrecipe.fingerprint import bytes_digest, folder_digest
 from sdrecipe.io.atomic import publish, temporary_path
+from sdrecipe.io.fingerprint import bytes_digest, folder_digest
 from sdrecipe.io.safetensors_writer import SafetensorsWriter, layout_order
 from sdrecipe.io.shard_layout import index_path, shard_name, split_shards
 from sdrecipe.io.tensor_info import TensorInfo

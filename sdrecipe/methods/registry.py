@@ -95,8 +95,8 @@ class MergeMethod:
         checked entry by entry, and gets the parameter's default if it names none.
         Raises ValueError with a readable message."""
         # Imported here: the recipe package imports this registry.
-        from sdrecipe.per_key import check_labels, per_block
         from sdrecipe.recipe.expr import PerKey
+        from sdrecipe.recipe.per_key import check_labels, per_block
 
         values = dict(values)
         for name, value in values.items():

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-    from sdrecipe.per_key import KeyContext
+    from sdrecipe.recipe.per_key import KeyContext
 
 Positive = Annotated[float, Field(gt=0.0)]
 SignRule = Literal["sum", "count"]

@@ -18,7 +18,6 @@ from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.io.remote_inputs import is_adapter_url, is_url, remote_placeholder
 from sdrecipe.io.shard_layout import SUFFIX as SHARDED_SUFFIX
 from sdrecipe.io.text_files import read_text_file
-from sdrecipe.key_regex import key_regex
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE, MODEL
 from sdrecipe.recipe.expr import (
@@ -32,6 +31,7 @@ from sdrecipe.recipe.expr import (
     parse_expression,
     references,
 )
+from sdrecipe.recipe.key_regex import key_regex
 from sdrecipe.recipe.matrix import (
     Renamer,
     node_variables,

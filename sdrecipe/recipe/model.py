@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from sdrecipe.arch import component_of
-from sdrecipe.key_regex import KeyRegex
 from sdrecipe.recipe.expr import Expr, format_expression
+from sdrecipe.recipe.key_regex import KeyRegex
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Node:
 
     `cache` True or False stores the node's values in the cache or keeps them
     out (recomputed whenever a node that uses them is rebuilt); None leaves it
-    to the cost rule of `sdrecipe.cache_policy`. `force` True merges operands of
+    to the cost rule of `sdrecipe.plan.cache_policy`. `force` True merges operands of
     different architectures, which is otherwise refused. `allow_unmatched` True
     applies adapters some of whose modules match no key of the model. `space`
     is `model` or `difference` (see `sdrecipe.recipe.spaces`). `origin` is the

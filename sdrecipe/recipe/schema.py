@@ -30,13 +30,13 @@ OutputDtype = Literal["float16", "bfloat16", "float32", "fp8_e4m3fn", "fp8_e5m2"
 GgufQuant = Literal["F32", "F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1"]
 # The components a node selects: every family's (sdrecipe.arch.COMPONENTS).
 Component = Literal[COMPONENTS]  # type: ignore[valid-type]
-# sdrecipe's own provenance fields (see sdrecipe.provenance). Earlier outputs held
+# sdrecipe's own provenance fields (see sdrecipe.plan.provenance). Earlier outputs held
 # one JSON object under LEGACY_PROVENANCE_FIELD instead.
 VERSION_FIELD = "sdrecipe.version"
 NODE_FIELD = "sdrecipe.node"
 EXPRESSION_FIELD = "sdrecipe.expression"
 RECIPE_FIELD = "sdrecipe.recipe"
-# Each input's quantized storage and the output's, as JSON (see sdrecipe.provenance).
+# Each input's quantized storage and the output's, as JSON (see sdrecipe.plan.provenance).
 QUANTIZATION_FIELD = "sdrecipe.quantization"
 PROVENANCE_FIELDS = (
     VERSION_FIELD,

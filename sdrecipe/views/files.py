@@ -2,7 +2,7 @@
 never over what its command reads, and over an existing file only if it is a
 view that sdrecipe wrote (or with --force), so that a view never replaces a
 model, a recipe or any other file. Each written view carries sdrecipe's mark
-(see `sdrecipe.views.marks`)."""
+(see `sdrecipe.io.view_marks`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.guard import target_problem
 from sdrecipe.io.atomic import atomic_file
-from sdrecipe.views.marks import JSON_FIELD, MARK, PNG_TEXT, TEXT_HEADS
+from sdrecipe.io.view_marks import JSON_FIELD, MARK, PNG_TEXT, TEXT_HEADS
+from sdrecipe.plan.guard import target_problem
 from sdrecipe.views.scene import Scene
 
 VIEW_SUFFIXES = {

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdrecipe.cache import Cache, file_sha256
+from sdrecipe.cache.store import Cache, file_sha256
 from sdrecipe.io.readers import open_model
-from sdrecipe.provenance import json_field, read_provenance
+from sdrecipe.plan.provenance import json_field, read_provenance
 from sdrecipe.text import printable
 from sdrecipe.views.mermaid import mermaid_label
 

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 
 import networkx as nx
 
-from sdrecipe.graph import MergeGraph
+from sdrecipe.plan.graph import MergeGraph
+from sdrecipe.plan.recipe_set import Upstream
+from sdrecipe.plan.staleness import FROM_CACHE, REBUILD, UP_TO_DATE, NodeStatus
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.expr import format_expression
-from sdrecipe.recipe_set import Upstream
-from sdrecipe.staleness import FROM_CACHE, REBUILD, UP_TO_DATE, NodeStatus
 from sdrecipe.views.mermaid import mermaid_label
 from sdrecipe.views.scene import Box, Line, Scene, Text, text_width
 

@@ -9,13 +9,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrecipe.assess import Progress, no_progress
-from sdrecipe.build import build
+from sdrecipe.engine.builder import build
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.atomic import remove_stale_temporaries
-from sdrecipe.lock import read_lock
-from sdrecipe.prepare import prepare_recipe
+from sdrecipe.plan.assess import Progress, no_progress
+from sdrecipe.plan.prepare import prepare_recipe
 from sdrecipe.recipe import load_recipe
+from sdrecipe.recipe.lock import read_lock
 
 
 @dataclass(frozen=True)

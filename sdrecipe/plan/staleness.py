@@ -11,11 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from sdrecipe.cache_policy import cache_choice
-from sdrecipe.identity import Identities
-from sdrecipe.lock import Lock
-from sdrecipe.per_key import DEFAULT, KeyContext, resolve
-from sdrecipe.plan import BuildPlan, Compute
+from sdrecipe.plan.cache_policy import cache_choice
+from sdrecipe.plan.identity import Identities
+from sdrecipe.plan.tensor_plan import BuildPlan, Compute
 from sdrecipe.recipe.expr import (
     BinOp,
     Call,
@@ -29,6 +27,8 @@ from sdrecipe.recipe.expr import (
     format_value,
     parse_expression,
 )
+from sdrecipe.recipe.lock import Lock
+from sdrecipe.recipe.per_key import DEFAULT, KeyContext, resolve
 
 UP_TO_DATE = "up to date"
 FROM_CACHE = "from cache"

@@ -18,8 +18,8 @@ from sdrecipe.adapters.low_rank import LowRankDelta
 from sdrecipe.io.dtypes import widened
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import CONTEXT_PARAMETER, DTYPE_PARAMETER
-from sdrecipe.per_key import KeyContext
 from sdrecipe.recipe.expr import BinOp, Call, Expr, ExprVisitor, Neg, Num, Ref
+from sdrecipe.recipe.per_key import KeyContext
 
 Operand = torch.Tensor | LowRankDelta
 

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sdrecipe.errors import RecipeError, SdrecipeError
-from sdrecipe.recipe_set import RecipeSet
+from sdrecipe.plan.recipe_set import RecipeSet
 
 RETRIES = 2
 # Seconds to connect to a scheduler and hear Dask's handshake from it.

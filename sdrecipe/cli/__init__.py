@@ -27,12 +27,12 @@ from sdrecipe.io.mapped_files import install_sigbus_handler
 from sdrecipe.text import printable
 
 if TYPE_CHECKING:
-    from sdrecipe.build import BuildSummary
-    from sdrecipe.cache import Cache
+    from sdrecipe.cache.remote import RemoteCache
+    from sdrecipe.cache.store import Cache
+    from sdrecipe.engine.builder import BuildSummary
+    from sdrecipe.plan.recipe_set import RecipeSet
+    from sdrecipe.plan.staleness import NodeStatus
     from sdrecipe.recipe import Recipe
-    from sdrecipe.recipe_set import RecipeSet
-    from sdrecipe.remote_cache import RemoteCache
-    from sdrecipe.staleness import NodeStatus
     from sdrecipe.views.files import ViewFile
 
 RECIPE = click.Path(dir_okay=False, path_type=Path)
@@ -161,8 +161,8 @@ def _open_remote(url: str | None, cache_dir: Path | None = None) -> RemoteCache 
     local cache `cache_dir`, or inside it, or holds it, is refused (usage)."""
     if not url:
         return None
+    from sdrecipe.cache.remote import RemoteCache, UnsafeRemote
     from sdrecipe.errors import RecipeError
-    from sdrecipe.remote_cache import RemoteCache, UnsafeRemote
 
     try:
         remote = RemoteCache(url, notify=_note)
@@ -247,14 +247,14 @@ _OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(BuildOption
 
 def _open_cache(cache_dir: Path, tensors: bool = True) -> Cache:
     """The cache, created if needed (commands that build)."""
-    from sdrecipe.cache import Cache
+    from sdrecipe.cache.store import Cache
 
     return Cache(cache_dir, tensors=tensors, notify=_note)
 
 
 def _existing_cache(cache_dir: Path, tensors: bool = True) -> Cache | None:
     """The cache if there is one: read-only commands create nothing."""
-    from sdrecipe.cache import Cache
+    from sdrecipe.cache.store import Cache
 
     return Cache.existing(cache_dir, tensors, notify=_note)
 
@@ -294,7 +294,7 @@ def _recipes_and_outputs(targets: tuple[str, ...]) -> tuple[list[Path], tuple[st
     """The recipes (files, folders) and output names that TARGETS give: the first
     is a recipe or folder; later ones are recipes if named like one, else outputs
     of the one recipe."""
-    from sdrecipe.recipe_set import RECIPE_SUFFIXES
+    from sdrecipe.plan.recipe_set import RECIPE_SUFFIXES
 
     first, *rest = targets
     recipes, names = [Path(first)], []
@@ -316,7 +316,7 @@ def _is_one_recipe(recipes: list[Path]) -> bool:
 def _load_set(paths: list[Path], keep_going: bool = False) -> RecipeSet:
     """The recipes that PATHS (files, folders) name, in build order; with
     `keep_going`, those that cannot be loaded are set aside in `broken`."""
-    from sdrecipe.recipe_set import load_recipe_set, recipe_files
+    from sdrecipe.plan.recipe_set import load_recipe_set, recipe_files
 
     return load_recipe_set(recipe_files(paths), keep_going)
 
@@ -345,7 +345,7 @@ def build(
     another's output is built after it; with --scheduler, as tasks on a Dask
     cluster."""
     if scheduler is not None:
-        from sdrecipe.cluster import check_scheduler
+        from sdrecipe.engine.cluster import check_scheduler
 
         check_scheduler(scheduler)
     recipes, outputs = _recipes_and_outputs(targets)
@@ -376,7 +376,7 @@ def _build_on_cluster(
 ) -> None:
     """Build every recipe as a Dask task on the cluster at `scheduler`; show
     each as it ends; exit as a local build would."""
-    from sdrecipe.cluster import TaskResult, build_on_cluster, close, connect
+    from sdrecipe.engine.cluster import TaskResult, build_on_cluster, close, connect
 
     recipe_set = _load_set(paths, keep_going)
     client = connect(scheduler)
@@ -446,14 +446,14 @@ def _build_recipe(recipe: Path, outputs: tuple[str, ...], options: BuildOptions)
     recipe and the cache folder have passed every check."""
     cache = _existing_cache(options.cache_dir, tensors=not options.no_cache)
     if cache is not None and not options.force:
-        from sdrecipe.uptodate import current_outputs
+        from sdrecipe.plan.uptodate import current_outputs
 
         current = current_outputs(recipe, outputs or None, cache)
         if current is not None:
             return _print_up_to_date(current, options.as_json)
-    from sdrecipe.build import build as run_build
-    from sdrecipe.build import default_threads
-    from sdrecipe.prepare import prepare
+    from sdrecipe.engine.builder import build as run_build
+    from sdrecipe.engine.builder import default_threads
+    from sdrecipe.plan.prepare import prepare
 
     prepared = prepare(recipe, outputs or None, options.force, options.cache_dir)
     cache = cache or _open_cache(options.cache_dir, tensors=not options.no_cache)
@@ -531,7 +531,7 @@ def bake(
 
     Writes a recipe beside the output (see --recipe) and builds it, so the
     merge can be rebuilt, changed and kept in git like any other."""
-    from sdrecipe.one_shot import (
+    from sdrecipe.recipe.one_shot import (
         bake_recipe,
         check_bake_inputs,
         kept_only_if_built,
@@ -593,7 +593,7 @@ def extract(
     """Extract a LoRA of TUNED - BASE (kohya's layers, a truncated SVD each).
 
     Writes a recipe beside the output (see --recipe) and builds it."""
-    from sdrecipe.one_shot import (
+    from sdrecipe.recipe.one_shot import (
         check_extract_inputs,
         extract_recipe,
         kept_only_if_built,
@@ -707,10 +707,10 @@ def _plans(
 ) -> list[tuple[Recipe, list[NodeStatus]]]:
     """Each recipe with its node statuses (of the named outputs only, if any),
     in build order."""
-    from sdrecipe.assess import assess
-    from sdrecipe.build import default_threads
-    from sdrecipe.prepare import prepare_recipe
-    from sdrecipe.recipe_set import planned_statuses
+    from sdrecipe.engine.builder import default_threads
+    from sdrecipe.plan.assess import assess
+    from sdrecipe.plan.prepare import prepare_recipe
+    from sdrecipe.plan.recipe_set import planned_statuses
 
     cache = None if options.no_cache else _existing_cache(options.cache_dir)
     threads = options.threads or default_threads()
@@ -810,8 +810,8 @@ def graph(
     Several recipes, or a folder, are one picture, linked where one reads
     another's output."""
     from sdrecipe.errors import RecipeError
-    from sdrecipe.graph import build_graph
-    from sdrecipe.guard import protected_paths
+    from sdrecipe.plan.graph import build_graph
+    from sdrecipe.plan.guard import protected_paths
     from sdrecipe.views import recipe_graph as views
     from sdrecipe.views.files import view_file
 
@@ -972,7 +972,7 @@ def lineage(model: Path, chosen_format: str | None, cache_dir: Path, as_json: bo
 
 def _init_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """One option per model role and parameter that `init`'s templates take."""
-    from sdrecipe.init_wizard import PARAMETER_FLAGS, ROLE_FLAGS, TEMPLATES
+    from sdrecipe.cli.init_wizard import PARAMETER_FLAGS, ROLE_FLAGS, TEMPLATES
 
     def role_help(flag: str) -> str:
         return "; ".join(
@@ -1012,10 +1012,10 @@ def init(cache_dir: Path, **answers: Any) -> None:
     """Write a commented recipe, asking what to make and for the model files
     (each checked, its family and variant shown) and the parameters. Every
     question has a flag, so scripts can run it without a terminal."""
-    from sdrecipe.init_wizard import run_init
+    from sdrecipe.cli.init_wizard import run_init
 
     def validate(recipe: Path) -> str:
-        from sdrecipe.prepare import prepare
+        from sdrecipe.plan.prepare import prepare
 
         prepared = prepare(recipe, cache_root=cache_dir)
         output = next(iter(prepared.recipe.outputs.values()))
@@ -1038,8 +1038,8 @@ def verify(recipes: tuple[Path, ...], options: BuildOptions) -> None:
     """Rebuild RECIPES' outputs from their inputs, without the cache, and compare
     them with the lock files (several recipes or a folder: in dependency order).
     Exits 1 if any output differs."""
-    from sdrecipe.build import default_threads
-    from sdrecipe.verify import verify as run_verify
+    from sdrecipe.engine.builder import default_threads
+    from sdrecipe.engine.verify import verify as run_verify
 
     threads = options.threads or default_threads()
     paths = [recipe.path for recipe in _load_set(list(recipes)).recipes]
@@ -1077,7 +1077,7 @@ def verify(recipes: tuple[Path, ...], options: BuildOptions) -> None:
 @_reports_errors
 def validate(recipe: Path, cache_dir: Path, as_json: bool) -> None:
     """Check RECIPE and its inputs' headers without building anything."""
-    from sdrecipe.prepare import prepare
+    from sdrecipe.plan.prepare import prepare
 
     prepared = prepare(recipe, cache_root=cache_dir)
     for warning in prepared.plan.warnings:
@@ -1129,7 +1129,7 @@ def inspect(
     """Show what MODEL is: format, architecture, components, dtypes, hashes,
     lineage; for an adapter (LoRA, LyCORIS), its algorithms, ranks and family."""
     from sdrecipe.io.adapter_files import is_adapter_path
-    from sdrecipe.model_report import inspect_adapter, inspect_model
+    from sdrecipe.views.model_report import inspect_adapter, inspect_model
 
     cache = None if no_cache else _existing_cache(cache_dir)
     adapter = is_adapter_path(model)
@@ -1395,9 +1395,9 @@ def _exchange_command(direction: str) -> Callable[..., Any]:
     def command(
         recipe: Path, cache_dir: Path, cache_url: str | None, threads: int | None, as_json: bool
     ) -> None:
-        from sdrecipe.assess import assess
-        from sdrecipe.build import default_threads
-        from sdrecipe.prepare import prepare
+        from sdrecipe.engine.builder import default_threads
+        from sdrecipe.plan.assess import assess
+        from sdrecipe.plan.prepare import prepare
 
         remote = _open_remote(cache_url, cache_dir)
         if remote is None:
@@ -1470,7 +1470,7 @@ def cache_limit(size: int | None, cache_dir: Path) -> None:
     if store is not None and size is not None:
         with store.locked():
             store.set_max_size(size)
-    from sdrecipe.cache import DEFAULT_MAX_SIZE
+    from sdrecipe.cache.store import DEFAULT_MAX_SIZE
 
     limit = store.max_size if store is not None else DEFAULT_MAX_SIZE
     click.echo(f"cache {cache_dir}: limit {limit / 1e9:,.2f} GB")

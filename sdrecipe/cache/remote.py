@@ -48,7 +48,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdrecipe.cache import OBJECT, PACK, Cache, Location, is_digest, is_location, output_digest
+from sdrecipe.cache.store import (
+    OBJECT,
+    PACK,
+    Cache,
+    Location,
+    is_digest,
+    is_location,
+    output_digest,
+)
 from sdrecipe.io.atomic import publish, temporary_path
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.text_files import read_small_file
@@ -431,7 +439,7 @@ class RemoteCache:
         self, cache: Cache, location: Location, name: str, temporary: Path, transfer: Transfer
     ) -> None:
         """Check a downloaded object against its digest and give it to the local cache."""
-        from sdrecipe.fingerprint import tensor_digest
+        from sdrecipe.io.fingerprint import tensor_digest
         from sdrecipe.io.safetensors_reader import SafetensorsReader
 
         try:

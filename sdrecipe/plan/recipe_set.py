@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import networkx as nx
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.graph import build_graph
 from sdrecipe.io.shard_layout import output_places
+from sdrecipe.plan.graph import build_graph
 from sdrecipe.recipe import Recipe, load_recipe
 
 if TYPE_CHECKING:
-    from sdrecipe.staleness import NodeStatus
+    from sdrecipe.plan.staleness import NodeStatus
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -123,7 +123,7 @@ def planned_statuses(
     """Each recipe's node statuses, in build order. An input that an earlier
     recipe will rewrite (its output is not up to date, or not built yet) makes
     every node that uses it rebuild, whatever the file on disk says today."""
-    from sdrecipe.staleness import REBUILD, UP_TO_DATE, NodeStatus
+    from sdrecipe.plan.staleness import REBUILD, UP_TO_DATE, NodeStatus
 
     changing: dict[Path, str] = {}
     statuses: dict[Path, list[NodeStatus]] = {}

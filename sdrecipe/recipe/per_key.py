@@ -4,7 +4,7 @@ A numeric method parameter may be a `PerKey` mapping. At plan time it is
 resolved for each key, most specific first:
 
 1. the first `re:REGEX` entry, in the order written, whose regex the key
-   contains (`re.search`'s sense, matched by RE2: `sdrecipe.key_regex`);
+   contains (`re.search`'s sense, matched by RE2: `sdrecipe.recipe.key_regex`);
 2. the key's block: its ID, else the first range (`IN04-IN08`) or glob
    (`OUT*`) that covers it, in the order written (`sdrecipe.arch.blocks`);
 3. the key's component (`unet`, `vae`, `text_encoder`, `text_encoder_2`,
@@ -31,8 +31,8 @@ from sdrecipe.arch.blocks import (
     listed_block_ids,
 )
 from sdrecipe.arch.family import BlockList, families
-from sdrecipe.key_regex import key_regex
 from sdrecipe.recipe.expr import Call, Expr, ExprTransformer, ParamValue, PerKey, walk
+from sdrecipe.recipe.key_regex import key_regex
 
 REGEX_PREFIX = "re:"
 DEFAULT = "default"

@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from sdrecipe.cache import DIGEST, SHA256, Cache
-from sdrecipe.fingerprint import FileStat
-from sdrecipe.graph import build_graph
-from sdrecipe.guard import check_cache_folder, check_outputs
+from sdrecipe.cache.store import DIGEST, SHA256, Cache
 from sdrecipe.io.atomic import remove_stale_temporaries
+from sdrecipe.io.fingerprint import FileStat
 from sdrecipe.io.shard_layout import written_path
-from sdrecipe.lock import built_from, read_lock
+from sdrecipe.plan.graph import build_graph
+from sdrecipe.plan.guard import check_cache_folder, check_outputs
 from sdrecipe.recipe import load_recipe
+from sdrecipe.recipe.lock import built_from, read_lock
 
 
 def current_outputs(

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdrecipe.graph import MergeGraph
 from sdrecipe.methods import get_method
+from sdrecipe.plan.graph import MergeGraph
 from sdrecipe.recipe.expr import method_calls
 
 

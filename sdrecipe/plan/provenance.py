@@ -26,11 +26,11 @@ from sdrecipe import __version__
 from sdrecipe.arch import UNET_INPUT_CONV
 from sdrecipe.arch.detect import Architecture
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import Fingerprint
-from sdrecipe.graph import MergeGraph
 from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.fingerprint import Fingerprint
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.methods import get_method
+from sdrecipe.plan.graph import MergeGraph
 from sdrecipe.recipe import Node, Output
 from sdrecipe.recipe.expr import Call, format_expression
 from sdrecipe.recipe.matrix import Renamer

@@ -20,21 +20,21 @@ import blake3
 import torch
 
 from sdrecipe.adapters.low_rank import LowRankDelta
-from sdrecipe.cache import Cache, CorruptEntry, Location, ObjectWriter
+from sdrecipe.cache.store import Cache, CorruptEntry, Location, ObjectWriter
+from sdrecipe.engine.evaluate import Operand, evaluate
 from sdrecipe.errors import BuildError
-from sdrecipe.evaluate import Operand, evaluate
-from sdrecipe.fingerprint import tensor_digest, tensor_hasher
-from sdrecipe.finite import is_finite
-from sdrecipe.identity import Identities
 from sdrecipe.io.adapter_reader import AdapterReader
 from sdrecipe.io.atomic import uninterrupted
 from sdrecipe.io.dtypes import widened
 from sdrecipe.io.encodings import FP8_MAX, Encoding
+from sdrecipe.io.fingerprint import tensor_digest, tensor_hasher
+from sdrecipe.io.finite import is_finite
 from sdrecipe.io.readers import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.io.writers import OutputWriter
-from sdrecipe.plan import BuildPlan, Compute, KeyPlan
+from sdrecipe.plan.identity import Identities
+from sdrecipe.plan.tensor_plan import BuildPlan, Compute, KeyPlan
 
 # Elements per row range: 256 Ki elements is 1 MiB in float32, so a range's
 # temporaries stay in the L2 cache and the allocator reuses them. Measured on

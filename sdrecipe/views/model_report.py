@@ -8,16 +8,16 @@ from pathlib import Path
 from sdrecipe.adapters.modules import is_adapter
 from sdrecipe.arch import PREDICTION_MARKERS, component_of
 from sdrecipe.arch.detect import detect
-from sdrecipe.cache import Cache, file_sha256
+from sdrecipe.cache.store import Cache, file_sha256
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import FileStat, legacy_hash_of
 from sdrecipe.io.adapter_reader import AdapterReader
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, UNQUANTIZED
+from sdrecipe.io.fingerprint import FileStat, legacy_hash_of
 from sdrecipe.io.formats import format_of
 from sdrecipe.io.quantized import quantization_of
 from sdrecipe.io.readers import open_adapter, open_model, stored_as
-from sdrecipe.provenance import read_provenance
+from sdrecipe.plan.provenance import read_provenance
 
 # Formats of models made of many files, which have no legacy (AutoV1) hash.
 MANY_FILES = ("diffusers", "sharded-safetensors")

@@ -12,8 +12,6 @@ from sdrecipe.arch import VAE_PREFIX, vae_prefix
 from sdrecipe.arch.detect import Architecture, detect
 from sdrecipe.arch.diffusers_names import COMPONENTS
 from sdrecipe.errors import RecipeError
-from sdrecipe.graph import MergeGraph, build_graph
-from sdrecipe.guard import check_cache_folder, check_outputs
 from sdrecipe.io.adapter_reader import AdapterReader, guess_family
 from sdrecipe.io.diffusers_writer import TOKENIZERS
 from sdrecipe.io.quantized import dequantized_keys
@@ -26,7 +24,9 @@ from sdrecipe.io.readers import (
 )
 from sdrecipe.io.remote_inputs import fetch_inputs
 from sdrecipe.methods.registry import DIFFERENCE
-from sdrecipe.plan import BuildPlan, make_plan
+from sdrecipe.plan.graph import MergeGraph, build_graph
+from sdrecipe.plan.guard import check_cache_folder, check_outputs
+from sdrecipe.plan.tensor_plan import BuildPlan, make_plan
 from sdrecipe.recipe import Recipe, load_recipe
 
 # Where remote inputs are kept when no cache folder is given (the CLI's default).
@@ -113,7 +113,7 @@ def prepare(
     Operands of different architectures are refused unless `force` (or the
     node's `force: true`) says the per-key merge is meant. Outputs that would
     replace an input, the recipe, its lock, another output or anything in
-    `cache_root` are refused (see `sdrecipe.guard`).
+    `cache_root` are refused (see `sdrecipe.plan.guard`).
     """
     return prepare_recipe(load_recipe(recipe_path), selected, force, cache_root)
 

@@ -5,7 +5,7 @@ the recipe, its lock file, another output or the cache folder; an existing
 output path must be a regular file, or for a diffusers output a folder that
 sdrecipe wrote. A view file (`graph -o`, `diff --svg`) follows the same rule
 over what its command reads, and may replace only a view that sdrecipe wrote
-(see `sdrecipe.views.marks`) unless forced. Paths are compared after resolving
+(see `sdrecipe.io.view_marks`) unless forced. Paths are compared after resolving
 symlinks, and existing files also by identity, so `out/../x`, a symlink or a
 hard link to an input is caught. Everything here reads file-system metadata and
 at most a few header bytes, before anything is written, and imports no torch.
@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from sdrecipe.cache import check_cache_root
+from sdrecipe.cache.store import check_cache_root
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.shard_index import index_files, is_shard_index
@@ -29,10 +29,10 @@ from sdrecipe.io.shard_layout import (
     shard_pattern,
     shards_apply,
 )
-from sdrecipe.lock import lock_path
+from sdrecipe.io.view_marks import VIEW_KINDS, carries_mark
 from sdrecipe.recipe import Recipe
+from sdrecipe.recipe.lock import lock_path
 from sdrecipe.recipe.schema import LEGACY_PROVENANCE_FIELD, RECIPE_FIELD
-from sdrecipe.views.marks import VIEW_KINDS, carries_mark
 
 # A diffusers folder that sdrecipe wrote carries its provenance in this file's
 # header: the UNet's, or the transformer's (Flux.1, SD3).

@@ -1,10 +1,10 @@
 """The build: restore what the cache holds, stream the rest into the outputs,
 publish them together, then cache them and write the lock.
 
-The pipeline is `recipe → graph → plan → execute → write`: `sdrecipe.prepare`
-checks everything that needs no tensor data, `sdrecipe.assess` works out
+The pipeline is `recipe → graph → plan → execute → write`: `sdrecipe.plan.prepare`
+checks everything that needs no tensor data, `sdrecipe.plan.assess` works out
 identities and statuses, this module executes and publishes, and
-`sdrecipe.verify` rebuilds from scratch to compare with the lock.
+`sdrecipe.engine.verify` rebuilds from scratch to compare with the lock.
 """
 
 from __future__ import annotations
@@ -19,24 +19,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sdrecipe.assess import Assessment, Progress, assess, no_progress
-from sdrecipe.cache import DIGEST, PACK, Cache, Location, output_digest
-from sdrecipe.cache_policy import cache_choice
-from sdrecipe.executor import CacheUse, Executor, KeyResult
-from sdrecipe.fingerprint import FileStat, tensor_digest
+from sdrecipe.cache.store import DIGEST, PACK, Cache, Location, output_digest
+from sdrecipe.engine.executor import CacheUse, Executor, KeyResult
 from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy, uninterrupted
+from sdrecipe.io.fingerprint import FileStat, tensor_digest
 from sdrecipe.io.page_cache import memory_is_short
 from sdrecipe.io.shard_layout import index_path, shards_apply, written_path
 from sdrecipe.io.sharded_writer import remove_superseded
 from sdrecipe.io.writers import OutputWriter, open_writer
-from sdrecipe.lock import BuiltOutput, updated_lock, write_lock
-from sdrecipe.plan import MERGED
-from sdrecipe.prepare import Prepared, tokenizer_folders
+from sdrecipe.plan.assess import Assessment, Progress, assess, no_progress
+from sdrecipe.plan.cache_policy import cache_choice
+from sdrecipe.plan.prepare import Prepared, tokenizer_folders
+from sdrecipe.plan.tensor_plan import MERGED
+from sdrecipe.recipe.lock import BuiltOutput, updated_lock, write_lock
 
 if TYPE_CHECKING:
-    from sdrecipe.remote_cache import RemoteCache, Transfer
+    from sdrecipe.cache.remote import RemoteCache, Transfer
 
-from sdrecipe.staleness import (
+from sdrecipe.plan.staleness import (
     FROM_CACHE,
     REBUILD,
     UP_TO_DATE,

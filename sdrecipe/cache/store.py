@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdrecipe.errors import BuildError, RecipeError
-from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of, tensor_digest
 from sdrecipe.io.atomic import is_stale_temporary, publish, staged_copy, write_text_atomically
+from sdrecipe.io.fingerprint import FileStat, Fingerprint, sha256_of, tensor_digest
 from sdrecipe.io.tensor_info import TensorInfo
 
 if TYPE_CHECKING:

@@ -27,7 +27,6 @@ from sdrecipe.arch import (
 from sdrecipe.arch.blocks import block_values_taken, listed_block_ids
 from sdrecipe.arch.family import families, known
 from sdrecipe.errors import RecipeError
-from sdrecipe.graph import MergeGraph
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
 from sdrecipe.io.encodings import (
     FP8_MAX,
@@ -44,9 +43,10 @@ from sdrecipe.io.safetensors_writer import layout_order
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE
-from sdrecipe.per_key import KeyContext, for_key, key_context, unknown_blocks
+from sdrecipe.plan.graph import MergeGraph
 from sdrecipe.recipe import Output
 from sdrecipe.recipe.expr import Call, Expr, PerKey, method_calls, walk
+from sdrecipe.recipe.per_key import KeyContext, for_key, key_context, unknown_blocks
 
 MERGED = "merged"
 

@@ -7,18 +7,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sdrecipe.cache import Cache, Location, output_digest
+from sdrecipe.cache.store import Cache, Location, output_digest
 from sdrecipe.errors import RecipeError
-from sdrecipe.fingerprint import FileStat, Fingerprint, sha256_of
-from sdrecipe.identity import Identities, tensor_identities
+from sdrecipe.io.fingerprint import FileStat, Fingerprint, sha256_of
 from sdrecipe.io.quantized import quantization_of
 from sdrecipe.io.readers import RenamedReader, file_reader, tensor_digests
 from sdrecipe.io.shard_layout import written_path
-from sdrecipe.lock import Lock, read_lock
-from sdrecipe.prepare import Prepared, tokenizer_folders
-from sdrecipe.provenance import output_metadata
+from sdrecipe.plan.identity import Identities, tensor_identities
+from sdrecipe.plan.prepare import Prepared, tokenizer_folders
+from sdrecipe.plan.provenance import output_metadata
+from sdrecipe.plan.staleness import NodeStatus, OutputFacts, node_statuses
+from sdrecipe.recipe.lock import Lock, read_lock
 from sdrecipe.recipe.model import LORA_EXTRACTION
-from sdrecipe.staleness import NodeStatus, OutputFacts, node_statuses
 
 Progress = Callable[[str, int], Callable[[int], None]]
 

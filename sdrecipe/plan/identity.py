@@ -32,7 +32,7 @@ import blake3
 
 from sdrecipe import OUTPUT_FORMAT
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
-from sdrecipe.plan import BuildPlan, Compute
+from sdrecipe.plan.tensor_plan import BuildPlan, Compute
 from sdrecipe.recipe.expr import Expr, format_expression, rename_references
 
 IDENTITY_VERSION = f"sdrecipe-identity-{OUTPUT_FORMAT}"

@@ -20,8 +20,8 @@ import yaml
 
 from sdrecipe import OUTPUT_FORMAT, __version__
 from sdrecipe.errors import BuildError, RecipeError, describe_os_error
-from sdrecipe.fingerprint import FileStat
 from sdrecipe.io.atomic import write_text_atomically
+from sdrecipe.io.fingerprint import FileStat
 from sdrecipe.io.shard_layout import written_path
 from sdrecipe.io.text_files import read_text_file
 from sdrecipe.recipe import Recipe
