@@ -16,11 +16,19 @@ outputs and scratch buffers come from numpy, which asks Linux for transparent hu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
+
+from sdrecipe.io.ggml_bits import (
+    LOW_BITS,
+    NIBBLES,
+    Scratch,
+    empty,
+    fields,
+    gather_bits,
+    spread_bits,
+)
 
 __all__ = [
     "DEQUANTIZABLE",
@@ -105,99 +113,6 @@ def _chunks(n_blocks: int, elems: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, n_blocks, step)]
 
 
-# --------------------------------------------------------------------------------------------
-# memory: faulting in fresh pages costs more than the arithmetic here (a 37 MB torch.empty takes
-# ~4x longer to fill than numpy's huge-page-advised buffer), so big buffers come from numpy and
-# a call's temporaries are reused by all of its chunks.
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes == 0:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
-
-
-class _Scratch:
-    """Named temporaries of one call, each allocated once and reused by every chunk."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._buffers[name] = _empty((nbytes,), torch.uint8, self.device)
-        return buf[:nbytes].view(dtype).view(shape)
-
-
-# --------------------------------------------------------------------------------------------
-# bit twiddling on words (little-endian, like GGUF files)
-
-
-def _byte_mask(bits: int, size: int) -> int:
-    """`bits` low bits set in every byte of a `size`-byte word (positive, so it fits signed)."""
-    return int.from_bytes(bytes([(1 << bits) - 1]) * size, "little")
-
-
-_LOW_BITS = _byte_mask(1, 8)  # 0x0101010101010101
-_NIBBLES = _byte_mask(4, 8)  # 0x0F0F0F0F0F0F0F0F
-
-
-def _words(src: torch.Tensor, ws: _Scratch, name: str) -> torch.Tensor:
-    """A contiguous copy of the bytes `src` (..., W), viewed as the widest int word dividing W."""
-    width = src.shape[-1]
-    dtype = next(
-        t for t, s in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)) if width % s == 0
-    )
-    buf = ws.get(name, tuple(src.shape), torch.uint8)
-    buf.copy_(src)
-    return buf.view(dtype)
-
-
-def _fields(src: torch.Tensor, bits: int, count: int, ws: _Scratch, name: str) -> torch.Tensor:
-    """Split each byte of `src` (..., W) into `count` fields of `bits` bits: (..., count, W) uint8.
-
-    Field k of byte j lands at [..., k, j], the order of gguf's ``(x >> shifts) & mask`` reshapes.
-    """
-    words = _words(src, ws, name + ".words")
-    mask = _byte_mask(bits, words.element_size())
-    out = ws.get(name, (*words.shape[:-1], count, words.shape[-1]), words.dtype)
-    for k in range(count):
-        dst = out[..., k, :]
-        if k:
-            # Arithmetic shifts drag sign bits into the top byte; the mask drops them again.
-            torch.bitwise_right_shift(words, bits * k, out=dst)
-            dst.bitwise_and_(mask)
-        else:
-            torch.bitwise_and(words, mask, out=dst)
-    return out.view(torch.uint8).view(*src.shape[:-1], count, src.shape[-1])
-
-
-def _spread_bits(src: torch.Tensor, shift: int, ws: _Scratch) -> torch.Tensor:
-    """Bit i of the little-endian bytes `src` (n, 4) -> byte i of (n, 32), shifted left `shift`."""
-    z = ws.get("spread", tuple(src.shape), torch.int64)
-    t = ws.get("spread.tmp", tuple(src.shape), torch.int64)
-    z.copy_(src)  # one byte per word: bit j must go to bit 8 * j
-    for step, mask in ((28, 0x0000000F0000000F), (14, 0x0003000300030003), (7, _LOW_BITS)):
-        torch.bitwise_left_shift(z, step, out=t)
-        z.bitwise_or_(t).bitwise_and_(mask)
-    if shift:
-        z.bitwise_left_shift_(shift)
-    return z.view(torch.uint8).view(src.shape[0], 32)
-
-
-def _gather_bits(words: torch.Tensor, ws: _Scratch) -> torch.Tensor:
-    """The inverse of _spread_bits, in place: bit 0 of byte j of each int64 -> bit j of byte 0."""
-    t = ws.get("gather.tmp", tuple(words.shape), torch.int64)
-    for step in (7, 14, 28):
-        torch.bitwise_right_shift(words, step, out=t)
-        words.bitwise_or_(t)
-    return words.bitwise_and_(0xFF)
-
-
 def _f16_field(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The fp16 at byte `offset` of each block, as float32 (n_blocks, 1)."""
     return blocks[:, offset : offset + 2].view(torch.float16).to(torch.float32)
@@ -217,7 +132,7 @@ def _reinterpret(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # int8/uint8 -> float32 conversion followed by gguf's own float32 operations, in its order.
 
 
-def _deq_q8_0(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q8_0(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     d = _f16_field(b, 0)
     q = ws.get("q", (b.shape[0], 32), torch.uint8)
     q.copy_(b[:, 2:])
@@ -225,64 +140,64 @@ def _deq_q8_0(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
     out.mul_(d)  # gguf: x * d
 
 
-def _deq_q4_0(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q4_0(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     d = _f16_field(b, 0)
-    q = _fields(b[:, 2:], 4, 2, ws, "q").view(torch.int8).sub_(8)  # (n, 2, 16): low, high
+    q = fields(b[:, 2:], 4, 2, ws, "q").view(torch.int8).sub_(8)  # (n, 2, 16): low, high
     out.copy_(q.view(out.shape))
     out.mul_(d)  # gguf: d * (q - 8)
 
 
-def _deq_q4_1(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q4_1(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     d = _f16_field(b, 0)
     m = _f16_field(b, 2)
-    out.copy_(_fields(b[:, 4:], 4, 2, ws, "q").view(out.shape))
+    out.copy_(fields(b[:, 4:], 4, 2, ws, "q").view(out.shape))
     out.mul_(d).add_(m)  # gguf: (d * q) + m
 
 
-def _q5_values(b: torch.Tensor, qh_at: int, ws: _Scratch) -> torch.Tensor:
+def _q5_values(b: torch.Tensor, qh_at: int, ws: Scratch) -> torch.Tensor:
     """The 5-bit quants of Q5_0/Q5_1 blocks, (n, 32) uint8 in element order."""
-    q = _fields(b[:, qh_at + 4 :], 4, 2, ws, "q").view(b.shape[0], 32)
+    q = fields(b[:, qh_at + 4 :], 4, 2, ws, "q").view(b.shape[0], 32)
     # qh is a little-endian uint32 whose bit i is the fifth bit of element i.
-    return q.bitwise_or_(_spread_bits(b[:, qh_at : qh_at + 4], 4, ws))
+    return q.bitwise_or_(spread_bits(b[:, qh_at : qh_at + 4], 4, ws))
 
 
-def _deq_q5_0(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q5_0(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     d = _f16_field(b, 0)
     out.copy_(_q5_values(b, 2, ws).view(torch.int8).sub_(16))
     out.mul_(d)  # gguf: d * (q - 16)
 
 
-def _deq_q5_1(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q5_1(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     d = _f16_field(b, 0)
     m = _f16_field(b, 2)
     out.copy_(_q5_values(b, 4, ws))
     out.mul_(d).add_(m)  # gguf: (d * q) + m
 
 
-def _deq_q2_k(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q2_k(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     n = b.shape[0]
     scales = b[:, :16]
     d = _f16_field(b, 80)
     dmin = _f16_field(b, 82)
     dl = (d * (scales & 0x0F)).view(n, 16, 1)  # uint8 promotes to float32 exactly
     ml = (dmin * (scales >> 4)).view(n, 16, 1)
-    q = _fields(b[:, 16:80].view(n, 2, 32), 2, 4, ws, "q")  # (n, 2, 4, 32)
+    q = fields(b[:, 16:80].view(n, 2, 32), 2, 4, ws, "q")  # (n, 2, 4, 32)
     o = out.view(n, 16, 16)
     o.copy_(q.view(n, 16, 16))
     o.mul_(dl).sub_(ml)  # gguf: dl * q - ml
 
 
-def _deq_q3_k(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q3_k(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     n = b.shape[0]
     d = _f16_field(b, 108)
     # 16 six-bit scales: the low nibbles in bytes 96..103 (low halves, then high halves), the
     # two high bits in bytes 104..107 (two bits per scale, four scales per byte).
-    low = _fields(b[:, 96:104], 4, 2, ws, "sl").view(n, 16)
-    high = _fields(b[:, 104:108], 2, 4, ws, "sh").view(n, 16)
+    low = fields(b[:, 96:104], 4, 2, ws, "sl").view(n, 16)
+    high = fields(b[:, 104:108], 2, 4, ws, "sh").view(n, 16)
     sc = low.bitwise_or_(high.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
     dl = (d * sc).view(n, 16, 1)
-    ql = _fields(b[:, 32:96].view(n, 2, 32), 2, 4, ws, "ql").view(n, 256)
-    hm = _fields(b[:, :32], 1, 8, ws, "qh").view(n, 256)
+    ql = fields(b[:, 32:96].view(n, 2, 32), 2, 4, ws, "ql").view(n, 256)
+    hm = fields(b[:, :32], 1, 8, ws, "qh").view(n, 256)
     # gguf: ql - ((hm ^ 1) << 2), the same small integer as (ql | hm << 2) - 4.
     q = ql.bitwise_or_(hm.bitwise_left_shift_(2)).view(torch.int8).sub_(4)
     o = out.view(n, 16, 16)
@@ -310,25 +225,25 @@ def _deq_k_common(b: torch.Tensor, out: torch.Tensor, q: torch.Tensor) -> None:
     o.mul_(ds).sub_(dm)  # gguf: d * q - dm
 
 
-def _deq_q4_k(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q4_k(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     n = b.shape[0]
-    q = _fields(b[:, 16:144].view(n, 4, 32), 4, 2, ws, "q").view(n, 8, 32)
+    q = fields(b[:, 16:144].view(n, 4, 32), 4, 2, ws, "q").view(n, 8, 32)
     _deq_k_common(b, out, q)
 
 
-def _deq_q5_k(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q5_k(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     n = b.shape[0]
-    ql = _fields(b[:, 48:176].view(n, 4, 32), 4, 2, ws, "ql").view(n, 8, 32)
-    qh = _fields(b[:, 16:48], 1, 8, ws, "qh")  # (n, 8, 32)
+    ql = fields(b[:, 48:176].view(n, 4, 32), 4, 2, ws, "ql").view(n, 8, 32)
+    qh = fields(b[:, 16:48], 1, 8, ws, "qh")  # (n, 8, 32)
     _deq_k_common(b, out, ql.bitwise_or_(qh.bitwise_left_shift_(4)))
 
 
-def _deq_q6_k(b: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _deq_q6_k(b: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     n = b.shape[0]
     d = _f16_field(b, 208)
     ds = (d * b[:, 192:208].view(torch.int8)).view(n, 16, 1)
-    ql = _fields(b[:, :128].view(n, 2, 64), 4, 2, ws, "ql").view(n, 8, 32)
-    qh = _fields(b[:, 128:192].view(n, 2, 32), 2, 4, ws, "qh").view(n, 8, 32)
+    ql = fields(b[:, :128].view(n, 2, 64), 4, 2, ws, "ql").view(n, 8, 32)
+    qh = fields(b[:, 128:192].view(n, 2, 32), 2, 4, ws, "qh").view(n, 8, 32)
     q = ql.bitwise_or_(qh.bitwise_left_shift_(4)).view(torch.int8).sub_(32)
     o = out.view(n, 16, 16)
     o.copy_(q.view(n, 16, 16))
@@ -346,7 +261,7 @@ def _nans(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _f16_to_f32(h: torch.Tensor) -> torch.Tensor:
-    out = _empty(tuple(h.shape), torch.float32, h.device)
+    out = empty(tuple(h.shape), torch.float32, h.device)
     out.copy_(h)
     nan = _nans(out)
     if nan is not None:
@@ -356,7 +271,7 @@ def _f16_to_f32(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_BlockFn = Callable[[torch.Tensor, torch.Tensor, _Scratch], None]
+_BlockFn = Callable[[torch.Tensor, torch.Tensor, Scratch], None]
 
 _DEQUANT_BLOCKS: dict[str, _BlockFn] = {
     "Q4_0": _deq_q4_0,
@@ -398,19 +313,19 @@ def dequantize(data: torch.Tensor, type_name: str, numel: int) -> torch.Tensor:
     device = data.device
     if type_name == "F32":
         # A copy, so that in-place edits of the result never reach a (read-only) memory map.
-        return _empty((numel,), torch.float32, device).copy_(_reinterpret(data, torch.float32))
+        return empty((numel,), torch.float32, device).copy_(_reinterpret(data, torch.float32))
     if type_name == "F16":
         return _f16_to_f32(_reinterpret(data, torch.float16))
     if type_name == "BF16":  # exact: a 16-bit shift
-        return _empty((numel,), torch.float32, device).copy_(_reinterpret(data, torch.bfloat16))
+        return empty((numel,), torch.float32, device).copy_(_reinterpret(data, torch.bfloat16))
 
     if data.storage_offset() % 2:
         data = data.clone()  # the fp16 fields must be 2-byte aligned to be viewed
     n_blocks = numel // elems
     blocks = data.view(n_blocks, type_size)
-    out = _empty((n_blocks, elems), torch.float32, device)
+    out = empty((n_blocks, elems), torch.float32, device)
     fn = _DEQUANT_BLOCKS[type_name]
-    ws = _Scratch(device)
+    ws = Scratch(device)
     for chunk in _chunks(n_blocks, elems):
         fn(blocks[chunk], out[chunk], ws)
     return out.view(-1)
@@ -455,14 +370,14 @@ def _signed_absmax(v: torch.Tensor) -> torch.Tensor:
     return pick
 
 
-def _to_quants(x: torch.Tensor, top: int, ws: _Scratch) -> torch.Tensor:
+def _to_quants(x: torch.Tensor, top: int, ws: Scratch) -> torch.Tensor:
     """min(int(x), top) for x >= 0, as (n, 32) int8 (float -> int conversion truncates)."""
     q = ws.get("q", tuple(x.shape), torch.int8)
     q.copy_(x)
     return q.clamp_(max=top)
 
 
-def _pack_nibbles(q: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _pack_nibbles(q: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     """(n, 32) values < 16 -> (n, 16) bytes: element j low nibble, element j + 16 high nibble."""
     w = q.view(torch.int64)  # (n, 4): words 0-1 hold elements 0..15, words 2-3 elements 16..31
     packed = ws.get("packed", (w.shape[0], 2), torch.int64)
@@ -470,17 +385,17 @@ def _pack_nibbles(q: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
     out.copy_(packed.bitwise_or_(w[:, :2]).view(torch.uint8))
 
 
-def _pack_q5(q: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _pack_q5(q: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     """(n, 32) values < 32 -> qh (4 bytes, bit i = bit 4 of element i), then 16 nibble bytes."""
     w = q.view(torch.int64)
     high = ws.get("high", tuple(w.shape), torch.int64)
     torch.bitwise_right_shift(w, 4, out=high)
-    out[:, :4].copy_(_gather_bits(high.bitwise_and_(_LOW_BITS), ws))
-    w.bitwise_and_(_NIBBLES)
+    out[:, :4].copy_(gather_bits(high.bitwise_and_(LOW_BITS), ws))
+    w.bitwise_and_(NIBBLES)
     _pack_nibbles(q, out[:, 4:], ws)
 
 
-def _q_q8_0(v: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _q_q8_0(v: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     x = ws.get("x", tuple(v.shape), torch.float32)
     d = torch.abs(v, out=x).amax(1, keepdim=True) / 127
     _put_scale(out, 0, d, "Q8_0")
@@ -491,14 +406,14 @@ def _q_q8_0(v: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
     out[:, 2:].copy_(q.view(torch.uint8))
 
 
-def _q_q4_0(v: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _q_q4_0(v: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     d = _signed_absmax(v) / -8
     _put_scale(out, 0, d, "Q4_0")
     x = torch.mul(v, _inverse(d), out=ws.get("x", tuple(v.shape), torch.float32)).add_(8.5)
     _pack_nibbles(_to_quants(x, 15, ws), out[:, 2:], ws)
 
 
-def _q_q5_0(v: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _q_q5_0(v: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     d = _signed_absmax(v) / -16
     _put_scale(out, 0, d, "Q5_0")
     x = torch.mul(v, _inverse(d), out=ws.get("x", tuple(v.shape), torch.float32)).add_(16.5)
@@ -506,7 +421,7 @@ def _q_q5_0(v: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
 
 
 def _min_max_quants(
-    v: torch.Tensor, levels: int, type_name: str, out: torch.Tensor, ws: _Scratch
+    v: torch.Tensor, levels: int, type_name: str, out: torch.Tensor, ws: Scratch
 ) -> torch.Tensor:
     mx = v.amax(1, keepdim=True)
     mn = v.amin(1, keepdim=True)
@@ -518,11 +433,11 @@ def _min_max_quants(
     return _to_quants(x, levels, ws)
 
 
-def _q_q4_1(v: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _q_q4_1(v: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     _pack_nibbles(_min_max_quants(v, 15, "Q4_1", out, ws), out[:, 4:], ws)
 
 
-def _q_q5_1(v: torch.Tensor, out: torch.Tensor, ws: _Scratch) -> None:
+def _q_q5_1(v: torch.Tensor, out: torch.Tensor, ws: Scratch) -> None:
     _pack_q5(_min_max_quants(v, 31, "Q5_1", out, ws), out[:, 4:], ws)
 
 
@@ -538,7 +453,7 @@ QUANTIZABLE: frozenset[str] = frozenset({"F32", "F16", "BF16", *_QUANT_BLOCKS})
 
 
 def _to_f16_bytes(v: torch.Tensor) -> torch.Tensor:
-    h = _empty(tuple(v.shape), torch.float16, v.device).copy_(v)
+    h = empty(tuple(v.shape), torch.float16, v.device).copy_(v)
     nan = _nans(v)
     if nan is not None:
         # torch quiets every NaN (payload | 0x200); numpy keeps the top payload bits as they are:
@@ -558,10 +473,10 @@ def _to_bf16_bytes(v: torch.Tensor) -> torch.Tensor:
     if nan is not None:
         n = torch.where(nan, (n & -0x10000) | 0x400000, n)
     # n + 0x7fff + lsb never overflows int32 here (the largest non-NaN input is +inf).
-    r = torch.bitwise_right_shift(n, 16, out=_empty(tuple(n.shape), torch.int32, v.device))
+    r = torch.bitwise_right_shift(n, 16, out=empty(tuple(n.shape), torch.int32, v.device))
     r.bitwise_and_(1).add_(0x7FFF).add_(n)
     # The high 16 bits of each sum, read as int16 (little-endian: the odd halves).
-    out = _empty(tuple(n.shape), torch.int16, v.device)
+    out = empty(tuple(n.shape), torch.int16, v.device)
     return out.copy_(r.view(torch.int16).view(-1, 2)[:, 1]).view(torch.uint8)
 
 
@@ -595,9 +510,9 @@ def quantize(values: torch.Tensor, type_name: str) -> torch.Tensor:
 
     n_blocks = v.numel() // elems
     blocks = v.view(n_blocks, elems)
-    out = _empty((n_blocks, type_size), torch.uint8, v.device)
+    out = empty((n_blocks, type_size), torch.uint8, v.device)
     fn = _QUANT_BLOCKS[type_name]
-    ws = _Scratch(v.device)
+    ws = Scratch(v.device)
     for chunk in _chunks(n_blocks, elems):
         fn(blocks[chunk], out[chunk], ws)
     return out.view(-1)

@@ -2,7 +2,9 @@
 
 For every key the plan says, node by node, whether the node computes the key or
 passes its base's value through (and why), applies the inpainting /
-instruct-pix2pix channel rule, and rejects every shape mismatch up front.
+instruct-pix2pix channel rule, and rejects every shape mismatch up front. What
+each output file holds (dtypes, a baked VAE, a GGUF's tensors, encodings) is
+decided in `sdrecipe.plan.output_files`.
 """
 
 from __future__ import annotations
@@ -14,36 +16,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdrecipe.adapters.extract import extracted_keys
 from sdrecipe.arch import (
     COMPONENTS,
-    EMA_PREFIX,
     PREDICTION_MARKERS,
-    component_of,
     family_components,
     never_merged_reason,
-    vae_prefix,
 )
 from sdrecipe.arch.blocks import block_values_taken, listed_block_ids
-from sdrecipe.arch.family import families, known
 from sdrecipe.errors import RecipeError
-from sdrecipe.io.dtypes import DTYPE_TO_CODE, NAME_TO_DTYPE
-from sdrecipe.io.encodings import (
-    FP8_MAX,
-    SCALED_MARKER,
-    Encoding,
-    GgmlType,
-    ScaledFp8,
-    fp8_dtype,
-    gguf_type,
-    scale_key,
-)
-from sdrecipe.io.gguf_reader import gguf_prefix
+from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.io.encodings import Encoding, ScaledFp8
 from sdrecipe.io.safetensors_writer import layout_order
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE
 from sdrecipe.plan.graph import MergeGraph
+from sdrecipe.plan.output_files import OutputFiles
 from sdrecipe.recipe import Output
 from sdrecipe.recipe.expr import Call, Expr, PerKey, method_calls, walk
 from sdrecipe.recipe.per_key import KeyContext, for_key, key_context, unknown_blocks
@@ -156,7 +144,7 @@ def make_plan(
 
     `families` (per input) tell which block table a key's context uses."""
     planner = _Planner(graph, input_infos, families or {})
-    tensors = {name: planner.output_tensors(name) for name in graph.outputs}
+    tensors = {name: planner.files.tensors(name) for name in graph.outputs}
     # Keys go in the first output's file layout; other outputs' keys follow.
     order: dict[str, None] = {}
     for output_tensors in tensors.values():
@@ -164,12 +152,13 @@ def make_plan(
     keys = tuple(planner.plan_key(key) for key in order)
     planner.raise_conflicts()
     outputs = {name: planner.output_plan(name, tensors[name]) for name in graph.outputs}
+    warnings = planner.empty_selections() + planner.markers_not_kept()
     return BuildPlan(
         graph=graph,
         keys=keys,
         outputs=outputs,
         input_infos=input_infos,
-        warnings=planner.empty_selections() + planner.markers_not_kept() + tuple(planner.notes),
+        warnings=warnings + tuple(planner.files.notes),
         families=dict(families or {}),
     )
 
@@ -204,11 +193,7 @@ class _Planner:
         self.conflicts: list[tuple[str, str]] = []
         self.shared_steps: dict[tuple[str, torch.dtype, frozenset[str]], Compute] = {}
         self.selecting: set[str] = set()
-        self.baked: dict[str, frozenset[str]] = {}
-        self.written: dict[str, dict[str, TensorInfo]] = {}
-        self.encodings: dict[str, dict[str, Encoding]] = {}
-        self.constants: dict[str, dict[str, torch.Tensor]] = {}
-        self.notes: list[str] = []
+        self.files = OutputFiles(graph, input_infos, families)
 
     def check_blocks(self, node: str) -> None:
         """Refuse block labels that the family of the node's base has no block for."""
@@ -419,12 +404,12 @@ class _Planner:
         copies: dict[str, str] = {}
         computed: list[str] = []
         for name in graph.outputs:
-            if key not in self.written[name]:
+            if key not in self.files.written[name]:
                 continue  # pruned, or only in another output's inputs
             output = recipe.outputs[name]
             if output.lora is not None and self.status[output.node].get(key) != MERGED:
                 continue  # no difference here: the LoRA has no layer for it
-            vae = output.vae if key in self.baked.get(name, ()) else None
+            vae = output.vae if key in self.files.baked.get(name, ()) else None
             source = sources[name] = vae or output.node
             copied = self._copy_source(name, source, key, steps)
             if copied is None:
@@ -444,7 +429,7 @@ class _Planner:
         """The input whose bytes the output can take from `name` as they are, if any:
         nothing on the way computes, and the dtype is the one the output holds
         (and no encoding of the output's stores it otherwise)."""
-        if key in self.encodings.get(output, {}):
+        if key in self.files.encodings.get(output, {}):
             return None
         while name in steps:
             if isinstance(steps[name], Compute):
@@ -452,7 +437,7 @@ class _Planner:
             name = self.graph.base(name)
         info = self.info(name, key)
         assert info is not None
-        return name if info.dtype == self.written[output][key].dtype else None
+        return name if info.dtype == self.files.written[output][key].dtype else None
 
     def _shared_rows(self, key: str, nodes: set[str], sources: set[str]) -> dict[str, int | None]:
         """Dim 0 when every tensor that may be involved has it and every method
@@ -487,162 +472,6 @@ class _Planner:
             recipe.nodes[node].line,
         )
 
-    def output_tensors(self, name: str) -> dict[str, TensorInfo]:
-        """The tensors output `name` will hold: its base input's, in the output
-        dtype, with the VAE replaced by the baked one's when it has `vae`."""
-        output = self.graph.recipe.outputs[name]
-        target = NAME_TO_DTYPE[output.dtype] if output.dtype else None
-        base_name = self.graph.base_input(output.node)
-        base = self.input_infos[base_name]
-        if output.lora is not None:  # the writer takes each layer's difference
-            family = self.families.get(base_name, "unknown")
-            keys = extracted_keys(family, list(base), output.lora)
-            if not keys:
-                named = [f.name for f in families() if f.adapters.patchable]
-                raise RecipeError(
-                    f"output {name!r}: no layer of {base_name} ({family}) has a LoRA module "
-                    f"name, so a LoRA extracted from it would be empty; sdrecipe names LoRA "
-                    f"modules for {', '.join(named)}",
-                    self.graph.recipe.path,
-                    output.line,
-                )
-            self.written[name] = {key: TensorInfo(torch.float32, base[key].shape) for key in keys}
-            return self.written[name]
-        found = dict(base)
-        if output.vae is not None:
-            prefix = vae_prefix(self.families.get(base_name, "unknown"))
-            found = {key: info for key, info in found.items() if not key.startswith(prefix)}
-            baked = self._baked_vae(name, base)
-            self.baked[name] = frozenset(baked)
-            found.update(baked)
-        family = self.families.get(base_name, "unknown")
-        if output.format == "gguf":
-            found = self._gguf_tensors(name, family, found)
-        tensors = {}
-        for key, info in found.items():
-            if output.prune_ema and key.startswith(EMA_PREFIX):
-                continue
-            # A tensor without elements (a prediction marker) has nothing to convert.
-            convert = target is not None and info.is_floating and info.numel > 0
-            dtype = target if convert else info.dtype
-            if convert and target in FP8_MAX:
-                dtype = fp8_dtype(key, info, family, target, output.scaled)  # type: ignore[arg-type]
-            tensors[key] = TensorInfo(dtype, info.shape)
-        if output.scaled:
-            self._scaled_fp8(name, family, tensors)
-        self.written[name] = tensors
-        return tensors
-
-    def _gguf_tensors(
-        self, name: str, family: str, found: dict[str, TensorInfo]
-    ) -> dict[str, TensorInfo]:
-        """The tensors a GGUF output holds: the diffusion model's, in float32,
-        each encoded as `gguf_type` says."""
-        output = self.graph.recipe.outputs[name]
-        data = known(family)
-        if data is None or data.gguf is None:
-            named = ", ".join(f.name for f in families() if f.gguf)
-            raise RecipeError(
-                f"output {name!r}: ComfyUI-GGUF has no architecture for {family} models, so a "
-                f"GGUF of one would not load (GGUF outputs are written for {named})",
-                self.graph.recipe.path,
-                output.line,
-            )
-        kept = {
-            key: TensorInfo(torch.float32, info.shape)
-            for key, info in found.items()
-            if component_of(key, family) == data.gguf.component and info.is_floating
-        }
-        if not kept:
-            raise RecipeError(
-                f"output {name!r}: the model has no {data.gguf.component} tensors to write",
-                self.graph.recipe.path,
-                output.line,
-            )
-        prefix = gguf_prefix(data)
-        names: dict[str, str] = {}
-        for key in kept:
-            clash = names.setdefault(key.removeprefix(prefix), key)
-            if clash != key:
-                raise RecipeError(
-                    f"output {name!r}: {clash} and {key} would both be named "
-                    f"{key.removeprefix(prefix)} in the GGUF",
-                    self.graph.recipe.path,
-                    output.line,
-                )
-        left = len(found) - len(kept)
-        if left:
-            self.notes.append(
-                f"output {name!r}: a GGUF holds the {data.gguf.component} alone (as "
-                f"ComfyUI-GGUF loads it); {left} other tensor(s) are not written"
-            )
-        assert output.quant is not None
-        self.encodings[name] = {
-            key: GgmlType(gguf_type(info, output.quant)) for key, info in kept.items()
-        }
-        return kept
-
-    def _scaled_fp8(self, name: str, family: str, tensors: dict[str, TensorInfo]) -> None:
-        """A scale for each fp8 matrix, and the marker beside the model's keys."""
-        output = self.graph.recipe.outputs[name]
-        target = NAME_TO_DTYPE[output.dtype]  # type: ignore[index]
-        scaled = {
-            key: ScaledFp8(target, scale_key(key))
-            for key, i in tensors.items()
-            if i.dtype == target
-        }
-        taken = [e.scale_key for e in scaled.values() if e.scale_key in tensors]
-        prefix = next(
-            (p for p in _model_prefixes(family) if any(k.startswith(p) for k in tensors)), ""
-        )
-        marker = prefix + SCALED_MARKER
-        if taken or marker in tensors:
-            raise RecipeError(
-                f"output {name!r}: the model already has a tensor named {(taken or [marker])[0]}, "
-                "which a scaled-fp8 file uses for its scales",
-                self.graph.recipe.path,
-                output.line,
-            )
-        self.encodings[name] = dict(scaled)
-        self.constants[name] = {marker: torch.empty(0, dtype=target)}
-
-    def _baked_vae(self, name: str, base: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
-        """The VAE tensors output `name` takes from its `vae` input (in the base's
-        dtype where the base has the key), after checking they fit the base."""
-        recipe = self.graph.recipe
-        output = recipe.outputs[name]
-        vae = recipe.inputs[output.vae]  # type: ignore[index]
-        infos = self.input_infos[vae.name]
-        prefix = vae_prefix(self.families.get(self.graph.base_input(output.node), "unknown"))
-        baked = {key: info for key, info in infos.items() if key.startswith(prefix)}
-        problem = None
-        base_family = self.families.get(self.graph.base_input(output.node), "unknown")
-        vae_family = self.families.get(vae.name, "unknown")
-        if not baked:
-            problem = f"{vae.path} holds no VAE tensors under {prefix}"
-        missing = sorted(key for key in base if key.startswith(prefix) and key not in baked)
-        if missing:
-            problem = f"{vae.path} lacks {len(missing)} VAE tensor(s), e.g. {missing[0]}"
-        if problem and vae_family not in ("unknown", "vae16", base_family):
-            problem += (
-                f" (it is a model of family {vae_family}, and {base_family} keeps its VAE under "
-                f"{prefix}: use a VAE file of the base's kind)"
-            )
-        for key, info in baked.items():
-            if key in base and base[key].shape != info.shape:
-                problem = (
-                    f"{key}: the VAE in {vae.path} has shape {list(info.shape)} and the model "
-                    f"{list(base[key].shape)}"
-                )
-        if problem:
-            raise RecipeError(
-                f"output {name!r}: cannot bake the VAE: {problem}", recipe.path, vae.line
-            )
-        return {
-            key: TensorInfo(base[key].dtype if key in base else info.dtype, info.shape)
-            for key, info in baked.items()
-        }
-
     def output_plan(self, name: str, tensors: dict[str, TensorInfo]) -> OutputPlan:
         graph = self.graph
         output = graph.recipe.outputs[name]
@@ -650,11 +479,11 @@ class _Planner:
         for leaf in graph.inputs_of(output.node):
             others.update(self.input_infos[leaf])
         status = dict(self.status[output.node])
-        status.update(dict.fromkeys(self.baked.get(name, ()), "from the baked VAE"))
+        status.update(dict.fromkeys(self.files.baked.get(name, ()), "from the baked VAE"))
         if output.lora is not None:
             tensors = {key: info for key, info in tensors.items() if status.get(key) == MERGED}
-        encodings = self.encodings.get(name, {})
-        constants = self.constants.get(name, {})
+        encodings = self.files.encodings.get(name, {})
+        constants = self.files.constants.get(name, {})
         companions = {
             e.scale_key: TensorInfo(torch.float32, ())
             for e in encodings.values()
@@ -670,14 +499,6 @@ class _Planner:
             encodings=encodings,
             constants=constants,
         )
-
-
-def _model_prefixes(family: str) -> list[str]:
-    """The prefixes of the family's diffusion model (`model.diffusion_model.`)."""
-    data = known(family)
-    if data is None:
-        return []
-    return [c.prefix for c in data.components if c.name in ("unet", "transformer") and c.prefix]
 
 
 def _differ_only_in_channels(shapes: list[tuple[int, ...]]) -> bool:
