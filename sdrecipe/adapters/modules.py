@@ -2,54 +2,22 @@
 
 An adapter key is `<stem>.<parameter>`: the stem names the patched layer
 (`lora_unet_down_blocks_0_attentions_0_proj_in`, `unet.down_blocks.0...to_q`),
-the parameter says which factor of which algorithm it is. Imports no torch.
+the parameter says which factor of which algorithm it is (each registered
+algorithm, `sdrecipe.adapters.algorithms`, names its factors). Imports no torch.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from math import prod
-from typing import NoReturn
 
+from sdrecipe.adapters.algorithms import Algorithm, algorithm_of, registered_algorithms
+from sdrecipe.adapters.factor_shapes import AdapterError, FactorShapes
 from sdrecipe.io.tensor_info import TensorInfo
 
-# Parameter name → algorithm. `alpha` and `dora_scale` go with any algorithm.
-ALGORITHM_OF_PARAMETER = {
-    "lora_up.weight": "lora",
-    "lora_down.weight": "lora",
-    "lora_mid.weight": "lora",
-    "lora_B.weight": "lora",
-    "lora_A.weight": "lora",
-    "up.weight": "lora",  # XLabs
-    "down.weight": "lora",
-    "hada_w1_a": "loha",
-    "hada_w1_b": "loha",
-    "hada_w2_a": "loha",
-    "hada_w2_b": "loha",
-    "hada_t1": "loha",
-    "hada_t2": "loha",
-    "lokr_w1": "lokr",
-    "lokr_w1_a": "lokr",
-    "lokr_w1_b": "lokr",
-    "lokr_w2": "lokr",
-    "lokr_w2_a": "lokr",
-    "lokr_w2_b": "lokr",
-    "lokr_t2": "lokr",
-    "diff": "full",
-    "diff_b": "full",
-    "w_norm": "norm",
-    "b_norm": "norm",
-}
-# A LoRA's factors by convention: kohya, PEFT, XLabs.
-LORA_UP = ("lora_up.weight", "lora_B.weight", "up.weight")
-LORA_DOWN = ("lora_down.weight", "lora_A.weight", "down.weight")
-# sd-scripts' split q/k/v (and MLP) LoRA of a fused layer: one pair per part,
-# `lora_up.{i}.weight` and `lora_down.{i}.weight`, one alpha.
-SPLIT_PARAMETER = re.compile(r"lora_(up|down)\.(0|[1-9]\d{0,2})\.weight")
+# Parameters that go with any algorithm.
 SHARED_PARAMETERS = ("alpha", "dora_scale")
-FACTOR_LIKE = re.compile(r"\.(lora_|hada_|lokr_)[^.]*(\.[^.]+){0,2}$")
 # Parameters of algorithms sdrecipe does not apply, so that a file holding them
 # is refused by name rather than half applied.
 UNSUPPORTED_PARAMETERS = {
@@ -62,10 +30,20 @@ UNSUPPORTED_PARAMETERS = {
     "b2.weight": "GLoRA",
     "lora_magnitude_vector": "PEFT DoRA",
 }
-# Parameters that change a layer's bias rather than its weight.
-BIAS_PARAMETERS = ("diff_b", "b_norm")
+_ALGORITHMS = registered_algorithms()
+# A key ending in a numbered factor (sd-scripts' `lora_up.0.weight`): stem, parameter.
+_NUMBERED = re.compile(
+    r"(.+)\.(" + "|".join(a.numbered.pattern for a in _ALGORITHMS if a.numbered) + ")", re.S
+)
+# A key named like the factors of some algorithm (`lora_`, `hada_`, `lokr_`...).
+FACTOR_LIKE = re.compile(
+    r"\.(" + "|".join(sorted({re.escape(a.prefix) for a in _ALGORITHMS if a.prefix})) + ")"
+    r"[^.]*(\.[^.]+){0,2}$"
+)
 _KNOWN = sorted(
-    [*ALGORITHM_OF_PARAMETER, *SHARED_PARAMETERS, *UNSUPPORTED_PARAMETERS], key=len, reverse=True
+    [*(p for a in _ALGORITHMS for p in a.factors), *SHARED_PARAMETERS, *UNSUPPORTED_PARAMETERS],
+    key=len,
+    reverse=True,
 )
 # Checkpoint prefixes: a file with any of these keys is a model, not an adapter.
 MODEL_PREFIXES = (
@@ -76,16 +54,12 @@ MODEL_PREFIXES = (
 )
 
 
-class AdapterError(ValueError):
-    """An adapter file that cannot be applied as it is."""
-
-
 @dataclass(frozen=True)
 class AdapterModule:
     """One patched layer: its stem, algorithm, and the file key of each parameter."""
 
     stem: str
-    algorithm: str
+    algorithm: Algorithm
     keys: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -96,53 +70,38 @@ class AdapterModule:
     @property
     def changes_weight(self) -> bool:
         """True when the module has a delta for the layer's weight."""
-        return any(p not in (*SHARED_PARAMETERS, *BIAS_PARAMETERS) for p in self.keys)
+        return any(p not in SHARED_PARAMETERS and p != self.algorithm.bias for p in self.keys)
+
+    @property
+    def bias_key(self) -> str | None:
+        """The file key of the module's delta for the layer's bias, if it has one."""
+        bias = self.algorithm.bias
+        return None if bias is None else self.keys.get(bias)
 
     @property
     def changes_bias(self) -> bool:
         """True when the module has a delta for the layer's bias."""
-        return any(p in BIAS_PARAMETERS for p in self.keys)
+        return self.bias_key is not None
+
+    def shapes(self, infos: Mapping[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
+        """Each parameter's shape, from the file's header."""
+        return {parameter: infos[key].shape for parameter, key in self.keys.items()}
 
     def rank(self, infos: Mapping[str, TensorInfo]) -> int | None:
         """The rank of a low-rank module (None for full and norm deltas, and a
         LoKr whose two halves are both stored whole)."""
-        for parameter in (*LORA_DOWN, "lora_down.0.weight", "hada_w1_b", "lokr_w1_b"):
-            if parameter in self.keys:
-                return infos[self.keys[parameter]].shape[0]
-        if "lokr_w2_b" in self.keys:
-            return infos[self.keys["lokr_w2_b"]].shape[0]
-        return None
+        return self.algorithm.rank(self.shapes(infos))
 
     def weight_size(self, infos: Mapping[str, TensorInfo]) -> tuple[int, int, tuple[int, ...]]:
         """(rows, elements, kernel) of the weight delta, from the factors' shapes alone;
         kernel is the trailing spatial shape where the factors fix it, else ()."""
-        shape = {parameter: infos[key].shape for parameter, key in self.keys.items()}
-        if self.algorithm == "split_lora":
-            ups = [shape[f"lora_up.{i}.weight"] for i in range(split_count(self.keys))]
-            rows = sum(up[0] for up in ups)
-            down = shape["lora_down.0.weight"]
-            return rows, rows * prod(down[1:]), ()
-        if self.algorithm == "lora":
-            up = shape[first_of(LORA_UP, shape)]
-            down = shape[first_of(LORA_DOWN, shape)]
-            if "lora_mid.weight" in shape:
-                kernel = shape["lora_mid.weight"][2:]
-                return up[0], up[0] * down[1] * prod(kernel), kernel
-            return up[0], up[0] * prod(down[1:]), down[2:]
-        if self.algorithm == "loha":
-            if "hada_t1" in shape:
-                kernel = shape["hada_t1"][2:]
-                rows = shape["hada_w1_a"][1]
-                return rows, rows * shape["hada_w1_b"][1] * prod(kernel), kernel
-            rows = shape["hada_w1_a"][0]
-            return rows, rows * prod(shape["hada_w1_b"][1:]), shape["hada_w1_b"][2:]
-        if self.algorithm == "lokr":
-            first = shape.get("lokr_w1") or (shape["lokr_w1_a"][0], shape["lokr_w1_b"][1])
-            second = _lokr_second_shape(shape)
-            rows = first[0] * second[0]
-            return rows, rows * first[1] * prod(second[1:]), second[2:]
-        whole = shape.get("diff") or shape["w_norm"]
-        return whole[0], prod(whole), whole[2:]
+        return self.algorithm.weight_size(self.shapes(infos))
+
+    def bias_size(self, infos: Mapping[str, TensorInfo]) -> tuple[int, int, tuple[int, ...]]:
+        """(rows, elements, kernel) of the bias delta: one row per element, no kernel."""
+        key = self.bias_key
+        assert key is not None, f"module {self.stem} changes no bias"
+        return infos[key].shape[0], infos[key].numel, ()
 
 
 def check_factor_shapes(module: AdapterModule, infos: Mapping[str, TensorInfo]) -> None:
@@ -150,182 +109,16 @@ def check_factor_shapes(module: AdapterModule, infos: Mapping[str, TensorInfo]) 
     none empty, `alpha` one number, ranks and sides that agree, and each rank at
     most the rows plus the columns of the delta it makes (a rank above
     min(rows, columns) adds nothing; one far above it only promises work)."""
-    factors = _Factors(module.stem, {p: infos[key].shape for p, key in module.keys.items()})
+    factors = FactorShapes(module.stem, module.shapes(infos))
     factors.check_sizes()
-    CHECKS[module.algorithm](factors)
-
-
-class _Factors:
-    """One module's factor shapes, and the checks that they fit together."""
-
-    def __init__(self, stem: str, shapes: Mapping[str, tuple[int, ...]]):
-        self.stem = stem
-        self.shapes = shapes
-
-    def fail(self, text: str) -> NoReturn:
-        raise AdapterError(f"module {self.stem}: {text}")
-
-    def check_sizes(self) -> None:
-        """No empty factor; one number as alpha."""
-        for parameter, shape in self.shapes.items():
-            if parameter == "alpha" and prod(shape) != 1:
-                self.fail(f"alpha has shape {list(shape)}; it must be one number")
-            if parameter != "alpha" and 0 in shape:
-                self.fail(f"{parameter} has shape {list(shape)}, which holds nothing (rank 0?)")
-
-    def shape(self, parameter: str, dims: int, exact: bool = False) -> tuple[int, ...]:
-        """The shape of `parameter`, which must have `dims` dimensions (or more unless `exact`)."""
-        shape = self.shapes[parameter]
-        if len(shape) < dims or (exact and len(shape) != dims):
-            needed = f"{dims}" if exact else f"{dims} or more"
-            self.fail(f"{parameter} has shape {list(shape)}; it needs {needed} dimensions")
-        return shape
-
-    def agree(self, first: str, first_size: object, second: str, second_size: object) -> None:
-        """`first` and `second` must give the same size (of the rank, a side, a kernel)."""
-        if first_size != second_size:
-            self.fail(
-                f"{first} (shape {list(self.shapes[first])}) and {second} (shape "
-                f"{list(self.shapes[second])}) do not fit together: {first_size} against "
-                f"{second_size}"
-            )
-
-    def bounded(self, parameter: str, rank: int, rows: int, columns: int) -> None:
-        """A rank above rows + columns of the delta is refused before any data is read."""
-        if rank > rows + columns:
-            self.fail(
-                f"{parameter} (shape {list(self.shapes[parameter])}) declares rank {rank} for "
-                f"a {rows}x{columns} delta; sdrecipe refuses a rank above its rows plus its "
-                f"columns ({rows + columns}; rank {min(rows, columns)} is already full)"
-            )
-
-
-def _check_lora(factors: _Factors) -> None:
-    up_name = first_of(LORA_UP, factors.shapes)
-    down_name = first_of(LORA_DOWN, factors.shapes)
-    up, down = factors.shape(up_name, 2), factors.shape(down_name, 2)
-    columns = prod(down[1:])
-    if "lora_mid.weight" in factors.shapes:
-        mid = factors.shape("lora_mid.weight", 2)
-        factors.agree(up_name, prod(up[1:]), "lora_mid.weight", mid[0])
-        factors.agree(down_name, down[0], "lora_mid.weight", mid[1])
-        columns *= prod(mid[2:])
-        factors.bounded("lora_mid.weight", mid[0], up[0], columns)
-    else:
-        factors.agree(up_name, prod(up[1:]), down_name, down[0])
-    factors.bounded(down_name, down[0], up[0], columns)
-
-
-def _check_split_lora(factors: _Factors) -> None:
-    """Each part's pair fits together, every part of one rank and one input width."""
-    first = factors.shape("lora_down.0.weight", 2, exact=True)
-    rows = 0
-    for index in range(split_count(factors.shapes)):
-        up_name, down_name = f"lora_up.{index}.weight", f"lora_down.{index}.weight"
-        up = factors.shape(up_name, 2, exact=True)
-        down = factors.shape(down_name, 2, exact=True)
-        factors.agree(up_name, up[1], down_name, down[0])
-        factors.agree(down_name, down, "lora_down.0.weight", first)
-        rows += up[0]
-    factors.bounded("lora_down.0.weight", first[0], rows, first[1])
-
-
-def _check_loha(factors: _Factors) -> None:
-    sides = []
-    for half in "12":
-        a_name, b_name = f"hada_w{half}_a", f"hada_w{half}_b"
-        a = factors.shape(a_name, 2, exact=True)
-        if "hada_t1" in factors.shapes:  # CP form: t [r, r', *kernel], a [r, out], b [r', in]
-            t_name = f"hada_t{half}"
-            core, b = factors.shape(t_name, 2), factors.shape(b_name, 2, exact=True)
-            factors.agree(a_name, a[0], t_name, core[0])
-            factors.agree(b_name, b[0], t_name, core[1])
-            rows, columns = a[1], b[1] * prod(core[2:])
-            factors.bounded(t_name, max(core[:2]), rows, columns)
-            sides.append((a_name, rows, t_name, columns, core[2:]))
-        else:
-            b = factors.shape(b_name, 2)
-            factors.agree(a_name, a[1], b_name, b[0])
-            rows, columns = a[0], prod(b[1:])
-            factors.bounded(b_name, b[0], rows, columns)
-            sides.append((a_name, rows, b_name, columns, ()))
-    (a1, rows1, b1, columns1, kernel1), (a2, rows2, b2, columns2, kernel2) = sides
-    factors.agree(a1, rows1, a2, rows2)
-    factors.agree(b1, (columns1, kernel1), b2, (columns2, kernel2))
-
-
-def _check_lokr(factors: _Factors) -> None:
-    if "lokr_w1" in factors.shapes:
-        factors.shape("lokr_w1", 2, exact=True)
-    else:
-        a = factors.shape("lokr_w1_a", 2, exact=True)
-        b = factors.shape("lokr_w1_b", 2, exact=True)
-        factors.agree("lokr_w1_a", a[1], "lokr_w1_b", b[0])
-        factors.bounded("lokr_w1_b", b[0], a[0], b[1])
-    if "lokr_w2" in factors.shapes:
-        factors.shape("lokr_w2", 2)
-    elif "lokr_t2" in factors.shapes:  # CP form: t [r, r', *kernel], a [r, out], b [r', in]
-        core = factors.shape("lokr_t2", 2)
-        a = factors.shape("lokr_w2_a", 2, exact=True)
-        b = factors.shape("lokr_w2_b", 2, exact=True)
-        factors.agree("lokr_w2_a", a[0], "lokr_t2", core[0])
-        factors.agree("lokr_w2_b", b[0], "lokr_t2", core[1])
-        factors.bounded("lokr_t2", max(core[:2]), a[1], b[1] * prod(core[2:]))
-    else:
-        a = factors.shape("lokr_w2_a", 2, exact=True)
-        b = factors.shape("lokr_w2_b", 2)
-        factors.agree("lokr_w2_a", a[1], "lokr_w2_b", b[0])
-        factors.bounded("lokr_w2_b", b[0], a[0], prod(b[1:]))
-
-
-def _check_whole(factors: _Factors) -> None:
-    for parameter in ("diff", "w_norm", "diff_b", "b_norm"):
-        if parameter in factors.shapes:
-            factors.shape(parameter, 1)
-
-
-CHECKS: dict[str, Callable[[_Factors], None]] = {
-    "lora": _check_lora,
-    "split_lora": _check_split_lora,
-    "loha": _check_loha,
-    "lokr": _check_lokr,
-    "full": _check_whole,
-    "norm": _check_whole,
-}
-
-
-def _lokr_second_shape(shape: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
-    """The shape of LoKr's second Kronecker factor, stored whole, as a product, or in CP form."""
-    if "lokr_w2" in shape:
-        return shape["lokr_w2"]
-    if "lokr_t2" in shape:
-        return (shape["lokr_w2_a"][1], shape["lokr_w2_b"][1], *shape["lokr_t2"][2:])
-    return (shape["lokr_w2_a"][0], *shape["lokr_w2_b"][1:])
-
-
-def first_of(names: tuple[str, ...], found: Mapping[str, object]) -> str:
-    """The first of `names` in `found` (the factor convention a module uses)."""
-    return next(name for name in names if name in found)
-
-
-def split_count(found: Mapping[str, object]) -> int:
-    """How many parts a split LoRA module has (after `_missing_factors` found
-    them numbered 0, 1, ... each with both factors: its pairs)."""
-    return sum(1 for p in found if SPLIT_PARAMETER.fullmatch(p)) // 2
-
-
-def algorithm_of(parameter: str) -> str | None:
-    """The algorithm a factor belongs to (None for shared ones: alpha, DoRA)."""
-    if SPLIT_PARAMETER.fullmatch(parameter):
-        return "split_lora"
-    return ALGORITHM_OF_PARAMETER.get(parameter)
+    module.algorithm.check(factors)
 
 
 def split_key(key: str) -> tuple[str, str] | None:
     """(stem, parameter) of an adapter key, or None if it is none."""
-    stem, _, rest = key.rpartition(".lora_")
-    if stem and SPLIT_PARAMETER.fullmatch("lora_" + rest):
-        return stem, "lora_" + rest
+    numbered = _NUMBERED.fullmatch(key)
+    if numbered:
+        return numbered[1], numbered[2]
     for parameter in _KNOWN:
         if key.endswith("." + parameter):
             return key[: -len(parameter) - 1], parameter
@@ -379,12 +172,13 @@ def adapter_modules(keys: list[str]) -> dict[str, AdapterModule]:
             continue
         algorithms = {a for p in found if (a := algorithm_of(p)) is not None}
         if len(algorithms) != 1:
-            what = " and ".join(sorted(algorithms)) if algorithms else "only " + ", ".join(found)
+            names = sorted(a.name for a in algorithms)
+            what = " and ".join(names) if algorithms else "only " + ", ".join(found)
             raise AdapterError(f"module {stem} has {what}, which is no single algorithm")
         algorithm = algorithms.pop()
-        missing = _missing_factors(algorithm, found)
+        missing = algorithm.missing(found)
         if missing:
-            raise AdapterError(f"module {stem} ({algorithm}) lacks {', '.join(missing)}")
+            raise AdapterError(f"module {stem} ({algorithm.name}) lacks {', '.join(missing)}")
         modules[stem] = AdapterModule(stem, algorithm, found)
     if unsupported:
         first = next(iter(unsupported.items()))
@@ -394,38 +188,3 @@ def adapter_modules(keys: list[str]) -> dict[str, AdapterModule]:
             "and norm deltas, each optionally with DoRA"
         )
     return modules
-
-
-def _missing_factors(algorithm: str, found: Mapping[str, str]) -> list[str]:
-    """The parameters `algorithm` needs that `found` lacks."""
-    if algorithm == "lora":
-        pairs = [{up, down} for up, down in zip(LORA_UP, LORA_DOWN, strict=True)]
-        used = [pair for pair in pairs if pair & set(found)]
-        if len(used) > 1:
-            return [f"one convention: it has {', '.join(sorted(set().union(*used)))}"]
-        if any(pair <= set(found) for pair in pairs):
-            return []
-        return sorted(next((p for p in pairs if p & set(found)), pairs[0]) - set(found))
-    if algorithm == "split_lora":
-        numbers = sorted({int(m[2]) for p in found if (m := SPLIT_PARAMETER.fullmatch(p))})
-        # Parts are numbered 0, 1, ...: the first number out of that order is missing.
-        gap = next((i for i, number in enumerate(numbers) if number != i), None)
-        if gap is not None:
-            return [f"lora_up.{gap}.weight and lora_down.{gap}.weight"]
-        needed = [f"lora_{side}.{i}.weight" for i in numbers for side in ("up", "down")]
-        return [p for p in needed if p not in found]
-    if algorithm == "loha":
-        needed = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
-        if ("hada_t1" in found) != ("hada_t2" in found):
-            needed += ["hada_t1", "hada_t2"]
-        return [p for p in needed if p not in found]
-    if algorithm == "lokr":
-        missing = []
-        if "lokr_w1" not in found and not {"lokr_w1_a", "lokr_w1_b"} <= set(found):
-            missing.append("lokr_w1 (or lokr_w1_a and lokr_w1_b)")
-        if "lokr_w2" not in found and not {"lokr_w2_a", "lokr_w2_b"} <= set(found):
-            missing.append("lokr_w2 (or lokr_w2_a and lokr_w2_b)")
-        return missing
-    if algorithm == "full":
-        return [] if "diff" in found or "diff_b" in found else ["diff"]
-    return [] if "w_norm" in found or "b_norm" in found else ["w_norm"]

@@ -19,23 +19,14 @@ from pathlib import Path
 import blake3
 import torch
 
-from sdrecipe.adapters.deltas import (
-    bias_delta,
-    dora_axis,
-    dora_delta,
-    lora_scale,
-    weight_delta,
-)
+from sdrecipe.adapters.algorithms import Factor
+from sdrecipe.adapters.deltas import dora_axis, dora_delta
 from sdrecipe.adapters.low_rank import LowRankDelta, Piece
 from sdrecipe.adapters.modules import (
-    LORA_DOWN,
-    LORA_UP,
     AdapterError,
     AdapterModule,
     adapter_modules,
     check_factor_shapes,
-    first_of,
-    split_count,
 )
 from sdrecipe.adapters.naming import KeyPart, ModuleNames
 from sdrecipe.arch import layout
@@ -123,6 +114,10 @@ class AdapterFile:
         key = module.keys.get(parameter)
         return None if key is None else self.reader.tensor(key).to(dtype)
 
+    def factors(self, module: AdapterModule, dtype: torch.dtype) -> Factor:
+        """`module`'s factors by parameter name, in `dtype`, as its algorithm reads them."""
+        return lambda parameter: self.factor(module, parameter, dtype)
+
     def compute_dtype(self, modules: list[AdapterModule]) -> torch.dtype:
         """float64 where any factor of `modules` is, else float32."""
         doubles = any(
@@ -137,7 +132,7 @@ class AdapterFile:
         algorithms: dict[str, int] = {}
         ranks: set[int] = set()
         for module in self.modules.values():
-            name = module.algorithm + ("+dora" if module.dora else "")
+            name = module.algorithm.name + ("+dora" if module.dora else "")
             algorithms[name] = algorithms.get(name, 0) + 1
             rank = module.rank(self.infos)
             if rank is not None:
@@ -158,8 +153,8 @@ def naming_of(module: AdapterModule) -> str:
     """The convention a module's names follow: kohya (sd-scripts, also with its
     split q/k/v), lycoris, onetrainer, xlabs, comfyui or peft (diffusers)."""
     stem = module.stem
-    if module.algorithm == "split_lora":
-        return "kohya-split"
+    if module.algorithm.naming is not None:
+        return module.algorithm.naming
     if stem.startswith(("lora_unet_", "lora_te")):
         return "kohya"
     if stem.startswith("lycoris_"):
@@ -304,8 +299,7 @@ class AdapterReader:
         for patch in patches:
             module = patch.module
             if patch.parameter == "bias":
-                bias_key = module.keys.get("diff_b") or module.keys["b_norm"]
-                rows, numel, kernel = infos[bias_key].shape[0], infos[bias_key].numel, ()
+                rows, numel, kernel = module.bias_size(infos)
             else:
                 rows, numel, kernel = module.weight_size(infos)
             expected = patch.part.share(target.numel)
@@ -386,36 +380,25 @@ class AdapterReader:
         return any(p.module.dora for patches in self._patches.values() for p in patches)
 
     def low_rank(self, key: str) -> LowRankDelta | None:
-        """The delta at `key` as factors, where every module patching it is a
-        plain LoRA (no CP core, no DoRA) of finite factors and the delta is the
-        key's shape; None otherwise (`tensor` then makes it whole)."""
+        """The delta at `key` as factors, where the algorithm of every module
+        patching it gives them (`Algorithm.low_rank`: a plain LoRA, split or not),
+        none has DoRA, all are finite and the delta is the key's shape; None
+        otherwise (`tensor` then makes it whole)."""
         info = self._infos[key]
         if info.shape != self._shapes[key]:
             return None
         pieces = []
         for patch in self._patches[key]:
             module = patch.module
-            if patch.parameter != "weight" or module.dora or "lora_mid.weight" in module.keys:
+            if patch.parameter != "weight" or module.dora:
                 return None
-            rows = patch.part.rows(info.shape[0])
-            if module.algorithm == "lora" and not patch.part.swapped:
-                pairs = [(first_of(LORA_UP, module.keys), first_of(LORA_DOWN, module.keys))]
-            elif module.algorithm == "split_lora" and patch.part.whole:
-                count = split_count(module.keys)
-                pairs = [(f"lora_up.{i}.weight", f"lora_down.{i}.weight") for i in range(count)]
-            else:
+            factors = self.adapter.factors(module, info.dtype)
+            pairs = module.algorithm.low_rank(module.keys, patch.part, factors)
+            if pairs is None:
                 return None
-            start = rows.start
-            for up_name, down_name in pairs:
-                up = self.adapter.factor(module, up_name, info.dtype)
-                down = self.adapter.factor(module, down_name, info.dtype)
-                assert up is not None and down is not None
-                rank = down.shape[0]
-                up = up.reshape(up.shape[0], -1) * lora_scale(
-                    self.adapter.factor(module, "alpha", info.dtype), rank
-                )
-                piece = Piece(slice(start, start + up.shape[0]), up, down.reshape(rank, -1))
-                pieces.append(piece)
+            start = patch.part.rows(info.shape[0]).start
+            for up, down in pairs:
+                pieces.append(Piece(slice(start, start + up.shape[0]), up, down))
                 start += up.shape[0]
         delta = LowRankDelta(info.shape, info.dtype, tuple(pieces))
         return delta if delta.finite() else None
@@ -471,13 +454,10 @@ class AdapterReader:
         rows: slice | None,
     ) -> torch.Tensor:
         module = patch.module
-
-        def factor(parameter: str) -> torch.Tensor | None:
-            return self.adapter.factor(module, parameter, dtype)
-
+        factor = self.adapter.factors(module, dtype)
         if patch.parameter == "bias":
-            return patch.part.in_order(bias_delta(factor).reshape(shape))
-        delta = weight_delta(module, factor).reshape(shape)
+            return patch.part.in_order(module.algorithm.bias_delta(factor).reshape(shape))
+        delta = module.algorithm.delta(factor).reshape(shape)
         if module.dora:
             base = self._base.tensor(key)
             base = patch.part.in_order(base if rows is None else base[rows]).to(dtype)
@@ -502,7 +482,7 @@ class AdapterReader:
                 (
                     *_described(p.part),
                     p.parameter,
-                    p.module.algorithm,
+                    p.module.algorithm.name,
                     sorted(
                         (name, fingerprint.tensors[file_key])
                         for name, file_key in p.module.keys.items()
