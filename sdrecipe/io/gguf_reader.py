@@ -32,8 +32,8 @@ from sdrecipe.io.fingerprint import (
     span_digests,
 )
 from sdrecipe.io.mapped_files import map_file, require_regular_file
+from sdrecipe.io.model_reader import ModelReader, with_model_prefix
 from sdrecipe.io.quantized import DEQUANTIZATION_VERSION
-from sdrecipe.io.readers import ModelReader, with_model_prefix
 from sdrecipe.io.tensor_info import TensorInfo
 
 # GGML types held as plain numbers: read in place, like a safetensors tensor.

@@ -35,7 +35,7 @@ from sdrecipe.errors import RecipeError
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import UNQUANTIZED, widened
 from sdrecipe.io.fingerprint import Fingerprint
-from sdrecipe.io.readers import ModelReader, RenamedReader, stored_as
+from sdrecipe.io.model_reader import ModelReader, RenamedReader, stored_as
 from sdrecipe.io.tensor_info import TensorInfo
 
 # Names a change of how weights are dequantized, so older digests are not reused.

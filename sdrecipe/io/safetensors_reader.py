@@ -20,6 +20,7 @@ from sdrecipe.io.fingerprint import (
     folder_files,
     span_digests,
 )
+from sdrecipe.io.gguf_reader import GgufReader
 from sdrecipe.io.mapped_files import map_file, require_regular_file
 from sdrecipe.io.shard_index import index_files, is_shard_index
 from sdrecipe.io.tensor_info import TensorInfo
@@ -183,8 +184,6 @@ def output_digest(path: Path) -> str:
 def file_digest(path: Path) -> str:
     """The content digest of one file: a safetensors file's, a GGUF file's
     (`gguf_content_digest`), or its bytes'."""
-    from sdrecipe.io.gguf_reader import GgufReader
-
     try:
         reader = GgufReader(path) if path.suffix.lower() == ".gguf" else SafetensorsReader(path)
     except RecipeError:

@@ -1,26 +1,25 @@
-"""How a sharded safetensors output is laid out (imports no torch).
+"""An output's `max_shard_size`, and where an output written as shards lies
+(imports no torch).
 
-An output with `max_shard_size` is written as Hugging Face's
-`save_torch_state_dict` writes a model: tensors go into shards greedily, in
-the order they are stored, a new shard starting where the next tensor would
-pass the limit and a tensor larger than the limit taking a shard of its own;
-the shards are `<stem>-00001-of-0000N.safetensors` beside the index
-`<name>.safetensors.index.json`. A model that fits in one shard is one plain
-file at the output's path, with no index.
+A format whose file may be sharded (`OutputFormat.sharded_file`) is written, with
+`max_shard_size`, as shards beside an index (named as `sdrecipe.io.shard_files`
+says). A model that fits in one shard is one plain file at the output's path,
+with no index.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sdrecipe.io.output_formats import output_format
+from sdrecipe.io.shard_files import index_path
+
 if TYPE_CHECKING:
     from sdrecipe.recipe.model import Output
 
-SUFFIX = ".safetensors"
 # Hugging Face's units: GB = 10^9 bytes, GiB = 2^30.
 UNITS = {
     "": 1,
@@ -63,57 +62,9 @@ def parse_shard_size(value: object) -> int:
 
 
 def shards_apply(output: Output) -> bool:
-    """True when `output` is a single safetensors file that may be sharded."""
-    return output.max_shard_size is not None and output.format == "safetensors"
-
-
-def index_path(path: Path) -> Path:
-    """The index of the shards written for the output at `path`:
-    `model.safetensors` → `model.safetensors.index.json`."""
-    return path.with_name(f"{path.name}.index.json")
-
-
-def shard_name(path: Path, number: int, count: int) -> str:
-    """Shard `number` (from 1) of `count` of the output at `path`:
-    `model.safetensors` → `model-00002-of-00003.safetensors`."""
-    stem, suffix = path.name[: -len(SUFFIX)], path.name[-len(SUFFIX) :]
-    return f"{stem}-{number:05d}-of-{count:05d}{suffix}"
-
-
-def shard_pattern(path: Path) -> re.Pattern[str]:
-    """Matches the name of any shard, of any count, of the output at `path`."""
-    stem, suffix = path.name[: -len(SUFFIX)], path.name[-len(SUFFIX) :]
-    return re.compile(rf"{re.escape(stem)}-\d{{5,}}-of-\d{{5,}}{re.escape(suffix)}")
-
-
-def shard_family(path: Path) -> tuple[Path, str] | None:
-    """For a file named as a shard is (`x-00001-of-00002.safetensors`), its
-    folder and the name of the output it would be a shard of
-    (`x.safetensors`); None for other names."""
-    match = re.fullmatch(rf"(.+)-\d{{5,}}-of-\d{{5,}}({re.escape(SUFFIX)})", path.name, re.I)
-    return (path.parent, match[1] + match[2]) if match else None
-
-
-def split_shards(sizes: Iterable[tuple[str, int]], limit: int) -> list[list[str]]:
-    """The keys of each shard, from `(key, bytes)` pairs in storage order, as
-    `huggingface_hub.split_state_dict_into_shards_factory` splits them: a
-    tensor that would take the current shard past `limit` starts a new one,
-    and a tensor larger than `limit` is a shard of its own, placed at once."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    filled = 0
-    for key, size in sizes:
-        if size > limit:
-            shards.append([key])
-            continue
-        if filled + size > limit:
-            shards.append(current)
-            current, filled = [], 0
-        current.append(key)
-        filled += size
-    if current:
-        shards.append(current)
-    return shards
+    """True when `output` is a single file that may be sharded: a format whose
+    file may be, with `max_shard_size`."""
+    return output.max_shard_size is not None and output_format(output.format).sharded_file
 
 
 def written_path(output: Output) -> Path:

@@ -1,6 +1,6 @@
 """Streaming, atomic writing of a safetensors model as shards behind an index.
 
-The split follows Hugging Face's (`sdrecipe.io.shard_layout`); each shard is
+The split follows Hugging Face's (`sdrecipe.io.shard_files`); each shard is
 one `SafetensorsWriter` with the output's metadata, so every shard is a
 complete safetensors file written through its own temporary. Publishing
 renames the shards into place, then the index: the index is the truth about
@@ -28,7 +28,7 @@ from sdrecipe.errors import BuildError, describe_os_error
 from sdrecipe.io.atomic import publish, temporary_path
 from sdrecipe.io.fingerprint import bytes_digest, folder_digest
 from sdrecipe.io.safetensors_writer import SafetensorsWriter, layout_order
-from sdrecipe.io.shard_layout import index_path, shard_name, split_shards
+from sdrecipe.io.shard_files import index_path, shard_name, split_shards
 from sdrecipe.io.tensor_info import TensorInfo
 
 

@@ -22,13 +22,10 @@ from pathlib import Path
 from sdrecipe.cache.store import check_cache_root
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.output_formats import OUTPUT_FORMATS
+from sdrecipe.io.shard_files import index_path, shard_family, shard_pattern
 from sdrecipe.io.shard_index import index_files, is_shard_index
-from sdrecipe.io.shard_layout import (
-    index_path,
-    shard_family,
-    shard_pattern,
-    shards_apply,
-)
+from sdrecipe.io.shard_layout import shards_apply
 from sdrecipe.io.view_marks import VIEW_KINDS, carries_mark
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.lock import lock_path
@@ -218,7 +215,7 @@ def _unwritable_target(path: Path, output_format: str, force: bool) -> str | Non
         return None
     except OSError as exc:
         return f"cannot be examined ({exc.strerror})"
-    if output_format == "diffusers":
+    if output_format in OUTPUT_FORMATS and OUTPUT_FORMATS[output_format].folder:
         if not stat.S_ISDIR(mode):
             return "exists and is not a folder"
         if not written_by_sdrecipe(path):

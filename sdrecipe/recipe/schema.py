@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sdrecipe.arch import COMPONENTS
+from sdrecipe.io.output_formats import OutputFormatName, output_format
 from sdrecipe.io.shard_layout import parse_shard_size
 
 DTYPE_ALIASES = {
@@ -124,7 +125,7 @@ class OutputEntry(_Strict):
     """An output file written from a node."""
 
     path: str = Field(min_length=1)
-    format: Literal["safetensors", "diffusers", "lora", "gguf"] = "safetensors"
+    format: OutputFormatName = "safetensors"
     dtype: OutputDtype | None = None
     # fp8 dtypes only: ComfyUI's scaled fp8 (a scale per matrix, and the marker).
     scaled: bool = False
@@ -148,31 +149,22 @@ class OutputEntry(_Strict):
         fp8 = self.dtype is not None and self.dtype.startswith("fp8")
         if self.scaled and not fp8:
             raise ValueError("`scaled: true` applies to an fp8 dtype (fp8_e4m3fn, fp8_e5m2)")
-        if fp8 and self.format not in ("safetensors",):
+        if fp8 and self.dtype not in output_format(self.format).dtypes:
             raise ValueError(
                 f"an fp8 dtype applies to a safetensors model, not `format: {self.format}`"
             )
-        if self.quant is not None and self.format != "gguf":
+        if self.quant is not None and not output_format(self.format).ggml:
             raise ValueError("`quant` applies to `format: gguf` outputs only")
-        if self.format == "gguf":
-            if self.dtype is not None:
-                raise ValueError("a GGUF output's types come from `quant`, not `dtype`")
-            if self.vae is not None or self.max_shard_size is not None:
-                raise ValueError("`vae` and `max_shard_size` do not apply to a GGUF output")
+        problem = output_format(self.format).option_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
     def _lora_options(self) -> OutputEntry:
         options = [n for n in LORA_OPTIONS if getattr(self, n) is not None]
-        if self.format != "lora" and options:
+        if options and not output_format(self.format).extracts_lora:
             raise ValueError(f"{', '.join(options)} apply to `format: lora` outputs only")
-        if self.format == "lora":
-            if self.space == "model":
-                raise ValueError("a LoRA holds a difference, not a model (drop `space`)")
-            if self.vae is not None or self.prune_ema:
-                raise ValueError("`vae` and `prune_ema` do not apply to a LoRA")
-            if self.max_shard_size is not None:
-                raise ValueError("`max_shard_size` does not apply to a LoRA (it is one small file)")
         return self
 
     @field_validator("metadata")

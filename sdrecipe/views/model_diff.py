@@ -23,7 +23,8 @@ from sdrecipe.arch.blocks import block_ids, block_of
 from sdrecipe.arch.detect import detect
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.adapter_files import is_adapter_path
-from sdrecipe.io.readers import ModelReader, open_model, with_model_prefix
+from sdrecipe.io.model_reader import ModelReader, with_model_prefix
+from sdrecipe.io.readers import open_model
 from sdrecipe.views.scene import Box, Scene, Text, text_width
 
 CHUNK_ELEMENTS = 1 << 22

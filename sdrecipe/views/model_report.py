@@ -15,8 +15,9 @@ from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.dtypes import DTYPE_TO_CODE, UNQUANTIZED
 from sdrecipe.io.fingerprint import FileStat, legacy_hash_of
 from sdrecipe.io.formats import format_of
+from sdrecipe.io.model_reader import stored_as
 from sdrecipe.io.quantized import quantization_of
-from sdrecipe.io.readers import open_adapter, open_model, stored_as
+from sdrecipe.io.readers import open_adapter, open_model
 from sdrecipe.plan.provenance import read_provenance
 
 # Formats of models made of many files, which have no legacy (AutoV1) hash.
