@@ -1,12 +1,13 @@
 """Inputs named by URL (`s3://bucket/models/base.safetensors`, any fsspec URL).
 
-Loading a recipe reads only a remote file's header, with ranged reads. Before a
-build, each remote input is streamed once into a local content-addressed store
+A build streams each remote input once into a local content-addressed store
 (`<cache>/inputs/<sha256>.safetensors`), hashed on the way and checked against
 the recipe's `sha256` pin when it has one, then memory-mapped like a local
 file. The store remembers which URL and version (ETag, version id, else size
 and modification time) gave which file, so the same URL at the same version is
-never downloaded twice.
+never downloaded twice. What reads no tensor data (validate, plan) opens a
+remote safetensors file that is not in the store by its header alone, with
+ranged reads (`RemoteSafetensorsReader`).
 """
 
 from __future__ import annotations
@@ -14,48 +15,34 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import replace
+import struct
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.io.adapter_files import has_adapter_header
 from sdrecipe.io.atomic import publish, temporary_path, write_text_atomically
 from sdrecipe.io.bounded_json import load_json
+from sdrecipe.io.fingerprint import Fingerprint
+from sdrecipe.io.safetensors_reader import (
+    _MAX_HEADER,
+    _MAX_HEADER_DEPTH,
+    SafetensorsReader,
+    _start,
+)
 
-if TYPE_CHECKING:
-    from sdrecipe.recipe import Recipe
-
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 CHUNK = 8 << 20
 SOURCES = "sources.json"
-
-
-def is_url(text: str) -> bool:
-    """True for `scheme://...` other than `file://`, in any case (a local path by
-    another name)."""
-    return bool(_SCHEME.match(text)) and text[:7].lower() != "file://"
-
-
-def remote_placeholder(url: str) -> Path:
-    """The `path` a remote input has until it is fetched: a name no file has."""
-    return Path("/nonexistent-remote-input") / hashlib.sha256(url.encode()).hexdigest()
+# One ranged read of this size holds most safetensors headers.
+HEADER_BLOCK = 1 << 20
 
 
 def _open(url: str) -> tuple[Any, str]:
     import fsspec
 
     return fsspec.core.url_to_fs(url)
-
-
-def is_adapter_url(url: str) -> bool:
-    """Whether the remote safetensors file is an adapter, from its header alone."""
-    if PurePosixPath(url).suffix.lower() != ".safetensors":
-        return False
-    fs, path = _open(url)
-    with fs.open(path, "rb", block_size=1 << 20) as handle:
-        return has_adapter_header(handle)
 
 
 def _version(info: dict) -> str:
@@ -66,14 +53,15 @@ def _version(info: dict) -> str:
     return f"size={info.get('size')},mtime={info.get('mtime') or info.get('LastModified')}"
 
 
-def fetch(url: str, store: Path, pin: str | None) -> Path:
+def local_copy(url: str, store: Path, pin: str | None, download: bool = True) -> Path | None:
     """The local copy of `url` in `store`: the one already there for this URL
-    and version, else a new download, verified against `pin`."""
+    and version, else (when `download`) a new download, verified against `pin`;
+    else None."""
     fs, path = _open(url)
     try:
         info = fs.info(path)
     except FileNotFoundError:
-        raise RecipeError(f"{url} does not exist") from None
+        raise RecipeError(f"cannot read {url}: it does not exist") from None
     if info.get("type") != "file" or url.endswith("/"):
         raise RecipeError(f"{url} is a folder (a prefix), not a model file")
     if info.get("size") == 0:
@@ -85,6 +73,8 @@ def fetch(url: str, store: Path, pin: str | None) -> Path:
     known = sources.get(source)
     if known and (store / f"{known}{suffix}").exists() and (pin is None or pin == known):
         return store / f"{known}{suffix}"
+    if not download:
+        return None
     store.mkdir(parents=True, exist_ok=True)
     temporary = temporary_path(store / f"download{suffix}", unique=True)
     digest = hashlib.sha256()
@@ -122,20 +112,82 @@ def _sources(sources_file: Path) -> dict[str, str]:
     }
 
 
-def fetch_inputs(recipe: Recipe, store: Path) -> Recipe:
-    """`recipe` with every remote input's `path` set to its local copy."""
-    inputs = dict(recipe.inputs)
-    for name, spec in inputs.items():
-        if spec.url is None:
-            continue
+class RemoteSafetensorsReader(SafetensorsReader):
+    """A remote safetensors file opened by its header alone, with ranged reads;
+    `path` names where its local copy would be kept (there is none). A tensor
+    is read by a ranged read when asked for, the one-number tensors (an
+    adapter's alphas, scaled-fp8 scales) all at once; the fingerprint needs the
+    whole file, so it is refused until a build downloads it."""
+
+    def __init__(self, url: str, path: Path):
+        self.url = url
+        self.path = path
+        self._fs, self._remote = _open(url)
+        with self._fs.open(self._remote, "rb", block_size=HEADER_BLOCK) as handle:
+            self.file_size = handle.seek(0, 2)
+            handle.seek(0)
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise self._error("the file is too short to be safetensors")
+            (header_size,) = struct.unpack("<Q", prefix)
+            if header_size > _MAX_HEADER:
+                raise self._error("not a safetensors file (bad header size)")
+            if header_size > self.file_size - 8:
+                raise self._error(
+                    f"the file is truncated: its header alone needs {header_size + 8} bytes "
+                    f"and the file has {self.file_size}"
+                )
+            header_bytes = handle.read(header_size)
         try:
-            inputs[name] = replace(spec, path=fetch(spec.url, store, spec.sha256))
-        except RecipeError as exc:
-            raise RecipeError(f"input {name!r}: {exc.message}", recipe.path, spec.line) from None
-        except Exception as exc:  # each fsspec backend raises its own kinds
-            raise RecipeError(
-                f"input {name!r}: cannot fetch {spec.url} ({type(exc).__name__}: {exc})",
-                recipe.path,
-                spec.line,
-            ) from None
-    return replace(recipe, inputs=inputs)
+            header = load_json(header_bytes, max_depth=_MAX_HEADER_DEPTH)
+        except ValueError as exc:
+            raise self._error(f"not a safetensors file (the header is not JSON: {exc})") from None
+        if not isinstance(header, dict):
+            raise self._error("not a safetensors file (the header is not a mapping)")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise self._error("the __metadata__ entry is not a mapping")
+        self.metadata = {str(k): str(v) for k, v in metadata.items()}
+        self._header = prefix + header_bytes
+        self.data_start = 8 + header_size
+        self._infos, self._offsets = {}, {}
+        end_of_previous = self.data_start
+        for key, entry in sorted(header.items(), key=lambda item: _start(item[1])):
+            info, offset = self._check_entry(key, entry)
+            if offset < end_of_previous:
+                raise self._error(f"tensor {key!r} overlaps the tensor stored before it")
+            self._infos[key], self._offsets[key] = info, offset
+            end_of_previous = offset + info.nbytes
+        self._mmap = None
+        self._scalars: dict[str, bytes] | None = None
+
+    def _error(self, message: str) -> RecipeError:
+        return RecipeError(message, self.url)
+
+    def fingerprint(self) -> Fingerprint:
+        """Refused: the file's sha256 and digests need all of its bytes."""
+        raise RecipeError(
+            f"{self.url} is not downloaded, and its fingerprint needs the whole file "
+            "(a build downloads it)"
+        )
+
+    def raw(self, key: str) -> memoryview:
+        """The stored bytes of `key`, by a ranged read; the first one-number
+        tensor asked for reads every one-number tensor at once."""
+        start, info = self._offsets[key], self._infos[key]
+        if info.numel != 1:
+            return memoryview(self._fs.cat_file(self._remote, start, start + info.nbytes))
+        if self._scalars is None:
+            keys = [name for name, found in self._infos.items() if found.numel == 1]
+            starts = [self._offsets[name] for name in keys]
+            ends = [at + self._infos[name].nbytes for name, at in zip(keys, starts, strict=True)]
+            found = self._fs.cat_ranges([self._remote] * len(keys), starts, ends, on_error="raise")
+            self._scalars = dict(zip(keys, found, strict=True))
+        return memoryview(self._scalars[key])
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """`key`'s data, read as `raw` reads it."""
+        info = self._infos[key]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(bytearray(self.raw(key)), dtype=info.dtype).view(info.shape)

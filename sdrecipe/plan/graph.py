@@ -9,7 +9,7 @@ from functools import cached_property
 import networkx as nx
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.methods.registry import MODEL
+from sdrecipe.methods.registry import DIFFERENCE, MODEL
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.expr import references
 
@@ -62,7 +62,9 @@ class MergeGraph:
 
     def models_under(self, name: str) -> list[str]:
         """The model inputs that difference `name` is added to: the base input of
-        every node that uses it, through nodes whose base is itself a difference."""
+        every node that uses it, through nodes whose base is itself a difference.
+        Nodes whose base input was not opened (its space unknown: see
+        `sdrecipe.recipe.spaces.check_spaces`) are not followed."""
         recipe = self.recipe
         found: dict[str, None] = {}
         pending, seen = [name], {name}
@@ -74,10 +76,17 @@ class MergeGraph:
                 base = self.base_input(node)
                 if recipe.inputs[base].space == MODEL:
                     found.setdefault(base)
-                elif node not in seen:
+                elif recipe.inputs[base].space == DIFFERENCE and node not in seen:
                     seen.add(node)
                     pending.append(node)
         return list(found)
+
+    def needed_inputs(self) -> list[str]:
+        """Every input the selected outputs depend on, in order of first use."""
+        needed: dict[str, None] = {}
+        for name in self.outputs:
+            needed.update(dict.fromkeys(self.output_inputs(name)))
+        return list(needed)
 
     def output_inputs(self, output: str) -> list[str]:
         """Every input that output `output` depends on: its node's, then its baked VAE."""
@@ -98,7 +107,8 @@ def _variants(recipe: Recipe, selected: Iterable[str]) -> tuple[str, ...]:
 
 
 def build_graph(recipe: Recipe, selected: Iterable[str] | None = None) -> MergeGraph:
-    """Build and check the DAG; keep only what the `selected` outputs (default all) need."""
+    """Build and check the DAG; keep only what the `selected` outputs (default all)
+    need. Reads no input file: the inputs' spaces are not needed here."""
     dag = nx.DiGraph()
     declared = [*recipe.inputs, *recipe.nodes]
     dag.add_nodes_from(declared)

@@ -12,22 +12,17 @@ from sdrecipe.arch import VAE_PREFIX, vae_prefix
 from sdrecipe.arch.detect import Architecture, detect
 from sdrecipe.arch.diffusers_names import COMPONENTS
 from sdrecipe.errors import RecipeError
-from sdrecipe.io.adapter_reader import AdapterReader, guess_family
+from sdrecipe.io.adapter_reader import AdapterFile, AdapterReader, guess_family
 from sdrecipe.io.diffusers_writer import TOKENIZERS
+from sdrecipe.io.model_reader import ModelReader, StandaloneVaeReader, with_model_prefix
 from sdrecipe.io.quantized import dequantized_keys
-from sdrecipe.io.readers import (
-    ModelReader,
-    StandaloneVaeReader,
-    open_adapter,
-    open_model,
-    with_model_prefix,
-)
-from sdrecipe.io.remote_inputs import fetch_inputs
-from sdrecipe.methods.registry import DIFFERENCE
+from sdrecipe.methods.registry import DIFFERENCE, MODEL
 from sdrecipe.plan.graph import MergeGraph, build_graph
 from sdrecipe.plan.guard import check_cache_folder, check_outputs
+from sdrecipe.plan.inputs import InputFile, fetch_inputs, open_files
 from sdrecipe.plan.tensor_plan import BuildPlan, make_plan
 from sdrecipe.recipe import Recipe, load_recipe
+from sdrecipe.recipe.spaces import check_spaces
 
 # Where remote inputs are kept when no cache folder is given (the CLI's default).
 DEFAULT_CACHE = Path("cache")
@@ -35,43 +30,39 @@ DEFAULT_CACHE = Path("cache")
 
 @dataclass(frozen=True)
 class Prepared:
-    """A recipe checked against its input files' headers, ready to build."""
+    """A recipe checked against its input files' headers, ready to build; its
+    inputs' and nodes' spaces are known. The remote inputs `not_downloaded` were
+    read by their headers alone: their tensor data and fingerprints are not
+    at hand (their readers refuse `fingerprint()`)."""
 
     recipe: Recipe
     graph: MergeGraph
     readers: dict[str, ModelReader]
     plan: BuildPlan
     architectures: dict[str, Architecture]
+    not_downloaded: frozenset[str] = frozenset()
 
 
-def open_inputs(graph: MergeGraph) -> dict[str, ModelReader]:
-    """Open (headers only) every input the selected outputs depend on; adapters
-    are opened against the model they are applied to."""
+def open_inputs(graph: MergeGraph, files: Mapping[str, InputFile]) -> dict[str, ModelReader]:
+    """The readers of the opened input `files`, models first; adapters are seen
+    against the model they are applied to (`graph`'s recipe knows its spaces)."""
     recipe = graph.recipe
-    needed: dict[str, None] = {}
-    for name in graph.outputs:
-        needed.update(dict.fromkeys(graph.output_inputs(name)))
-    readers: dict[str, ModelReader] = {}
-    adapters = [name for name in needed if recipe.inputs[name].space == DIFFERENCE]
-    for name in [*(n for n in needed if n not in adapters), *adapters]:
-        spec = recipe.inputs[name]
-        if not spec.path.exists():
-            raise RecipeError(f"input {name!r}: {spec.path} does not exist", recipe.path, spec.line)
-        try:
-            readers[name] = (
-                open_adapter_against(graph, name, readers)
-                if name in adapters
-                else open_model(spec.path)
-            )
-        except RecipeError as exc:
-            raise RecipeError(f"input {name!r}: {exc}", recipe.path, spec.line) from None
+    readers = {name: found for name, found in files.items() if not isinstance(found, AdapterFile)}
+    for name, found in files.items():
+        if isinstance(found, AdapterFile):
+            try:
+                readers[name] = open_adapter_against(graph, name, found, readers)
+            except RecipeError as exc:
+                line = recipe.inputs[name].line
+                raise RecipeError(f"input {name!r}: {exc}", recipe.path, line) from None
     return readers
 
 
 def open_adapter_against(
-    graph: MergeGraph, name: str, readers: Mapping[str, ModelReader]
+    graph: MergeGraph, name: str, adapter: AdapterFile, readers: Mapping[str, ModelReader]
 ) -> AdapterReader:
-    """Adapter input `name`, seen over the keys of the model it is applied to.
+    """Adapter input `name` (its file `adapter`), seen over the keys of the
+    model it is applied to.
 
     Every model it is added to must be of one family; an adapter with DoRA
     modules (whose deltas depend on the weights) must be added to one model."""
@@ -88,18 +79,13 @@ def open_adapter_against(
         described = ", ".join(f"{base} ({family})" for base, family in families.items())
         raise RecipeError(f"is an adapter added to models of different families: {described}")
     base = bases[0]
-    adapter = AdapterReader(
-        open_adapter(graph.recipe.inputs[name].path),
-        readers[base].infos(),
-        readers[base],
-        families[base],
-    )
-    if adapter.has_dora and len(bases) > 1:
+    reader = AdapterReader(adapter, readers[base].infos(), readers[base], families[base])
+    if reader.has_dora and len(bases) > 1:
         raise RecipeError(
             f"holds DoRA modules, whose deltas depend on the model's weights, and is "
             f"added to {len(bases)} models ({', '.join(bases)}); use one adapter input per model"
         )
-    return adapter
+    return reader
 
 
 def prepare(
@@ -107,15 +93,17 @@ def prepare(
     selected: Iterable[str] | None = None,
     force: bool = False,
     cache_root: Path | None = None,
+    download: bool = True,
 ) -> Prepared:
     """Load and check everything a build needs, without reading tensor data.
 
     Operands of different architectures are refused unless `force` (or the
     node's `force: true`) says the per-key merge is meant. Outputs that would
     replace an input, the recipe, its lock, another output or anything in
-    `cache_root` are refused (see `sdrecipe.plan.guard`).
+    `cache_root` are refused (see `sdrecipe.plan.guard`). Remote inputs are
+    downloaded unless `download` is False (see `prepare_recipe`).
     """
-    return prepare_recipe(load_recipe(recipe_path), selected, force, cache_root)
+    return prepare_recipe(load_recipe(recipe_path), selected, force, cache_root, download)
 
 
 def prepare_recipe(
@@ -123,15 +111,25 @@ def prepare_recipe(
     selected: Iterable[str] | None = None,
     force: bool = False,
     cache_root: Path | None = None,
+    download: bool = True,
 ) -> Prepared:
-    """`prepare` for a recipe already loaded; remote inputs are fetched first."""
+    """`prepare` for a recipe already loaded. The remote inputs the selected
+    outputs need are downloaded into the cache's store first; with `download`
+    False none is: those the store lacks are read by their headers alone
+    (ranged reads) and named in `Prepared.not_downloaded`. Each input is opened
+    once, which tells models from adapters, and then the spaces are checked."""
     if cache_root is not None:
         check_cache_folder(recipe, cache_root)
-    if any(spec.url for spec in recipe.inputs.values()):
-        recipe = fetch_inputs(recipe, (cache_root or DEFAULT_CACHE) / "inputs")
     graph = build_graph(recipe, selected)
+    needed = graph.needed_inputs()
+    store = (cache_root or DEFAULT_CACHE) / "inputs"
+    recipe, not_downloaded = fetch_inputs(recipe, needed, store, download)
     check_outputs(recipe, cache_root, graph.outputs)
-    readers = open_inputs(graph)
+    files = open_files(recipe, needed, not_downloaded)
+    spaces = {n: DIFFERENCE if isinstance(f, AdapterFile) else MODEL for n, f in files.items()}
+    recipe = check_spaces(recipe, spaces)
+    graph = dataclasses.replace(graph, recipe=recipe)
+    readers = open_inputs(graph, files)
     architectures = {
         name: detect(r.infos(), r.metadata)
         for name, r in readers.items()
@@ -170,7 +168,7 @@ def prepare_recipe(
     notes = (*_float32_outputs(graph, readers), *_fp8_outputs(graph, readers))
     if notes:
         plan = dataclasses.replace(plan, warnings=plan.warnings + notes)
-    return Prepared(recipe, graph, readers, plan, architectures)
+    return Prepared(recipe, graph, readers, plan, architectures, not_downloaded)
 
 
 def _float32_outputs(graph: MergeGraph, readers: Mapping[str, ModelReader]) -> Iterator[str]:

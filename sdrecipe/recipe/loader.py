@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -13,10 +14,8 @@ from pathlib import Path
 import pydantic
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.io.adapter_files import is_adapter_path
-from sdrecipe.io.formats import PICKLE_SUFFIXES
-from sdrecipe.io.remote_inputs import is_adapter_url, is_url, remote_placeholder
-from sdrecipe.io.shard_layout import SUFFIX as SHARDED_SUFFIX
+from sdrecipe.io.output_formats import output_format
+from sdrecipe.io.shard_files import SUFFIX as SHARDED_SUFFIX
 from sdrecipe.io.text_files import read_text_file
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE, MODEL
@@ -27,7 +26,6 @@ from sdrecipe.recipe.expr import (
     ExprTransformer,
     ParamValue,
     PerKey,
-    format_expression,
     parse_expression,
     references,
 )
@@ -48,17 +46,19 @@ from sdrecipe.recipe.schema import (
     OutputEntry,
     RecipeDocument,
 )
-from sdrecipe.recipe.spaces import SpaceError, coefficient_sum, space_named
 from sdrecipe.recipe.yaml_source import YamlDocument, load_yaml
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Recipes are a few KB; a larger file is refused before it is parsed.
 MAX_RECIPE_BYTES = 4 << 20
 _UNSET_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def load_recipe(path: Path | str) -> Recipe:
-    """Read, parse and validate the recipe at `path` (names, expressions, methods)."""
+    """Read, parse and validate the recipe at `path` (names, expressions, methods);
+    only the recipe is read: its inputs' spaces are decided when they are opened
+    (`sdrecipe.recipe.spaces.check_spaces`)."""
     path = Path(path)
     return parse_recipe(read_recipe_text(path), path)
 
@@ -173,7 +173,7 @@ def _make_recipe(
     declared: dict[str, Input] | None = None,
 ) -> Recipe:
     """The recipe that `data` (one YAML document's data, without a matrix)
-    describes; `declared`, its `inputs:` already made (they read file headers)."""
+    describes; `declared`, its `inputs:` already made (they take no variables)."""
     try:
         schema = RecipeDocument.model_validate(data)
     except pydantic.ValidationError as exc:
@@ -223,77 +223,7 @@ def _make_recipe(
             vae = _make_input(output.vae, entry.vae or "", folder, document, path)
             line = document.line_of(("outputs", name, "vae"))
             inputs[vae.name] = dataclasses.replace(vae, line=line)
-    spaces = check_spaces(nodes, inputs, outputs, path)
-    nodes = {
-        name: dataclasses.replace(node, space=spaces.get(name, MODEL))
-        for name, node in nodes.items()
-    }
     return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
-
-
-class _Cycle(Exception):
-    """A node depends on itself: spaces are left to the graph's cycle error."""
-
-
-def check_spaces(
-    nodes: dict[str, Node], inputs: dict[str, Input], outputs: dict[str, Output], path: Path
-) -> dict[str, str]:
-    """Each node's space. Every node is a model or a difference (unless `force:
-    true`), and every output is in the space it declares; errors name the node,
-    line and term. Empty when the nodes form a cycle (the graph reports it).
-
-    An input file that does not exist has no known space (it may be an
-    adapter): nodes that use one are not checked here, and opening the inputs
-    reports the missing file."""
-    spaces: dict[str, str] = {name: spec.space for name, spec in inputs.items()}
-    unknown = {name for name, spec in inputs.items() if not spec.path.exists()}
-    visiting: set[str] = set()
-
-    def space_of(name: str) -> str:
-        if name not in spaces:
-            if name in visiting:
-                raise _Cycle  # reported with its path by the graph
-            visiting.add(name)
-            spaces[name] = node_space(nodes[name])
-        return spaces[name]
-
-    def node_space(node: Node) -> str:
-        for name in references(node.expr):
-            space_of(name)
-        if any(name in unknown for name in references(node.expr)):
-            unknown.add(node.name)
-            return MODEL
-        try:
-            total = coefficient_sum(node.expr, space_of)
-        except SpaceError as exc:
-            raise RecipeError(f"node {node.name!r}: {exc}", path, node.line) from None
-        space = space_named(total)
-        if space is None and not node.force:
-            raise RecipeError(
-                f"node {node.name!r}: in {format_expression(node.expr)!r} the model "
-                f"coefficients sum to {total:g}, which makes neither a model (sum 1, e.g. "
-                "weighted_sum(A, B) or A + (B - C)) nor a difference (sum 0, e.g. B - C); "
-                "set `force: true` on the node if you mean it",
-                path,
-                node.line,
-            )
-        return space or MODEL
-
-    try:
-        for name in nodes:
-            space_of(name)
-    except _Cycle:
-        return {}
-    for name, output in outputs.items():
-        if output.node not in unknown and spaces[output.node] != output.space:
-            raise RecipeError(
-                f"output {name!r}: node {output.node!r} is a {spaces[output.node]}, and the "
-                f"output writes a {output.space}"
-                + (" (write deltas with `space: difference`)" if output.space == MODEL else ""),
-                path,
-                output.line,
-            )
-    return spaces
 
 
 def _keeps_text(at: tuple[str | int, ...]) -> bool:
@@ -343,6 +273,17 @@ def _relevant_error(errors: list, document: YamlDocument) -> dict:
     return errors[0]
 
 
+def is_url(text: str) -> bool:
+    """True for `scheme://...` other than `file://`, in any case (a local path by
+    another name)."""
+    return bool(_SCHEME.match(text)) and text[:7].lower() != "file://"
+
+
+def remote_placeholder(url: str) -> Path:
+    """The `path` a remote input has until it is fetched: a name no file has."""
+    return Path("/nonexistent-remote-input") / hashlib.sha256(url.encode()).hexdigest()
+
+
 def resolve_path(raw: str, folder: Path) -> Path:
     """Expand `~` and environment variables; make relative paths relative to
     `folder`; a `file://` URL is the local path it names."""
@@ -390,28 +331,14 @@ def _make_input(
             raise RecipeError(
                 f"input {name!r}: the URL {spec.path!r} holds a NUL character", path, line
             )
-        try:
-            adapter = is_adapter_url(spec.path)
-        except Exception as exc:  # each fsspec backend raises its own kinds
-            raise RecipeError(
-                f"input {name!r}: cannot read {spec.path} ({type(exc).__name__}: {exc})",
-                path,
-                line,
-            ) from None
         return Input(
-            name=name,
-            path=remote_placeholder(spec.path),
-            sha256=sha256,
-            line=line,
-            space=DIFFERENCE if adapter else MODEL,
-            url=spec.path,
+            name=name, path=remote_placeholder(spec.path), sha256=sha256, line=line, url=spec.path
         )
     try:
         resolved = resolve_path(spec.path, folder)
     except ValueError as exc:
         raise RecipeError(f"input {name!r}: {exc}", path, line) from None
-    space = DIFFERENCE if is_adapter_path(resolved) else MODEL
-    return Input(name=name, path=resolved, sha256=sha256, line=line, space=space)
+    return Input(name=name, path=resolved, sha256=sha256, line=line)
 
 
 def _make_node(name: str, entry: str | NodeEntry, document: YamlDocument, path: Path) -> Node:
@@ -534,14 +461,14 @@ def _make_output(
         resolved = resolve_path(spec.path, folder)
     except ValueError as exc:
         raise RecipeError(f"output {name!r}: {exc}", path, line) from None
-    if spec.format == "safetensors" and resolved.suffix.lower() in PICKLE_SUFFIXES:
+    if resolved.suffix.lower() in output_format(spec.format).refused_suffixes:
         raise RecipeError(
             f"output {name!r}: {resolved.name} names a pickled checkpoint, but sdrecipe writes "
             "safetensors (a pickle can run code when it is loaded); name the file .safetensors",
             path,
             document.line_of(("outputs", name)),
         )
-    if (spec.format == "gguf") != (resolved.suffix.lower() == ".gguf"):
+    if not output_format(spec.format).fits_suffix(resolved.suffix.lower()):
         raise RecipeError(
             f"output {name!r}: a GGUF output's file ends in .gguf, and only a GGUF output's "
             f"(set `format: gguf` with a .gguf path, or name {resolved.name} otherwise)",
@@ -550,7 +477,7 @@ def _make_output(
         )
     if (
         spec.max_shard_size is not None
-        and spec.format == "safetensors"
+        and output_format(spec.format).sharded_file
         and not resolved.name.lower().endswith(SHARDED_SUFFIX)
     ):
         raise RecipeError(
@@ -562,7 +489,7 @@ def _make_output(
     # `vae` names an input, or a file that becomes the input `<output>.vae`.
     vae = spec.vae if spec.vae is None or spec.vae in inputs else f"{name}.vae"
     lora = None
-    if spec.format == "lora":
+    if output_format(spec.format).extracts_lora:
         given = {option: getattr(spec, option) for option in LORA_OPTIONS}
         lora = LoraOptions(
             **{option: value for option, value in given.items() if value is not None},
@@ -581,5 +508,5 @@ def _make_output(
         lora=lora,
         max_shard_size=spec.max_shard_size,
         scaled=spec.scaled,
-        quant=spec.quant or ("Q8_0" if spec.format == "gguf" else None),
+        quant=spec.quant or output_format(spec.format).default_quant,
     )

@@ -13,14 +13,16 @@ from sdrecipe.recipe.key_regex import KeyRegex
 @dataclass(frozen=True)
 class Input:
     """An input file: a model, or an adapter (LoRA, LyCORIS), whose `space` is
-    `difference`. A remote input has a `url`; its `path` is where its local copy
-    is kept once `sdrecipe.io.remote_inputs` fetched it."""
+    `difference`; the space is None until the file's header is read (see
+    `sdrecipe.recipe.spaces.check_spaces`). A remote input has a `url`; its
+    `path` is where its local copy is kept once it is fetched (see
+    `sdrecipe.io.remote_inputs`)."""
 
     name: str
     path: Path
     sha256: str | None
     line: int | None
-    space: str = "model"
+    space: str | None = None
     url: str | None = None
 
     @property
@@ -75,7 +77,8 @@ class Node:
     to the cost rule of `sdrecipe.plan.cache_policy`. `force` True merges operands of
     different architectures, which is otherwise refused. `allow_unmatched` True
     applies adapters some of whose modules match no key of the model. `space`
-    is `model` or `difference` (see `sdrecipe.recipe.spaces`). `origin` is the
+    is `model` or `difference`, None until the inputs' headers are read (see
+    `sdrecipe.recipe.spaces`). `origin` is the
     node a matrix variant was made from (see `sdrecipe.recipe.matrix`).
     """
 
@@ -86,7 +89,7 @@ class Node:
     force: bool = False
     allow_unmatched: bool = False
     selection: KeySelection = field(default_factory=KeySelection)
-    space: str = "model"
+    space: str | None = None
     origin: str | None = None
 
     @property

@@ -5,16 +5,31 @@ it is a model (`A + (B - C)`, `0.7 * A + 0.3 * B`); when they sum to 0 it is a
 difference (`B - C`). Anything else (`A + B`, `2 * A`) is a scaled model,
 which no merge means, and is refused unless the node says `force: true`.
 Methods declare the spaces of their operands and result (see
-`sdrecipe.methods.registry`).
+`sdrecipe.methods.registry`). Whether an input is a model or an adapter (a
+difference) is known from its header, so `check_spaces` runs once the inputs
+are opened.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 
+from sdrecipe.errors import RecipeError
 from sdrecipe.methods import get_method
 from sdrecipe.methods.registry import DIFFERENCE, MODEL
-from sdrecipe.recipe.expr import BinOp, Call, Expr, ExprVisitor, Neg, Num, Ref, format_expression
+from sdrecipe.recipe.expr import (
+    BinOp,
+    Call,
+    Expr,
+    ExprVisitor,
+    Neg,
+    Num,
+    Ref,
+    format_expression,
+    references,
+)
+from sdrecipe.recipe.model import Node, Recipe
 
 SUMS = {MODEL: 1.0, DIFFERENCE: 0.0}
 _TOLERANCE = 1e-9
@@ -27,6 +42,61 @@ class SpaceError(ValueError):
 def space_named(total: float) -> str | None:
     """`model` for a coefficient sum of 1, `difference` for 0, else None."""
     return next((name for name, value in SUMS.items() if abs(total - value) < _TOLERANCE), None)
+
+
+def check_spaces(recipe: Recipe, inputs: Mapping[str, str]) -> Recipe:
+    """`recipe` with the spaces of its inputs (`inputs`: those opened, by name)
+    and of its nodes. Every node is a model or a difference (unless `force:
+    true`), and every output is in the space it declares; errors name the node,
+    line and term. The nodes form no cycle (`build_graph` refuses one).
+
+    An input that was not opened has no known space (it may be an adapter):
+    nodes that use one, and their outputs, are not checked, and keep no space."""
+    spaces: dict[str, str | None] = {name: inputs.get(name) for name in recipe.inputs}
+
+    def space_of(name: str) -> str | None:
+        if name not in spaces:
+            spaces[name] = node_space(recipe.nodes[name])
+        return spaces[name]
+
+    def node_space(node: Node) -> str | None:
+        operands = {name: space_of(name) for name in references(node.expr)}
+        known = {name: space for name, space in operands.items() if space is not None}
+        if len(known) < len(operands):
+            return None
+        try:
+            total = coefficient_sum(node.expr, known.__getitem__)
+        except SpaceError as exc:
+            raise RecipeError(f"node {node.name!r}: {exc}", recipe.path, node.line) from None
+        space = space_named(total)
+        if space is None and not node.force:
+            raise RecipeError(
+                f"node {node.name!r}: in {format_expression(node.expr)!r} the model "
+                f"coefficients sum to {total:g}, which makes neither a model (sum 1, e.g. "
+                "weighted_sum(A, B) or A + (B - C)) nor a difference (sum 0, e.g. B - C); "
+                "set `force: true` on the node if you mean it",
+                recipe.path,
+                node.line,
+            )
+        return space or MODEL
+
+    for name in recipe.nodes:
+        space_of(name)
+    for name, output in recipe.outputs.items():
+        found = spaces[output.node]
+        if found is not None and found != output.space:
+            raise RecipeError(
+                f"output {name!r}: node {output.node!r} is a {found}, and the output writes a "
+                f"{output.space}"
+                + (" (write deltas with `space: difference`)" if output.space == MODEL else ""),
+                recipe.path,
+                output.line,
+            )
+    return dataclasses.replace(
+        recipe,
+        inputs={n: dataclasses.replace(s, space=spaces[n]) for n, s in recipe.inputs.items()},
+        nodes={n: dataclasses.replace(node, space=spaces[n]) for n, node in recipe.nodes.items()},
+    )
 
 
 def coefficient_sum(expr: Expr, space_of: Callable[[str], str]) -> float:
