@@ -46,6 +46,7 @@ check-diffusers: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -p no:xdist tests/test_layers.py
 
 clean:
 	rm -rf build cache/*.tmp

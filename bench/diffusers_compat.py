@@ -103,7 +103,7 @@ outputs: {{baked: {{path: {model}-{naming}-baked.safetensors, dtype: fp32}}}}
 
 def prepare(folder: Path) -> None:
     """Synthetic single files and their diffusers folders, made by sdrecipe."""
-    from sdrecipe.engine.builder import build
+    from sdrecipe.engine.builder import update_outputs
     from sdrecipe.plan.prepare import prepare_recipe
     from sdrecipe.recipe.loader import parse_recipe
     from sdrecipe.synthetic import ModelSpec, write_model
@@ -115,21 +115,21 @@ def prepare(folder: Path) -> None:
             f"inputs: {{A: {single.name}}}\nnodes: {{model: A}}\n"
             f"outputs: {{model: {{path: {family}-diffusers, format: diffusers}}}}\n"
         )
-        build(prepare_recipe(parse_recipe(text, folder / f"{family}.yaml")), threads=2)
+        update_outputs(prepare_recipe(parse_recipe(text, folder / f"{family}.yaml")), threads=2)
         if family in LORA_FAMILIES:
             spec = ModelSpec(family, shrink=8, seed=1, delta_seed=2)
             write_model(folder / f"{family}-finetune.safetensors", spec)
             for name, recipe in (("lora", LORA_RECIPE), ("bake", BAKE_RECIPE)):
                 text = recipe.format(family=family)
                 recipe_path = folder / f"{family}-{name}.yaml"
-                build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
+                update_outputs(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
     prepare_dit(folder)
     prepare_flux_lora(folder)
 
 
 def prepare_dit(folder: Path) -> None:
     """The Flux.1 and SD3 / SD3.5 single files and their diffusers folders."""
-    from sdrecipe.engine.builder import build
+    from sdrecipe.engine.builder import update_outputs
     from sdrecipe.plan.prepare import prepare_recipe
     from sdrecipe.recipe.loader import parse_recipe
     from sdrecipe.synthetic import ModelSpec, write_model
@@ -142,14 +142,14 @@ def prepare_dit(folder: Path) -> None:
             f"inputs: {{A: {single.name}}}\nnodes: {{model: A}}\n"
             f"outputs: {{model: {{path: {name}-diffusers, format: diffusers}}}}\n"
         )
-        build(prepare_recipe(parse_recipe(text, folder / f"{name}.yaml")), threads=2)
+        update_outputs(prepare_recipe(parse_recipe(text, folder / f"{name}.yaml")), threads=2)
 
 
 def prepare_flux_lora(folder: Path) -> None:
     """A synthetic Flux.1 model, its diffusers folder, one LoRA per naming, and
     PEFT LoRAs extracted from a fine-tune of it, each with sdrecipe's bake of it
     into the single file."""
-    from sdrecipe.engine.builder import build
+    from sdrecipe.engine.builder import update_outputs
     from sdrecipe.plan.prepare import prepare_recipe
     from sdrecipe.recipe.loader import parse_recipe
     from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model
@@ -163,7 +163,7 @@ def prepare_flux_lora(folder: Path) -> None:
         f"inputs: {{A: {single.name}}}\nnodes: {{model: A}}\n"
         f"outputs: {{model: {{path: {model}-diffusers, format: diffusers}}}}\n"
     )
-    build(prepare_recipe(parse_recipe(text, folder / f"{model}.yaml")), threads=2)
+    update_outputs(prepare_recipe(parse_recipe(text, folder / f"{model}.yaml")), threads=2)
     for naming in FLUX_LORA_NAMINGS:
         spec = AdapterSpec(
             family="flux1",
@@ -177,16 +177,18 @@ def prepare_flux_lora(folder: Path) -> None:
         write_adapter(folder / f"{model}-{naming}.safetensors", spec)
         text = FLUX_BAKE_RECIPE.format(model=model, naming=naming)
         recipe_path = folder / f"{model}-{naming}-bake.yaml"
-        build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
+        update_outputs(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
     spec = ModelSpec("flux1", shrink=FLUX_LORA_SHRINK, seed=1, delta_seed=2)
     write_model(folder / f"{FLUX_TUNED}.safetensors", spec)
     for rank in FLUX_EXTRACT_RANKS:
         naming = f"extracted-r{rank}"
         text = FLUX_EXTRACT_RECIPE.format(tuned=FLUX_TUNED, model=model, naming=naming, rank=rank)
-        build(prepare_recipe(parse_recipe(text, folder / f"{model}-{naming}.yaml")), threads=2)
+        update_outputs(
+            prepare_recipe(parse_recipe(text, folder / f"{model}-{naming}.yaml")), threads=2
+        )
         text = FLUX_BAKE_RECIPE.format(model=model, naming=naming)
         recipe_path = folder / f"{model}-{naming}-bake.yaml"
-        build(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
+        update_outputs(prepare_recipe(parse_recipe(text, recipe_path)), threads=2)
 
 
 def check_lora(folder: Path, family: str, pipe: object, single: dict) -> list[str]:

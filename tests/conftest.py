@@ -20,7 +20,7 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
 from sdrecipe.cli import main
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.plan.prepare import prepare
 from sdrecipe.synthetic import ModelSpec, write_model
 
@@ -125,7 +125,7 @@ def convert(source: Path, target: Path, output_format: str = "diffusers", extra:
         """,
         name=f"{target.name}.yaml",
     )
-    build(prepare(recipe), threads=2)
+    update_outputs(prepare(recipe), threads=2)
     return target
 
 

@@ -508,7 +508,7 @@ def test_changed_adapter_rebuilds_and_unchanged_is_up_to_date(
     assert run_in_process("build", str(recipe)).returncode == 0
     first = (tmp_path / "out.safetensors").read_bytes()
     again = run_in_process("build", "--json", str(recipe))
-    assert json.loads(again.stdout)["outputs"][0]["state"] == "up to date"
+    assert json.loads(again.stdout)["outputs"][0]["result"] == "up to date"
     write_adapter(adapter, AdapterSpec("sd1", SHRINK, "lora", seed=9))
     assert run_in_process("build", str(recipe)).returncode == 0
     assert (tmp_path / "out.safetensors").read_bytes() != first

@@ -11,7 +11,7 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import POSITION_IDS, UNET_IN, as32, invoke, write_recipe
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.methods import get_method
 from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, DropMask, magnitude_threshold
 from sdrecipe.plan.prepare import prepare
@@ -409,7 +409,7 @@ def build_node(folder, models, node: str, inputs=("finetune", "other", "base")):
         outputs: {{out: {{path: out.safetensors, dtype: float32}}}}
         """,
     )
-    build(prepare(recipe), threads=2)
+    update_outputs(prepare(recipe), threads=2)
     return load_file(folder / "out.safetensors")
 
 

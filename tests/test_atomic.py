@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli, start_paused_build, write_recipe
 from sdrecipe.engine import executor
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.plan.prepare import prepare
 
 
@@ -44,7 +44,7 @@ def test_failure_mid_build_leaves_no_file_and_keeps_the_old_one(tmp_path, recipe
 
     monkeypatch.setattr(executor, "evaluate", failing)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        build(prepare(recipe), threads=2)
+        update_outputs(prepare(recipe), threads=2)
     assert calls >= 200
     assert output.read_bytes() == b"previous build"
     assert leftovers(tmp_path) == []

@@ -6,14 +6,16 @@ Each test names the deliberate bug (mutation) it was shown to catch.
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import UNET_IN, as32, invoke, write_recipe
+from sdrecipe import api
 
 
 def recipe_text(models, node_lines: str) -> str:
@@ -33,10 +35,14 @@ def output_bytes(tmp_path):
     return (tmp_path / "out" / "x.safetensors").read_bytes()
 
 
-def build_json(recipe, *args):
-    result = invoke("build", "--json", *args, str(recipe))
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
+def build_json(recipe, *flags):
+    """A build through the API (flags `--no-cache`, `--force`), as its JSON report."""
+    options = api.Options(
+        cache_dir=Path(os.environ["SDRECIPE_CACHE_DIR"]),
+        no_cache="--no-cache" in flags,
+        force="--force" in flags,
+    )
+    return api.build([recipe], options).to_json()
 
 
 def cache_free_bytes(recipe, tmp_path):
@@ -68,7 +74,7 @@ def test_a_rebuild_after_an_edit_writes_what_a_cache_free_build_writes(
     before = output_bytes(tmp_path)
     recipe.write_text(recipe.read_text().replace(old, new))
     summary = build_json(recipe)
-    assert summary["outputs"][0]["state"] == "built"
+    assert summary["outputs"][0]["result"] == "built"
     rebuilt = output_bytes(tmp_path)
     assert rebuilt != before
     assert rebuilt == cache_free_bytes(recipe, tmp_path)

@@ -86,14 +86,14 @@ def test_output_edited_in_place_is_rebuilt_not_restored_from_its_damaged_link(
     original = output.read_bytes()
     flip_last_byte(output)  # also damages the cache's hard link to it
     plan = json.loads(run_in_process("plan", "--json", str(project)).stdout)
-    assert plan["nodes"][1]["state"] == "from cache"
+    assert plan["nodes"][1]["status"] == "from cache"
     result = build(project)
     assert result.returncode == 0, result.stderr
     # One warning for the pack, none for each tensor that was in it.
     assert result.stderr.count("corrupt") == 1
     assert "is corrupt; discarded and rebuilt" in result.stderr
     summary = json.loads(result.stdout)
-    assert summary["outputs"][0]["state"] == "built"
+    assert summary["outputs"][0]["result"] == "built"
     assert summary["cache"]["corrupt_entries"] == 1
     assert output.read_bytes() == original
 

@@ -121,11 +121,11 @@ def test_a_remote_naming_a_path_outside_the_cache_deletes_nothing(tmp_path, mode
     assert report["cache"]["corrupt_entries"] == 1
     folder = {"outputs record": "outputs", "ref file": "refs"}[tampered]
     assert f"{remote.as_uri()}/{folder}/" in report["stderr"] and "is corrupt" in report["stderr"]
-    assert report["outputs"][0]["state"] == "built"
+    assert report["outputs"][0]["result"] == "built"
     # The push replaced the forged file: a third machine is served whole.
     third = build(machine(tmp_path / "three", models), remote)
     assert third["cache"]["corrupt_entries"] == 0
-    assert third["outputs"][0]["state"] == "restored from cache"
+    assert third["outputs"][0]["result"] == "restored from cache"
     assert (tmp_path / "three" / "out.safetensors").read_bytes() == (
         tmp_path / "one" / "out.safetensors"
     ).read_bytes()
@@ -147,7 +147,7 @@ def test_a_tampered_local_index_deletes_nothing_outside_the_cache(tmp_path, mode
     db.close()
     recipe.write_text(recipe.read_text().replace("1.0 * learned", "0.5 * learned"))
     changed = build(recipe)
-    assert changed["outputs"][0]["state"] == "built"
+    assert changed["outputs"][0]["result"] == "built"
     cache = ("--cache-dir", str(tmp_path / "cache"))
     assert invoke("cache", "gc", "--max-size", "0", *cache).exit_code == 0
     assert invoke("cache", "clear", *cache).exit_code == 0
@@ -240,7 +240,7 @@ def test_a_cache_of_an_earlier_version_is_adopted_and_marked(tmp_path, models):
     marker.unlink()  # as an earlier version left it: no marker
     (tmp_path / "out.safetensors").unlink()
     again = build(recipe)
-    assert again["outputs"][0]["state"] == "restored from cache"
+    assert again["outputs"][0]["result"] == "restored from cache"
     assert "created by sdrecipe" in marker.read_text()
 
 
@@ -252,7 +252,7 @@ def test_a_cache_folder_kept_in_git_by_a_placeholder_is_adopted_and_keeps_it(tmp
     (cache / ".gitkeep").touch()
     (cache / ".gitignore").write_text("*\n")
     recipe = machine(tmp_path, models)
-    assert build(recipe)["outputs"][0]["state"] == "built"
+    assert build(recipe)["outputs"][0]["result"] == "built"
     for command in (("cache", "gc", "--max-size", "0"), ("cache", "clear")):
         result = invoke(*command, "--cache-dir", str(cache))
         assert result.exit_code == 0, result.output
@@ -324,7 +324,7 @@ def test_a_damaged_remote_entry_is_counted_named_and_replaced(tmp_path, models, 
     # output (its record) or, for a new factor, the TIES tensors (refs and objects).
     if damage == "outputs record":
         third = build(machine(tmp_path / "three", models), remote)
-        assert third["outputs"][0]["state"] == "restored from cache"
+        assert third["outputs"][0]["result"] == "restored from cache"
     else:
         third = build(machine(tmp_path / "three", models, factor=0.25), remote)
         assert third["cache"]["tensors_from_cache"] > 0
@@ -367,7 +367,7 @@ def test_a_pull_refuses_a_remote_output_that_is_another_valid_model(tmp_path, mo
     info = invoke("cache", "info", "--json", "--cache-dir", str(tmp_path / "two" / "cache"))
     assert json.loads(info.stdout)["packs"] == 0
     offline = build(second)
-    assert offline["outputs"][0]["state"] == "built"
+    assert offline["outputs"][0]["result"] == "built"
     assert (tmp_path / "two" / "out.safetensors").read_bytes() == (
         tmp_path / "one" / "out.safetensors"
     ).read_bytes()
@@ -410,7 +410,7 @@ def test_files_in_a_remote_that_are_not_sdrecipes_are_ignored_never_removed(tmp_
     assert pushed.exit_code == 0, pushed.stderr
     assert {name: (remote / name).read_bytes() for name in foreign} == foreign
     third = build(machine(tmp_path / "two", models), remote)
-    assert third["outputs"][0]["state"] == "restored from cache"
+    assert third["outputs"][0]["result"] == "restored from cache"
 
 
 def test_a_symlinked_remote_folder_is_refused_and_a_symlinked_entry_kept(tmp_path, models):

@@ -70,10 +70,13 @@ def test_a_scheduler_address_and_keep_going(tmp_path, models):
             str(recipes),
         )
     assert result.exit_code == 1
-    by_recipe = {Path(r["recipe"]).name: r for r in json.loads(result.stdout)["recipes"]}
-    assert by_recipe["other.yaml"]["report"]["outputs"][0]["state"] == "built"
-    assert "gone does not exist" in by_recipe["blend.yaml"]["error"]
-    assert by_recipe["inpaint.yaml"]["error"].startswith("skipped: it needs")
+    report = json.loads(result.stdout)
+    built = {Path(o["recipe"]).name: o for o in report["outputs"]}
+    assert built["other.yaml"]["result"] == "built" and built["other.yaml"]["worker"]
+    failed = {Path(f["recipe"]).name: f["error"] for f in report["failed"]}
+    assert "gone does not exist" in failed["blend.yaml"]
+    assert failed["inpaint.yaml"].startswith("skipped: it needs")
+    assert not report["ok"]
     assert (tmp_path / "out" / "other.safetensors").exists()
     assert not (tmp_path / "out" / "inpaint.safetensors").exists()
 

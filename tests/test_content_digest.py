@@ -96,16 +96,18 @@ def test_a_lock_that_records_sha256_is_rebuilt_once(recipe):
     data["format"] = 1
     for entry in data["outputs"].values():
         entry["sha256"] = entry.pop("digest")
+    for entry in (*data["nodes"].values(), *data["outputs"].values()):
+        entry["key"] = entry.pop("identity")  # as format 1 called it
     lock.write_text(yaml.safe_dump(data, sort_keys=False))
     refused = run_in_process("verify", str(recipe))
     assert refused.returncode == 2
     assert "older sdrecipe" in refused.stderr and "build" in refused.stderr
     status = run_in_process("status", "--json", str(recipe))
     assert status.returncode == 0, status.stderr
-    states = {line["output"]: line["state"] for line in json.loads(status.stdout)["outputs"]}
+    states = {line["output"]: line["status"] for line in json.loads(status.stdout)["outputs"]}
     assert set(states) == {"inpaint", "soft"} and "up to date" not in states.values()
     assert run_in_process("build", str(recipe)).returncode == 0
-    assert yaml.safe_load(lock.read_text())["format"] == 2
+    assert yaml.safe_load(lock.read_text())["format"] == 3
     assert run_in_process("verify", str(recipe)).returncode == 0
 
 

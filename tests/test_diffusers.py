@@ -14,7 +14,7 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
 from conftest import SHRINK, as32, convert, run_cli, write_recipe
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.io.readers import open_model
 from sdrecipe.plan.prepare import prepare
 from sdrecipe.synthetic import ModelSpec, write_model
@@ -108,7 +108,7 @@ def test_ckpt_and_diffusers_inputs_merge_like_safetensors(tmp_path, models):
             """,
             name=f"{form}.yaml",
         )
-        build(prepare(recipe), threads=2)
+        update_outputs(prepare(recipe), threads=2)
         results[form] = load_file(tmp_path / f"{form}.safetensors")
     for form in ("ckpt", "diffusers"):
         assert results[form].keys() == results["safetensors"].keys()
@@ -186,12 +186,12 @@ def test_diffusers_output_is_incremental_verifiable_and_copies_tokenizers(tmp_pa
     expected = as32(a[key].numpy()) * 0.75 + as32(b[key].numpy()) * 0.25
     np.testing.assert_allclose(as32(merged[key].numpy()), expected, rtol=1e-3, atol=1e-4)
     again = run_cli("build", str(recipe), "--json")
-    assert json.loads(again.stdout)["outputs"][0]["state"] == "up to date"
+    assert json.loads(again.stdout)["outputs"][0]["result"] == "up to date"
     verified = run_cli("verify", str(recipe))
     assert verified.returncode == 0, verified.stderr
     (source / "tokenizer" / "vocab.json").write_text('{"b": 0}\n')
     rebuilt = run_cli("build", str(recipe), "--json")
-    assert json.loads(rebuilt.stdout)["outputs"][0]["state"] == "built"
+    assert json.loads(rebuilt.stdout)["outputs"][0]["result"] == "built"
     assert (out / "tokenizer" / "vocab.json").read_text() == '{"b": 0}\n'
     assert not list(tmp_path.glob(".out*"))  # no temporary folder left behind
 

@@ -515,11 +515,11 @@ def test_cli_builds_flux_and_sd35_diffusers_outputs(tmp_path, dit_models):
         reported = json.loads(run_in_process("inspect", str(folder), "--json").stdout)
         assert (reported["format"], reported["family"]) == ("diffusers", family)
     again = run_in_process("build", str(recipe), "--json")
-    assert [o["state"] for o in json.loads(again.stdout)["outputs"]] == ["up to date"] * 2
+    assert [o["result"] for o in json.loads(again.stdout)["outputs"]] == ["up to date"] * 2
     # The folders carry sdrecipe's provenance, so a rebuild may replace them.
     rebuilt = run_in_process("build", str(recipe), "--force", "--json")
     assert rebuilt.returncode == 0, rebuilt.stderr
-    assert [o["state"] for o in json.loads(rebuilt.stdout)["outputs"]] == ["built"] * 2
+    assert [o["result"] for o in json.loads(rebuilt.stdout)["outputs"]] == ["built"] * 2
     verified = run_in_process("verify", str(recipe))
     assert verified.returncode == 0, verified.stderr
 

@@ -202,7 +202,7 @@ def test_changing_one_components_value_rebuilds_only_its_keys(tmp_path, models):
     assert invoke("build", str(path)).exit_code == 0
     path.write_text(path.read_text().replace("text_encoder: 0.2", "text_encoder: 0.3"))
     planned = json.loads(invoke("plan", "--json", str(path)).stdout)["nodes"][0]
-    assert planned["state"] == "rebuild"
+    assert planned["status"] == "rebuild"
     assert planned["reason"].startswith("alpha changed for text_encoder 0.2 -> 0.3 (196 keys)")
     summary = json.loads(invoke("build", "--json", str(path)).stdout)
     assert summary["cache"]["tensors_computed"] == 196

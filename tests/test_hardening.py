@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from conftest import invoke, run_cli, write_recipe
 from sdrecipe.cache.store import Cache, ObjectWriter
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.errors import BuildError
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
@@ -454,7 +454,7 @@ def test_an_input_truncated_before_it_is_read_fails_the_build(tmp_path, models):
     prepared = prepare(recipe)
     os.truncate(victim, 50_000)
     with pytest.raises(BuildError, match=r"shrank from .* to 50,000 bytes"):
-        build(prepared, threads=1)
+        update_outputs(prepared, threads=1)
     assert not (tmp_path / "out" / "x.safetensors").exists()
 
 
@@ -631,7 +631,7 @@ def test_restoring_an_output_that_is_already_its_cache_link_leaves_no_temporary(
     assert invoke("build", str(recipe)).exit_code == 0
     recipe.with_suffix(".lock").unlink()  # the output is no longer known to be current
     result = invoke("build", "--json", str(recipe))
-    assert json.loads(result.stdout)["outputs"][0]["state"] == "restored from cache"
+    assert json.loads(result.stdout)["outputs"][0]["result"] == "restored from cache"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.safetensors"]
 
 

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from conftest import run_in_process, write_recipe
+from sdrecipe import api
 from sdrecipe.synthetic import ModelSpec, write_model
 
 
@@ -41,21 +43,27 @@ def project(tmp_path, models):
     return recipe
 
 
+def options(args):
+    """The API's options for command-line flags (`--force`, `--cache-dir DIR`)."""
+    flags = list(args)
+    cache_dir = flags[flags.index("--cache-dir") + 1] if "--cache-dir" in flags else None
+    return api.Options(
+        cache_dir=Path(cache_dir or os.environ["SDRECIPE_CACHE_DIR"]), force="--force" in flags
+    )
+
+
 def build(recipe, *args):
-    result = run_in_process("build", "--json", *args, str(recipe))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    """A build through the API, as its JSON report."""
+    return api.build([recipe], options(args)).to_json()
 
 
 def states(summary):
-    return {output["name"]: output["state"] for output in summary["outputs"]}
+    return {output["name"]: output["result"] for output in summary["outputs"]}
 
 
 def plan(recipe, *args):
-    result = run_in_process("plan", "--json", *args, str(recipe))
-    assert result.returncode == 0, result.stderr
     return {
-        node["node"]: (node["state"], node["reason"]) for node in json.loads(result.stdout)["nodes"]
+        node.node: (node.status, node.reason) for node in api.plan([recipe], options(args)).nodes
     }
 
 
@@ -287,14 +295,18 @@ def test_an_output_made_by_another_output_format_is_not_current(
 ):
     import sdrecipe.recipe.lock
     from sdrecipe.cache.store import Cache
-    from sdrecipe.plan.uptodate import current_outputs
+    from sdrecipe.plan.status import proven_current
+    from sdrecipe.recipe import load_recipe
+
+    def current():
+        return proven_current(load_recipe(project), None, Cache(isolated_cache))
 
     build(project)
-    assert current_outputs(project, None, Cache(isolated_cache)) is not None
+    assert current() is not None
     monkeypatch.setattr(
         sdrecipe.recipe.lock, "OUTPUT_FORMAT", sdrecipe.recipe.lock.OUTPUT_FORMAT + 1
     )
-    assert current_outputs(project, None, Cache(isolated_cache)) is None
+    assert current() is None
 
 
 def touch(path):
@@ -328,7 +340,7 @@ def test_plan_predicts_what_build_does(project, scenario, force):
     SCENARIOS[scenario](project)
     flags = ("--force",) if force else ()
     predicted = {
-        node["output"]: node["state"]
+        node["output"]: node["status"]
         for node in json.loads(run_in_process("plan", "--json", *flags, str(project)).stdout)[
             "nodes"
         ]

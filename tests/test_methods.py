@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import POSITION_IDS, UNET_IN, as32, write_recipe
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.plan.prepare import prepare
 
 
@@ -41,7 +41,7 @@ def build_one(tmp_path, models, expression: str, dtype: str = "float16"):
           out: {{path: out.safetensors, dtype: {dtype}}}
         """,
     )
-    build(prepare(recipe), threads=2)
+    update_outputs(prepare(recipe), threads=2)
     return load_file(tmp_path / "out.safetensors")
 
 
@@ -99,7 +99,7 @@ def test_method_long_form_equals_expression_form(tmp_path, models):
         """,
         name="long.yaml",
     )
-    build(prepare(recipe), threads=1)
+    update_outputs(prepare(recipe), threads=1)
     long = load_file(tmp_path / "long.safetensors")
     for key in short:
         np.testing.assert_array_equal(short[key], long[key])
@@ -118,7 +118,7 @@ def test_intermediate_nodes_chain_in_float32(tmp_path, models, arrays):
           out: out.safetensors
         """,
     )
-    build(prepare(recipe), threads=2)
+    update_outputs(prepare(recipe), threads=2)
     result = load_file(tmp_path / "out.safetensors")
     a, b, c = arrays["finetune"], arrays["other"], arrays["base"]
     key = "model.diffusion_model.middle_block.1.proj_in.weight"
@@ -143,7 +143,7 @@ def test_float64_operand_computes_in_float64(tmp_path):
         outputs: {out: out.safetensors}
         """,
     )
-    build(prepare(recipe), threads=1)
+    update_outputs(prepare(recipe), threads=1)
     out = load_file(tmp_path / "out.safetensors")["w"]
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, 0.9 * a["w"] + 0.1 * b["w"].astype(np.float64), rtol=1e-15)
@@ -158,7 +158,7 @@ def test_inpainting_channel_rule_keeps_the_base_extra_channels(tmp_path, models,
         outputs: {{inpaint: {{path: out.safetensors, dtype: float32}}}}
         """,
     )
-    build(prepare(recipe), threads=2)
+    update_outputs(prepare(recipe), threads=2)
     out = load_file(tmp_path / "out.safetensors")[UNET_IN]
     a, b, c = (as32(arrays[n][UNET_IN]) for n in ("inpainting", "finetune", "base"))
     assert a.shape[1] == 9 and b.shape[1] == 4
@@ -175,7 +175,7 @@ def test_pix2pix_channel_rule(tmp_path, models, arrays):
         outputs: {{out: {{path: out.safetensors, dtype: float32}}}}
         """,
     )
-    build(prepare(recipe), threads=2)
+    update_outputs(prepare(recipe), threads=2)
     out = load_file(tmp_path / "out.safetensors")[UNET_IN]
     a, b = as32(arrays["pix2pix"][UNET_IN]), as32(arrays["finetune"][UNET_IN])
     assert out.shape == a.shape and a.shape[1] == 8
@@ -220,7 +220,7 @@ def test_methods_that_are_not_elementwise_see_whole_tensors(tmp_path, monkeypatc
         outputs: {out: out.safetensors}
         """,
     )
-    build(prepare(recipe), threads=2)
+    update_outputs(prepare(recipe), threads=2)
     out = load_file(tmp_path / "out.safetensors")["big"]
     expected = a["big"] * (np.linalg.norm(b["big"]) / np.linalg.norm(a["big"]))
     np.testing.assert_allclose(out, expected, rtol=1e-4)

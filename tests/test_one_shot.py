@@ -33,7 +33,7 @@ def test_bake_writes_its_recipe_and_the_baked_model(
             wanted = first[key] + second[key] - base[key].astype(np.float64)
             np.testing.assert_allclose(value, wanted, rtol=2e-5, atol=2e-6, err_msg=key)
     again = run_in_process(*args, "--dtype", "float32", "--json")
-    assert json.loads(again.stdout)["outputs"][0]["state"] == "up to date"
+    assert json.loads(again.stdout)["outputs"][0]["result"] == "up to date"
     text = recipe.read_text()
     changed = run_in_process("bake", str(models["base"]), f"{style}=0.5", "-o", str(output))
     assert changed.returncode == 2 and "does not replace it" in changed.stderr

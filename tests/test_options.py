@@ -126,7 +126,7 @@ def test_changing_the_selection_is_a_reason_to_rebuild(tmp_path, inputs):
     assert run_cli("build", str(recipe)).returncode == 0
     recipe.write_text(recipe.read_text().replace("only: [unet]", "only: [vae]"))
     plan = json.loads(run_cli("plan", "--json", str(recipe)).stdout)["nodes"][0]
-    assert plan["state"] == "rebuild"
+    assert plan["status"] == "rebuild"
     assert "only: unet" in plan["reason"] and "only: vae" in plan["reason"]
 
 

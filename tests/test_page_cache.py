@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import write_recipe
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.io import page_cache
 from sdrecipe.io.page_cache import WrittenBehind, memory_is_short
 from sdrecipe.plan.prepare import prepare
@@ -89,7 +89,7 @@ def test_a_build_drops_its_output_only_when_memory_is_short(
         outputs: {{out: out.safetensors}}
         """,
     )
-    build(prepare(recipe), threads=2, cache=None)
+    update_outputs(prepare(recipe), threads=2, cache=None)
     merged = load_file(tmp_path / "out.safetensors")
     parts = [load_file(models[name]) for name in ("finetune", "other", "base")]
     key = "model.diffusion_model.input_blocks.0.0.weight"

@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import write_recipe
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.errors import RecipeError
 from sdrecipe.plan.prepare import prepare
 
@@ -45,7 +45,7 @@ def test_base_keys_pass_through_for_each_reason(tmp_path, odd_models):
         outputs: {out: out.safetensors}
         """,
     )
-    summary = build(prepare(recipe), threads=1)
+    summary = update_outputs(prepare(recipe), threads=1)
     out = load_file(tmp_path / "out.safetensors")
     assert set(out) == set(a), "output keys are the base's keys"
     np.testing.assert_array_equal(out["w"], 0.5 * a["w"] + 0.5 * b["w"])
@@ -74,7 +74,7 @@ def test_missing_key_in_a_chained_node_keeps_the_computed_base(tmp_path, odd_mod
         outputs: {second: {path: out.safetensors, dtype: fp32}}
         """,
     )
-    summary = build(prepare(recipe), threads=2)
+    summary = update_outputs(prepare(recipe), threads=2)
     out = load_file(tmp_path / "out.safetensors")
     np.testing.assert_array_equal(out["w"], a["w"] - b["w"] + 1)
     np.testing.assert_array_equal(out["a_only"], a["a_only"])

@@ -22,7 +22,7 @@ import yaml
 from conftest import run_cli, run_in_process, start_paused_build, write_recipe
 from sdrecipe import methods  # noqa: F401  (registers every method)
 from sdrecipe.cache.store import OBJECT, Cache, Location
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.methods.registry import MergeMethod, get_method, registered_methods
 from sdrecipe.plan.prepare import prepare
 from sdrecipe.recipe.per_key import KeyContext
@@ -135,7 +135,7 @@ def test_a_stop_signal_while_publishing_completes_the_outputs_and_lock_then_exit
     # All or none: both outputs and the lock that describes them are in place.
     again = run_cli("build", "--json", str(recipe))
     assert again.returncode == 0, again.stderr
-    states = {o["name"]: o["state"] for o in json.loads(again.stdout)["outputs"]}
+    states = {o["name"]: o["result"] for o in json.loads(again.stdout)["outputs"]}
     assert states == {"mix": "up to date", "far": "up to date"}
 
 
@@ -181,8 +181,12 @@ def test_changing_any_parameter_of_a_seeded_or_key_aware_method_rebuilds_it(
 
     def build_with(call: str, use_cache: bool) -> tuple[str, bytes]:
         recipe = write_recipe(tmp_path, recipe_text.format(call=call, **inputs))
-        build(prepare(recipe), threads=2, cache=cache if use_cache else None, force=not use_cache)
-        node_id = yaml.safe_load(recipe.with_suffix(".lock").read_text())["nodes"]["out"]["key"]
+        update_outputs(
+            prepare(recipe), threads=2, cache=cache if use_cache else None, force=not use_cache
+        )
+        node_id = yaml.safe_load(recipe.with_suffix(".lock").read_text())["nodes"]["out"][
+            "identity"
+        ]
         return node_id, (tmp_path / "out.safetensors").read_bytes()
 
     first_id, _ = build_with(f"{method}(C, A, B)", use_cache=True)

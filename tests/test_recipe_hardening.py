@@ -168,7 +168,7 @@ def test_keep_going_builds_the_recipes_beside_unloadable_ones(tmp_path, models):
     assert "c.yaml: cannot read the recipe: Too many levels of symbolic links" in result.stdout
     assert "d.yaml: the recipe is a folder" in result.stdout
     listed = json.loads(invoke("build", "-k", "--json", str(folder)).stdout)
-    assert sorted(os.path.basename(path) for path in listed["failed"]) == [
+    assert sorted(os.path.basename(failure["recipe"]) for failure in listed["failed"]) == [
         "b.yaml",
         "c.yaml",
         "d.yaml",

@@ -60,7 +60,7 @@ def status_lines(*targets: str) -> dict[str, str]:
     result = invoke("status", *targets, "--json")
     assert result.exit_code == 0, result.stderr
     return {
-        Path(o["path"]).name: f"{o['state']}: {o['reason']}"
+        Path(o["path"]).name: f"{o['status']}: {o['reason']}"
         for o in json.loads(result.stdout)["outputs"]
     }
 
@@ -100,7 +100,7 @@ def test_a_folder_builds_in_dependency_order_and_changes_flow_downstream(tmp_pat
     }
     rebuilt = invoke("build", str(recipes), "--json")
     report = json.loads(rebuilt.stdout)
-    states = {Path(r["recipe"]).name: r["outputs"][0]["state"] for r in report["recipes"]}
+    states = {Path(o["recipe"]).name: o["result"] for o in report["outputs"]}
     assert states == {"other.yaml": "up to date", "blend.yaml": "built", "inpaint.yaml": "built"}
     expected = (
         as32(load_file(models["inpainting"])[KEY])

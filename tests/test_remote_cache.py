@@ -111,12 +111,12 @@ def test_a_second_machine_downloads_the_output_with_identical_bytes_and_lock(
 ):
     first = machine(tmp_path / "one", models)
     report = build(first, remote)
-    assert "pushed to" in report["stderr"] and report["outputs"][0]["state"] == "built"
+    assert "pushed to" in report["stderr"] and report["outputs"][0]["result"] == "built"
     assert credentials_nowhere(tmp_path / "one")
     second = machine(tmp_path / "two", models)
     again = build(second, remote)
     assert "pulled from" in again["stderr"]
-    assert again["outputs"][0]["state"] == "restored from cache"
+    assert again["outputs"][0]["result"] == "restored from cache"
     assert again["cache"]["tensors_computed"] == 0
     one, two = tmp_path / "one", tmp_path / "two"
     assert (one / "out.safetensors").read_bytes() == (two / "out.safetensors").read_bytes()
@@ -140,7 +140,7 @@ def test_intermediates_come_from_the_remote_when_only_a_downstream_node_changed(
     assert s3().find(f"{remote}/refs"), "the TIES node's tensors were pushed"
     changed = machine(tmp_path / "two", models, factor=0.5)
     report = build(changed, remote)
-    assert report["outputs"][0]["state"] == "built"
+    assert report["outputs"][0]["result"] == "built"
     assert report["cache"]["tensors_from_cache"] > 0, "the TIES tensors were not recomputed"
     assert "pulled from" in report["stderr"] and " tensors (" in report["stderr"]
 
@@ -171,7 +171,7 @@ def test_concurrent_builds_upload_the_same_identities_safely(tmp_path, models, r
         assert process.returncode == 0, stderr
     assert not s3().find(f"{remote}/tmp"), "no temporary upload is left"
     third = build(machine(tmp_path / "three", models), remote)
-    assert third["outputs"][0]["state"] == "restored from cache"
+    assert third["outputs"][0]["result"] == "restored from cache"
     assert (tmp_path / "three" / "out.safetensors").read_bytes() == (
         tmp_path / "one" / "out.safetensors"
     ).read_bytes()
@@ -184,7 +184,7 @@ def test_a_corrupt_remote_output_is_reported_ignored_and_replaced(tmp_path, mode
     s3().pipe_file(pack, good[: len(good) // 2])
     report = build(machine(tmp_path / "two", models), remote)
     assert "is corrupt; ignored and removed" in report["stderr"]
-    assert report["outputs"][0]["state"] == "built"
+    assert report["outputs"][0]["result"] == "built"
     assert (tmp_path / "two" / "out.safetensors").read_bytes() == good
     assert s3().cat_file(pack) == good, "the rebuilt output replaced the corrupt one"
 
@@ -195,7 +195,7 @@ def test_an_unreachable_remote_is_a_note_and_the_build_succeeds(tmp_path, models
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     report = build(machine(tmp_path / "one", models), "s3://nowhere/cache")
-    assert report["outputs"][0]["state"] == "built"
+    assert report["outputs"][0]["result"] == "built"
     assert "the remote cache s3://nowhere/cache failed" in report["stderr"]
     assert "going on with the local cache alone" in report["stderr"]
 
@@ -228,7 +228,7 @@ def test_cache_push_and_pull_move_a_recipes_entries(tmp_path, models, remote):
     )
     assert json.loads(pulled.stdout)["outputs"] == 1
     offline = invoke("build", "--json", "--cache-dir", str(tmp_path / "two" / "cache"), str(second))
-    assert json.loads(offline.stdout)["outputs"][0]["state"] == "restored from cache"
+    assert json.loads(offline.stdout)["outputs"][0]["result"] == "restored from cache"
     info = json.loads(
         invoke(
             "cache",
@@ -299,7 +299,7 @@ def test_a_remote_input_is_fetched_once_and_built_like_a_local_one(tmp_path, mod
     assert again.exit_code == 0 and stored.stat().st_ino == inode, "not downloaded twice"
     upload_model(models["other"], url)  # a new version at the same URL
     changed = invoke("build", "--json", "--cache-dir", str(tmp_path / "cache"), str(recipe))
-    assert json.loads(changed.stdout)["outputs"][0]["state"] == "built"
+    assert json.loads(changed.stdout)["outputs"][0]["result"] == "built"
     assert (tmp_path / "cache" / "inputs" / f"{sha256_file(models['other'])}.safetensors").exists()
 
 

@@ -537,7 +537,7 @@ def test_a_second_build_does_no_work_and_the_lock_names_the_index(tmp_path, inpu
     again = run_in_process("build", "--json", str(recipe))
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
-    assert [(o["name"], o["state"]) for o in report["outputs"]] == [("merged", "up to date")]
+    assert [(o["name"], o["result"]) for o in report["outputs"]] == [("merged", "up to date")]
     assert stats(tmp_path / "out") == before
     lock = read_lock(recipe)
     assert lock is not None

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from conftest import run_cli, write_recipe
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.errors import RecipeError
 from sdrecipe.plan.prepare import prepare
 
@@ -129,7 +129,7 @@ def test_pinned_sha256_mismatch_fails_before_writing(tmp_path, models):
         "nodes:\n  out: A\noutputs:\n  out: out.safetensors\n",
     )
     with pytest.raises(RecipeError, match="but the recipe pins 0000") as info:
-        build(prepare(path), threads=1)
+        update_outputs(prepare(path), threads=1)
     assert info.value.line == 2
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -141,7 +141,7 @@ def test_pinned_sha256_match_builds(tmp_path, models):
         f"inputs:\n  A: {{path: {models['base']}, sha256: {digest.upper()}}}\n"
         "nodes:\n  out: A\noutputs:\n  out: out.safetensors\n",
     )
-    (summary,) = build(prepare(path), threads=1).outputs
+    (summary,) = update_outputs(prepare(path), threads=1).outputs
     assert summary.path.exists()
     assert summary.merged == 1130
 

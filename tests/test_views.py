@@ -62,7 +62,7 @@ def test_graph_mermaid_dot_and_json_show_the_dag_and_each_status(tmp_path, model
     assert '"node:learned" -> "node:inpaint";' in dot
     assert invoke("build", str(recipe)).exit_code == 0
     view = json.loads(invoke("graph", str(recipe), "--format", "json").stdout)
-    states = {vertex["id"]: vertex["state"] for vertex in view["vertices"]}
+    states = {vertex["id"]: vertex["status"] for vertex in view["vertices"]}
     assert states["node:inpaint"] == "up to date" and states["output:inpaint"] == "up to date"
     assert states["input:A"] == "input"
     assert ["node:learned", "node:inpaint"] in view["edges"]
@@ -97,7 +97,7 @@ def test_graph_without_inputs_draws_with_unknown_status(tmp_path):
     result = invoke("graph", str(recipe), "--format", "json")
     assert result.exit_code == 0
     assert "status unknown" in result.stderr and "does not exist" in result.stderr
-    states = {v["id"]: v["state"] for v in json.loads(result.stdout)["vertices"]}
+    states = {v["id"]: v["status"] for v in json.loads(result.stdout)["vertices"]}
     assert states["node:m"] == "unknown"
 
 

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import SHRINK, as32, run_in_process, write_recipe
-from sdrecipe.engine.builder import build
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.io.readers import open_model
 from sdrecipe.plan.prepare import prepare
 from sdrecipe.synthetic import ModelSpec, write_model
@@ -93,7 +93,7 @@ def test_weighted_sum_and_add_difference_keep_the_base_markers_byte_for_byte(tmp
           eps_delta: {{path: eps_delta.safetensors, dtype: fp32}}
         """,
     )
-    summary = build(prepare(recipe), threads=2)
+    summary = update_outputs(prepare(recipe), threads=2)
     v, w, b, c = (load_file(sdxl[n]) for n in ("vbase", "vtune", "eps", "other"))
     alpha = np.float32(0.3)
     assert_merged_like(
@@ -179,7 +179,7 @@ def test_a_base_without_markers_gives_an_output_without_them_and_a_warning(tmp_p
     )
     validated = run_in_process("validate", str(recipe))
     assert validated.returncode == 0, validated.stderr
-    summary = build(prepare(recipe), threads=2)
+    summary = update_outputs(prepare(recipe), threads=2)
     assert len(summary.warnings) == 2
     for name, warning in zip(("blend", "transfer"), summary.warnings, strict=True):
         assert warning.startswith(f"output {name!r}: V carries v_pred (v-prediction marker)")
@@ -202,7 +202,7 @@ def convert(source: Path, target: Path, output_format: str) -> None:
         """,
         name=f"{target.name}.yaml",
     )
-    build(prepare(recipe), threads=2)
+    update_outputs(prepare(recipe), threads=2)
 
 
 DIFFUSERS_CASES = [

@@ -3,8 +3,9 @@ publish them together, then cache them and write the lock.
 
 The pipeline is `recipe → graph → plan → execute → write`: `sdrecipe.plan.prepare`
 checks everything that needs no tensor data, `sdrecipe.plan.assess` works out
-identities and statuses, this module executes and publishes, and
-`sdrecipe.engine.verify` rebuilds from scratch to compare with the lock.
+identities and statuses, this module executes and publishes, reporting
+events as it goes, and `sdrecipe.engine.verify` rebuilds from scratch to
+compare with the lock.
 """
 
 from __future__ import annotations
@@ -20,54 +21,43 @@ from typing import TYPE_CHECKING
 import torch
 
 from sdrecipe.cache.store import DIGEST, PACK, Cache, Location, output_digest
+from sdrecipe.engine import events
+from sdrecipe.engine.events import BUILT, KEPT, RESTORED, CacheCounts, Listener
 from sdrecipe.engine.executor import CacheUse, Executor, KeyResult
 from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy, uninterrupted
 from sdrecipe.io.fingerprint import FileStat, tensor_digest
+from sdrecipe.io.output_formats import WriteJob, open_writer, output_format
 from sdrecipe.io.page_cache import memory_is_short
-from sdrecipe.io.shard_layout import index_path, shards_apply, written_path
+from sdrecipe.io.shard_files import index_path
+from sdrecipe.io.shard_layout import shards_apply, written_path
 from sdrecipe.io.sharded_writer import remove_superseded
-from sdrecipe.io.writers import OutputWriter, open_writer
-from sdrecipe.plan.assess import Assessment, Progress, assess, no_progress
+from sdrecipe.io.writers import OutputWriter
+from sdrecipe.plan.assess import Assessment, assess
 from sdrecipe.plan.cache_policy import cache_choice
 from sdrecipe.plan.prepare import Prepared, tokenizer_folders
+from sdrecipe.plan.status import Status
 from sdrecipe.plan.tensor_plan import MERGED
-from sdrecipe.recipe.lock import BuiltOutput, updated_lock, write_lock
+from sdrecipe.recipe.lock import BuiltOutput, read_lock, updated_lock, write_lock
 
 if TYPE_CHECKING:
     from sdrecipe.cache.remote import RemoteCache, Transfer
 
-from sdrecipe.plan.staleness import (
-    FROM_CACHE,
-    REBUILD,
-    UP_TO_DATE,
-)
-
 
 @dataclass(frozen=True)
 class OutputSummary:
-    """What one output file holds, how its keys came to be, and what the build did:
-    `state` in words, `status` in plan's terms (up to date, from cache, rebuild)."""
+    """What one output file holds, how its keys came to be, and what the build
+    did: `result` (built, restored from cache, up to date) and `status`, what it
+    needed (up to date, from cache: no tensor computed, rebuild)."""
 
     name: str
     path: Path
-    state: str
-    status: str
+    result: str
+    status: Status
     size: int
     digest: str
     merged: int
     passed_through: dict[str, int]
     dropped: int
-
-
-@dataclass
-class CacheStats:
-    """How the cache served a build."""
-
-    tensors_from_cache: int = 0
-    tensors_computed: int = 0
-    outputs_restored: int = 0
-    outputs_up_to_date: int = 0
-    corrupt_entries: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +66,7 @@ class BuildSummary:
 
     outputs: tuple[OutputSummary, ...]
     seconds: float
-    cache: CacheStats
+    cache: CacheCounts
     warnings: tuple[str, ...] = field(default=())
 
 
@@ -85,43 +75,56 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def build(
+def update_outputs(
     prepared: Prepared,
     threads: int,
     cache: Cache | None = None,
     force: bool = False,
-    progress: Progress = no_progress,
     update_lock: bool = True,
     remote: RemoteCache | None = None,
+    on_event: Listener = events.ignore,
 ) -> BuildSummary:
     """Bring every selected output up to date; on failure no output is touched.
 
     With a `remote` cache tier, what the local cache lacks is pulled from it
     first, and what the build stored is pushed to it after; the remote's corrupt
     entries count with the local ones, and a remote that fails (e.g. cannot be
-    reached) is reported and the build goes on with the local cache alone."""
+    reached) is reported and the build goes on with the local cache alone.
+    Each step is reported to `on_event` (see `sdrecipe.engine.events`)."""
     started = time.perf_counter()
+    recipe = str(prepared.recipe.path)
+    progress = events.as_progress(on_event, recipe)
+    lock = read_lock(prepared.recipe.path)
     with cache.locked() if cache else nullcontext():
         if cache is not None and cache.tensors:
             cache.remove_stale_temporaries()  # of a killed build or pull
-        assessment = assess(prepared, cache, threads, force, progress)
+        assessment = assess(prepared, cache, threads, force, progress, lock)
         shared = remote is not None and cache is not None and cache.tensors
         pulled = None
         if shared and not force:
-            pulled = _exchange(remote, "pull", cache, assessment)
+            pulled = _exchange(remote, "pull", cache, assessment, on_event, recipe)
             if pulled is not None and (pulled.outputs or pulled.refs):
-                assessment = assess(prepared, cache, threads, force, progress)
-        builder = _Builder(prepared, assessment, cache, threads, progress)
-        builder.stats.corrupt_entries += len(pulled.corrupt) if pulled else 0
+                assessment = assess(prepared, cache, threads, force, progress, lock)
+        for status in assessment.statuses:
+            on_event(events.NodePlanned(recipe, status.node, status.status, status.reason))
+        builder = _Builder(prepared, assessment, cache, threads, on_event)
+        if pulled:
+            builder.stats.corrupt_entries += len(pulled.corrupt)
+            builder.stats.remote_pulled += pulled.outputs + pulled.objects
         summary = builder.run(started, update_lock)
         if shared:
-            pushed = _exchange(remote, "push", cache, assessment)
+            pushed = _exchange(remote, "push", cache, assessment, on_event, recipe)
             summary.cache.corrupt_entries += len(pushed.corrupt) if pushed else 0
         return summary
 
 
 def _exchange(
-    remote: RemoteCache, direction: str, cache: Cache, assessment: Assessment
+    remote: RemoteCache,
+    direction: str,
+    cache: Cache,
+    assessment: Assessment,
+    on_event: Listener,
+    recipe: str,
 ) -> Transfer | None:
     """`pull` or `push` the assessment's tensors and outputs; None if the remote failed.
 
@@ -136,6 +139,11 @@ def _exchange(
             "going on with the local cache alone"
         )
         return None
+    on_event(
+        events.RemoteTransfer(
+            recipe, direction, remote.url, moved.outputs, moved.objects, moved.refs, moved.bytes
+        )
+    )
     verb = "pulled from" if direction == "pull" else "pushed to"
     if moved.outputs or moved.objects or moved.refs:
         remote.notify(
@@ -152,16 +160,20 @@ class _Builder:
         assessment: Assessment,
         cache: Cache | None,
         threads: int,
-        progress: Progress,
+        on_event: Listener,
     ):
         self.prepared = prepared
         self.assessment = assessment
         self.cache = cache
         self.threads = threads
-        self.progress = progress
-        self.stats = CacheStats()
-        self.warnings: list[str] = list(prepared.plan.warnings)
-        self.states: dict[str, str] = {}
+        self.recipe = str(prepared.recipe.path)
+        self.on_event = on_event
+        self.progress = events.as_progress(on_event, self.recipe)
+        self.stats = CacheCounts()
+        self.warnings: list[str] = []
+        for warning in prepared.plan.warnings:
+            self._warn(warning)
+        self.results: dict[str, str] = {}
         self.digests: dict[str, str] = {}  # each output's content digest
         self._tensor_digests: dict[str, dict[str, str]] = {}
         self._not_from_cache: set[str] = set()
@@ -178,16 +190,21 @@ class _Builder:
             remove_stale_temporaries(folder)
         restored: dict[str, Path] = {}
         built: list[str] = []
-        planned = {s.output: s.state for s in self.assessment.statuses if s.output is not None}
+        planned = {s.output: s for s in self.assessment.statuses if s.output is not None}
         with ExitStack() as cleanup:
             for name in plan.outputs:
-                if planned[name] == UP_TO_DATE:
-                    self.states[name] = "up to date"
+                status = planned[name]
+                path = str(written_path(plan.outputs[name].output))
+                self.on_event(
+                    events.OutputStarted(self.recipe, name, path, status.status, status.reason)
+                )
+                if status.status == Status.UP_TO_DATE:
+                    self.results[name] = KEPT
                     self.digests[name] = self.assessment.lock.outputs[name].digest  # type: ignore[union-attr]
                     self.stats.outputs_up_to_date += 1
                     continue
                 facts = self.assessment.facts[name]
-                restore = planned[name] == FROM_CACHE and facts.pack_available
+                restore = status.status == Status.FROM_CACHE and facts.pack_available
                 staged = self._stage_restore(name) if restore else None
                 if staged is None:
                     built.append(name)
@@ -204,18 +221,37 @@ class _Builder:
                     writer.publish()
                 cleanup.pop_all()
                 for name in built:
-                    self.states[name] = "built"
+                    self.results[name] = BUILT
                     self._cache_output(name, writers[name])
                 if update_lock:
                     self._write_lock()
         if self.cache is not None:
             self.cache.record_stats(vars(self.stats))
+        summaries = tuple(self._summarise(name) for name in plan.outputs)
+        for output in summaries:
+            self.on_event(
+                events.OutputFinished(
+                    self.recipe,
+                    output.name,
+                    str(output.path),
+                    output.result,
+                    output.size,
+                    output.digest,
+                    output.merged,
+                    output.passed_through,
+                    output.dropped,
+                )
+            )
         return BuildSummary(
-            outputs=tuple(self._summarise(name) for name in plan.outputs),
+            outputs=summaries,
             seconds=time.perf_counter() - started,
             cache=self.stats,
             warnings=tuple(self.warnings),
         )
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self.on_event(events.BuildWarning(self.recipe, message))
 
     def _stage_restore(self, name: str) -> Path | None:
         """Link a verified cached copy of the output beside it, under a temporary name."""
@@ -225,7 +261,8 @@ class _Builder:
             return None
         digest = pack.name.removesuffix(".safetensors")
         if output_digest(pack, None) != digest:
-            self.warnings.append(f"cache entry {pack} is corrupt; discarded and rebuilt")
+            self._warn(f"cache entry {pack} is corrupt; discarded and rebuilt")
+            self.on_event(events.CacheCorrupt(self.recipe, f"output pack {pack}"))
             self.stats.corrupt_entries += 1
             self.cache.discard(Location(PACK, digest, "", ""))
             self._discarded_packs.add(digest)
@@ -243,7 +280,8 @@ class _Builder:
         if shards_apply(spec):  # one shard: the index of an earlier, sharded build goes
             remove_superseded(index_path(output))
         self.cache.remember(DIGEST, output, FileStat.of(output), self.digests[name])
-        self.states[name] = "restored from cache"
+        self.results[name] = RESTORED
+        self.on_event(events.CacheHit(self.recipe, "output", name))
         self.stats.outputs_restored += 1
 
     def _build(self, names: list[str], cleanup: ExitStack) -> dict[str, OutputWriter]:
@@ -275,7 +313,7 @@ class _Builder:
         for name in names:
             output_plan = plan.outputs[name]
             output = output_plan.output
-            writer = open_writer(
+            job = WriteJob(
                 output,
                 output_plan.tensors,
                 assessment.metadata[name],
@@ -284,6 +322,7 @@ class _Builder:
                 drop_written,
                 output_plan.encodings,
             )
+            writer = open_writer(job)
             cleanup.callback(writer.abort)
             writers[name] = writer
         advance = self.progress("merging", total)
@@ -294,6 +333,12 @@ class _Builder:
             self._not_from_cache.update(result.not_from_cache)
             self.stats.tensors_from_cache += result.hits
             self.stats.tensors_computed += result.computed
+            self.stats.bytes_read += result.read
+            self.stats.bytes_written += result.written
+            if result.hits:
+                self.on_event(events.CacheHit(self.recipe, "tensor", result.key))
+            if result.computed:
+                self.on_event(events.CacheMiss(self.recipe, "tensor", result.key))
             for output, digest in result.output_digests.items():
                 self._tensor_digests[output][result.key] = digest
             for output, digests in result.companion_digests.items():
@@ -303,7 +348,8 @@ class _Builder:
             # Forget corrupt entries first: a recomputed tensor may be stored
             # again under the same name.
             for corrupt in result.corrupt:
-                self.warnings.append(f"{corrupt}; recomputed")
+                self._warn(f"{corrupt}; recomputed")
+                self.on_event(events.CacheCorrupt(self.recipe, str(corrupt)))
                 self.stats.corrupt_entries += 1
                 self.cache.forget(corrupt.location)
             if result.new_objects:
@@ -336,7 +382,7 @@ class _Builder:
         self.digests[name] = digest
         if self.cache is None or not self.cache.tensors or output.is_dir() or output != spec.path:
             return  # folders and shards are not kept as packs
-        if spec.format == "gguf":
+        if not output_format(spec.format).packable:
             return  # nor GGUF files: the cache reads tensors back as safetensors
         self.cache.add_pack(output, digest, self.assessment.output_ids[name])
         if self.prepared.recipe.outputs[name].lora is not None:
@@ -372,16 +418,16 @@ class _Builder:
         output_plan = self.prepared.plan.outputs[name]
         counts: Counter[str] = output_plan.counts()
         merged = counts.pop(MERGED, 0)
-        state = self.states[name]
-        if state == "built":
-            status = REBUILD if name in self._not_from_cache else FROM_CACHE
+        result = self.results[name]
+        if result == BUILT:
+            status = Status.REBUILD if name in self._not_from_cache else Status.FROM_CACHE
         else:
-            status = UP_TO_DATE if state == "up to date" else FROM_CACHE
+            status = Status.UP_TO_DATE if result == KEPT else Status.FROM_CACHE
         path = written_path(output_plan.output)
         return OutputSummary(
             name=name,
             path=path,
-            state=state,
+            result=result,
             status=status,
             size=FileStat.of(path).size,
             digest=self.digests[name],

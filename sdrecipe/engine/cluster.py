@@ -1,7 +1,7 @@
 """Builds on a Dask cluster: each recipe of a set is one Dask task, submitted in
 dependency order with the tasks of the recipes it reads as its dependencies.
 
-A worker builds a recipe exactly as `sdrecipe build` does on one machine (its
+A worker builds a recipe with `sdrecipe.api.build`, as on one machine (its
 outputs are published only when complete, the lock written last), so a worker
 that dies leaves no partial output, and Dask retries its task elsewhere. The
 recipes, their inputs and outputs must be on a path every worker sees (a
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.plan.recipe_set import RecipeSet
 
@@ -69,7 +70,7 @@ class TaskResult:
 
     recipe: str
     worker: str
-    report: dict[str, Any] | None = None
+    report: object | None = None
     error: str | None = None
     exit_code: int = 0
 
@@ -167,8 +168,8 @@ def _handshake(scheduler: str) -> None:
 def build_on_cluster(
     recipe_set: RecipeSet,
     client: Any,
-    build_one: Callable[[Path, Any], dict[str, Any]],
-    options: Any,
+    build_one: Callable[[Path, Options], object],
+    options: Options,
     keep_going: bool,
     report: Callable[[TaskResult], None],
 ) -> list[TaskResult]:
@@ -203,9 +204,9 @@ def build_on_cluster(
 
 
 def _task(
-    build_one: Callable[[Path, Any], dict[str, Any]],
+    build_one: Callable[[Path, Options], object],
     path: Path,
-    options: Any,
+    options: Options,
     keep_going: bool,
     needs: list[TaskResult],
 ) -> TaskResult:
@@ -221,7 +222,7 @@ def _task(
     # A local cache per worker: workers sharing one would wait for its lock in turn.
     own_cache = Path(options.cache_dir) / "workers" / f"{socket.gethostname()}-{name}"
     try:
-        built = build_one(path, replace(options, cache_dir=own_cache, as_json=True))
+        built = build_one(path, replace(options, cache_dir=own_cache))
     except SdrecipeError as exc:
         return TaskResult(str(path), worker, error=str(exc), exit_code=exc.exit_code)
     return TaskResult(str(path), worker, report=built)

@@ -29,7 +29,7 @@ from sdrecipe.io.dtypes import widened
 from sdrecipe.io.encodings import FP8_MAX, Encoding
 from sdrecipe.io.fingerprint import tensor_digest, tensor_hasher
 from sdrecipe.io.finite import is_finite
-from sdrecipe.io.readers import ModelReader
+from sdrecipe.io.model_reader import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.io.writers import OutputWriter
@@ -59,6 +59,7 @@ class KeyResult:
 
     key: str
     written: int = 0
+    read: int = 0  # bytes of input tensors read, as values (an adapter's factors: not counted)
     output_digests: dict[str, str] = field(default_factory=dict)
     # Digests of tensors written beside the key (its scale), by output and key.
     companion_digests: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -167,7 +168,9 @@ class _KeyTask:
         self.result.not_from_cache.update(computed)
         for output, source in self.plan.copies.items():
             if output in executor.writers:
-                self._write_all(output, executor.readers[source].raw(self.key))
+                raw = executor.readers[source].raw(self.key)
+                self.result.read += raw.nbytes
+                self._write_all(output, raw)
         if not computed:
             return self.result
         for output in computed:
@@ -373,8 +376,13 @@ class _KeyTask:
         tensor = self.read.get(name)
         if tensor is None:
             reader = self.executor.readers[name]
-            low_rank = reader.low_rank(self.key) if isinstance(reader, AdapterReader) else None
-            tensor = self.read[name] = low_rank if low_rank is not None else reader.tensor(self.key)
+            factors = reader.low_rank(self.key) if isinstance(reader, AdapterReader) else None
+            if factors is not None:
+                tensor = factors
+            else:
+                tensor = reader.tensor(self.key)
+                self.result.read += tensor.nbytes
+            self.read[name] = tensor
         return tensor
 
     def _explain_non_finite(

@@ -9,12 +9,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrecipe.engine.builder import build
+from sdrecipe.engine import events
+from sdrecipe.engine.builder import update_outputs
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.atomic import remove_stale_temporaries
-from sdrecipe.plan.assess import Progress, no_progress
 from sdrecipe.plan.prepare import prepare_recipe
-from sdrecipe.recipe import load_recipe
+from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.lock import read_lock
 
 
@@ -32,8 +32,11 @@ class VerifyResult:
         return self.expected == self.actual
 
 
-def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) -> list[VerifyResult]:
+def verify(
+    recipe: Recipe, threads: int, on_event: events.Listener = events.ignore
+) -> list[VerifyResult]:
     """Rebuild every locked output without the cache, elsewhere, and compare with the lock."""
+    recipe_path = recipe.path
     lock = read_lock(recipe_path)
     if lock is None or not lock.outputs:
         raise RecipeError("there is no lock file to verify against; build first", recipe_path)
@@ -43,7 +46,6 @@ def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) ->
             "build to rewrite it, then verify",
             recipe_path,
         )
-    recipe = load_recipe(recipe_path)
     names = [name for name in recipe.outputs if name in lock.outputs]
     first = recipe.outputs[names[0]].path
     first.parent.mkdir(parents=True, exist_ok=True)
@@ -58,8 +60,8 @@ def verify(recipe_path: Path, threads: int, progress: Progress = no_progress) ->
         }
         elsewhere = dataclasses.replace(recipe, outputs=moved)
         prepared = prepare_recipe(elsewhere, names, force=True)
-        summary = build(
-            prepared, threads, cache=None, force=True, progress=progress, update_lock=False
+        summary = update_outputs(
+            prepared, threads, cache=None, force=True, update_lock=False, on_event=on_event
         )
         rebuilt = {output.name: output.digest for output in summary.outputs}
         return [VerifyResult(name, lock.outputs[name].digest, rebuilt[name]) for name in names]

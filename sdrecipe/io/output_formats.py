@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, TypeVar
 
@@ -35,6 +36,23 @@ class OutputOptions(Protocol):
     vae: str | None
     prune_ema: bool
     max_shard_size: int | None
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    """What a writer is opened with: the output, its tensors and header
+    metadata, the base's architecture, the tokenizer folders a diffusers folder
+    copies, whether written pages leave the page cache (see
+    `SafetensorsWriter`), and the tensors stored otherwise than as their
+    dtype's values (a GGUF output's GGML types)."""
+
+    output: Output
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    architecture: Architecture
+    tokenizers: Mapping[str, Path] = field(default_factory=dict)
+    drop_written: bool = False
+    encodings: Mapping[str, Encoding] = field(default_factory=dict)
 
 
 class OutputFormat(ABC):
@@ -77,17 +95,8 @@ class OutputFormat(ABC):
         return None
 
     @abstractmethod
-    def open_writer(
-        self,
-        output: Output,
-        tensors: dict[str, TensorInfo],
-        metadata: dict[str, str],
-        architecture: Architecture,
-        tokenizers: Mapping[str, Path],
-        drop_written: bool,
-        encodings: Mapping[str, Encoding] | None,
-    ) -> OutputWriter:
-        """A writer for `output` in this format (see `open_writer`)."""
+    def open_writer(self, job: WriteJob) -> OutputWriter:
+        """A writer for `job.output` in this format."""
 
 
 # Every output format by name, in the order the recipe schema lists them.
@@ -116,21 +125,13 @@ class Safetensors(OutputFormat):
     sharded_file = True
     dtypes = FLOAT_DTYPES + FP8_DTYPES
 
-    def open_writer(
-        self,
-        output: Output,
-        tensors: dict[str, TensorInfo],
-        metadata: dict[str, str],
-        architecture: Architecture,
-        tokenizers: Mapping[str, Path],
-        drop_written: bool,
-        encodings: Mapping[str, Encoding] | None,
-    ) -> OutputWriter:
+    def open_writer(self, job: WriteJob) -> OutputWriter:
         """A `SafetensorsWriter`, or a `ShardedWriter` with `max_shard_size`."""
         from sdrecipe.io.sharded_writer import open_safetensors_writer
 
+        output = job.output
         return open_safetensors_writer(
-            output.path, tensors, metadata, output.max_shard_size, drop_written
+            output.path, job.tensors, job.metadata, output.max_shard_size, job.drop_written
         )
 
 
@@ -144,27 +145,18 @@ class Diffusers(OutputFormat):
     packable = False
     copies_tokenizers = True
 
-    def open_writer(
-        self,
-        output: Output,
-        tensors: dict[str, TensorInfo],
-        metadata: dict[str, str],
-        architecture: Architecture,
-        tokenizers: Mapping[str, Path],
-        drop_written: bool,
-        encodings: Mapping[str, Encoding] | None,
-    ) -> OutputWriter:
+    def open_writer(self, job: WriteJob) -> OutputWriter:
         """A `DiffusersWriter`."""
         from sdrecipe.io.diffusers_writer import DiffusersWriter
 
         return DiffusersWriter(
-            output.path,
-            tensors,
-            metadata,
-            architecture,
-            tokenizers,
-            drop_written,
-            output.max_shard_size,
+            job.output.path,
+            job.tensors,
+            job.metadata,
+            job.architecture,
+            job.tokenizers,
+            job.drop_written,
+            job.output.max_shard_size,
         )
 
 
@@ -185,21 +177,15 @@ class Lora(OutputFormat):
             return "`max_shard_size` does not apply to a LoRA (it is one small file)"
         return None
 
-    def open_writer(
-        self,
-        output: Output,
-        tensors: dict[str, TensorInfo],
-        metadata: dict[str, str],
-        architecture: Architecture,
-        tokenizers: Mapping[str, Path],
-        drop_written: bool,
-        encodings: Mapping[str, Encoding] | None,
-    ) -> OutputWriter:
+    def open_writer(self, job: WriteJob) -> OutputWriter:
         """A `LoraWriter`, which keeps what it is given (a LoRA is small)."""
         from sdrecipe.io.lora_writer import LoraWriter
 
+        output = job.output
         assert output.lora is not None
-        return LoraWriter(output.path, tensors, metadata, architecture.family, output.lora)
+        return LoraWriter(
+            output.path, job.tensors, job.metadata, job.architecture.family, output.lora
+        )
 
 
 @register
@@ -221,33 +207,25 @@ class Gguf(OutputFormat):
             return "`vae` and `max_shard_size` do not apply to a GGUF output"
         return None
 
-    def open_writer(
-        self,
-        output: Output,
-        tensors: dict[str, TensorInfo],
-        metadata: dict[str, str],
-        architecture: Architecture,
-        tokenizers: Mapping[str, Path],
-        drop_written: bool,
-        encodings: Mapping[str, Encoding] | None,
-    ) -> OutputWriter:
-        """A `GgufWriter` of the family's GGUF architecture (`encodings` give
-        each tensor's GGML type)."""
+    def open_writer(self, job: WriteJob) -> OutputWriter:
+        """A `GgufWriter` of the family's GGUF architecture (the job's
+        `encodings` give each tensor's GGML type)."""
         from sdrecipe.arch.family import known
         from sdrecipe.io.gguf_reader import gguf_prefix
         from sdrecipe.io.gguf_writer import GgufWriter
 
-        family = known(architecture.family)
+        output = job.output
+        family = known(job.architecture.family)
         assert family is not None and family.gguf is not None and output.quant is not None
         return GgufWriter(
             output.path,
-            tensors,
-            encodings,  # type: ignore[arg-type]
-            metadata,
+            job.tensors,
+            job.encodings,
+            job.metadata,
             family.gguf.architecture,
             output.quant,
             gguf_prefix(family),
-            drop_written,
+            job.drop_written,
         )
 
 
@@ -255,17 +233,6 @@ class Gguf(OutputFormat):
 OutputFormatName = Literal[tuple(OUTPUT_FORMATS)]  # type: ignore[valid-type]
 
 
-def open_writer(
-    output: Output,
-    tensors: dict[str, TensorInfo],
-    metadata: dict[str, str],
-    architecture: Architecture,
-    tokenizers: Mapping[str, Path],
-    drop_written: bool = False,
-    encodings: Mapping[str, Encoding] | None = None,
-) -> OutputWriter:
-    """A writer for one output, opened by its format (`encodings` give a GGUF
-    output's GGML types; see `SafetensorsWriter` for `drop_written`)."""
-    return output_format(output.format).open_writer(
-        output, tensors, metadata, architecture, tokenizers, drop_written, encodings
-    )
+def open_writer(job: WriteJob) -> OutputWriter:
+    """A writer for one output, opened by its format."""
+    return output_format(job.output.format).open_writer(job)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,10 +25,7 @@ from sdrecipe.io.atomic import publish, temporary_path, write_text_atomically
 from sdrecipe.io.bounded_json import load_json
 from sdrecipe.io.fingerprint import Fingerprint
 from sdrecipe.io.safetensors_reader import (
-    _MAX_HEADER,
-    _MAX_HEADER_DEPTH,
     SafetensorsReader,
-    _start,
 )
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -124,40 +120,7 @@ class RemoteSafetensorsReader(SafetensorsReader):
         self.path = path
         self._fs, self._remote = _open(url)
         with self._fs.open(self._remote, "rb", block_size=HEADER_BLOCK) as handle:
-            self.file_size = handle.seek(0, 2)
-            handle.seek(0)
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise self._error("the file is too short to be safetensors")
-            (header_size,) = struct.unpack("<Q", prefix)
-            if header_size > _MAX_HEADER:
-                raise self._error("not a safetensors file (bad header size)")
-            if header_size > self.file_size - 8:
-                raise self._error(
-                    f"the file is truncated: its header alone needs {header_size + 8} bytes "
-                    f"and the file has {self.file_size}"
-                )
-            header_bytes = handle.read(header_size)
-        try:
-            header = load_json(header_bytes, max_depth=_MAX_HEADER_DEPTH)
-        except ValueError as exc:
-            raise self._error(f"not a safetensors file (the header is not JSON: {exc})") from None
-        if not isinstance(header, dict):
-            raise self._error("not a safetensors file (the header is not a mapping)")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise self._error("the __metadata__ entry is not a mapping")
-        self.metadata = {str(k): str(v) for k, v in metadata.items()}
-        self._header = prefix + header_bytes
-        self.data_start = 8 + header_size
-        self._infos, self._offsets = {}, {}
-        end_of_previous = self.data_start
-        for key, entry in sorted(header.items(), key=lambda item: _start(item[1])):
-            info, offset = self._check_entry(key, entry)
-            if offset < end_of_previous:
-                raise self._error(f"tensor {key!r} overlaps the tensor stored before it")
-            self._infos[key], self._offsets[key] = info, offset
-            end_of_previous = offset + info.nbytes
+            self._read_header(handle)
         self._mmap = None
         self._scalars: dict[str, bytes] | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -42,22 +43,28 @@ class SafetensorsReader:
         require_regular_file(path)
         try:
             with open(path, "rb") as handle:
-                size = handle.seek(0, 2)
-                handle.seek(0)
-                prefix = handle.read(8)
-                if len(prefix) < 8:
-                    raise self._error("the file is too short to be safetensors")
-                (header_size,) = struct.unpack("<Q", prefix)
-                if header_size > _MAX_HEADER:
-                    raise self._error("not a safetensors file (bad header size)")
-                if header_size > size - 8:
-                    raise self._error(
-                        f"the file is truncated: its header alone needs {header_size + 8} bytes "
-                        f"and the file has {size} (incomplete download?)"
-                    )
-                header_bytes = handle.read(header_size)
+                self._read_header(handle)
         except OSError as exc:
             raise RecipeError(f"cannot read the model: {exc.strerror or exc}", path) from None
+        self._mmap: mmap.mmap | None = None
+
+    def _read_header(self, handle: BinaryIO) -> None:
+        """Read and check the header of the file open as `handle`: its metadata,
+        and every tensor's dtype, shape and place, in order and within the file."""
+        self.file_size = size = handle.seek(0, 2)
+        handle.seek(0)
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise self._error("the file is too short to be safetensors")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > _MAX_HEADER:
+            raise self._error("not a safetensors file (bad header size)")
+        if header_size > size - 8:
+            raise self._error(
+                f"the file is truncated: its header alone needs {header_size + 8} bytes "
+                f"and the file has {size} (incomplete download?)"
+            )
+        header_bytes = handle.read(header_size)
         try:
             header = load_json(header_bytes, max_depth=_MAX_HEADER_DEPTH)
         except ValueError as exc:
@@ -70,7 +77,6 @@ class SafetensorsReader:
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in metadata.items()}
         self._header = prefix + header_bytes
         self.data_start = 8 + header_size
-        self.file_size = size
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}
         end_of_previous = self.data_start
@@ -80,7 +86,6 @@ class SafetensorsReader:
                 raise self._error(f"tensor {key!r} overlaps the tensor stored before it")
             self._infos[key], self._offsets[key] = info, offset
             end_of_previous = offset + info.nbytes
-        self._mmap: mmap.mmap | None = None
 
     def _error(self, message: str) -> RecipeError:
         return RecipeError(message, self.path)

@@ -10,14 +10,17 @@ from dataclasses import dataclass
 from sdrecipe.cache.store import Cache, Location, output_digest
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.fingerprint import FileStat, Fingerprint, sha256_of
+from sdrecipe.io.model_reader import RenamedReader, file_reader
+from sdrecipe.io.output_formats import output_format
 from sdrecipe.io.quantized import quantization_of
-from sdrecipe.io.readers import RenamedReader, file_reader, tensor_digests
+from sdrecipe.io.readers import tensor_digests
 from sdrecipe.io.shard_layout import written_path
 from sdrecipe.plan.identity import Identities, tensor_identities
 from sdrecipe.plan.prepare import Prepared, tokenizer_folders
 from sdrecipe.plan.provenance import output_metadata
-from sdrecipe.plan.staleness import NodeStatus, OutputFacts, node_statuses
-from sdrecipe.recipe.lock import Lock, read_lock
+from sdrecipe.plan.staleness import node_statuses
+from sdrecipe.plan.status import NodeStatus, OutputFacts
+from sdrecipe.recipe.lock import Lock
 from sdrecipe.recipe.model import LORA_EXTRACTION
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -57,7 +60,7 @@ def _written_as(prepared: Prepared, output: str) -> dict[str, str]:
         shards["scaled"] = "true"
     if spec.quant is not None:
         shards["quant"] = spec.quant
-    if spec.format != "diffusers":
+    if not output_format(spec.format).copies_tokenizers:
         return {"format": spec.format, **shards}
     tokenizers = tokenizer_folders(prepared, output)
     return {"format": spec.format, **shards, **{n: sha256_of(f) for n, f in tokenizers.items()}}
@@ -116,8 +119,10 @@ def assess(
     threads: int,
     force: bool = False,
     progress: Progress = no_progress,
+    lock: Lock | None = None,
 ) -> Assessment:
-    """Fingerprint the inputs and decide, against lock and cache, what each node needs."""
+    """Fingerprint the inputs and decide, against `lock` (the recipe's lock file)
+    and the cache, what each node needs."""
     plan = prepared.plan
     fingerprints = fingerprint_inputs(prepared, cache, threads, progress)
     digests = {n: tensor_digests(prepared.readers[n], f) for n, f in fingerprints.items()}
@@ -139,7 +144,6 @@ def assess(
         name: identities.output_id(name, metadata[name], _written_as(prepared, name))
         for name in plan.outputs
     }
-    lock = read_lock(prepared.recipe.path)
     # --force recomputes everything: cached tensors are written, never read.
     found = cache.lookup(identities.every()) if cache and cache.tensors and not force else {}
     facts = {
@@ -175,7 +179,7 @@ def _output_facts(
         not force
         and exists
         and locked is not None
-        and locked.key == output_id
+        and locked.identity == output_id
         and output_digest(path, cache) == locked.digest
     )
     pack = (

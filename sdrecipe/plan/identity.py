@@ -7,7 +7,8 @@ Glossary:
 - *identity*: what a tensor's value is made from, hashed; equal identities
   mean equal bytes, so the cache is looked up by identity.
 - *node id* / *output id*: one hash of all of a node's (output's) identities;
-  the lock file records them in its `key:` fields, kept for compatibility.
+  the lock file records them in its `identity:` fields (`key:` before lock
+  format 3, still read).
 
 Rules:
 - An input tensor's identity is its content digest.

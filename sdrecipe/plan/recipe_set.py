@@ -8,17 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import networkx as nx
 
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.shard_layout import output_places
 from sdrecipe.plan.graph import build_graph
+from sdrecipe.plan.status import NodeStatus, Status
 from sdrecipe.recipe import Recipe, load_recipe
-
-if TYPE_CHECKING:
-    from sdrecipe.plan.staleness import NodeStatus
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -78,7 +75,8 @@ def load_recipe_set(paths: Sequence[Path], keep_going: bool = False) -> RecipeSe
     for recipe in recipes:
         for name, output in recipe.outputs.items():
             target = output.path.resolve()
-            if target in writers:
+            # Within one recipe, the guard refuses such outputs (see `sdrecipe.plan.guard`).
+            if target in writers and writers[target][0] is not recipe:
                 other, other_name = writers[target]
                 raise RecipeError(
                     f"output {name!r} writes {output.path}, which output {other_name!r} of "
@@ -96,7 +94,7 @@ def load_recipe_set(paths: Sequence[Path], keep_going: bool = False) -> RecipeSe
         found = []
         for name, spec in recipe.inputs.items():
             writer = writers.get(spec.path.resolve())
-            if writer is not None:
+            if writer is not None and writer[0] is not recipe:
                 found.append(Upstream(name, *writer))
                 dependencies.add_edge(writer[0].path, recipe.path, link=(writer[1], name))
         upstream[recipe.path] = tuple(found)
@@ -123,8 +121,6 @@ def planned_statuses(
     """Each recipe's node statuses, in build order. An input that an earlier
     recipe will rewrite (its output is not up to date, or not built yet) makes
     every node that uses it rebuild, whatever the file on disk says today."""
-    from sdrecipe.plan.staleness import REBUILD, UP_TO_DATE, NodeStatus
-
     changing: dict[Path, str] = {}
     statuses: dict[Path, list[NodeStatus]] = {}
     for recipe in recipe_set.recipes:
@@ -139,7 +135,7 @@ def planned_statuses(
         if missing:
             # Not built yet: its header cannot be read, so nothing can be assessed.
             reason = f"not assessed until input {missing[0]} is built"
-            found = [NodeStatus(node, REBUILD, reason) for node in graph.order]
+            found = [NodeStatus(node, Status.REBUILD, reason) for node in graph.order]
         else:
             found = assess_one(recipe)
         output_of = {spec.node: name for name, spec in recipe.outputs.items()}
@@ -147,10 +143,10 @@ def planned_statuses(
             used = [name for name in rewritten if nx.has_path(graph.dag, name, status.node)]
             if used:
                 found[index] = NodeStatus(
-                    status.node, REBUILD, rewritten[used[0]], output_of.get(status.node)
+                    status.node, Status.REBUILD, rewritten[used[0]], output_of.get(status.node)
                 )
         for status in found:
-            if status.output is not None and status.state != UP_TO_DATE:
+            if status.output is not None and status.status != Status.UP_TO_DATE:
                 for place in output_places(recipe.outputs[status.output]):
                     changing[place.resolve()] = status.node
         statuses[recipe.path] = found

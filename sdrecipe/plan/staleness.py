@@ -9,10 +9,10 @@ entries, are current), *from cache* (its tensors need no computation), or
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from sdrecipe.plan.cache_policy import cache_choice
 from sdrecipe.plan.identity import Identities
+from sdrecipe.plan.status import MATCHES_LOCK, NodeStatus, OutputFacts, Status, output_status
 from sdrecipe.plan.tensor_plan import BuildPlan, Compute
 from sdrecipe.recipe.expr import (
     BinOp,
@@ -30,44 +30,6 @@ from sdrecipe.recipe.expr import (
 from sdrecipe.recipe.lock import Lock
 from sdrecipe.recipe.per_key import DEFAULT, KeyContext, resolve
 
-UP_TO_DATE = "up to date"
-FROM_CACHE = "from cache"
-REBUILD = "rebuild"
-NOT_NEEDED = "not needed"
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    """One node's state; `output` names the output it is written as, if any."""
-
-    node: str
-    state: str
-    reason: str
-    output: str | None = None
-    caching: str = ""
-
-
-@dataclass(frozen=True)
-class OutputFacts:
-    """What is known about an output file before building."""
-
-    exists: bool
-    current: bool
-    pack_available: bool
-
-
-def output_state(facts: OutputFacts, all_cached: bool, force: bool) -> str:
-    """The one rule for an output: up to date (current on disk), from cache (a
-    cached copy, or every tensor it needs to write is cached), else rebuild.
-    `plan` predicts with it and `build` acts on it."""
-    if force:
-        return REBUILD
-    if facts.current:
-        return UP_TO_DATE
-    if facts.pack_available or all_cached:
-        return FROM_CACHE
-    return REBUILD
-
 
 def node_statuses(
     plan: BuildPlan,
@@ -78,7 +40,7 @@ def node_statuses(
     outputs: Mapping[str, OutputFacts],
     force: bool,
 ) -> list[NodeStatus]:
-    """The state and reason of every node the selected outputs need, in order."""
+    """The status and reason of every node the selected outputs need, in order."""
     graph = plan.graph
     computed = _computed_identities(plan, identities)
     output_of = {graph.recipe.outputs[name].node: name for name in graph.outputs}
@@ -86,29 +48,31 @@ def node_statuses(
     for node in reversed(graph.order):
         output = output_of.get(node)
         consumers = [statuses[c] for c in graph.dag.successors(node) if c in statuses]
-        needed = output is not None or any(s.state == REBUILD for s in consumers)
+        needed = output is not None or any(s.status == Status.REBUILD for s in consumers)
         own = computed[node] if output is None else computed[f"output:{output}"]
         all_cached = own <= cached
-        state = output_state(outputs[output], all_cached, force) if output is not None else None
+        status = output_status(outputs[output], all_cached, force) if output is not None else None
         if force and needed:
-            state, reason = REBUILD, "forced (--force)"
-        elif state == UP_TO_DATE:
-            reason = "output matches the lock"
-        elif state == FROM_CACHE:
+            status, reason = Status.REBUILD, "forced (--force)"
+        elif status == Status.UP_TO_DATE:
+            reason = MATCHES_LOCK
+        elif status == Status.FROM_CACHE:
             reason = _output_reason(plan, node, lock, input_sha256, identities, outputs[output])
         elif not needed:
-            state, reason = (UP_TO_DATE, "cached") if all_cached else (NOT_NEEDED, "")
+            status, reason = (
+                (Status.UP_TO_DATE, "cached") if all_cached else (Status.NOT_NEEDED, "")
+            )
         elif all_cached:
-            state, reason = FROM_CACHE, "cached"
+            status, reason = Status.FROM_CACHE, "cached"
         elif output is None and not cache_choice(graph, node).store:
-            state, reason = REBUILD, "recomputed"  # `caching` says why
+            status, reason = Status.REBUILD, "recomputed"  # `caching` says why
         else:
-            state = REBUILD
+            status = Status.REBUILD
             reason = _change_reason(plan, node, lock, input_sha256, identities)
             if own & cached:
                 reason += f" ({len(own & cached)} of {len(own)} tensors cached)"
         caching = "" if output is not None else cache_choice(graph, node).describe()
-        statuses[node] = NodeStatus(node, state, reason, output, caching)
+        statuses[node] = NodeStatus(node, status, reason, output, caching)
     return [statuses[node] for node in graph.order]
 
 
@@ -137,8 +101,9 @@ def _output_reason(
 ) -> str:
     if not facts.exists:
         return "output missing"
-    if lock is not None and node in lock.nodes and lock.nodes[node].key == identities.node_id(node):
-        return "output differs from the lock (changed on disk, or recipe text changed)"
+    locked = lock.nodes.get(node) if lock is not None else None
+    if locked is not None and locked.identity == identities.node_id(node):
+        return "output differs from the lock (changed on disk, or how it is written changed)"
     return _change_reason(plan, node, lock, input_sha256, identities)
 
 
@@ -172,11 +137,11 @@ def _change_reason(
                 reasons.append(f"input {operand} content changed")
         else:
             before_node = lock.nodes.get(operand)
-            if before_node is None or before_node.key != identities.node_id(operand):
+            if before_node is None or before_node.identity != identities.node_id(operand):
                 reasons.append(f"node {operand} changed")
     if reasons:
         return ", ".join(reasons)
-    if locked.key == identities.node_id(node):
+    if locked.identity == identities.node_id(node):
         return "not in cache"
     return "sdrecipe's arithmetic changed"
 

@@ -1,9 +1,9 @@
 """The lock file `<recipe>.lock`: what the last successful build used and made.
 
 It is YAML in a stable order, meant to be committed beside the recipe: each
-input's size and sha256, each node's expression and key, each output's size,
-content digest (`fingerprint.content_digest`) and key, and the versions that
-built them. `sdrecipe verify` rebuilds the outputs and compares them with it.
+input's size and sha256, each node's expression and identity, each output's
+size, content digest (`fingerprint.content_digest`) and identity, and the
+versions that built them. `sdrecipe verify` rebuilds the outputs and compares them with it.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ from sdrecipe.io.shard_layout import written_path
 from sdrecipe.io.text_files import read_text_file
 from sdrecipe.recipe import Recipe
 
-LOCK_FORMAT = 2
+LOCK_FORMAT = 3
 # A lock holds a few lines per input, node and output: 1,000 variants stay far below this.
 MAX_LOCK_BYTES = 64 << 20
-# Format 1 recorded each output's sha256 instead of its content digest.
+# Format 1 recorded each output's sha256 instead of its content digest; formats
+# 1 and 2 called the identities `key`.
 _SHA256_LOCK_FORMAT = 1
+_KEY_LOCK_FORMATS = (1, 2)
 _HEADER = (
     "# sdrecipe lock file: what the last successful build used and produced.\n"
     "# Commit it with the recipe; `sdrecipe verify` checks that the outputs reproduce.\n"
@@ -50,10 +52,10 @@ class LockedInput:
 
 @dataclass(frozen=True)
 class LockedNode:
-    """A node's expression and the key of all its tensors."""
+    """A node's expression and the identity of all its tensors."""
 
     expression: str
-    key: str
+    identity: str
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class LockedOutput:
     path: str
     size: int
     digest: str
-    key: str
+    identity: str
     built_from: str
 
 
@@ -88,10 +90,20 @@ def recipe_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def recipe_meaning(text: str) -> str:
+    """The hash of what a recipe says: its parsed YAML in a canonical order, so
+    an edit of comments or formatting leaves it (and the outputs) as it was."""
+    try:
+        meaning = json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
+    except (yaml.YAMLError, TypeError):  # unorderable keys: the text stands for itself
+        meaning = text
+    return hashlib.sha256(meaning.encode()).hexdigest()
+
+
 def built_from(recipe_text: str, input_sha256: dict[str, str]) -> str:
-    """What an output's bytes depend on: recipe text, inputs' contents, sdrecipe's
-    version and output format."""
-    parts = [recipe_sha256(recipe_text), __version__, OUTPUT_FORMAT, sorted(input_sha256.items())]
+    """What an output's bytes depend on: the recipe's meaning, inputs' contents,
+    sdrecipe's version and output format."""
+    parts = [recipe_meaning(recipe_text), __version__, OUTPUT_FORMAT, sorted(input_sha256.items())]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -123,9 +135,13 @@ def read_lock(recipe: Path) -> Lock | None:
         raise RecipeError(f"cannot read the lock file: {exc}", path) from None
     try:
         lock_format = data.get("format")
-        if lock_format not in (LOCK_FORMAT, _SHA256_LOCK_FORMAT):
+        if lock_format not in (LOCK_FORMAT, *_KEY_LOCK_FORMATS):
             raise ValueError(f"unknown lock format {lock_format!r}")
+        nodes = {k: dict(v) for k, v in (data.get("nodes") or {}).items()}
         outputs = {k: dict(v) for k, v in (data.get("outputs") or {}).items()}
+        if lock_format in _KEY_LOCK_FORMATS:
+            for entry in (*nodes.values(), *outputs.values()):
+                entry["identity"] = entry.pop("key")
         if lock_format == _SHA256_LOCK_FORMAT:
             # A sha256 is no content digest: these outputs are built afresh once.
             for entry in outputs.values():
@@ -135,7 +151,7 @@ def read_lock(recipe: Path) -> Lock | None:
             recipe_sha256=data["recipe_sha256"],
             versions=dict(data.get("versions") or {}),
             inputs={k: LockedInput(**v) for k, v in (data.get("inputs") or {}).items()},
-            nodes={k: LockedNode(**v) for k, v in (data.get("nodes") or {}).items()},
+            nodes={k: LockedNode(**v) for k, v in nodes.items()},
             outputs={k: LockedOutput(**v) for k, v in outputs.items()},
         )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -200,7 +216,7 @@ def updated_lock(
             path=relative_to_recipe(path, recipe.path),
             size=FileStat.of(path).size,
             digest=output.digest,
-            key=output.output_id,
+            identity=output.output_id,
             built_from=built_from(
                 recipe.text, {leaf: input_sha256[leaf] for leaf in output.inputs}
             ),

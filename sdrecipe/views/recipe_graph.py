@@ -12,7 +12,7 @@ import networkx as nx
 
 from sdrecipe.plan.graph import MergeGraph
 from sdrecipe.plan.recipe_set import Upstream
-from sdrecipe.plan.staleness import FROM_CACHE, REBUILD, UP_TO_DATE, NodeStatus
+from sdrecipe.plan.status import NodeStatus, Status
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.expr import format_expression
 from sdrecipe.views.mermaid import mermaid_label
@@ -22,9 +22,9 @@ INPUT, NODE, OUTPUT = "input", "node", "output"
 UNKNOWN = "unknown"
 # Fill colours by status; inputs and outputs without a status are grey.
 COLOURS = {
-    UP_TO_DATE: "#c8e6c9",
-    FROM_CACHE: "#bbdefb",
-    REBUILD: "#ffcc80",
+    Status.UP_TO_DATE: "#c8e6c9",
+    Status.FROM_CACHE: "#bbdefb",
+    Status.REBUILD: "#ffcc80",
     UNKNOWN: "#eeeeee",
     INPUT: "#f5f5f5",
 }
@@ -39,7 +39,7 @@ class Vertex:
     kind: str
     name: str
     detail: str
-    state: str
+    status: str
     reason: str = ""
 
 
@@ -78,7 +78,7 @@ def recipe_graph(graph: MergeGraph, statuses: Sequence[NodeStatus] | None) -> Re
                 NODE,
                 name,
                 _shorten(format_expression(node.expr)),
-                status.state if status else UNKNOWN,
+                status.status if status else UNKNOWN,
                 status.reason if status else "",
             )
         )
@@ -94,7 +94,7 @@ def recipe_graph(graph: MergeGraph, statuses: Sequence[NodeStatus] | None) -> Re
                 OUTPUT,
                 output,
                 spec.path.name,
-                status.state if status else UNKNOWN,
+                status.status if status else UNKNOWN,
                 status.reason if status else "",
             )
         )
@@ -135,7 +135,7 @@ def _shorten(text: str) -> str:
 def _label(vertex: Vertex) -> list[str]:
     lines = [vertex.name, vertex.detail]
     if vertex.kind != INPUT:
-        lines.append(vertex.state + (f": {vertex.reason}" if vertex.reason else ""))
+        lines.append(vertex.status + (f": {vertex.reason}" if vertex.reason else ""))
     return [_shorten(line) for line in lines]
 
 
@@ -148,15 +148,15 @@ def to_mermaid(view: RecipeGraph) -> str:
         shape = {INPUT: '[("{}")]', NODE: '["{}"]', OUTPUT: '[/"{}"/]'}[vertex.kind]
         lines.append(f"  {ids[vertex.id]}{shape.format(label)}")
     lines += [f"  {ids[source]} --> {ids[target]}" for source, target in view.edges]
-    for state, colour in COLOURS.items():
-        lines.append(f"  classDef {_class(state)} fill:{colour},stroke:#333333")
+    for status, colour in COLOURS.items():
+        lines.append(f"  classDef {_class(status)} fill:{colour},stroke:#333333")
     for vertex in view.vertices:
-        lines.append(f"  class {ids[vertex.id]} {_class(vertex.state)}")
+        lines.append(f"  class {ids[vertex.id]} {_class(vertex.status)}")
     return "\n".join(lines) + "\n"
 
 
-def _class(state: str) -> str:
-    return re.sub(r"\W", "_", state)
+def _class(status: str) -> str:
+    return re.sub(r"\W", "_", status)
 
 
 def to_dot(view: RecipeGraph) -> str:
@@ -167,7 +167,7 @@ def to_dot(view: RecipeGraph) -> str:
         label = "\\n".join(_dot_text(line) for line in _label(vertex))
         lines.append(
             f'  "{_dot_text(vertex.id)}" [label="{label}" shape={shapes[vertex.kind]} '
-            f'fillcolor="{COLOURS.get(vertex.state, COLOURS[UNKNOWN])}"];'
+            f'fillcolor="{COLOURS.get(vertex.status, COLOURS[UNKNOWN])}"];'
         )
     for source, target in view.edges:
         lines.append(f'  "{_dot_text(source)}" -> "{_dot_text(target)}";')
@@ -226,14 +226,14 @@ def to_scene(view: RecipeGraph) -> Scene:
         scene.add(Line((start, (middle, start[1]), (middle, end[1]), end), arrow=True))
     for vertex in view.vertices:
         (vx, vy), (width, box_height) = positions[vertex.id], sizes[vertex.id]
-        fill = COLOURS.get(vertex.state, COLOURS[UNKNOWN])
+        fill = COLOURS.get(vertex.status, COLOURS[UNKNOWN])
         scene.add(Box(vx, vy, width, box_height, fill, radius=6 if vertex.kind == NODE else 0))
         for index, line in enumerate(_label(vertex)):
             y = vy + PAD / 2 + LINE_HEIGHT * (index + 0.5)
             scene.add(Text(vx + PAD, y, line, FONT, bold=index == 0))
     x = MARGIN
-    for state in (UP_TO_DATE, FROM_CACHE, REBUILD, UNKNOWN):
-        scene.add(Box(x, legend_y + 6, 14, 14, COLOURS[state]))
-        scene.add(Text(x + 20, legend_y + 13, state, 11))
-        x += 20 + text_width(state, 11) + 18
+    for status in (Status.UP_TO_DATE, Status.FROM_CACHE, Status.REBUILD, UNKNOWN):
+        scene.add(Box(x, legend_y + 6, 14, 14, COLOURS[status]))
+        scene.add(Text(x + 20, legend_y + 13, str(status), 11))
+        x += 20 + text_width(str(status), 11) + 18
     return scene
