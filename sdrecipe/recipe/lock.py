@@ -25,6 +25,7 @@ from sdrecipe.io.fingerprint import FileStat
 from sdrecipe.io.shard_layout import written_path
 from sdrecipe.io.text_files import read_text_file
 from sdrecipe.recipe import Recipe
+from sdrecipe.recipe.yaml_source import load_yaml
 
 LOCK_FORMAT = 3
 # A lock holds a few lines per input, node and output: 1,000 variants stay far below this.
@@ -91,11 +92,12 @@ def recipe_sha256(text: str) -> str:
 
 
 def recipe_meaning(text: str) -> str:
-    """The hash of what a recipe says: its parsed YAML in a canonical order, so
-    an edit of comments or formatting leaves it (and the outputs) as it was."""
+    """The hash of what a recipe says: its parsed YAML (parsed as the loader
+    does, with its bounds) in a canonical order, so an edit of comments or
+    formatting leaves it, and the outputs, as they were."""
     try:
-        meaning = json.dumps(yaml.safe_load(text), sort_keys=True, default=str)
-    except (yaml.YAMLError, TypeError):  # unorderable keys: the text stands for itself
+        meaning = json.dumps(load_yaml(text, Path()).data, sort_keys=True, default=str)
+    except (RecipeError, TypeError):  # unorderable keys: the text stands for itself
         meaning = text
     return hashlib.sha256(meaning.encode()).hexdigest()
 
