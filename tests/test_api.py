@@ -5,6 +5,7 @@ build, plan and status alike."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -145,12 +146,40 @@ def test_events_file_holds_every_event_as_json_lines(recipe, tmp_path):
     assert again.count("output_finished") == 1 and "cache_miss" not in again
 
 
-def test_events_file_never_replaces_what_sdrecipe_did_not_write(recipe):
-    before = recipe.read_text()
-    result = invoke("build", "--events", str(recipe), str(recipe))
-    assert result.exit_code == 2
-    assert "not an events file sdrecipe wrote" in result.stderr
-    assert recipe.read_text() == before
+@pytest.mark.parametrize(
+    ("events", "message"),
+    [
+        ("recipe.yaml", "is the recipe"),
+        ("recipe.lock", "is the recipe's lock file"),  # not there yet: the build would read it
+        ("out/inpaint.safetensors", "is output 'inpaint'"),  # nor this, which the build writes
+        ("cache/events.jsonl", "lies inside the cache folder"),
+        ("notes.txt", "exists and is not an events file sdrecipe wrote"),
+        ("fifo", "exists and is not a regular file"),  # reading it would wait for ever
+        ("nowhere/events.jsonl", "lies in nowhere, which is not a folder"),
+    ],
+)
+def test_events_file_never_touches_what_the_build_reads_or_writes(
+    recipe, tmp_path, monkeypatch, events, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    os.mkfifo(tmp_path / "fifo")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    result = invoke("build", "--events", events, "--cache-dir", "cache", "recipe.yaml")
+    assert result.exit_code == 2, result.output
+    assert f"--events {events} {message}" in result.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert invoke("build", "--events", "e.jsonl", "--dry-run", "recipe.yaml").exit_code == 2
+
+
+def test_the_api_takes_one_target_or_many_and_paths_as_text(recipe, isolated_cache):
+    options = api.Options(cache_dir=str(isolated_cache))
+    assert options.cache_dir == isolated_cache
+    one = api.build(str(recipe), options).outputs
+    assert [o.result for o in one] == ["built"]
+    assert api.status(recipe, options).outputs[0].status == "up to date"
+    assert api.plan([str(recipe)], options).nodes[0].status == "up to date"
+    assert api.validate(str(recipe), options).valid
 
 
 def test_keep_going_reports_failures_in_the_one_shape(tmp_path, models, isolated_cache):

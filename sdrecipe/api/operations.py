@@ -47,8 +47,13 @@ if TYPE_CHECKING:
     from sdrecipe.plan.prepare import Prepared
 
 
+# Recipe files or folders as on the command line (after one recipe file, names of
+# its outputs), or one of them alone.
+Targets = str | Path | Sequence[str | Path]
+
+
 def build(
-    targets: Sequence[str | Path], options: Options | None = None, on_event: Listener | None = None
+    targets: Targets, options: Options | None = None, on_event: Listener | None = None
 ) -> BuildReport:
     """Bring the targets' outputs up to date, recipes in dependency order.
 
@@ -195,7 +200,7 @@ def build_on_worker(recipe: Path, options: Options) -> BuildReport:
     return build([recipe], replace(options, scheduler=None, keep_going=False))
 
 
-def plan(targets: Sequence[str | Path], options: Options | None = None) -> PlanReport:
+def plan(targets: Targets, options: Options | None = None) -> PlanReport:
     """What `build` would do, node by node, and why (nothing is written but
     remembered input hashes). Over several recipes, an input that an earlier
     recipe rewrites rebuilds what uses it."""
@@ -218,7 +223,7 @@ def plan(targets: Sequence[str | Path], options: Options | None = None) -> PlanR
     return PlanReport(tuple(nodes))
 
 
-def status(targets: Sequence[str | Path], options: Options | None = None) -> StatusReport:
+def status(targets: Targets, options: Options | None = None) -> StatusReport:
     """Each output: up to date, or what a build would do and why. Outputs that
     the lock proves current are answered without reading any model."""
     options = options or Options()
@@ -294,7 +299,7 @@ def _not_downloaded(prepared: Prepared) -> list[NodeStatus]:
 
 
 def verify(
-    targets: Sequence[str | Path], options: Options | None = None, on_event: Listener | None = None
+    targets: Targets, options: Options | None = None, on_event: Listener | None = None
 ) -> VerifyReport:
     """Rebuild the recipes' locked outputs from their inputs, without the cache,
     elsewhere, and compare them with the lock files."""
@@ -314,12 +319,12 @@ def verify(
     return VerifyReport(all(r.reproducible for r in results), tuple(results))
 
 
-def validate(recipe_path: Path, options: Options | None = None) -> ValidateReport:
+def validate(recipe_path: str | Path, options: Options | None = None) -> ValidateReport:
     """Check a recipe and its inputs' headers without building anything."""
     from sdrecipe.plan.prepare import prepare
 
     options = options or Options()
-    prepared = prepare(recipe_path, cache_root=options.cache_dir, download=False)
+    prepared = prepare(Path(recipe_path), cache_root=options.cache_dir, download=False)
     return ValidateReport(
         valid=True,
         recipe=str(recipe_path),
@@ -339,10 +344,12 @@ def validate(recipe_path: Path, options: Options | None = None) -> ValidateRepor
     )
 
 
-def split_targets(targets: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+def split_targets(targets: Targets) -> tuple[list[Path], list[str]]:
     """The recipes (files, folders) and output names that targets give: the
     first is a recipe or folder; later ones are recipes if named like one, else
     outputs of the one recipe."""
+    if isinstance(targets, str | Path):
+        targets = [targets]
     if not targets:
         raise RecipeError("name at least one recipe or folder")
     first, *rest = targets
@@ -358,10 +365,11 @@ def split_targets(targets: Sequence[str | Path]) -> tuple[list[Path], list[str]]
     return recipes, names
 
 
-def load_targets(targets: Sequence[str | Path]) -> tuple[RecipeSet, list[str]]:
-    """The recipes that targets name, in build order, and the output names given."""
+def load_targets(targets: Targets, keep_going: bool = False) -> tuple[RecipeSet, list[str]]:
+    """The recipes that targets name, in build order, and the output names given
+    (with `keep_going`, recipes that cannot be loaded are set aside)."""
     paths, names = split_targets(targets)
-    return load_recipe_set(recipe_files(paths)), names
+    return load_recipe_set(recipe_files(paths), keep_going), names
 
 
 def open_remote(

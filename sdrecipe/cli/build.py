@@ -27,6 +27,8 @@ from sdrecipe.cli.common import (
 from sdrecipe.engine import events
 from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError
+from sdrecipe.io.shard_layout import output_places
+from sdrecipe.plan.guard import protected_paths, target_problem
 from sdrecipe.text import printable
 
 TARGETS = click.argument("targets", nargs=-1, required=True, metavar="RECIPE [RECIPE|OUTPUT]...")
@@ -68,9 +70,11 @@ def build(
     cluster."""
     options = Options(**{**vars(options), "keep_going": keep_going, "scheduler": scheduler})
     if dry_run:
+        if events_path is not None:
+            raise click.UsageError("--events records a build, and --dry-run builds nothing")
         show_plan(api.plan(targets, options), as_json)
         return
-    with events_file(events_path, targets) as written:
+    with events_file(events_path, targets, options.cache_dir) as written:
         report = run_build(targets, options, as_json, written)
     if report.failed and not as_json:
         total = {output.recipe for output in report.outputs} | {f.recipe for f in report.failed}
@@ -99,27 +103,44 @@ def run_build(
 
 
 @contextlib.contextmanager
-def events_file(path: Path | None, targets: tuple[str, ...]) -> Iterator[IO[str] | None]:
-    """The --events file, opened for writing; a file there that is not an
-    events file sdrecipe wrote (a recipe, a model) is never replaced."""
+def events_file(
+    path: Path | None, targets: tuple[str, ...], cache_dir: Path
+) -> Iterator[IO[str] | None]:
+    """The --events file, opened for writing. It may not be, or lie in, what the
+    build reads or writes (the recipes, their locks, inputs and outputs, the
+    cache), and a file there is replaced only if it is an events file sdrecipe
+    wrote."""
     if path is None:
         yield None
         return
-    if path.exists() or path.is_symlink():
-        try:
-            with path.open("rb") as existing:
-                first = json.loads(existing.readline(65536) or b"null")
-        except (OSError, ValueError):
-            first = None
-        if not (isinstance(first, dict) and first.get("type") == "build_started"):
-            raise RecipeError(
-                "--events would replace a file that is not an events file sdrecipe wrote; "
-                "name another",
-                path,
-            )
-        path.unlink()
+    recipes = api.load_targets(targets, keep_going=True)[0].recipes
+    protected = [pair for recipe in recipes for pair in protected_paths(recipe, cache_dir)]
+    protected += [
+        (f"output {name!r} of {recipe.path}", place)
+        for recipe in recipes
+        for name, spec in recipe.outputs.items()
+        for place in output_places(spec)
+    ]
+    problem = target_problem(path, "events", protected)
+    if problem is None and path.exists() and not _is_events_file(path):
+        problem = "exists and is not an events file sdrecipe wrote"
+    if problem is None and not path.parent.is_dir():
+        problem = f"lies in {path.parent}, which is not a folder"
+    if problem:
+        raise RecipeError(f"--events {path} {problem}; name another file")
+    path.unlink(missing_ok=True)
     with path.open("x", encoding="utf-8") as handle:
         yield handle
+
+
+def _is_events_file(path: Path) -> bool:
+    """Whether the regular file at `path` begins as sdrecipe's events files do."""
+    try:
+        with path.open("rb") as existing:
+            first = json.loads(existing.readline(65536) or b"null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("type") == "build_started"
 
 
 @click.command()

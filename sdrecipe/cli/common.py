@@ -243,13 +243,20 @@ class Renderer:
             self._close_bar()
             cache = event.cache
             if cache.outputs_up_to_date == event.outputs and not cache.tensors_computed:
-                return
-            click.echo(
-                f"done in {event.seconds:.1f} s: {cache.tensors_computed} tensors computed, "
-                f"{cache.tensors_from_cache} from cache ({cache.outputs_restored} outputs "
-                f"restored, {cache.remote_pulled} entries pulled from the remote cache); "
-                f"read {cache.bytes_read / 1e6:,.1f} MB, wrote {cache.bytes_written / 1e6:,.1f} MB"
+                return  # nothing was done: the up-to-date lines say it all
+            parts = [
+                f"{cache.tensors_computed} tensors computed, {cache.tensors_from_cache} from cache"
+            ]
+            if cache.outputs_restored:
+                parts.append(f"{_count(cache.outputs_restored, 'output')} restored from the cache")
+            if cache.remote_pulled:
+                pulled = _count(cache.remote_pulled, "entry", "entries")
+                parts.append(f"{pulled} pulled from the remote cache")
+            parts.append(
+                f"read {cache.bytes_read / 1e6:,.1f} MB of input tensors, "
+                f"wrote {cache.bytes_written / 1e6:,.1f} MB of output tensors"
             )
+            click.echo(f"done in {event.seconds:.1f} s: " + "; ".join(parts))
 
     def _progress(self, event: events.Progress) -> None:
         if not self.bars or event.total <= 0:
@@ -273,6 +280,10 @@ class Renderer:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
             self._bar = None
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def describe_counts(merged: int, passed: dict[str, int], dropped: int) -> str:

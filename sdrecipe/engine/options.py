@@ -23,3 +23,6 @@ class Options:
     force: bool = False
     keep_going: bool = False
     scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir))
