@@ -235,3 +235,88 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert "inpaint built build/demo/finetune-inpainting.safetensors" in printed
     assert "'status': 'up to date'" in printed and "inpaint up to date" in printed
     assert "Status." not in printed, "reports hold plain data"
+
+
+def test_an_edit_that_changes_the_bytes_is_never_taken_for_formatting(
+    tmp_path, models, isolated_cache
+):
+    options = api.Options(cache_dir=isolated_cache)
+    text = f"""
+        inputs: {{A: {models["base"]}, B: {models["finetune"]}}}
+        nodes:
+          mix: weighted_sum(A, B, alpha=0.3)
+        outputs:
+          mix: {{path: out.safetensors, metadata: {{version: 1.0, approved: yes, by: me}}}}
+        """
+    recipe = write_recipe(tmp_path, text)
+    api.build([recipe], options)
+    # Kept as written in the file's metadata: 1.0 and 1.00 differ, as do key orders.
+    for old, new in (("1.0", "1.00"), ("approved: yes, by: me", "by: me, approved: yes")):
+        recipe.write_text(recipe.read_text().replace(old, new))
+        (line,) = api.status([recipe], options).outputs
+        assert line.status != "up to date", new
+        api.build([recipe], options)
+        assert api.verify([recipe], options).reproducible
+
+
+def lock_with(recipe, change):
+    data = yaml.safe_load(lock_path(recipe).read_text())
+    change(data)
+    lock_path(recipe).write_text(yaml.safe_dump(data))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["outputs"]["inpaint"].update(digest=None), "output 'inpaint''s digest"),
+        (lambda d: d["nodes"]["inpaint"].update(expression=5), "node 'inpaint''s expression"),
+        (lambda d: d["inputs"]["A"].update(sha256="../../x"), "input 'A''s sha256"),
+        (lambda d: d["outputs"]["inpaint"].update(size=True), "output 'inpaint'"),
+    ],
+)
+def test_a_lock_holding_what_sdrecipe_never_writes_is_refused(
+    recipe, isolated_cache, change, message
+):
+    options = api.Options(cache_dir=isolated_cache)
+    api.build([recipe], options)
+    lock_with(recipe, change)
+    for command in ("status", "build", "plan", "verify"):
+        result = invoke(command, str(recipe))
+        assert result.exit_code == 2, (command, result.output)
+        assert f"the lock file is malformed ({message} is not what sdrecipe writes" in result.stderr
+
+
+def test_a_lock_is_read_with_the_recipe_loaders_bounds(recipe, isolated_cache):
+    api.build([recipe], api.Options(cache_dir=isolated_cache))
+    anchors = "".join(
+        f"x{i}: &x{i} [{', '.join([f'*x{i - 1}' if i else 'a'] * 9)}]\n" for i in range(10)
+    )
+    lock_path(recipe).write_text(anchors + lock_path(recipe).read_text())
+    result = invoke("verify", str(recipe))
+    assert result.exit_code == 2 and "cannot read the lock file" in result.stderr
+
+
+def test_a_failing_listener_never_leaves_outputs_half_published(tmp_path, models, isolated_cache):
+    options = api.Options(cache_dir=isolated_cache)
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["base"]}, B: {models["finetune"]}}}
+        nodes: {{one: "weighted_sum(A, B, alpha=0.3)", two: "weighted_sum(B, A, alpha=0.3)"}}
+        outputs: {{one: one.safetensors, two: two.safetensors}}
+        """,
+    )
+    api.build([recipe], options)
+    first = {name: (tmp_path / f"{name}.safetensors").read_bytes() for name in ("one", "two")}
+    recipe.write_text(recipe.read_text().replace("0.3", "0.6"))
+    api.build([recipe], options)
+    recipe.write_text(recipe.read_text().replace("0.6", "0.3"))  # both come from the cache
+
+    def fail_on_restore(event):
+        if isinstance(event, events.CacheHit) and event.what == "output":
+            raise RuntimeError("listener failed")
+
+    with pytest.raises(RuntimeError, match="listener failed"):
+        api.build([recipe], options, on_event=fail_on_restore)
+    assert {n: (tmp_path / f"{n}.safetensors").read_bytes() for n in first} == first
+    assert api.status([recipe], options).outputs[0].status == "up to date"

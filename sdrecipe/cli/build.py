@@ -29,6 +29,7 @@ from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.shard_layout import output_places
 from sdrecipe.plan.guard import protected_paths, target_problem
+from sdrecipe.plan.recipe_set import RECIPE_SUFFIXES
 from sdrecipe.text import printable
 
 TARGETS = click.argument("targets", nargs=-1, required=True, metavar="RECIPE [RECIPE|OUTPUT]...")
@@ -122,6 +123,8 @@ def events_file(
         for place in output_places(spec)
     ]
     problem = target_problem(path, "events", protected)
+    if problem is None and path.suffix in RECIPE_SUFFIXES:
+        problem = "is named like a recipe, which a folder build would read"
     if problem is None and path.exists() and not _is_events_file(path):
         problem = "exists and is not an events file sdrecipe wrote"
     if problem is None and not path.parent.is_dir():
@@ -134,10 +137,11 @@ def events_file(
 
 
 def _is_events_file(path: Path) -> bool:
-    """Whether the regular file at `path` begins as sdrecipe's events files do."""
+    """Whether the regular file at `path` begins as sdrecipe's events files do,
+    or is empty (as one is when its build stopped before it began)."""
     try:
         with path.open("rb") as existing:
-            first = json.loads(existing.readline(65536) or b"null")
+            first = json.loads(existing.readline(65536) or b'{"type": "build_started"}')
     except (OSError, ValueError):
         return False
     return isinstance(first, dict) and first.get("type") == "build_started"

@@ -225,6 +225,10 @@ class _Builder:
                     self._cache_output(name, writers[name])
                 if update_lock:
                     self._write_lock()
+        # Events go out once everything is published: a listener that fails
+        # cannot stop the outputs and their lock half way.
+        for name in restored:
+            self.on_event(events.CacheHit(self.recipe, "output", name))
         if self.cache is not None:
             self.cache.record_stats(vars(self.stats))
         summaries = tuple(self._summarise(name) for name in plan.outputs)
@@ -281,7 +285,6 @@ class _Builder:
             remove_superseded(index_path(output))
         self.cache.remember(DIGEST, output, FileStat.of(output), self.digests[name])
         self.results[name] = RESTORED
-        self.on_event(events.CacheHit(self.recipe, "output", name))
         self.stats.outputs_restored += 1
 
     def _build(self, names: list[str], cleanup: ExitStack) -> dict[str, OutputWriter]:

@@ -47,6 +47,8 @@ def verify(
             recipe_path,
         )
     names = [name for name in recipe.outputs if name in lock.outputs]
+    if not names:
+        raise RecipeError("the lock records none of the recipe's outputs; build first", recipe_path)
     first = recipe.outputs[names[0]].path
     first.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(first.parent)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -127,12 +128,22 @@ class RemoteSafetensorsReader(SafetensorsReader):
     def _error(self, message: str) -> RecipeError:
         return RecipeError(message, self.url)
 
+    def _not_downloaded(self, what: str) -> RecipeError:
+        return RecipeError(
+            f"{self.url} is not downloaded, and {what} needs the whole file (a build downloads it)"
+        )
+
     def fingerprint(self) -> Fingerprint:
         """Refused: the file's sha256 and digests need all of its bytes."""
-        raise RecipeError(
-            f"{self.url} is not downloaded, and its fingerprint needs the whole file "
-            "(a build downloads it)"
-        )
+        raise self._not_downloaded("its fingerprint")
+
+    def content_digest(self) -> str:
+        """Refused, as the fingerprint is."""
+        raise self._not_downloaded("its content digest")
+
+    def _mapped(self) -> mmap.mmap:
+        """Refused: there is no local file to map (tensors come by ranged reads)."""
+        raise self._not_downloaded("mapping it")
 
     def raw(self, key: str) -> memoryview:
         """The stored bytes of `key`, by a ranged read; the first one-number

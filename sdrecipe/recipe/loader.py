@@ -75,7 +75,7 @@ def read_recipe_text(path: Path) -> str:
 def parse_recipe(text: str, path: Path) -> Recipe:
     """Validate recipe `text`; relative input and output paths resolve against `path`'s folder.
     A `matrix:` expands into its variants (see `sdrecipe.recipe.matrix`)."""
-    document = load_yaml(text, path, keep_text=_keeps_text)
+    document = load_yaml(text, path, keep_text=keeps_text)
     if not isinstance(document.data, dict):
         raise RecipeError("the recipe must be a mapping with inputs, nodes and outputs", path, 1)
     if "matrix" in document.data:
@@ -226,7 +226,7 @@ def _make_recipe(
     return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
 
 
-def _keeps_text(at: tuple[str | int, ...]) -> bool:
+def keeps_text(at: tuple[str | int, ...]) -> bool:
     """Input and output paths, hashes and metadata stay as written; options do not."""
     if at[:1] == ("inputs",):
         return True

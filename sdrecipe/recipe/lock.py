@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -25,6 +26,7 @@ from sdrecipe.io.fingerprint import FileStat
 from sdrecipe.io.shard_layout import written_path
 from sdrecipe.io.text_files import read_text_file
 from sdrecipe.recipe import Recipe
+from sdrecipe.recipe.loader import keeps_text
 from sdrecipe.recipe.yaml_source import load_yaml
 
 LOCK_FORMAT = 3
@@ -92,12 +94,13 @@ def recipe_sha256(text: str) -> str:
 
 
 def recipe_meaning(text: str) -> str:
-    """The hash of what a recipe says: its parsed YAML (parsed as the loader
-    does, with its bounds) in a canonical order, so an edit of comments or
-    formatting leaves it, and the outputs, as they were."""
+    """The hash of what a recipe says: its YAML parsed as the recipe loader
+    parses it (the values it keeps as written, its bounds), in the order
+    written, which the output's embedded recipe and metadata keep. An edit of
+    comments or layout leaves it, and so the outputs, as they were."""
     try:
-        meaning = json.dumps(load_yaml(text, Path()).data, sort_keys=True, default=str)
-    except (RecipeError, TypeError):  # unorderable keys: the text stands for itself
+        meaning = json.dumps(load_yaml(text, Path(), keep_text=keeps_text).data, default=str)
+    except RecipeError:
         meaning = text
     return hashlib.sha256(meaning.encode()).hexdigest()
 
@@ -130,11 +133,12 @@ def read_lock(recipe: Path) -> Lock | None:
     """The recipe's lock, or None if there is none; a malformed lock is an error."""
     path = lock_path(recipe)
     try:
-        data = yaml.safe_load(read_text_file(path, "the lock file", MAX_LOCK_BYTES))
+        # Parsed as recipes are, with their bounds on size, depth and aliases.
+        data = load_yaml(read_text_file(path, "the lock file", MAX_LOCK_BYTES), path).data
     except FileNotFoundError:
         return None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"cannot read the lock file: {exc}", path) from None
+    except RecipeError as exc:
+        raise RecipeError(f"cannot read the lock file: {exc.message}", path, exc.line) from None
     try:
         lock_format = data.get("format")
         if lock_format not in (LOCK_FORMAT, *_KEY_LOCK_FORMATS):
@@ -149,17 +153,55 @@ def read_lock(recipe: Path) -> Lock | None:
             for entry in outputs.values():
                 del entry["sha256"]
                 entry["digest"] = ""
-        return Lock(
-            recipe_sha256=data["recipe_sha256"],
-            versions=dict(data.get("versions") or {}),
-            inputs={k: LockedInput(**v) for k, v in (data.get("inputs") or {}).items()},
-            nodes={k: LockedNode(**v) for k, v in nodes.items()},
-            outputs={k: LockedOutput(**v) for k, v in outputs.items()},
+        return _checked(
+            Lock(
+                recipe_sha256=data["recipe_sha256"],
+                versions=dict(data.get("versions") or {}),
+                inputs={k: LockedInput(**v) for k, v in (data.get("inputs") or {}).items()},
+                nodes={k: LockedNode(**v) for k, v in nodes.items()},
+                outputs={k: LockedOutput(**v) for k, v in outputs.items()},
+            )
         )
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise RecipeError(
             f"the lock file is malformed ({exc}); delete it and build again", path
         ) from None
+
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked(lock: Lock) -> Lock:
+    """`lock` if every field holds what sdrecipe writes there (hashes: 64 hex
+    digits; sizes: numbers), else ValueError naming the first that does not."""
+
+    def require(ok: bool, where: str) -> None:
+        if not ok:
+            raise ValueError(f"{where} is not what sdrecipe writes there")
+
+    def is_hash(value: object) -> bool:
+        return isinstance(value, str) and _HASH.fullmatch(value) is not None
+
+    def is_size(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    require(is_hash(lock.recipe_sha256), "recipe_sha256")
+    for name, found in lock.inputs.items():
+        require(isinstance(found.path, str) and is_size(found.size), f"input {name!r}")
+        require(is_hash(found.sha256), f"input {name!r}'s sha256")
+        require(
+            found.quantization is None or isinstance(found.quantization, str), f"input {name!r}"
+        )
+    for name, node in lock.nodes.items():
+        require(isinstance(node.expression, str), f"node {name!r}'s expression")
+        require(is_hash(node.identity), f"node {name!r}'s identity")
+    for name, output in lock.outputs.items():
+        require(isinstance(output.path, str) and is_size(output.size), f"output {name!r}")
+        # Format 1 recorded no content digest: "" rebuilds the output once.
+        require(output.digest == "" or is_hash(output.digest), f"output {name!r}'s digest")
+        require(is_hash(output.identity), f"output {name!r}'s identity")
+        require(is_hash(output.built_from), f"output {name!r}'s built_from")
+    return lock
 
 
 def write_lock(recipe: Path, lock: Lock) -> Path:
