@@ -320,3 +320,11 @@ def test_a_failing_listener_never_leaves_outputs_half_published(tmp_path, models
         api.build([recipe], options, on_event=fail_on_restore)
     assert {n: (tmp_path / f"{n}.safetensors").read_bytes() for n in first} == first
     assert api.status([recipe], options).outputs[0].status == "up to date"
+
+
+def test_the_command_line_starts_without_the_merge_machinery():
+    script = (
+        "import sys, sdrecipe.cli; print(sorted({'numpy', 'torch', 'networkx'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr

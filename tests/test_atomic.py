@@ -31,7 +31,8 @@ def leftovers(folder):
 
 def test_failure_mid_build_leaves_no_file_and_keeps_the_old_one(tmp_path, recipe, monkeypatch):
     output = tmp_path / "out.safetensors"
-    output.write_bytes(b"previous build")
+    update_outputs(prepare(recipe), threads=2)
+    previous = output.read_bytes()
     calls = 0
     real = executor.evaluate
 
@@ -44,9 +45,9 @@ def test_failure_mid_build_leaves_no_file_and_keeps_the_old_one(tmp_path, recipe
 
     monkeypatch.setattr(executor, "evaluate", failing)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        update_outputs(prepare(recipe), threads=2)
+        update_outputs(prepare(recipe), threads=2, force=True)
     assert calls >= 200
-    assert output.read_bytes() == b"previous build"
+    assert output.read_bytes() == previous
     assert leftovers(tmp_path) == []
 
 

@@ -739,3 +739,32 @@ def test_the_cache_is_trimmed_to_its_limit_after_each_build(tmp_path, models, is
     assert "trimmed the cache" in result.stderr
     info = json.loads(invoke("cache", "info", "--json").stdout)
     assert info["max_size"] == 1_000_000 and info["size"] <= 1_000_000
+
+
+@pytest.mark.parametrize("foreign", [b"my notes\n", b"not sdrecipe's model"])
+def test_a_file_sdrecipe_did_not_write_is_never_replaced_by_an_output(tmp_path, models, foreign):
+    output = tmp_path / "out" / "precious.safetensors"
+    output.parent.mkdir()
+    output.write_bytes(foreign)
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["base"]}, B: {models["finetune"]}}}
+        nodes: {{mix: "weighted_sum(A, B, alpha=0.5)"}}
+        outputs: {{mix: out/precious.safetensors}}
+        """,
+    )
+    for command in ("build", "validate"):
+        result = invoke(command, str(recipe))
+        assert result.exit_code == 2, result.output
+        assert "sdrecipe did not write it" in result.stderr
+    assert output.read_bytes() == foreign
+    output.unlink()
+    assert invoke("build", str(recipe)).exit_code == 0
+    # What it wrote it may replace: by its provenance, or by the lock's word
+    # when the file no longer holds it (a damaged output).
+    recipe.write_text(recipe.read_text().replace("0.5", "0.25"))
+    assert invoke("build", str(recipe)).exit_code == 0
+    output.write_bytes(b"damaged")
+    assert invoke("build", str(recipe)).exit_code == 0
+    assert output.read_bytes() != b"damaged"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from sdrecipe import api
 from sdrecipe.recipe import load_recipe
 from sdrecipe.synthetic import DEMO_MODELS, EXTRA_DEMO_MODELS, write_model_set
 
@@ -37,13 +38,13 @@ def test_there_are_demo_twins_for_every_user_template():
 
 
 @pytest.mark.parametrize("recipe", DEMOS, ids=lambda p: p.name)
-def test_demo_recipe_builds_and_verifies(demo_tree, recipe):
+def test_demo_recipe_builds_and_verifies(demo_tree, recipe, isolated_cache):
     path = demo_tree / "recipes" / recipe.name
-    built = run_cli("build", str(path))
-    assert built.returncode == 0, built.stderr
-    verified = run_cli("verify", str(path))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert verified.stdout.strip().endswith("reproducible")
+    options = api.Options(cache_dir=isolated_cache)
+    built = api.build(path, options)
+    assert built.ok and {o.result for o in built.outputs} == {"built"}
+    verified = api.verify(path, options)
+    assert verified.reproducible and len(verified.outputs) == len(built.outputs)
 
 
 @pytest.mark.parametrize("recipe", USER_TEMPLATES, ids=lambda p: p.name)

@@ -27,9 +27,6 @@ from sdrecipe.cli.common import (
 from sdrecipe.engine import events
 from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError
-from sdrecipe.io.shard_layout import output_places
-from sdrecipe.plan.guard import protected_paths, target_problem
-from sdrecipe.plan.recipe_set import RECIPE_SUFFIXES
 from sdrecipe.text import printable
 
 TARGETS = click.argument("targets", nargs=-1, required=True, metavar="RECIPE [RECIPE|OUTPUT]...")
@@ -114,6 +111,10 @@ def events_file(
     if path is None:
         yield None
         return
+    from sdrecipe.io.shard_layout import output_places
+    from sdrecipe.plan.guard import protected_paths, target_problem
+    from sdrecipe.plan.recipe_set import RECIPE_SUFFIXES
+
     recipes = api.load_targets(targets, keep_going=True)[0].recipes
     protected = [pair for recipe in recipes for pair in protected_paths(recipe, cache_dir)]
     protected += [

@@ -2,8 +2,9 @@
 
 An output may not be, contain or lie inside an input (a baked VAE included),
 the recipe, its lock file, another output or the cache folder; an existing
-output path must be a regular file, or for a diffusers output a folder that
-sdrecipe wrote. A view file (`graph -o`, `diff --svg`) follows the same rule
+output path must be a file that sdrecipe wrote (its header holds sdrecipe's
+provenance, or the recipe's lock names it), or for a diffusers output a folder
+that sdrecipe wrote. A view file (`graph -o`, `diff --svg`) follows the same rule
 over what its command reads, and may replace only a view that sdrecipe wrote
 (see `sdrecipe.io.view_marks`) unless forced. Paths are compared after resolving
 symlinks, and existing files also by identity, so `out/../x`, a symlink or a
@@ -28,7 +29,7 @@ from sdrecipe.io.shard_index import index_files, is_shard_index
 from sdrecipe.io.shard_layout import shards_apply
 from sdrecipe.io.view_marks import VIEW_KINDS, carries_mark
 from sdrecipe.recipe import Recipe
-from sdrecipe.recipe.lock import lock_path
+from sdrecipe.recipe.lock import lock_path, read_lock
 from sdrecipe.recipe.schema import LEGACY_PROVENANCE_FIELD, RECIPE_FIELD
 
 # A diffusers folder that sdrecipe wrote carries its provenance in this file's
@@ -48,6 +49,8 @@ def check_outputs(recipe: Recipe, cache_root: Path | None, names: Iterable[str])
         problem = target_problem(spec.path, spec.format, protected)
         if problem is None and shards_apply(spec):
             problem = _shards_problem(spec.path, protected)
+        if problem is None and not OUTPUT_FORMATS[spec.format].folder:
+            problem = _foreign_file(spec.path, recipe)
         if problem:
             raise RecipeError(
                 f"output {name!r}: {spec.path} {problem}; sdrecipe never replaces what it did "
@@ -64,6 +67,25 @@ def check_outputs(recipe: Recipe, cache_root: Path | None, names: Iterable[str])
                 recipe.path,
                 spec.line,
             )
+
+
+def _foreign_file(path: Path, recipe: Recipe) -> str | None:
+    """Why the existing file at an output's `path` may not be replaced: it
+    carries no sdrecipe provenance and the recipe's lock does not name it
+    (sdrecipe did not write it), else None."""
+    if not path.is_file() or _carries_provenance(path):
+        return None
+    lock = read_lock(recipe.path)
+    written = {
+        os.path.realpath(recipe.path.parent / entry.path)
+        for entry in (lock.outputs.values() if lock else ())
+    }
+    if os.path.realpath(path) in written:
+        return None
+    return (
+        "exists, and sdrecipe did not write it (it holds no sdrecipe provenance and the "
+        "recipe's lock does not name it); move it away if it may go"
+    )
 
 
 def _shards_problem(path: Path, protected: Sequence[tuple[str, Path]]) -> str | None:

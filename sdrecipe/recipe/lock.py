@@ -133,10 +133,12 @@ def read_lock(recipe: Path) -> Lock | None:
     """The recipe's lock, or None if there is none; a malformed lock is an error."""
     path = lock_path(recipe)
     try:
-        # Parsed as recipes are, with their bounds on size, depth and aliases.
-        data = load_yaml(read_text_file(path, "the lock file", MAX_LOCK_BYTES), path).data
+        text = read_text_file(path, "the lock file", MAX_LOCK_BYTES)
     except FileNotFoundError:
         return None
+    try:
+        # Parsed as recipes are, with their bounds on size, depth and aliases.
+        data = load_yaml(text, path).data
     except RecipeError as exc:
         raise RecipeError(f"cannot read the lock file: {exc.message}", path, exc.line) from None
     try:
