@@ -73,6 +73,7 @@ def test_a_scheduler_address_and_keep_going(tmp_path, models):
     report = json.loads(result.stdout)
     built = {Path(o["recipe"]).name: o for o in report["outputs"]}
     assert built["other.yaml"]["result"] == "built" and built["other.yaml"]["worker"]
+    assert report["cache"]["tensors_computed"] > 0  # the workers' counts, summed
     failed = {Path(f["recipe"]).name: f["error"] for f in report["failed"]}
     assert "gone does not exist" in failed["blend.yaml"]
     assert failed["inpaint.yaml"].startswith("skipped: it needs")

@@ -78,7 +78,7 @@ def build(
             check_scheduler(options.scheduler)
             if names:
                 raise RecipeError("--scheduler builds whole recipes: name no outputs")
-            outputs, failed = _build_on_cluster(paths, options, listener)
+            outputs, failed, counts = _build_on_cluster(paths, options, listener)
         else:
             recipe_set = load_recipe_set(recipe_files(paths), options.keep_going)
             failed = [Failure(str(p), str(e), e.exit_code) for p, e in recipe_set.broken.items()]
@@ -164,13 +164,15 @@ def build_recipe(
 
 def _build_on_cluster(
     paths: list[Path], options: Options, listener: Listener
-) -> tuple[list[OutputReport], list[Failure]]:
-    """Every recipe as a Dask task on `options.scheduler`'s cluster."""
+) -> tuple[list[OutputReport], list[Failure], CacheCounts]:
+    """Every recipe as a Dask task on `options.scheduler`'s cluster: the
+    outputs (each naming its worker), the failures and the workers' cache counts."""
     from sdrecipe.engine.cluster import TaskResult, build_on_cluster, close, connect
 
     recipe_set = load_recipe_set(recipe_files(paths), options.keep_going)
     failed = [Failure(str(p), str(e), e.exit_code) for p, e in recipe_set.broken.items()]
     outputs: list[OutputReport] = []
+    counts = CacheCounts()
     client = connect(str(options.scheduler))
 
     def arrived(result: TaskResult) -> None:
@@ -181,6 +183,7 @@ def _build_on_cluster(
             return
         assert isinstance(result.report, BuildReport)
         outputs.extend(replace(output, worker=result.worker) for output in result.report.outputs)
+        counts.add(result.report.cache)
         listener(events.RecipeFinished(result.recipe, True))
 
     try:
@@ -192,7 +195,7 @@ def _build_on_cluster(
         error = SdrecipeError(first.error)
         error.exit_code = first.exit_code
         raise error
-    return outputs, failed
+    return outputs, failed, counts
 
 
 def build_on_worker(recipe: Path, options: Options) -> BuildReport:

@@ -49,21 +49,22 @@ def check_outputs(recipe: Recipe, cache_root: Path | None, names: Iterable[str])
         problem = target_problem(spec.path, spec.format, protected)
         if problem is None and shards_apply(spec):
             problem = _shards_problem(spec.path, protected)
+        if problem is None:
+            clash = places.clash(name)
+            if clash:
+                relation, other = clash
+                raise RecipeError(
+                    f"outputs {name!r} and {other!r} would write the same place: {spec.path} "
+                    f"{relation} {recipe.outputs[other].path}",
+                    recipe.path,
+                    spec.line,
+                )
         if problem is None and not OUTPUT_FORMATS[spec.format].folder:
             problem = _foreign_file(spec.path, recipe)
         if problem:
             raise RecipeError(
                 f"output {name!r}: {spec.path} {problem}; sdrecipe never replaces what it did "
                 "not write, so choose another output path",
-                recipe.path,
-                spec.line,
-            )
-        clash = places.clash(name)
-        if clash:
-            relation, other = clash
-            raise RecipeError(
-                f"outputs {name!r} and {other!r} would write the same place: {spec.path} "
-                f"{relation} {recipe.outputs[other].path}",
                 recipe.path,
                 spec.line,
             )
