@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
-from conftest import SHRINK, as32, convert, run_cli, write_recipe
+from conftest import SHRINK, as32, convert, run_in_process, write_recipe
 from sdrecipe.engine.builder import update_outputs
 from sdrecipe.io.readers import open_model
 from sdrecipe.plan.prepare import prepare
@@ -60,7 +60,7 @@ def test_single_file_to_diffusers_and_back_is_lossless(tmp_path, family_models, 
         assert result[key].shape == source[key].shape, key
         assert result[key].tobytes() == source[key].tobytes(), key
     assert open_model(folder).infos().keys() == kept
-    reported = json.loads(run_cli("inspect", str(folder), "--json").stdout)
+    reported = json.loads(run_in_process("inspect", str(folder), "--json").stdout)
     assert (reported["format"], reported["family"]) == ("diffusers", family)
 
 
@@ -151,7 +151,7 @@ def test_reader_takes_bin_fp16_variants_shards_and_old_attention_names(tmp_path,
     for key, value in expected.items():
         assert torch.equal(found[key], value), key
     index.write_text(json.dumps({"weight_map": {"x": "missing.safetensors"}}))
-    result = run_cli("inspect", str(folder))
+    result = run_in_process("inspect", str(folder))
     assert result.returncode == 2
     assert "missing.safetensors" in result.stderr and "Traceback" not in result.stderr
 
@@ -174,7 +174,7 @@ def test_diffusers_output_is_incremental_verifiable_and_copies_tokenizers(tmp_pa
             format: diffusers
         """,
     )
-    first = run_cli("build", str(recipe))
+    first = run_in_process("build", str(recipe))
     assert first.returncode == 0, first.stderr
     out = tmp_path / "out"
     assert (out / "tokenizer" / "vocab.json").read_text() == '{"a": 0}\n'
@@ -185,12 +185,12 @@ def test_diffusers_output_is_incremental_verifiable_and_copies_tokenizers(tmp_pa
     key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
     expected = as32(a[key].numpy()) * 0.75 + as32(b[key].numpy()) * 0.25
     np.testing.assert_allclose(as32(merged[key].numpy()), expected, rtol=1e-3, atol=1e-4)
-    again = run_cli("build", str(recipe), "--json")
+    again = run_in_process("build", str(recipe), "--json")
     assert json.loads(again.stdout)["outputs"][0]["result"] == "up to date"
-    verified = run_cli("verify", str(recipe))
+    verified = run_in_process("verify", str(recipe))
     assert verified.returncode == 0, verified.stderr
     (source / "tokenizer" / "vocab.json").write_text('{"b": 0}\n')
-    rebuilt = run_cli("build", str(recipe), "--json")
+    rebuilt = run_in_process("build", str(recipe), "--json")
     assert json.loads(rebuilt.stdout)["outputs"][0]["result"] == "built"
     assert (out / "tokenizer" / "vocab.json").read_text() == '{"b": 0}\n'
     assert not list(tmp_path.glob(".out*"))  # no temporary folder left behind
@@ -211,7 +211,7 @@ def test_baked_vae_replaces_the_merged_one(tmp_path, models, arrays, standalone_
             vae: {standalone_vae.name}
         """,
     )
-    result = run_cli("build", str(recipe))
+    result = run_in_process("build", str(recipe))
     assert result.returncode == 0, result.stderr
     out = load_file(tmp_path / "out.safetensors")
     vae = load_file(standalone_vae)
@@ -232,7 +232,7 @@ def test_baked_vae_replaces_the_merged_one(tmp_path, models, arrays, standalone_
     (tmp_path / "out.safetensors").unlink()
     for name in ("base", "finetune"):
         shutil.copy(models[name], tmp_path / models[name].name)
-    rebuilt = run_cli("build", str(embedded))
+    rebuilt = run_in_process("build", str(embedded))
     assert rebuilt.returncode == 0, rebuilt.stderr
     first = (tmp_path / "first.safetensors").read_bytes()
     assert (tmp_path / "out.safetensors").read_bytes() == first
@@ -260,7 +260,7 @@ def test_a_vae_that_does_not_fit_is_refused_by_key(tmp_path, models):
             vae: wrong-vae.safetensors
         """,
     )
-    result = run_cli("build", str(recipe))
+    result = run_in_process("build", str(recipe))
     assert result.returncode == 2
     assert VAE_KEY in result.stderr and "recipe.yaml:8" in result.stderr
     assert "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SHRINK, run_cli, write_recipe
+from conftest import SHRINK, run_cli, run_in_process, write_recipe
 from sdrecipe.arch.detect import detect
 from sdrecipe.synthetic import ModelSpec, model_layout
 
@@ -126,12 +126,12 @@ def test_merging_different_architectures_is_refused_unless_forced(tmp_path, mode
         outputs: {{out: out.safetensors}}
         """
     refused = write_recipe(tmp_path, text.replace("FORCE", ""), name="refused.yaml")
-    result = run_cli("validate", str(refused))
+    result = run_in_process("validate", str(refused))
     assert result.returncode == 2
     assert "refused.yaml:3: node 'out' mixes architectures (A is sd1, B is sd2)" in result.stderr
     forced = write_recipe(tmp_path, text.replace("FORCE", ", force: true"), name="forced.yaml")
-    assert run_cli("validate", str(forced)).returncode == 0
-    built = run_cli("build", "--force", "--no-cache", "--json", str(refused))
+    assert run_in_process("validate", str(forced)).returncode == 0
+    built = run_in_process("build", "--force", "--no-cache", "--json", str(refused))
     assert built.returncode == 0, built.stderr
     (output,) = json.loads(built.stdout)["outputs"]
     shared = len(kept) - 1  # every kept tensor but the SD2 marker is in A
@@ -151,8 +151,8 @@ def test_inspect_reports_format_architecture_components_and_lineage(tmp_path, mo
         outputs: {{inpaint: out.safetensors}}
         """,
     )
-    assert run_cli("build", str(recipe)).returncode == 0
-    result = run_cli("inspect", "--json", str(tmp_path / "out.safetensors"))
+    assert run_in_process("build", str(recipe)).returncode == 0
+    result = run_in_process("inspect", "--json", str(tmp_path / "out.safetensors"))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["format"], report["family"], report["variant"]) == (
@@ -171,5 +171,5 @@ def test_inspect_reports_format_architecture_components_and_lineage(tmp_path, mo
         "base.safetensors",
     }
     checkpoint = to_checkpoint(models["base"], tmp_path / "base.ckpt")
-    as_ckpt = json.loads(run_cli("inspect", "--json", str(checkpoint)).stdout)
+    as_ckpt = json.loads(run_in_process("inspect", "--json", str(checkpoint)).stdout)
     assert (as_ckpt["format"], as_ckpt["family"], as_ckpt["lineage"]) == ("checkpoint", "sd1", {})

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-from conftest import as32, run_cli, write_recipe
+from conftest import as32, run_in_process, write_recipe
 
 
 def build_recipe(tmp_path, node: str, output: str = "{path: out.safetensors, dtype: fp32}"):
@@ -20,7 +20,7 @@ def build_recipe(tmp_path, node: str, output: str = "{path: out.safetensors, dty
         f"inputs: {{A: A.safetensors, B: B.safetensors, C: C.safetensors}}\n"
         f"nodes:\n  out: {node}\noutputs:\n  out: {output}\n",
     )
-    return recipe, run_cli("build", "--no-cache", "--json", str(recipe))
+    return recipe, run_in_process("build", "--no-cache", "--json", str(recipe))
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_embedded_recipe_with_options_reproduces_the_output(tmp_path, inputs):
     for name in "ABC":
         (again / f"{name}.safetensors").symlink_to(tmp_path / f"{name}.safetensors")
     (again / "recipe.yaml").write_text(embedded)
-    rebuilt = run_cli("build", "--no-cache", str(again / "recipe.yaml"))
+    rebuilt = run_in_process("build", "--no-cache", str(again / "recipe.yaml"))
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (again / "out.safetensors").read_bytes() == (tmp_path / "out.safetensors").read_bytes()
 
@@ -123,9 +123,9 @@ def test_embedded_recipe_with_options_reproduces_the_output(tmp_path, inputs):
 def test_changing_the_selection_is_a_reason_to_rebuild(tmp_path, inputs):
     recipe, result = build_recipe(tmp_path, "{expression: A + (B - C), only: [unet]}")
     assert result.returncode == 0, result.stderr
-    assert run_cli("build", str(recipe)).returncode == 0
+    assert run_in_process("build", str(recipe)).returncode == 0
     recipe.write_text(recipe.read_text().replace("only: [unet]", "only: [vae]"))
-    plan = json.loads(run_cli("plan", "--json", str(recipe)).stdout)["nodes"][0]
+    plan = json.loads(run_in_process("plan", "--json", str(recipe)).stdout)["nodes"][0]
     assert plan["status"] == "rebuild"
     assert "only: unet" in plan["reason"] and "only: vae" in plan["reason"]
 
@@ -142,7 +142,7 @@ def test_pruned_and_unpruned_outputs_build_together(tmp_path, models):
         "  pruned: {path: pruned.safetensors, prune_ema: true}\n"
         "  kept: kept.safetensors\n"
     )
-    result = run_cli("build", str(recipe))
+    result = run_in_process("build", str(recipe))
     assert result.returncode == 0, result.stderr
     with safe_open(tmp_path / "pruned.safetensors", "np") as handle:
         assert "model_ema.decay" not in set(handle.keys())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke
 from sdrecipe import api
 from sdrecipe.recipe import load_recipe
 from sdrecipe.synthetic import DEMO_MODELS, EXTRA_DEMO_MODELS, write_model_set
@@ -55,8 +55,8 @@ def test_user_templates_are_valid_recipes_waiting_for_model_files(recipe, tmp_pa
     shutil.copyfile(recipe, copy)
     parsed = load_recipe(copy)
     assert parsed.outputs
-    result = run_cli("validate", str(copy))
-    assert result.returncode == 2
+    result = invoke("validate", str(copy))
+    assert result.exit_code == 2
     assert "does not exist" in result.stderr
     first_input = next(iter(parsed.inputs.values()))
     assert f"{copy}:{first_input.line}:" in result.stderr
