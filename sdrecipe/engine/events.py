@@ -212,6 +212,7 @@ class Note(Event):
     message: str
 
 
+# Every event class by its `type`, for readers of an events file.
 EVENT_TYPES = {cls.type: cls for cls in Event.__subclasses__()}
 
 
