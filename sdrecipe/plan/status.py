@@ -107,7 +107,7 @@ def proven_current(
                 return None
             shas[leaf] = sha
         path = written_path(recipe.outputs[name])
-        if built_from(recipe.text, shas) != entry.built_from:
+        if built_from(recipe, shas) != entry.built_from:
             return None
         if _known(cache, DIGEST, path) != entry.digest:
             return None

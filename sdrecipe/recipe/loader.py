@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -79,8 +80,14 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     if not isinstance(document.data, dict):
         raise RecipeError("the recipe must be a mapping with inputs, nodes and outputs", path, 1)
     if "matrix" in document.data:
-        return _expand_matrix(text, document, path)
-    return _make_recipe(text, document.data, document, path)
+        recipe = _expand_matrix(text, document, path)
+    else:
+        recipe = _make_recipe(text, document.data, document, path)
+    # What the recipe says, as parsed (values kept as written, in the order
+    # written, as the output's embedded recipe and metadata keep them): an edit
+    # of comments or layout leaves it, and so the outputs, as they were.
+    meaning = json.dumps(document.data, default=str)
+    return dataclasses.replace(recipe, meaning=hashlib.sha256(meaning.encode()).hexdigest())
 
 
 def _expand_matrix(text: str, document: YamlDocument, path: Path) -> Recipe:

@@ -26,7 +26,6 @@ from sdrecipe.io.fingerprint import FileStat
 from sdrecipe.io.shard_layout import written_path
 from sdrecipe.io.text_files import read_text_file
 from sdrecipe.recipe import Recipe
-from sdrecipe.recipe.loader import keeps_text
 from sdrecipe.recipe.yaml_source import load_yaml
 
 LOCK_FORMAT = 3
@@ -93,22 +92,10 @@ def recipe_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def recipe_meaning(text: str) -> str:
-    """The hash of what a recipe says: its YAML parsed as the recipe loader
-    parses it (the values it keeps as written, its bounds), in the order
-    written, which the output's embedded recipe and metadata keep. An edit of
-    comments or layout leaves it, and so the outputs, as they were."""
-    try:
-        meaning = json.dumps(load_yaml(text, Path(), keep_text=keeps_text).data, default=str)
-    except RecipeError:
-        meaning = text
-    return hashlib.sha256(meaning.encode()).hexdigest()
-
-
-def built_from(recipe_text: str, input_sha256: dict[str, str]) -> str:
+def built_from(recipe: Recipe, input_sha256: dict[str, str]) -> str:
     """What an output's bytes depend on: the recipe's meaning, inputs' contents,
     sdrecipe's version and output format."""
-    parts = [recipe_meaning(recipe_text), __version__, OUTPUT_FORMAT, sorted(input_sha256.items())]
+    parts = [recipe.meaning, __version__, OUTPUT_FORMAT, sorted(input_sha256.items())]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -263,9 +250,7 @@ def updated_lock(
             size=FileStat.of(path).size,
             digest=output.digest,
             identity=output.output_id,
-            built_from=built_from(
-                recipe.text, {leaf: input_sha256[leaf] for leaf in output.inputs}
-            ),
+            built_from=built_from(recipe, {leaf: input_sha256[leaf] for leaf in output.inputs}),
         )
     return Lock(
         recipe_sha256=recipe_sha256(recipe.text),

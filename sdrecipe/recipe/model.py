@@ -159,10 +159,12 @@ class Output:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A recipe whose names, expressions, methods and parameters are all valid."""
+    """A recipe whose names, expressions, methods and parameters are all valid;
+    `meaning` hashes what it says (see `sdrecipe.recipe.loader.parse_recipe`)."""
 
     path: Path
     text: str
     inputs: dict[str, Input]
     nodes: dict[str, Node]
     outputs: dict[str, Output]
+    meaning: str = ""
