@@ -1,7 +1,8 @@
 """The package's shape: layers import only downwards, no import cycle (counting
 imports inside functions), a short top level and no module over 600 lines.
 
-    cli → api → engine, views → plan → recipe, cache, io, adapters, methods, arch → errors, text
+    cli, serve → api → engine, views → plan
+        → recipe, cache, io, adapters, methods, arch → errors, text
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import networkx as nx
 PACKAGE = Path(__file__).resolve().parent.parent / "sdrecipe"
 # Highest first: a module may import its own layer and those below it.
 LAYERS = (
-    ("cli", "__main__"),
+    ("cli", "__main__", "serve"),
     ("api",),
     ("engine", "views", "synthetic"),
     ("plan",),

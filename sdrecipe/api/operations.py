@@ -45,6 +45,7 @@ from sdrecipe.recipe.lock import read_lock
 
 if TYPE_CHECKING:
     from sdrecipe.plan.prepare import Prepared
+    from sdrecipe.views.recipe_graph import RecipeGraph
 
 
 # Recipe files or folders as on the command line (after one recipe file, names of
@@ -322,12 +323,19 @@ def verify(
     return VerifyReport(all(r.reproducible for r in results), tuple(results))
 
 
-def validate(recipe_path: str | Path, options: Options | None = None) -> ValidateReport:
-    """Check a recipe and its inputs' headers without building anything."""
-    from sdrecipe.plan.prepare import prepare
+def validate(
+    recipe_path: str | Path, options: Options | None = None, text: str | None = None
+) -> ValidateReport:
+    """Check a recipe and its inputs' headers without building anything; with
+    `text`, the recipe as it would read if `recipe_path` held that text (a file
+    being written), its errors naming `recipe_path` and their lines."""
+    from sdrecipe.plan.prepare import prepare_recipe
+    from sdrecipe.recipe.loader import load_recipe, parse_recipe
 
     options = options or Options()
-    prepared = prepare(Path(recipe_path), cache_root=options.cache_dir, download=False)
+    path = Path(recipe_path)
+    recipe = load_recipe(path) if text is None else parse_recipe(text, path)
+    prepared = prepare_recipe(recipe, cache_root=options.cache_dir, download=False)
     return ValidateReport(
         valid=True,
         recipe=str(recipe_path),
@@ -345,6 +353,23 @@ def validate(recipe_path: str | Path, options: Options | None = None) -> Validat
         },
         warnings=tuple(prepared.plan.warnings),
     )
+
+
+def graph(targets: Targets, options: Options | None = None) -> tuple[RecipeGraph, str | None]:
+    """The DAG of the targets' recipes (several are one graph, linked where one
+    reads another's output), each node with its status as `plan` sees it; and
+    why the statuses are unknown, when they are."""
+    from sdrecipe.views.recipe_graph import graph_of
+
+    options = options or Options()
+    recipe_set, outputs = load_targets(targets)
+    statuses: dict[Path, list[NodeStatus]] = {}
+    unknown = None
+    try:
+        statuses = {r.path: found for r, found in assess_statuses(recipe_set, outputs, options)}
+    except RecipeError as exc:
+        unknown = f"status unknown: {exc}"
+    return graph_of(recipe_set, outputs, statuses), unknown
 
 
 def split_targets(targets: Targets) -> tuple[list[Path], list[str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from sdrecipe import __version__
-from sdrecipe.cli import build, cache, models, one_shot, views
+from sdrecipe.cli import build, cache, models, one_shot, serve, views
 from sdrecipe.cli.common import Commands
 
 
@@ -36,5 +36,6 @@ for command in (
     models.methods,
     models.blocks,
     cache.cache,
+    serve.serve,
 ):
     main.add_command(command)

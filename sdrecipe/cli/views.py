@@ -25,7 +25,6 @@ from sdrecipe.engine.options import Options
 from sdrecipe.text import printable
 
 if TYPE_CHECKING:
-    from sdrecipe.plan.status import NodeStatus
     from sdrecipe.views.files import ViewFile
 
 _PICTURE_OUTPUT = click.option(
@@ -92,15 +91,12 @@ def graph(
     its status (up to date, from cache, rebuild, and why), as `plan` sees it.
     Several recipes, or a folder, are one picture, linked where one reads
     another's output."""
-    from sdrecipe.errors import RecipeError
-    from sdrecipe.plan.graph import build_graph
     from sdrecipe.plan.guard import protected_paths
     from sdrecipe.views import recipe_graph as views
     from sdrecipe.views.files import view_file
 
     kind = _format_of(chosen_format, output, "mermaid")
-    recipe_set, outputs = api.load_targets(targets)
-    loaded = list(recipe_set.recipes)
+    loaded = list(api.load_targets(targets)[0].recipes)
     protected = [pair for recipe in loaded for pair in protected_paths(recipe, cache_dir)]
     protected += [
         (f"output {name!r}", spec.path)
@@ -108,19 +104,9 @@ def graph(
         for name, spec in recipe.outputs.items()
     ]
     target = view_file(output, kind, protected, force) if output else None
-    links = [(up, recipe) for recipe in loaded for up in recipe_set.needs(recipe)]
-    statuses: dict[Path, list[NodeStatus]] = {}
-    try:
-        options = Options(threads=threads, cache_dir=cache_dir)
-        assessed = api.assess_statuses(recipe_set, outputs, options)
-        statuses = {recipe.path: found for recipe, found in assessed}
-    except RecipeError as exc:
-        note(f"status unknown: {exc}")
-    parts = [
-        views.recipe_graph(build_graph(recipe, outputs or None), statuses.get(recipe.path))
-        for recipe in loaded
-    ]
-    view = parts[0] if len(parts) == 1 else views.combine(loaded, parts, links)
+    view, unknown = api.graph(targets, Options(threads=threads, cache_dir=cache_dir))
+    if unknown:
+        note(unknown)
     render = {
         "mermaid": views.to_mermaid,
         "dot": views.to_dot,

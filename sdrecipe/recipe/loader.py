@@ -168,7 +168,10 @@ def _expand_matrix(text: str, document: YamlDocument, path: Path) -> Recipe:
                     path,
                     output.line,
                 )
-            outputs[output_name] = dataclasses.replace(output, node=names[output.node], origin=name)
+            values = tuple((var, combination[var]) for var in matrix.variables if var in varies)
+            outputs[output_name] = dataclasses.replace(
+                output, node=names[output.node], origin=name, variables=values
+            )
     return Recipe(path=path, text=text, inputs=inputs, nodes=nodes, outputs=outputs)
 
 

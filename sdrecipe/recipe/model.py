@@ -136,7 +136,8 @@ class Output:
     `prune_ema` drops `model_ema.*`; `vae` names the input whose VAE
     replaces the node's (`first_stage_model.*`); `metadata` adds header fields;
     `space` is `model`, or `difference` for a file of deltas; `origin` is the
-    output a matrix variant was made from. `max_shard_size` (bytes of tensor
+    output a matrix variant was made from, and `variables` the matrix values
+    it was made with (in the matrix's order). `max_shard_size` (bytes of tensor
     data) writes a safetensors model, or each weights file of a diffusers
     folder, as shards behind an index (see `sdrecipe.io.shard_layout`).
     """
@@ -155,6 +156,7 @@ class Output:
     max_shard_size: int | None = None
     scaled: bool = False
     quant: str | None = None
+    variables: tuple[tuple[str, str | int | float], ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import networkx as nx
 
-from sdrecipe.plan.graph import MergeGraph
-from sdrecipe.plan.recipe_set import Upstream
+from sdrecipe.plan.graph import MergeGraph, build_graph
+from sdrecipe.plan.recipe_set import RecipeSet, Upstream
 from sdrecipe.plan.status import NodeStatus, Status
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.expr import format_expression
@@ -102,6 +103,22 @@ def recipe_graph(graph: MergeGraph, statuses: Sequence[NodeStatus] | None) -> Re
         if spec.vae is not None:
             edges.append((f"input:{spec.vae}", f"output:{output}"))
     return RecipeGraph(tuple(vertices), tuple(dict.fromkeys(edges)))
+
+
+def graph_of(
+    recipe_set: RecipeSet, names: Sequence[str], statuses: Mapping[Path, Sequence[NodeStatus]]
+) -> RecipeGraph:
+    """The DAG of the set's recipes (of the named outputs only, if any) with the
+    statuses known for each; several recipes are one graph (see `combine`)."""
+    loaded = list(recipe_set.recipes)
+    parts = [
+        recipe_graph(build_graph(recipe, names or None), statuses.get(recipe.path))
+        for recipe in loaded
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    links = [(up, recipe) for recipe in loaded for up in recipe_set.needs(recipe)]
+    return combine(loaded, parts, links)
 
 
 def combine(
@@ -227,7 +244,8 @@ def to_scene(view: RecipeGraph) -> Scene:
     for vertex in view.vertices:
         (vx, vy), (width, box_height) = positions[vertex.id], sizes[vertex.id]
         fill = COLOURS.get(vertex.status, COLOURS[UNKNOWN])
-        scene.add(Box(vx, vy, width, box_height, fill, radius=6 if vertex.kind == NODE else 0))
+        radius = 6 if vertex.kind == NODE else 0
+        scene.add(Box(vx, vy, width, box_height, fill, radius=radius, key=vertex.id))
         for index, line in enumerate(_label(vertex)):
             y = vy + PAD / 2 + LINE_HEIGHT * (index + 0.5)
             scene.add(Text(vx + PAD, y, line, FONT, bold=index == 0))

@@ -24,7 +24,8 @@ FONT_FAMILY = "DejaVu Sans, Arial, Helvetica, sans-serif"
 
 @dataclass(frozen=True)
 class Box:
-    """A filled rectangle with an outline (`stroke` None: no outline)."""
+    """A filled rectangle with an outline (`stroke` None: no outline); `key`
+    names what it stands for in the SVG (`data-key`), for a page to link."""
 
     x: float
     y: float
@@ -33,6 +34,7 @@ class Box:
     fill: str
     stroke: str | None = "#333333"
     radius: float = 0.0
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,10 @@ class Scene:
 def _svg_item(item: Box | Line | Text) -> str:
     if isinstance(item, Box):
         stroke = f' stroke="{item.stroke}"' if item.stroke else ""
+        key = f' data-key="{escape(item.key, {chr(34): "&quot;"})}"' if item.key else ""
         return (
             f'<rect x="{item.x:g}" y="{item.y:g}" width="{item.width:g}" '
-            f'height="{item.height:g}" rx="{item.radius:g}" fill="{item.fill}"{stroke}/>'
+            f'height="{item.height:g}" rx="{item.radius:g}" fill="{item.fill}"{stroke}{key}/>'
         )
     if isinstance(item, Line):
         points = " ".join(f"{x:g},{y:g}" for x, y in item.points)
