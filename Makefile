@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench check-diffusers clean
+.PHONY: install install-browser demo test lint bench check-diffusers screenshots clean
 
 install: $(STAMP)
 
@@ -15,18 +15,34 @@ install: $(STAMP)
 $(RUNTIME_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[serve]'
 	touch $(RUNTIME_STAMP)
 
 $(STAMP): $(RUNTIME_STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,oracles]'
+	$(BIN)/pip install --quiet -e '.[dev,oracles,serve]'
 	touch $(STAMP)
+
+# The web view's browser tests drive a real headless Chromium: Debian's, installed
+# here when it is missing and this is root on a Debian-like system; the tests say
+# why they are skipped when no Chromium can be had.
+CHROMIUM ?= /usr/bin/chromium
+install-browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+	    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
+	    || echo "could not install chromium: the browser tests will be skipped"; \
+	  else echo "no $(CHROMIUM) (install Debian's chromium as root): the browser tests will be skipped"; fi; }
 
 demo: $(RUNTIME_STAMP)
 	$(BIN)/python -m sdrecipe.synthetic demo build/demo
 	$(BIN)/sdrecipe build recipes/demo_inpaint.yaml
+	@echo
+	@echo "See the demo in the web view (recipes, their DAGs, builds, heatmaps):"
+	@echo "  $(BIN)/sdrecipe serve recipes --open"
 
-test: $(STAMP)
+test: $(STAMP) install-browser
 	$(BIN)/python -m pytest -q -n 2
 
 # Full-size benchmark against the peers; regenerates BENCHMARKS.md (see bench/run.py).
@@ -42,6 +58,10 @@ check-diffusers: $(STAMP)
 		&& $(DIFFUSERS_VENV)/bin/pip install --quiet diffusers==0.42.1 transformers==5.23.0 safetensors peft==0.21.2 )
 	$(DIFFUSERS_VENV)/bin/python bench/diffusers_compat.py check build/diffusers-check
 	rm -rf build/diffusers-check
+
+# The web view's screenshots in docs/, from the demo models, in headless Chromium.
+screenshots: $(STAMP) install-browser
+	$(BIN)/python docs/screenshots.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -247,11 +247,17 @@ def status(targets: Targets, options: Options | None = None) -> StatusReport:
 
 
 def assess_statuses(
-    recipe_set: RecipeSet, names: Sequence[str], options: Options, outputs_only: bool = False
+    recipe_set: RecipeSet,
+    names: Sequence[str],
+    options: Options,
+    outputs_only: bool = False,
+    failed: dict[Path, SdrecipeError] | None = None,
 ) -> list[tuple[Recipe, list[NodeStatus]]]:
     """Each recipe with its node statuses (of the named outputs only, if any), in
     build order. With `outputs_only`, a recipe whose outputs the lock proves
-    current is answered from the lock alone."""
+    current is answered from the lock alone. With `failed`, a recipe that
+    cannot be assessed (a missing input, say) is recorded there with its error
+    and given no statuses, instead of stopping the rest."""
     cache = (
         None
         if options.no_cache
@@ -260,6 +266,15 @@ def assess_statuses(
     threads = options.threads
 
     def assess_one(recipe: Recipe) -> list[NodeStatus]:
+        try:
+            return assess_recipe(recipe)
+        except SdrecipeError as exc:
+            if failed is None:
+                raise
+            failed[recipe.path] = exc
+            return []
+
+    def assess_recipe(recipe: Recipe) -> list[NodeStatus]:
         if outputs_only and cache is not None and not options.force:
             current = proven_current(recipe, names or None, cache)
             if current is not None:

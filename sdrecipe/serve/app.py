@@ -76,6 +76,7 @@ class Server:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.refresh.wait(), self.interval)
             if self.builds.running is not None:
+                await asyncio.sleep(self.interval)  # reassessed when the build ends
                 continue
             now = await run_in_threadpool(self.workspace.watched)
             if now != seen or self.refresh.is_set():

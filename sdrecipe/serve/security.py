@@ -4,8 +4,10 @@ requests, and security headers. There is no CORS: no other origin may read."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import secrets
+import socket
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
@@ -13,7 +15,7 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 TOKEN_HEADER = "x-sdrecipe-token"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 SAFE_METHODS = ("GET", "HEAD")
 # Only the app's own scripts and styles; the page's SVG is inline markup.
 POLICY = (
@@ -37,9 +39,14 @@ def cookie_name(port: int) -> str:
 
 def allowed_hosts(host: str, port: int) -> set[str]:
     """The Host header values the server answers: its own address and the
-    loopback names, with the port."""
-    names = {*LOCAL_HOSTS, host if ":" not in host else f"[{host}]"}
-    return {f"{name}:{port}" for name in names}
+    loopback names, with the port; listening on every address (0.0.0.0, ::),
+    also this machine's names and their addresses."""
+    names = {*LOCAL_HOSTS, host}
+    if host in ("0.0.0.0", "::"):
+        names |= {socket.gethostname(), socket.getfqdn()}
+        with contextlib.suppress(OSError):
+            names |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
+    return {f"[{name}]:{port}" if ":" in name else f"{name}:{port}" for name in names}
 
 
 class Guard:
