@@ -75,6 +75,7 @@ def serve(
         listener.bind((host, port))
     except OSError as exc:
         raise click.UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    listener.listen(128)  # connections wait in the backlog while the first snapshot is taken
     port = listener.getsockname()[1]
     token = new_token()
     options = Options(threads=threads, cache_dir=cache_dir.resolve())

@@ -44,11 +44,21 @@ class Server:
         self.token = token
         self.interval = interval
         self.events = Broadcaster()
-        self.builds = Builds(workspace, history, self.events.publish, self.build_finished)
+        self.builds = Builds(workspace, history, self.relay, self.build_finished)
         self.refresh = asyncio.Event()
         self.assessing = asyncio.Lock()
         self.last_error: str | None = None
         self.sweeps: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def relay(self, kind: str, data: dict[str, Any]) -> None:
+        """Pass a build's message to the pages; an output it finished shows as
+        up to date at once."""
+        self.events.publish(kind, data)
+        event = data.get("event", {}) if kind == "build-event" else {}
+        if event.get("type") == "output_finished":
+            path, output, result = Path(event["recipe"]), event["output"], event["result"]
+            if self.workspace.mark_built(path, output, result):
+                self.events.publish("recipes", {"version": self.workspace.snapshot.version})
 
     def build_finished(self) -> None:
         self.refresh.set()

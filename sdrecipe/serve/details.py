@@ -138,8 +138,8 @@ def base_of(recipe: Recipe, output: str) -> str:
             if recipe.inputs[name].space != "difference":
                 return name
             continue
-        if name in recipe.nodes:
-            pending += [p.name for p in walk(recipe.nodes[name].expr) if isinstance(p, Ref)]
+        if name in recipe.nodes:  # depth first, left to right
+            pending[:0] = [p.name for p in walk(recipe.nodes[name].expr) if isinstance(p, Ref)]
     raise RecipeError(f"output {output!r} reads no model input to compare it with")
 
 

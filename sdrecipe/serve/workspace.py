@@ -5,8 +5,8 @@ they name changes; and which files the server may read."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdrecipe import api
@@ -104,30 +104,37 @@ class Workspace:
         """Load and assess every recipe (reading headers, never tensor data) and
         keep the result as the snapshot."""
         recipe_set = load_recipe_set(self.recipe_files(), keep_going=True)
-        statuses: dict[Path, list[NodeStatus]] = {}
-        failed: dict[Path, str] = {path: str(exc) for path, exc in recipe_set.broken.items()}
-        try:
-            statuses = dict(_assessed(recipe_set, self.options))
-        except SdrecipeError:
-            # One recipe's missing input would hide the rest: assess each alone.
-            for recipe in recipe_set.recipes:
-                try:
-                    alone = load_recipe_set([recipe.path])
-                    statuses.update(_assessed(alone, self.options))
-                except SdrecipeError as exc:
-                    failed[recipe.path] = str(exc)
+        failed: dict[Path, SdrecipeError] = {}
+        assessed = api.assess_statuses(recipe_set, [], self.options, failed=failed)
+        statuses = {recipe.path: found for recipe, found in assessed if recipe.path not in failed}
         rows = [
             _row(recipe, statuses.get(recipe.path), failed.get(recipe.path))
             for recipe in recipe_set.recipes
         ]
-        rows += [
-            RecipeRow(path.name, (), error)
-            for path, error in failed.items()
-            if path in recipe_set.broken
-        ]
+        rows += [RecipeRow(path.name, (), str(error)) for path, error in recipe_set.broken.items()]
         rows.sort(key=lambda row: row.file)
         self.snapshot = Snapshot(tuple(rows), recipe_set, statuses, self.snapshot.version + 1)
         return self.snapshot
+
+    def mark_built(self, recipe: Path, output: str, result: str) -> bool:
+        """Show an output the running build has just finished as up to date,
+        until the build ends and the folder is assessed again (a build holds
+        the cache, so no assessment runs meanwhile). False if not shown here."""
+        snapshot = self.snapshot
+        rows = list(snapshot.recipes)
+        for index, row in enumerate(rows):
+            if row.file != recipe.name or recipe.parent.resolve() != self.folder:
+                continue
+            outputs = tuple(
+                replace(o, status="up to date", reason=f"{result} by the running build")
+                if o.name == output
+                else o
+                for o in row.outputs
+            )
+            rows[index] = replace(row, outputs=outputs)
+            self.snapshot = replace(snapshot, recipes=tuple(rows), version=snapshot.version + 1)
+            return True
+        return False
 
     def watched(self) -> tuple[tuple[str, int, int], ...]:
         """The stat of every file a snapshot depends on: the folder's recipes and
@@ -174,17 +181,18 @@ class Workspace:
         return sorted(found)
 
 
-def _assessed(recipe_set: RecipeSet, options: Options) -> Iterator[tuple[Path, list[NodeStatus]]]:
-    for recipe, statuses in api.assess_statuses(recipe_set, [], options):
-        yield recipe.path, statuses
-
-
-def _row(recipe: Recipe, statuses: list[NodeStatus] | None, error: str | None) -> RecipeRow:
+def _row(
+    recipe: Recipe, statuses: list[NodeStatus] | None, failure: SdrecipeError | None
+) -> RecipeRow:
+    """The recipe's outputs with their statuses; where it could not be assessed,
+    *missing input* (an input file is not there) or *invalid recipe*, and why."""
     by_output = {status.output: status for status in statuses or () if status.output}
+    error = None if failure is None else str(failure)
+    missing = any(not i.path.exists() for i in recipe.inputs.values() if i.url is None)
     outputs = []
     for name, spec in recipe.outputs.items():
         found = by_output.get(name)
-        status = found.status.value if found else MISSING_INPUT
+        status = found.status.value if found else MISSING_INPUT if missing else INVALID
         outputs.append(
             OutputRow(
                 name,

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from PIL import ImageFont
 
 Anchor = Literal["start", "middle", "end"]
-FONT_FAMILY = "DejaVu Sans, Arial, Helvetica, sans-serif"
+# Arial's metrics are nearest to Pillow's built-in font, which sizes the boxes.
+FONT_FAMILY = "Arial, Helvetica, Liberation Sans, sans-serif"
 
 
 @dataclass(frozen=True)

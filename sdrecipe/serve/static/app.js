@@ -67,7 +67,7 @@ function progressBar(recipe, phase, done, total) {
   const bar = row.querySelector("progress");
   bar.max = Math.max(total, 1);
   bar.value = done;
-  row.querySelector(".numbers").textContent = `${done} / ${total}`;
+  row.querySelector(".numbers").textContent = `${(done / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB`;
 }
 
 function buildEvent(message) {
@@ -194,7 +194,8 @@ document.addEventListener("input", (e) => {
 document.addEventListener("change", (e) => {
   const target = e.target;
   if (!target.matches) return;
-  if (target.matches("#template")) chooseTemplate();
+  if (target.matches("select[data-submit]")) target.form.requestSubmit();
+  else if (target.matches("#template")) chooseTemplate();
   else if (target.matches("#draft [data-block]")) slidersToField();
   else if (target.matches("#draft select.preset") && target.value) {
     const field = blocksField();
