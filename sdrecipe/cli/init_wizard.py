@@ -45,6 +45,17 @@ class Parameter:
     kind: type = float
 
 
+def parameter_value(parameter: Parameter, answer: object) -> str:
+    """The answer as the parameter's type, written back as text; RecipeError
+    (naming the flag) if it is not of that type."""
+    try:
+        return str(parameter.kind(answer))
+    except ValueError:
+        raise RecipeError(
+            f"--{parameter.flag}: {answer!r} is not a valid {parameter.kind.__name__}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Template:
     """What to make: the models, the parameters, the node and a comment."""
@@ -283,7 +294,8 @@ def run_init(
             say(f"  {role.name} = {path.name}: {found[role.name].describe()}")
     check_combination(template, found)
     values = {
-        p.flag: str(p.kind(ask(p.flag, p.question, p.default, p.kind))) for p in template.parameters
+        p.flag: parameter_value(p, ask(p.flag, p.question, p.default, p.kind))
+        for p in template.parameters
     }
     recipe = Path(str(ask("out", "Write the recipe to", f"recipes/{template.name}.yaml")))
     if recipe.exists():

@@ -343,6 +343,14 @@ def create_app(
         return JSONResponse(server.builds.get(request.path_params["build"]).to_json())
 
     @handles
+    async def api_build_events(request: Request) -> Response:
+        record = server.builds.get(request.path_params["build"])
+        path = server.builds.events_path(record)
+        if not path.is_file():
+            raise NotFound(f"build {record.id} has no events (it never started)")
+        return Response(path.read_bytes(), media_type="application/x-ndjson")
+
+    @handles
     async def api_build(request: Request) -> Response:
         data = await payload(request)
         recipe = data.get("recipe") or None
@@ -418,6 +426,7 @@ def create_app(
         Route("/api/templates", api_templates),
         Route("/api/builds", api_builds),
         Route("/api/builds/{build}", api_build_detail),
+        Route("/api/builds/{build}/events", api_build_events),
         Route("/api/builds/{build}/cancel", api_cancel, methods=["POST"]),
         Route("/api/build", api_build, methods=["POST"]),
         Route("/api/validate", api_validate, methods=["POST"]),
@@ -455,10 +464,12 @@ def _graph_svg(workspace: Workspace, request: Request) -> str:
 def _node(workspace: Workspace, request: Request) -> dict[str, Any]:
     """A vertex's detail; in the folder's graph, vertices are `STEM/kind:name`."""
     file, vertex = request.query_params.get("recipe", ""), request.query_params.get("vertex", "")
+    recipes = workspace.snapshot.recipe_set.recipes if workspace.snapshot.recipe_set else ()
     if not file and "/" in vertex:
         stem, _, vertex = vertex.partition("/")
-        recipes = workspace.snapshot.recipe_set.recipes if workspace.snapshot.recipe_set else ()
         file = next((r.path.name for r in recipes if r.path.stem == stem), "")
+    elif not file and len(recipes) == 1:  # a folder of one recipe: its graph, unprefixed
+        file = recipes[0].path.name
     return {**details.node_detail(workspace.snapshot, file, vertex), "recipe": file}
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ MAX_QUEUED = 20
 POLL_SECONDS = 0.1
 SUMMARY_SUFFIX = ".build.json"
 EVENTS_SUFFIX = ".events.jsonl"
+BUILD_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 
 
 @dataclass
@@ -119,10 +121,14 @@ class Builds:
         if not self.history.is_dir():
             return
         for path in sorted(self.history.glob(f"*{SUMMARY_SUFFIX}"))[-200:]:
+            build_id = path.name.removesuffix(SUMMARY_SUFFIX)
+            if not BUILD_ID.match(build_id):
+                continue  # not a summary this server wrote
             try:
                 data = json.loads(path.read_text())
                 data.pop("target", None)
-                record = BuildRecord(**data)
+                record = BuildRecord(**{**data, "id": build_id})
+                _check_types(record)
             except (OSError, ValueError, TypeError):
                 continue
             if record.state not in FINISHED:
@@ -138,6 +144,10 @@ class Builds:
             return self.records[build_id]
         except KeyError:
             raise RecipeError(f"no build {build_id!r}") from None
+
+    def events_path(self, record: BuildRecord) -> Path:
+        """The build's events file (JSON lines, as `sdrecipe build --events` writes)."""
+        return self.history / f"{record.id}{EVENTS_SUFFIX}"
 
     def submit(self, recipe: str | None, outputs: list[str]) -> BuildRecord:
         """Queue a build of `recipe` (a file of the folder; None: the whole folder),
@@ -173,9 +183,10 @@ class Builds:
             record.state, record.finished_at = CANCELLED, time.time()
             self._save(record)
             self._changed(record)
-        elif record.state == RUNNING and self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
+        elif record.state == RUNNING:
+            if self.process is not None:  # else `_run` signals it once it exists
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(signal.SIGTERM)
             record.notes.append("cancelling")
             self._changed(record)
         return record
@@ -199,12 +210,14 @@ class Builds:
         is stopping)."""
         if self.running is not None:
             await self.cancel(self.running.id)
+        while self.running is not None and self.process is None:
+            await asyncio.sleep(POLL_SECONDS)  # its process is starting: it is signalled then
         if self.process is not None:
             await self.process.wait()
 
     async def _run(self, record: BuildRecord) -> None:
         self.history.mkdir(parents=True, exist_ok=True)
-        events_path = self.history / f"{record.id}{EVENTS_SUFFIX}"
+        events_path = self.events_path(record)
         options = self.workspace.options
         folder = self.workspace.folder
         targets = [str(folder)] if record.recipe is None else [str(folder / record.recipe)]
@@ -224,6 +237,9 @@ class Builds:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # the server's terminal's Ctrl-C reaches it through `stop`
         )
+        if "cancelling" in record.notes:  # cancelled while the process started
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
         output = asyncio.ensure_future(self.process.communicate())
         offset = 0
         while not output.done():
@@ -234,7 +250,9 @@ class Builds:
         record.exit_code = self.process.returncode
         record.finished_at = time.time()
         with contextlib.suppress(ValueError):
-            record.summary = json.loads(stdout.decode() or "null")
+            summary = json.loads(stdout.decode() or "null")
+            if isinstance(summary, dict):  # keep the relayed build_finished event
+                record.summary = {**summary, **(record.summary or {})}
         if record.exit_code == 0:
             record.state = SUCCEEDED
         elif record.exit_code == 130 or "cancelling" in record.notes:
@@ -286,3 +304,12 @@ class Builds:
 
     def _changed(self, record: BuildRecord) -> None:
         self.publish("build", record.to_json())
+
+
+def _check_types(record: BuildRecord) -> None:
+    """TypeError unless a record read back from disk has the types the pages use."""
+    lists = (record.outputs_asked, record.outputs, record.errors, record.notes)
+    if not all(isinstance(value, list) for value in lists) or not isinstance(record.progress, dict):
+        raise TypeError("a malformed build summary")
+    if not isinstance(record.state, str) or not isinstance(record.queued_at, (int, float)):
+        raise TypeError("a malformed build summary")

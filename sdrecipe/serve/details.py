@@ -131,6 +131,8 @@ def inspect_file(path: Path, cache_dir: Path) -> dict[str, Any]:
 def base_of(recipe: Recipe, output: str) -> str:
     """The input an output is compared with: the first model input its node
     reads (the left-most operand, as in `A + (B - C)` or `weighted_sum(A, B)`)."""
+    if output not in recipe.outputs:
+        raise RecipeError(f"{recipe.path.name} has no output {output!r}")
     pending = [recipe.outputs[output].node]
     while pending:
         name = pending.pop(0)

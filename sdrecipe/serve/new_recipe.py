@@ -21,6 +21,7 @@ from sdrecipe.cli.init_wizard import (
     Detected,
     check_combination,
     detect_file,
+    parameter_value,
     recipe_text,
 )
 from sdrecipe.errors import RecipeError, SdrecipeError
@@ -117,13 +118,11 @@ def compose(workspace: Workspace, answers: Mapping[str, str]) -> Draft:
         draft.family = found[template.roles[0].name].family
     values: dict[str, str] = {}
     for parameter in template.parameters:
-        value = answers.get(parameter.flag, "") or parameter.default
         try:
-            values[parameter.flag] = str(parameter.kind(value))
-        except ValueError:
-            draft.errors.append(
-                f"--{parameter.flag}: {value!r} is not a valid {parameter.kind.__name__}"
-            )
+            answer = answers.get(parameter.flag, "") or parameter.default
+            values[parameter.flag] = parameter_value(parameter, answer)
+        except RecipeError as exc:
+            draft.errors.append(str(exc))
     dtype = answers.get("dtype", "")
     if dtype not in DTYPES:
         draft.errors.append(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES[1:])}")

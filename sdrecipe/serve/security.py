@@ -68,10 +68,6 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        refusal = self.refusal(scope, headers)
-        if refusal is not None:
-            await PlainTextResponse(refusal, status_code=403)(scope, receive, send)
-            return
 
         async def secured(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -85,6 +81,10 @@ class Guard:
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
+        refusal = self.refusal(scope, headers)
+        if refusal is not None:
+            await PlainTextResponse(refusal, status_code=403)(scope, receive, secured)
+            return
         await self.app(scope, receive, secured)
 
     def refusal(self, scope: Scope, headers: Headers) -> str | None:
