@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import html
 import json
+import os
 import re
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -24,6 +26,7 @@ from starlette.testclient import TestClient
 from conftest import invoke, write_recipe
 from sdrecipe.engine.options import Options
 from sdrecipe.serve.app import create_app
+from sdrecipe.serve.builds import Builds
 from sdrecipe.serve.security import cookie_name
 
 TOKEN = "test-token-Az09_-test-token"
@@ -1027,3 +1030,168 @@ def test_a_cancel_while_the_build_process_starts_is_not_lost(served):
     record = served.finished(build_id)
     assert record["state"] == "cancelled", record
     assert record["outputs"] == [] and not (served.out / "blend.safetensors").exists()
+
+
+# --- found by the review of the real server
+
+
+def test_a_malformed_build_summary_in_the_history_is_skipped(tmp_path, small_models):
+    """A summary another version, a crash or a hand wrote with other types must
+    not break the pages that list the builds: it is skipped like unreadable JSON."""
+    history = tmp_path / "history"
+    history.mkdir()
+    good = {"recipe": "blend.yaml", "outputs_asked": [], "state": "succeeded", "queued_at": 1.0}
+    bad = [
+        {"outputs_asked": [1, 2]},
+        {"recipe": ["blend.yaml"]},
+        {"errors": [None]},
+        {"outputs": [1]},
+        {"outputs": [{"size": "big"}]},
+        {"outputs": [{"size": 1, "digest": 5}]},
+        {"summary": {"finished": {"seconds": "abc"}}},
+        {"summary": {"finished": {"seconds": 1, "cache": [1]}}},
+        {"summary": {"finished": "done"}},
+        {"queued_at": float("nan")},
+        {"progress": {"x.yaml": {"done": float("inf")}}},
+    ]
+    (history / "20200101-000000-000000.build.json").write_text(json.dumps(good))
+    for number, change in enumerate(bad, 1):
+        name = f"20200101-0000{number:02d}-0000{number:02d}.build.json"
+        (history / name).write_text(json.dumps({**good, **change}))
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    with serving(folder, tmp_path, small_models) as served:
+        listed = served.get("/api/builds")
+        assert listed.status_code == 200, listed.text
+        assert [b["id"] for b in listed.json()["builds"]] == ["20200101-000000-000000"]
+        for url in ("/", "/partials/builds", "/builds/20200101-000000-000000"):
+            assert served.get(url).status_code == 200, url
+
+
+def test_a_second_cancel_does_not_signal_the_build_again(served):
+    """Cancel clicked twice: one SIGTERM, as one Ctrl-C (a second one would
+    interrupt the CLI's own cleanup), and one note."""
+    pause = served.root / "pause"
+    pause_builds(served, pause)
+    running = served.build("blend.yaml")
+    try:
+        wait_for(lambda: (pause / "paused").exists(), what="for the build to pause")
+        process = served.server.builds.process
+        sent: list[int] = []
+        send = process.send_signal
+        process.send_signal = lambda number: (sent.append(number), send(number))
+        for _ in range(3):
+            cancelled = served.post(f"/api/builds/{running['id']}/cancel")
+            assert cancelled.status_code == 200 and cancelled.json()["notes"] == ["cancelling"]
+        assert sent == [signal.SIGTERM]
+        wait_for(lambda: signal_taken(process.pid), what="for the build to take SIGTERM")
+    finally:
+        (pause / "resume").touch()
+    record = served.finished(running["id"])
+    assert record["state"] == "cancelled" and record["notes"] == ["cancelling"], record
+
+
+def test_stopping_the_server_keeps_its_builds_as_cancelled(served):
+    """Ctrl-C on the server: the running build is kept as cancelled (not as a
+    build the server lost), the queued one too, and no queued build starts."""
+    pause = served.root / "pause"
+    pause_builds(served, pause)
+    running = served.build("blend.yaml")
+    queued = served.build("sweep.yaml")
+    wait_for(lambda: (pause / "paused").exists(), what="for the build to pause")
+    pid = served.server.builds.process.pid
+
+    def resume() -> None:
+        wait_for(lambda: signal_taken(pid), what="for the build to take SIGTERM")
+        (pause / "resume").touch()
+
+    resuming = threading.Thread(target=resume)
+    resuming.start()
+    try:
+        served.client.portal.call(served.server.builds.stop)
+    finally:
+        (pause / "resume").touch()
+        resuming.join()
+    kept = {
+        path.name.removesuffix(".build.json"): json.loads(path.read_text())
+        for path in (served.root / "history").glob("*.build.json")
+    }
+    assert {key: value["state"] for key, value in kept.items()} == {
+        running["id"]: "cancelled",
+        queued["id"]: "cancelled",
+    }
+    assert kept[running["id"]]["exit_code"] == 130
+    assert served.server.builds.running is None, "a queued build started while stopping"
+    assert not (served.out / "blend.safetensors").exists()
+
+
+def test_a_new_recipe_has_a_plain_name_and_the_umasks_mode(served):
+    text = blend_text(served.small, served.root / "elsewhere", "0.3")
+    text = "\n".join(line[8:] for line in text.splitlines()) + "\n"
+    for name in ("new.yaml\n", "new.yml\n"):
+        refused = served.post("/api/recipes", json={"file": name, "text": text})
+        assert refused.status_code == 400, name
+        assert one_line_json_error(refused).startswith(f"recipe name {name!r}: a file name")
+    assert not any("\n" in path.name for path in served.folder.iterdir())
+    written = served.post("/api/recipes", json={"file": "new.yaml", "text": text})
+    assert written.status_code == 201, written.text
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (served.folder / "new.yaml").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_new_recipe_may_not_write_another_recipes_output(served):
+    """Two recipes writing one file make the whole folder invalid: the form
+    says so before the recipe is written."""
+    text = blend_text(served.small, served.out, "0.3")  # blend.yaml writes out/blend.safetensors
+    text = "\n".join(line[8:] for line in text.splitlines()) + "\n"
+    target = served.out / "blend.safetensors"
+    expected = (
+        f"output 'mix' writes {target}, which output 'mix' of blend.yaml writes too; "
+        "choose another output path"
+    )
+    checked = served.post("/api/validate", json={"file": "new.yaml", "text": text})
+    assert checked.status_code == 200 and checked.json()["errors"] == [expected]
+    refused = served.post("/api/recipes", json={"file": "new.yaml", "text": text})
+    assert refused.status_code == 400 and one_line_json_error(refused) == expected
+    assert not (served.folder / "new.yaml").exists()
+
+
+def test_a_page_opened_mid_build_is_told_of_the_running_build(served):
+    """A reload during a build: the new event stream names the running build
+    at once (the live panel and its Cancel), not only at its next change."""
+    pause = served.root / "pause"
+    pause_builds(served, pause)
+    running = served.build("blend.yaml")
+    try:
+        wait_for(lambda: (pause / "paused").exists(), what="for the build to pause")
+        thread, events, _, failures = read_events(served, lambda seen: len(seen) >= 2)
+        end_reader(served, thread, 10)
+        assert not failures, failures
+        assert events[0][0] == "hello"
+        assert events[1][0] == "build" and events[1][1]["id"] == running["id"]
+        assert events[1][1]["state"] == "running"
+    finally:
+        (pause / "resume").touch()
+    assert served.finished(running["id"])["state"] == "succeeded"
+
+
+def test_a_build_the_server_lost_is_still_listed(served):
+    """The summary is kept from the build's start: a server killed mid-build
+    (kill -9, no time to save) leaves it, listed by the next server as stopped."""
+    pause = served.root / "pause"
+    pause_builds(served, pause)
+    running = served.build("blend.yaml")
+    try:
+        wait_for(lambda: (pause / "paused").exists(), what="for the build to pause")
+        summary = served.root / "history" / f"{running['id']}.build.json"
+        assert json.loads(summary.read_text())["state"] == "running"
+        # The next server's history (not its lifespan: its first assessment would
+        # wait for the cache lock that the paused build holds).
+        history = Builds(served.server.workspace, summary.parent, print, print)
+        record = history.get(running["id"])
+        assert record.state == "failed"
+        assert record.errors == ["the server stopped during this build"]
+    finally:
+        (pause / "resume").touch()
+    assert served.finished(running["id"])["state"] == "succeeded"

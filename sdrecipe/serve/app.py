@@ -392,6 +392,12 @@ def create_app(
     async def api_events(request: Request) -> Response:
         async def stream() -> AsyncIterator[dict[str, str]]:
             yield {"event": "hello", "data": json.dumps({"version": workspace.snapshot.version})}
+            running = server.builds.running
+            if running is not None:  # a page opened (or reloaded) mid-build follows it at once
+                yield {"event": "build", "data": json.dumps(running.to_json(), default=str)}
+                for event in list(running.progress.values()):
+                    data = {"build": running.id, "event": event}
+                    yield {"event": "build-event", "data": json.dumps(data, default=str)}
             async for kind, data in server.events.stream():
                 yield {"event": kind, "data": json.dumps(data, default=str)}
 

@@ -113,6 +113,7 @@ class Builds:
         self.queue: asyncio.Queue[BuildRecord] = asyncio.Queue()
         self.process: asyncio.subprocess.Process | None = None
         self.running: BuildRecord | None = None
+        self.stopping = False
         # The command line that runs a build; `sdrecipe build`'s arguments follow.
         self.cli = [sys.executable, "-m", "sdrecipe"]
         self._load_history()
@@ -183,7 +184,8 @@ class Builds:
             record.state, record.finished_at = CANCELLED, time.time()
             self._save(record)
             self._changed(record)
-        elif record.state == RUNNING:
+        elif record.state == RUNNING and "cancelling" not in record.notes:
+            # Once only: a second SIGTERM would interrupt the CLI's own cleanup.
             if self.process is not None:  # else `_run` signals it once it exists
                 with contextlib.suppress(ProcessLookupError):
                     self.process.send_signal(signal.SIGTERM)
@@ -195,7 +197,7 @@ class Builds:
         """Run the queued builds one after another."""
         while True:
             record = await self.queue.get()
-            if record.state != QUEUED:
+            if record.state != QUEUED or self.stopping:
                 continue
             try:
                 await self._run(record)
@@ -207,13 +209,21 @@ class Builds:
 
     async def stop(self) -> None:
         """Cancel the running build and wait for its process to end (the server
-        is stopping)."""
+        is stopping); the queued ones are cancelled, and each is kept as such."""
+        self.stopping = True
+        for record in list(self.records.values()):
+            if record.state == QUEUED:
+                await self.cancel(record.id)
         if self.running is not None:
             await self.cancel(self.running.id)
         while self.running is not None and self.process is None:
             await asyncio.sleep(POLL_SECONDS)  # its process is starting: it is signalled then
         if self.process is not None:
             await self.process.wait()
+        for _ in range(50):  # let `_run` record how the build ended before it is cancelled
+            if self.running is None:
+                break
+            await asyncio.sleep(POLL_SECONDS)
 
     async def _run(self, record: BuildRecord) -> None:
         self.history.mkdir(parents=True, exist_ok=True)
@@ -229,6 +239,7 @@ class Builds:
             command.append("--keep-going")
         record.state, record.started_at = RUNNING, time.time()
         self.running = record
+        self._save(record)  # kept even if the server is killed (-9) before the build ends
         self._changed(record)
         self.process = await asyncio.create_subprocess_exec(
             *command,
@@ -313,3 +324,20 @@ def _check_types(record: BuildRecord) -> None:
         raise TypeError("a malformed build summary")
     if not isinstance(record.state, str) or not isinstance(record.queued_at, (int, float)):
         raise TypeError("a malformed build summary")
+    texts = (*record.outputs_asked, *record.errors, *record.notes)
+    if not isinstance(record.recipe, (str, type(None))) or not all(
+        isinstance(text, str) for text in texts
+    ):
+        raise TypeError("a malformed build summary")
+    for output in record.outputs:  # the build page formats each size and digest
+        if not isinstance(output, dict) or not isinstance(output.get("size", 0), int):
+            raise TypeError("a malformed build summary")
+        if not isinstance(output.get("digest", ""), str):
+            raise TypeError("a malformed build summary")
+    summary = {} if record.summary is None else record.summary
+    finished = summary.get("finished", {}) if isinstance(summary, dict) else None
+    if not isinstance(finished, dict) or not isinstance(finished.get("cache", {}), dict):
+        raise TypeError("a malformed build summary")
+    if not isinstance(finished.get("seconds", 0), (int, float)):
+        raise TypeError("a malformed build summary")
+    json.dumps(record.to_json(), allow_nan=False)  # ValueError for NaN, which the API cannot send

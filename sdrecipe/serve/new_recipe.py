@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +80,7 @@ def blocks(family: str | None, written: str = "") -> dict[str, Any]:
 
 def recipe_path(workspace: Workspace, file: str) -> Path:
     """Where a new recipe named `file` goes: directly in the folder."""
-    if not RECIPE_NAME.match(file or ""):
+    if not RECIPE_NAME.fullmatch(file or ""):
         raise RecipeError(
             f"recipe name {file!r}: a file name in the folder ending in .yaml "
             "(letters, digits, _ . -)"
@@ -152,6 +151,21 @@ def check(workspace: Workspace, path: Path, draft: Draft) -> None:
         return
     outputs = ", ".join(f"{name} ({o.keys} keys)" for name, o in report.outputs.items())
     draft.valid = f"valid: {', '.join(report.order)} -> {outputs}"
+    # Another recipe of the folder writing the same file would make the folder invalid.
+    recipe_set = workspace.snapshot.recipe_set
+    written = {
+        spec.path.resolve(): (other.path.name, name)
+        for other in (recipe_set.recipes if recipe_set else ())
+        if other.path.resolve() != path.resolve()
+        for name, spec in other.outputs.items()
+    }
+    for name, output in report.outputs.items():
+        if Path(output.path).resolve() in written:
+            file, other = written[Path(output.path).resolve()]
+            draft.errors.append(
+                f"output {name!r} writes {output.path}, which output {other!r} of {file} "
+                "writes too; choose another output path"
+            )
     if path.exists():
         draft.errors.append(f"{path.name} exists; choose another name (a recipe is never replaced)")
 
@@ -165,7 +179,9 @@ def save(workspace: Workspace, file: str, text: str) -> Path:
     check(workspace, path, draft)
     if draft.errors:
         raise RecipeError(draft.errors[0])
-    descriptor, temporary = tempfile.mkstemp(dir=workspace.folder, prefix=".new-", suffix=".tmp")
+    # Not mkstemp: its 0600 would make the recipe unreadable to others; the umask applies.
+    temporary = workspace.folder / f".new-{os.urandom(8).hex()}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
