@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SHRINK, run_cli, run_in_process, write_recipe
+from conftest import SHRINK, invoke, run_cli, run_in_process, write_recipe
 from sdrecipe.arch.detect import detect
 from sdrecipe.synthetic import ModelSpec, model_layout
 
@@ -81,6 +81,16 @@ def test_checkpoint_inputs_merge_like_safetensors(tmp_path, models, options, lab
     assert results["ckpt"].keys() == results["safetensors"].keys()
     for key, value in results["safetensors"].items():
         assert torch.equal(results["ckpt"][key], value), key
+
+
+def test_a_ckpt_that_is_no_pickle_is_a_one_line_error(tmp_path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello world, not a pickle\n")
+    result = invoke("inspect", str(text))
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {text}: cannot read the checkpoint: not a PyTorch checkpoint (KeyError: 101)\n"
+    )
 
 
 def test_malicious_pickle_is_refused_and_never_run(tmp_path, models):

@@ -628,8 +628,8 @@ def test_a_build_is_relayed_turns_its_outputs_up_to_date_and_is_kept(served):
     assert f'data-build="{started["id"]}" data-state="succeeded"' in builds
     assert re.search(r"1 outputs in \d+\.\d s", builds)
     unknown = served.get("/api/builds/nope")
-    assert unknown.status_code == 400 and one_line_json_error(unknown) == "no build 'nope'"
-    assert served.get("/builds/nope").status_code == 400
+    assert unknown.status_code == 404 and one_line_json_error(unknown) == "no build 'nope'"
+    assert served.get("/builds/nope").status_code == 404
 
     # What the heatmap compares: the built output against its base (A).
     diff = served.get("/api/diff", params={"recipe": "blend.yaml", "output": "mix"}).json()
@@ -833,7 +833,7 @@ def test_bad_build_requests_are_answered_at_once_with_one_line(served):
     assert broken.status_code == 400
     assert one_line_json_error(broken) == f"{served.folder / 'broken.yaml'}{BROKEN}"
     unknown = served.post("/api/builds/nope/cancel")
-    assert unknown.status_code == 400 and one_line_json_error(unknown) == "no build 'nope'"
+    assert unknown.status_code == 404 and one_line_json_error(unknown) == "no build 'nope'"
     assert served.get("/api/builds").json() == {"builds": []}
     assert served.server.builds.records == {}
 
@@ -1195,3 +1195,46 @@ def test_a_build_the_server_lost_is_still_listed(served):
     finally:
         (pause / "resume").touch()
     assert served.finished(running["id"])["state"] == "succeeded"
+
+
+def test_a_path_that_yaml_would_cut_is_quoted_in_the_drafted_recipe(served, models):
+    """`#` starts a YAML comment and `: ` a mapping: the form (and `init`) quote
+    such paths, so the recipe writes where it was asked to."""
+    base, other = str(models["base"]), str(models["other"])
+    for output in ("out/model #2.safetensors", "out/a: b.safetensors"):
+        shown = draft(served, template="weighted", base=base, other=other, output=output)
+        assert "valid:" in shown, shown
+        text = re.search(r"<textarea[^>]*>(.*?)</textarea>", shown, re.S).group(1)
+        from sdrecipe.recipe.loader import parse_recipe
+
+        recipe = parse_recipe(text, served.folder / "mine.yaml")
+        assert recipe.outputs["merged"].path == (served.folder / output).resolve()
+
+
+def test_a_recipe_symlinked_from_outside_the_folder_is_not_read(served, tmp_path):
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("inputs: hunter2-SECRET\n")
+    (served.folder / "link.yaml").symlink_to(secret)
+    served.server.refresh.set()
+    version = served.recipes()["version"]
+    data = wait_for(
+        lambda: _if(served.recipes(), lambda d: d["version"] > version),
+        what="for a new snapshot",
+    )
+    assert "link.yaml" not in json.dumps(data) and "hunter2" not in json.dumps(data)
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(served):
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it is read
+        yield b'{"text": "'
+        for _ in range(3):
+            yield b"x" * (1 << 20)
+
+    json_type = {**AUTH, "Content-Type": "application/json"}
+    streamed = served.client.post("/api/validate", content=chunks(), headers=json_type)
+    assert streamed.status_code == 400
+    assert one_line_json_error(streamed).startswith("request too large")
+    form_type = {**AUTH, "Content-Type": "multipart/form-data"}
+    form = served.client.post("/api/build", content=b"x=1", headers=form_type)
+    assert form.status_code == 400
+    assert one_line_json_error(form) == "send JSON, or a URL-encoded form"

@@ -252,16 +252,18 @@ def assess_statuses(
     options: Options,
     outputs_only: bool = False,
     failed: dict[Path, SdrecipeError] | None = None,
+    on_event: Listener | None = None,
 ) -> list[tuple[Recipe, list[NodeStatus]]]:
     """Each recipe with its node statuses (of the named outputs only, if any), in
     build order. With `outputs_only`, a recipe whose outputs the lock proves
     current is answered from the lock alone. With `failed`, a recipe that
     cannot be assessed (a missing input, say) is recorded there with its error
-    and given no statuses, instead of stopping the rest."""
+    and given no statuses, instead of stopping the rest. `on_event` hears the
+    notes (such as waiting for the cache lock)."""
     cache = (
         None
         if options.no_cache
-        else Cache.existing(options.cache_dir, notify=_notifier(events.ignore))
+        else Cache.existing(options.cache_dir, notify=_notifier(on_event or events.ignore))
     )
     threads = options.threads
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import yaml
 
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.atomic import write_text_atomically
@@ -209,6 +210,16 @@ def check_combination(template: Template, found: Mapping[str, Detected]) -> None
         raise RecipeError(f"the models are of different families ({listed}); they cannot merge")
 
 
+def yaml_string(text: str) -> str:
+    """`text` as a YAML scalar that reads back as exactly `text`: as it is where
+    YAML reads it so, else quoted (a `#`, `: `, quotes, a line break)."""
+    try:
+        plain = "\n" not in text and yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else json.dumps(text)
+
+
 def recipe_text(
     template: Template,
     files: Mapping[str, Path],
@@ -230,15 +241,15 @@ def recipe_text(
     lines = [
         f"# {template.description}",
         f"# Written by `sdrecipe init --template {template.name}`; build it with",
-        f"#   sdrecipe build {recipe_path}",
+        f"#   sdrecipe build {yaml_string(str(recipe_path))}",
         "inputs:",
     ]
     for role in template.roles:
-        lines.append(f"  {role.name}: {relative(files[role.name])}")
+        lines.append(f"  {role.name}: {yaml_string(relative(files[role.name]))}")
         lines.append(f"  # {role.question}: {found[role.name].describe()}")
     node = template.node.format(**values)
     lines += ["nodes:", f"  merged: {node if node.startswith('{') else json.dumps(node)}"]
-    lines += ["outputs:", "  merged:", f"    path: {relative(output_path)}"]
+    lines += ["outputs:", "  merged:", f"    path: {yaml_string(relative(output_path))}"]
     if dtype:
         lines.append(f"    dtype: {dtype}")
     return "\n".join(lines) + "\n"

@@ -90,3 +90,7 @@ def _load(path: Path) -> object:
     except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         reason = str(exc).strip() or type(exc).__name__
         raise RecipeError(f"cannot read the checkpoint: {reason}", path) from None
+    except (IndexError, KeyError, TypeError) as exc:
+        # What torch.load's unpickler raises on bytes that are no pickle at all.
+        reason = f"not a PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        raise RecipeError(f"cannot read the checkpoint: {reason}", path) from None

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sse_starlette.sse import EventSourceResponse
@@ -20,19 +21,17 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from sdrecipe.engine.events import Event, Note
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.serve import details, new_recipe
 from sdrecipe.serve.builds import Broadcaster, Builds
 from sdrecipe.serve.security import TOKEN_HEADER, Guard, allowed_hosts, cookie_name
-from sdrecipe.serve.workspace import Forbidden, Workspace
+from sdrecipe.serve.workspace import Forbidden, NotFound, Workspace
 
 log = logging.getLogger("sdrecipe.serve")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20
-
-
-class NotFound(SdrecipeError):
-    exit_code = 4
+FIRST_SNAPSHOT_WAIT = 5.0
 
 
 class Server:
@@ -48,6 +47,8 @@ class Server:
         self.refresh = asyncio.Event()
         self.assessing = asyncio.Lock()
         self.last_error: str | None = None
+        self.note: str | None = None  # what the assessment under way is waiting for
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set by `lifespan`
         self.sweeps: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def relay(self, kind: str, data: dict[str, Any]) -> None:
@@ -60,6 +61,12 @@ class Server:
             if self.workspace.mark_built(path, output, result):
                 self.events.publish("recipes", {"version": self.workspace.snapshot.version})
 
+    def heard(self, event: Event) -> None:
+        """A note from an assessment (from a worker thread): shown on the page."""
+        if isinstance(event, Note) and self.loop is not None:
+            self.note = event.message
+            self.loop.call_soon_threadsafe(self.events.publish, "recipes", {"note": event.message})
+
     def build_finished(self) -> None:
         self.refresh.set()
 
@@ -70,17 +77,18 @@ class Server:
             return
         async with self.assessing:
             try:
-                snapshot = await run_in_threadpool(self.workspace.assess)
-                self.last_error = None
+                snapshot = await run_in_threadpool(self.workspace.assess, self.heard)
+                self.last_error = self.note = None
             except SdrecipeError as exc:
                 self.last_error = str(exc)
                 self.events.publish("recipes", {"version": -1, "error": self.last_error})
                 return
             self.events.publish("recipes", {"version": snapshot.version})
 
-    async def watch(self) -> None:
-        """Reassess whenever a recipe, lock, input or output changes (polled), or
-        a build ends."""
+    async def watch(self, first: asyncio.Future[None]) -> None:
+        """After the `first` assessment, reassess whenever a recipe, lock, input
+        or output changes (polled), or a build ends."""
+        await first
         seen = await run_in_threadpool(self.workspace.watched)
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -96,9 +104,15 @@ class Server:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        await self.reassess()
+        self.loop = asyncio.get_running_loop()
+        # The first snapshot, waited for a while: not longer, as another process
+        # may hold the cache (the page then says so, and fills in when it is done).
+        first = asyncio.ensure_future(self.reassess())
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(first), FIRST_SNAPSHOT_WAIT)
         tasks = [
-            asyncio.ensure_future(self.watch()),
+            first,
+            asyncio.ensure_future(self.watch(first)),
             asyncio.ensure_future(self.builds.run_forever()),
         ]
         try:
@@ -136,6 +150,7 @@ def create_app(
             folder=workspace.folder,
             builds=server.builds,
             last_error=server.last_error,
+            note=server.note,
             request=request,
             **context,
         )
@@ -171,10 +186,19 @@ def create_app(
         return workspace.snapshot.recipe(request.query_params.get("recipe", ""))
 
     async def payload(request: Request) -> dict[str, Any]:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise RecipeError("request too large")
-        if request.headers.get("content-type", "").startswith("application/json"):
+        """The request's JSON object or form fields (URL-encoded, as htmx posts
+        them); at most MAX_BODY bytes are read."""
+        too_large = RecipeError(f"request too large (at most {MAX_BODY} bytes)")
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY:
+            raise too_large
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise too_large
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("application/json"):
             try:
                 data = json.loads(body or b"{}")
             except ValueError as exc:
@@ -182,8 +206,10 @@ def create_app(
             if not isinstance(data, dict):
                 raise RecipeError("the request body must be a JSON object")
             return data
-        form = await request.form()
-        return {key: form.getlist(key) if key == "outputs" else form.get(key) for key in form}
+        if kind and not kind.startswith("application/x-www-form-urlencoded"):
+            raise RecipeError("send JSON, or a URL-encoded form")
+        fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        return {key: values if key == "outputs" else values[-1] for key, values in fields.items()}
 
     # --- pages ---------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.atomic import write_text_atomically
-from sdrecipe.serve.workspace import Workspace
+from sdrecipe.serve.workspace import NotFound, Workspace
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -33,6 +33,16 @@ MAX_QUEUED = 20
 POLL_SECONDS = 0.1
 SUMMARY_SUFFIX = ".build.json"
 EVENTS_SUFFIX = ".events.jsonl"
+# On Linux, a build stops as Ctrl-C stops it when the server dies, even by kill -9
+# (it would otherwise go on alone, holding the cache): before it becomes
+# `sdrecipe build`, the process asks for SIGTERM when its parent dies.
+ORPHAN_GUARD = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(130)  # the server died before the request was made
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 BUILD_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 
 
@@ -144,7 +154,7 @@ class Builds:
         try:
             return self.records[build_id]
         except KeyError:
-            raise RecipeError(f"no build {build_id!r}") from None
+            raise NotFound(f"no build {build_id!r}") from None
 
     def events_path(self, record: BuildRecord) -> Path:
         """The build's events file (JSON lines, as `sdrecipe build --events` writes)."""
@@ -237,6 +247,8 @@ class Builds:
             command += ["--threads", str(options.threads)]
         if record.recipe is None:
             command.append("--keep-going")
+        if sys.platform.startswith("linux"):
+            command = [sys.executable, "-c", ORPHAN_GUARD, str(os.getpid()), *command]
         record.state, record.started_at = RUNNING, time.time()
         self.running = record
         self._save(record)  # kept even if the server is killed (-9) before the build ends

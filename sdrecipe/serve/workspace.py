@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sdrecipe import api
+from sdrecipe.engine.events import Listener
 from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.plan.recipe_set import RECIPE_SUFFIXES, RecipeSet, load_recipe_set
@@ -24,6 +25,12 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft
 
 class Forbidden(SdrecipeError):
     """A path the server does not serve: outside the folder and the recipes' files."""
+
+    exit_code = 2
+
+
+class NotFound(SdrecipeError):
+    """No such build, or no such file (yet)."""
 
     exit_code = 2
 
@@ -97,15 +104,18 @@ class Workspace:
         return sorted(
             path
             for path in self.folder.iterdir()
-            if path.suffix in RECIPE_SUFFIXES and path.is_file()
+            if path.suffix in RECIPE_SUFFIXES
+            and path.is_file()
+            and path.resolve().is_relative_to(self.folder)  # no symlink out of the folder
         )
 
-    def assess(self) -> Snapshot:
+    def assess(self, on_event: Listener | None = None) -> Snapshot:
         """Load and assess every recipe (reading headers, never tensor data) and
-        keep the result as the snapshot."""
+        keep the result as the snapshot; `on_event` hears the notes (waiting for
+        the cache lock, say)."""
         recipe_set = load_recipe_set(self.recipe_files(), keep_going=True)
         failed: dict[Path, SdrecipeError] = {}
-        assessed = api.assess_statuses(recipe_set, [], self.options, failed=failed)
+        assessed = api.assess_statuses(recipe_set, [], self.options, False, failed, on_event)
         statuses = {recipe.path: found for recipe, found in assessed if recipe.path not in failed}
         rows = [
             _row(recipe, statuses.get(recipe.path), failed.get(recipe.path))

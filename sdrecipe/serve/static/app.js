@@ -89,6 +89,11 @@ function buildEvent(message) {
   } else if (event.type === "cache_hit" || event.type === "cache_miss") {
     counts[event.type === "cache_hit" ? "hits" : "misses"] += 1;
     $("#live-counts").textContent = `${counts.misses} computed, ${counts.hits} from cache`;
+  } else if (event.type === "note" || event.type === "warning") {
+    const note = document.createElement("li");
+    note.className = "note";
+    note.textContent = event.message;
+    $("#live-outputs").appendChild(note);
   } else if (event.type === "recipe_finished" && !event.ok) {
     toast(`${event.recipe}: ${event.error}`);
   }
