@@ -99,7 +99,13 @@ def rotate(
     after interpolating A towards B·Q⁻¹ by `alpha`; then the rows' means are
     interpolated by `alignment`. alignment = alpha = 0 gives A, both 1 give B.
     Tensors of at most one dimension, or equal in half precision, are
-    interpolated by `alpha`."""
+    interpolated by `alpha`.
+
+    Computed in float64 (the decomposition, the powers and their application)
+    and rounded once. For fewer rows than columns, centring makes the rows of
+    each matrix sum to 0, so one pair of Procrustes frames is left undetermined
+    at centralization 1 (sd-mecha takes whatever rounding gives it, which moves
+    the result by percents); here it is its limit as centralization → 1."""
     import torch
 
     if alignment == 0.0 and alpha == 0.0:
@@ -113,31 +119,118 @@ def rotate(
     else:
         shape = (a.shape[0], a.shape[1:].numel())
     matrix_a, matrix_b = a.reshape(shape), b.reshape(shape)
-    mean_a = matrix_a.mean(0) * centralization
-    mean_b = matrix_b.mean(0) * centralization
-    matrix_a, matrix_b = matrix_a - mean_a, matrix_b - mean_b
-    fractional = not math.isclose(alignment, round(alignment))
-    transform = _procrustes(matrix_a, matrix_b, cancel_reflection=fractional)
+    if shape[0] >= shape[1]:
+        fractional = not math.isclose(alignment, round(alignment))
+        out = _rotate_tall(matrix_a, matrix_b, alignment, alpha, centralization, fractional)
+    else:
+        out = _rotate_wide(matrix_a, matrix_b, alignment, alpha, centralization)
+    return out.reshape(a.shape)
+
+
+def _rotate_tall(
+    a: Tensor, b: Tensor, alignment: float, alpha: float, centralization: float, fractional: bool
+) -> Tensor:
+    """rotate for at least as many rows as columns: Q is columns by columns, and
+    the rows are converted to float64 and transformed a range at a time."""
+    import torch
+
+    f64 = torch.float64
+    rows, columns = a.shape
+    ranges = _row_ranges(rows, columns)
+    mean_a = _column_means(a, ranges) * centralization
+    mean_b = _column_means(b, ranges) * centralization
+    cross = torch.zeros(columns, columns, dtype=f64)
+    for piece in ranges:
+        cross += (a[piece].to(f64) - mean_a).T @ (b[piece].to(f64) - mean_b)
+    u, _, vh = torch.linalg.svd(cross)
+    if fractional:
+        u[:, -1] *= torch.linalg.det(u @ vh).sign()
+    rotation = u @ vh
+    forward = _orthogonal_power(rotation, alignment)
+    # A is interpolated towards B·Q⁻¹ before Q^alignment: B·(Q⁻¹·Q^alignment).
+    backward = rotation.T @ forward if alpha != 0.0 else None
+    shift = torch.lerp(mean_a, mean_b, alignment)
+    out = torch.empty(rows, columns, dtype=a.dtype)
+    for piece in ranges:
+        moved = (a[piece].to(f64) - mean_a) @ forward
+        if backward is not None:
+            moved = torch.lerp(moved, (b[piece].to(f64) - mean_b) @ backward, alpha)
+        out[piece] = moved.add_(shift)
+    return out
+
+
+def _rotate_wide(
+    a: Tensor, b: Tensor, alignment: float, alpha: float, centralization: float
+) -> Tensor:
+    """rotate for fewer rows than columns, sd-mecha's low-rank form, in float64."""
+    import torch
+
+    f64 = torch.float64
+    a64, b64 = a.to(f64), b.to(f64)  # never modified: they may be the operands
+    raw_mean_a, raw_mean_b = a64.mean(0), b64.mean(0)
+    mean_a, mean_b = raw_mean_a * centralization, raw_mean_b * centralization
+    centred_a, centred_b = a64 - mean_a, b64 - mean_b
+    # B's row space: that of the centred B (the same space unless centralization is
+    # 1, where the centred rows lose a dimension), or its limit there.
+    frame, _ = torch.linalg.qr(b64.T)
+    u, _, vh = torch.linalg.svd(centred_a.T @ (centred_b @ frame), full_matrices=False)
+    if abs(1.0 - centralization) < CENTRED_LIMIT:
+        _settle_last_pair(u, vh, raw_mean_a, frame.T @ raw_mean_b, a64, b64)
+    transform = _LowRankRotation(u, frame @ vh.T)
     if alpha != 0.0:
-        matrix_a = torch.lerp(matrix_a, transform.apply(matrix_b, -1.0), alpha)
-    matrix_a = transform.apply(matrix_a, alignment)
-    return (matrix_a + torch.lerp(mean_a, mean_b, alignment)).reshape(a.shape)
+        centred_a = torch.lerp(centred_a, transform.apply(centred_b, -1.0), alpha)
+    moved = transform.apply(centred_a, alignment)
+    return (moved + torch.lerp(mean_a, mean_b, alignment)).to(a.dtype)
 
 
-class _FullRotation:
-    """x ↦ x·Q^power for an orthogonal Q."""
+# Within this of centralization 1, the wide form's undetermined frame pair is its
+# limit there: it differs from the exact pair by about (1 - centralization)², 1e-8
+# here, where float64's own error in that pair grows past 1e-8.
+CENTRED_LIMIT = 1e-4
 
-    def __init__(self, rotation: Tensor):
-        self.rotation = rotation
 
-    def apply(self, x: Tensor, power: float) -> Tensor:
-        return x if power == 0.0 else x @ _orthogonal_power(self.rotation, power)
+def _settle_last_pair(
+    u: Tensor, vh: Tensor, mean_a: Tensor, mean_b: Tensor, a: Tensor, b: Tensor
+) -> None:
+    """Set the last singular pair of Aᶜᵀ·Bᶜ·F (F: B's row frame) to its limit as
+    centralization → 1, in place: there Aᶜᵀ·Bᶜ gains r·(1 - c)²·mean_a·mean_bᵀ, so
+    the pair is the part of A's mean row outside the other left vectors and the
+    part of B's (in F's coordinates) outside the other right vectors, both facing
+    their means. Left as LAPACK gives it where a mean has no such part (the rows
+    of A or B are dependent: then nothing determines it)."""
+    rows = a.shape[0]
+    kept = u[:, :-1]
+    rest = mean_a - kept @ (kept.T @ mean_a)
+    rest -= kept @ (kept.T @ rest)  # twice is enough
+    facing = vh[-1] @ mean_b
+    threshold = 1e-10 / math.sqrt(rows)
+    if rest.norm() <= threshold * a.norm() or facing.abs() <= threshold * b.norm():
+        return
+    u[:, -1] = rest / rest.norm()
+    if facing < 0:
+        vh[-1] = -vh[-1]
+
+
+def _row_ranges(rows: int, columns: int) -> list[slice]:
+    """Ranges of whole rows of about `PIECE_ELEMENTS` elements each."""
+    step = max(1, PIECE_ELEMENTS // max(1, columns))
+    return [slice(start, min(rows, start + step)) for start in range(0, rows, step)]
+
+
+def _column_means(matrix: Tensor, ranges: list[slice]) -> Tensor:
+    """The mean of `matrix`'s rows, summed in float64."""
+    import torch
+
+    total = torch.zeros(matrix.shape[1], dtype=torch.float64)
+    for piece in ranges:
+        total += matrix[piece].sum(0, dtype=torch.float64)
+    return total / matrix.shape[0]
 
 
 class _LowRankRotation:
-    """For fewer rows than columns, sd-mecha's form: x ↦ x - x·V·Vᵀ + x·U·Vᵀ moves
-    the frame V (a's row space) to U and keeps its complement. A fractional
-    power moves along the Stiefel geodesic from V to U."""
+    """For fewer rows than columns, sd-mecha's form: x ↦ x - x·V·Vᵀ + x·U·Vᵀ for a
+    frame V of B's row space and U of A's. A fractional power moves along the
+    Stiefel geodesic from V to U. Frames and x in float64."""
 
     def __init__(self, u: Tensor, v: Tensor):
         self.u = u
@@ -151,27 +244,10 @@ class _LowRankRotation:
         elif power == -1.0:
             start, end = self.u, self.v
         else:
-            # In float64: the iteration drifts off the manifold in float32.
-            v, u = self.v.double(), self.u.double()
-            logarithm = _stiefel_log(v, u)
-            start = _stiefel_exp(v, logarithm * ((1.0 - power) / 2.0)).to(x.dtype)
-            end = _stiefel_exp(v, logarithm * ((1.0 + power) / 2.0)).to(x.dtype)
+            logarithm = _stiefel_log(self.v, self.u)
+            start = _stiefel_exp(self.v, logarithm * ((1.0 - power) / 2.0))
+            end = _stiefel_exp(self.v, logarithm * ((1.0 + power) / 2.0))
         return x - (x @ start) @ start.T + (x @ end) @ start.T
-
-
-def _procrustes(a: Tensor, b: Tensor, cancel_reflection: bool) -> _FullRotation | _LowRankRotation:
-    """The orthogonal Q that minimises ‖a·Q - b‖ (on a's row space when a is wide)."""
-    import torch
-
-    rows, columns = a.shape
-    if rows >= columns:
-        u, _, vh = torch.linalg.svd(a.T @ b, full_matrices=False)
-        if cancel_reflection:
-            u[:, -1] *= torch.linalg.det(u @ vh).sign()
-        return _FullRotation(u @ vh)
-    b_q, b_r = torch.linalg.qr(b.T)
-    u, _, vh = torch.linalg.svd(a.T @ b_r.T, full_matrices=False)
-    return _LowRankRotation(u, b_q @ vh.T)
 
 
 def _orthogonal_power(q: Tensor, power: float) -> Tensor:

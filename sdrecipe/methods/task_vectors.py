@@ -155,6 +155,14 @@ def disjoint_mean(deltas: list[Tensor], rule: SignRule) -> Tensor:
     return torch.from_numpy(np.divide(total, np.maximum(count, 1.0, out=count), out=total))
 
 
+def mean_added(deltas: list[Tensor], base_piece: Tensor, alpha: float) -> Tensor:
+    """`base_piece + alpha·mean(deltas)`, summed in order into the first delta."""
+    total = deltas[0]
+    for delta in deltas[1:]:
+        total.add_(delta)
+    return total.mul_(alpha / len(deltas)).add_(base_piece)
+
+
 class DropMask:
     """DARE's keep mask for one task vector of one key: each element is kept with
     probability 1 - `drop`, decided by its own 32-bit word of a PCG64 stream
@@ -274,10 +282,7 @@ def dare(
     producers = [delta_of(i) for i in range(len(models))]
 
     def combine(base_piece: Tensor, piece: slice) -> Tensor:
-        total = producers[0](piece, base_piece)
-        for produce in producers[1:]:
-            total.add_(produce(piece, base_piece))
-        return total.mul_(alpha / len(models)).add_(base_piece)
+        return mean_added([produce(piece, base_piece) for produce in producers], base_piece, alpha)
 
     return vectors.result(combine)
 
