@@ -14,7 +14,7 @@ from sdrecipe.engine.events import Listener
 from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.plan.recipe_set import RECIPE_SUFFIXES, RecipeSet, load_recipe_set
-from sdrecipe.plan.status import NodeStatus
+from sdrecipe.plan.status import NodeStatus, Status
 from sdrecipe.recipe import Recipe
 
 MISSING_INPUT = "missing input"
@@ -131,18 +131,29 @@ class Workspace:
         until the build ends and the folder is assessed again (a build holds
         the cache, so no assessment runs meanwhile). False if not shown here."""
         snapshot = self.snapshot
+        reason = f"{result} by the running build"
         rows = list(snapshot.recipes)
         for index, row in enumerate(rows):
             if row.file != recipe.name or recipe.parent.resolve() != self.folder:
                 continue
             outputs = tuple(
-                replace(o, status="up to date", reason=f"{result} by the running build")
-                if o.name == output
-                else o
+                replace(o, status="up to date", reason=reason) if o.name == output else o
                 for o in row.outputs
             )
             rows[index] = replace(row, outputs=outputs)
-            self.snapshot = replace(snapshot, recipes=tuple(rows), version=snapshot.version + 1)
+            # Its node too, so that the graph and the node's panel say the same.
+            statuses = dict(snapshot.statuses)
+            for path, found in statuses.items():
+                if path.name == recipe.name:
+                    statuses[path] = [
+                        replace(s, status=Status.UP_TO_DATE, reason=reason)
+                        if s.output == output
+                        else s
+                        for s in found
+                    ]
+            self.snapshot = replace(
+                snapshot, recipes=tuple(rows), statuses=statuses, version=snapshot.version + 1
+            )
             return True
         return False
 
