@@ -708,6 +708,16 @@ def pause_builds(served: Served, folder: Path, count: int = 3) -> None:
     served.server.builds.cli.append("--")
 
 
+def signal_acted_on(pid: int) -> None:
+    """Wait until the build has taken the SIGTERM and, a moment later, run its
+    handler: Python runs it on the main thread once that thread gets the GIL,
+    which the worker resumed next could otherwise keep until the few small
+    keys left were built and publishing had begun (then, by design, the build
+    completes its outputs before it exits 130)."""
+    wait_for(lambda: signal_taken(pid), what="for the build to take SIGTERM")
+    time.sleep(0.5)
+
+
 def signal_taken(pid: int) -> bool:
     """Whether the process has no signal pending (so SIGTERM was delivered)."""
     try:
@@ -748,7 +758,7 @@ def test_builds_run_one_at_a_time_and_cancel_cleanly(served):
         pause_builds(served, third)
         cancelling = served.post(f"/api/builds/{running['id']}/cancel")
         assert cancelling.status_code == 200 and "cancelling" in cancelling.json()["notes"]
-        wait_for(lambda: signal_taken(pid), what="for the build to take SIGTERM")
+        signal_acted_on(pid)
         (first / "resume").touch()
         record = served.finished(running["id"])
         assert record["state"] == "cancelled" and record["exit_code"] == 130, record
@@ -1102,7 +1112,7 @@ def test_stopping_the_server_keeps_its_builds_as_cancelled(served):
     pid = served.server.builds.process.pid
 
     def resume() -> None:
-        wait_for(lambda: signal_taken(pid), what="for the build to take SIGTERM")
+        signal_acted_on(pid)
         (pause / "resume").touch()
 
     resuming = threading.Thread(target=resume)
