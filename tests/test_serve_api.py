@@ -26,7 +26,7 @@ from starlette.testclient import TestClient
 from conftest import invoke, write_recipe
 from sdrecipe.engine.options import Options
 from sdrecipe.serve.app import create_app
-from sdrecipe.serve.builds import Builds
+from sdrecipe.serve.builds import Broadcaster, Builds
 from sdrecipe.serve.security import cookie_name
 
 TOKEN = "test-token-Az09_-test-token"
@@ -1184,6 +1184,26 @@ def test_a_page_opened_mid_build_is_told_of_the_running_build(served):
     finally:
         (pause / "resume").touch()
     assert served.finished(running["id"])["state"] == "succeeded"
+
+
+def test_an_event_stream_misses_nothing_published_while_it_greets():
+    """A snapshot taken as a page connects (the race CI met: a recipe written,
+    the list page loaded before the reassessment, its stream opened after it)
+    reaches the page: the greeting is taken once the stream is subscribed."""
+    broadcaster = Broadcaster()
+
+    def greeting() -> list[tuple[str, dict[str, Any]]]:
+        broadcaster.publish("recipes", {"version": 2})  # published meanwhile
+        return [("hello", {"version": 1})]
+
+    async def first_two() -> list[tuple[str, dict[str, Any]]]:
+        stream = broadcaster.stream(greeting)
+        messages = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        return messages
+
+    assert asyncio.run(first_two()) == [("hello", {"version": 1}), ("recipes", {"version": 2})]
+    assert not broadcaster.subscribers
 
 
 def test_a_build_the_server_lost_is_still_listed(served):

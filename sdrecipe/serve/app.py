@@ -416,15 +416,19 @@ def create_app(
         return JSONResponse({"written": path.name}, 201)
 
     async def api_events(request: Request) -> Response:
-        async def stream() -> AsyncIterator[dict[str, str]]:
-            yield {"event": "hello", "data": json.dumps({"version": workspace.snapshot.version})}
+        def greeting() -> list[tuple[str, dict[str, Any]]]:
+            messages = [("hello", {"version": workspace.snapshot.version})]
             running = server.builds.running
             if running is not None:  # a page opened (or reloaded) mid-build follows it at once
-                yield {"event": "build", "data": json.dumps(running.to_json(), default=str)}
-                for event in list(running.progress.values()):
-                    data = {"build": running.id, "event": event}
-                    yield {"event": "build-event", "data": json.dumps(data, default=str)}
-            async for kind, data in server.events.stream():
+                messages.append(("build", running.to_json()))
+                messages += [
+                    ("build-event", {"build": running.id, "event": event})
+                    for event in list(running.progress.values())
+                ]
+            return messages
+
+        async def stream() -> AsyncIterator[dict[str, str]]:
+            async for kind, data in server.events.stream(greeting):
                 yield {"event": kind, "data": json.dumps(data, default=str)}
 
         return EventSourceResponse(stream(), ping=15)

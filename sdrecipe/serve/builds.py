@@ -94,10 +94,16 @@ class Broadcaster:
                 queue.get_nowait()
             queue.put_nowait((kind, data))
 
-    async def stream(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def stream(
+        self, greeting: Callable[[], list[tuple[str, dict[str, Any]]]]
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The `greeting` (the state now), then every message published after
+        it: it is taken once subscribed, so that nothing falls in between."""
         queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(maxsize=1000)
         self.subscribers.add(queue)
         try:
+            for message in greeting():
+                yield message
             while True:
                 yield await queue.get()
         finally:

@@ -102,10 +102,21 @@ function buildEvent(message) {
 function connect() {
   const source = new EventSource("/api/events");
   const status = $("#connection");
-  source.addEventListener("hello", () => { status.textContent = "live"; status.className = "connection live"; });
+  // The page shows the snapshot it was rendered from; one taken since (before
+  // this stream began, so never announced to it) is fetched on connecting.
+  source.addEventListener("hello", (e) => {
+    status.textContent = "live";
+    status.className = "connection live";
+    const version = String(JSON.parse(e.data).version);
+    if (version !== document.body.dataset.version) {
+      document.body.dataset.version = version;
+      htmx.trigger(document.body, "recipes-changed");
+    }
+  });
   source.addEventListener("recipes", (e) => {
     const data = JSON.parse(e.data);
     if (data.error) toast(data.error);
+    if (data.version !== undefined) document.body.dataset.version = String(data.version);
     htmx.trigger(document.body, "recipes-changed");
   });
   source.addEventListener("build", (e) => {
