@@ -24,11 +24,11 @@ from sdrecipe.methods.task_vectors import (
     DropMask,
     SignRule,
     TaskVectors,
-    disjoint_mean,
     magnitude_threshold,
     mean_added,
     pieces,
     sample_step,
+    ties_merge,
 )
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def breadcrumbs_ties(
 
     def combine(base_piece: Tensor, piece: slice) -> Tensor:
         deltas = [produce(piece, base_piece) for produce in producers]
-        return disjoint_mean(deltas, sign).mul_(alpha).add_(base_piece)
+        return ties_merge(deltas, base_piece, alpha, sign)
 
     return vectors.result(combine)
 
@@ -344,7 +344,7 @@ def della_ties(
     added `alpha` times to the base (mergekit's della)."""
 
     def elect(deltas: list[Tensor], base_piece: Tensor) -> Tensor:
-        return disjoint_mean(deltas, sign).mul_(alpha).add_(base_piece)
+        return ties_merge(deltas, base_piece, alpha, sign)
 
     return _della(base, models, elect, drop, epsilon, seed, rescale, context.key, dtype)
 

@@ -102,21 +102,31 @@ def magnitude_threshold(
     step = sample_step(numel)
     if sample is None:
         sample = torch.cat([m[(-p.start) % step :: step] for p, m in magnitudes()])
-    ordered = sample.sort(descending=True).values
-    if step == 1:
-        return ordered[keep - 1].item()
-    rank = keep / numel * ordered.numel()
+    size = sample.numel()
+    if step == 1:  # the sample is every magnitude
+        return sample.kthvalue(size - keep + 1).values.item()
+    # The sample's values of descending ranks around the threshold's, by selection.
+    rank = keep / numel * size
     margin = 4.0 * math.sqrt(rank * (1.0 - keep / numel)) + 8.0
     high_rank, low_rank = math.floor(rank - margin), math.ceil(rank + margin)
-    high = ordered[high_rank].item() if high_rank >= 0 else math.inf
-    low = ordered[low_rank].item() if low_rank < ordered.numel() else 0.0
-    # numpy: torch's boolean masks cost about 7 ns an element here, numpy's 1.
+    ranks = [r for r in (high_rank, low_rank) if 0 <= r < size]
+    selected = np.partition(sample.numpy(), [size - 1 - r for r in ranks]) if ranks else None
+    high = selected[size - 1 - high_rank].item() if high_rank >= 0 else math.inf
+    low = selected[size - 1 - low_rank].item() if low_rank < size else 0.0
+    from sdrecipe.methods.kernels import count_and_gather
+
     above = 0
     inside = []
+    gathered: np.ndarray | None = None
     for _, piece in magnitudes():
         values = piece.numpy()
-        above += int(np.count_nonzero(values > high))
-        inside.append(values[(values >= low) & (values <= high)])
+        if gathered is None or gathered.size < values.size or gathered.dtype != values.dtype:
+            gathered = np.empty(values.size, values.dtype)
+        count, found = count_and_gather(
+            values, values.dtype.type(low), values.dtype.type(high), gathered
+        )
+        above += count
+        inside.append(gathered[:found].copy())
     candidates = torch.from_numpy(np.concatenate(inside))
     wanted = keep - above
     if not 0 < wanted <= candidates.numel():
@@ -124,35 +134,33 @@ def magnitude_threshold(
     return candidates.kthvalue(candidates.numel() - wanted + 1).values.item()
 
 
-def trim(delta: Tensor, threshold: float) -> Tensor:
-    """`delta` with every entry below `threshold` in magnitude set to 0 (in place)."""
-    values = delta.numpy()
-    np.multiply(values, np.abs(values) >= threshold, out=values)
-    return delta
-
-
-def disjoint_mean(deltas: list[Tensor], rule: SignRule) -> Tensor:
-    """TIES' elect and merge: the sign of each element is elected, by the sum of
+def ties_merge(
+    deltas: list[Tensor],
+    base_piece: Tensor,
+    alpha: float,
+    rule: SignRule,
+    thresholds: list[float] | None = None,
+) -> Tensor:
+    """TIES on a piece: `base_piece + alpha·(disjoint mean)`. Each delta is
+    trimmed (in place) to the entries at least its threshold in magnitude,
+    if `thresholds` are given; each element's sign is elected, by the sum of
     the values (`sum`, ties elect +) or by counting signs (`count`, ties elect
-    nothing), and the entries of that sign are averaged; 0 where none agrees.
-    Modifies `deltas`. In numpy, whose boolean masks are several times faster."""
+    nothing), and the entries of that sign are averaged (0 where none agrees)."""
     import torch
 
-    values = [delta.numpy() for delta in deltas]
-    votes = values[0].copy() if rule == "sum" else np.sign(values[0])
-    for value in values[1:]:
-        votes += value if rule == "sum" else np.sign(value)
-    if rule == "sum":
-        elected = np.where(votes >= 0, 1.0, -1.0).astype(votes.dtype)
-    else:
-        elected = np.sign(votes)
-    total = np.zeros_like(values[0])
-    count = np.zeros_like(values[0])
-    for value in values:
-        agrees = value * elected > 0  # 0 never agrees, nor anything with no elected sign
-        total += np.multiply(value, agrees, out=value)
-        count += agrees
-    return torch.from_numpy(np.divide(total, np.maximum(count, 1.0, out=count), out=total))
+    from sdrecipe.methods.kernels import ties_merge as kernel
+
+    base = base_piece.numpy()
+    scalar = base.dtype.type
+    limits = (
+        np.zeros(len(deltas), base.dtype)
+        if thresholds is None
+        else np.array(thresholds, base.dtype)
+    )
+    out, total, count = np.empty_like(base), np.empty_like(base), np.empty_like(base)
+    values = tuple(delta.numpy() for delta in deltas)
+    kernel(values, limits, rule == "count", scalar(alpha), base, out, total, count)
+    return torch.from_numpy(out)
 
 
 def mean_added(deltas: list[Tensor], base_piece: Tensor, alpha: float) -> Tensor:
@@ -175,12 +183,22 @@ class DropMask:
         # An element is kept when its word is at least this: P = 1 - drop.
         self.cutoff = min(round(drop * 2**32), 2**32 - 1)
 
-    def keep(self, count: int) -> Tensor:
-        """The mask of the next `count` elements (True: kept)."""
-        import torch
+    def words(self, count: int) -> np.ndarray:
+        """The words of the next `count` elements (kept: a word >= `cutoff`)."""
+        return (
+            self.generator.random_raw((count + 1) // 2)
+            .astype("<u8", copy=False)
+            .view("<u4")[:count]
+        )
 
-        words = self.generator.random_raw((count + 1) // 2).astype("<u8", copy=False).view("<u4")
-        return torch.from_numpy(words[:count] >= self.cutoff)
+    def apply(self, delta: Tensor, scale: float) -> Tensor:
+        """`delta` (the next elements) with the dropped ones zeroed and the kept
+        ones times `scale`, in place."""
+        from sdrecipe.methods.kernels import drop
+
+        values = delta.numpy()
+        drop(values, self.words(values.size), np.uint32(self.cutoff), values.dtype.type(scale))
+        return delta
 
 
 def _dropped(
@@ -197,7 +215,7 @@ def _dropped(
             delta = vectors.delta(index, piece, base_piece)
             if drop >= 1.0:
                 return delta.zero_()
-            return delta.mul_(mask.keep(delta.numel())).mul_(scale)
+            return mask.apply(delta, scale)
 
         return piece_of
 
@@ -254,11 +272,8 @@ def ties(
     thresholds = _thresholds(vectors, density)
 
     def combine(base_piece: Tensor, piece: slice) -> Tensor:
-        deltas = [
-            trim(vectors.delta(i, piece, base_piece), threshold)
-            for i, threshold in enumerate(thresholds)
-        ]
-        return disjoint_mean(deltas, sign).mul_(alpha).add_(base_piece)
+        deltas = [vectors.delta(i, piece, base_piece) for i in range(len(models))]
+        return ties_merge(deltas, base_piece, alpha, sign, thresholds)
 
     return vectors.result(combine)
 
@@ -310,9 +325,7 @@ def dare_ties(
 
     def combine(base_piece: Tensor, piece: slice) -> Tensor:
         deltas = [produce(piece, base_piece) for produce in producers]
-        if thresholds is not None:
-            deltas = [trim(d, t) for d, t in zip(deltas, thresholds, strict=True)]
-        return disjoint_mean(deltas, sign).mul_(alpha).add_(base_piece)
+        return ties_merge(deltas, base_piece, alpha, sign, thresholds)
 
     return vectors.result(combine)
 

@@ -1,0 +1,94 @@
+"""The compiled loops give the bytes of the numpy and torch expressions they
+replaced (sdrecipe's earlier releases computed these, and their locks name
+those bytes): TIES' trim, election and disjoint mean, DARE's drop, and the
+threshold's counting pass; special values included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdrecipe.methods.kernels import count_and_gather
+from sdrecipe.methods.task_vectors import DropMask, ties_merge
+
+
+def numpy_ties(deltas, base, alpha, rule, thresholds):
+    """TIES on a piece as numpy and torch computed it before the kernels."""
+    values = [d.copy() for d in deltas]
+    if thresholds is not None:
+        for value, threshold in zip(values, thresholds, strict=True):
+            np.multiply(value, np.abs(value) >= threshold, out=value)
+    votes = values[0].copy() if rule == "sum" else np.sign(values[0])
+    for value in values[1:]:
+        votes += value if rule == "sum" else np.sign(value)
+    if rule == "sum":
+        elected = np.where(votes >= 0, 1.0, -1.0).astype(votes.dtype)
+    else:
+        elected = np.sign(votes)
+    total = np.zeros_like(values[0])
+    count = np.zeros_like(values[0])
+    with np.errstate(invalid="ignore"):
+        for value in values:
+            agrees = value * elected > 0
+            total += np.multiply(value, agrees, out=value)
+            count += agrees
+    mean = torch.from_numpy(np.divide(total, np.maximum(count, 1.0, out=count), out=total))
+    return mean.mul_(alpha).add_(torch.from_numpy(base)).numpy()
+
+
+def special(rng, size, dtype):
+    """Normal values with zeros of both signs, ties, infinities and NaNs."""
+    values = rng.standard_normal(size).astype(dtype)
+    picks = rng.integers(0, size, (6, size // 50))
+    values[picks[0]] = 0.0
+    values[picks[1]] = -0.0
+    values[picks[2]] = 0.5
+    values[picks[3]] = -0.5
+    values[picks[4][:3]] = np.inf
+    values[picks[5][:2]] = np.nan
+    return values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", ["sum", "count"])
+@pytest.mark.parametrize("trimmed", [True, False])
+@pytest.mark.parametrize("models", [2, 3, 5])
+def test_ties_merge_gives_numpys_bytes(dtype, rule, trimmed, models):
+    rng = np.random.default_rng(models)
+    size = 10_007
+    deltas = [special(rng, size, dtype) for _ in range(models)]
+    base = special(rng, size, dtype)
+    thresholds = [0.0, 0.5, 1.3, np.inf, 0.01][:models] if trimmed else None
+    for alpha in (0.3, 1.0, -0.7):
+        expected = numpy_ties(deltas, base, alpha, rule, thresholds)
+        tensors = [torch.from_numpy(d.copy()) for d in deltas]
+        got = ties_merge(tensors, torch.from_numpy(base), alpha, rule, thresholds).numpy()
+        assert got.dtype == dtype
+        assert got.tobytes() == expected.tobytes(), (rule, alpha)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_count_and_gather_counts_above_and_keeps_inside_in_order(dtype):
+    rng = np.random.default_rng(3)
+    values = np.abs(special(rng, 20_011, dtype))
+    low, high = dtype(0.4), dtype(1.1)
+    out = np.empty_like(values)
+    above, found = count_and_gather(values, low, high, out)
+    assert above == np.count_nonzero(values > high)
+    inside = values[(values >= low) & (values <= high)]
+    assert found == inside.size > 0
+    assert out[:found].tobytes() == inside.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("drop", [0.0, 0.3, 0.9])
+def test_the_drop_mask_gives_torchs_bytes(dtype, drop):
+    rng = np.random.default_rng(5)
+    delta = torch.from_numpy(special(rng, 4_099, np.float64)).to(dtype)
+    scale = 1.0 / (1.0 - drop)
+    words = DropMask(drop, 7, "unet.k", 1).words(delta.numel())
+    kept = torch.from_numpy(words >= DropMask(drop, 7, "unet.k", 1).cutoff)
+    expected = delta.clone().mul_(kept).mul_(scale)
+    got = DropMask(drop, 7, "unet.k", 1).apply(delta.clone(), scale)
+    assert got.numpy().tobytes() == expected.numpy().tobytes()
