@@ -8,6 +8,7 @@ operands stay as stored and are converted `PIECE_ELEMENTS` at a time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Iterator
@@ -41,6 +42,25 @@ def pieces(numel: int) -> Iterator[slice]:
         yield slice(start, min(numel, start + PIECE_ELEMENTS))
 
 
+# The DARE words of a model that is not dropped.
+NO_WORDS = np.empty(0, dtype=np.uint32)
+
+
+def kernel_array(tensor: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A flat tensor as the compiled loops read it: float16 and bfloat16 as their
+    bits (uint16 and int16), float32 and float64 as they are, any other
+    dtype converted to `dtype`."""
+    import torch
+
+    if tensor.dtype == torch.float16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy()
+    if tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.to(dtype)
+    return tensor.numpy()
+
+
 class TaskVectors:
     """The task vectors of `models` over `base`, produced a piece at a time in `dtype`."""
 
@@ -63,6 +83,71 @@ class TaskVectors:
         """|task vector `index`| at every `step`-th element."""
         return self.models[index][::step].to(self.dtype, copy=True).sub_(self.base[::step]).abs_()
 
+    def kernel_models(self, piece: slice) -> tuple[np.ndarray, ...]:
+        """The models on `piece` as the compiled loops read them, in one dtype
+        (the compute dtype if theirs differ)."""
+        models = [model[piece] for model in self.models]
+        if len({model.dtype for model in models}) > 1:
+            models = [model.to(self.dtype) for model in models]
+        return tuple(kernel_array(model, self.dtype) for model in models)
+
+    def kernel_base(self, piece: slice) -> np.ndarray:
+        """The base on `piece` as the compiled loops read it."""
+        return kernel_array(self.base[piece], self.dtype)
+
+    def magnitude_count(self, index: int, low: float, high: float) -> tuple[int, np.ndarray]:
+        """How many entries of task vector `index` exceed `high` in magnitude,
+        and the magnitudes in [`low`, `high`]: one compiled loop a piece."""
+        import torch
+
+        from sdrecipe.methods.kernels import count_and_gather_deltas
+
+        gathered = torch.empty(min(self.numel, PIECE_ELEMENTS), dtype=self.dtype).numpy()
+        scalar = gathered.dtype.type
+        above, inside = 0, []
+        for piece in pieces(self.numel):
+            model = kernel_array(self.models[index][piece], self.dtype)
+            more, found = count_and_gather_deltas(
+                model, self.kernel_base(piece), scalar(low), scalar(high), gathered
+            )
+            above += more
+            inside.append(gathered[:found].copy())
+        return above, np.concatenate(inside)
+
+    def merged_ties(
+        self,
+        alpha: float,
+        rule: SignRule,
+        thresholds: list[float] | None = None,
+        masks: list[DropMask] | None = None,
+        scale: float = 1.0,
+    ) -> Tensor:
+        """TIES of the task vectors, each dropped by its DARE mask (kept entries
+        times `scale`) if `masks` are given and trimmed at its threshold if
+        `thresholds` are, added `alpha` times to the base: `ties_merge` in one
+        compiled loop per piece, on the operands as stored."""
+        import torch
+
+        from sdrecipe.methods.kernels import ties_merge as kernel
+
+        out = torch.empty(self.numel, dtype=self.dtype)
+        flat = out.numpy()
+        scalar = flat.dtype.type
+        count = len(self.models)
+        limits = (
+            np.zeros(count, flat.dtype) if thresholds is None else np.array(thresholds, flat.dtype)
+        )
+        cutoff = np.uint32(masks[0].cutoff if masks else 0)
+        for piece in pieces(self.numel):
+            size = piece.stop - piece.start
+            words = tuple(mask.words(size) for mask in masks) if masks else (NO_WORDS,) * count
+            base = self.kernel_base(piece)
+            kernel(
+                *(self.kernel_models(piece), base, words, cutoff, scalar(scale), limits),
+                *(rule == "count", scalar(alpha), base, flat[piece]),
+            )
+        return out.reshape(self.shape)
+
     def result(self, combine: Callable[[Tensor, slice], Tensor]) -> Tensor:
         """The tensor whose every piece is `combine(base_piece, piece)`."""
         import torch
@@ -83,13 +168,16 @@ def magnitude_threshold(
     numel: int,
     keep: int,
     sample: Tensor | None = None,
+    count: Callable[[float, float], tuple[int, np.ndarray]] | None = None,
 ) -> float:
     """The `keep`-th largest of `numel` magnitudes (0 keeps all, inf keeps none).
 
     `magnitudes()` yields them piece by piece, in order, each time it is called;
     `sample` holds every `sample_step(numel)`-th of them, if the caller can take
     it more cheaply than a pass. The sample brackets the threshold; one exact
-    pass then counts the magnitudes above the bracket and selects inside it.
+    pass then counts the magnitudes above the bracket and selects inside it:
+    `count(low, high)`, if the caller has a quicker way than `magnitudes()`,
+    gives how many are above `high` and those in [`low`, `high`].
     The answer is exact whatever the sample: a bracket that misses falls back
     to a selection over all magnitudes.
     """
@@ -113,53 +201,53 @@ def magnitude_threshold(
     selected = np.partition(sample.numpy(), [size - 1 - r for r in ranks]) if ranks else None
     high = selected[size - 1 - high_rank].item() if high_rank >= 0 else math.inf
     low = selected[size - 1 - low_rank].item() if low_rank < size else 0.0
-    from sdrecipe.methods.kernels import count_and_gather
-
-    above = 0
-    inside = []
-    gathered: np.ndarray | None = None
-    for _, piece in magnitudes():
-        values = piece.numpy()
-        if gathered is None or gathered.size < values.size or gathered.dtype != values.dtype:
-            gathered = np.empty(values.size, values.dtype)
-        count, found = count_and_gather(
-            values, values.dtype.type(low), values.dtype.type(high), gathered
-        )
-        above += count
-        inside.append(gathered[:found].copy())
-    candidates = torch.from_numpy(np.concatenate(inside))
+    above, inside = (count or _counter(magnitudes))(low, high)
+    candidates = torch.from_numpy(inside)
     wanted = keep - above
     if not 0 < wanted <= candidates.numel():
         candidates, wanted = torch.cat([m for _, m in magnitudes()]), keep
     return candidates.kthvalue(candidates.numel() - wanted + 1).values.item()
 
 
-def ties_merge(
-    deltas: list[Tensor],
-    base_piece: Tensor,
-    alpha: float,
-    rule: SignRule,
-    thresholds: list[float] | None = None,
-) -> Tensor:
-    """TIES on a piece: `base_piece + alpha·(disjoint mean)`. Each delta is
-    trimmed (in place) to the entries at least its threshold in magnitude,
-    if `thresholds` are given; each element's sign is elected, by the sum of
-    the values (`sum`, ties elect +) or by counting signs (`count`, ties elect
-    nothing), and the entries of that sign are averaged (0 where none agrees)."""
+def _counter(
+    magnitudes: Callable[[], Iterator[tuple[slice, Tensor]]],
+) -> Callable[[float, float], tuple[int, np.ndarray]]:
+    """`magnitude_threshold`'s exact pass over `magnitudes()`."""
+    from sdrecipe.methods.kernels import count_and_gather
+
+    def count(low: float, high: float) -> tuple[int, np.ndarray]:
+        above, inside = 0, []
+        gathered: np.ndarray | None = None
+        for _, piece in magnitudes():
+            values = piece.numpy()
+            if gathered is None or gathered.size < values.size or gathered.dtype != values.dtype:
+                gathered = np.empty(values.size, values.dtype)
+            scalar = values.dtype.type
+            more, found = count_and_gather(values, scalar(low), scalar(high), gathered)
+            above += more
+            inside.append(gathered[:found].copy())
+        return above, np.concatenate(inside)
+
+    return count
+
+
+def ties_merge(deltas: list[Tensor], base_piece: Tensor, alpha: float, rule: SignRule) -> Tensor:
+    """TIES' election and disjoint mean of sparsified task vectors on a piece,
+    added `alpha` times to `base_piece` (see `TaskVectors.merged_ties`)."""
     import torch
 
     from sdrecipe.methods.kernels import ties_merge as kernel
 
     base = base_piece.numpy()
     scalar = base.dtype.type
-    limits = (
-        np.zeros(len(deltas), base.dtype)
-        if thresholds is None
-        else np.array(thresholds, base.dtype)
-    )
-    out, total, count = np.empty_like(base), np.empty_like(base), np.empty_like(base)
+    out = np.empty_like(base)
     values = tuple(delta.numpy() for delta in deltas)
-    kernel(values, limits, rule == "count", scalar(alpha), base, out, total, count)
+    nothing = np.empty(0, base.dtype)
+    limits = np.zeros(len(deltas), base.dtype)
+    kernel(
+        *(values, nothing, (NO_WORDS,) * len(values), np.uint32(0), scalar(1.0), limits),
+        *(rule == "count", scalar(alpha), base, out),
+    )
     return torch.from_numpy(out)
 
 
@@ -246,11 +334,14 @@ def _thresholds(
 
     step = sample_step(vectors.numel)
     return [
-        magnitude_threshold(
+        magnitude_threshold(magnitudes(i), vectors.numel, keep, None, None)
+        if delta_of
+        else magnitude_threshold(
             magnitudes(i),
             vectors.numel,
             keep,
-            None if delta_of else vectors.strided_magnitudes(i, step),
+            vectors.strided_magnitudes(i, step),
+            functools.partial(vectors.magnitude_count, i),
         )
         for i in range(len(vectors.models))
     ]
@@ -269,13 +360,7 @@ def ties(
     fraction by magnitude, elect each element's sign, average the agreeing
     entries and add `alpha` times that to the base."""
     vectors = TaskVectors(base, models, dtype)
-    thresholds = _thresholds(vectors, density)
-
-    def combine(base_piece: Tensor, piece: slice) -> Tensor:
-        deltas = [vectors.delta(i, piece, base_piece) for i in range(len(models))]
-        return ties_merge(deltas, base_piece, alpha, sign, thresholds)
-
-    return vectors.result(combine)
+    return vectors.merged_ties(alpha, sign, _thresholds(vectors, density))
 
 
 @merge_method(elementwise=False, min_models=2)
@@ -318,16 +403,17 @@ def dare_ties(
     """DARE, then TIES: drop and rescale as `dare`, trim to the top `density`
     fraction (1: no trim, as PEFT and mergekit), elect signs and take the
     disjoint mean, added `alpha` times to the base."""
+    import torch
+
     vectors = TaskVectors(base, models, dtype)
+    if drop >= 1.0:  # every task vector is 0: what the disjoint mean of zeros gives
+        mean = torch.zeros(vectors.numel, dtype=dtype)
+        return mean.mul_(alpha).add_(vectors.base.to(dtype)).reshape(vectors.shape)
     delta_of = _dropped(vectors, drop, seed, rescale, context.key)
     thresholds = _thresholds(vectors, density, delta_of) if density < 1.0 else None
-    producers = [delta_of(i) for i in range(len(models))]
-
-    def combine(base_piece: Tensor, piece: slice) -> Tensor:
-        deltas = [produce(piece, base_piece) for produce in producers]
-        return ties_merge(deltas, base_piece, alpha, sign, thresholds)
-
-    return vectors.result(combine)
+    masks = [DropMask(drop, seed, context.key, i) for i in range(len(models))]
+    scale = 1.0 / (1.0 - drop) if rescale else 1.0
+    return vectors.merged_ties(alpha, sign, thresholds, masks, scale)
 
 
 @merge_method(elementwise=False, min_models=3)
