@@ -17,6 +17,8 @@ Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=0 leaves out the SDXL scen
                                                only when named, 48 GB of files at once and
                                                10 GB left free: ~59 GB free at the start)
        python -m bench.run --report-only      (re-render from build/bench/results.json)
+       python -m bench.run --only svd_sdxl    (scenario 19, iso_c and tsv of full-size SDXL:
+                                               only when named, hours on two cores)
 BENCH_DIT_SHRINK=16 python -m bench.run --only dit: the same at a 16th of the widths, to
 check that every tool runs and that their outputs agree (also for quant and flux_lora); it
 writes build/bench/BENCHMARKS-dit-shrink16.md, not BENCHMARKS.md.
@@ -302,6 +304,12 @@ outputs: {learned: {path: out-lora.safetensors, format: lora, rank: 64}}
         "ties": "ties(C, A, B, D, density=0.2)",
         "dare_ties": "dare_ties(C, A, B, D, drop=0.9, seed=0)",
         "slerp": "slerp(A, B, t=0.5)",
+        # Issue 32's methods, at their defaults.
+        "breadcrumbs": "breadcrumbs(C, A, B, D, density=0.9, gamma=0.01)",
+        "della": "della(C, A, B, D, drop=0.3, epsilon=0.1, seed=0)",
+        "sce": "sce(C, A, B, D, select_topk=1.0)",
+        "iso_c": "iso_c(C, A, B, D)",
+        "tsv": "tsv(C, A, B, D)",
     }
     for method, call in advanced.items():
         recipes[f"{method}.yaml"] = (
@@ -309,6 +317,12 @@ outputs: {learned: {path: out-lora.safetensors, format: lora, rank: 64}}
             "D: sd15-D.safetensors}\n"
             f'nodes: {{merged: "{call}"}}\n'
             "outputs: {merged: {path: out-sdrecipe.safetensors, dtype: fp16}}\n"
+        )
+    for method in SVD_METHODS:  # the same on full-size SDXL (scenario 19, opt-in)
+        recipes[f"sdxl_{method}.yaml"] = (
+            "inputs: {A: sdxl-A.safetensors, B: sdxl-B.safetensors, C: sdxl-C.safetensors}\n"
+            f'nodes: {{merged: "{method}(C, A, B)"}}\n'
+            f"outputs: {{merged: {{path: out-sdxl-{method}.safetensors, dtype: fp16}}}}\n"
         )
     # Caching that pays: a TIES intermediate, then a downstream factor that changes.
     recipes["ties_downstream.yaml"] = """
@@ -325,6 +339,14 @@ outputs: {merged: {path: out-ties-downstream.safetensors, dtype: fp16}}
         + _mergekit_models(["A", "B", "D"], "{density: 0.2, weight: 1.0}"),
         "dare_ties": "merge_method: dare_ties\nbase_model: sd15-C.safetensors\n"
         + _mergekit_models(["A", "B", "D"], "{density: 0.1, weight: 1.0}"),
+        "breadcrumbs": "merge_method: breadcrumbs\nbase_model: sd15-C.safetensors\n"
+        + _mergekit_models(["A", "B", "D"], "{density: 0.9, gamma: 0.01, weight: 1.0}"),
+        # sdrecipe's della is mergekit's della_linear; mergekit's density is 1 - drop.
+        "della": "merge_method: della_linear\nbase_model: sd15-C.safetensors\n"
+        + _mergekit_models(["A", "B", "D"], "{density: 0.7, epsilon: 0.1, weight: 1.0}"),
+        "sce": "merge_method: sce\nbase_model: sd15-C.safetensors\n"
+        + _mergekit_models(["A", "B", "D"], "{weight: 1.0}")
+        + "parameters: {select_topk: 1.0}\n",
         "slerp": "merge_method: slerp\nbase_model: sd15-A.safetensors\n"
         + _mergekit_models(["A", "B"], "{}")
         + "parameters: {t: 0.5}\n",
@@ -351,6 +373,8 @@ def _mergekit_models(names: list[str], parameters: str) -> str:
 
 FOUR_INPUTS = [f"sd15-{name}.safetensors" for name in ("C", "A", "B", "D")]  # base first
 ADVANCED_INPUTS = {"ties": FOUR_INPUTS, "dare_ties": FOUR_INPUTS, "slerp": FOUR_INPUTS[1:3]}
+NEWER_METHODS = ("breadcrumbs", "della", "sce")  # scenario 18, against mergekit
+SVD_METHODS = ("iso_c", "tsv")  # no peer has them: sdrecipe alone
 
 
 def _venv_bin(name: str) -> str:
@@ -590,6 +614,30 @@ def advanced_scenarios(rounds: int, skip: dict[str, str], report: dict[str, obje
     free_cache()
     print("start-up: sdrecipe --help", flush=True)
     report["help"] = repeated("help", [*SDRECIPE, "--help"], max(rounds, 5), lambda: None)
+
+
+def newer_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenario 18: breadcrumbs, DELLA and SCE of four SD1.5 models against
+    mergekit; iso_c and TSV alone (no peer has them)."""
+    for method in NEWER_METHODS:
+        print(f"scenario 18: {method}, side by side with mergekit", flush=True)
+        hash_inputs(f"{method}.yaml")
+        commands = _sdrecipe_and_peers(method, FOUR_INPUTS)
+        del commands["sd-mecha"]  # none of the three
+        report[method] = side_by_side(method, commands, rounds, skip)
+        free_cache()
+    for method in SVD_METHODS:
+        print(f"scenario 18: {method}, sdrecipe alone", flush=True)
+        report[method] = cold_builds(method, f"{method}.yaml", rounds)
+
+
+def svd_sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenario 19 (only when named: hours on two cores): iso_c and TSV of three
+    full-size SDXL models."""
+    ensure_models(SDXL_MODELS)
+    for method in SVD_METHODS:
+        print(f"scenario 19: SDXL {method}", flush=True)
+        report[f"sdxl_{method}"] = cold_builds(f"sdxl_{method}", f"sdxl_{method}.yaml", rounds)
 
 
 def sdxl_commands() -> dict[str, list[str]]:
@@ -1239,16 +1287,24 @@ def flux_lora_scenarios(rounds: int, skip: dict[str, str], report: dict[str, obj
 SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] = {
     "classic": classic_scenarios,
     "advanced": advanced_scenarios,
+    "newer": newer_scenarios,
     "lora": lora_scenarios,
     "sweep": sweep_scenarios,
     "sdxl": sdxl_scenarios,
     "dit": dit_scenarios,
     "quant": quant_scenarios,
     "flux_lora": flux_lora_scenarios,
+    "svd_sdxl": svd_sdxl_scenarios,
 }
-OPT_IN = {"dit", "quant", "flux_lora"}  # groups that run only when `--only` names them
+OPT_IN = {"dit", "quant", "flux_lora", "svd_sdxl"}  # groups that run only when `--only` names them
 # The peers a group runs; the others run them all.
-GROUP_PEERS: dict[str, list[str]] = {"dit": ["sd-mecha"], "quant": [], "flux_lora": []}
+GROUP_PEERS: dict[str, list[str]] = {
+    "dit": ["sd-mecha"],
+    "quant": [],
+    "flux_lora": [],
+    "newer": ["mergekit"],
+    "svd_sdxl": [],
+}
 
 
 def with_sdxl() -> bool:

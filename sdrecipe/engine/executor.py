@@ -275,17 +275,23 @@ class _KeyTask:
                             f"input, which {encoding.describe()} cannot hold; no output was written"
                         )
                     stored = encoding.encode(tensor, scales.get(output))
-                else:
-                    stored = widened(tensor, info.dtype)
+                    self._write_piece(output, stored, self._offset(rows, info), hashers[output])
+                    continue
+                # In units of a range at most: a whole-tensor method's result is
+                # one range, and each unit is converted, checked, hashed and
+                # written while it is in the cache.
+                flat = tensor.reshape(-1)
+                start = self._offset(rows, info)
+                for unit in range(0, max(1, flat.numel()), UNIT_ELEMENTS):
+                    part = flat[unit : unit + UNIT_ELEMENTS]
+                    stored = widened(part, info.dtype)
                     # float8 cannot be checked (nor hold infinity): check what it came from.
-                    checked = stored if info.dtype.itemsize > 1 else tensor
+                    checked = stored if info.dtype.itemsize > 1 else part
                     if checked.is_floating_point() and not is_finite(checked):
-                        self._explain_non_finite(output, values, tensor)
-                    self._check_range(output, tensor, info.dtype)
-                data = stored.contiguous().reshape(-1).view(torch.uint8).numpy()
-                writers[output].write(self.key, data.data, self._offset(rows, info))
-                hashers[output].update(data.data)
-                self.result.written += data.nbytes
+                        self._explain_non_finite(output, values, part)
+                    offset = start + unit * info.dtype.itemsize
+                    self._write_piece(output, stored, offset, hashers[output])
+                self._check_range(output, tensor, info.dtype)
             for node, (writer, hasher, _) in self.objects.items():
                 tensor = self._tensor(node, rows, values).contiguous()
                 data = tensor.reshape(-1).view(torch.uint8).numpy()
@@ -299,6 +305,15 @@ class _KeyTask:
                 writers[output].write(key, data)
                 digest = tensor_digest(writers[output].info(key), [data])
                 self.result.companion_digests.setdefault(output, {})[key] = digest
+
+    def _write_piece(
+        self, output: str, stored: torch.Tensor, offset: int, hasher: blake3.blake3
+    ) -> None:
+        """Write `stored`'s bytes at `offset` into `output`'s tensor, and hash them."""
+        data = stored.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.executor.writers[output].write(self.key, data.data, offset)
+        hasher.update(data.data)
+        self.result.written += data.nbytes
 
     def _scales(self, outputs: list[str]) -> dict[str, float]:
         """The scale of each output whose encoding needs the whole tensor's largest
