@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdrecipe.methods.kernels import count_and_gather
+from sdrecipe.methods.kernels import count_and_gather, magprune
+from sdrecipe.methods.sparse import _ascending_order
 from sdrecipe.methods.task_vectors import (
     PIECE_ELEMENTS,
     DropMask,
@@ -147,3 +148,38 @@ def test_ties_thresholds_from_stored_operands_are_the_exact_kth_largest(stored, 
     for threshold, model in zip(got, models, strict=True):
         magnitudes = np.abs(model.float().numpy() - base.float().numpy())
         assert threshold == np.sort(magnitudes)[::-1][keep - 1]
+
+
+def numpy_magprune(values, words, drop, epsilon, rescale):
+    """DELLA's MagPrune as numpy computed it before the kernel (in place)."""
+    magnitudes = np.abs(values)
+    width = magnitudes.shape[1]
+    if width == 1:
+        drops = np.full(magnitudes.shape, drop)
+    else:
+        order = np.argsort(magnitudes, axis=1, kind="stable")
+        ranks = np.empty(magnitudes.shape, dtype=np.float64)
+        np.put_along_axis(ranks, order, np.arange(width, dtype=np.float64)[None, :], axis=1)
+        ranks /= width - 1
+        drops = np.clip((drop + epsilon) - (2.0 * epsilon) * ranks, 0.0, 1.0)
+    cutoff = np.minimum(np.rint(drops * 2.0**32), 2.0**32 - 1)
+    keep = (words >= cutoff) & (drops < 1.0)
+    zeros = np.zeros_like(drops)
+    factor = np.divide(1.0, 1.0 - drops, out=zeros, where=keep) if rescale else keep
+    with np.errstate(invalid="ignore"):  # infinity times 0
+        np.multiply(values, factor.astype(values.dtype), out=values)
+    return values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [1, 7, 640])
+@pytest.mark.parametrize(("drop", "epsilon", "rescale"), [(0.3, 0.1, True), (0.9, 0.3, False)])
+def test_magprune_gives_numpys_bytes(dtype, width, drop, epsilon, rescale):
+    rng = np.random.default_rng(width)
+    values = special(rng, 40 * width, dtype).reshape(40, width)
+    values[:, ::3] = values[:, :1]  # equal magnitudes: ranked by position
+    words = DropMask(0.0, 1, "k", 0).words(values.size).reshape(values.shape)
+    expected = numpy_magprune(values.copy(), words, drop, epsilon, rescale)
+    got = values.copy()
+    magprune(got, _ascending_order(np.abs(got)), words, drop, epsilon, rescale)
+    assert got.tobytes() == expected.tobytes()

@@ -235,3 +235,40 @@ def _ties_block(
             count[j] += agrees
     for j in range(size):
         votes[j] = total[j] / max(count[j], one) * alpha + cast(_load(base, start + j))
+
+
+@_jit
+def magprune(
+    values: np.ndarray,
+    order: np.ndarray,
+    words: np.ndarray,
+    drop: float,
+    epsilon: float,
+    rescale: bool,
+) -> None:
+    """DELLA's MagPrune on rows of task-vector entries, in place. `order[r]`
+    lists row r's positions from the smallest magnitude up (ties by position);
+    the entry of rank k of a row of width w is dropped with probability
+    q = clip(drop + epsilon - 2·epsilon·k/(w - 1), 0, 1) (`drop` if w = 1): kept
+    when its word is at least min(rint(q·2³²), 2³² - 1) and q < 1, then times
+    1/(1 - q) if `rescale` (float64, rounded to the values' dtype). The cutoff
+    and factor of each rank are the same in every row: computed once."""
+    cast = values.dtype.type
+    rows, width = values.shape
+    cutoffs = np.empty(width)
+    factors = np.empty(width, values.dtype)
+    for rank in range(width):
+        if width == 1:
+            chance = drop
+        else:
+            chance = (drop + epsilon) - (2.0 * epsilon) * (rank / (width - 1))
+            chance = min(max(chance, 0.0), 1.0)
+        # Never kept where q = 1: no word is above the largest.
+        cutoffs[rank] = min(np.rint(chance * 2.0**32), 2.0**32 - 1) if chance < 1.0 else 2.0**32
+        factors[rank] = cast(1.0 / (1.0 - chance)) if rescale and chance < 1.0 else cast(1.0)
+    zero = cast(0)
+    for row in range(rows):
+        for rank in range(width):
+            position = order[row, rank]
+            factor = factors[rank] if words[row, position] >= cutoffs[rank] else zero
+            values[row, position] = values[row, position] * factor

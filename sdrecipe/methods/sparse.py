@@ -223,18 +223,19 @@ def _row_slices(numel: int, width: int) -> Iterator[slice]:
         yield slice(start, min(numel, start + step))
 
 
-def _drop_probabilities(magnitudes: np.ndarray, drop: float, epsilon: float) -> np.ndarray:
-    """DELLA's MagPrune probabilities for rows of magnitudes (float64): by rank r
-    in the row (0 the smallest, equal magnitudes by position), `drop + epsilon -
-    2·epsilon·r/(width - 1)` (`drop` for a row of one), clipped to [0, 1]."""
+def _ascending_order(magnitudes: np.ndarray) -> np.ndarray:
+    """Each row's positions from the smallest magnitude up, equal magnitudes by
+    position. For float32, one sort of (magnitude bits, position) keys: numpy
+    sorts integers with SIMD, three times as fast as a stable argsort (the
+    bits of non-negative floats order as the floats; NaNs are made one value,
+    as argsort holds them equal)."""
+    if magnitudes.dtype != np.float32:
+        return np.argsort(magnitudes, axis=1, kind="stable")
     width = magnitudes.shape[1]
-    if width == 1:
-        return np.full(magnitudes.shape, drop)
-    order = np.argsort(magnitudes, axis=1, kind="stable")
-    ranks = np.empty(magnitudes.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, np.arange(width, dtype=np.float64)[None, :], axis=1)
-    ranks /= width - 1
-    return np.clip((drop + epsilon) - (2.0 * epsilon) * ranks, 0.0, 1.0)
+    bits = np.minimum(magnitudes.view(np.uint32), np.uint32(0x7F800001)).astype(np.uint64)
+    keys = (bits << np.uint64(32)) | np.arange(width, dtype=np.uint64)
+    keys.sort(axis=1)
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
 
 
 def _magprune(
@@ -242,9 +243,11 @@ def _magprune(
 ) -> Callable[[int], Callable[[Tensor], Tensor]]:
     """For task vector `index`, a function sparsifying its pieces (whole rows of
     `_della_width`, in order, once each) in place: each entry is dropped with its
-    probability q (`_drop_probabilities`), the others scaled by 1/(1 - q) if
+    probability q (`kernels.magprune`), the others scaled by 1/(1 - q) if
     `rescale`. Entry i is kept when word i of DARE's stream for (seed, key,
     index) is at least round(q·2³²): with `epsilon` 0, DARE's own mask."""
+    from sdrecipe.methods.kernels import magprune
+
     width = _della_width(vectors.shape)
 
     def for_model(index: int) -> Callable[[Tensor], Tensor]:
@@ -256,14 +259,9 @@ def _magprune(
             if drop >= 1.0:
                 return delta.zero_()
             values = delta.numpy().reshape(-1, width)
-            drops = _drop_probabilities(np.abs(values), drop, epsilon)
-            cutoff = np.minimum(np.rint(drops * 2.0**32), 2.0**32 - 1)
-            keep = (words.take(values.size).reshape(values.shape) >= cutoff) & (drops < 1.0)
-            if rescale:
-                factor = np.divide(1.0, 1.0 - drops, out=np.zeros_like(drops), where=keep)
-            else:
-                factor = keep
-            np.multiply(values, factor.astype(values.dtype), out=values)
+            order = _ascending_order(np.abs(values))
+            chosen = words.take(values.size).reshape(values.shape)
+            magprune(values, order, chosen, drop, epsilon, rescale)
             return delta
 
         return sparsify

@@ -190,17 +190,17 @@ def magnitude_threshold(
     step = sample_step(numel)
     if sample is None:
         sample = torch.cat([m[(-p.start) % step :: step] for p, m in magnitudes()])
-    size = sample.numel()
+    # numpy's sort (SIMD) takes a third of the time of its two-index partition.
+    ordered = np.sort(sample.numpy())
+    size = ordered.size
     if step == 1:  # the sample is every magnitude
-        return sample.kthvalue(size - keep + 1).values.item()
-    # The sample's values of descending ranks around the threshold's, by selection.
+        return ordered[size - keep].item()
+    # The sample's values of descending ranks around the threshold's.
     rank = keep / numel * size
     margin = 4.0 * math.sqrt(rank * (1.0 - keep / numel)) + 8.0
     high_rank, low_rank = math.floor(rank - margin), math.ceil(rank + margin)
-    ranks = [r for r in (high_rank, low_rank) if 0 <= r < size]
-    selected = np.partition(sample.numpy(), [size - 1 - r for r in ranks]) if ranks else None
-    high = selected[size - 1 - high_rank].item() if high_rank >= 0 else math.inf
-    low = selected[size - 1 - low_rank].item() if low_rank < size else 0.0
+    high = ordered[size - 1 - high_rank].item() if high_rank >= 0 else math.inf
+    low = ordered[size - 1 - low_rank].item() if low_rank < size else 0.0
     above, inside = (count or _counter(magnitudes))(low, high)
     candidates = torch.from_numpy(inside)
     wanted = keep - above
