@@ -12,6 +12,7 @@ mergekit's choice with a stable sort, whatever the data.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -102,9 +103,10 @@ class _Outliers:
         sample = vectors.strided_magnitudes(index, sample_step(numel))
         # The magnitudes of ranks `bottom` and `stop - 1` (0 for rank 0; None: none
         # above is dropped), and how many magnitudes are below each.
-        self.low = magnitude_threshold(magnitudes, numel, numel - self.bottom, sample)
+        count = functools.partial(vectors.magnitude_count, index)
+        self.low = magnitude_threshold(magnitudes, numel, numel - self.bottom, sample, count)
         self.high = (
-            magnitude_threshold(magnitudes, numel, numel - self.stop + 1, sample)
+            magnitude_threshold(magnitudes, numel, numel - self.stop + 1, sample, count)
             if self.stop < numel
             else None
         )
