@@ -72,12 +72,23 @@ def small_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The `models` cut to the same 39 keys: for tests of what moves between
     caches, where each tensor is a file or a request of its own."""
     folder = tmp_path_factory.mktemp("small-models")
-    small = {}
-    for name, path in write_models(tmp_path_factory.mktemp("full-models")).items():
-        kept = {k: v for k, v in load_torch(path).items() if any(s in k for s in SMALL_KEYS)}
-        small[name] = folder / path.name
-        save_file(kept, small[name])
-    return small
+    full = write_models(tmp_path_factory.mktemp("full-models"))
+    return {name: cut_small(path, folder / path.name) for name, path in full.items()}
+
+
+def cut_small(source: Path, target: Path) -> Path:
+    """Write `source`'s tensors under the keys `small_models` keeps to `target`."""
+    kept = {k: v for k, v in load_torch(source).items() if any(s in k for s in SMALL_KEYS)}
+    save_file(kept, target)
+    return target
+
+
+def write_small_model(path: Path, spec: ModelSpec) -> Path:
+    """`write_model`, cut to the keys `small_models` keeps (a small input changed)."""
+    full = write_model(path.with_name(f"{path.name}.full"), spec)
+    cut_small(full, path)
+    full.unlink()
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The command line, run as a subprocess the way users run it."""
+"""The command line, run as a subprocess the way users run it (in this process where
+the process is not the subject)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from conftest import run_cli, write_recipe
+from conftest import run_cli, run_in_process, write_recipe
 from sdrecipe import __version__
 from sdrecipe.plan.provenance import read_provenance
 
@@ -60,7 +61,8 @@ def test_build_prints_a_summary_and_records_provenance(recipe, models, tmp_path)
 
 
 def test_embedded_recipe_rebuilds_the_output_exactly(recipe, models, tmp_path):
-    assert run_cli("build", str(recipe)).returncode == 0
+    # In this process: the recipe in the output is the subject, not the process.
+    assert run_in_process("build", str(recipe)).returncode == 0
     output = tmp_path / "out" / "inpaint.safetensors"
     with safe_open(output, "np") as handle:
         embedded = handle.metadata()["sdrecipe.recipe"]
@@ -70,7 +72,7 @@ def test_embedded_recipe_rebuilds_the_output_exactly(recipe, models, tmp_path):
         (elsewhere / path.name).symlink_to(path)
     (elsewhere / "again.yaml").write_text(embedded)
     assert "sha256:" in embedded, "inputs are pinned"
-    result = run_cli("build", "--no-cache", str(elsewhere / "again.yaml"))
+    result = run_in_process("build", "--no-cache", str(elsewhere / "again.yaml"))
     assert result.returncode == 0, result.stderr
     assert (elsewhere / "inpaint.safetensors").read_bytes() == output.read_bytes()
 
@@ -89,7 +91,8 @@ def test_build_json_summary(recipe):
 
 
 def test_lineage_accumulates_across_merges(recipe, models, tmp_path):
-    assert run_cli("build", str(recipe)).returncode == 0
+    # In this process: the lineage in the outputs is the subject, not the process.
+    assert run_in_process("build", str(recipe)).returncode == 0
     first = tmp_path / "out" / "inpaint.safetensors"
     second = write_recipe(
         tmp_path,
@@ -100,7 +103,7 @@ def test_lineage_accumulates_across_merges(recipe, models, tmp_path):
         """,
         name="second.yaml",
     )
-    assert run_cli("build", str(second)).returncode == 0
+    assert run_in_process("build", str(second)).returncode == 0
     with safe_open(tmp_path / "second.safetensors", "np") as handle:
         lineage = json.loads(handle.metadata()["sd_merge_models"])
     names = {entry["name"] for entry in lineage.values()}

@@ -18,6 +18,12 @@ from conftest import invoke
 distributed = pytest.importorskip("dask.distributed")
 
 
+@pytest.fixture
+def models(small_models: dict[str, Path]) -> dict[str, Path]:
+    """Models of 39 keys: where a recipe is built is the subject, not how big it is."""
+    return small_models
+
+
 def outputs_and_locks(folder: Path) -> dict[str, bytes]:
     files = [*(folder / "out").glob("*.safetensors"), *(folder / "recipes").glob("*.lock")]
     return {path.name: path.read_bytes() for path in files}

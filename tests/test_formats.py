@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SHRINK, invoke, run_cli, run_in_process, write_recipe
+from conftest import SHRINK, invoke, run_in_process, write_recipe
 from sdrecipe.arch.detect import detect
 from sdrecipe.synthetic import ModelSpec, model_layout
 
@@ -75,7 +75,7 @@ def test_checkpoint_inputs_merge_like_safetensors(tmp_path, models, options, lab
             """,
             name=f"{name}.yaml",
         )
-        result = run_cli("build", "--no-cache", str(recipe))
+        result = run_in_process("build", "--no-cache", str(recipe))
         assert result.returncode == 0, result.stderr
         results[name] = load_file(tmp_path / f"{name}.safetensors")
     assert results["ckpt"].keys() == results["safetensors"].keys()
@@ -111,7 +111,7 @@ def test_malicious_pickle_is_refused_and_never_run(tmp_path, models):
         """,
     )
     for command in ("validate", "build"):
-        result = run_cli(command, str(recipe))
+        result = run_in_process(command, str(recipe))
         assert result.returncode == 2
         assert "refused to load" in result.stderr and "evil.ckpt" in result.stderr
         assert "recipe.yaml:1: input 'B'" in result.stderr

@@ -226,11 +226,11 @@ def test_a_diffusers_folder_that_sdrecipe_wrote_is_replaced(tmp_path, models):
 # --- 4. a failed build publishes nothing
 
 
-def test_a_failed_build_leaves_every_output_and_the_lock_as_they_were(tmp_path, models):
+def test_a_failed_build_leaves_every_output_and_the_lock_as_they_were(tmp_path, small_models):
     recipe = write_recipe(
         tmp_path,
         three_inputs(
-            models,
+            small_models,
             "soft: weighted_sum(B, C, alpha=0.3); strong: A + 0.5 * (B - C)",
             "soft: out/soft.safetensors; strong: out/strong.safetensors",
         ),
@@ -585,8 +585,10 @@ def test_a_cache_write_error_names_the_cache_folder(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_a_damaged_cache_index_is_set_aside_and_rebuilt(tmp_path, models, isolated_cache, damage):
-    recipe = write_recipe(tmp_path, three_inputs(models, "out: A + 0.5 * (B - C)"))
+def test_a_damaged_cache_index_is_set_aside_and_rebuilt(
+    tmp_path, small_models, isolated_cache, damage
+):
+    recipe = write_recipe(tmp_path, three_inputs(small_models, "out: A + 0.5 * (B - C)"))
     assert invoke("build", str(recipe)).exit_code == 0
     index = isolated_cache / "index.sqlite"
     with sqlite3.connect(index) as db:
@@ -638,8 +640,10 @@ def test_restoring_an_output_that_is_already_its_cache_link_leaves_no_temporary(
 # --- smaller problems
 
 
-def test_a_build_that_waits_for_the_cache_lock_says_for_whom(tmp_path, models, isolated_cache):
-    recipe = write_recipe(tmp_path, three_inputs(models))
+def test_a_build_that_waits_for_the_cache_lock_says_for_whom(
+    tmp_path, small_models, isolated_cache
+):
+    recipe = write_recipe(tmp_path, three_inputs(small_models))
     Cache(isolated_cache)
     with open(isolated_cache / ".lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -725,24 +729,27 @@ def test_a_selection_that_matches_no_key_is_warned_about(tmp_path, models):
     )
 
 
-def test_the_cache_is_trimmed_to_its_limit_after_each_build(tmp_path, models, isolated_cache):
+def test_the_cache_is_trimmed_to_its_limit_after_each_build(tmp_path, small_models, isolated_cache):
     recipe = write_recipe(
         tmp_path,
-        three_inputs(models, "diff: {expression: B - C, cache: true}; out: A + 0.5 * diff"),
+        three_inputs(small_models, "diff: {expression: B - C, cache: true}; out: A + 0.5 * diff"),
     )
     assert invoke("build", str(recipe)).exit_code == 0
     grown = json.loads(invoke("cache", "info", "--json").stdout)
-    assert grown["size"] > 1_000_000 and grown["max_size"] == 20_000_000_000
-    assert invoke("cache", "limit", "1MB").exit_code == 0
+    assert grown["size"] > 10_000 and grown["max_size"] == 20_000_000_000
+    assert invoke("cache", "limit", "10KB").exit_code == 0
     recipe.write_text(recipe.read_text().replace("0.5", "0.6"))
     result = invoke("build", str(recipe))
     assert "trimmed the cache" in result.stderr
     info = json.loads(invoke("cache", "info", "--json").stdout)
-    assert info["max_size"] == 1_000_000 and info["size"] <= 1_000_000
+    assert info["max_size"] == 10_000 and info["size"] <= 10_000
 
 
 @pytest.mark.parametrize("foreign", [b"my notes\n", b"not sdrecipe's model"])
-def test_a_file_sdrecipe_did_not_write_is_never_replaced_by_an_output(tmp_path, models, foreign):
+def test_a_file_sdrecipe_did_not_write_is_never_replaced_by_an_output(
+    tmp_path, small_models, foreign
+):
+    models = small_models
     output = tmp_path / "out" / "precious.safetensors"
     output.parent.mkdir()
     output.write_bytes(foreign)

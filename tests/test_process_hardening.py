@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli, run_in_process, start_paused_build, write_recipe
+from conftest import run_in_process, start_paused_build, write_recipe
 from sdrecipe import methods  # noqa: F401  (registers every method)
 from sdrecipe.cache.store import OBJECT, Cache, Location
 from sdrecipe.engine.builder import update_outputs
@@ -62,7 +62,10 @@ def sigint_ignored():
 
 
 @pytest.fixture
-def one_output(tmp_path, models):
+def one_output(tmp_path, small_models):
+    """The small models (39 keys): a build paused at its 20th key or cache object
+    is as certainly mid-way as one of 1131 keys."""
+    models = small_models
     return write_recipe(
         tmp_path,
         f"""
@@ -82,7 +85,7 @@ def test_a_stop_signal_while_a_worker_computes_stops_the_build(
 ):
     signals = tmp_path / "signals"
     with sigint_ignored() if inherited == "sigint-ignored" else contextlib.nullcontext():
-        process = start_paused_build("key", 100, signals, "build", "-j", "1", str(one_output))
+        process = start_paused_build("key", 20, signals, "build", "-j", "1", str(one_output))
     stderr = signal_and_resume(process, sent, signals)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
@@ -95,27 +98,28 @@ def test_a_stop_signal_during_a_cache_write_leaves_only_complete_entries(
     tmp_path, one_output, isolated_cache, sent
 ):
     signals = tmp_path / "signals"
-    process = start_paused_build("object", 50, signals, "build", "-j", "1", str(one_output))
+    process = start_paused_build("object", 20, signals, "build", "-j", "1", str(one_output))
     stderr = signal_and_resume(process, sent, signals)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out.safetensors").exists()
     assert temporaries(tmp_path) == []
     objects = sorted(isolated_cache.glob("objects/*/*.safetensors"))
-    assert len(objects) >= 49
+    assert len(objects) >= 19
     cache = Cache(isolated_cache)
     for path in objects:  # each verifies against the digest it is named by
         digest = path.name.removesuffix(".safetensors")
         cache.open_entry(Location(OBJECT, digest, "tensor", digest))
-    again = run_cli("build", "--json", str(one_output))
+    again = run_in_process("build", "--json", str(one_output))
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["cache"]["corrupt_entries"] == 0
 
 
 @STOPS
 def test_a_stop_signal_while_publishing_completes_the_outputs_and_lock_then_exits_130(
-    tmp_path, models, sent
+    tmp_path, small_models, sent
 ):
+    models = small_models
     recipe = write_recipe(
         tmp_path,
         f"""
@@ -133,7 +137,7 @@ def test_a_stop_signal_while_publishing_completes_the_outputs_and_lock_then_exit
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert temporaries(tmp_path) == []
     # All or none: both outputs and the lock that describes them are in place.
-    again = run_cli("build", "--json", str(recipe))
+    again = run_in_process("build", "--json", str(recipe))
     assert again.returncode == 0, again.stderr
     states = {o["name"]: o["result"] for o in json.loads(again.stdout)["outputs"]}
     assert states == {"mix": "up to date", "far": "up to date"}
@@ -221,7 +225,8 @@ def test_a_seeded_mask_differs_between_keys_of_one_shape_and_repeats_per_key(met
 
 
 @pytest.fixture
-def small_recipe(tmp_path, models):
+def small_recipe(tmp_path, small_models):
+    models = small_models
     return write_recipe(
         tmp_path,
         f"""
@@ -258,14 +263,16 @@ def server(answer: bool):
 
 @pytest.mark.parametrize(
     ("answer", "message"),
-    [(False, "no Dask scheduler answered within 10 s"), (True, "not as a Dask scheduler")],
+    [(False, "no Dask scheduler answered within 2 s"), (True, "not as a Dask scheduler")],
     ids=["silent", "web-server"],
 )
 def test_a_scheduler_address_where_no_dask_scheduler_answers_is_refused(
-    tmp_path, small_recipe, answer, message
+    tmp_path, small_recipe, answer, message, monkeypatch
 ):
+    # The wait is 10 s in use; its rule is the same at 2 s.
+    monkeypatch.setattr("sdrecipe.engine.cluster.CONNECT_SECONDS", 2)
     with server(answer) as address:
-        result = run_cli("build", "--scheduler", address, str(small_recipe))
+        result = run_in_process("build", "--scheduler", address, str(small_recipe))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.safetensors").exists()

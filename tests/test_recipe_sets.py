@@ -19,7 +19,19 @@ from conftest import as32, invoke, write_recipe
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.recipe.matrix import read_matrix
 
-KEY = "model.diffusion_model.out.2.weight"
+KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+
+
+@pytest.fixture
+def models(small_models: dict[str, Path]) -> dict[str, Path]:
+    """Models of 39 keys: how recipes join into one graph does not depend on their size."""
+    return small_models
+
+
+@pytest.fixture
+def arrays(models: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
+    """The small models loaded with the reference safetensors library."""
+    return {name: load_file(path) for name, path in models.items()}
 
 
 def team_folder(folder: Path, models: dict[str, Path], alpha: float = 0.5) -> Path:
