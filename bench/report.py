@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,27 +18,30 @@ ADVANCED = {
     "ties": "Scenario 9a: TIES of four models, `ties(C, A, B, D, density=0.2)`",
     "dare_ties": "Scenario 9b: DARE of four models, `dare_ties(C, A, B, D, drop=0.9)`",
     "slerp": "Scenario 9c: SLERP of two, `slerp(A, B, t=0.5)`",
-    "breadcrumbs": "Scenario 18a: breadcrumbs of four models, "
-    "`breadcrumbs(C, A, B, D, density=0.9, gamma=0.01)`",
-    "della": "Scenario 18b: DELLA of four models, `della(C, A, B, D, drop=0.3, epsilon=0.1)` "
-    "(mergekit's `della_linear`, density 0.7)",
-    "sce": "Scenario 18c: SCE of four models, `sce(C, A, B, D, select_topk=1.0)`",
 }
-# Issue 32's SVD methods: sdrecipe alone, on SD1.5 (scenario 18) and SDXL (19, opt-in).
-SVD = {
-    "iso_c": "Scenario 18d: `iso_c(C, A, B, D)`, SD1.5, cold",
-    "tsv": "Scenario 18e: `tsv(C, A, B, D)`, SD1.5, cold",
-    "sdxl_iso_c": "Scenario 19a: `iso_c(C, A, B)`, full-size SDXL, cold",
-    "sdxl_tsv": "Scenario 19b: `tsv(C, A, B)`, full-size SDXL, cold",
-}
-# The cold `A + (B - C)` ratio each method is held to (issue 12's and issue 32's).
-WITHIN = {"ties": 1.5, "dare_ties": 1.5, "breadcrumbs": 2.0, "della": 2.0, "sce": 2.0}
-
-
-SVD_NOTE = (
-    "Bound by the float64 SVDs of each matrix key (Δ's, and for TSV each task vector's "
-    "and two polar factors'), one core per key: see the README's figures per matrix size."
+NEWER_HEADING = "## Scenario 18: the newer task-vector methods, four full-size SD1.5 models"
+NEWER_ABOUT = (
+    "In one run: sdrecipe's cold `A + (B − C)` (scenario 1's recipe), which the task-vector "
+    "methods are held to, then each method of `C` (the base) and `A`, `B`, `D` at its "
+    "defaults, fp16 out: TIES and DARE-TIES (scenario 9's recipes), breadcrumbs, DELLA and "
+    "SCE side by side with mergekit (`mergekit-pytorch`: `breadcrumbs`, `della_linear` with "
+    "density 0.7, `sce`), iso_c and TSV alone (no peer has them)."
 )
+# Each method's recipe call, and the multiple of the cold `A + (B - C)` it is held to.
+NEWER = {
+    "newer_ties": ("ties(C, A, B, D, density=0.2)", 1.5),
+    "newer_dare_ties": ("dare_ties(C, A, B, D, drop=0.9)", 1.5),
+    "breadcrumbs": ("breadcrumbs(C, A, B, D, density=0.9, gamma=0.01)", 2.0),
+    "della": ("della(C, A, B, D, drop=0.3, epsilon=0.1)", 2.0),
+    "sce": ("sce(C, A, B, D, select_topk=1.0)", 2.0),
+    "iso_c": ("iso_c(C, A, B, D)", None),
+    "tsv": ("tsv(C, A, B, D)", None),
+}
+SVD_BOUND = (
+    "iso_c and TSV are bound by their float64 SVDs, one matrix key per core (the README "
+    "gives their cost per matrix size); they are held to no multiple."
+)
+SVD_SDXL_HEADING = "## Scenario 19: iso_c and TSV of three full-size SDXL models"
 
 
 def _mb(kilobytes: float) -> str:
@@ -68,10 +72,10 @@ def _side_by_side(results: dict[str, Result]) -> list[str]:
     return lines
 
 
-def _single(title: str, result: Result, note: str = "") -> list[str]:
+def _single(title: str, result: Result, note: str = "", level: str = "##") -> list[str]:
     walls = ", ".join(f"{run.wall:.2f}" for run in result.runs if not run.error)
     lines = [
-        f"## {title}",
+        f"{level} {title}",
         "",
         "| median wall | peak anonymous | peak RSS | runs (s) |",
         "|---|---|---|---|",
@@ -165,21 +169,10 @@ def _advanced_targets(report: dict, add_difference: float) -> list[tuple]:
         )
         beaten = all(not math.isnan(w) and w > ours for w in peers.values())
         rows.append((f"{method} vs every peer", "faster than each", shown, beaten))
-        if method in WITHIN:
-            ratio, bound = ours / add_difference, WITHIN[method]
+        if method != "slerp":
+            ratio = ours / add_difference
             rows.append(
-                (f"{method} vs cold `A + (B − C)`", f"≤ {bound}×", f"{ratio:.2f}×", ratio <= bound)
-            )
-    for method in SVD:
-        if method in report:
-            wall = report[method].median("wall")
-            rows.append(
-                (
-                    f"{method} (float64 SVDs) vs cold `A + (B − C)`",
-                    "report (bound: the SVDs)",
-                    f"{_s(wall)} ({wall / add_difference:.1f}×)",
-                    None,
-                )
+                (f"{method} vs cold `A + (B − C)`", "≤ 1.5×", f"{ratio:.2f}×", ratio <= 1.5)
             )
     default, uncached = report["five_inputs"].median("wall"), report["five_inputs_uncached"]
     rows.append(
@@ -625,9 +618,82 @@ def flux_lora_section(report: dict) -> list[str]:
     return lines
 
 
-def _with_target_rows(text: str, rows: list[tuple]) -> str:
-    """`text` with scenario 17's rows of its `## Targets` table replaced by `rows`
-    (before the no-op rebuild's row, where the full report puts them)."""
+def newer_section(report: dict) -> list[str]:
+    """Scenario 18's section: `python -m bench.run --only newer`."""
+    lines = _section_head(report, "newer", NEWER_HEADING, "--only newer")
+    lines += [NEWER_ABOUT, "", *_table(_newer_targets(report)), "", SVD_BOUND, ""]
+    lines += _single("the baseline: `A + (B − C)`", report["newer_add_difference"], level="###")
+    for key, (call, _) in NEWER.items():
+        result = report.get(key)
+        if isinstance(result, dict):
+            lines += [f"### `{call}`", "", *_side_by_side(result), ""]
+        elif result is not None:
+            lines += _single(f"`{call}`", result, level="###")
+    return lines
+
+
+def _newer_targets(report: dict) -> list[tuple]:
+    """Scenario 18's targets: each method against the cold `A + (B - C)` of the
+    same run (a multiple, or reported alone for the SVD methods) and against
+    mergekit where it has the method."""
+    baseline = report["newer_add_difference"].median("wall")
+    rows: list[tuple] = []
+    for key, (_, bound) in NEWER.items():
+        result = report.get(key)
+        if result is None:
+            continue
+        ours = result["sdrecipe"] if isinstance(result, dict) else result
+        wall, method = ours.median("wall"), key.removeprefix("newer_")
+        measure = f"{method} vs cold `A + (B − C)`"
+        if bound is None:
+            rows.append((measure, "report", f"{_s(wall)} ({wall / baseline:.1f}×)", None))
+        else:
+            ratio = wall / baseline
+            rows.append((measure, f"≤ {bound}×", f"{ratio:.2f}×", ratio <= bound))
+        if isinstance(result, dict) and "mergekit" in result:
+            theirs = result["mergekit"].median("wall")
+            shown = "failed" if math.isnan(theirs) else f"{theirs / wall:.1f}× as long"
+            rows.append((f"{method} vs mergekit", "faster", shown, theirs > wall))
+    return rows
+
+
+def svd_sdxl_section(report: dict) -> list[str]:
+    """Scenario 19's section: `python -m bench.run --only svd_sdxl`."""
+    lines = _section_head(report, "svd_sdxl", SVD_SDXL_HEADING, "--only svd_sdxl")
+    lines += [f"sdrecipe alone, cold, fp16 out. {SVD_BOUND}", ""]
+    for method in ("iso_c", "tsv"):
+        if f"sdxl_{method}" in report:
+            lines += _single(f"`{method}(C, A, B)`", report[f"sdxl_{method}"], level="###")
+    return lines
+
+
+# The opt-in groups' sections, the file's last, in this order: each heading, whether
+# a report has the group's figures, and its renderer.
+OPT_IN_SECTIONS: tuple[tuple[str, Callable[[dict], bool], Callable[[dict], list[str]]], ...] = (
+    (DIT_HEADING, lambda report: any(f"dit_{f}" in report for f in DIT_FAMILIES), dit_section),
+    (QUANT_HEADING, lambda report: "quant_machine" in report, quant_section),
+    (FLUX_LORA_HEADING, lambda report: "flux_lora_machine" in report, flux_lora_section),
+    (NEWER_HEADING, lambda report: "newer_machine" in report, newer_section),
+    (SVD_SDXL_HEADING, lambda report: "svd_sdxl_machine" in report, svd_sdxl_section),
+)
+
+
+def _top_rows(report: dict) -> list[tuple[tuple[str, ...], list[tuple]]]:
+    """The rows an opt-in group's figures give the `## Targets` table, with the
+    labels of the rows they replace."""
+    rows = []
+    if "flux_lora_machine" in report:
+        rows.append((FLUX_LORA_LABELS, _flux_lora_targets(report)))
+    if "newer_machine" in report:
+        labels = tuple(f"{m} vs cold `A + (B − C)`" for m in ("ties", "dare_ties"))
+        rows.append((labels, [row for row in _newer_targets(report) if row[0] in labels]))
+    return rows
+
+
+def _with_target_rows(text: str, rows: list[tuple], labels: tuple[str, ...]) -> str:
+    """`text` with the rows of its `## Targets` table whose measure starts with one
+    of `labels` replaced by `rows` (where the first was, else before the no-op
+    rebuild's row)."""
     lines = text.split("\n")
     if "## Targets" not in lines:
         return text
@@ -639,48 +705,47 @@ def _with_target_rows(text: str, rows: list[tuple]) -> str:
         end += 1
     if start == end:
         return text
-    ours = tuple(f"| {label}" for label in FLUX_LORA_LABELS)
-    table = [line for line in lines[start:end] if not line.startswith(ours)]
-    at = next((i for i, line in enumerate(table) if line.startswith("| no-op rebuild")), len(table))
+    ours = tuple(f"| {label}" for label in labels)
+    table = lines[start:end]
+    old = [i for i, line in enumerate(table) if line.startswith(ours)]
+    table = [line for line in table if not line.startswith(ours)]
+    rebuild = (i for i, line in enumerate(table) if line.startswith("| no-op rebuild"))
+    at = old[0] if old else next(rebuild, len(table))
     table[at:at] = _table(rows)[2:]
     return "\n".join(lines[:start] + table + lines[end:])
 
 
 def _opt_in_sections(text: str, report: dict) -> str:
-    """`text` (BENCHMARKS.md) with the sections of scenarios 15, 16 and 17 replaced by
-    those `report` has; they are the file's last, in that order. Scenario 17's rows of
-    the targets table at the top are replaced too."""
-    text, _, flux = text.partition(FLUX_LORA_HEADING)
-    result = _dit_and_quant_sections(text, report)
-    if "flux_lora_machine" in report:
-        result = _with_target_rows(result, _flux_lora_targets(report))
-        section = "\n".join(flux_lora_section(report))
-        return result.rstrip() + "\n\n" + section if result.strip() else section
-    return result + FLUX_LORA_HEADING + flux if flux else result
-
-
-def _dit_and_quant_sections(text: str, report: dict) -> str:
-    """`text` with the sections of scenarios 15 and 16 replaced by those `report` has."""
-    head, _, rest = text.partition(DIT_HEADING)
-    dit, _, quant = rest.partition(QUANT_HEADING)
-    if QUANT_HEADING in head:
-        head, _, quant = head.partition(QUANT_HEADING)
-    parts = [head.rstrip() + "\n\n"]
-    if "dit_machine" in report:
-        parts.append("\n".join(dit_section(report)))
-    elif dit:
-        parts.append(DIT_HEADING + dit)
-    if "quant_machine" in report:
-        parts.append("\n".join(quant_section(report)))
-    elif quant:
-        parts.append(QUANT_HEADING + quant)
-    return "".join(parts)
+    """`text` (BENCHMARKS.md) with the section of each opt-in group `report` has
+    replaced (or added) and its rows of the targets table too; the others kept."""
+    lines = text.split("\n")
+    starts = sorted(
+        (i, heading)
+        for i, line in enumerate(lines)
+        for heading, _, _ in OPT_IN_SECTIONS
+        if line.startswith(heading)
+    )
+    ends = [i for i, _ in starts[1:]] + [len(lines)]
+    kept = {
+        heading: "\n".join(lines[i:end]) for (i, heading), end in zip(starts, ends, strict=True)
+    }
+    head = "\n".join(lines[: starts[0][0]] if starts else lines)
+    parts = [head.rstrip()] if head.strip() else []
+    for heading, present, render in OPT_IN_SECTIONS:
+        if present(report):
+            parts.append("\n".join(render(report)).rstrip())
+        elif heading in kept:
+            parts.append(kept[heading].rstrip())
+    result = "\n\n".join(parts) + "\n"
+    for labels, rows in _top_rows(report):
+        result = _with_target_rows(result, rows, labels)
+    return result
 
 
 def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
-    """Write BENCHMARKS.md from a finished run. A report with scenarios 15, 16 or 17
-    alone (`--only dit,quant,flux_lora` with no earlier full run's figures) replaces
-    their sections of the file, the last three."""
+    """Write BENCHMARKS.md from a finished run. A report of opt-in groups alone
+    (`--only newer`, say, with no earlier full run's figures) replaces their
+    sections of the file, its last, and their rows of the targets table."""
     if "io_floor" not in report:
         path.write_text(_opt_in_sections(path.read_text() if path.exists() else "", report))
         return
@@ -754,9 +819,6 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
     for key, title in ADVANCED.items():
         if key in report:
             lines += [f"## {title}", "", *_side_by_side(report[key]), ""]
-    for key, title in SVD.items():
-        if key in report:
-            lines += _single(title, report[key], SVD_NOTE)
     if "ties_cold" in report:
         lines += _single(
             "Scenario 10: `tuned: ties(C, A, B, D, density=0.2) - C`, `merged: A + 0.5 * tuned`, "
@@ -830,10 +892,7 @@ def write_report(path: Path, report: dict, machine: dict[str, str]) -> None:
         )
     if "sweep" in report:
         lines += sweep_section(report)
-    if any(f"dit_{family}" in report for family in DIT_FAMILIES):
-        lines += dit_section(report)
-    if "quant_machine" in report:
-        lines += quant_section(report)
-    if "flux_lora_machine" in report:
-        lines += flux_lora_section(report)
+    for _, present, render in OPT_IN_SECTIONS:
+        if present(report):
+            lines += render(report)
     path.write_text("\n".join(lines))

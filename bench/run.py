@@ -17,6 +17,8 @@ Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=0 leaves out the SDXL scen
                                                only when named, 48 GB of files at once and
                                                10 GB left free: ~59 GB free at the start)
        python -m bench.run --report-only      (re-render from build/bench/results.json)
+       python -m bench.run --only newer       (scenario 18, the newer methods and TIES against
+                                               a cold A + (B - C) and mergekit: only when named)
        python -m bench.run --only svd_sdxl    (scenario 19, iso_c and tsv of full-size SDXL:
                                                only when named, hours on two cores)
 BENCH_DIT_SHRINK=16 python -m bench.run --only dit: the same at a 16th of the widths, to
@@ -617,18 +619,28 @@ def advanced_scenarios(rounds: int, skip: dict[str, str], report: dict[str, obje
 
 
 def newer_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
-    """Scenario 18: breadcrumbs, DELLA and SCE of four SD1.5 models against
-    mergekit; iso_c and TSV alone (no peer has them)."""
+    """Scenario 18 (only when named), one run on the SD1.5 inputs: the cold
+    `A + (B - C)` that the task-vector methods are held to, TIES and DARE-TIES;
+    breadcrumbs, DELLA and SCE side by side with mergekit; iso_c and TSV alone
+    (no peer has them)."""
+    print("scenario 18: the baseline, cold A + (B - C)", flush=True)
+    report["newer_add_difference"] = cold_builds(
+        "newer-add_difference", "add_difference.yaml", rounds
+    )
+    for method in ("ties", "dare_ties"):
+        print(f"scenario 18: {method}, sdrecipe alone", flush=True)
+        report[f"newer_{method}"] = cold_builds(f"newer-{method}", f"{method}.yaml", rounds)
     for method in NEWER_METHODS:
         print(f"scenario 18: {method}, side by side with mergekit", flush=True)
         hash_inputs(f"{method}.yaml")
         commands = _sdrecipe_and_peers(method, FOUR_INPUTS)
-        del commands["sd-mecha"]  # none of the three
+        del commands["sd-mecha"]  # has none of the three
         report[method] = side_by_side(method, commands, rounds, skip)
         free_cache()
     for method in SVD_METHODS:
         print(f"scenario 18: {method}, sdrecipe alone", flush=True)
         report[method] = cold_builds(method, f"{method}.yaml", rounds)
+    report["newer_machine"] = machine()
 
 
 def svd_sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
@@ -638,6 +650,7 @@ def svd_sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, obje
     for method in SVD_METHODS:
         print(f"scenario 19: SDXL {method}", flush=True)
         report[f"sdxl_{method}"] = cold_builds(f"sdxl_{method}", f"sdxl_{method}.yaml", rounds)
+    report["svd_sdxl_machine"] = machine()
 
 
 def sdxl_commands() -> dict[str, list[str]]:
@@ -1296,7 +1309,9 @@ SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] =
     "flux_lora": flux_lora_scenarios,
     "svd_sdxl": svd_sdxl_scenarios,
 }
-OPT_IN = {"dit", "quant", "flux_lora", "svd_sdxl"}  # groups that run only when `--only` names them
+# Groups that run only when `--only` names them, and those that use no SD1.5 input.
+OPT_IN = {"dit", "quant", "flux_lora", "newer", "svd_sdxl"}
+OWN_MODELS = {"dit", "quant", "flux_lora", "svd_sdxl"}
 # The peers a group runs; the others run them all.
 GROUP_PEERS: dict[str, list[str]] = {
     "dit": ["sd-mecha"],
@@ -1347,7 +1362,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "logs").mkdir(exist_ok=True)
     needs_sdxl = "sdxl" in groups or ("lora" in groups and sdxl)
-    needs_sd15 = any(group not in OPT_IN for group in groups)
+    needs_sd15 = any(group not in OWN_MODELS for group in groups)
     ensure_models((SD15_MODELS if needs_sd15 else {}) | (SDXL_MODELS if needs_sdxl else {}))
     peers = {peer for group in groups for peer in GROUP_PEERS.get(group, PEERS)}
     skip = {name: error for name in PEERS if name in peers and (error := ensure_peer(name))}
