@@ -622,6 +622,8 @@ def newer_section(report: dict) -> list[str]:
     """Scenario 18's section: `python -m bench.run --only newer`."""
     lines = _section_head(report, "newer", NEWER_HEADING, "--only newer")
     lines += [NEWER_ABOUT, "", *_table(_newer_targets(report)), "", SVD_BOUND, ""]
+    missing = [f"`{call}`" for key, (call, _) in NEWER.items() if key not in report]
+    lines += [f"Not measured in this run: {', '.join(missing)}.", ""] if missing else []
     lines += _single("the baseline: `A + (B − C)`", report["newer_add_difference"], level="###")
     for key, (call, _) in NEWER.items():
         result = report.get(key)

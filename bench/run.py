@@ -623,6 +623,7 @@ def newer_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
     `A + (B - C)` that the task-vector methods are held to, TIES and DARE-TIES;
     breadcrumbs, DELLA and SCE side by side with mergekit; iso_c and TSV alone
     (no peer has them)."""
+    report["newer_machine"] = machine()  # first: an interrupted run still renders
     print("scenario 18: the baseline, cold A + (B - C)", flush=True)
     report["newer_add_difference"] = cold_builds(
         "newer-add_difference", "add_difference.yaml", rounds
@@ -640,17 +641,16 @@ def newer_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
     for method in SVD_METHODS:
         print(f"scenario 18: {method}, sdrecipe alone", flush=True)
         report[method] = cold_builds(method, f"{method}.yaml", rounds)
-    report["newer_machine"] = machine()
 
 
 def svd_sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
     """Scenario 19 (only when named: hours on two cores): iso_c and TSV of three
     full-size SDXL models."""
+    report["svd_sdxl_machine"] = machine()
     ensure_models(SDXL_MODELS)
     for method in SVD_METHODS:
         print(f"scenario 19: SDXL {method}", flush=True)
         report[f"sdxl_{method}"] = cold_builds(f"sdxl_{method}", f"sdxl_{method}.yaml", rounds)
-    report["svd_sdxl_machine"] = machine()
 
 
 def sdxl_commands() -> dict[str, list[str]]:
