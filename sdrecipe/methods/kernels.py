@@ -1,7 +1,8 @@
 """Compiled loops for the task-vector methods' per-element work.
 
-TIES' trim, sign election and disjoint mean, DARE's drop mask and a top-k
-threshold's counting pass each took several numpy passes over every piece
+TIES' trim, sign election and disjoint mean, DARE's drop mask, DELLA's
+MagPrune and a top-k threshold's counting pass each took several numpy passes
+over every piece
 (conversions, temporaries, boolean masks); here each is one loop over the
 piece, compiled by numba on first use (and cached on disk), releasing the
 GIL so the executor's workers run side by side. The loops read float16 and
