@@ -170,11 +170,7 @@ def breadcrumbs(
     fraction (mergekit's magnitude_outliers); `base + alpha·mean` of them."""
     vectors = TaskVectors(base, models, dtype)
     producers = _outlier_trims(vectors, density, gamma)()
-
-    def combine(base_piece: Tensor, piece: slice) -> Tensor:
-        return mean_added([produce(piece, base_piece) for produce in producers], base_piece, alpha)
-
-    return vectors.result(combine)
+    return vectors.merged(producers, functools.partial(mean_added, alpha=alpha))
 
 
 @merge_method(elementwise=False, min_models=2)
@@ -191,12 +187,7 @@ def breadcrumbs_ties(
     `alpha` times to the base (mergekit's breadcrumbs_ties)."""
     vectors = TaskVectors(base, models, dtype)
     producers = _outlier_trims(vectors, density, gamma)()
-
-    def combine(base_piece: Tensor, piece: slice) -> Tensor:
-        deltas = [produce(piece, base_piece) for produce in producers]
-        return ties_merge(deltas, base_piece, alpha, sign)
-
-    return vectors.result(combine)
+    return vectors.merged(producers, functools.partial(ties_merge, alpha=alpha, rule=sign))
 
 
 # --- DELLA -----------------------------------------------------------------------------
@@ -320,10 +311,7 @@ def della(
     is dropped with a probability from `drop + epsilon` (the smallest magnitude
     of its row) to `drop - epsilon` (the largest), the rest scaled by
     1/(1 - probability) if `rescale`; `base + alpha·mean` (mergekit's della_linear)."""
-
-    def mean(deltas: list[Tensor], base_piece: Tensor) -> Tensor:
-        return mean_added(deltas, base_piece, alpha)
-
+    mean = functools.partial(mean_added, alpha=alpha)
     return _della(base, models, mean, drop, epsilon, seed, rescale, context.key, dtype)
 
 
@@ -342,10 +330,7 @@ def della_ties(
 ) -> Tensor:
     """DELLA's MagPrune as `della`, then TIES' sign election and disjoint mean,
     added `alpha` times to the base (mergekit's della)."""
-
-    def elect(deltas: list[Tensor], base_piece: Tensor) -> Tensor:
-        return ties_merge(deltas, base_piece, alpha, sign)
-
+    elect = functools.partial(ties_merge, alpha=alpha, rule=sign)
     return _della(base, models, elect, drop, epsilon, seed, rescale, context.key, dtype)
 
 

@@ -157,6 +157,20 @@ class TaskVectors:
             out[piece] = combine(self.base_piece(piece), piece)
         return out.reshape(self.shape)
 
+    def merged(
+        self,
+        producers: list[Callable[[slice, Tensor], Tensor]],
+        merge: Callable[[list[Tensor], Tensor], Tensor],
+    ) -> Tensor:
+        """The tensor whose every piece is `merge(task vectors, base piece)`, the
+        task vectors on it from `producers` (each a function of the piece and
+        the base piece)."""
+
+        def combine(base_piece: Tensor, piece: slice) -> Tensor:
+            return merge([produce(piece, base_piece) for produce in producers], base_piece)
+
+        return self.result(combine)
+
 
 def sample_step(numel: int) -> int:
     """The stride at which `magnitude_threshold` samples `numel` magnitudes."""
@@ -380,11 +394,7 @@ def dare(
     vectors = TaskVectors(base, models, dtype)
     delta_of = _dropped(vectors, drop, seed, rescale, context.key)
     producers = [delta_of(i) for i in range(len(models))]
-
-    def combine(base_piece: Tensor, piece: slice) -> Tensor:
-        return mean_added([produce(piece, base_piece) for produce in producers], base_piece, alpha)
-
-    return vectors.result(combine)
+    return vectors.merged(producers, functools.partial(mean_added, alpha=alpha))
 
 
 @merge_method(elementwise=False, min_models=2)
