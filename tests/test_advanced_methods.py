@@ -4,6 +4,8 @@ called directly on tensors and built end to end from recipes."""
 from __future__ import annotations
 
 import math
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from safetensors.numpy import load_file
 from conftest import POSITION_IDS, UNET_IN, as32, invoke, write_recipe
 from sdrecipe.engine.builder import update_outputs
 from sdrecipe.methods import get_method
+from sdrecipe.methods.registry import preload_kernels, registered_methods
 from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, DropMask, magnitude_threshold
 from sdrecipe.plan.prepare import prepare
 from sdrecipe.recipe.per_key import KeyContext
@@ -209,6 +212,21 @@ def test_magnitude_threshold_is_the_exact_kth_largest(numel, density):
         assert threshold == 0.0
     else:
         assert threshold == np.sort(values)[::-1][keep - 1]
+
+
+COMPILED = ["ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
+COMPILED += ["della", "della_ties", "sce"]
+
+
+def test_methods_on_compiled_loops_are_marked_and_preloaded():
+    """A build that calls one of them loads the loops while it prepares."""
+    assert sorted(m.name for m in registered_methods() if m.compiled) == sorted(COMPILED)
+    preload_kernels()
+    loading = [t for t in threading.enumerate() if t.name == "sdrecipe-kernels"]
+    for thread in loading:
+        thread.join(timeout=60)
+    assert "sdrecipe.methods.kernels" in sys.modules
+    assert not any(thread.is_alive() for thread in loading)
 
 
 def dare_masks(key: str, seed: int, drop: float, count: int, numel: int):

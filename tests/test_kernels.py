@@ -1,21 +1,26 @@
 """The compiled loops give the bytes of the numpy and torch expressions they
 replaced (sdrecipe's earlier releases computed these, and their locks name
-those bytes): TIES' trim, election and disjoint mean, DARE's drop, and the
-threshold's counting pass; special values included."""
+those bytes): TIES' trim, election and disjoint mean, DARE's drop, the
+threshold's counting pass, breadcrumbs' trims with their mean or TIES, and SCE's
+weighted mean; special values included."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
+from sdrecipe.methods import get_method
 from sdrecipe.methods.kernels import count_and_gather, magprune
-from sdrecipe.methods.sparse import _ascending_order
+from sdrecipe.methods.sparse import _ascending_order, breadcrumbs, breadcrumbs_ties
 from sdrecipe.methods.task_vectors import (
     PIECE_ELEMENTS,
     DropMask,
     TaskVectors,
     _thresholds,
+    sample_step,
     ties_merge,
 )
 
@@ -183,3 +188,190 @@ def test_magprune_gives_numpys_bytes(dtype, width, drop, epsilon, rescale):
     got = values.copy()
     magprune(got, _ascending_order(np.abs(got)), words, drop, epsilon, rescale)
     assert got.tobytes() == expected.tobytes()
+
+
+def reference_threshold(magnitudes, keep):
+    """magnitude_threshold as it was: the strided sample brackets the keep-th
+    largest, one pass counts above and gathers inside the bracket, a bracket
+    that misses selects from all."""
+    numel = magnitudes.size
+    if keep >= numel:
+        return 0.0
+    if keep <= 0:
+        return math.inf
+    step = sample_step(numel)
+    ordered = np.sort(magnitudes[::step])
+    size = ordered.size
+    if step == 1:
+        return ordered[size - keep].item()
+    rank = keep / numel * size
+    margin = 4.0 * math.sqrt(rank * (1.0 - keep / numel)) + 8.0
+    high_rank, low_rank = math.floor(rank - margin), math.ceil(rank + margin)
+    high = ordered[size - 1 - high_rank].item() if high_rank >= 0 else math.inf
+    low = ordered[size - 1 - low_rank].item() if low_rank < size else 0.0
+    above = np.count_nonzero(magnitudes > high)
+    candidates = torch.from_numpy(magnitudes[(magnitudes >= low) & (magnitudes <= high)])
+    wanted = keep - above
+    if not 0 < wanted <= candidates.numel():
+        candidates, wanted = torch.from_numpy(magnitudes), keep
+    return candidates.kthvalue(candidates.numel() - wanted + 1).values.item()
+
+
+def reference_outliers(delta, density, gamma):
+    """Breadcrumbs' trim as numpy computed it before the kernels: entries of
+    magnitude strictly between the thresholds, and of those equal to one, the
+    ones whose ordinal among them (flat order) falls in the kept ranks."""
+    numel = delta.size
+    target = int(density * numel)
+    bottom = max(0, numel - target - int(gamma * numel))
+    stop = bottom + target
+    if target >= numel:
+        return delta
+    if target <= 0:
+        return np.zeros_like(delta)
+    magnitudes = np.abs(delta)
+    low = reference_threshold(magnitudes, numel - bottom)
+    high = reference_threshold(magnitudes, numel - stop + 1) if stop < numel else None
+    keep = magnitudes > low
+    if high is not None:
+        keep &= magnitudes < high
+    below_low = np.count_nonzero(magnitudes < low)
+    ties = [(low, bottom - below_low, stop - below_low)]
+    if high is not None and high != low:
+        ties.append((high, 0, stop - np.count_nonzero(magnitudes < high)))
+    for value, first, last in ties:
+        equal = magnitudes == value
+        ordinal = np.cumsum(equal) - 1
+        keep |= equal & (ordinal >= first) & (ordinal < last)
+    return delta * keep
+
+
+def reference_breadcrumbs(base, models, dtype, density, gamma, alpha, sign):
+    """breadcrumbs (`sign` None) or breadcrumbs_ties as numpy and torch computed
+    them, the latter's election and mean by `ties_merge`: where NaNs of both signs
+    meet, its bytes are the compiled loop's, not numpy's."""
+    deltas = [(model.to(dtype) - base.to(dtype)).numpy() for model in models]
+    trimmed = [reference_outliers(delta, density, gamma) for delta in deltas]
+    if sign is not None:
+        tensors = [torch.from_numpy(value) for value in trimmed]
+        return ties_merge(tensors, base.to(dtype), alpha, sign).numpy()
+    total = torch.from_numpy(trimmed[0].copy())
+    for value in trimmed[1:]:
+        total.add_(torch.from_numpy(value))
+    return total.mul_(alpha / len(trimmed)).add_(base.to(dtype)).numpy()
+
+
+def breadcrumbs_operands(kind, size, stored):
+    """A base and three models: `tied` differ by multiples of 1/16 (a few
+    magnitudes, each many times, so every threshold is tied), `special`
+    as `special()`, `extreme` with one in 40 entries NaN or infinite (the
+    brackets miss; thresholds infinite or NaN). NaNs of both signs meet in
+    sums and differences (torch gives the second operand's)."""
+    rng = np.random.default_rng(size)
+    if kind == "tied":
+        base = rng.integers(-64, 64, size) / 16.0
+        operands = [base] + [base + rng.integers(-8, 9, size) / 16.0 for _ in range(3)]
+        for values in operands[1:]:
+            values[rng.integers(0, size, size // 500)] = np.nan
+            values[rng.integers(0, size, size // 50)] = -np.inf  # the top 1%: tied at inf
+    else:
+        operands = [special(rng, size, np.float64) for _ in range(4)]
+        if kind == "extreme":
+            for values in operands[1:]:
+                values[rng.integers(0, size, size // 40)] = np.nan
+                values[rng.integers(0, size, size // 40)] = np.inf
+            operands[0][rng.integers(0, size, size // 40)] = -np.nan
+    tensors = [torch.from_numpy(values).to(stored) for values in operands]
+    return tensors[0], tuple(tensors[1:])
+
+
+BREADCRUMBS_SETTINGS = [
+    (0.9, 0.01, 1.0, "sum"),
+    (0.4, 0.2, 0.7, "count"),
+    (0.9, 0.0, 1.0, "sum"),  # nothing above is dropped
+    (1.0, 0.3, 0.5, "sum"),  # everything kept
+    (0.6, 0.5, -0.4, "count"),  # nothing below is dropped
+    (0.0, 0.1, 1.0, "sum"),  # nothing kept
+    (0.05, 0.9, 1.3, "sum"),
+    (0.02, 0.5, 1.0, "sum"),  # both thresholds one tied magnitude
+    (0.9, 0.06, 1.0, "count"),  # `tied`: the low threshold 0
+    (0.9, 0.04, 1.0, "sum"),  # `tied`: the low threshold above 0, its bracket from 0
+]
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["tied", "special", "extreme"])
+@pytest.mark.parametrize("size", [2 * PIECE_ELEMENTS + 4_099, 9_001])
+@pytest.mark.parametrize("ties", [False, True], ids=["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_gives_numpys_bytes(stored, kind, size, ties):
+    base, models = breadcrumbs_operands(kind, size, stored)
+    for density, gamma, alpha, sign in BREADCRUMBS_SETTINGS:
+        params = dict(density=density, gamma=gamma, alpha=alpha, dtype=torch.float32)
+        if ties:
+            got = breadcrumbs_ties(base, *models, sign=sign, **params)
+        else:
+            got = breadcrumbs(base, *models, **params)
+        expected = reference_breadcrumbs(
+            base, models, torch.float32, density, gamma, alpha, sign if ties else None
+        )
+        assert got.dtype == torch.float32
+        assert got.numpy().tobytes() == expected.tobytes(), (density, gamma)
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_in_float64_of_mixed_operands_gives_numpys_bytes(ties):
+    size = PIECE_ELEMENTS + 777
+    base, models = breadcrumbs_operands("tied", size, torch.float64)
+    models = (models[0].half(), models[1].bfloat16(), models[2])
+    for density, gamma, alpha, sign in BREADCRUMBS_SETTINGS[:3]:
+        params = dict(density=density, gamma=gamma, alpha=alpha, dtype=torch.float64)
+        if ties:
+            got = breadcrumbs_ties(base, *models, sign=sign, **params)
+        else:
+            got = breadcrumbs(base, *models, **params)
+        expected = reference_breadcrumbs(
+            base, models, torch.float64, density, gamma, alpha, sign if ties else None
+        )
+        assert got.numpy().tobytes() == expected.tobytes(), (density, gamma)
+
+
+def numpy_sce(base, models, alpha):
+    """SCE with every entry selected as numpy and torch computed it before the
+    compiled loops: float64 mean squares as weights, TIES' election by sums,
+    the weighted mean of the agreeing entries."""
+    deltas = [model.astype(np.float32) - base.astype(np.float32) for model in models]
+    squares = np.array([np.square(d, dtype=np.float64).sum() for d in deltas])
+    means = squares / max(1, base.size)
+    total = means.sum()
+    count = len(deltas)
+    weights = np.full(count, 1.0 / count) if abs(total) < 1e-6 else means / total
+    votes = deltas[0].copy()
+    for value in deltas[1:]:
+        votes += value
+    elected = np.where(votes >= 0, 1.0, -1.0).astype(votes.dtype)
+    weighted = np.zeros_like(votes)
+    weight = np.zeros_like(votes)
+    with np.errstate(invalid="ignore"):
+        for value, factor in zip(deltas, weights.astype(votes.dtype), strict=True):
+            erased = np.multiply(value * elected > 0, factor, dtype=votes.dtype)
+            weighted += value * erased
+            weight += erased
+    merged = np.divide(weighted, np.maximum(weight, 1e-6, out=weight), out=weighted)
+    return torch.from_numpy(merged).mul_(alpha).add_(torch.from_numpy(base.astype(np.float32)))
+
+
+@pytest.mark.parametrize("stored", [np.float16, np.float32])
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_sce_of_every_entry_gives_the_bytes_of_numpy(stored, alpha):
+    """One piece (the float64 sums of squares are numpy's pairwise sums of the
+    same arrays) with special values."""
+    rng = np.random.default_rng(5)
+    values = np.nan_to_num(special(rng, 50_000, np.float32), nan=0.25, posinf=3.0, neginf=-3.0)
+    base = values.astype(stored)
+    models = [(base + 0.05 * rng.standard_normal(base.size)).astype(stored) for _ in range(3)]
+    spec = get_method("sce")
+    got = spec.function(
+        torch.from_numpy(base), *map(torch.from_numpy, models), alpha=alpha, dtype=torch.float32
+    )
+    want = numpy_sce(base, models, alpha)
+    assert np.array_equal(got.numpy().view(np.uint32), want.numpy().view(np.uint32))

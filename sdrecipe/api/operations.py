@@ -32,6 +32,8 @@ from sdrecipe.engine.events import KEPT, CacheCounts, Listener
 from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError, SdrecipeError
 from sdrecipe.io.fingerprint import FileStat
+from sdrecipe.methods import get_method
+from sdrecipe.methods.registry import preload_kernels
 from sdrecipe.plan.recipe_set import (
     RECIPE_SUFFIXES,
     RecipeSet,
@@ -41,6 +43,7 @@ from sdrecipe.plan.recipe_set import (
 )
 from sdrecipe.plan.status import MATCHES_LOCK, NodeStatus, Status, proven_current
 from sdrecipe.recipe import Recipe
+from sdrecipe.recipe.expr import method_calls
 from sdrecipe.recipe.lock import read_lock
 
 if TYPE_CHECKING:
@@ -134,6 +137,8 @@ def build_recipe(
                 listener(events.OutputFinished(path, name, str(written), KEPT, size, digest))
             listener(events.RecipeFinished(path, True))
             return kept, CacheCounts(outputs_up_to_date=len(kept)), []
+    if any(get_method(name).compiled for name in _methods(recipe)):
+        preload_kernels()  # while torch loads and the inputs are read
     from sdrecipe.engine.builder import default_threads, update_outputs
     from sdrecipe.plan.prepare import prepare_recipe
 
@@ -161,6 +166,11 @@ def build_recipe(
     listener(events.RecipeFinished(path, True))
     outputs = [OutputReport(path, **vars(output)) for output in summary.outputs]
     return outputs, summary.cache, list(summary.warnings)
+
+
+def _methods(recipe: Recipe) -> set[str]:
+    """The names of the methods `recipe`'s nodes call."""
+    return {name for node in recipe.nodes.values() for name in method_calls(node.expr)}
 
 
 def _build_on_cluster(

@@ -13,6 +13,7 @@ of holding a converted copy of every operand.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import typing
 from collections.abc import Callable, Mapping
@@ -62,6 +63,9 @@ class MergeMethod:
     # The parameter a method of one model multiplies it by, where that is all it
     # does (`scale`): a LoRA's factors are then scaled instead of its whole delta.
     scales_by: str | None = None
+    # Runs the compiled loops (methods/kernels.py): a build that uses it loads
+    # them while it prepares (see `preload_kernels`).
+    compiled: bool = False
 
     @property
     def signature(self) -> str:
@@ -154,13 +158,15 @@ def merge_method(
     spaces: Mapping[str, str] | None = None,
     min_models: int | None = None,
     scales_by: str | None = None,
+    compiled: bool = False,
 ) -> Callable[[MethodFunction], MethodFunction]:
     """Register a function as a merge method (see the module's docstring).
 
     `spaces` declares the operands' and result's spaces (default: all the same,
     as for an affine blend); `min_models` the fewest models a variadic method takes
     (default: its named models and one more); `scales_by` the parameter a
-    method of one model multiplies it by, when that is all it does.
+    method of one model multiplies it by, when that is all it does; `compiled`
+    that it runs the compiled loops.
     """
 
     def register(function: MethodFunction) -> MethodFunction:
@@ -196,6 +202,7 @@ def merge_method(
             takes_dtype=DTYPE_PARAMETER in signature.parameters,
             spaces=dict(spaces or {}),
             scales_by=scales_by,
+            compiled=compiled,
         )
         return function
 
@@ -214,6 +221,22 @@ def _resolve(annotation: Any, function: MethodFunction) -> Any:
     if isinstance(annotation, str):
         return eval(annotation, function.__globals__)  # our own source, never user input
     return annotation
+
+
+def preload_kernels() -> None:
+    """Load the compiled loops on a daemon thread: importing numba and its
+    first call take about a second, which a build's preparation (reading
+    headers, the plan) and its other worker would otherwise wait for. A
+    failure here is left to the method's own first call to report."""
+    import threading
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            from sdrecipe.methods.kernels import warm_up
+
+            warm_up()
+
+    threading.Thread(target=load, name="sdrecipe-kernels", daemon=True).start()
 
 
 def get_method(name: str) -> MergeMethod:

@@ -28,12 +28,18 @@ if TYPE_CHECKING:
 
 Positive = Annotated[float, Field(gt=0.0)]
 SignRule = Literal["sum", "count"]
+# Magnitudes piece by piece, in order, each time it is called.
+Magnitudes = Callable[[], Iterator[tuple[slice, "Tensor"]]]
 
 # 1 MiB of float32 a piece, as the executor's row ranges: temporaries stay in the L2
 # cache (measured on a 14.7 M-element key: 0.40 s per TIES of three models, 1.0 s at 4 MiB).
 PIECE_ELEMENTS = 1 << 18
 # Magnitudes sampled (at a fixed stride) to bracket a top-k threshold before the exact pass.
 THRESHOLD_SAMPLE = 1 << 16
+# ... taken in runs of this many consecutive elements: one strided element a cache
+# line made the sample a cache miss per value (1 ms a model of a 13 M-element key;
+# 0.17 ms in runs).
+SAMPLE_RUN = 16
 
 
 def pieces(numel: int) -> Iterator[slice]:
@@ -44,6 +50,13 @@ def pieces(numel: int) -> Iterator[slice]:
 
 # The DARE words of a model that is not dropped.
 NO_WORDS = np.empty(0, dtype=np.uint32)
+
+
+def viewable(tensor: Tensor) -> bool:
+    """Whether the compiled loops read `tensor` as stored (`kernel_array` converts none)."""
+    import torch
+
+    return tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def kernel_array(tensor: Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -83,9 +96,36 @@ class TaskVectors:
         """|task vector `index`| at every `step`-th element."""
         return self.models[index][::step].to(self.dtype, copy=True).sub_(self.base[::step]).abs_()
 
+    def sampled_magnitudes(self, index: int) -> Tensor:
+        """|task vector `index`| at about `THRESHOLD_SAMPLE` elements spread over
+        it (runs of `SAMPLE_RUN` at a fixed stride), or at every element of a
+        smaller tensor: `magnitude_threshold`'s sample."""
+        if sample_step(self.numel) == 1:
+            return self.delta(index, slice(0, self.numel), self.base).abs_()
+        runs = THRESHOLD_SAMPLE // SAMPLE_RUN
+        stride = self.numel // runs
+        model = self.models[index][: runs * stride].view(runs, stride)[:, :SAMPLE_RUN]
+        base = self.base[: runs * stride].view(runs, stride)[:, :SAMPLE_RUN]
+        return model.to(self.dtype, copy=True).sub_(base).abs_().reshape(-1)
+
+    @functools.cached_property
+    def _stored_models(self) -> tuple[np.ndarray, ...] | None:
+        """The models as the compiled loops read them, whole (views, not copies),
+        if they share a dtype those loops read as stored."""
+        if len({model.dtype for model in self.models}) > 1 or not viewable(self.models[0]):
+            return None
+        return tuple(kernel_array(model, self.dtype) for model in self.models)
+
+    @functools.cached_property
+    def _stored_base(self) -> np.ndarray | None:
+        """The base as the compiled loops read it, whole, if read as stored."""
+        return kernel_array(self.base, self.dtype) if viewable(self.base) else None
+
     def kernel_models(self, piece: slice) -> tuple[np.ndarray, ...]:
         """The models on `piece` as the compiled loops read them, in one dtype
         (the compute dtype if theirs differ)."""
+        if self._stored_models is not None:
+            return tuple(model[piece] for model in self._stored_models)
         models = [model[piece] for model in self.models]
         if len({model.dtype for model in models}) > 1:
             models = [model.to(self.dtype) for model in models]
@@ -93,6 +133,8 @@ class TaskVectors:
 
     def kernel_base(self, piece: slice) -> np.ndarray:
         """The base on `piece` as the compiled loops read it."""
+        if self._stored_base is not None:
+            return self._stored_base[piece]
         return kernel_array(self.base[piece], self.dtype)
 
     def magnitude_count(self, index: int, low: float, high: float) -> tuple[int, np.ndarray]:
@@ -106,13 +148,34 @@ class TaskVectors:
         scalar = gathered.dtype.type
         above, inside = 0, []
         for piece in pieces(self.numel):
-            model = kernel_array(self.models[index][piece], self.dtype)
+            model = (
+                self._stored_models[index][piece]
+                if self._stored_models is not None
+                else kernel_array(self.models[index][piece], self.dtype)
+            )
             more, found = count_and_gather_deltas(
                 model, self.kernel_base(piece), scalar(low), scalar(high), gathered
             )
             above += more
             inside.append(gathered[:found].copy())
         return above, np.concatenate(inside)
+
+    def square_sums(self) -> np.ndarray:
+        """Each task vector's sum of squares in float64, summed piece by piece
+        as numpy sums (`square(d, dtype=float64).sum()`)."""
+        import torch
+
+        from sdrecipe.methods.kernels import squared_deltas
+
+        squares = np.zeros(len(self.models))
+        buffer = np.empty(min(self.numel, PIECE_ELEMENTS))
+        cast = torch.empty(0, dtype=self.dtype).numpy().dtype.type
+        for piece in pieces(self.numel):
+            base = self.kernel_base(piece)
+            for i, model in enumerate(self.kernel_models(piece)):
+                squared_deltas(model, base, cast, buffer)
+                squares[i] += buffer[: base.size].sum()
+        return squares
 
     def merged_ties(
         self,
@@ -121,11 +184,14 @@ class TaskVectors:
         thresholds: list[float] | None = None,
         masks: list[DropMask] | None = None,
         scale: float = 1.0,
+        weights: tuple[list[float], float] | None = None,
     ) -> Tensor:
         """TIES of the task vectors, each dropped by its DARE mask (kept entries
         times `scale`) if `masks` are given and trimmed at its threshold if
         `thresholds` are, added `alpha` times to the base: `ties_merge` in one
-        compiled loop per piece, on the operands as stored."""
+        compiled loop per piece, on the operands as stored. `weights` (a weight
+        per task vector, and the least total weight divided by) make the
+        disjoint mean a weighted one, as SCE's."""
         import torch
 
         from sdrecipe.methods.kernels import ties_merge as kernel
@@ -138,13 +204,15 @@ class TaskVectors:
             np.zeros(count, flat.dtype) if thresholds is None else np.array(thresholds, flat.dtype)
         )
         cutoff = np.uint32(masks[0].cutoff if masks else 0)
+        factors, floor = weights or ([1.0] * count, 1.0)
+        averaging = (np.array(factors, flat.dtype), scalar(floor))
         for piece in pieces(self.numel):
             size = piece.stop - piece.start
             words = tuple(mask.words(size) for mask in masks) if masks else (NO_WORDS,) * count
             base = self.kernel_base(piece)
             kernel(
                 *(self.kernel_models(piece), base, words, cutoff, scalar(scale), limits),
-                *(rule == "count", scalar(alpha), base, flat[piece]),
+                *(rule == "count", *averaging, scalar(alpha), base, flat[piece]),
             )
         return out.reshape(self.shape)
 
@@ -187,13 +255,14 @@ def magnitude_threshold(
     """The `keep`-th largest of `numel` magnitudes (0 keeps all, inf keeps none).
 
     `magnitudes()` yields them piece by piece, in order, each time it is called;
-    `sample` holds every `sample_step(numel)`-th of them, if the caller can take
-    it more cheaply than a pass. The sample brackets the threshold; one exact
-    pass then counts the magnitudes above the bracket and selects inside it:
-    `count(low, high)`, if the caller has a quicker way than `magnitudes()`,
-    gives how many are above `high` and those in [`low`, `high`].
-    The answer is exact whatever the sample: a bracket that misses falls back
-    to a selection over all magnitudes.
+    `sample` holds about `THRESHOLD_SAMPLE` of them spread over all (every one
+    when `sample_step(numel)` is 1), if the caller can take it more cheaply
+    than a pass (which takes every `sample_step(numel)`-th). The sample
+    brackets the threshold; one exact pass then counts the magnitudes above
+    the bracket and selects inside it: `count(low, high)`, if the caller has
+    a quicker way than `magnitudes()`, gives how many are above `high` and
+    those in [`low`, `high`]. The answer is exact whatever the sample: a
+    bracket that misses falls back to a selection over all magnitudes.
     """
     import torch
 
@@ -206,26 +275,38 @@ def magnitude_threshold(
         sample = torch.cat([m[(-p.start) % step :: step] for p, m in magnitudes()])
     # numpy's sort (SIMD) takes a third of the time of its two-index partition.
     ordered = np.sort(sample.numpy())
-    size = ordered.size
     if step == 1:  # the sample is every magnitude
-        return ordered[size - keep].item()
-    # The sample's values of descending ranks around the threshold's.
+        return ordered[ordered.size - keep].item()
+    low, high = threshold_bracket(ordered, numel, keep)
+    above, inside = (count or _counter(magnitudes))(low, high)
+    return bracketed_threshold(magnitudes, keep, above, inside)
+
+
+def threshold_bracket(ordered: np.ndarray, numel: int, keep: int) -> tuple[float, float]:
+    """`magnitude_threshold`'s bracket [low, high] of the `keep`-th largest of `numel`
+    magnitudes: values of ranks around its rank in their sorted sample `ordered`."""
+    size = ordered.size
     rank = keep / numel * size
     margin = 4.0 * math.sqrt(rank * (1.0 - keep / numel)) + 8.0
     high_rank, low_rank = math.floor(rank - margin), math.ceil(rank + margin)
     high = ordered[size - 1 - high_rank].item() if high_rank >= 0 else math.inf
     low = ordered[size - 1 - low_rank].item() if low_rank < size else 0.0
-    above, inside = (count or _counter(magnitudes))(low, high)
-    candidates = torch.from_numpy(inside)
+    return low, high
+
+
+def bracketed_threshold(magnitudes: Magnitudes, keep: int, above: int, inside: np.ndarray) -> float:
+    """The `keep`-th largest magnitude, given how many are above a bracket and those
+    inside it (numpy's partition: a tenth of torch's kthvalue), else from all `magnitudes()`."""
+    import torch
+
     wanted = keep - above
-    if not 0 < wanted <= candidates.numel():
-        candidates, wanted = torch.cat([m for _, m in magnitudes()]), keep
-    return candidates.kthvalue(candidates.numel() - wanted + 1).values.item()
+    if 0 < wanted <= inside.size:
+        return np.partition(inside, inside.size - wanted)[inside.size - wanted].item()
+    candidates = torch.cat([m for _, m in magnitudes()])
+    return candidates.kthvalue(candidates.numel() - keep + 1).values.item()
 
 
-def _counter(
-    magnitudes: Callable[[], Iterator[tuple[slice, Tensor]]],
-) -> Callable[[float, float], tuple[int, np.ndarray]]:
+def _counter(magnitudes: Magnitudes) -> Callable[[float, float], tuple[int, np.ndarray]]:
     """`magnitude_threshold`'s exact pass over `magnitudes()`."""
     from sdrecipe.methods.kernels import count_and_gather
 
@@ -245,7 +326,13 @@ def _counter(
     return count
 
 
-def ties_merge(deltas: list[Tensor], base_piece: Tensor, alpha: float, rule: SignRule) -> Tensor:
+def ties_merge(
+    deltas: list[Tensor],
+    base_piece: Tensor,
+    alpha: float,
+    rule: SignRule,
+    weights: tuple[list[float], float] | None = None,
+) -> Tensor:
     """TIES' election and disjoint mean of sparsified task vectors on a piece,
     added `alpha` times to `base_piece` (see `TaskVectors.merged_ties`)."""
     import torch
@@ -258,9 +345,11 @@ def ties_merge(deltas: list[Tensor], base_piece: Tensor, alpha: float, rule: Sig
     values = tuple(delta.numpy() for delta in deltas)
     nothing = np.empty(0, base.dtype)
     limits = np.zeros(len(deltas), base.dtype)
+    factors, floor = weights or ([1.0] * len(deltas), 1.0)
     kernel(
         *(values, nothing, (NO_WORDS,) * len(values), np.uint32(0), scalar(1.0), limits),
-        *(rule == "count", scalar(alpha), base, out),
+        *(rule == "count", np.array(factors, base.dtype), scalar(floor), scalar(alpha)),
+        *(base, out),
     )
     return torch.from_numpy(out)
 
@@ -346,7 +435,6 @@ def _thresholds(
 
         return run
 
-    step = sample_step(vectors.numel)
     return [
         magnitude_threshold(magnitudes(i), vectors.numel, keep, None, None)
         if delta_of
@@ -354,14 +442,14 @@ def _thresholds(
             magnitudes(i),
             vectors.numel,
             keep,
-            vectors.strided_magnitudes(i, step),
+            vectors.sampled_magnitudes(i),
             functools.partial(vectors.magnitude_count, i),
         )
         for i in range(len(vectors.models))
     ]
 
 
-@merge_method(elementwise=False, min_models=2)
+@merge_method(elementwise=False, min_models=2, compiled=True)
 def ties(
     base: Tensor,
     *models: Tensor,
@@ -377,7 +465,7 @@ def ties(
     return vectors.merged_ties(alpha, sign, _thresholds(vectors, density))
 
 
-@merge_method(elementwise=False, min_models=2)
+@merge_method(elementwise=False, min_models=2, compiled=True)
 def dare(
     base: Tensor,
     *models: Tensor,
@@ -397,7 +485,7 @@ def dare(
     return vectors.merged(producers, functools.partial(mean_added, alpha=alpha))
 
 
-@merge_method(elementwise=False, min_models=2)
+@merge_method(elementwise=False, min_models=2, compiled=True)
 def dare_ties(
     base: Tensor,
     *models: Tensor,
