@@ -375,3 +375,40 @@ def test_sce_of_every_entry_gives_the_bytes_of_numpy(stored, alpha):
     )
     want = numpy_sce(base, models, alpha)
     assert np.array_equal(got.numpy().view(np.uint32), want.numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("width", [1, 7, 640, 3000])
+def test_della_row_order_is_a_stable_argsort(width):
+    """The radix sort's order is numpy's stable argsort of the magnitudes, NaNs
+    of any payload held equal (above infinity), ties by position."""
+    rng = np.random.default_rng(width)
+    magnitudes = np.abs(special(rng, 30 * width, np.float32)).reshape(30, width)
+    magnitudes[:, ::4] = magnitudes[:, :1]  # ties across each row
+    magnitudes.view(np.uint32)[magnitudes != magnitudes] |= rng.integers(
+        0, 1 << 22, int(np.count_nonzero(magnitudes != magnitudes)), dtype=np.uint32
+    )
+    expected = np.argsort(magnitudes, axis=1, kind="stable")
+    assert np.array_equal(_ascending_order(magnitudes), expected)
+
+
+def test_result_buffers_are_reused_only_once_free():
+    """A whole-tensor method's result takes a released result's memory (already
+    mapped), never one still in use."""
+    from sdrecipe.methods.buffers import POOLED_ELEMENTS, result_tensor
+
+    first = result_tensor(POOLED_ELEMENTS + 5, torch.float32)
+    second = result_tensor(POOLED_ELEMENTS, torch.float32)
+    assert first.data_ptr() != second.data_ptr()
+    first.fill_(1.0)
+    second.fill_(2.0)
+    address = first.data_ptr()
+    shaped = first[1:]  # a view keeps the memory in use
+    del first
+    third = result_tensor(POOLED_ELEMENTS, torch.float32)
+    assert third.data_ptr() not in (address, second.data_ptr())
+    assert torch.all(shaped == 1.0) and torch.all(second == 2.0)
+    del shaped, third
+    again = result_tensor(POOLED_ELEMENTS + 1, torch.float32)
+    assert again.data_ptr() == address and again.numel() == POOLED_ELEMENTS + 1
+    assert result_tensor(POOLED_ELEMENTS, torch.float64).dtype == torch.float64
+    assert result_tensor(10, torch.float32).numel() == 10

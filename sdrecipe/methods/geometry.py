@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
 from sdrecipe.methods.registry import merge_method
 from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, pieces
@@ -58,7 +59,7 @@ def slerp(
     weight_a = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
     weight_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
     weight_a, weight_b = weight_a.to(dtype), weight_b.to(dtype)
-    out = torch.empty(flat_a.numel(), dtype=dtype)
+    out = result_tensor(flat_a.numel(), dtype)
     for piece in _row_pieces(rows, width):
         where = _rows_of(piece, width)
         x = flat_a[piece].to(dtype, copy=True).reshape(matrix).mul_(weight_a[where, None])
@@ -150,7 +151,7 @@ def _rotate_tall(
     # A is interpolated towards B·Q⁻¹ before Q^alignment: B·(Q⁻¹·Q^alignment).
     backward = rotation.T @ forward if alpha != 0.0 else None
     shift = torch.lerp(mean_a, mean_b, alignment)
-    out = torch.empty(rows, columns, dtype=a.dtype)
+    out = result_tensor(rows * columns, a.dtype).reshape(rows, columns)
     for piece in ranges:
         moved = (a[piece].to(f64) - mean_a) @ forward
         if backward is not None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
 from sdrecipe.methods.registry import merge_method
 from sdrecipe.methods.task_vectors import (
@@ -124,7 +125,7 @@ def _gathered(
     those inside any bracket with their flat positions, in order."""
     import torch
 
-    from sdrecipe.methods.kernels import count_and_gather_brackets
+    from sdrecipe.methods.outlier_kernels import count_and_gather_brackets
 
     size = min(vectors.numel, PIECE_ELEMENTS)
     magnitudes = torch.empty(size, dtype=vectors.dtype).numpy()
@@ -182,7 +183,7 @@ class _Outliers:
     entries of those magnitudes are kept (`cuts`)."""
 
     def __init__(self, vectors: TaskVectors, index: int, density: float, gamma: float):
-        from sdrecipe.methods.kernels import KEEP, TRIM, TRIM_LOW, ZERO
+        from sdrecipe.methods.outlier_kernels import KEEP, TRIM, TRIM_LOW, ZERO
 
         numel = vectors.numel
         target = int(density * numel)
@@ -231,13 +232,12 @@ def breadcrumbs(
     """Model Breadcrumbs (arXiv 2312.06795): each task vector drops its largest
     `gamma` fraction of magnitudes and then its smallest, keeping a `density`
     fraction (mergekit's magnitude_outliers); `base + alpha·mean` of them."""
-    import torch
 
-    from sdrecipe.methods.kernels import outliers_mean
+    from sdrecipe.methods.outlier_kernels import outliers_mean
 
     vectors = TaskVectors(base, models, dtype)
     trims = _trims(vectors, density, gamma)
-    out = torch.empty(vectors.numel, dtype=dtype)
+    out = result_tensor(vectors.numel, dtype)
     flat = out.numpy()
     # `mean_added`'s factor, converted to the dtype as torch converts it.
     scale = flat.dtype.type(alpha / len(models))
@@ -259,13 +259,12 @@ def breadcrumbs_ties(
 ) -> Tensor:
     """Breadcrumbs' trim, then TIES' sign election and disjoint mean, added
     `alpha` times to the base (mergekit's breadcrumbs_ties)."""
-    import torch
 
-    from sdrecipe.methods.kernels import outliers_ties
+    from sdrecipe.methods.outlier_kernels import outliers_ties
 
     vectors = TaskVectors(base, models, dtype)
     trims = _trims(vectors, density, gamma)
-    out = torch.empty(vectors.numel, dtype=dtype)
+    out = result_tensor(vectors.numel, dtype)
     flat = out.numpy()
     for piece in pieces(vectors.numel):
         models_piece, base_piece = vectors.kernel_models(piece), vectors.kernel_base(piece)
@@ -304,17 +303,15 @@ def _row_slices(numel: int, width: int) -> Iterator[slice]:
 
 def _ascending_order(magnitudes: np.ndarray) -> np.ndarray:
     """Each row's positions from the smallest magnitude up, equal magnitudes by
-    position. For float32, one sort of (magnitude bits, position) keys: numpy
-    sorts integers with SIMD, three times as fast as a stable argsort (the
-    bits of non-negative floats order as the floats; NaNs are made one value,
-    as argsort holds them equal)."""
+    position: a stable argsort, for float32 a compiled radix sort of the bits
+    (which order as non-negative floats do) with the positions."""
     if magnitudes.dtype != np.float32:
         return np.argsort(magnitudes, axis=1, kind="stable")
-    width = magnitudes.shape[1]
-    bits = np.minimum(magnitudes.view(np.uint32), np.uint32(0x7F800001)).astype(np.uint64)
-    keys = (bits << np.uint64(32)) | np.arange(width, dtype=np.uint64)
-    keys.sort(axis=1)
-    return (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    from sdrecipe.methods.kernels import ascending_order
+
+    order = np.empty(magnitudes.shape, np.intp)
+    ascending_order(np.ascontiguousarray(magnitudes), order)
+    return order
 
 
 def _magprune(
@@ -366,12 +363,11 @@ def _della(
     dtype: torch.dtype,
 ) -> Tensor:
     """`merge(sparsified task vectors, base piece)` on each piece of whole rows."""
-    import torch
 
     vectors = TaskVectors(base, models, dtype)
     prune = _magprune(vectors, drop, epsilon, seed, rescale, key)
     sparsifiers = [prune(i) for i in range(len(models))]
-    out = torch.empty(vectors.numel, dtype=dtype)
+    out = result_tensor(vectors.numel, dtype)
     for piece in _row_slices(vectors.numel, _della_width(vectors.shape)):
         base_piece = vectors.base_piece(piece)
         deltas = [

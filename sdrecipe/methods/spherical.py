@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 from pydantic import Field
 
+from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
 from sdrecipe.methods.geometry import _row_pieces
 from sdrecipe.methods.registry import merge_method
@@ -74,10 +75,9 @@ class _Operands:
 
     def combination(self, coefficients: np.ndarray) -> Tensor:
         """Σ cᵢ·operandᵢ, plus the base if there is one, in the compute dtype."""
-        import torch
 
         weights = [float(c) for c in coefficients]
-        out = torch.empty(self.numel, dtype=self.dtype)
+        out = result_tensor(self.numel, self.dtype)
         for piece in pieces(self.numel):
             base_piece = self.base_piece(piece)
             total = self.get(0, piece, base_piece).mul(weights[0])
@@ -149,7 +149,7 @@ def _nuslerp(
     import torch
 
     operands = _Operands(pair, base, dtype)
-    out = torch.empty(operands.numel, dtype=dtype)
+    out = result_tensor(operands.numel, dtype)
     if operands.numel == 0:
         return out.reshape(operands.shape)
     rows, width, by_column = _layout(operands.shape, flatten, row_wise)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
 from sdrecipe.methods.registry import merge_method
 from sdrecipe.methods.task_vectors import PIECE_ELEMENTS
@@ -65,7 +66,7 @@ class _Deltas:
         import torch
 
         f64 = torch.float64
-        out = torch.empty(self.base.shape, dtype=f64)
+        out = result_tensor(self.base.numel(), f64).reshape(self.base.shape)
         for rows in self.row_ranges():
             torch.sub(self.models[index][rows].to(f64), self.base[rows].to(f64), out=out[rows])
         return out
@@ -105,7 +106,7 @@ class _Deltas:
         """base + alpha·left·right, a range of rows at a time."""
         import torch
 
-        out = torch.empty(self.base.shape, dtype=self.dtype)
+        out = result_tensor(self.base.numel(), self.dtype).reshape(self.base.shape)
         for rows in self.row_ranges():
             out[rows] = (left[rows] @ right).mul_(alpha).add_(self.base[rows].to(torch.float64))
         return out.reshape(self.shape)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import Field
 
+from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
 from sdrecipe.methods.registry import merge_method
 
@@ -192,11 +193,10 @@ class TaskVectors:
         compiled loop per piece, on the operands as stored. `weights` (a weight
         per task vector, and the least total weight divided by) make the
         disjoint mean a weighted one, as SCE's."""
-        import torch
 
         from sdrecipe.methods.kernels import ties_merge as kernel
 
-        out = torch.empty(self.numel, dtype=self.dtype)
+        out = result_tensor(self.numel, self.dtype)
         flat = out.numpy()
         scalar = flat.dtype.type
         count = len(self.models)
@@ -218,9 +218,8 @@ class TaskVectors:
 
     def result(self, combine: Callable[[Tensor, slice], Tensor]) -> Tensor:
         """The tensor whose every piece is `combine(base_piece, piece)`."""
-        import torch
 
-        out = torch.empty(self.numel, dtype=self.dtype)
+        out = result_tensor(self.numel, self.dtype)
         for piece in pieces(self.numel):
             out[piece] = combine(self.base_piece(piece), piece)
         return out.reshape(self.shape)
