@@ -391,11 +391,13 @@ def test_della_row_order_is_a_stable_argsort(width):
     assert np.array_equal(_ascending_order(magnitudes), expected)
 
 
-def test_result_buffers_are_reused_only_once_free():
+def test_result_buffers_are_reused_only_once_free(monkeypatch):
     """A whole-tensor method's result takes a released result's memory (already
-    mapped), never one still in use."""
+    mapped): the smallest spare that fits, never memory still in use."""
+    from sdrecipe.methods import buffers
     from sdrecipe.methods.buffers import POOLED_ELEMENTS, result_tensor
 
+    monkeypatch.setattr(buffers, "_spares", [])
     first = result_tensor(POOLED_ELEMENTS + 5, torch.float32)
     second = result_tensor(POOLED_ELEMENTS, torch.float32)
     assert first.data_ptr() != second.data_ptr()
@@ -408,7 +410,15 @@ def test_result_buffers_are_reused_only_once_free():
     assert third.data_ptr() not in (address, second.data_ptr())
     assert torch.all(shaped == 1.0) and torch.all(second == 2.0)
     del shaped, third
-    again = result_tensor(POOLED_ELEMENTS + 1, torch.float32)
-    assert again.data_ptr() == address and again.numel() == POOLED_ELEMENTS + 1
+    # Two spares now (POOLED_ELEMENTS + 5 and POOLED_ELEMENTS): each taken once,
+    # the smallest that fits first.
+    small = result_tensor(POOLED_ELEMENTS, torch.float32)
+    large = result_tensor(POOLED_ELEMENTS, torch.float32)
+    assert large.data_ptr() == address and small.data_ptr() not in (address, second.data_ptr())
+    assert result_tensor(POOLED_ELEMENTS, torch.float32).data_ptr() not in (
+        address,
+        small.data_ptr(),
+        second.data_ptr(),
+    )
     assert result_tensor(POOLED_ELEMENTS, torch.float64).dtype == torch.float64
     assert result_tensor(10, torch.float32).numel() == 10

@@ -39,10 +39,10 @@ def result_tensor(numel: int, dtype: torch.dtype) -> Tensor:
         return torch.empty(numel, dtype=dtype)
     wanted = torch.empty(0, dtype=dtype).numpy().dtype
     with _lock:
-        fitting = [s for s in _spares if s.dtype == wanted and s.size >= numel]
-        buffer = min(fitting, key=lambda spare: spare.size) if fitting else None
-        if buffer is not None:
-            _spares.remove(buffer)
+        fitting = [i for i, s in enumerate(_spares) if s.dtype == wanted and s.size >= numel]
+        # By position: arrays compare element-wise, so list.remove cannot find one.
+        chosen = min(fitting, key=lambda i: _spares[i].size) if fitting else None
+        buffer = _spares.pop(chosen) if chosen is not None else None
     if buffer is None:
         buffer = torch.empty(numel, dtype=dtype).numpy()
     view = buffer[:numel]
