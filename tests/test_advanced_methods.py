@@ -15,8 +15,9 @@ from safetensors.numpy import load_file
 from conftest import POSITION_IDS, UNET_IN, as32, invoke, write_recipe
 from sdrecipe.engine.builder import update_outputs
 from sdrecipe.methods import get_method
+from sdrecipe.methods.drop_masks import DropMask
 from sdrecipe.methods.registry import preload_kernels, registered_methods
-from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, DropMask, magnitude_threshold
+from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, magnitude_threshold
 from sdrecipe.plan.prepare import prepare
 from sdrecipe.recipe.per_key import KeyContext
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from sdrecipe.methods import get_method
+from sdrecipe.methods.drop_masks import DropMask
 from sdrecipe.methods.kernels import count_and_gather, magprune
 from sdrecipe.methods.sparse import _ascending_order, breadcrumbs, breadcrumbs_ties
 from sdrecipe.methods.task_vectors import (
     PIECE_ELEMENTS,
-    DropMask,
     TaskVectors,
     _thresholds,
     sample_step,
@@ -422,3 +422,14 @@ def test_result_buffers_are_reused_only_once_free(monkeypatch):
     )
     assert result_tensor(POOLED_ELEMENTS, torch.float64).dtype == torch.float64
     assert result_tensor(10, torch.float32).numel() == 10
+
+
+def test_drop_mask_stream_is_numpys_pcg64():
+    """The compiled PCG64 gives numpy's outputs, call after call, whatever the
+    counts (below and above the compiled path's threshold, not multiples of 4)."""
+    mask = DropMask(0.9, 3, "unet.k", 2)
+    reference = np.random.PCG64(mask.generator.state["state"]["state"])
+    reference.state = mask.generator.state
+    for count in (1, 3, 64, 65, 1000, 262_143, 7, 4096):
+        assert np.array_equal(mask.raw(count), reference.random_raw(count))
+    assert mask.generator.state == reference.state

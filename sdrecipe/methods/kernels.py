@@ -56,6 +56,20 @@ def _bfloat_to_float(typingctx, bits):  # type: ignore[no-untyped-def]
     return types.float32(types.int16), codegen
 
 
+@intrinsic
+def _mul_high(typingctx, left, right):  # type: ignore[no-untyped-def]
+    """The high 64 bits of a 64 x 64-bit product (LLVM's 128-bit multiply)."""
+    if left != types.uint64 or right != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        wide = ir.IntType(128)
+        product = builder.mul(builder.zext(args[0], wide), builder.zext(args[1], wide))
+        return builder.trunc(builder.lshr(product, ir.Constant(wide, 64)), ir.IntType(64))
+
+    return types.uint64(types.uint64, types.uint64), codegen
+
+
 def _load(array: np.ndarray, index: int) -> float:
     """Element `index` of an operand as a float (compiled loops only)."""
     raise NotImplementedError
@@ -379,3 +393,48 @@ def ascending_order(magnitudes: np.ndarray, order: np.ndarray) -> None:
             keys, spare = spare, keys
         for j in range(width):
             order[row, j] = keys[j] & np.uint64(0xFFFFFFFF)
+
+
+@_jit
+def _pcg64_step(high: np.uint64, low: np.uint64, jump: np.ndarray) -> tuple[np.uint64, np.uint64]:
+    """(high, low) * (jump[0], jump[1]) + (jump[2], jump[3]), mod 2**128."""
+    product = low * jump[1]
+    new_low = product + jump[3]
+    carry = np.uint64(1) if new_low < product else np.uint64(0)
+    new_high = _mul_high(low, jump[1]) + low * jump[0] + high * jump[1] + jump[2] + carry
+    return new_high, new_low
+
+
+@_jit
+def _pcg64_output(high: np.uint64, low: np.uint64) -> np.uint64:
+    """PCG64's output of a state: its halves xor-ed, rotated by its top 6 bits."""
+    mixed = high ^ low
+    turn = high >> np.uint64(58)
+    return (mixed >> turn) | (mixed << ((np.uint64(64) - turn) & np.uint64(63)))
+
+
+@_jit
+def pcg64_fill(lanes: np.ndarray, jump: np.ndarray, out: np.ndarray) -> None:
+    """PCG64's next `out.size` outputs, as numpy's `random_raw` gives them:
+    `lanes[j]` (high, low) is the state after step j + 1, `jump` the affine
+    map of four steps (see `drop_masks.DropMask.raw`); output 4q + j comes
+    from lane j after q jumps, so four independent multiplications run at once."""
+    h0, l0, h1, l1 = lanes[0, 0], lanes[0, 1], lanes[1, 0], lanes[1, 1]
+    h2, l2, h3, l3 = lanes[2, 0], lanes[2, 1], lanes[3, 0], lanes[3, 1]
+    quads = out.size // 4
+    for q in range(quads):
+        out[4 * q] = _pcg64_output(h0, l0)
+        out[4 * q + 1] = _pcg64_output(h1, l1)
+        out[4 * q + 2] = _pcg64_output(h2, l2)
+        out[4 * q + 3] = _pcg64_output(h3, l3)
+        h0, l0 = _pcg64_step(h0, l0, jump)
+        h1, l1 = _pcg64_step(h1, l1, jump)
+        h2, l2 = _pcg64_step(h2, l2, jump)
+        h3, l3 = _pcg64_step(h3, l3, jump)
+    rest = out.size - 4 * quads
+    if rest > 0:
+        out[4 * quads] = _pcg64_output(h0, l0)
+    if rest > 1:
+        out[4 * quads + 1] = _pcg64_output(h1, l1)
+    if rest > 2:
+        out[4 * quads + 2] = _pcg64_output(h2, l2)

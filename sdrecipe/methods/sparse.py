@@ -21,10 +21,10 @@ import numpy as np
 
 from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
+from sdrecipe.methods.drop_masks import DropMask
 from sdrecipe.methods.registry import merge_method
 from sdrecipe.methods.task_vectors import (
     PIECE_ELEMENTS,
-    DropMask,
     Magnitudes,
     SignRule,
     TaskVectors,
@@ -283,12 +283,12 @@ class _Words:
     word i decides element i however the elements come in pieces."""
 
     def __init__(self, seed: int, key: str, index: int):
-        self.generator = DropMask(0.0, seed, key, index).generator
+        self.stream = DropMask(0.0, seed, key, index)
         self.pending = np.empty(0, dtype="<u4")  # the high half of the last output, unused
 
     def take(self, count: int) -> np.ndarray:
         needed = max(0, count - self.pending.size)
-        fresh = self.generator.random_raw((needed + 1) // 2).astype("<u8", copy=False)
+        fresh = self.stream.raw((needed + 1) // 2).astype("<u8", copy=False)
         words = np.concatenate([self.pending, fresh.view("<u4")])
         self.pending = words[count:]
         return words[:count]

@@ -9,7 +9,6 @@ operands stay as stored and are converted `PIECE_ELEMENTS` at a time.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -19,6 +18,7 @@ from pydantic import Field
 
 from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
+from sdrecipe.methods.drop_masks import DropMask
 from sdrecipe.methods.registry import merge_method
 
 if TYPE_CHECKING:
@@ -359,36 +359,6 @@ def mean_added(deltas: list[Tensor], base_piece: Tensor, alpha: float) -> Tensor
     for delta in deltas[1:]:
         total.add_(delta)
     return total.mul_(alpha / len(deltas)).add_(base_piece)
-
-
-class DropMask:
-    """DARE's keep mask for one task vector of one key: each element is kept with
-    probability 1 - `drop`, decided by its own 32-bit word of a PCG64 stream
-    seeded by (seed, key, model index). The same bytes on every run, thread
-    count and machine; another key, seed or model gets another mask."""
-
-    def __init__(self, drop: float, seed: int, key: str, index: int):
-        digest = hashlib.blake2b(f"{seed}\0{key}\0{index}".encode(), digest_size=16).digest()
-        self.generator = np.random.PCG64(int.from_bytes(digest, "little"))
-        # An element is kept when its word is at least this: P = 1 - drop.
-        self.cutoff = min(round(drop * 2**32), 2**32 - 1)
-
-    def words(self, count: int) -> np.ndarray:
-        """The words of the next `count` elements (kept: a word >= `cutoff`)."""
-        return (
-            self.generator.random_raw((count + 1) // 2)
-            .astype("<u8", copy=False)
-            .view("<u4")[:count]
-        )
-
-    def apply(self, delta: Tensor, scale: float) -> Tensor:
-        """`delta` (the next elements) with the dropped ones zeroed and the kept
-        ones times `scale`, in place."""
-        from sdrecipe.methods.kernels import drop
-
-        values = delta.numpy()
-        drop(values, self.words(values.size), np.uint32(self.cutoff), values.dtype.type(scale))
-        return delta
 
 
 def _dropped(
