@@ -305,16 +305,21 @@ BREADCRUMBS_SETTINGS = [
 @pytest.mark.parametrize("ties", [False, True], ids=["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs_gives_numpys_bytes(stored, kind, size, ties):
     base, models = breadcrumbs_operands(kind, size, stored)
-    for density, gamma, alpha, sign in BREADCRUMBS_SETTINGS:
-        params = dict(density=density, gamma=gamma, alpha=alpha, dtype=torch.float32)
+    assert_breadcrumbs_bytes(base, models, torch.float32, BREADCRUMBS_SETTINGS, ties)
+
+
+def assert_breadcrumbs_bytes(base, models, dtype, settings, ties):
+    """breadcrumbs (or breadcrumbs_ties) gives the reference's bytes at each setting."""
+    for density, gamma, alpha, sign in settings:
+        params = dict(density=density, gamma=gamma, alpha=alpha, dtype=dtype)
         if ties:
             got = breadcrumbs_ties(base, *models, sign=sign, **params)
         else:
             got = breadcrumbs(base, *models, **params)
         expected = reference_breadcrumbs(
-            base, models, torch.float32, density, gamma, alpha, sign if ties else None
+            base, models, dtype, density, gamma, alpha, sign if ties else None
         )
-        assert got.dtype == torch.float32
+        assert got.dtype == dtype
         assert got.numpy().tobytes() == expected.tobytes(), (density, gamma)
 
 
@@ -323,16 +328,7 @@ def test_breadcrumbs_in_float64_of_mixed_operands_gives_numpys_bytes(ties):
     size = PIECE_ELEMENTS + 777
     base, models = breadcrumbs_operands("tied", size, torch.float64)
     models = (models[0].half(), models[1].bfloat16(), models[2])
-    for density, gamma, alpha, sign in BREADCRUMBS_SETTINGS[:3]:
-        params = dict(density=density, gamma=gamma, alpha=alpha, dtype=torch.float64)
-        if ties:
-            got = breadcrumbs_ties(base, *models, sign=sign, **params)
-        else:
-            got = breadcrumbs(base, *models, **params)
-        expected = reference_breadcrumbs(
-            base, models, torch.float64, density, gamma, alpha, sign if ties else None
-        )
-        assert got.numpy().tobytes() == expected.tobytes(), (density, gamma)
+    assert_breadcrumbs_bytes(base, models, torch.float64, BREADCRUMBS_SETTINGS[:3], ties)
 
 
 def numpy_sce(base, models, alpha):

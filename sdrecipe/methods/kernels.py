@@ -214,93 +214,57 @@ def ties_merge(
     or, with `count_rule`, by the sum of their signs (a tie elects none); the
     agreeing values are averaged with `weights` (`total / max(weight, floor)`:
     TIES' disjoint mean with weights 1 and floor 1, SCE's with its weights and
-    1e-6; 0 where none agrees), times `alpha`, plus `base`. A block at a time, so that the task
-    vectors, held for the election and the mean, stay in the L1 and L2 caches."""
-    scratch = np.empty((len(models) + 2, min(out.size, _BLOCK)), out.dtype)
-    for start in range(0, out.size, _BLOCK):
-        stop = min(out.size, start + _BLOCK)
-        _ties_block(
-            models,
-            origin,
-            words,
-            cutoff,
-            scale,
-            thresholds,
-            count_rule,
-            weights,
-            floor,
-            alpha,
-            base,
-            out,
-            start,
-            stop,
-            scratch,
-        )
-
-
-@_jit
-def _ties_block(
-    models: tuple[np.ndarray, ...],
-    origin: np.ndarray,
-    words: tuple[np.ndarray, ...],
-    cutoff: np.uint32,
-    scale: np.floating,
-    thresholds: np.ndarray,
-    count_rule: bool,
-    weights: np.ndarray,
-    floor: np.floating,
-    alpha: np.floating,
-    base: np.ndarray,
-    out: np.ndarray,
-    start: int,
-    stop: int,
-    scratch: np.ndarray,
-) -> None:
-    """`ties_merge` on elements [start, stop): task vector i in `scratch[i]`,
-    the weighted total of the agreeing ones and their weight in the last two rows."""
+    1e-6; 0 where none agrees), times `alpha`, plus `base`. A block at a time,
+    so that the task vectors, held for the election and the mean, stay in the
+    L1 and L2 caches."""
     cast = out.dtype.type
     one = cast(1)
     zero = cast(0)
-    size = stop - start
     count = len(models)
-    votes = out[start:stop]
-    held = origin[start:stop] if origin.size else origin
-    for i in range(count):
-        cut = words[i][start:stop] if words[i].size else words[i]
-        value = scratch[i, :size]
-        _task_vector(models[i][start:stop], held, cut, cutoff, scale, thresholds[i], value)
-        if i == 0 and count_rule:
+    # Task vector i in scratch[i]; the weighted total of the agreeing ones and
+    # their weight in the last two rows.
+    scratch = np.empty((count + 2, min(out.size, _BLOCK)), out.dtype)
+    for start in range(0, out.size, _BLOCK):
+        stop = min(out.size, start + _BLOCK)
+        size = stop - start
+        votes = out[start:stop]
+        held = origin[start:stop] if origin.size else origin
+        for i in range(count):
+            cut = words[i][start:stop] if words[i].size else words[i]
+            value = scratch[i, :size]
+            _task_vector(models[i][start:stop], held, cut, cutoff, scale, thresholds[i], value)
+            if i == 0 and count_rule:
+                for j in range(size):
+                    votes[j] = np.sign(value[j])
+            elif i == 0:
+                for j in range(size):
+                    votes[j] = value[j]
+            elif count_rule:
+                for j in range(size):
+                    votes[j] = votes[j] + np.sign(value[j])
+            else:
+                for j in range(size):
+                    votes[j] = votes[j] + value[j]
+        if count_rule:
             for j in range(size):
-                votes[j] = np.sign(value[j])
-        elif i == 0:
-            for j in range(size):
-                votes[j] = value[j]
-        elif count_rule:
-            for j in range(size):
-                votes[j] = votes[j] + np.sign(value[j])
+                votes[j] = np.sign(votes[j])
         else:
             for j in range(size):
-                votes[j] = votes[j] + value[j]
-    if count_rule:
+                votes[j] = one if votes[j] >= zero else -one
+        elected = votes
+        total, weight = scratch[count, :size], scratch[count + 1, :size]
         for j in range(size):
-            votes[j] = np.sign(votes[j])
-    else:
+            total[j] = zero
+            weight[j] = zero
+        for i in range(count):
+            value = scratch[i, :size]
+            factor = weights[i]
+            for j in range(size):
+                agrees = (one if value[j] * elected[j] > zero else zero) * factor
+                total[j] += value[j] * agrees
+                weight[j] += agrees
         for j in range(size):
-            votes[j] = one if votes[j] >= zero else -one
-    elected = votes
-    total, weight = scratch[count, :size], scratch[count + 1, :size]
-    for j in range(size):
-        total[j] = zero
-        weight[j] = zero
-    for i in range(count):
-        value = scratch[i, :size]
-        factor = weights[i]
-        for j in range(size):
-            agrees = (one if value[j] * elected[j] > zero else zero) * factor
-            total[j] += value[j] * agrees
-            weight[j] += agrees
-    for j in range(size):
-        votes[j] = total[j] / max(weight[j], floor) * alpha + cast(_load(base, start + j))
+            votes[j] = total[j] / max(weight[j], floor) * alpha + cast(_load(base, start + j))
 
 
 @_jit

@@ -209,12 +209,9 @@ class _Outliers:
 def _trims(vectors: TaskVectors, density: float, gamma: float) -> tuple[np.ndarray, ...]:
     """Each task vector's breadcrumbs trim as the compiled loops take them: its
     limits, mode and cuts, a row of each per task vector."""
-    import torch
-
     trims = [_Outliers(vectors, i, density, gamma) for i in range(len(vectors.models))]
-    scalars = torch.empty(0, dtype=vectors.dtype).numpy().dtype
     return (
-        np.array([trim.limits for trim in trims], scalars),
+        np.array([trim.limits for trim in trims], vectors.scalar),
         np.array([trim.mode for trim in trims], np.int64),
         np.array([trim.cuts for trim in trims], np.int64),
     )
@@ -232,19 +229,12 @@ def breadcrumbs(
     """Model Breadcrumbs (arXiv 2312.06795): each task vector drops its largest
     `gamma` fraction of magnitudes and then its smallest, keeping a `density`
     fraction (mergekit's magnitude_outliers); `base + alpha·mean` of them."""
-
     from sdrecipe.methods.outlier_kernels import outliers_mean
 
     vectors = TaskVectors(base, models, dtype)
-    trims = _trims(vectors, density, gamma)
-    out = result_tensor(vectors.numel, dtype)
-    flat = out.numpy()
     # `mean_added`'s factor, converted to the dtype as torch converts it.
-    scale = flat.dtype.type(alpha / len(models))
-    for piece in pieces(vectors.numel):
-        models_piece, base_piece = vectors.kernel_models(piece), vectors.kernel_base(piece)
-        outliers_mean(models_piece, base_piece, piece.start, *trims, scale, flat[piece])
-    return out.reshape(vectors.shape)
+    scale = vectors.scalar(alpha / len(models))
+    return _trimmed_merge(vectors, density, gamma, outliers_mean, scale)
 
 
 @merge_method(elementwise=False, min_models=2, compiled=True)
@@ -259,19 +249,24 @@ def breadcrumbs_ties(
 ) -> Tensor:
     """Breadcrumbs' trim, then TIES' sign election and disjoint mean, added
     `alpha` times to the base (mergekit's breadcrumbs_ties)."""
-
     from sdrecipe.methods.outlier_kernels import outliers_ties
 
     vectors = TaskVectors(base, models, dtype)
+    parameters = (sign == "count", vectors.scalar(alpha))
+    return _trimmed_merge(vectors, density, gamma, outliers_ties, *parameters)
+
+
+def _trimmed_merge(
+    vectors: TaskVectors, density: float, gamma: float, kernel: Callable[..., None], *parameters
+) -> Tensor:
+    """`kernel(models, base, offset, *trims, *parameters, out)` on each piece:
+    breadcrumbs' trims merged by one of `outlier_kernels`' loops."""
     trims = _trims(vectors, density, gamma)
-    out = result_tensor(vectors.numel, dtype)
+    out = result_tensor(vectors.numel, vectors.dtype)
     flat = out.numpy()
     for piece in pieces(vectors.numel):
-        models_piece, base_piece = vectors.kernel_models(piece), vectors.kernel_base(piece)
-        outliers_ties(
-            *(models_piece, base_piece, piece.start, *trims),
-            *(sign == "count", flat.dtype.type(alpha), flat[piece]),
-        )
+        models, base = vectors.kernel_models(piece), vectors.kernel_base(piece)
+        kernel(models, base, piece.start, *trims, *parameters, flat[piece])
     return out.reshape(vectors.shape)
 
 

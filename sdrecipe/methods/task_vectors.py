@@ -85,6 +85,13 @@ class TaskVectors:
         self.dtype = dtype
         self.numel = self.base.numel()
 
+    @functools.cached_property
+    def scalar(self) -> type[np.floating]:
+        """numpy's scalar type of the compute dtype."""
+        import torch
+
+        return torch.empty(0, dtype=self.dtype).numpy().dtype.type
+
     def base_piece(self, piece: slice) -> Tensor:
         """The base on `piece`; possibly the operand itself, so read only."""
         return self.base[piece].to(self.dtype)
@@ -164,17 +171,14 @@ class TaskVectors:
     def square_sums(self) -> np.ndarray:
         """Each task vector's sum of squares in float64, summed piece by piece
         as numpy sums (`square(d, dtype=float64).sum()`)."""
-        import torch
-
         from sdrecipe.methods.kernels import squared_deltas
 
         squares = np.zeros(len(self.models))
         buffer = np.empty(min(self.numel, PIECE_ELEMENTS))
-        cast = torch.empty(0, dtype=self.dtype).numpy().dtype.type
         for piece in pieces(self.numel):
             base = self.kernel_base(piece)
             for i, model in enumerate(self.kernel_models(piece)):
-                squared_deltas(model, base, cast, buffer)
+                squared_deltas(model, base, self.scalar, buffer)
                 squares[i] += buffer[: base.size].sum()
         return squares
 
