@@ -124,6 +124,9 @@ def methods(as_json: bool) -> None:
             },
             "elementwise": method.elementwise,
             "key_aware": method.key_aware,
+            # In a build on a device: "same bytes" (as the CPU's), "own bytes" (the
+            # device class's, recorded), or "cpu" (it runs on the CPU).
+            "device": method.device or "cpu",
             "summary": (method.function.__doc__ or "").strip().splitlines()[0],
         }
         for method in registered_methods()
@@ -132,7 +135,9 @@ def methods(as_json: bool) -> None:
         emit_json({"methods": listed})
         return
     for entry in listed:
-        click.echo(f"{entry['signature']}\n    {entry['summary']}")
+        device = {"same bytes": "on a GPU: the CPU's bytes", "own bytes": "on a GPU: its own bytes"}
+        where = device.get(entry["device"], "on a GPU: runs on the CPU")
+        click.echo(f"{entry['signature']}\n    {entry['summary']} ({where})")
 
 
 def _type_name(annotation: Any) -> str:

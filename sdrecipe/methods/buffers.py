@@ -30,21 +30,26 @@ _lock = threading.Lock()
 _spares: list[np.ndarray] = []
 
 
-def result_tensor(numel: int, dtype: torch.dtype) -> Tensor:
+def result_tensor(
+    numel: int, dtype: torch.dtype, device: torch.device | str | None = None
+) -> Tensor:
     """An uninitialised flat tensor of `numel` elements of `dtype` (float32 or
-    float64), in a spare buffer when one is large enough."""
+    float64) on `device` (default the CPU), in a spare buffer when one is large
+    enough: only CPU buffers are pooled, a device's own allocator caches its memory."""
     import torch
 
+    if device is not None and torch.device(device).type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
     if numel < POOLED_ELEMENTS or dtype not in (torch.float32, torch.float64):
-        return torch.empty(numel, dtype=dtype)
-    wanted = torch.empty(0, dtype=dtype).numpy().dtype
+        return torch.empty(numel, dtype=dtype, device="cpu")
+    wanted = torch.empty(0, dtype=dtype, device="cpu").numpy().dtype
     with _lock:
         fitting = [i for i, s in enumerate(_spares) if s.dtype == wanted and s.size >= numel]
         # By position: arrays compare element-wise, so list.remove cannot find one.
         chosen = min(fitting, key=lambda i: _spares[i].size) if fitting else None
         buffer = _spares.pop(chosen) if chosen is not None else None
     if buffer is None:
-        buffer = torch.empty(numel, dtype=dtype).numpy()
+        buffer = torch.empty(numel, dtype=dtype, device="cpu").numpy()
     view = buffer[:numel]
     weakref.finalize(view, _release, buffer)
     return torch.from_numpy(view)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
-from sdrecipe.methods.registry import DIFFERENCE, merge_method
+from sdrecipe.methods.registry import DIFFERENCE, SAME_BYTES, merge_method
 
 if TYPE_CHECKING:
     import torch
@@ -18,14 +18,14 @@ if TYPE_CHECKING:
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@merge_method()
+@merge_method(device=SAME_BYTES)
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, *, alpha: float = 0.5) -> torch.Tensor:
     """(1 - alpha)·A + alpha·B; alpha is the weight of the second model."""
     result = a.mul(1.0 - alpha)
     return result.add_(b.mul(alpha))
 
 
-@merge_method(spaces={"a": "S", "b": "T", "c": "T", "return": "S"})
+@merge_method(spaces={"a": "S", "b": "T", "c": "T", "return": "S"}, device=SAME_BYTES)
 def add_difference(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, alpha: float = 1.0
 ) -> torch.Tensor:
@@ -34,7 +34,9 @@ def add_difference(
     return difference.add_(a)
 
 
-@merge_method(spaces={"difference": DIFFERENCE, "return": DIFFERENCE}, scales_by="alpha")
+@merge_method(
+    spaces={"difference": DIFFERENCE, "return": DIFFERENCE}, scales_by="alpha", device=SAME_BYTES
+)
 def scale(difference: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
     """alpha·D: a difference at a strength that may vary by block, as LoRA block
     weights do (`A + scale(L, alpha="INALL")`)."""
@@ -55,13 +57,13 @@ def inverse_sigmoid_weight(alpha: float) -> float:
     return 0.5 - math.sin(math.asin(1.0 - 2.0 * alpha) / 3.0)
 
 
-@merge_method()
+@merge_method(device=SAME_BYTES)
 def sigmoid(a: torch.Tensor, b: torch.Tensor, *, alpha: Ratio = 0.5) -> torch.Tensor:
     """A + alpha'·(B - A) with the smoothstep alpha' = alpha²(3 - 2·alpha)."""
     return _interpolate(a, b, sigmoid_weight(alpha))
 
 
-@merge_method()
+@merge_method(device=SAME_BYTES)
 def inv_sigmoid(a: torch.Tensor, b: torch.Tensor, *, alpha: Ratio = 0.5) -> torch.Tensor:
     """A + alpha'·(B - A) with alpha' = 0.5 - sin(asin(1 - 2·alpha) / 3)."""
     return _interpolate(a, b, inverse_sigmoid_weight(alpha))

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
-from sdrecipe.methods.registry import merge_method
+from sdrecipe.methods.registry import OWN_BYTES, merge_method
 from sdrecipe.methods.task_vectors import PIECE_ELEMENTS, pieces
 
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-@merge_method(elementwise=False)
+@merge_method(elementwise=False, device=OWN_BYTES)  # sin, acos round by device
 def slerp(
     a: Tensor,
     b: Tensor,
@@ -39,9 +39,9 @@ def slerp(
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     width = max(1, flat_a.numel() // rows)
     matrix = (1, -1) if rows == 1 else (-1, width)  # one row: pieces of any length
-    dot = torch.zeros(rows, dtype=torch.float64)
-    squares_a = torch.zeros(rows, dtype=torch.float64)
-    squares_b = torch.zeros(rows, dtype=torch.float64)
+    dot = torch.zeros(rows, dtype=torch.float64, device=a.device)
+    squares_a = torch.zeros_like(dot)
+    squares_b = torch.zeros_like(dot)
     for piece in _row_pieces(rows, width):
         x = flat_a[piece].to(dtype).reshape(matrix)
         y = flat_b[piece].to(dtype).reshape(matrix)
@@ -59,7 +59,7 @@ def slerp(
     weight_a = torch.where(linear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
     weight_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
     weight_a, weight_b = weight_a.to(dtype), weight_b.to(dtype)
-    out = result_tensor(flat_a.numel(), dtype)
+    out = result_tensor(flat_a.numel(), dtype, a.device)
     for piece in _row_pieces(rows, width):
         where = _rows_of(piece, width)
         x = flat_a[piece].to(dtype, copy=True).reshape(matrix).mul_(weight_a[where, None])
@@ -85,7 +85,7 @@ def _rows_of(piece: slice, width: int) -> slice:
     return slice(first, max(first + 1, piece.stop // width))
 
 
-@merge_method(elementwise=False)
+@merge_method(elementwise=False, device=OWN_BYTES)  # SVD, eig round by device
 def rotate(
     a: Tensor,
     b: Tensor,
@@ -140,7 +140,7 @@ def _rotate_tall(
     ranges = _row_ranges(rows, columns)
     mean_a = _column_means(a, ranges) * centralization
     mean_b = _column_means(b, ranges) * centralization
-    cross = torch.zeros(columns, columns, dtype=f64)
+    cross = torch.zeros(columns, columns, dtype=f64, device=a.device)
     for piece in ranges:
         cross += (a[piece].to(f64) - mean_a).T @ (b[piece].to(f64) - mean_b)
     u, _, vh = torch.linalg.svd(cross)
@@ -151,7 +151,7 @@ def _rotate_tall(
     # A is interpolated towards B·Q⁻¹ before Q^alignment: B·(Q⁻¹·Q^alignment).
     backward = rotation.T @ forward if alpha != 0.0 else None
     shift = torch.lerp(mean_a, mean_b, alignment)
-    out = result_tensor(rows * columns, a.dtype).reshape(rows, columns)
+    out = result_tensor(rows * columns, a.dtype, a.device).reshape(rows, columns)
     for piece in ranges:
         moved = (a[piece].to(f64) - mean_a) @ forward
         if backward is not None:
@@ -222,7 +222,7 @@ def _column_means(matrix: Tensor, ranges: list[slice]) -> Tensor:
     """The mean of `matrix`'s rows, summed in float64."""
     import torch
 
-    total = torch.zeros(matrix.shape[1], dtype=torch.float64)
+    total = torch.zeros(matrix.shape[1], dtype=torch.float64, device=matrix.device)
     for piece in ranges:
         total += matrix[piece].sum(0, dtype=torch.float64)
     return total / matrix.shape[0]
@@ -285,9 +285,8 @@ def _stiefel_exp(frame: Tensor, tangent: Tensor) -> Tensor:
     a = frame.T @ tangent
     q, r = _positive_qr(tangent - frame @ a)
     q, r = q[:, :k], r[:k, :]
-    block = torch.cat(
-        [torch.cat([a, -r.T], dim=1), torch.cat([r, torch.zeros(k, k, dtype=a.dtype)], dim=1)]
-    )
+    corner = torch.zeros(k, k, dtype=a.dtype, device=a.device)
+    block = torch.cat([torch.cat([a, -r.T], dim=1), torch.cat([r, corner], dim=1)])
     moved = torch.linalg.matrix_exp(block)
     return frame @ moved[:p, :p] + q @ moved[p:, :p]
 
@@ -303,7 +302,7 @@ def _stiefel_log(start: Tensor, end: Tensor, eps: float = 1e-8, max_iter: int = 
     q, normal = _positive_qr(end - start @ m)
     q, normal = q[:, :k], normal[:k, :]
     stacked = torch.cat([m, normal])  # (p + k) by p, orthonormal columns
-    complement = torch.eye(p + k, dtype=m.dtype)[:, p:] - stacked @ stacked[p:].T
+    complement = torch.eye(p + k, dtype=m.dtype, device=m.device)[:, p:] - stacked @ stacked[p:].T
     completion, _ = torch.linalg.qr(complement)
     v = torch.cat([stacked, completion], dim=1)
     # Rotate the completion so that its lower block is diagonal and non-negative.
@@ -319,7 +318,8 @@ def _stiefel_log(start: Tensor, end: Tensor, eps: float = 1e-8, max_iter: int = 
         corner = logarithm[p:, p:]
         if torch.linalg.matrix_norm(corner) <= eps:
             break
-        s = logarithm[p:, :p] @ logarithm[p:, :p].T / 12.0 - 0.5 * torch.eye(k, dtype=v.dtype)
+        half = 0.5 * torch.eye(k, dtype=v.dtype, device=v.device)
+        s = logarithm[p:, :p] @ logarithm[p:, :p].T / 12.0 - half
         values, vectors = torch.linalg.eigh(s)
         solved = vectors @ ((vectors.T @ corner @ vectors) / (values[:, None] + values)) @ vectors.T
         v[:, p:] = v[:, p:] @ torch.linalg.matrix_exp(solved)

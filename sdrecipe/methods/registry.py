@@ -14,6 +14,7 @@ of holding a converted copy of every operand.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable, Mapping
@@ -35,6 +36,13 @@ CONTEXT_PARAMETER = "context"
 # The keyword-only parameter through which methods that convert operands piecewise
 # receive the compute dtype.
 DTYPE_PARAMETER = "dtype"
+# How a method runs in a build on a device (`--device`): SAME_BYTES, on the device,
+# giving the CPU's bytes on every device class; OWN_BYTES, on the device, its bytes
+# depending on the device class (recorded in its identity and the lock); neither
+# (None): on the CPU, its operands copied back for it.
+CPU = "cpu"
+SAME_BYTES = "same bytes"
+OWN_BYTES = "own bytes"
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,10 @@ class MergeMethod:
     # Runs the compiled loops (methods/kernels.py): a build that uses it loads
     # them while it prepares (see `preload_kernels`).
     compiled: bool = False
+    # How it runs in a device build (SAME_BYTES, OWN_BYTES or None: on the CPU), and
+    # the function that does (operands and result on one torch device).
+    device: str | None = None
+    on_device: MethodFunction | None = None
 
     @property
     def signature(self) -> str:
@@ -159,6 +171,7 @@ def merge_method(
     min_models: int | None = None,
     scales_by: str | None = None,
     compiled: bool = False,
+    device: str | None = None,
 ) -> Callable[[MethodFunction], MethodFunction]:
     """Register a function as a merge method (see the module's docstring).
 
@@ -166,7 +179,8 @@ def merge_method(
     as for an affine blend); `min_models` the fewest models a variadic method takes
     (default: its named models and one more); `scales_by` the parameter a
     method of one model multiplies it by, when that is all it does; `compiled`
-    that it runs the compiled loops.
+    that it runs the compiled loops; `device` that the function itself runs on
+    any torch device, with the CPU's bytes (SAME_BYTES) or not (OWN_BYTES).
     """
 
     def register(function: MethodFunction) -> MethodFunction:
@@ -203,7 +217,21 @@ def merge_method(
             spaces=dict(spaces or {}),
             scales_by=scales_by,
             compiled=compiled,
+            device=device,
+            on_device=function if device else None,
         )
+        return function
+
+    return register
+
+
+def device_path(name: str, device: str = SAME_BYTES) -> Callable[[MethodFunction], MethodFunction]:
+    """Register `function` as method `name`'s implementation on a device (its
+    CPU function runs loops no device has): same parameters, operands and
+    result on one torch device, and with SAME_BYTES the CPU function's bytes."""
+
+    def register(function: MethodFunction) -> MethodFunction:
+        _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], device=device, on_device=function)
         return function
 
     return register

@@ -22,7 +22,7 @@ from pydantic import Field
 from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
 from sdrecipe.methods.geometry import _row_pieces
-from sdrecipe.methods.registry import merge_method
+from sdrecipe.methods.registry import OWN_BYTES, merge_method
 from sdrecipe.methods.task_vectors import Positive, TaskVectors, pieces
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class _Operands:
         self.dtype = dtype
         self.models = [model.reshape(-1) for model in models]
         self.numel = self.models[0].numel()
+        self.device = self.models[0].device
         self.deltas = None if base is None else TaskVectors(base, tuple(models), dtype)
 
     def base_piece(self, piece: slice) -> Tensor | None:
@@ -59,25 +60,27 @@ class _Operands:
 
     def gram(self) -> np.ndarray:
         """The operands' inner products, in float64 from float64 products (each
-        summed in the same order, so that x·(-x) is exactly -(x·x))."""
+        summed in the same order, so that x·(-x) is exactly -(x·x)); summed on the
+        operands' device, and the count-by-count matrix brought to the CPU once."""
         import torch
 
         count = len(self.models)
-        gram = np.zeros((count, count))
+        sums = torch.zeros(count, count, dtype=torch.float64, device=self.device)
         for piece in pieces(self.numel):
             base_piece = self.base_piece(piece)
             wide = torch.stack(
                 [self.get(i, piece, base_piece).to(torch.float64) for i in range(count)]
             )
             for i in range(count):
-                gram[i, : i + 1] += (wide[: i + 1] * wide[i]).sum(dim=1).numpy()
+                sums[i, : i + 1] += (wide[: i + 1] * wide[i]).sum(dim=1)
+        gram = sums.cpu().numpy()
         return np.tril(gram) + np.tril(gram, -1).T
 
     def combination(self, coefficients: np.ndarray) -> Tensor:
         """Σ cᵢ·operandᵢ, plus the base if there is one, in the compute dtype."""
 
         weights = [float(c) for c in coefficients]
-        out = result_tensor(self.numel, self.dtype)
+        out = result_tensor(self.numel, self.dtype, self.device)
         for piece in pieces(self.numel):
             base_piece = self.base_piece(piece)
             total = self.get(0, piece, base_piece).mul(weights[0])
@@ -95,7 +98,7 @@ def _norm(coefficients: np.ndarray, gram: np.ndarray) -> float:
 # --- NuSLERP ---------------------------------------------------------------------------
 
 
-@merge_method(elementwise=False)
+@merge_method(elementwise=False, device=OWN_BYTES)  # sin, acos round by device
 def nuslerp(
     a: Tensor,
     b: Tensor,
@@ -112,7 +115,7 @@ def nuslerp(
     return _nuslerp((a, b), None, t, flatten, row_wise, dtype)
 
 
-@merge_method(elementwise=False)
+@merge_method(elementwise=False, device=OWN_BYTES)
 def nuslerp_delta(
     base: Tensor,
     a: Tensor,
@@ -149,7 +152,7 @@ def _nuslerp(
     import torch
 
     operands = _Operands(pair, base, dtype)
-    out = result_tensor(operands.numel, dtype)
+    out = result_tensor(operands.numel, dtype, operands.device)
     if operands.numel == 0:
         return out.reshape(operands.shape)
     rows, width, by_column = _layout(operands.shape, flatten, row_wise)
@@ -182,7 +185,7 @@ def _nuslerp(
             write(piece, base_piece, x, y, _nuslerp_weights(statistics(x, y), t, dtype))
         return out.reshape(operands.shape)
     # One vector across pieces, or columns: sums over every piece first.
-    totals = torch.zeros(3, width if by_column else 1, dtype=torch.float64)
+    totals = torch.zeros(3, width if by_column else 1, dtype=torch.float64, device=operands.device)
     for piece in _row_pieces(rows, width):
         where = piece if by_column and rows == 1 else slice(None)
         totals[:, where] += statistics(*read(piece)[1:])
@@ -215,7 +218,8 @@ def _nuslerp_weights(statistics: Tensor, t: float, dtype: torch.dtype) -> Tensor
 # --- multi-SLERP -------------------------------------------------------------------------
 
 
-@merge_method(elementwise=False, min_models=2)
+# The Gram matrices' sums run on the device: their order, so their bytes, are its own.
+@merge_method(elementwise=False, min_models=2, device=OWN_BYTES)
 def multislerp(
     *models: Tensor,
     normalize_weights: bool = True,
@@ -231,7 +235,7 @@ def multislerp(
     return _multislerp(models, None, normalize_weights, eps, dtype)
 
 
-@merge_method(elementwise=False, min_models=2)
+@merge_method(elementwise=False, min_models=2, device=OWN_BYTES)
 def multislerp_delta(
     base: Tensor,
     *models: Tensor,
@@ -274,7 +278,7 @@ def _multislerp(
 # --- Karcher mean ------------------------------------------------------------------------
 
 
-@merge_method(elementwise=False, min_models=2)
+@merge_method(elementwise=False, min_models=2, device=OWN_BYTES)
 def karcher(
     *models: Tensor, max_iter: Count = 10, tol: Positive = 1e-5, dtype: torch.dtype
 ) -> Tensor:
@@ -291,7 +295,7 @@ def karcher(
     norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
     valid = np.flatnonzero(norms > tol)
     if valid.size == 0:
-        return torch.zeros(operands.shape, dtype=dtype)
+        return torch.zeros(operands.shape, dtype=dtype, device=operands.device)
     # The mean and the tangent are held as coefficients over the valid units.
     unit_gram = gram[np.ix_(valid, valid)] / np.outer(norms[valid], norms[valid])
     weights = np.full(valid.size, 1.0 / valid.size)

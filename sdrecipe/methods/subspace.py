@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from sdrecipe.methods.buffers import result_tensor
 from sdrecipe.methods.classic import Ratio
-from sdrecipe.methods.registry import merge_method
+from sdrecipe.methods.registry import OWN_BYTES, merge_method
 from sdrecipe.methods.task_vectors import PIECE_ELEMENTS
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class _Deltas:
         import torch
 
         f64 = torch.float64
-        out = result_tensor(self.base.numel(), f64).reshape(self.base.shape)
+        out = result_tensor(self.base.numel(), f64, self.base.device).reshape(self.base.shape)
         for rows in self.row_ranges():
             torch.sub(self.models[index][rows].to(f64), self.base[rows].to(f64), out=out[rows])
         return out
@@ -106,7 +106,8 @@ class _Deltas:
         """base + alpha·left·right, a range of rows at a time."""
         import torch
 
-        out = result_tensor(self.base.numel(), self.dtype).reshape(self.base.shape)
+        out = result_tensor(self.base.numel(), self.dtype, self.base.device)
+        out = out.reshape(self.base.shape)
         for rows in self.row_ranges():
             out[rows] = (left[rows] @ right).mul_(alpha).add_(self.base[rows].to(torch.float64))
         return out.reshape(self.shape)
@@ -128,7 +129,7 @@ def _polar(matrix: Tensor) -> Tensor:
     return p[:, keep] @ qh[keep]
 
 
-@merge_method(elementwise=False)
+@merge_method(elementwise=False, device=OWN_BYTES)  # SVDs round by device
 def iso_c(base: Tensor, *models: Tensor, alpha: float = 1.0, dtype: torch.dtype) -> Tensor:
     """Iso-C (arXiv 2502.04959): with Δ = Σᵢ Δᵢ = U·Σ·Vᵀ (the sum of the task
     vectors, as the paper's task arithmetic), base + alpha·s̄·U·Vᵀ, where s̄ is the
@@ -145,7 +146,7 @@ def iso_c(base: Tensor, *models: Tensor, alpha: float = 1.0, dtype: torch.dtype)
     return deltas.result(u[:, keep] * mean, vh[keep], alpha)
 
 
-@merge_method(elementwise=False)
+@merge_method(elementwise=False, device=OWN_BYTES)
 def iso_cts(
     base: Tensor,
     *models: Tensor,
@@ -191,7 +192,7 @@ def iso_cts(
     return deltas.result(left * mean, right, alpha)
 
 
-@merge_method(elementwise=False)
+@merge_method(elementwise=False, device=OWN_BYTES)
 def tsv(
     base: Tensor,
     *models: Tensor,
@@ -228,8 +229,8 @@ def tsv(
         rights.append(vh[:per_task])
     if not values:
         m, n = deltas.matrix
-        nothing = torch.zeros(m, 0, dtype=torch.float64)
-        return deltas.result(nothing, torch.zeros(0, n, dtype=torch.float64), alpha)
+        nothing = torch.zeros(m, 0, dtype=torch.float64, device=base.device)
+        return deltas.result(nothing, nothing.new_zeros(0, n), alpha)
     singular = torch.cat(values)
     kept = singular > deltas.tolerance(scale)
     left = _polar(torch.cat(lefts, dim=1)[:, kept])

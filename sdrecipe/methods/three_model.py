@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sdrecipe.methods.registry import merge_method
+from sdrecipe.methods.registry import OWN_BYTES, SAME_BYTES, merge_method
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -17,21 +17,21 @@ if TYPE_CHECKING:
 TRAIN_DIFFERENCE_GAIN = 1.8
 
 
-@merge_method()
+@merge_method(device=SAME_BYTES)
 def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 0.3, beta: float = 0.3) -> Tensor:
     """(1 - alpha - beta)·A + alpha·B + beta·C."""
     result = a.mul(1.0 - alpha - beta)
     return result.add_(b, alpha=alpha).add_(c, alpha=beta)
 
 
-@merge_method()
+@merge_method(device=SAME_BYTES)
 def sum_twice(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 0.5, beta: float = 0.3) -> Tensor:
     """(1 - beta)·((1 - alpha)·A + alpha·B) + beta·C: a weighted sum, then another."""
     result = a.mul(1.0 - alpha).add_(b, alpha=alpha)
     return result.mul_(1.0 - beta).add_(c, alpha=beta)
 
 
-@merge_method()
+@merge_method(device=SAME_BYTES)
 def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Tensor:
     """A + 1.8·alpha·(B - C)·|B - A| / (|B - A| + |B - C|), 0 where both are 0:
     the difference B - C, applied where it moves A the way B went."""
@@ -41,7 +41,7 @@ def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> 
     return difference.mul_(share).mul_(TRAIN_DIFFERENCE_GAIN * alpha).add_(a)
 
 
-@merge_method()
+@merge_method(device=OWN_BYTES)  # pow rounds differently on each device
 def multiply_difference(
     a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 0.5, beta: float = 0.5
 ) -> Tensor:
@@ -52,7 +52,7 @@ def multiply_difference(
     return magnitude.copysign_(direction).add_(c)
 
 
-@merge_method()
+@merge_method(device=SAME_BYTES)
 def similarity_add_difference(
     a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0, beta: float = 1.0
 ) -> Tensor:
