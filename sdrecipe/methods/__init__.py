@@ -2,6 +2,7 @@
 
 # Imported for their registrations; none imports torch until a method runs.
 from sdrecipe.methods import classic as _classic  # noqa: F401
+from sdrecipe.methods import device_paths as _device_paths  # noqa: F401
 from sdrecipe.methods import geometry as _geometry  # noqa: F401
 from sdrecipe.methods import sparse as _sparse  # noqa: F401
 from sdrecipe.methods import spherical as _spherical  # noqa: F401
