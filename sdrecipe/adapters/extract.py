@@ -66,8 +66,9 @@ def truncated_svd(
     if 4 * rank >= min(matrix.shape) or matrix.numel() < RANDOMISED_SVD_ELEMENTS:
         left, values, right = torch.linalg.svd(matrix, full_matrices=False)
         return left[:, :rank], values[:rank], right[:rank]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: one sketch on every device
     sketch = torch.randn(matrix.shape[1], 2 * rank, generator=generator, dtype=matrix.dtype)
+    sketch = sketch.to(matrix.device)
     basis, _ = torch.linalg.qr(matrix @ sketch)
     for _ in range(POWER_ITERATIONS):
         basis, _ = torch.linalg.qr(matrix.T @ basis)
@@ -80,13 +81,14 @@ def extract(
     delta: torch.Tensor, rank: int, clamp_quantile: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_up, lora_down) in float32 whose product approximates `delta`
-    (rows x the rest); `seed` makes the randomised SVD reproducible."""
+    (rows x the rest), on `delta`'s device; `seed` makes the randomised SVD
+    reproducible."""
     matrix = delta.reshape(delta.shape[0], -1).float()
     left, values, down = truncated_svd(matrix, rank, seed)
     up = left * values
     if clamp_quantile < 1:
         # kohya: the quantile of the signed values of both factors, applied symmetrically.
-        both = np.concatenate([up.reshape(-1).numpy(), down.reshape(-1).numpy()])
+        both = np.concatenate([up.reshape(-1).cpu().numpy(), down.reshape(-1).cpu().numpy()])
         high = float(np.quantile(both, clamp_quantile))
         up, down = up.clamp(-high, high), down.clamp(-high, high)
     up_shape, down_shape = factor_shapes(tuple(delta.shape), rank)

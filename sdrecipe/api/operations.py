@@ -28,6 +28,7 @@ from sdrecipe.api.reports import (
 from sdrecipe.cache.remote import RemoteCache, UnsafeRemote
 from sdrecipe.cache.store import DEFAULT_MAX_SIZE, Cache
 from sdrecipe.engine import events
+from sdrecipe.engine.devices import device_class, place
 from sdrecipe.engine.events import KEPT, CacheCounts, Listener
 from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError, SdrecipeError
@@ -121,9 +122,10 @@ def build_recipe(
     path = str(recipe.path)
     listener(events.RecipeStarted(path))
     notify = _notifier(listener)
+    placement = place(options.device, options.device_memory)
     cache = Cache.existing(options.cache_dir, not options.no_cache, notify=notify)
     if cache is not None and not options.force:
-        current = proven_current(recipe, names or None, cache)
+        current = proven_current(recipe, names or None, cache, device_class(placement))
         if current is not None:
             kept = []
             for name, (written, digest) in current.items():
@@ -153,6 +155,7 @@ def build_recipe(
         if options.no_cache
         else open_remote(options.cache_url, options.cache_dir, listener),
         on_event=listener,
+        placement=placement,
     )
     if cache.tensors:
         with cache.locked():
@@ -276,6 +279,7 @@ def assess_statuses(
         else Cache.existing(options.cache_dir, notify=_notifier(on_event or events.ignore))
     )
     threads = options.threads
+    placement = place(options.device, options.device_memory)
 
     def assess_one(recipe: Recipe) -> list[NodeStatus]:
         try:
@@ -288,7 +292,7 @@ def assess_statuses(
 
     def assess_recipe(recipe: Recipe) -> list[NodeStatus]:
         if outputs_only and cache is not None and not options.force:
-            current = proven_current(recipe, names or None, cache)
+            current = proven_current(recipe, names or None, cache, device_class(placement))
             if current is not None:
                 specs = recipe.outputs
                 return [
@@ -305,7 +309,12 @@ def assess_statuses(
         with cache.locked() if cache else contextlib.nullcontext():
             lock = read_lock(recipe.path)
             return assess(
-                prepared, cache, threads or default_threads(), options.force, lock=lock
+                prepared,
+                cache,
+                threads or default_threads(),
+                options.force,
+                lock=lock,
+                device_class=device_class(placement),
             ).statuses
 
     planned = planned_statuses(recipe_set, assess_one)
@@ -342,10 +351,13 @@ def verify(
     paths, names = split_targets(targets)
     if names:
         raise RecipeError(f"verify takes recipes and folders, and {names[0]!r} is neither")
+    placement = place(options.device, options.device_memory)
     results = [
-        Reproduction(str(recipe.path), r.name, r.expected, r.actual, r.reproducible)
+        Reproduction(
+            str(recipe.path), r.name, r.expected, r.actual, r.reproducible, r.device, r.locked
+        )
         for recipe in load_recipe_set(recipe_files(paths)).recipes
-        for r in rebuild(recipe, threads, on_event or events.ignore)
+        for r in rebuild(recipe, threads, on_event or events.ignore, placement)
     ]
     return VerifyReport(all(r.reproducible for r in results), tuple(results))
 

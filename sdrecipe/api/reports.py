@@ -106,6 +106,10 @@ class Reproduction(Report):
     expected: str
     actual: str
     reproducible: bool
+    # The device class whose bytes were rebuilt, where the output's follow one
+    # (None: the same on every device); `locked`: the class the lock records.
+    device: str | None = None
+    locked: str | None = None
 
 
 @dataclass(frozen=True)

@@ -207,12 +207,20 @@ def verify(recipes: tuple[Path, ...], options: Options, as_json: bool) -> None:
         emit_json(report.to_json())
     else:
         for result in report.outputs:
+            on = f" on {result.device}" if result.device else ""
             if result.reproducible:
-                say(f"{result.name}: reproducible (content digest {result.actual[:16]}…)")
+                say(f"{result.name}: reproducible{on} (content digest {result.actual[:16]}…)")
             else:
+                locked = result.locked or "cpu"
+                hint = (
+                    f" (its bytes follow the device class: the lock's are {locked}'s, "
+                    f"this rebuild ran on {result.device}; verify with --device {locked})"
+                    if result.device and result.device != locked
+                    else ""
+                )
                 say(
                     f"{result.name}: DIFFERS: the lock has {result.expected}, "
-                    f"the rebuild gave {result.actual}"
+                    f"the rebuild gave {result.actual}{hint}"
                 )
         click.echo("reproducible" if report.reproducible else "not reproducible")
     if not report.reproducible:

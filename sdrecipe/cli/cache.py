@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from sdrecipe.cli.common import (
     cache_url_option,
     emit_json,
     json_option,
+    parse_size,
     reports_errors,
     threads_option,
 )
@@ -70,22 +70,6 @@ def cache_info(cache_dir: Path, cache_url: str | None, as_json: bool) -> None:
         )
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-
-
-def _parse_size(
-    _context: click.Context, _parameter: click.Parameter, value: str | None
-) -> int | None:
-    if value is None:
-        return None
-    match = _SIZE.match(value)
-    if not match:
-        raise click.BadParameter(f"{value!r} is not a size such as 20GB, 500MB or 1024")
-    number, unit, suffix = match.groups()
-    base = 1024 if suffix and suffix.lower() == "ib" else 1000
-    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
-
-
 def _exchange_command(direction: str) -> Callable[..., Any]:
     @click.argument("recipe", type=RECIPE)
     @cache_dir_option
@@ -123,7 +107,7 @@ cache_push = _exchange_command("push")
 @cache_dir_option
 @click.option(
     "--max-size",
-    callback=_parse_size,
+    callback=parse_size,
     help="Keep at most this much of the cache's own bytes (e.g. 500MB, 2GiB) "
     "[default: the cache's limit, see `cache limit`].",
 )
@@ -145,7 +129,7 @@ def cache_gc(cache_dir: Path, max_size: int | None, as_json: bool) -> None:
 
 
 @cache.command("limit")
-@click.argument("size", required=False, callback=_parse_size)
+@click.argument("size", required=False, callback=parse_size)
 @cache_dir_option
 @reports_errors
 def cache_limit(size: int | None, cache_dir: Path) -> None:

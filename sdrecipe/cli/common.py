@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import IO, Any
 import click
 
 from sdrecipe.engine import events
-from sdrecipe.engine.options import Options
+from sdrecipe.engine.options import DEVICE_HELP, Options, is_device
 from sdrecipe.errors import SdrecipeError, describe_os_error
 from sdrecipe.io.mapped_files import install_sigbus_handler
 from sdrecipe.text import printable
@@ -124,6 +125,31 @@ def emit_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> int | None:
+    """A size option's bytes: 20GB, 500MB, 4GiB or a number."""
+    if value is None:
+        return None
+    match = _SIZE.match(value)
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a size such as 20GB, 500MB or 1024")
+    number, unit, suffix = match.groups()
+    base = 1024 if suffix and suffix.lower() == "ib" else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+def _device_spec(
+    _context: click.Context, _parameter: click.Parameter, value: str | None
+) -> str | None:
+    if value is not None and not is_device(value):
+        raise click.BadParameter(f"{value!r} is not a device; use {DEVICE_HELP}")
+    return value
+
+
 def cache_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--cache-dir",
@@ -156,7 +182,15 @@ def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-_OPTION_NAMES = ("threads", "cache_dir", "cache_url", "no_cache", "force")
+_OPTION_NAMES = (
+    "threads",
+    "cache_dir",
+    "cache_url",
+    "no_cache",
+    "force",
+    "device",
+    "device_memory",
+)
 
 
 def build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -168,7 +202,27 @@ def build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Cal
             fields = {name: kwargs.pop(name) for name in _OPTION_NAMES if name in kwargs}
             return command(*args, options=Options(**fields), **kwargs)
 
-        options = [threads_option, json_option]
+        options = [
+            threads_option,
+            json_option,
+            click.option(
+                "--device",
+                envvar="SDRECIPE_DEVICE",
+                metavar="DEVICE",
+                callback=_device_spec,
+                help=f"Compute on a device: {DEVICE_HELP} (a GPU if torch sees one, else the "
+                "CPU). Without it, the CPU as always; `cpu` takes the device path on the CPU "
+                "(same bytes). Methods whose arithmetic differs on a GPU record the device "
+                "class in the lock (env: SDRECIPE_DEVICE).",
+            ),
+            click.option(
+                "--device-memory",
+                callback=parse_size,
+                metavar="SIZE",
+                help="Cap the device memory the build's values and buffers take, e.g. 8GB "
+                "[default: no cap: one key per worker].",
+            ),
+        ]
         if uses_cache:
             options += [
                 cache_dir_option,

@@ -22,6 +22,7 @@ import torch
 
 from sdrecipe.cache.store import DIGEST, PACK, Cache, Location, output_digest
 from sdrecipe.engine import events
+from sdrecipe.engine.devices import Placement, device_class
 from sdrecipe.engine.events import BUILT, KEPT, RESTORED, CacheCounts, Listener
 from sdrecipe.engine.executor import CacheUse, Executor, KeyResult
 from sdrecipe.io.atomic import publish, remove_stale_temporaries, staged_copy, uninterrupted
@@ -34,6 +35,7 @@ from sdrecipe.io.sharded_writer import remove_superseded
 from sdrecipe.io.writers import OutputWriter
 from sdrecipe.plan.assess import Assessment, assess
 from sdrecipe.plan.cache_policy import cache_choice
+from sdrecipe.plan.graph import output_device
 from sdrecipe.plan.prepare import Prepared, tokenizer_folders
 from sdrecipe.plan.status import Status
 from sdrecipe.plan.tensor_plan import MERGED
@@ -83,6 +85,7 @@ def update_outputs(
     update_lock: bool = True,
     remote: RemoteCache | None = None,
     on_event: Listener = events.ignore,
+    placement: Placement | None = None,
 ) -> BuildSummary:
     """Bring every selected output up to date; on failure no output is touched.
 
@@ -90,7 +93,9 @@ def update_outputs(
     first, and what the build stored is pushed to it after; the remote's corrupt
     entries count with the local ones, and a remote that fails (e.g. cannot be
     reached) is reported and the build goes on with the local cache alone.
-    Each step is reported to `on_event` (see `sdrecipe.engine.events`)."""
+    With a `placement`, the arithmetic runs on its device (see
+    `sdrecipe.engine.devices`). Each step is reported to `on_event` (see
+    `sdrecipe.engine.events`)."""
     started = time.perf_counter()
     recipe = str(prepared.recipe.path)
     progress = events.as_progress(on_event, recipe)
@@ -98,16 +103,17 @@ def update_outputs(
     with cache.locked() if cache else nullcontext():
         if cache is not None and cache.tensors:
             cache.remove_stale_temporaries()  # of a killed build or pull
-        assessment = assess(prepared, cache, threads, force, progress, lock)
+        on = device_class(placement)
+        assessment = assess(prepared, cache, threads, force, progress, lock, on)
         shared = remote is not None and cache is not None and cache.tensors
         pulled = None
         if shared and not force:
             pulled = _exchange(remote, "pull", cache, assessment, on_event, recipe)
             if pulled is not None and (pulled.outputs or pulled.refs):
-                assessment = assess(prepared, cache, threads, force, progress, lock)
+                assessment = assess(prepared, cache, threads, force, progress, lock, on)
         for status in assessment.statuses:
             on_event(events.NodePlanned(recipe, status.node, status.status, status.reason))
-        builder = _Builder(prepared, assessment, cache, threads, on_event)
+        builder = _Builder(prepared, assessment, cache, threads, on_event, placement)
         if pulled:
             builder.stats.corrupt_entries += len(pulled.corrupt)
             builder.stats.remote_pulled += pulled.outputs + pulled.objects
@@ -161,8 +167,10 @@ class _Builder:
         cache: Cache | None,
         threads: int,
         on_event: Listener,
+        placement: Placement | None,
     ):
         self.prepared = prepared
+        self.placement = placement
         self.assessment = assessment
         self.cache = cache
         self.threads = threads
@@ -324,6 +332,7 @@ class _Builder:
                 tokenizer_folders(self.prepared, name),
                 drop_written,
                 output_plan.encodings,
+                self._extraction_device(),
             )
             writer = open_writer(job)
             cleanup.callback(writer.abort)
@@ -365,10 +374,19 @@ class _Builder:
                 data = tensor.reshape(-1).view(torch.uint8).numpy().data
                 writer.write(key, data)
                 self._tensor_digests[name][key] = tensor_digest(writer.info(key), [data])
-        Executor(plan, self.prepared.readers, writers, self.threads, cache_use).run(record)
+        executor = Executor(
+            plan, self.prepared.readers, writers, self.threads, cache_use, self.placement
+        )
+        executor.run(record)
         for writer in writers.values():
             writer.finish()
         return writers
+
+    def _extraction_device(self) -> torch.device | None:
+        """Where LoRA outputs' factors are extracted: the build's device, but
+        the CPU on MPS (whose torch.linalg lacks the SVD)."""
+        placement = self.placement
+        return None if placement is None or placement.device.type == "mps" else placement.device
 
     def _cache_output(self, name: str, writer: OutputWriter) -> None:
         """Take the new output's content digest (from its tensors' digests when
@@ -414,6 +432,10 @@ class _Builder:
                 for name in self.prepared.plan.outputs
             },
             assessment.quantization,
+            {
+                name: output_device(graph, name, device_class(self.placement))
+                for name in self.prepared.plan.outputs
+            },
         )
         write_lock(self.prepared.recipe.path, lock)
 

@@ -29,10 +29,12 @@ def evaluate(
     operands: Mapping[str, Operand],
     dtype: torch.dtype,
     context: KeyContext | None = None,
+    on_device: bool = False,
 ) -> torch.Tensor:
     """The value of model expression `expr` (its per-key parameters resolved),
-    computed in `dtype`; key-aware methods are given `context`."""
-    evaluator = _Evaluator(operands, dtype, context)
+    computed in `dtype`; key-aware methods are given `context`. `on_device`:
+    the operands are on a build's device, and methods run their device path."""
+    evaluator = _Evaluator(operands, dtype, context, on_device)
     return evaluator.fresh(*evaluator.visit(expr))
 
 
@@ -40,11 +42,16 @@ class _Evaluator(ExprVisitor[tuple[Operand, bool]]):
     """Visits to (value, owned): owned values were created here and may be modified."""
 
     def __init__(
-        self, operands: Mapping[str, Operand], dtype: torch.dtype, context: KeyContext | None
+        self,
+        operands: Mapping[str, Operand],
+        dtype: torch.dtype,
+        context: KeyContext | None,
+        on_device: bool,
     ):
         self.operands = operands
         self.dtype = dtype
         self.context = context
+        self.on_device = on_device
 
     def fresh(self, value: Operand, owned: bool) -> torch.Tensor:
         """`value` as a tensor this evaluation may modify."""
@@ -85,7 +92,9 @@ class _Evaluator(ExprVisitor[tuple[Operand, bool]]):
             args = [arg.to(self.dtype) for arg in args]
         if method.key_aware:
             params[CONTEXT_PARAMETER] = self.context
-        return method.function(*args, **params), True
+        function = method.on_device if self.on_device else method.function
+        assert function is not None  # the executor runs a node on a device only if it can
+        return function(*args, **params), True
 
     def visit_binop(self, expr: BinOp) -> tuple[Operand, bool]:
         if expr.op in "*/":
@@ -98,7 +107,14 @@ class _Evaluator(ExprVisitor[tuple[Operand, bool]]):
                 factor = scalar.value if expr.op == "*" else 1.0 / scalar.value
                 return found.scaled(factor), True
             value = self.fresh(found, owned)
-            return (value.mul_ if expr.op == "*" else value.div_)(scalar.value), True
+            if expr.op == "*":
+                return value.mul_(scalar.value), True
+            if self.on_device:
+                # CUDA divides by a number as a product with its reciprocal, which rounds
+                # otherwise than the CPU's division; by a tensor it divides.
+                divisor = torch.full((), scalar.value, dtype=value.dtype, device=value.device)
+                return value.div_(divisor), True
+            return value.div_(scalar.value), True
         left, left_owned = self.visit(expr.left)
         right, right_owned = self.visit(expr.right)
         if isinstance(right, LowRankDelta) and not isinstance(left, LowRankDelta):

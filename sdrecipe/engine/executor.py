@@ -7,10 +7,16 @@ multiple of that whatever the model size. Tasks run on a thread pool (torch
 and the hashes release the GIL); each writes
 its bytes straight to their final place in every output, and streams new
 intermediate values into cache objects, hashing everything in order.
+
+With a placement (`--device`), each worker copies its key's operands to the
+device and the results back through its own lane (see
+`sdrecipe.engine.devices`), in row ranges as large as the device memory
+allows (whole keys unless `--device-memory` says otherwise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +27,7 @@ import torch
 
 from sdrecipe.adapters.low_rank import LowRankDelta
 from sdrecipe.cache.store import Cache, CorruptEntry, Location, ObjectWriter
+from sdrecipe.engine.devices import DeviceMemory, Lane, Placement
 from sdrecipe.engine.evaluate import Operand, evaluate
 from sdrecipe.errors import BuildError
 from sdrecipe.io.adapter_reader import AdapterReader
@@ -33,14 +40,19 @@ from sdrecipe.io.model_reader import ModelReader
 from sdrecipe.io.safetensors_reader import SafetensorsReader
 from sdrecipe.io.tensor_info import TensorInfo
 from sdrecipe.io.writers import OutputWriter
+from sdrecipe.methods import get_method
+from sdrecipe.methods.registry import SAME_BYTES
 from sdrecipe.plan.identity import Identities
 from sdrecipe.plan.tensor_plan import BuildPlan, Compute, KeyPlan
+from sdrecipe.recipe.expr import method_calls
 
 # Elements per row range: 256 Ki elements is 1 MiB in float32, so a range's
 # temporaries stay in the L2 cache and the allocator reuses them. Measured on
 # full-size SD1.5 against 4 Mi: 4.5-5.1 s instead of 8.6 s, 200 MB of anonymous
 # memory instead of 612 MB.
 UNIT_ELEMENTS = 1 << 18
+# Elements per unit that the device path converts, checks and copies back at once.
+DEVICE_UNIT_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -93,13 +105,26 @@ class Executor:
         writers: Mapping[str, OutputWriter],
         threads: int,
         cache_use: CacheUse | None = None,
+        placement: Placement | None = None,
     ):
         self.plan = plan
         self.readers = readers
         self.writers = writers
         self.threads = max(1, threads)
         self.cache_use = cache_use
+        self.placement = placement
+        self.device_memory = DeviceMemory(placement.memory if placement else None)
+        self._lanes = threading.local()
         self.stopping = threading.Event()
+
+    def lane(self) -> Lane | None:
+        """The calling worker's lane to the device (None on the direct CPU path)."""
+        if self.placement is None:
+            return None
+        lane = getattr(self._lanes, "lane", None)
+        if lane is None:
+            lane = self._lanes.lane = Lane(self.placement)
+        return lane
 
     def run(self, progress: Callable[[KeyResult], None]) -> None:
         """Process every key; `progress` gets each finished key's result, in key order.
@@ -156,6 +181,7 @@ class _KeyTask:
         # Each input's tensor, read once per key (an adapter computes its delta on read).
         self.read: dict[str, Operand] = {}
         self.objects: dict[str, tuple[ObjectWriter, blake3.blake3, str]] = {}
+        self.lane = executor.lane()
 
     def run(self) -> KeyResult:
         executor = self.executor
@@ -176,7 +202,11 @@ class _KeyTask:
         for output in computed:
             self._resolve(self.plan.sources[output])
         try:
-            self._stream(computed)
+            unit, held = self._ranges(computed)
+            # On a device, the copies and the arithmetic queue on this worker's stream, in order.
+            running = self.lane.running() if self.lane is not None else contextlib.nullcontext()
+            with executor.device_memory.holding(held), running:
+                self._stream(computed, unit)
         except BaseException:
             for writer, _, _ in self.objects.values():
                 writer.abort()
@@ -254,11 +284,31 @@ class _KeyTask:
     def _encoding(self, output: str) -> Encoding | None:
         return self.executor.plan.outputs[output].encodings.get(self.key)
 
-    def _stream(self, outputs: list[str]) -> None:
+    def _ranges(self, outputs: list[str]) -> tuple[int, int]:
+        """Elements per row range, and the device memory one range holds (0 on
+        the direct path, or with no cap). On a device a range is the whole key,
+        or this worker's share of the cap (a key that cannot be split in rows
+        holds what it needs, and so waits to run alone)."""
+        placement = self.executor.placement
+        if placement is None:
+            return UNIT_ELEMENTS, 0
+        base = self.graph.base_input(self.plan.sources[outputs[0]])
+        numel = max(1, self.executor.readers[base].info(self.key).numel)
+        if placement.memory is None:
+            return numel, 0
+        # Every input and value of the key in float64, and the result twice.
+        per_element = 8 * (len(self.executor.readers) + len(self.plan.steps) + 2)
+        share = max(self.plan.row_width, placement.memory // (self.executor.threads * per_element))
+        if self.plan.rows is None or share >= numel:
+            return numel, numel * per_element
+        return share, share * per_element
+
+    def _stream(self, outputs: list[str], unit_elements: int) -> None:
         writers = self.executor.writers
         hashers = {output: tensor_hasher(writers[output].info(self.key)) for output in outputs}
-        scales = self._scales(outputs)
-        for rows in row_ranges(self.plan):
+        scales = self._scales(outputs, unit_elements)
+        unit_size = UNIT_ELEMENTS if self.lane is None else DEVICE_UNIT_ELEMENTS
+        for rows in row_ranges(self.plan, unit_elements):
             if self.executor.stopping.is_set():
                 raise _Stopped
             values: dict[str, Operand] = {}
@@ -274,7 +324,7 @@ class _KeyTask:
                             f"output {output!r}: {self.key} has infinite or NaN values from an "
                             f"input, which {encoding.describe()} cannot hold; no output was written"
                         )
-                    stored = encoding.encode(tensor, scales.get(output))
+                    stored = encoding.encode(self._on_cpu(tensor), scales.get(output))
                     self._write_piece(output, stored, self._offset(rows, info), hashers[output])
                     continue
                 # In units of a range at most: a whole-tensor method's result is
@@ -282,19 +332,23 @@ class _KeyTask:
                 # written while it is in the cache.
                 flat = tensor.reshape(-1)
                 start = self._offset(rows, info)
-                for unit in range(0, max(1, flat.numel()), UNIT_ELEMENTS):
-                    part = flat[unit : unit + UNIT_ELEMENTS]
+                for unit in range(0, max(1, flat.numel()), unit_size):
+                    part = flat[unit : unit + unit_size]
                     stored = widened(part, info.dtype)
                     # float8 cannot be checked (nor hold infinity): check what it came from.
                     checked = stored if info.dtype.itemsize > 1 else part
                     if checked.is_floating_point() and not is_finite(checked):
                         self._explain_non_finite(output, values, part)
                     offset = start + unit * info.dtype.itemsize
+                    if self.lane is not None:
+                        stored = self.lane.download(stored)
                     self._write_piece(output, stored, offset, hashers[output])
                 self._check_range(output, tensor, info.dtype)
             for node, (writer, hasher, _) in self.objects.items():
-                tensor = self._tensor(node, rows, values).contiguous()
-                data = tensor.reshape(-1).view(torch.uint8).numpy()
+                tensor = self._tensor(node, rows, values)
+                if self.lane is not None:
+                    tensor = self.lane.download(tensor)
+                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
                 writer.write(data.data, self._offset(rows, writer.info))
                 hasher.update(data.data)
         for output, hasher in hashers.items():
@@ -315,7 +369,7 @@ class _KeyTask:
         hasher.update(data.data)
         self.result.written += data.nbytes
 
-    def _scales(self, outputs: list[str]) -> dict[str, float]:
+    def _scales(self, outputs: list[str], unit_elements: int) -> dict[str, float]:
         """The scale of each output whose encoding needs the whole tensor's largest
         magnitude first: a pass over the row ranges before the one that writes."""
         scales = {}
@@ -324,7 +378,7 @@ class _KeyTask:
             if encoding is None or not encoding.whole:
                 continue
             largest = 0.0
-            for rows in row_ranges(self.plan):
+            for rows in row_ranges(self.plan, unit_elements):
                 value = self._tensor(self.plan.sources[output], rows, {})
                 if value.numel():
                     largest = max(largest, float(value.abs().max()))
@@ -366,6 +420,8 @@ class _KeyTask:
         if step is None or name in self.loaded:
             whole = self.loaded[name] if step is not None else self._input(name)
             value = whole if rows is None else whole[rows]
+            if self.lane is not None and not isinstance(value, LowRankDelta):
+                value = self.lane.upload(value, name)
         elif not isinstance(step, Compute):
             value = self._value(operands[0], rows, values)
         else:
@@ -374,17 +430,51 @@ class _KeyTask:
                 for operand in operands
                 if operand not in step.absent
             }
+            on_device = self._on_device(step, env)
+            env = {
+                o: v if isinstance(v, LowRankDelta) else self._moved(v, on_device)
+                for o, v in env.items()
+            }
             shape = env[operands[0]].shape
-            env.update({operand: torch.zeros(shape, dtype=step.dtype) for operand in step.absent})
+            device = self.lane.device if on_device else None  # type: ignore[union-attr]
+            env.update(
+                {o: torch.zeros(shape, dtype=step.dtype, device=device) for o in step.absent}
+            )
             if step.channels is None:
-                value = evaluate(step.expr, env, step.dtype, step.context)
+                value = evaluate(step.expr, env, step.dtype, step.context, on_device)
             else:
                 dense = {o: v.dense() if isinstance(v, LowRankDelta) else v for o, v in env.items()}
                 shared = {operand: t[:, : step.channels] for operand, t in dense.items()}
                 value = dense[operands[0]].to(step.dtype, copy=True)
-                value[:, : step.channels] = evaluate(step.expr, shared, step.dtype, step.context)
+                value[:, : step.channels] = evaluate(
+                    step.expr, shared, step.dtype, step.context, on_device
+                )
         values[name] = value
         return value
+
+    def _on_device(self, step: Compute, env: Mapping[str, Operand]) -> bool:
+        """Whether `step` runs on the device: every method it calls can, it adds no
+        LoRA's factors (their products are the CPU's), and on MPS, which lacks
+        float64 (and much of torch.linalg), it computes in float32 with methods
+        that give the CPU's bytes."""
+        lane = self.lane
+        if lane is None or any(isinstance(v, LowRankDelta) for v in env.values()):
+            return False
+        methods = [get_method(name) for name in method_calls(step.expr)]
+        if lane.device.type == "mps":
+            return step.dtype != torch.float64 and all(m.device == SAME_BYTES for m in methods)
+        return all(method.on_device is not None for method in methods)
+
+    def _moved(self, value: torch.Tensor, on_device: bool) -> torch.Tensor:
+        """`value` where a step on the device (or the CPU) reads it."""
+        if not on_device:
+            return self._on_cpu(value)
+        assert self.lane is not None
+        return value if value.device == self.lane.device else value.to(self.lane.device)
+
+    def _on_cpu(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` in CPU memory of its own (a copy, if it is on a device)."""
+        return tensor if tensor.device.type == "cpu" else tensor.cpu()
 
     def _input(self, name: str) -> Operand:
         """Input `name`'s tensor at this key, read once; a LoRA's delta as factors."""

@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from sdrecipe.errors import RecipeError
+
+# What `--device` accepts.
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto"
+_SPEC = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
+
+
+def is_device(spec: str) -> bool:
+    """Whether `--device` accepts `spec`."""
+    return _SPEC.fullmatch(spec) is not None
+
+
+def check_device(spec: str) -> str:
+    """`spec` if `--device` accepts it, else RecipeError (exit 2)."""
+    if not is_device(spec):
+        raise RecipeError(f"--device {spec!r}: not a device; use {DEVICE_HELP}")
+    return spec
 
 
 @dataclass(frozen=True)
@@ -14,7 +33,10 @@ class Options:
     (any fsspec URL); `no_cache` neither reads nor stores cached tensors or
     outputs; `force` rebuilds everything and allows merging different
     architectures; `keep_going` builds the recipes that do not need a failed
-    one; `scheduler` builds each recipe as a task on a Dask cluster."""
+    one; `scheduler` builds each recipe as a task on a Dask cluster; `device`
+    (`cpu`, `cuda`, `cuda:N`, `mps`, `auto`) runs the arithmetic on a device, its
+    values and buffers within `device_memory` bytes (see
+    `sdrecipe.engine.devices`; None: the direct CPU path)."""
 
     threads: int | None = None
     cache_dir: Path = Path("cache")
@@ -23,6 +45,10 @@ class Options:
     force: bool = False
     keep_going: bool = False
     scheduler: str | None = None
+    device: str | None = None
+    device_memory: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.device is not None:
+            check_device(self.device)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from sdrecipe.engine import events
 from sdrecipe.engine.builder import update_outputs
+from sdrecipe.engine.devices import Placement, device_class
 from sdrecipe.errors import RecipeError
 from sdrecipe.io.atomic import remove_stale_temporaries
+from sdrecipe.plan.graph import output_device
 from sdrecipe.plan.prepare import prepare_recipe
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.lock import read_lock
@@ -25,6 +27,10 @@ class VerifyResult:
     name: str
     expected: str
     actual: str
+    # The device class whose bytes were rebuilt, where the output's follow it
+    # (see `sdrecipe.plan.graph.output_device`); `locked`, the lock's.
+    device: str | None = None
+    locked: str | None = None
 
     @property
     def reproducible(self) -> bool:
@@ -33,9 +39,13 @@ class VerifyResult:
 
 
 def verify(
-    recipe: Recipe, threads: int, on_event: events.Listener = events.ignore
+    recipe: Recipe,
+    threads: int,
+    on_event: events.Listener = events.ignore,
+    placement: Placement | None = None,
 ) -> list[VerifyResult]:
-    """Rebuild every locked output without the cache, elsewhere, and compare with the lock."""
+    """Rebuild every locked output without the cache, elsewhere (on `placement`'s
+    device, if any), and compare with the lock."""
     recipe_path = recipe.path
     lock = read_lock(recipe_path)
     if lock is None or not lock.outputs:
@@ -63,7 +73,23 @@ def verify(
         elsewhere = dataclasses.replace(recipe, outputs=moved)
         prepared = prepare_recipe(elsewhere, names, force=True)
         summary = update_outputs(
-            prepared, threads, cache=None, force=True, update_lock=False, on_event=on_event
+            prepared,
+            threads,
+            cache=None,
+            force=True,
+            update_lock=False,
+            on_event=on_event,
+            placement=placement,
         )
         rebuilt = {output.name: output.digest for output in summary.outputs}
-        return [VerifyResult(name, lock.outputs[name].digest, rebuilt[name]) for name in names]
+        on = device_class(placement)
+        return [
+            VerifyResult(
+                name,
+                lock.outputs[name].digest,
+                rebuilt[name],
+                output_device(prepared.graph, name, on),
+                lock.outputs[name].device,
+            )
+            for name in names
+        ]

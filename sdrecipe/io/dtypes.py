@@ -48,6 +48,9 @@ def widened(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     table = _FP8_VALUES.get(tensor.dtype)
     if table is None or not dtype.is_floating_point or dtype.itemsize == 1:
         return tensor.to(dtype)
-    codes = tensor.contiguous().view(torch.uint8).numpy()
-    values = torch.from_numpy(np.take(table, codes))
+    codes = tensor.contiguous().view(torch.uint8)
+    if codes.device.type != "cpu":  # the same table, so the same bytes (NaN's too)
+        values = torch.from_numpy(table).to(codes.device)[codes.long()]
+    else:
+        values = torch.from_numpy(np.take(table, codes.numpy()))
     return values if dtype == torch.float32 else values.to(dtype)

@@ -18,6 +18,8 @@ def is_finite(tensor: torch.Tensor) -> bool:
     (finite·0 = 0 cannot overflow), and runs about 20 times faster than
     `isfinite().all()` (0.2 against 4 ns an element, measured here)."""
     flat = tensor.reshape(-1)
+    if flat.device.type != "cpu":
+        return bool(torch.isfinite(flat).all())  # one kernel on a GPU
     if flat.dtype.itemsize == 1:
         flat = flat.float()  # no dot product for float8
     zeros = _ZEROS.get(flat.dtype)

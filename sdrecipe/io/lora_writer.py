@@ -93,7 +93,8 @@ def peft_file(
 
 class LoraWriter:
     """Receives each layer's difference (float32, in row pieces, one thread per
-    layer), extracts its factors, and writes them at `finish`."""
+    layer), extracts its factors (on `device`, if one is given), and writes
+    them at `finish`."""
 
     def __init__(
         self,
@@ -102,8 +103,10 @@ class LoraWriter:
         metadata: dict[str, str],
         family: str,
         options: LoraOptions,
+        device: torch.device | None = None,
     ):
         self.path = path
+        self._device = device
         self._differences = differences
         self._metadata = metadata
         self._family = family
@@ -154,8 +157,10 @@ class LoraWriter:
         for name, piece in pieces:
             rank = layer_rank(tuple(piece.shape), self._options)
             seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+            if self._device is not None:
+                piece = piece.to(self._device)
             up, down = extract(piece, rank, self._options.clamp_quantile, seed >> 1)
-            up, down = up.to(dtype), down.to(dtype)
+            up, down = up.to(dtype).cpu(), down.to(dtype).cpu()
             if not bool(torch.isfinite(up).all() and torch.isfinite(down).all()):
                 raise BuildError(
                     f"the LoRA factors extracted at {key} are infinite or NaN in "

@@ -19,6 +19,8 @@ from sdrecipe.io.formats import PICKLE_SUFFIXES
 from sdrecipe.io.writers import OutputWriter
 
 if TYPE_CHECKING:
+    import torch
+
     from sdrecipe.arch.detect import Architecture
     from sdrecipe.io.encodings import Encoding
     from sdrecipe.io.tensor_info import TensorInfo
@@ -53,6 +55,8 @@ class WriteJob:
     tokenizers: Mapping[str, Path] = field(default_factory=dict)
     drop_written: bool = False
     encodings: Mapping[str, Encoding] = field(default_factory=dict)
+    # Where a LoRA output's factors are extracted (None: the CPU).
+    device: torch.device | None = None
 
 
 class OutputFormat(ABC):
@@ -184,7 +188,7 @@ class Lora(OutputFormat):
         output = job.output
         assert output.lora is not None
         return LoraWriter(
-            output.path, job.tensors, job.metadata, job.architecture.family, output.lora
+            output.path, job.tensors, job.metadata, job.architecture.family, output.lora, job.device
         )
 
 

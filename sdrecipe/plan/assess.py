@@ -15,6 +15,7 @@ from sdrecipe.io.output_formats import output_format
 from sdrecipe.io.quantized import quantization_of
 from sdrecipe.io.readers import tensor_digests
 from sdrecipe.io.shard_layout import written_path
+from sdrecipe.methods.registry import CPU
 from sdrecipe.plan.identity import Identities, tensor_identities
 from sdrecipe.plan.prepare import Prepared, tokenizer_folders
 from sdrecipe.plan.provenance import output_metadata
@@ -120,13 +121,14 @@ def assess(
     force: bool = False,
     progress: Progress = no_progress,
     lock: Lock | None = None,
+    device_class: str = CPU,
 ) -> Assessment:
     """Fingerprint the inputs and decide, against `lock` (the recipe's lock file)
-    and the cache, what each node needs."""
+    and the cache, what each node needs, for a build on `device_class`."""
     plan = prepared.plan
     fingerprints = fingerprint_inputs(prepared, cache, threads, progress)
     digests = {n: tensor_digests(prepared.readers[n], f) for n, f in fingerprints.items()}
-    identities = tensor_identities(plan, digests)
+    identities = tensor_identities(plan, digests, device_class)
     quantization = {name: quantization_of(reader) for name, reader in prepared.readers.items()}
     metadata = {
         name: output_metadata(

@@ -9,9 +9,10 @@ from functools import cached_property
 import networkx as nx
 
 from sdrecipe.errors import RecipeError
-from sdrecipe.methods.registry import DIFFERENCE, MODEL
+from sdrecipe.methods import get_method
+from sdrecipe.methods.registry import DIFFERENCE, MODEL, OWN_BYTES
 from sdrecipe.recipe import Recipe
-from sdrecipe.recipe.expr import references
+from sdrecipe.recipe.expr import Expr, method_calls, references
 
 
 @dataclass(frozen=True)
@@ -142,3 +143,21 @@ def build_graph(recipe: Recipe, selected: Iterable[str] | None = None) -> MergeG
         if name in needed and name in recipe.nodes
     )
     return MergeGraph(recipe=recipe, dag=dag, order=order, outputs=outputs)
+
+
+def device_dependent(expr: Expr) -> bool:
+    """Whether `expr` calls a method whose bytes on a device depend on the device class."""
+    return any(get_method(name).device == OWN_BYTES for name in method_calls(expr))
+
+
+def output_device(graph: MergeGraph, output: str, device_class: str) -> str | None:
+    """The device class that output `output`'s bytes follow when built on
+    `device_class`: that class if it is a LoRA extracted there, or a node it
+    needs is `device_dependent`; else None."""
+    if graph.recipe.outputs[output].lora is not None:
+        return device_class
+    node = graph.recipe.outputs[output].node
+    nodes = nx.ancestors(graph.dag, node) | {node}
+    recipe_nodes = graph.recipe.nodes
+    dependent = any(device_dependent(recipe_nodes[n].expr) for n in nodes if n in recipe_nodes)
+    return device_class if dependent else None

@@ -18,6 +18,11 @@ Rules:
   and the key itself for key-aware methods), so renaming an input changes
   nothing and any change of method, parameter or input content does.
 - A written output tensor is its source's (node or baked VAE) plus the output dtype.
+- A build on a device (`--device cuda`, `mps`) adds the device class to a computed
+  key whose expression calls a method with bytes of its own on each device
+  (`MergeMethod.device` is OWN_BYTES), and to a LoRA output's tensors (its
+  factors come from the device's SVD), so a CPU cache entry never stands for
+  them; every other identity is the same on every device.
 
 An output's id also covers the output file's metadata, so it names the exact
 bytes that will be written.
@@ -33,6 +38,8 @@ import blake3
 
 from sdrecipe import OUTPUT_FORMAT
 from sdrecipe.io.dtypes import DTYPE_TO_CODE
+from sdrecipe.methods.registry import CPU
+from sdrecipe.plan.graph import device_dependent
 from sdrecipe.plan.tensor_plan import BuildPlan, Compute
 from sdrecipe.recipe.expr import Expr, format_expression, rename_references
 
@@ -78,8 +85,11 @@ class Identities:
         )
 
 
-def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]]) -> Identities:
-    """Identities from the plan and each input's per-tensor digests."""
+def tensor_identities(
+    plan: BuildPlan, digests: Mapping[str, Mapping[str, str]], device_class: str = CPU
+) -> Identities:
+    """Identities from the plan and each input's per-tensor digests, for a build
+    on `device_class`."""
     graph = plan.graph
     values: dict[str, dict[str, str]] = {name: dict(digests[name]) for name in digests}
     positions = {
@@ -108,6 +118,8 @@ def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]])
                 ]
                 if step.context is not None:
                     parts.append(key)  # a key-aware method: each key's result is its own
+                if device_class != CPU and device_dependent(step.expr):
+                    parts.append(f"device:{device_class}")
                 values[node][key] = _hash(*parts)
             else:
                 values[node][key] = values[operands[0]][key]
@@ -119,5 +131,7 @@ def tensor_identities(plan: BuildPlan, digests: Mapping[str, Mapping[str, str]])
             stored = DTYPE_TO_CODE[output_plan.tensors[key].dtype]
             encoding = output_plan.encodings.get(key)
             stored = stored if encoding is None else f"{stored} {encoding!r}"
+            if output_plan.output.lora is not None and device_class != CPU:
+                stored += f" device:{device_class}"  # factors from the device's SVD
             outputs[name][key] = _hash(values[source][key], stored)
     return Identities(values=values, outputs=outputs)

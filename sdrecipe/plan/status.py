@@ -21,7 +21,8 @@ from sdrecipe.cache.store import DIGEST, SHA256, Cache
 from sdrecipe.io.atomic import remove_stale_temporaries
 from sdrecipe.io.fingerprint import FileStat
 from sdrecipe.io.shard_layout import written_path
-from sdrecipe.plan.graph import build_graph
+from sdrecipe.methods.registry import CPU
+from sdrecipe.plan.graph import build_graph, output_device
 from sdrecipe.plan.guard import check_cache_folder, check_outputs
 from sdrecipe.recipe import Recipe
 from sdrecipe.recipe.lock import built_from, read_lock
@@ -79,10 +80,12 @@ def output_status(facts: OutputFacts, all_cached: bool, force: bool) -> Status:
 
 
 def proven_current(
-    recipe: Recipe, selected: Iterable[str] | None, cache: Cache
+    recipe: Recipe, selected: Iterable[str] | None, cache: Cache, device_class: str = CPU
 ) -> dict[str, tuple[Path, str]] | None:
     """The selected outputs' paths and content digests if every one is provably
-    current, else None.
+    current for a build on `device_class`, else None (an output whose bytes
+    follow the device class is current only on the class it was built on:
+    before the lock recorded it, the CPU).
 
     Unsafe output paths are refused first (before the lock is read), and
     temporaries that killed builds left beside the outputs are removed."""
@@ -110,6 +113,9 @@ def proven_current(
         if built_from(recipe, shas) != entry.built_from:
             return None
         if _known(cache, DIGEST, path) != entry.digest:
+            return None
+        wanted = output_device(graph, name, device_class)
+        if wanted is not None and wanted != (entry.device or CPU):
             return None
         current[name] = (path, entry.digest)
     return current

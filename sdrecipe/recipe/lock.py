@@ -69,6 +69,9 @@ class LockedOutput:
     digest: str
     identity: str
     built_from: str
+    # The device class its bytes follow (`cpu`, `cuda`, `mps`) when a method it
+    # needs gives bytes of its own on each; None when they are the same on all.
+    device: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ def _checked(lock: Lock) -> Lock:
         require(output.digest == "" or is_hash(output.digest), f"output {name!r}'s digest")
         require(is_hash(output.identity), f"output {name!r}'s identity")
         require(is_hash(output.built_from), f"output {name!r}'s built_from")
+        require(output.device in (None, "cpu", "cuda", "mps"), f"output {name!r}'s device")
     return lock
 
 
@@ -200,6 +204,9 @@ def write_lock(recipe: Path, lock: Lock) -> Path:
     for entry in data["inputs"].values():
         if entry["quantization"] is None:
             del entry["quantization"]
+    for entry in data["outputs"].values():
+        if entry["device"] is None:
+            del entry["device"]
     text = _HEADER + yaml.safe_dump(data, sort_keys=False, width=1000)
     try:
         write_text_atomically(path, text)
@@ -228,6 +235,7 @@ def updated_lock(
     node_ids: Mapping[str, str],
     built: Mapping[str, BuiltOutput],
     quantization: Mapping[str, str | None] | None = None,
+    devices: Mapping[str, str | None] | None = None,
 ) -> Lock:
     """The lock after a build of some of `recipe`'s outputs: what the build used
     and made replaces the previous entries; entries of names the recipe no
@@ -251,6 +259,7 @@ def updated_lock(
             digest=output.digest,
             identity=output.output_id,
             built_from=built_from(recipe, {leaf: input_sha256[leaf] for leaf in output.inputs}),
+            device=(devices or {}).get(name),
         )
     return Lock(
         recipe_sha256=recipe_sha256(recipe.text),
