@@ -42,6 +42,12 @@ SVD_BOUND = (
     "gives their cost per matrix size); they are held to no multiple."
 )
 SVD_SDXL_HEADING = "## Scenario 19: iso_c and TSV of three full-size SDXL models"
+DEVICE_HEADING = "## Scenario 20: the same builds on the CPU and on a GPU"
+DEVICE_ABOUT = (
+    "Cold builds (`--force`, the tensor cache emptied before each), the CPU's and the "
+    "device's in turn, on the same files; `× sdrecipe` is the device build's time over "
+    "the CPU build's."
+)
 
 
 def _mb(kilobytes: float) -> str:
@@ -669,6 +675,37 @@ def svd_sdxl_section(report: dict) -> list[str]:
     return lines
 
 
+def device_section(report: dict) -> list[str]:
+    """Scenario 20's section: `python -m bench.run --only device [--device D]`."""
+    device = report.get("device_name", "cuda")
+    arguments = f"--only device --device {device}"
+    if "device_not_measured" in report:
+        machine = report["device_machine"]
+        return [
+            DEVICE_HEADING,
+            "",
+            f"Not measured: `python -m bench.run {arguments}` on {machine['date']} "
+            f"({machine['cores']} cores, torch {machine['torch']}) found no GPU: "
+            f"{report['device_not_measured']}.",
+            "",
+        ]
+    lines = _section_head(report, "device", DEVICE_HEADING, arguments)
+    lines += [f"On {report.get('device_card', device)}. {DEVICE_ABOUT}", ""]
+    for name, title in DEVICE_TITLES:
+        if f"device_{name}" in report:
+            lines += [f"### {title}", "", *_side_by_side(report[f"device_{name}"]), ""]
+    return lines
+
+
+DEVICE_TITLES = (
+    ("add_difference", "Scenario 1: SD1.5 `A + (B − C)`"),
+    ("ties", "Scenario 9a: SD1.5 TIES of four models"),
+    ("sdxl_ties", "Scenario 11: SDXL `ties(C, A, B, density=0.2)`"),
+    ("sdxl_extract", "A rank-64 LoRA extracted from SDXL A − C"),
+    ("dit_flux", "Scenario 15: Flux.1-dev `weighted_sum(A, B)`, fp8 in, bf16 out"),
+)
+
+
 # The opt-in groups' sections, the file's last, in this order: each heading, whether
 # a report has the group's figures, and its renderer.
 OPT_IN_SECTIONS: tuple[tuple[str, Callable[[dict], bool], Callable[[dict], list[str]]], ...] = (
@@ -677,6 +714,7 @@ OPT_IN_SECTIONS: tuple[tuple[str, Callable[[dict], bool], Callable[[dict], list[
     (FLUX_LORA_HEADING, lambda report: "flux_lora_machine" in report, flux_lora_section),
     (NEWER_HEADING, lambda report: "newer_machine" in report, newer_section),
     (SVD_SDXL_HEADING, lambda report: "svd_sdxl_machine" in report, svd_sdxl_section),
+    (DEVICE_HEADING, lambda report: "device_machine" in report, device_section),
 )
 
 

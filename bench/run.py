@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import write_report
+from bench.report import DEVICE_TITLES, write_report
 from sdrecipe.synthetic import (
     AdapterSpec,
     ModelSpec,
@@ -651,6 +651,66 @@ def svd_sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, obje
     for method in SVD_METHODS:
         print(f"scenario 19: SDXL {method}", flush=True)
         report[f"sdxl_{method}"] = cold_builds(f"sdxl_{method}", f"sdxl_{method}.yaml", rounds)
+
+
+# Scenario 20's device (`--device`) and its builds' recipes (their titles: DEVICE_TITLES).
+DEVICE = "cuda"
+DEVICE_RECIPES = {
+    "add_difference": "add_difference.yaml",
+    "ties": "ties.yaml",
+    "sdxl_ties": "sdxl_ties.yaml",
+    "sdxl_extract": "sdxl_extract.yaml",
+    "dit_flux": "dit-flux.yaml",
+}
+
+
+def device_unavailable(device: str) -> str | None:
+    """Why `sdrecipe --device DEVICE` cannot run here, or None."""
+    import torch
+
+    from sdrecipe.engine.devices import place
+    from sdrecipe.errors import RecipeError
+
+    try:
+        placement = place(device)
+    except RecipeError as exc:
+        return str(exc)
+    if placement is None or placement.device.type == "cpu":
+        return f"--device {device} computes on the CPU here (torch {torch.__version__} sees no GPU)"
+    return None
+
+
+def device_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
+    """Scenario 20 (only when named; `--device`, default cuda): the same cold builds
+    on the CPU and on the device, side by side in one run. Without a GPU nothing
+    runs, and the report says so: GPU figures are measured, never estimated."""
+    report["device_machine"] = machine()
+    report["device_name"] = DEVICE
+    reason = device_unavailable(DEVICE)
+    if reason is not None:
+        report["device_not_measured"] = reason
+        print(f"scenario 20: not measured: {reason}", flush=True)
+        return
+    import torch
+
+    report["device_card"] = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else DEVICE
+    (WORK / "sdxl_extract.yaml").write_text(
+        "inputs: {A: sdxl-A.safetensors, C: sdxl-C.safetensors}\n"
+        "nodes: {learned: A - C}\n"
+        "outputs: {learned: {path: out-sdxl-lora.safetensors, format: lora, rank: 64}}\n"
+    )
+    for name, title in DEVICE_TITLES:
+        recipe = DEVICE_RECIPES[name]
+        print(f"scenario 20: {title}, cpu and {DEVICE}", flush=True)
+        if name == "dit_flux":
+            dit_commands("flux", list(dit_fixtures("flux")))  # writes the recipe
+        else:
+            ensure_models(SDXL_MODELS if name.startswith("sdxl") else SD15_MODELS)
+        hash_inputs(recipe)
+        build = [*SDRECIPE, "build", "--force", "--cache-dir", "cache", recipe]
+        commands = {"sdrecipe": build, f"sdrecipe --device {DEVICE}": [*build, "--device", DEVICE]}
+        report[f"device_{name}"] = side_by_side(f"device-{name}", commands, rounds, {}, free_cache)
+    free_cache()
 
 
 def sdxl_commands() -> dict[str, list[str]]:
@@ -1308,10 +1368,11 @@ SCENARIOS: dict[str, Callable[[int, dict[str, str], dict[str, object]], None]] =
     "quant": quant_scenarios,
     "flux_lora": flux_lora_scenarios,
     "svd_sdxl": svd_sdxl_scenarios,
+    "device": device_scenarios,
 }
 # Groups that run only when `--only` names them, and those that use no SD1.5 input.
-OPT_IN = {"dit", "quant", "flux_lora", "newer", "svd_sdxl"}
-OWN_MODELS = {"dit", "quant", "flux_lora", "svd_sdxl"}
+OPT_IN = {"dit", "quant", "flux_lora", "newer", "svd_sdxl", "device"}
+OWN_MODELS = {"dit", "quant", "flux_lora", "svd_sdxl", "device"}
 # The peers a group runs; the others run them all.
 GROUP_PEERS: dict[str, list[str]] = {
     "dit": ["sd-mecha"],
@@ -1319,6 +1380,7 @@ GROUP_PEERS: dict[str, list[str]] = {
     "flux_lora": [],
     "newer": ["mergekit"],
     "svd_sdxl": [],
+    "device": [],
 }
 
 
@@ -1338,7 +1400,14 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="Re-render BENCHMARKS.md from the last run."
     )
+    parser.add_argument(
+        "--device",
+        default=os.environ.get("BENCH_DEVICE", "cuda"),
+        help="The device group's device (scenario 20: `--only device`) [default: cuda].",
+    )
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.report_only:
         saved = json.loads(RESULTS.read_text())
         write_report(ROOT / "BENCHMARKS.md", _restore(saved["report"]), saved["machine"])
