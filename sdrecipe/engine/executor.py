@@ -311,7 +311,7 @@ class _KeyTask:
         for rows in row_ranges(self.plan, unit_elements):
             if self.executor.stopping.is_set():
                 raise _Stopped
-            values: dict[str, Operand] = {}
+            values = _RangeValues()
             for output in outputs:
                 info = writers[output].info(self.key)
                 tensor = self._tensor(self.plan.sources[output], rows, values)
@@ -379,7 +379,7 @@ class _KeyTask:
                 continue
             largest = 0.0
             for rows in row_ranges(self.plan, unit_elements):
-                value = self._tensor(self.plan.sources[output], rows, {})
+                value = self._tensor(self.plan.sources[output], rows, _RangeValues())
                 if value.numel():
                     largest = max(largest, float(value.abs().max()))
             scales[output] = encoding.scale(largest)  # type: ignore[union-attr]
@@ -404,12 +404,12 @@ class _KeyTask:
             return 0
         return rows.start * (info.nbytes // self.plan.rows)  # type: ignore[operator]
 
-    def _tensor(self, name: str, rows: slice | None, values: dict[str, Operand]) -> torch.Tensor:
+    def _tensor(self, name: str, rows: slice | None, values: _RangeValues) -> torch.Tensor:
         """`name`'s value on `rows` as a tensor."""
         value = self._value(name, rows, values)
         return value.dense() if isinstance(value, LowRankDelta) else value
 
-    def _value(self, name: str, rows: slice | None, values: dict[str, Operand]) -> Operand:
+    def _value(self, name: str, rows: slice | None, values: _RangeValues) -> Operand:
         """`name`'s value on `rows`, computed once per row range (a LoRA input's
         as its factors: see `sdrecipe.adapters.low_rank`)."""
         if name in values:
@@ -420,8 +420,6 @@ class _KeyTask:
         if step is None or name in self.loaded:
             whole = self.loaded[name] if step is not None else self._input(name)
             value = whole if rows is None else whole[rows]
-            if self.lane is not None and not isinstance(value, LowRankDelta):
-                value = self.lane.upload(value, name)
         elif not isinstance(step, Compute):
             value = self._value(operands[0], rows, values)
         else:
@@ -431,10 +429,7 @@ class _KeyTask:
                 if operand not in step.absent
             }
             on_device = self._on_device(step, env)
-            env = {
-                o: v if isinstance(v, LowRankDelta) else self._moved(v, on_device)
-                for o, v in env.items()
-            }
+            env = {o: self._moved(o, v, on_device, values) for o, v in env.items()}
             shape = env[operands[0]].shape
             device = self.lane.device if on_device else None  # type: ignore[union-attr]
             env.update(
@@ -449,6 +444,8 @@ class _KeyTask:
                 value[:, : step.channels] = evaluate(
                     step.expr, shared, step.dtype, step.context, on_device
                 )
+            if on_device:
+                values.placed[name] = value
         values[name] = value
         return value
 
@@ -465,12 +462,21 @@ class _KeyTask:
             return step.dtype != torch.float64 and all(m.device == SAME_BYTES for m in methods)
         return all(method.on_device is not None for method in methods)
 
-    def _moved(self, value: torch.Tensor, on_device: bool) -> torch.Tensor:
-        """`value` where a step on the device (or the CPU) reads it."""
+    def _moved(self, name: str, value: Operand, on_device: bool, values: _RangeValues) -> Operand:
+        """`name`'s `value` where a step on the device (or the CPU) reads it: on the
+        device, as computed there or copied there once per range through the
+        lane's buffer for `name`."""
+        if isinstance(value, LowRankDelta):
+            return value
         if not on_device:
             return self._on_cpu(value)
-        assert self.lane is not None
-        return value if value.device == self.lane.device else value.to(self.lane.device)
+        placed = values.placed.get(name)
+        if placed is None and any(value is found for found in values.placed.values()):
+            placed = value  # a value computed there, passed through another node
+        if placed is None:
+            assert self.lane is not None
+            placed = values.placed[name] = self.lane.upload(self._on_cpu(value), name)
+        return placed
 
     def _on_cpu(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` in CPU memory of its own (a copy, if it is on a device)."""
@@ -490,9 +496,7 @@ class _KeyTask:
             self.read[name] = tensor
         return tensor
 
-    def _explain_non_finite(
-        self, output: str, values: dict[str, Operand], tensor: torch.Tensor
-    ) -> None:
+    def _explain_non_finite(self, output: str, values: _RangeValues, tensor: torch.Tensor) -> None:
         """Fail with the node (or the output's dtype) that turned finite values into
         infinities or NaN in this row range; return if an input already had them."""
         dtype = self.executor.writers[output].info(self.key).dtype
@@ -508,6 +512,15 @@ class _KeyTask:
         if is_finite(tensor):
             cause = f"they overflow {str(dtype).removeprefix('torch.')}, the output's dtype"
             raise _non_finite_error(f"output {output!r}", self.key, cause)
+
+
+class _RangeValues(dict[str, Operand]):
+    """The values of one row range by name, as computed (on the CPU or the
+    device); `placed`, their copies on the device, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.placed: dict[str, torch.Tensor] = {}
 
 
 def _finite(value: Operand) -> bool:
