@@ -22,7 +22,7 @@ from sdrecipe.plan.prepare import prepare
 from sdrecipe.plan.status import proven_current
 from sdrecipe.plan.tensor_plan import Compute
 from sdrecipe.recipe.loader import load_recipe
-from sdrecipe.synthetic import AdapterSpec, write_adapter
+from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -77,7 +77,9 @@ def built_bytes(folder: Path, names) -> dict[str, bytes]:
     return {name: (folder / f"{name}.safetensors").read_bytes() for name in names}
 
 
-@pytest.mark.parametrize("memory", [None, 3 << 20], ids=["whole keys", "row ranges"])
+@pytest.mark.parametrize(
+    "memory", [None, 3 << 20, 1_000_000], ids=["whole keys", "row ranges", "small row ranges"]
+)
 def test_the_device_path_on_the_cpu_gives_the_direct_paths_bytes(tmp_path, models, lora, memory):
     nodes = {**SAME_BYTES_NODES, **DEVICE_NODES}
     recipe = write_recipe(tmp_path, recipe_text(models, lora, nodes, "direct"))
@@ -118,6 +120,29 @@ def test_cached_intermediates_and_fp8_outputs_take_the_device_path(tmp_path, mod
         assert report.ok
         assert built_bytes(tmp_path / "staged", names) == built_bytes(tmp_path / "direct", names)
     assert report.cache.tensors_from_cache > 0
+
+
+def test_a_lora_baked_under_a_memory_cap_keeps_the_direct_paths_row_ranges(tmp_path):
+    """A LoRA's product is BLAS's, whose rounding depends on how many rows it
+    multiplies at once: a cap of 1 MB would split the demo's [80, 320] keys in
+    39 rows."""
+    nodes = {"baked": "B + 0.8 * L"}
+    base = write_model(tmp_path / "base.safetensors", ModelSpec(seed=1, shrink=8))
+    spec = AdapterSpec(shrink=8, rank=8, alpha=4.0, seed=7, convs=True)
+    style = write_adapter(tmp_path / "style.safetensors", spec)
+
+    def text(out: str) -> str:
+        return (
+            f"inputs: {{B: {base}, L: {style}}}\n"
+            f"nodes: {{baked: B + 0.8 * L}}\noutputs: {{baked: {out}/baked.safetensors}}\n"
+        )
+
+    recipe = write_recipe(tmp_path, text("direct"))
+    staged = write_recipe(tmp_path, text("staged"), "staged.yaml")
+    assert api.build([recipe], api.Options(no_cache=True, threads=2)).ok
+    options = api.Options(no_cache=True, threads=2, device="cpu", device_memory=1_000_000)
+    assert api.build([staged], options).ok
+    assert built_bytes(tmp_path / "staged", nodes) == built_bytes(tmp_path / "direct", nodes)
 
 
 def test_a_lora_extracted_on_the_device_path_is_the_direct_paths(tmp_path, models):
@@ -213,10 +238,20 @@ def test_device_names_are_checked_before_anything_runs(tmp_path, models, lora):
     result = invoke("build", str(recipe), "--device", "gpu")
     assert result.exit_code == 2
     assert "'gpu' is not a device; use cpu, cuda, cuda:N, mps or auto" in result.stderr
-    bad_size = invoke("build", str(recipe), "--device", "cpu", "--device-memory", "lots")
-    assert bad_size.exit_code == 2
+    for memory in ("lots", "0", "999KB"):
+        bad_size = invoke("build", str(recipe), "--device", "cpu", "--device-memory", memory)
+        assert bad_size.exit_code == 2, memory
+    alone = invoke("build", str(recipe), "--device-memory", "8GB")
+    assert alone.exit_code == 2 and "name the --device too" in alone.stderr
+    huge = invoke("build", str(recipe), "--device", "cuda:99999999999999999999999")
+    assert huge.exit_code == 2 and "internal error" not in huge.stderr
+    assert not (tmp_path / "out").exists()
     with pytest.raises(RecipeError, match="not a device"):
         api.Options(device="cuda:")
+    with pytest.raises(RecipeError, match="not a device"):
+        api.Options(device=5)  # type: ignore[arg-type]
+    with pytest.raises(RecipeError, match="at least"):
+        api.Options(device="cpu", device_memory="8GB")  # type: ignore[arg-type]
     if not torch.backends.mps.is_available():
         with pytest.raises(RecipeError, match="no Metal"):
             place("mps")

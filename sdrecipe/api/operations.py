@@ -123,6 +123,10 @@ def build_recipe(
     listener(events.RecipeStarted(path))
     notify = _notifier(listener)
     placement = place(options.device, options.device_memory)
+    if placement is not None:
+        limit = placement.memory
+        cap = "" if limit is None else f", within {limit / 1e9:,.2f} GB of its memory"
+        notify(f"computing on {placement.describe()}{cap}")
     cache = Cache.existing(options.cache_dir, not options.no_cache, notify=notify)
     if cache is not None and not options.force:
         current = proven_current(recipe, names or None, cache, device_class(placement))

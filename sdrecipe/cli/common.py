@@ -200,7 +200,11 @@ def build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Cal
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             fields = {name: kwargs.pop(name) for name in _OPTION_NAMES if name in kwargs}
-            return command(*args, options=Options(**fields), **kwargs)
+            try:
+                options = Options(**fields)
+            except SdrecipeError as exc:  # options that do not go together
+                raise click.UsageError(exc.message) from None
+            return command(*args, options=options, **kwargs)
 
         options = [
             threads_option,

@@ -50,6 +50,14 @@ class Placement:
         """`cpu`, `cuda` or `mps`: what the bytes of device-dependent methods follow."""
         return self.device.type
 
+    def describe(self) -> str:
+        """The device in words, e.g. `cuda:0 (NVIDIA H100 80GB HBM3)`."""
+        import torch
+
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return "the CPU, by the device path" if self.device.type == "cpu" else str(self.device)
+
 
 def device_class(placement: Placement | None) -> str:
     """The device class a build computes on (the direct CPU path's is `cpu`)."""
@@ -71,7 +79,10 @@ def place(spec: str | None, memory: int | None = None) -> Placement | None:
         if torch.backends.mps.is_available():
             return Placement(torch.device("mps"), memory)
         return None
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:  # an index past what torch parses
+        raise RecipeError(f"--device {spec}: {exc}") from None
     if device.type == "cuda":
         if torch.version.cuda is None:
             raise RecipeError(

@@ -292,16 +292,29 @@ class _KeyTask:
         placement = self.executor.placement
         if placement is None:
             return UNIT_ELEMENTS, 0
+        # Every input and value of the key in float64, and the result twice.
+        per_element = 8 * (len(self.executor.readers) + len(self.plan.steps) + 2)
+        if self._adds_factors(outputs):
+            # A LoRA's product is the CPU's in the direct path's row ranges only
+            # (BLAS blocks a matrix product by its rows).
+            return UNIT_ELEMENTS, 0 if placement.memory is None else UNIT_ELEMENTS * per_element
         base = self.graph.base_input(self.plan.sources[outputs[0]])
         numel = max(1, self.executor.readers[base].info(self.key).numel)
         if placement.memory is None:
             return numel, 0
-        # Every input and value of the key in float64, and the result twice.
-        per_element = 8 * (len(self.executor.readers) + len(self.plan.steps) + 2)
         share = max(self.plan.row_width, placement.memory // (self.executor.threads * per_element))
         if self.plan.rows is None or share >= numel:
             return numel, numel * per_element
         return share, share * per_element
+
+    def _adds_factors(self, outputs: list[str]) -> bool:
+        """Whether an output's value here may add a LoRA's factors."""
+        readers = self.executor.readers
+        return any(
+            isinstance(readers[leaf], AdapterReader)
+            for output in outputs
+            for leaf in self.graph.inputs_of(self.plan.sources[output])
+        )
 
     def _stream(self, outputs: list[str], unit_elements: int) -> None:
         writers = self.executor.writers

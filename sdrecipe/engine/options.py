@@ -11,6 +11,8 @@ from sdrecipe.errors import RecipeError
 # What `--device` accepts.
 DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto"
 _SPEC = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
+# The least `--device-memory`: a cap of a few rows a key would crawl.
+MIN_DEVICE_MEMORY = 1_000_000
 
 
 def is_device(spec: str) -> bool:
@@ -51,4 +53,16 @@ class Options:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         if self.device is not None:
+            if not isinstance(self.device, str):
+                raise RecipeError(f"device: {self.device!r} is not a device; use {DEVICE_HELP}")
             check_device(self.device)
+        memory = self.device_memory
+        if memory is None:
+            return
+        if self.device is None:
+            raise RecipeError("--device-memory caps a device's memory: name the --device too")
+        if not isinstance(memory, int) or isinstance(memory, bool) or memory < MIN_DEVICE_MEMORY:
+            raise RecipeError(
+                f"--device-memory {memory!r}: give a number of bytes of at least "
+                f"{MIN_DEVICE_MEMORY:,} (1 MB), such as 8GB"
+            )
