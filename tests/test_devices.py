@@ -22,6 +22,7 @@ from sdrecipe.plan.prepare import prepare
 from sdrecipe.plan.status import proven_current
 from sdrecipe.plan.tensor_plan import Compute
 from sdrecipe.recipe.loader import load_recipe
+from sdrecipe.recipe.lock import read_lock
 from sdrecipe.synthetic import AdapterSpec, ModelSpec, write_adapter, write_model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -194,6 +195,10 @@ def test_the_lock_records_the_device_class_and_status_follows_it(tmp_path, model
     # On a GPU, the output whose bytes follow the device class is not current.
     assert proven_current(loaded, None, cache, "cuda") is None
     assert set(proven_current(loaded, ["added"], cache, "cuda") or {}) == {"added"}
+    statuses = assess(prepare(recipe), cache, 1, lock=read_lock(recipe), device_class="cuda")
+    reasons = {status.node: status.reason for status in statuses.statuses}
+    assert reasons["multiplied"].startswith("built on another device class")
+    assert reasons["added"] == "output matches the lock"
     # A lock of another class's bytes: the CPU's status says rebuild, verify says why.
     lock["outputs"]["multiplied"]["device"] = "cuda"
     lock["outputs"]["multiplied"]["digest"] = "0" * 64

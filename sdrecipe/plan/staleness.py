@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from sdrecipe.plan.cache_policy import cache_choice
+from sdrecipe.plan.graph import device_dependent
 from sdrecipe.plan.identity import Identities
 from sdrecipe.plan.status import MATCHES_LOCK, NodeStatus, OutputFacts, Status, output_status
 from sdrecipe.plan.tensor_plan import BuildPlan, Compute
@@ -143,6 +144,8 @@ def _change_reason(
         return ", ".join(reasons)
     if locked.identity == identities.node_id(node):
         return "not in cache"
+    if device_dependent(graph.recipe.nodes[node].expr):
+        return "built on another device class (its methods' bytes follow it; see --device)"
     return "sdrecipe's arithmetic changed"
 
 
