@@ -329,12 +329,13 @@ def test_cuda_builds_give_the_cpus_bytes_where_arithmetic_allows(tmp_path, model
 @CUDA
 def test_cuda_builds_record_the_device_class_of_their_own_bytes(tmp_path, models, lora):
     recipe = write_recipe(tmp_path, recipe_text(models, lora, DEVICE_NODES, "out"))
-    assert api.build([recipe], api.Options(device="cuda")).ok
+    on_gpu = api.Options(cache_dir=tmp_path / "cache", device="cuda")
+    assert api.build([recipe], on_gpu).ok
     lock = yaml.safe_load(recipe.with_suffix(".lock").read_text())
     assert lock["outputs"]["multiplied"]["device"] == "cuda"
-    status = api.status([recipe], api.Options(device="cuda"))
+    status = api.status([recipe], on_gpu)
     assert [line.status for line in status.outputs] == ["up to date"]
-    on_cpu = api.status([recipe], api.Options())
+    on_cpu = api.status([recipe], api.Options(cache_dir=tmp_path / "cache"))
     assert [line.status for line in on_cpu.outputs] == ["rebuild"]
-    report = api.verify([recipe], api.Options(device="cuda"))
+    report = api.verify([recipe], on_gpu)
     assert report.reproducible and report.outputs[0].device == "cuda"
