@@ -85,8 +85,10 @@ def test_the_device_path_on_the_cpu_gives_the_direct_paths_bytes(tmp_path, model
     nodes = {**SAME_BYTES_NODES, **DEVICE_NODES}
     recipe = write_recipe(tmp_path, recipe_text(models, lora, nodes, "direct"))
     staged = write_recipe(tmp_path, recipe_text(models, lora, nodes, "staged"), "staged.yaml")
-    assert api.build([recipe], api.Options(no_cache=True)).ok
-    options = api.Options(no_cache=True, device="cpu", device_memory=memory, threads=2)
+    assert api.build([recipe], api.Options(cache_dir=tmp_path / "cache", no_cache=True)).ok
+    options = api.Options(
+        cache_dir=tmp_path / "cache", no_cache=True, device="cpu", device_memory=memory, threads=2
+    )
     assert api.build([staged], options).ok
     assert built_bytes(tmp_path / "staged", nodes) == built_bytes(tmp_path / "direct", nodes)
 
@@ -101,7 +103,7 @@ def test_cached_intermediates_and_fp8_outputs_take_the_device_path(tmp_path, mod
         f"outputs: {{c: {{path: {fp8}, dtype: fp8_e4m3fn}}}}\n",
         "cast.yaml",
     )
-    assert api.build([convert], api.Options(no_cache=True)).ok
+    assert api.build([convert], api.Options(cache_dir=tmp_path / "cache", no_cache=True)).ok
 
     def text(out: str, weight: float) -> str:
         return (
@@ -140,8 +142,16 @@ def test_a_lora_baked_under_a_memory_cap_keeps_the_direct_paths_row_ranges(tmp_p
 
     recipe = write_recipe(tmp_path, text("direct"))
     staged = write_recipe(tmp_path, text("staged"), "staged.yaml")
-    assert api.build([recipe], api.Options(no_cache=True, threads=2)).ok
-    options = api.Options(no_cache=True, threads=2, device="cpu", device_memory=1_000_000)
+    assert api.build(
+        [recipe], api.Options(cache_dir=tmp_path / "cache", no_cache=True, threads=2)
+    ).ok
+    options = api.Options(
+        cache_dir=tmp_path / "cache",
+        no_cache=True,
+        threads=2,
+        device="cpu",
+        device_memory=1_000_000,
+    )
     assert api.build([staged], options).ok
     assert built_bytes(tmp_path / "staged", nodes) == built_bytes(tmp_path / "direct", nodes)
 
@@ -156,8 +166,10 @@ def test_a_lora_extracted_on_the_device_path_is_the_direct_paths(tmp_path, model
 
     direct = write_recipe(tmp_path, text("direct"), "direct.yaml")
     staged = write_recipe(tmp_path, text("staged"), "staged.yaml")
-    assert api.build([direct], api.Options(no_cache=True)).ok
-    assert api.build([staged], api.Options(no_cache=True, device="cpu")).ok
+    assert api.build([direct], api.Options(cache_dir=tmp_path / "cache", no_cache=True)).ok
+    assert api.build(
+        [staged], api.Options(cache_dir=tmp_path / "cache", no_cache=True, device="cpu")
+    ).ok
     assert built_bytes(tmp_path / "staged", ["learned"]) == built_bytes(
         tmp_path / "direct", ["learned"]
     )
@@ -318,8 +330,10 @@ def test_device_memory_holds_keys_within_the_cap():
 def test_cuda_builds_give_the_cpus_bytes_where_arithmetic_allows(tmp_path, models, lora):
     recipe = write_recipe(tmp_path, recipe_text(models, lora, SAME_BYTES_NODES, "cpu"))
     gpu = write_recipe(tmp_path, recipe_text(models, lora, SAME_BYTES_NODES, "gpu"), "gpu.yaml")
-    assert api.build([recipe], api.Options(no_cache=True)).ok
-    assert api.build([gpu], api.Options(no_cache=True, device="cuda")).ok
+    assert api.build([recipe], api.Options(cache_dir=tmp_path / "cache", no_cache=True)).ok
+    assert api.build(
+        [gpu], api.Options(cache_dir=tmp_path / "cache", no_cache=True, device="cuda")
+    ).ok
     names = list(SAME_BYTES_NODES)
     assert built_bytes(tmp_path / "gpu", names) == built_bytes(tmp_path / "cpu", names)
     lock = yaml.safe_load(gpu.with_suffix(".lock").read_text())
