@@ -214,10 +214,10 @@ def build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Cal
                 envvar="SDRECIPE_DEVICE",
                 metavar="DEVICE",
                 callback=_device_spec,
-                help=f"Compute on a device: {DEVICE_HELP} (a GPU if torch sees one, else the "
-                "CPU). Without it, the CPU as always; `cpu` takes the device path on the CPU "
-                "(same bytes). Methods whose arithmetic differs on a GPU record the device "
-                "class in the lock (env: SDRECIPE_DEVICE).",
+                help=f"Compute on a device: {DEVICE_HELP} (auto: a GPU if torch sees one). "
+                "Without it, the CPU as always; `cpu` takes the device path on the CPU, to "
+                "check it (same bytes, slower). Methods whose arithmetic differs on a GPU "
+                "record the device class in the lock (env: SDRECIPE_DEVICE).",
             ),
             click.option(
                 "--device-memory",
