@@ -43,6 +43,17 @@ _FP8_VALUES = {
 }
 
 
+# The tables copied to each device they were asked on.
+_FP8_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _table_on(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    table = _FP8_TABLES.get((dtype, device))
+    if table is None:
+        table = _FP8_TABLES[(dtype, device)] = torch.from_numpy(_FP8_VALUES[dtype]).to(device)
+    return table
+
+
 def widened(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`tensor` in `dtype` (a new tensor when it converts), fp8 by table lookup."""
     table = _FP8_VALUES.get(tensor.dtype)
@@ -50,7 +61,7 @@ def widened(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return tensor.to(dtype)
     codes = tensor.contiguous().view(torch.uint8)
     if codes.device.type != "cpu":  # the same table, so the same bytes (NaN's too)
-        values = torch.from_numpy(table).to(codes.device)[codes.long()]
+        values = _table_on(tensor.dtype, codes.device)[codes.long()]
     else:
         values = torch.from_numpy(np.take(table, codes.numpy()))
     return values if dtype == torch.float32 else values.to(dtype)

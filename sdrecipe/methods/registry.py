@@ -231,10 +231,18 @@ def device_path(name: str, device: str = SAME_BYTES) -> Callable[[MethodFunction
     result on one torch device, and with SAME_BYTES the CPU function's bytes."""
 
     def register(function: MethodFunction) -> MethodFunction:
-        _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], device=device, on_device=function)
+        method = _REGISTRY[name]
+        if _parameters(function) != _parameters(method.function):
+            raise TypeError(f"{function.__name__} does not take {name}'s parameters")
+        _REGISTRY[name] = dataclasses.replace(method, device=device, on_device=function)
         return function
 
     return register
+
+
+def _parameters(function: MethodFunction) -> list[tuple[str, Any, Any]]:
+    """A function's parameters as a call sees them: names, kinds and defaults."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
 
 
 def _is_number(annotation: Any) -> bool:
