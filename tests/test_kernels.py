@@ -15,7 +15,7 @@ import torch
 from sdrecipe.methods import get_method
 from sdrecipe.methods.drop_masks import DropMask
 from sdrecipe.methods.kernels import count_and_gather, magprune
-from sdrecipe.methods.sparse import _ascending_order, breadcrumbs, breadcrumbs_ties
+from sdrecipe.methods.sparse import _ascending_ranks, breadcrumbs, breadcrumbs_ties
 from sdrecipe.methods.task_vectors import (
     PIECE_ELEMENTS,
     TaskVectors,
@@ -186,7 +186,7 @@ def test_magprune_gives_numpys_bytes(dtype, width, drop, epsilon, rescale):
     words = DropMask(0.0, 1, "k", 0).words(values.size).reshape(values.shape)
     expected = numpy_magprune(values.copy(), words, drop, epsilon, rescale)
     got = values.copy()
-    magprune(got, _ascending_order(np.abs(got)), words, drop, epsilon, rescale)
+    magprune(got, _ascending_ranks(got), words, drop, epsilon, rescale)
     assert got.tobytes() == expected.tobytes()
 
 
@@ -373,18 +373,23 @@ def test_sce_of_every_entry_gives_the_bytes_of_numpy(stored, alpha):
     assert np.array_equal(got.numpy().view(np.uint32), want.numpy().view(np.uint32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("width", [1, 7, 640, 3000])
-def test_della_row_order_is_a_stable_argsort(width):
-    """The radix sort's order is numpy's stable argsort of the magnitudes, NaNs
-    of any payload held equal (above infinity), ties by position."""
+def test_della_row_ranks_invert_a_stable_argsort(dtype, width):
+    """Each entry's rank is its place in numpy's stable argsort of the row's
+    magnitudes, NaNs of any payload and sign held equal (above infinity), ties
+    by position; a row of one magnitude throughout (no radix pass) by position."""
     rng = np.random.default_rng(width)
-    magnitudes = np.abs(special(rng, 30 * width, np.float32)).reshape(30, width)
-    magnitudes[:, ::4] = magnitudes[:, :1]  # ties across each row
-    magnitudes.view(np.uint32)[magnitudes != magnitudes] |= rng.integers(
-        0, 1 << 22, int(np.count_nonzero(magnitudes != magnitudes)), dtype=np.uint32
-    )
-    expected = np.argsort(magnitudes, axis=1, kind="stable")
-    assert np.array_equal(_ascending_order(magnitudes), expected)
+    values = special(rng, 30 * width, dtype).reshape(30, width)
+    values[:, ::4] = -values[:, :1]  # ties across each row, of both signs
+    values[3] = values[3, 0]
+    nans = values != values
+    if dtype == np.float32:
+        values.view(np.uint32)[nans] |= rng.integers(0, 1 << 22, int(nans.sum()), dtype=np.uint32)
+    order = np.argsort(np.abs(values), axis=1, kind="stable")
+    expected = np.empty(values.shape, np.intp)
+    np.put_along_axis(expected, order, np.arange(width)[None, :], axis=1)
+    assert np.array_equal(_ascending_ranks(values), expected)
 
 
 def test_result_buffers_are_reused_only_once_free(monkeypatch):

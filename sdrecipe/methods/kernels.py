@@ -270,22 +270,23 @@ def ties_merge(
 @_jit
 def magprune(
     values: np.ndarray,
-    order: np.ndarray,
+    ranks: np.ndarray,
     words: np.ndarray,
     drop: float,
     epsilon: float,
     rescale: bool,
 ) -> None:
-    """DELLA's MagPrune on rows of task-vector entries, in place. `order[r]`
-    lists row r's positions from the smallest magnitude up (ties by position);
-    the entry of rank k of a row of width w is dropped with probability
-    q = clip(drop + epsilon - 2·epsilon·k/(w - 1), 0, 1) (`drop` if w = 1): kept
-    when its word is at least min(rint(q·2³²), 2³² - 1) and q < 1, then times
-    1/(1 - q) if `rescale` (float64, rounded to the values' dtype). The cutoff
-    and factor of each rank are the same in every row: computed once."""
+    """DELLA's MagPrune on rows of task-vector entries, in place. `ranks[r, j]`
+    is entry j's rank in row r from the smallest magnitude up (ties by
+    position); the entry of rank k of a row of width w is dropped with
+    probability q = clip(drop + epsilon - 2·epsilon·k/(w - 1), 0, 1) (`drop` if
+    w = 1): kept when its word is at least min(rint(q·2³²), 2³² - 1) and q < 1,
+    then times 1/(1 - q) if `rescale` (float64, rounded to the values' dtype).
+    The cutoff and factor of each rank are the same in every row: computed
+    once, then looked up as the row is read in order."""
     cast = values.dtype.type
     rows, width = values.shape
-    cutoffs = np.empty(width)
+    cutoffs = np.empty(width, np.uint64)
     factors = np.empty(width, values.dtype)
     for rank in range(width):
         if width == 1:
@@ -294,14 +295,16 @@ def magprune(
             chance = (drop + epsilon) - (2.0 * epsilon) * (rank / (width - 1))
             chance = min(max(chance, 0.0), 1.0)
         # Never kept where q = 1: no word is above the largest.
-        cutoffs[rank] = min(np.rint(chance * 2.0**32), 2.0**32 - 1) if chance < 1.0 else 2.0**32
+        limit = min(np.rint(chance * 2.0**32), 2.0**32 - 1) if chance < 1.0 else 2.0**32
+        cutoffs[rank] = np.uint64(limit)
         factors[rank] = cast(1.0 / (1.0 - chance)) if rescale and chance < 1.0 else cast(1.0)
-    zero = cast(0)
     for row in range(rows):
-        for rank in range(width):
-            position = order[row, rank]
-            factor = factors[rank] if words[row, position] >= cutoffs[rank] else zero
-            values[row, position] = values[row, position] * factor
+        for j in range(width):
+            # Branch-free (a branch on a random word mispredicts): the factor
+            # times 1 or 0 is the factor or +0, the factors finite and positive.
+            rank = np.uint64(ranks[row, j])
+            kept = cast(np.uint64(words[row, j]) >= cutoffs[rank])
+            values[row, j] = values[row, j] * (factors[rank] * kept)
 
 
 @_jit
@@ -321,42 +324,58 @@ def _torch_sum(left: np.floating, right: np.floating) -> np.floating:
 
 
 @_jit
-def ascending_order(magnitudes: np.ndarray, order: np.ndarray) -> None:
-    """Into `order[r]`, row r's positions from the smallest float32 magnitude
-    up, equal ones by position (NaNs as one value above infinity, as a stable
-    argsort holds them): a stable radix sort of (bits, position) keys, four
-    passes of eight bits (a pass whose digit all the row shares is skipped),
-    the histograms of all four taken in one read. 11 ns an entry where numpy's
-    SIMD sort of the same 64-bit keys took 24 or more."""
-    rows, width = magnitudes.shape
-    bits = magnitudes.view(np.uint32)
+def ascending_ranks(values: np.ndarray, ranks: np.ndarray) -> None:
+    """Into `ranks[r, j]`, the rank of float32 `values[r, j]`'s magnitude in
+    row r from the smallest up, equal ones by position (NaNs as one value above
+    infinity, as a stable argsort holds them): a stable radix sort of (bits,
+    position) keys, four passes of eight bits (a pass whose digit all the row
+    shares is skipped), the histograms of all four taken in one read; the last
+    pass writes each position's rank instead of moving its key, so that
+    MagPrune reads the row in order."""
+    rows, width = values.shape
+    bits = values.view(np.uint32)
     keys = np.empty(width, np.uint64)
     spare = np.empty(width, np.uint64)
     counts = np.empty((4, 256), np.int64)
+    digits = np.empty(4, np.int64)
     for row in range(rows):
         counts[:] = 0
         for j in range(width):
-            key = min(bits[row, j], np.uint32(0x7F800001))
+            key = min(bits[row, j] & np.uint32(0x7FFFFFFF), np.uint32(0x7F800001))
             keys[j] = (np.uint64(key) << np.uint64(32)) | np.uint64(j)
             for digit in range(4):
                 counts[digit, (key >> np.uint32(8 * digit)) & np.uint32(255)] += 1
+        passes = 0
         for digit in range(4):
             shift = np.uint64(32 + 8 * digit)
-            if counts[digit, (keys[0] >> shift) & np.uint64(255)] == width:
-                continue
+            if counts[digit, (keys[0] >> shift) & np.uint64(255)] != width:
+                digits[passes] = digit
+                passes += 1
+        if passes == 0:  # one magnitude throughout: ranked by position
+            for j in range(width):
+                ranks[row, j] = j
+            continue
+        for step in range(passes):
+            digit = digits[step]
+            shift = np.uint64(32 + 8 * digit)
             total = 0
             for value in range(256):
                 count = counts[digit, value]
                 counts[digit, value] = total
                 total += count
-            for j in range(width):
-                key = keys[j]
-                value = (key >> shift) & np.uint64(255)
-                spare[counts[digit, value]] = key
-                counts[digit, value] += 1
-            keys, spare = spare, keys
-        for j in range(width):
-            order[row, j] = keys[j] & np.uint64(0xFFFFFFFF)
+            if step < passes - 1:
+                for j in range(width):
+                    key = keys[j]
+                    value = (key >> shift) & np.uint64(255)
+                    spare[counts[digit, value]] = key
+                    counts[digit, value] += 1
+                keys, spare = spare, keys
+            else:
+                for j in range(width):
+                    key = keys[j]
+                    value = (key >> shift) & np.uint64(255)
+                    ranks[row, key & np.uint64(0xFFFFFFFF)] = counts[digit, value]
+                    counts[digit, value] += 1
 
 
 @_jit

@@ -296,17 +296,19 @@ def _row_slices(numel: int, width: int) -> Iterator[slice]:
         yield slice(start, min(numel, start + step))
 
 
-def _ascending_order(magnitudes: np.ndarray) -> np.ndarray:
-    """Each row's positions from the smallest magnitude up, equal magnitudes by
-    position: a stable argsort, for float32 a compiled radix sort of the bits
-    (which order as non-negative floats do) with the positions."""
-    if magnitudes.dtype != np.float32:
-        return np.argsort(magnitudes, axis=1, kind="stable")
-    from sdrecipe.methods.kernels import ascending_order
+def _ascending_ranks(values: np.ndarray) -> np.ndarray:
+    """Each entry's rank in its row from the smallest magnitude up, equal
+    magnitudes by position: a stable argsort's inverse, for float32 a compiled
+    radix sort of the magnitudes' bits (which order as non-negative floats do)."""
+    ranks = np.empty(values.shape, np.intp)
+    if values.dtype == np.float32:
+        from sdrecipe.methods.kernels import ascending_ranks
 
-    order = np.empty(magnitudes.shape, np.intp)
-    ascending_order(np.ascontiguousarray(magnitudes), order)
-    return order
+        ascending_ranks(np.ascontiguousarray(values), ranks)
+    else:
+        order = np.argsort(np.abs(values), axis=1, kind="stable")
+        np.put_along_axis(ranks, order, np.arange(values.shape[1])[None, :], axis=1)
+    return ranks
 
 
 def _magprune(
@@ -330,9 +332,8 @@ def _magprune(
             if drop >= 1.0:
                 return delta.zero_()
             values = delta.numpy().reshape(-1, width)
-            order = _ascending_order(np.abs(values))
             chosen = words.take(values.size).reshape(values.shape)
-            magprune(values, order, chosen, drop, epsilon, rescale)
+            magprune(values, _ascending_ranks(values), chosen, drop, epsilon, rescale)
             return delta
 
         return sparsify
