@@ -4,6 +4,7 @@ AWS_ENDPOINT_URL variable."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,10 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from conftest import invoke, write_recipe
+from sdrecipe.cache.store import Cache
+from sdrecipe.plan.assess import assess
+from sdrecipe.plan.prepare import prepare
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -241,6 +246,65 @@ def test_cache_push_and_pull_move_a_recipes_entries(tmp_path, models, remote):
         ).stdout
     )
     assert info["remote"]["outputs"] == 1 and info["packs"] == 1
+
+
+SLERP_RECIPE = """
+inputs: {{A: {other}, B: {finetune}}}
+nodes:
+  blended: "slerp(A, B, t={t})"
+  out: 0.5 * blended + 0.5 * A
+outputs:
+  out: {{path: out.safetensors, dtype: fp16}}
+"""
+
+
+def test_a_push_uploads_what_a_gpu_build_cached_where_the_lock_records_it(tmp_path, models, remote):
+    """A GPU build files the tensors and outputs of methods whose bytes follow the
+    device (slerp) under identities of its class, and its lock records the class:
+    `cache push` uploads those without being told the device. No GPU here, so the
+    GPU build's entries are made from CPU builds' (another `t` for its output)."""
+    folder, elsewhere, cache_dir = tmp_path / "one", tmp_path / "two", tmp_path / "cache"
+    for where, t in ((folder, 0.3), (elsewhere, 0.4)):
+        where.mkdir()
+        text = SLERP_RECIPE.format(other=models["other"], finetune=models["finetune"], t=t)
+        built = invoke("build", "--cache-dir", str(cache_dir), str(write_recipe(where, text)))
+        assert built.exit_code == 0, built.stderr
+    recipe = folder / "recipe.yaml"
+    store = Cache(cache_dir)
+    prepared = prepare(recipe)
+    on_cpu, on_cuda = (assess(prepared, store, 1, device_class=c) for c in ("cpu", "cuda"))
+    held = store.lookup(on_cpu.identities.every())
+    gpu_refs = {
+        on_cuda.identities.values[node][key]: held[identity]
+        for node, keys in on_cpu.identities.values.items()
+        for key, identity in keys.items()
+        if identity in held and on_cuda.identities.values[node][key] != identity
+    }
+    assert len(gpu_refs) > 10
+    store.add_refs(gpu_refs.items())
+    gpu_output = elsewhere / "out.safetensors"
+    digest = hashlib.sha256(gpu_output.read_bytes()).hexdigest()
+    cuda_id, cpu_id = on_cuda.output_ids["out"], on_cpu.output_ids["out"]
+    store.add_pack(gpu_output, digest, cuda_id)
+
+    def push() -> dict:
+        result = invoke(
+            "cache", "push", "--json", "--cache-dir", str(cache_dir), "--cache-url", remote,
+            str(recipe),
+        )  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    assert push()["outputs"] == 1  # the lock says cpu: the CPU build's output alone
+    assert s3().exists(f"{remote}/outputs/{cpu_id}")
+    assert not s3().exists(f"{remote}/outputs/{cuda_id}")
+    lock = yaml.safe_load(recipe.with_suffix(".lock").read_text())
+    assert lock["outputs"]["out"]["device"] == "cpu"
+    lock["outputs"]["out"]["device"] = "cuda"
+    recipe.with_suffix(".lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    moved = push()
+    assert moved["outputs"] == 1 and moved["refs"] == len(gpu_refs)
+    assert s3().exists(f"{remote}/outputs/{cuda_id}")
 
 
 def test_a_url_no_backend_knows_is_a_usage_error(tmp_path, models):

@@ -524,7 +524,9 @@ def cache_clear(options: Options | None = None) -> bool:
 
 def cache_transfer(recipe_path: Path, direction: str, options: Options) -> Transfer:
     """`pull` or `push` a recipe's cached outputs and tensors between the local
-    cache and the remote one (`options.cache_url`)."""
+    cache and the remote one (`options.cache_url`): those of a build on
+    `options.device` (the CPU without one) and, for a push, also those of each
+    device class the recipe's lock records (what a GPU build cached)."""
     from sdrecipe.engine.builder import default_threads
     from sdrecipe.plan.assess import assess
     from sdrecipe.plan.prepare import prepare
@@ -537,9 +539,19 @@ def cache_transfer(recipe_path: Path, direction: str, options: Options) -> Trans
     with store.locked():
         store.remove_stale_temporaries()  # of a killed build or pull
         lock = read_lock(recipe_path)
-        assessment = assess(prepared, store, options.threads or default_threads(), lock=lock)
+        classes = {device_class(place(options.device))}
+        if direction == "push" and lock is not None:
+            classes |= {output.device for output in lock.outputs.values() if output.device}
+        identities: set[str] = set()
+        output_ids: dict[str, None] = {}  # in order, once each
+        for klass in sorted(classes):
+            assessment = assess(
+                prepared, store, options.threads or default_threads(), lock=lock, device_class=klass
+            )
+            identities.update(assessment.identities.every())
+            output_ids.update(dict.fromkeys(assessment.output_ids.values()))
         move = remote.pull if direction == "pull" else remote.push
-        moved = move(store, assessment.identities.every(), list(assessment.output_ids.values()))
+        moved = move(store, identities, list(output_ids))
     return Transfer(
         direction,
         remote.url,

@@ -13,13 +13,14 @@ from sdrecipe.cli.common import (
     RECIPE,
     cache_dir_option,
     cache_url_option,
+    device_option,
     emit_json,
     json_option,
     parse_size,
     reports_errors,
     threads_option,
 )
-from sdrecipe.engine.options import Options
+from sdrecipe.engine.options import DEVICE_HELP, Options
 
 
 @click.group()
@@ -75,14 +76,28 @@ def _exchange_command(direction: str) -> Callable[..., Any]:
     @cache_dir_option
     @cache_url_option
     @threads_option
+    @device_option(
+        f"The tensors of a build on this device ({DEVICE_HELP}; env: SDRECIPE_DEVICE): "
+        "methods whose arithmetic differs on a GPU are cached per device class. "
+        + (
+            "A push also uploads those of each device class the lock records."
+            if direction == "push"
+            else "Without it, those a build on the CPU uses."
+        )
+    )
     @json_option
     @reports_errors
     def command(
-        recipe: Path, cache_dir: Path, cache_url: str | None, threads: int | None, as_json: bool
+        recipe: Path,
+        cache_dir: Path,
+        cache_url: str | None,
+        threads: int | None,
+        device: str | None,
+        as_json: bool,
     ) -> None:
         if not cache_url:
             raise click.UsageError("--cache-url (or SDRECIPE_CACHE_URL) names the remote cache")
-        options = Options(threads=threads, cache_dir=cache_dir, cache_url=cache_url)
+        options = Options(threads=threads, cache_dir=cache_dir, cache_url=cache_url, device=device)
         moved = api.cache_transfer(recipe, direction, options)
         if as_json:
             emit_json(moved.to_json())

@@ -150,6 +150,17 @@ def _device_spec(
     return value
 
 
+def device_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--device DEVICE` (env: SDRECIPE_DEVICE), checked as a device name."""
+    return click.option(
+        "--device",
+        envvar="SDRECIPE_DEVICE",
+        metavar="DEVICE",
+        callback=_device_spec,
+        help=help_text,
+    )
+
+
 def cache_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--cache-dir",
@@ -209,15 +220,11 @@ def build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Cal
         options = [
             threads_option,
             json_option,
-            click.option(
-                "--device",
-                envvar="SDRECIPE_DEVICE",
-                metavar="DEVICE",
-                callback=_device_spec,
-                help=f"Compute on a device: {DEVICE_HELP} (auto: a GPU if torch sees one). "
+            device_option(
+                f"Compute on a device: {DEVICE_HELP} (auto: a GPU if torch sees one). "
                 "Without it, the CPU as always; `cpu` takes the device path on the CPU, to "
                 "check it (same bytes, slower). Methods whose arithmetic differs on a GPU "
-                "record the device class in the lock (env: SDRECIPE_DEVICE).",
+                "record the device class in the lock (env: SDRECIPE_DEVICE)."
             ),
             click.option(
                 "--device-memory",
