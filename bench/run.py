@@ -497,12 +497,10 @@ def free_cache() -> None:
     """Drop cached tensors and outputs but keep the inputs' fingerprints: cached
     outputs are hard links, and a few full-size ones fill a disk."""
     remove_outputs()
-    subprocess.run(
-        [*SDRECIPE, "cache", "gc", "--max-size", "0", "--cache-dir", "cache"],
-        cwd=WORK,
-        check=True,
-        capture_output=True,
-    )
+    command = [*SDRECIPE, "cache", "gc", "--max-size", "0", "--cache-dir", "cache"]
+    done = subprocess.run(command, cwd=WORK, capture_output=True, text=True)
+    if done.returncode != 0:  # say why: a run of hours should not end in a bare exit status
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr}")
 
 
 def io_floor() -> dict[str, float]:
