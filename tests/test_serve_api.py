@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from starlette.testclient import TestClient
 
 from conftest import invoke, write_recipe
@@ -162,10 +163,12 @@ def make_folder(root: Path, models: dict[str, Path], small: dict[str, Path]) -> 
 
 
 @contextlib.contextmanager
-def serving(folder: Path, root: Path, small: dict[str, Path]) -> Iterator[Served]:
+def serving(
+    folder: Path, root: Path, small: dict[str, Path], device: str | None = None
+) -> Iterator[Served]:
     app = create_app(
         folder,
-        Options(cache_dir=root / "cache"),
+        Options(cache_dir=root / "cache", device=device),
         TOKEN,
         "127.0.0.1",
         PORT,
@@ -726,6 +729,26 @@ def signal_taken(pid: int) -> bool:
         return True
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     return not int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+
+
+def test_builds_of_a_server_with_a_device_compute_on_it(tmp_path, models, small_models):
+    """`serve --device` hands the device to its builds (`cpu`: the device path)."""
+    folder = make_folder(tmp_path, models, small_models)
+    with serving(folder, tmp_path, small_models, device="cpu") as served:
+        record = served.finished(served.build("blend.yaml")["id"])
+        assert record["state"] == "succeeded", record
+        events = served.get(f"/api/builds/{record['id']}/events").text.splitlines()
+    notes = [event["message"] for event in map(json.loads, events) if event["type"] == "note"]
+    assert "computing on the CPU, by the device path" in notes
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch has CUDA")
+def test_serve_refuses_a_device_before_it_listens(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    cuda = invoke("serve", str(tmp_path / "recipes"), "--device", "cuda", "--port", "0")
+    assert cuda.exit_code == 2 and "built for the CPU only" in cuda.stderr
+    capped = invoke("serve", str(tmp_path / "recipes"), "--device-memory", "8GB", "--port", "0")
+    assert capped.exit_code == 2 and "--device-memory" in capped.stderr
 
 
 def test_builds_run_one_at_a_time_and_cancel_cleanly(served):

@@ -161,6 +161,16 @@ def device_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...
     )
 
 
+def device_memory_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--device-memory",
+        callback=parse_size,
+        metavar="SIZE",
+        help="Cap the device memory the build's values and buffers take, e.g. 8GB "
+        "[default: no cap: one key per worker].",
+    )(command)
+
+
 def cache_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--cache-dir",
@@ -226,13 +236,7 @@ def build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Cal
                 "check it (same bytes, slower). Methods whose arithmetic differs on a GPU "
                 "record the device class in the lock (env: SDRECIPE_DEVICE)."
             ),
-            click.option(
-                "--device-memory",
-                callback=parse_size,
-                metavar="SIZE",
-                help="Cap the device memory the build's values and buffers take, e.g. 8GB "
-                "[default: no cap: one key per worker].",
-            ),
+            device_memory_option,
         ]
         if uses_cache:
             options += [

@@ -10,8 +10,17 @@ from pathlib import Path
 
 import click
 
-from sdrecipe.cli.common import cache_dir_option, note, reports_errors, threads_option
-from sdrecipe.engine.options import Options
+from sdrecipe.cli.common import (
+    cache_dir_option,
+    device_memory_option,
+    device_option,
+    note,
+    reports_errors,
+    threads_option,
+)
+from sdrecipe.engine.devices import place
+from sdrecipe.engine.options import DEVICE_HELP, Options
+from sdrecipe.errors import SdrecipeError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -38,6 +47,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 )
 @cache_dir_option
 @threads_option
+@device_option(
+    f"The device its builds compute on, as `sdrecipe build --device`: {DEVICE_HELP} "
+    "(env: SDRECIPE_DEVICE); statuses follow its device class."
+)
+@device_memory_option
 @reports_errors
 def serve(
     folder: Path,
@@ -47,6 +61,8 @@ def serve(
     history: Path | None,
     cache_dir: Path,
     threads: int | None,
+    device: str | None,
+    device_memory: int | None,
 ) -> None:
     """Serve a web view of FOLDER's recipes (default: recipes/): their outputs'
     statuses and DAGs, builds with live progress, models, heatmaps, sweeps and a
@@ -63,6 +79,16 @@ def serve(
             f"sdrecipe serve needs the web extra ({exc.name} is missing): "
             "pip install 'sdrecipe[serve]'"
         ) from None
+    try:
+        options = Options(
+            threads=threads,
+            cache_dir=cache_dir.resolve(),
+            device=device,
+            device_memory=device_memory,
+        )
+    except SdrecipeError as exc:  # options that do not go together
+        raise click.UsageError(exc.message) from None
+    place(options.device, options.device_memory)  # a device this torch cannot use: exit 2 now
     if host not in LOOPBACK:
         note(
             f"listening on {host}: anyone who can reach it and has the printed address "
@@ -78,7 +104,6 @@ def serve(
     listener.listen(128)  # connections wait in the backlog while the first snapshot is taken
     port = listener.getsockname()[1]
     token = new_token()
-    options = Options(threads=threads, cache_dir=cache_dir.resolve())
     app = create_app(folder, options, token, host, port, history.resolve() if history else None)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/?token={token}"

@@ -251,6 +251,10 @@ class Builds:
         command += ["--events", str(events_path), "--cache-dir", str(options.cache_dir), "--json"]
         if options.threads:
             command += ["--threads", str(options.threads)]
+        if options.device:
+            command += ["--device", options.device]
+        if options.device_memory:
+            command += ["--device-memory", str(options.device_memory)]
         if record.recipe is None:
             command.append("--keep-going")
         if sys.platform.startswith("linux"):
