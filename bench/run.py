@@ -20,7 +20,7 @@ Usage: python -m bench.run [--rounds N]   (BENCH_SDXL=0 leaves out the SDXL scen
        python -m bench.run --only newer       (scenario 18, the newer methods and TIES against
                                                a cold A + (B - C) and mergekit: only when named)
        python -m bench.run --only svd_sdxl    (scenario 19, iso_c and tsv of full-size SDXL:
-                                               only when named, hours on two cores)
+                                               only when named, an hour on two cores)
 BENCH_DIT_SHRINK=16 python -m bench.run --only dit: the same at a 16th of the widths, to
 check that every tool runs and that their outputs agree (also for quant and flux_lora); it
 writes build/bench/BENCHMARKS-dit-shrink16.md, not BENCHMARKS.md.
@@ -642,7 +642,7 @@ def newer_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]
 
 
 def svd_sdxl_scenarios(rounds: int, skip: dict[str, str], report: dict[str, object]) -> None:
-    """Scenario 19 (only when named: hours on two cores): iso_c and TSV of three
+    """Scenario 19 (only when named: about an hour on two cores): iso_c and TSV of three
     full-size SDXL models."""
     report["svd_sdxl_machine"] = machine()
     ensure_models(SDXL_MODELS)
