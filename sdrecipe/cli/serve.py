@@ -18,7 +18,6 @@ from sdrecipe.cli.common import (
     reports_errors,
     threads_option,
 )
-from sdrecipe.engine.devices import place
 from sdrecipe.engine.options import DEVICE_HELP, Options
 from sdrecipe.errors import SdrecipeError
 
@@ -88,6 +87,8 @@ def serve(
         )
     except SdrecipeError as exc:  # options that do not go together
         raise click.UsageError(exc.message) from None
+    from sdrecipe.engine.devices import place
+
     place(options.device, options.device_memory)  # a device this torch cannot use: exit 2 now
     if host not in LOOPBACK:
         note(
