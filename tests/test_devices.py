@@ -209,7 +209,9 @@ def test_the_lock_records_the_device_class_and_status_follows_it(tmp_path, model
     assert set(proven_current(loaded, ["added"], cache, "cuda") or {}) == {"added"}
     statuses = assess(prepare(recipe), cache, 1, lock=read_lock(recipe), device_class="cuda")
     reasons = {status.node: status.reason for status in statuses.statuses}
-    assert reasons["multiplied"].startswith("built on another device class")
+    assert reasons["multiplied"].startswith(
+        "built on another device class (cpu; this run computes on cuda)"
+    )
     assert reasons["added"] == "output matches the lock"
     # A lock of another class's bytes: the CPU's status says rebuild, verify says why.
     lock["outputs"]["multiplied"]["device"] = "cuda"

@@ -59,6 +59,7 @@ class Identities:
 
     values: dict[str, dict[str, str]]
     outputs: dict[str, dict[str, str]]
+    device_class: str = CPU  # the build's, which device-dependent methods' identities carry
 
     def every(self) -> set[str]:
         """Every tensor identity of the plan's nodes and outputs."""
@@ -134,4 +135,4 @@ def tensor_identities(
             if output_plan.output.lora is not None and device_class != CPU:
                 stored += f" device:{device_class}"  # factors from the device's SVD
             outputs[name][key] = _hash(values[source][key], stored)
-    return Identities(values=values, outputs=outputs)
+    return Identities(values=values, outputs=outputs, device_class=device_class)

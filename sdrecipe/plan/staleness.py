@@ -145,7 +145,9 @@ def _change_reason(
     if locked.identity == identities.node_id(node):
         return "not in cache"
     if device_dependent(graph.recipe.nodes[node].expr):
-        return "built on another device class (its methods' bytes follow it; see --device)"
+        built = lock.outputs[node].device if node in lock.outputs else None
+        on = f" ({built}; this run computes on {identities.device_class})" if built else ""
+        return f"built on another device class{on}: its methods' bytes follow it; see --device"
     return "sdrecipe's arithmetic changed"
 
 
