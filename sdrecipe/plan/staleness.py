@@ -145,9 +145,19 @@ def _change_reason(
     if locked.identity == identities.node_id(node):
         return "not in cache"
     if device_dependent(graph.recipe.nodes[node].expr):
-        built = lock.outputs[node].device if node in lock.outputs else None
-        on = f" ({built}; this run computes on {identities.device_class})" if built else ""
-        return f"built on another device class{on}: its methods' bytes follow it; see --device"
+        # The class the lock's outputs of this node were built on, where it records one.
+        built = ", ".join(
+            sorted(
+                {
+                    lock.outputs[name].device or ""
+                    for name, output in graph.recipe.outputs.items()
+                    if output.node == node and name in lock.outputs
+                }
+                - {""}
+            )
+        )
+        named = f" ({built}; this run computes on {identities.device_class})" if built else ""
+        return f"built on another device class{named}: its methods' bytes follow it; see --device"
     return "sdrecipe's arithmetic changed"
 
 
