@@ -225,6 +225,38 @@ def test_the_lock_records_the_device_class_and_status_follows_it(tmp_path, model
     )
 
 
+def test_a_rebuild_names_the_device_classes_only_where_they_differ(tmp_path, models):
+    """A device-dependent intermediate's reason names the class its downstream
+    output was built on; on that class a changed identity is sdrecipe's arithmetic."""
+    recipe = write_recipe(
+        tmp_path,
+        f"""
+        inputs: {{A: {models["base"]}, B: {models["finetune"]}}}
+        nodes: {{blended: "slerp(A, B, t=0.3)", out: 0.5 * blended + 0.5 * A}}
+        outputs: {{out: out.safetensors}}
+        """,
+    )
+    assert api.build([recipe], api.Options(cache_dir=tmp_path / "cache")).ok
+
+    def reasons(device_class: str) -> dict[str, str]:
+        assessed = assess(
+            prepare(recipe), Cache(tmp_path / "cache"), 1, lock=read_lock(recipe),
+            device_class=device_class,
+        )  # fmt: skip
+        return {status.node: status.reason for status in assessed.statuses}
+
+    assert reasons("cuda")["blended"] == (
+        "built on another device class (cpu; this run computes on cuda): "
+        "its methods' bytes follow it; see --device"
+    )
+    lock = yaml.safe_load(recipe.with_suffix(".lock").read_text())
+    lock["nodes"]["blended"]["identity"] = "0" * 64
+    recipe.with_suffix(".lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    (tmp_path / "out.safetensors").unlink()
+    api.cache_clear(api.Options(cache_dir=tmp_path / "cache"))
+    assert reasons("cpu")["blended"] == "sdrecipe's arithmetic changed"
+
+
 def test_verify_says_which_device_class_it_reproduces(tmp_path, models, lora):
     nodes = {"added": SAME_BYTES_NODES["added"], **DEVICE_NODES}
     recipe = write_recipe(tmp_path, recipe_text(models, lora, nodes, "out"))

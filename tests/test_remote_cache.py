@@ -231,7 +231,7 @@ def test_cache_push_and_pull_move_a_recipes_entries(tmp_path, models, remote):
         "--json",
         str(second),
     )
-    assert json.loads(pulled.stdout)["outputs"] == 1
+    assert json.loads(pulled.stdout)["outputs"] == 1, pulled.stdout
     offline = invoke("build", "--json", "--cache-dir", str(tmp_path / "two" / "cache"), str(second))
     assert json.loads(offline.stdout)["outputs"][0]["result"] == "restored from cache"
     info = json.loads(
@@ -305,6 +305,16 @@ def test_a_push_uploads_what_a_gpu_build_cached_where_the_lock_records_it(tmp_pa
     moved = push()
     assert moved["outputs"] == 1 and moved["refs"] == len(gpu_refs)
     assert s3().exists(f"{remote}/outputs/{cuda_id}")
+    # A pull names the class it wants, and needs no GPU to fetch a GPU build's
+    # tensors. (The stand-in output, made with another t, is refused: a pull
+    # checks that an output is the one its identity names.)
+    pulled = invoke(
+        "cache", "pull", "--json", "--device", "cuda", "--cache-dir", str(tmp_path / "other"),
+        "--cache-url", remote, str(recipe),
+    )  # fmt: skip
+    assert pulled.exit_code == 0, pulled.stderr
+    assert json.loads(pulled.stdout)["refs"] == len(gpu_refs)
+    assert set(Cache(tmp_path / "other").lookup(gpu_refs)) == set(gpu_refs)
 
 
 def test_a_url_no_backend_knows_is_a_usage_error(tmp_path, models):

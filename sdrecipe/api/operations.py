@@ -28,7 +28,7 @@ from sdrecipe.api.reports import (
 from sdrecipe.cache.remote import RemoteCache, UnsafeRemote
 from sdrecipe.cache.store import DEFAULT_MAX_SIZE, Cache
 from sdrecipe.engine import events
-from sdrecipe.engine.devices import device_class, place
+from sdrecipe.engine.devices import device_class, named_class, place
 from sdrecipe.engine.events import KEPT, CacheCounts, Listener
 from sdrecipe.engine.options import Options
 from sdrecipe.errors import RecipeError, SdrecipeError
@@ -539,7 +539,7 @@ def cache_transfer(recipe_path: Path, direction: str, options: Options) -> Trans
     with store.locked():
         store.remove_stale_temporaries()  # of a killed build or pull
         lock = read_lock(recipe_path)
-        classes = {device_class(place(options.device))}
+        classes = {named_class(options.device)}
         if direction == "push" and lock is not None:
             classes |= {output.device for output in lock.outputs.values() if output.device}
         identities: set[str] = set()

@@ -64,6 +64,16 @@ def device_class(placement: Placement | None) -> str:
     return CPU if placement is None else placement.device_class
 
 
+def named_class(spec: str | None) -> str:
+    """The device class `--device spec` names, whether or not this machine has
+    the device (`auto`: the class it picks here); for what only files entries
+    by class, as `cache pull` and `push` do."""
+    if spec is None or spec == "auto":
+        return device_class(place(spec))
+    check_device(spec)
+    return spec.partition(":")[0]
+
+
 def place(spec: str | None, memory: int | None = None) -> Placement | None:
     """The placement `--device spec` asks for; None for the direct CPU path
     (no `--device`, or `auto` where torch sees no GPU). A device this torch
@@ -73,9 +83,12 @@ def place(spec: str | None, memory: int | None = None) -> Placement | None:
     import torch
 
     check_device(spec)
+    # A CUDA device without an index is the first visible one (current_device() in
+    # a fresh process), named without initialising CUDA in this process: `serve`
+    # and `status` ask for placements and compute nothing.
     if spec == "auto":
         if torch.cuda.is_available():
-            return Placement(torch.device("cuda", torch.cuda.current_device()), memory)
+            return Placement(torch.device("cuda", 0), memory)
         if torch.backends.mps.is_available():
             return Placement(torch.device("mps"), memory)
         return None
@@ -95,7 +108,7 @@ def place(spec: str | None, memory: int | None = None) -> Placement | None:
                 f"--device {spec}: torch {torch.__version__} sees no CUDA device (is the "
                 "driver loaded? is CUDA_VISIBLE_DEVICES empty?)"
             )
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = device.index if device.index is not None else 0
         if index >= count:
             raise RecipeError(
                 f"--device {spec}: there are {count} CUDA devices here (cuda:0 to cuda:{count - 1})"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import networkx as nx
+
 from sdrecipe.plan.cache_policy import cache_choice
 from sdrecipe.plan.graph import device_dependent
 from sdrecipe.plan.identity import Identities
@@ -145,19 +147,20 @@ def _change_reason(
     if locked.identity == identities.node_id(node):
         return "not in cache"
     if device_dependent(graph.recipe.nodes[node].expr):
-        # The class the lock's outputs of this node were built on, where it records one.
-        built = ", ".join(
-            sorted(
-                {
-                    lock.outputs[name].device or ""
-                    for name, output in graph.recipe.outputs.items()
-                    if output.node == node and name in lock.outputs
-                }
-                - {""}
-            )
-        )
-        named = f" ({built}; this run computes on {identities.device_class})" if built else ""
-        return f"built on another device class{named}: its methods' bytes follow it; see --device"
+        # The classes the lock's outputs of this node, or built from it, were built on.
+        downstream = nx.descendants(graph.dag, node) | {node}
+        built = {
+            lock.outputs[name].device
+            for name, output in graph.recipe.outputs.items()
+            if output.node in downstream and name in lock.outputs
+        } - {None}
+        why = "its methods' bytes follow it; see --device"
+        if not built:
+            return f"built on another device class: {why}"
+        if built != {identities.device_class}:
+            classes = ", ".join(sorted(map(str, built)))
+            here = identities.device_class
+            return f"built on another device class ({classes}; this run computes on {here}): {why}"
     return "sdrecipe's arithmetic changed"
 
 
