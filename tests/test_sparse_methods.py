@@ -183,6 +183,16 @@ def test_methods_match_numpy_across_pieces(method):
     np.testing.assert_allclose(result, expected, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(5, 0), (0,), (0, 4)])
+def test_methods_take_empty_tensors(method, shape):
+    """A tensor of no elements merges to its own shape (DELLA's rows of
+    nothing divided by zero)."""
+    empty = np.zeros(shape, dtype=np.float32)
+    result = call(method, empty, empty, empty, key="unet.k", **SETTINGS[method][0])
+    assert result.shape == shape
+
+
 def test_breadcrumbs_ranks_equal_magnitudes_by_flat_index():
     base = np.zeros(10, dtype=np.float32)
     model = np.array([5, 1, 2, -2, 2, 2, 1, 4, 2, 3], dtype=np.float32)

@@ -342,9 +342,10 @@ def _magprune(
 
 
 def _della_width(shape: torch.Size) -> int:
-    """The length of DELLA's rows: dim 0's rows, flattened; a 1-D tensor is one row."""
+    """The length of DELLA's rows: dim 0's rows, flattened; a 1-D tensor is one
+    row (at least 1: an empty tensor has no rows to rank)."""
     numel = int(np.prod(shape, dtype=np.int64))
-    return numel // shape[0] if len(shape) > 1 and shape[0] > 0 else max(1, numel)
+    return max(1, numel // shape[0] if len(shape) > 1 and shape[0] > 0 else numel)
 
 
 def _della(
