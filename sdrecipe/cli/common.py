@@ -214,6 +214,14 @@ _OPTION_NAMES = (
 )
 
 
+def checked_options(**fields: Any) -> Options:
+    """`Options(**fields)`, options that do not go together a usage error (exit 2)."""
+    try:
+        return Options(**fields)
+    except SdrecipeError as exc:
+        raise click.UsageError(exc.message) from None
+
+
 def build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the shared options to a command and hand them over as one `options`."""
 
@@ -221,11 +229,7 @@ def build_options(uses_cache: bool = True) -> Callable[[Callable[..., Any]], Cal
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             fields = {name: kwargs.pop(name) for name in _OPTION_NAMES if name in kwargs}
-            try:
-                options = Options(**fields)
-            except SdrecipeError as exc:  # options that do not go together
-                raise click.UsageError(exc.message) from None
-            return command(*args, options=options, **kwargs)
+            return command(*args, options=checked_options(**fields), **kwargs)
 
         options = [
             threads_option,

@@ -12,14 +12,14 @@ import click
 
 from sdrecipe.cli.common import (
     cache_dir_option,
+    checked_options,
     device_memory_option,
     device_option,
     note,
     reports_errors,
     threads_option,
 )
-from sdrecipe.engine.options import DEVICE_HELP, Options
-from sdrecipe.errors import SdrecipeError
+from sdrecipe.engine.options import DEVICE_HELP
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -78,15 +78,9 @@ def serve(
             f"sdrecipe serve needs the web extra ({exc.name} is missing): "
             "pip install 'sdrecipe[serve]'"
         ) from None
-    try:
-        options = Options(
-            threads=threads,
-            cache_dir=cache_dir.resolve(),
-            device=device,
-            device_memory=device_memory,
-        )
-    except SdrecipeError as exc:  # options that do not go together
-        raise click.UsageError(exc.message) from None
+    options = checked_options(
+        threads=threads, cache_dir=cache_dir.resolve(), device=device, device_memory=device_memory
+    )
     from sdrecipe.engine.devices import place
 
     place(options.device, options.device_memory)  # a device this torch cannot use: exit 2 now
